@@ -1,0 +1,337 @@
+"""The one typed configuration tree of a halfmoon cluster, and its YAML loader.
+
+`ClusterConfig()` is the embedded default: the conductor, one prefill node and one decode
+node, all on loopback. Every section forbids unknown keys, so a typo is an error that names
+the key; rules that span fields live on the section (or the root) that sees all of them.
+`load_config(path)` reads YAML and raises `ConfigError`, which names the file and each bad
+field. Examples: `deploy/*.yaml`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypedDict
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+Port = Annotated[int, Field(ge=0, le=65535, description="0 picks a free port")]
+Seconds = Annotated[float, Field(gt=0)]
+Role = Literal["prefill", "decode"]
+
+# Ray's own resource names; custom resources must not shadow them.
+_RAY_BUILTIN_RESOURCES = frozenset({"CPU", "GPU", "memory", "object_store_memory"})
+DEFAULT_NUM_BLOCKS = 512  # used when neither kv.num_blocks nor kv.kv_memory_gb is set
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class FieldProblem(ValueError):
+    """Raised by validators that check several fields: `field` is the one to fix, dotted,
+    relative to the section whose validator raised it."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+def _check_quantity(value: float) -> float:
+    """Ray's rule: a resource quantity above 1 must be a whole number."""
+    if value > 1 and value != int(value):
+        raise ValueError(f"quantities above 1 must be whole numbers, got {value}")
+    return value
+
+
+class RayActorOptions(TypedDict):
+    """Keyword arguments for `ActorClass.options(...)`."""
+
+    num_cpus: float
+    num_gpus: float
+    resources: dict[str, float]
+
+
+class _ActorResources(_Section):
+    """What one Ray actor asks for: logical CPUs, GPUs and custom resources."""
+
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    resources: dict[str, float] = Field(
+        default_factory=dict, description='custom Ray resources, e.g. {"prefill": 1}'
+    )
+
+    @field_validator("num_cpus", "num_gpus")
+    @classmethod
+    def _whole_above_one(cls, value: float) -> float:
+        return _check_quantity(value)
+
+    @field_validator("resources")
+    @classmethod
+    def _custom_resources(cls, value: dict[str, float]) -> dict[str, float]:
+        for name, qty in value.items():
+            if not name or name in _RAY_BUILTIN_RESOURCES:
+                raise FieldProblem(name, "not a custom resource name; use num_cpus / num_gpus")
+            if not qty > 0:
+                raise FieldProblem(name, f"quantity must be > 0, got {qty}")
+            try:
+                _check_quantity(qty)
+            except ValueError as exc:
+                raise FieldProblem(name, str(exc)) from None
+        return value
+
+    def ray_options(self) -> RayActorOptions:
+        return RayActorOptions(num_cpus=self.num_cpus, num_gpus=self.num_gpus, resources=dict(self.resources))
+
+
+class ModelConfig(_Section):
+    name: str = Field("smollm2-135m-instruct", min_length=1)
+    path: Path | None = Field(None, description="a Hugging Face Llama-family directory; None loads `name`")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_model_len: int = Field(2048, ge=1, description="longest prompt + output, in tokens")
+
+    def resolve_dtype(self, has_gpu: bool) -> str:
+        """`auto` is bfloat16 on a GPU and float32 on a CPU."""
+        if self.dtype != "auto":
+            return self.dtype
+        return "bfloat16" if has_gpu else "float32"
+
+
+class NodeGroupConfig(_ActorResources):
+    """A group of identical prefill (or decode) nodes; each node is one Ray actor."""
+
+    count: int = Field(1, ge=0)
+    host: str = Field("127.0.0.1", min_length=1, description="address the node's servers bind")
+    metrics_port: Port = 0
+
+
+class KVConfig(_Section):
+    block_size: int = Field(16, ge=1, le=4096, description="tokens per KV block")
+    num_blocks: int | None = Field(None, ge=1)
+    kv_memory_gb: float | None = Field(None, gt=0, description="size the pool by memory instead")
+    enable_prefix_caching: bool = True
+
+    @model_validator(mode="after")
+    def _one_sizing(self) -> KVConfig:
+        if self.num_blocks is not None and self.kv_memory_gb is not None:
+            raise FieldProblem("kv_memory_gb", "set kv.num_blocks or kv.kv_memory_gb, not both")
+        return self
+
+    def resolve_num_blocks(self, bytes_per_block: int) -> int:
+        """Blocks in each node's pool, given the model's KV bytes per block."""
+        if bytes_per_block <= 0:
+            raise ValueError(f"bytes_per_block must be > 0, got {bytes_per_block}")
+        if self.num_blocks is not None:
+            return self.num_blocks
+        if self.kv_memory_gb is not None:
+            return max(1, int(self.kv_memory_gb * 2**30) // bytes_per_block)
+        return DEFAULT_NUM_BLOCKS
+
+
+class SchedulerConfig(_Section):
+    max_num_seqs: int = Field(32, ge=1, description="requests in one decode batch")
+    max_num_batched_tokens: int = Field(2048, ge=1, description="tokens in one engine step")
+    prefill_chunk_size: int = Field(512, ge=1, description="tokens per prefill chunk (and KV push)")
+
+    @model_validator(mode="after")
+    def _chunk_fits_step(self) -> SchedulerConfig:
+        if self.prefill_chunk_size > self.max_num_batched_tokens:
+            raise FieldProblem(
+                "prefill_chunk_size",
+                f"{self.prefill_chunk_size} must not exceed max_num_batched_tokens ({self.max_num_batched_tokens})",
+            )
+        return self
+
+
+class ConductorConfig(_ActorResources):
+    host: str = Field("127.0.0.1", min_length=1)
+    grpc_port: Port = 50051
+    http_port: Port = 8000  # the OpenAI-compatible API and /metrics
+    policy: Literal["kv_centric", "cache_aware", "load_balance", "random"] = "kv_centric"
+    admission: Literal["early", "predictive", "stage", "off"] = "early"
+    ttft_slo_s: Seconds = 30.0
+    tbt_slo_s: Seconds = 1.0
+    heartbeat_interval_s: Seconds = 1.0
+    heartbeat_timeout_s: Seconds = 5.0
+    prometheus_targets_file: Path | None = Field(
+        None, description="where the launcher writes node metrics addresses (Prometheus file_sd)"
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ConductorConfig:
+        if self.grpc_port and self.grpc_port == self.http_port:
+            raise FieldProblem("http_port", f"must differ from grpc_port ({self.grpc_port})")
+        if self.heartbeat_timeout_s < 2 * self.heartbeat_interval_s:
+            raise FieldProblem(
+                "heartbeat_timeout_s",
+                f"{self.heartbeat_timeout_s} must be at least twice heartbeat_interval_s "
+                f"({self.heartbeat_interval_s}): one late heartbeat must not declare a node dead",
+            )
+        return self
+
+
+class TransferConfig(_Section):
+    transport: Literal["auto", "tcp", "shm", "mooncake"] = "auto"
+    token: str | None = Field(None, min_length=1, repr=False, description="shared secret peers must present")
+    timeout_s: Seconds = 30.0
+
+
+class FailureConfig(_Section):
+    on_transfer_failure: Literal["recompute", "fail"] = "recompute"
+    kv_lease_s: Seconds = Field(60.0, description="reserved decode blocks unused this long are freed")
+    request_timeout_s: Seconds = 600.0
+
+
+class RayConfig(_Section):
+    address: str | None = Field(None, description='None starts an embedded cluster; "auto" joins a local one')
+    namespace: str = Field("halfmoon", min_length=1)
+
+
+class ClusterConfig(_Section):
+    model: ModelConfig = ModelConfig()
+    layout: Literal["disaggregated", "colocated"] = Field(
+        "disaggregated",
+        description="colocated: each prefill node shares a host with one decode node (KV over shm)",
+    )
+    prefill: NodeGroupConfig = NodeGroupConfig()
+    decode: NodeGroupConfig = NodeGroupConfig()
+    kv: KVConfig = KVConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    conductor: ConductorConfig = ConductorConfig()
+    transfer: TransferConfig = TransferConfig()
+    failure: FailureConfig = FailureConfig()
+    ray: RayConfig = RayConfig()
+
+    @model_validator(mode="after")
+    def _cross_section(self) -> ClusterConfig:
+        for role in ("prefill", "decode"):
+            if self.group(role).count < 1:
+                raise FieldProblem(f"{role}.count", f"a cluster needs at least one {role} node")
+        if self.layout == "colocated" and self.prefill.count != self.decode.count:
+            raise FieldProblem(
+                "decode.count",
+                "the colocated layout pairs each prefill node with one decode node, so it must equal "
+                f"prefill.count ({self.prefill.count}), got {self.decode.count}",
+            )
+        if self.scheduler.prefill_chunk_size % self.kv.block_size:
+            raise FieldProblem(
+                "scheduler.prefill_chunk_size",
+                f"{self.scheduler.prefill_chunk_size} must be a multiple of kv.block_size "
+                f"({self.kv.block_size}) so every KV push is whole blocks",
+            )
+        if self.kv.num_blocks is not None and self.kv.num_blocks * self.kv.block_size < self.model.max_model_len:
+            raise FieldProblem(
+                "kv.num_blocks",
+                f"{self.kv.num_blocks} blocks of {self.kv.block_size} tokens cannot hold one request "
+                f"of model.max_model_len ({self.model.max_model_len}) tokens",
+            )
+        if self.failure.kv_lease_s <= self.transfer.timeout_s:
+            raise FieldProblem(
+                "failure.kv_lease_s",
+                f"{self.failure.kv_lease_s} must exceed transfer.timeout_s ({self.transfer.timeout_s}), "
+                "or blocks may be freed under a transfer that is still in time",
+            )
+        return self
+
+    def group(self, role: Role) -> NodeGroupConfig:
+        return self.prefill if role == "prefill" else self.decode
+
+    def required_resources(self) -> dict[str, float]:
+        """Everything the conductor and all nodes ask Ray for, summed (for an embedded cluster)."""
+        total: dict[str, float] = {"CPU": self.conductor.num_cpus, "GPU": self.conductor.num_gpus}
+        for name, qty in self.conductor.resources.items():
+            total[name] = total.get(name, 0.0) + qty
+        for group in (self.prefill, self.decode):
+            total["CPU"] += group.count * group.num_cpus
+            total["GPU"] += group.count * group.num_gpus
+            for name, qty in group.resources.items():
+                total[name] = total.get(name, 0.0) + group.count * qty
+        return total
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigProblem:
+    field: str  # dotted path, "" when the whole document is wrong
+    message: str
+
+
+class ConfigError(ValueError):
+    """A config file could not be read or does not validate; names the file and the fields."""
+
+    def __init__(self, source: str, problems: list[ConfigProblem]) -> None:
+        self.source = source
+        self.problems = tuple(problems)
+        lines = [f"{p.field}: {p.message}" if p.field else p.message for p in problems]
+        super().__init__(f"{source}: invalid halfmoon config:\n  " + "\n  ".join(lines))
+
+
+def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
+    """The keys the section at `loc` accepts (loc ends with the unknown key)."""
+    model: type[BaseModel] = ClusterConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return []
+        model = field.annotation
+    return list(model.model_fields)
+
+
+def _problems(err: ValidationError) -> list[ConfigProblem]:
+    out = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        path = ".".join(str(p) for p in loc)
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed_keys(loc)
+            msg = "unknown key" + (f"; allowed: {', '.join(allowed)}" if allowed else "")
+        elif isinstance(cause := e.get("ctx", {}).get("error"), FieldProblem):
+            path = ".".join(p for p in (path, cause.field) if p)
+            msg = cause.message
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            if e["type"] not in ("missing", "value_error") and isinstance(e.get("input"), (str, int, float, bool)):
+                msg += f" (got {e['input']!r})"
+        out.append(ConfigProblem(path, msg))
+    return out
+
+
+def parse_config(text: str, source: str = "<string>") -> ClusterConfig:
+    """Validate YAML text; an empty document is the default config."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark is not None else source
+        raise ConfigError(where, [ConfigProblem("", f"not valid YAML: {getattr(exc, 'problem', exc)}")]) from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(source, [ConfigProblem("", f"the top level must be a mapping, got {type(data).__name__}")])
+    try:
+        return ClusterConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(source, _problems(exc)) from None
+
+
+def load_config(path: str | Path) -> ClusterConfig:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(str(path), [ConfigProblem("", f"cannot read the file: {exc.strerror or exc}")]) from exc
+    return parse_config(text, source=str(path))
+
+
+def dump_config(config: ClusterConfig, path: str | Path) -> None:
+    Path(path).write_text(config.to_yaml(), encoding="utf-8")
