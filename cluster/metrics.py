@@ -1,0 +1,379 @@
+"""Every Prometheus metric halfmoon exports, named once, and the typed recorders servers call.
+
+Names follow vLLM's convention with our prefix: `halfmoon:<what>_<unit>`; counters end in
+`_total`. Each process passes its own `CollectorRegistry`: nothing registers globally, so
+tests and several in-process components never clash. This module is a leaf (it imports
+only prometheus_client), so the conductor and both node kinds may use it.
+
+Who exports what (so a `sum()` over all scrape targets never counts a thing twice):
+- the conductor (`ConductorMetrics`): request timings measured at the front door (TTFT and
+  its parts, token gaps = TBT, end to end), outcomes (finished by reason, rejected by
+  reason, failed), predictor error, node liveness and the admission settings in force;
+- every node (`NodeMetrics`, labels `node`, `role`): its load (running / waiting requests,
+  KV blocks used / free), prefix-cache lookups and hits counted in *tokens*, and the KV
+  bytes it sent (prefill) or received (decode);
+- the HTTP frontend (`HttpMetrics`): responses by route and status.
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterable, Literal, Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import choose_encoder, start_http_server
+
+if TYPE_CHECKING:
+    from conductor.frontend_api import Finished
+
+Role = Literal["prefill", "decode"]
+PredictionKind = Literal["ttft", "tbt"]
+_ROLES = ("prefill", "decode")
+_PREDICTION_KINDS = ("ttft", "tbt")
+
+
+class Kind(Enum):
+    COUNTER = "counter"
+    GAUGE = "gauge"
+    HISTOGRAM = "histogram"
+
+
+@dataclass(frozen=True, slots=True)
+class MetricSpec:
+    name: str  # as exposed; a counter's name ends in _total
+    kind: Kind
+    help: str
+    labels: tuple[str, ...] = ()
+    buckets: tuple[float, ...] = ()  # histograms only
+
+
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0)
+GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0)
+E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+TRANSFER_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+ERROR_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+_H, _C, _G = Kind.HISTOGRAM, Kind.COUNTER, Kind.GAUGE
+_NODE = ("node", "role")
+
+# --- the conductor -------------------------------------------------------------------
+TTFT = MetricSpec("halfmoon:time_to_first_token_seconds", _H, "Client send to first token, at the conductor.", buckets=TTFT_BUCKETS)
+INTER_TOKEN_LATENCY = MetricSpec("halfmoon:inter_token_latency_seconds", _H, "Gap between consecutive streamed tokens (TBT).", buckets=GAP_BUCKETS)
+REQUEST_TBT = MetricSpec("halfmoon:request_tbt_seconds", _H, "Per-request TBT as the SLO reads it: mean of the request's longest 10% of token gaps.", buckets=GAP_BUCKETS)
+E2E_LATENCY = MetricSpec("halfmoon:e2e_request_latency_seconds", _H, "Client send to the last token, at the conductor.", buckets=E2E_BUCKETS)
+TTFT_QUEUE = MetricSpec("halfmoon:ttft_queue_seconds", _H, "TTFT part: waiting for the prefill node.", buckets=TTFT_BUCKETS)
+TTFT_PREFILL = MetricSpec("halfmoon:ttft_prefill_seconds", _H, "TTFT part: computing the prompt's KV.", buckets=TTFT_BUCKETS)
+TTFT_KV_TRANSFER = MetricSpec("halfmoon:ttft_kv_transfer_seconds", _H, "TTFT part: moving the prompt's KV to the decode node.", buckets=TTFT_BUCKETS)
+TTFT_FIRST_DECODE = MetricSpec("halfmoon:ttft_first_decode_seconds", _H, "TTFT part: the decode node's first step.", buckets=TTFT_BUCKETS)
+PROMPT_TOKENS = MetricSpec("halfmoon:prompt_tokens_total", _C, "Prompt tokens of finished requests.")
+GENERATION_TOKENS = MetricSpec("halfmoon:generation_tokens_total", _C, "Generated tokens of finished requests.")
+REQUEST_SUCCESS = MetricSpec("halfmoon:request_success_total", _C, "Requests that finished, by finish reason.", ("finish_reason",))
+REQUESTS_REJECTED = MetricSpec("halfmoon:requests_rejected_total", _C, "Requests refused by admission control, by reason.", ("reason",))
+REQUESTS_FAILED = MetricSpec("halfmoon:requests_failed_total", _C, "Admitted requests that could not finish, by reason.", ("reason",))
+PREDICTION_ERROR = MetricSpec("halfmoon:prediction_error_seconds", _H, "Absolute error of the conductor's TTFT / TBT predictions.", ("kind",), ERROR_BUCKETS)
+NODE_UP = MetricSpec("halfmoon:node_up", _G, "1 while the conductor hears a node's heartbeats, else 0.", _NODE)
+SLO_SECONDS = MetricSpec("halfmoon:slo_seconds", _G, "SLOs in force, by kind (ttft, tbt).", ("kind",))
+ADMISSION_INFO = MetricSpec("halfmoon:admission_info", _G, "1 for the routing policy and admission mode in force.", ("policy", "admission"))
+SETTINGS_CHANGES = MetricSpec("halfmoon:settings_changes_total", _C, "Runtime changes of SLOs, policy or admission mode.")
+
+# --- every node -------------------------------------------------------------------------
+REQUESTS_RUNNING = MetricSpec("halfmoon:num_requests_running", _G, "Requests the node is computing.", _NODE)
+REQUESTS_WAITING = MetricSpec("halfmoon:num_requests_waiting", _G, "Requests queued at the node.", _NODE)
+KV_BLOCKS_USED = MetricSpec("halfmoon:kv_blocks_used", _G, "KV blocks held by requests (or reserved for them).", _NODE)
+KV_BLOCKS_FREE = MetricSpec("halfmoon:kv_blocks_free", _G, "KV blocks free (including evictable cached ones).", _NODE)
+PREFIX_CACHE_QUERIES = MetricSpec("halfmoon:prefix_cache_queries_total", _C, "Prompt tokens looked up in the prefix cache.", _NODE)
+PREFIX_CACHE_HITS = MetricSpec("halfmoon:prefix_cache_hits_total", _C, "Prompt tokens found in the prefix cache.", _NODE)
+KV_TRANSFER_BYTES = MetricSpec("halfmoon:kv_transfer_bytes_total", _C, "KV bytes sent (prefill) or received (decode).", _NODE)
+KV_TRANSFER_SECONDS = MetricSpec("halfmoon:kv_transfer_seconds", _H, "Duration of one KV write between nodes.", _NODE, TRANSFER_BUCKETS)
+KV_TRANSFER_FAILURES = MetricSpec("halfmoon:kv_transfer_failures_total", _C, "KV writes that failed.", _NODE)
+RECOMPUTED_PREFILLS = MetricSpec("halfmoon:recomputed_prefills_total", _C, "Prefills a decode node recomputed after a failed KV transfer.", _NODE)
+KV_LEASE_EXPIRED = MetricSpec("halfmoon:kv_lease_expired_blocks_total", _C, "Reserved KV blocks freed because their lease ran out.", _NODE)
+
+# --- the HTTP frontend ------------------------------------------------------------------
+HTTP_REQUESTS = MetricSpec("halfmoon:http_requests_total", _C, "HTTP responses by route and status.", ("route", "status"))
+
+CONDUCTOR_METRICS = (
+    TTFT, INTER_TOKEN_LATENCY, REQUEST_TBT, E2E_LATENCY, TTFT_QUEUE, TTFT_PREFILL, TTFT_KV_TRANSFER,
+    TTFT_FIRST_DECODE, PROMPT_TOKENS, GENERATION_TOKENS, REQUEST_SUCCESS, REQUESTS_REJECTED,
+    REQUESTS_FAILED, PREDICTION_ERROR, NODE_UP, SLO_SECONDS, ADMISSION_INFO, SETTINGS_CHANGES,
+)
+NODE_METRICS = (
+    REQUESTS_RUNNING, REQUESTS_WAITING, KV_BLOCKS_USED, KV_BLOCKS_FREE, PREFIX_CACHE_QUERIES,
+    PREFIX_CACHE_HITS, KV_TRANSFER_BYTES, KV_TRANSFER_SECONDS, KV_TRANSFER_FAILURES,
+    RECOMPUTED_PREFILLS, KV_LEASE_EXPIRED,
+)
+HTTP_METRICS = (HTTP_REQUESTS,)
+ALL_METRICS = CONDUCTOR_METRICS + NODE_METRICS + HTTP_METRICS
+
+Metric = Counter | Gauge | Histogram
+# One set of metric objects per registry, so several recorders (say, two nodes in one
+# test process) can share a registry without registering a name twice.
+_created: weakref.WeakKeyDictionary[CollectorRegistry, dict[str, Metric]] = weakref.WeakKeyDictionary()
+_created_lock = threading.Lock()
+
+
+def _metric(registry: CollectorRegistry, spec: MetricSpec) -> Metric:
+    with _created_lock:
+        made = _created.setdefault(registry, {})
+        if spec.name not in made:
+            args = (spec.name, spec.help, spec.labels)
+            if spec.kind is Kind.COUNTER:
+                made[spec.name] = Counter(*args, registry=registry)
+            elif spec.kind is Kind.GAUGE:
+                made[spec.name] = Gauge(*args, registry=registry)
+            else:
+                made[spec.name] = Histogram(*args, registry=registry, buckets=spec.buckets)
+        return made[spec.name]
+
+
+def _counter(registry: CollectorRegistry, spec: MetricSpec) -> Counter:
+    assert spec.kind is Kind.COUNTER, spec.name
+    return _metric(registry, spec)  # type: ignore[return-value]
+
+
+def _gauge(registry: CollectorRegistry, spec: MetricSpec) -> Gauge:
+    assert spec.kind is Kind.GAUGE, spec.name
+    return _metric(registry, spec)  # type: ignore[return-value]
+
+
+def _histogram(registry: CollectorRegistry, spec: MetricSpec) -> Histogram:
+    assert spec.kind is Kind.HISTOGRAM, spec.name
+    return _metric(registry, spec)  # type: ignore[return-value]
+
+
+def _seconds(value: float) -> float:
+    """Durations come from monotonic clocks; a negative one is clamped, never recorded."""
+    return value if value > 0.0 else 0.0
+
+
+def tail_tbt(gaps: Sequence[float], fraction: float = 0.1) -> float:
+    """Mooncake's per-request TBT: the mean of the longest `fraction` of token gaps (at least one)."""
+    if not gaps:
+        return 0.0
+    k = max(1, int(len(gaps) * fraction))
+    longest = sorted(gaps, reverse=True)[:k]
+    return sum(longest) / k
+
+
+class ConductorMetrics:
+    """What the conductor records; one per conductor process."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r = registry
+        self._ttft = _histogram(r, TTFT)
+        self._gap = _histogram(r, INTER_TOKEN_LATENCY)
+        self._request_tbt = _histogram(r, REQUEST_TBT)
+        self._e2e = _histogram(r, E2E_LATENCY)
+        self._parts = tuple(_histogram(r, s) for s in (TTFT_QUEUE, TTFT_PREFILL, TTFT_KV_TRANSFER, TTFT_FIRST_DECODE))
+        self._prompt_tokens = _counter(r, PROMPT_TOKENS)
+        self._generation_tokens = _counter(r, GENERATION_TOKENS)
+        self._success = _counter(r, REQUEST_SUCCESS)
+        self._rejected = _counter(r, REQUESTS_REJECTED)
+        self._failed = _counter(r, REQUESTS_FAILED)
+        self._prediction_error = _histogram(r, PREDICTION_ERROR)
+        self._node_up = _gauge(r, NODE_UP)
+        self._slo = _gauge(r, SLO_SECONDS)
+        self._admission = _gauge(r, ADMISSION_INFO)
+        self._settings_changes = _counter(r, SETTINGS_CHANGES)
+        self._settings: tuple[str, str, float, float] | None = None
+
+    def start_request(self, now: Callable[[], float] = time.monotonic) -> RequestClock:
+        return RequestClock(self, now)
+
+    def observe_first_token(self, ttft_s: float) -> None:
+        self._ttft.observe(_seconds(ttft_s))
+
+    def observe_token_gap(self, gap_s: float) -> None:
+        self._gap.observe(_seconds(gap_s))
+
+    def observe_finished(self, finished: Finished, e2e_s: float, token_gaps: Sequence[float] = ()) -> None:
+        """A request ended (any finish reason): its TTFT parts, tokens, E2E and tail TBT."""
+        t = finished.timing
+        parts = (t.queue_s, t.prefill_s, t.kv_transfer_s, t.first_decode_s)
+        if any(parts) or t.ttft_s:  # an all-zero Timing means "not measured"
+            for histogram, value in zip(self._parts, parts):
+                histogram.observe(_seconds(value))
+        self._success.labels(finished.finish_reason).inc()
+        self._prompt_tokens.inc(finished.usage.prompt_tokens)
+        self._generation_tokens.inc(finished.usage.completion_tokens)
+        self._e2e.observe(_seconds(e2e_s))
+        if token_gaps:
+            self._request_tbt.observe(tail_tbt(token_gaps))
+
+    def observe_rejected(self, reason: str) -> None:
+        self._rejected.labels(reason).inc()
+
+    def observe_failed(self, reason: str) -> None:
+        self._failed.labels(reason).inc()
+
+    def observe_prediction(self, kind: PredictionKind, predicted_s: float, actual_s: float) -> None:
+        if kind not in _PREDICTION_KINDS:
+            raise ValueError(f"prediction kind must be one of {_PREDICTION_KINDS}, got {kind!r}")
+        self._prediction_error.labels(kind).observe(abs(actual_s - predicted_s))
+
+    def set_node_up(self, node: str, role: Role, up: bool) -> None:
+        _check_role(role)
+        self._node_up.labels(node, role).set(1.0 if up else 0.0)
+
+    def forget_node(self, node: str, role: Role) -> None:
+        """Drop a deregistered node's series (a dead but registered node stays at 0)."""
+        _remove(self._node_up, node, role)
+
+    def set_settings(self, *, policy: str, admission: str, ttft_slo_s: float, tbt_slo_s: float) -> None:
+        """Publish the settings in force; every call after the first that changes them counts."""
+        new = (policy, admission, float(ttft_slo_s), float(tbt_slo_s))
+        old, self._settings = self._settings, new
+        if old == new:
+            return
+        if old is not None:
+            self._settings_changes.inc()
+            if old[:2] != new[:2]:
+                _remove(self._admission, old[0], old[1])
+        self._admission.labels(policy, admission).set(1.0)
+        self._slo.labels("ttft").set(ttft_slo_s)
+        self._slo.labels("tbt").set(tbt_slo_s)
+
+
+class RequestClock:
+    """Times one request at the conductor: TTFT at its first token, a TBT sample per later
+    token, then E2E and the request's tail TBT when it finishes."""
+
+    def __init__(self, metrics: ConductorMetrics, now: Callable[[], float] = time.monotonic) -> None:
+        self._metrics = metrics
+        self._now = now
+        self._start = now()
+        self._last: float | None = None
+        self.ttft_s: float | None = None
+        self.gaps: list[float] = []
+
+    def on_tokens(self, count: int) -> None:
+        """`count` tokens arrived together; the first closes a gap, the others follow at 0 s."""
+        if count <= 0:
+            return
+        t = self._now()
+        if self._last is None:
+            self.ttft_s = t - self._start
+            self._metrics.observe_first_token(self.ttft_s)
+            new_gaps = [0.0] * (count - 1)
+        else:
+            new_gaps = [t - self._last] + [0.0] * (count - 1)
+        for gap in new_gaps:
+            self._metrics.observe_token_gap(gap)
+        self.gaps.extend(new_gaps)
+        self._last = t
+
+    def on_finished(self, finished: Finished) -> None:
+        self._metrics.observe_finished(finished, self._now() - self._start, self.gaps)
+
+
+class NodeMetrics:
+    """What one prefill or decode node records; every series carries its `node` and `role`."""
+
+    def __init__(self, registry: CollectorRegistry, node: str, role: Role) -> None:
+        _check_role(role)
+        if not node:
+            raise ValueError("node name must be non-empty")
+        self.node, self.role = node, role
+        self._metrics = {spec.name: _metric(registry, spec) for spec in NODE_METRICS}
+        self._series = {name: m.labels(node, role) for name, m in self._metrics.items()}
+
+    def set_load(self, *, running: int, waiting: int, kv_blocks_used: int, kv_blocks_free: int) -> None:
+        self._series[REQUESTS_RUNNING.name].set(running)
+        self._series[REQUESTS_WAITING.name].set(waiting)
+        self._series[KV_BLOCKS_USED.name].set(kv_blocks_used)
+        self._series[KV_BLOCKS_FREE.name].set(kv_blocks_free)
+
+    def observe_prefix_lookup(self, query_tokens: int, hit_tokens: int) -> None:
+        if not 0 <= hit_tokens <= query_tokens:
+            raise ValueError(f"hit_tokens must be in [0, query_tokens={query_tokens}], got {hit_tokens}")
+        self._series[PREFIX_CACHE_QUERIES.name].inc(query_tokens)
+        self._series[PREFIX_CACHE_HITS.name].inc(hit_tokens)
+
+    def observe_kv_transfer(self, nbytes: int, seconds: float) -> None:
+        if nbytes < 0:
+            raise ValueError(f"nbytes must be >= 0, got {nbytes}")
+        self._series[KV_TRANSFER_BYTES.name].inc(nbytes)
+        self._series[KV_TRANSFER_SECONDS.name].observe(_seconds(seconds))
+
+    def observe_kv_transfer_failed(self) -> None:
+        self._series[KV_TRANSFER_FAILURES.name].inc()
+
+    def observe_recomputed_prefill(self) -> None:
+        self._series[RECOMPUTED_PREFILLS.name].inc()
+
+    def observe_lease_expired(self, blocks: int) -> None:
+        self._series[KV_LEASE_EXPIRED.name].inc(blocks)
+
+    def close(self) -> None:
+        """Drop this node's series (when it leaves a process that keeps the registry)."""
+        for metric in self._metrics.values():
+            _remove(metric, self.node, self.role)
+
+
+class HttpMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._requests = _counter(registry, HTTP_REQUESTS)
+
+    def observe_response(self, route: str, status: int) -> None:
+        """`route` is the route template (bounded), never the raw URL."""
+        self._requests.labels(route, str(status)).inc()
+
+
+def _check_role(role: str) -> None:
+    if role not in _ROLES:
+        raise ValueError(f"role must be one of {_ROLES}, got {role!r}")
+
+
+def _remove(metric: Metric, *labels: str) -> None:
+    try:
+        metric.remove(*labels)
+    except KeyError:
+        pass  # never set: nothing to drop
+
+
+# --- exposition -------------------------------------------------------------------------
+def exposition(registry: CollectorRegistry, accept: str | None = None) -> tuple[bytes, str]:
+    """The registry's text (Prometheus or OpenMetrics, per the Accept header) and its content type."""
+    encode, content_type = choose_encoder(accept or "")
+    return encode(registry), content_type
+
+
+class MetricsServer:
+    """A node's `/metrics` endpoint on its own thread."""
+
+    def __init__(self, registry: CollectorRegistry, host: str = "127.0.0.1", port: int = 0) -> None:
+        self._server, self._thread = start_http_server(port, addr=host, registry=registry)
+        self.host = host
+        self.port: int = self._server.server_port
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5.0)
+
+
+@dataclass(frozen=True, slots=True)
+class ScrapeTarget:
+    address: str  # host:port of a /metrics endpoint
+    node: str
+    role: str  # "conductor" | "prefill" | "decode"
+
+
+def write_scrape_targets(path: str | Path, targets: Iterable[ScrapeTarget]) -> None:
+    """Write Prometheus `file_sd` targets atomically (Prometheus re-reads the file on change)."""
+    path = Path(path)
+    doc = [{"targets": [t.address], "labels": {"node": t.node, "role": t.role}} for t in targets]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
