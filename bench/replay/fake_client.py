@@ -92,6 +92,11 @@ class FakeClient:
         self._hits = 0
         self._queries = 0
 
+    @property
+    def running(self) -> int:
+        """Requests past prefill whose streams are still open."""
+        return self._running
+
     async def node_metrics(self) -> dict[str, float]:
         return {PREFIX_CACHE_HITS: float(self._hits), PREFIX_CACHE_QUERIES: float(self._queries)}
 
