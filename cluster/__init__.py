@@ -1,1 +1,0 @@
-"""Configuration, Ray launching and the `halfmoon` CLI: the package that wires the others."""

@@ -1,0 +1,84 @@
+"""Attention over the paged KV cache, in torch (the CPU path).
+
+Decode requests of a step attend as one padded batch (one SDPA call per layer); each prefill
+chunk attends on its own with a causal mask offset by the tokens already in its blocks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(slots=True)
+class DecodeGroup:
+    """The first `n` tokens of the flat batch: one new token per decoding request."""
+
+    n: int
+    block_tables: torch.Tensor  # [n, max_blocks] long, padded with block 0
+    mask: torch.Tensor  # [n, 1, 1, max_blocks * block_size] bool, True = attend
+
+
+@dataclass(slots=True)
+class PrefillChunk:
+    """Tokens [start, end) of the flat batch: a chunk of one request's prompt."""
+
+    start: int
+    end: int
+    block_table: torch.Tensor  # [num_blocks] long, covering all context_len tokens
+    context_len: int  # tokens in the blocks after this chunk is written
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    slot_blocks: torch.Tensor  # [T] block id where each token's K/V goes
+    slot_offsets: torch.Tensor  # [T] offset inside that block
+    decode: DecodeGroup | None
+    prefills: list[PrefillChunk]
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             meta: AttentionMetadata) -> None:
+    k_cache[meta.slot_blocks, meta.slot_offsets] = k
+    v_cache[meta.slot_blocks, meta.slot_offsets] = v
+
+
+def _gather(cache: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """[..., nb] block ids -> [..., kv_heads, nb * block_size, head_dim]."""
+    nblocks, bs, kvh, hd = cache.shape
+    # Each block's rows are contiguous inside the strided per-layer view: select them as
+    # flat rows (index_select on 2-D is a straight row copy, much faster than 4-D indexing).
+    rows = torch.as_strided(cache, (nblocks, bs * kvh * hd), (cache.stride(0), 1))
+    g = torch.index_select(rows, 0, table.reshape(-1))
+    return g.view(*table.shape[:-1], table.shape[-1] * bs, kvh, hd).transpose(-3, -2)
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                    v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """q: [T, H, hd]; k, v: [T, KVH, hd] (this step's new keys/values). Returns [T, H, hd]."""
+    write_kv(k_cache, v_cache, k, v, meta)
+    out = torch.empty_like(q)
+    d = meta.decode
+    if d is not None and d.n:
+        qd = q[: d.n].unsqueeze(2)  # [n, H, 1, hd]
+        kd = _gather(k_cache, d.block_tables)
+        vd = _gather(v_cache, d.block_tables)
+        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=d.mask, scale=scale, enable_gqa=True)
+        out[: d.n] = od.squeeze(2)
+    for p in meta.prefills:
+        qp = q[p.start:p.end].transpose(0, 1)  # [H, L, hd]
+        n_new = p.end - p.start
+        if p.context_len == n_new:  # no earlier tokens: attend to this chunk's own K/V
+            kp = k[p.start:p.end].transpose(0, 1)
+            vp = v[p.start:p.end].transpose(0, 1)
+            op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scale, enable_gqa=True)
+        else:
+            kp = _gather(k_cache, p.block_table)[:, : p.context_len]
+            vp = _gather(v_cache, p.block_table)[:, : p.context_len]
+            past = p.context_len - n_new
+            rows = torch.arange(n_new).unsqueeze(1) + past
+            mask = torch.arange(p.context_len).unsqueeze(0) <= rows
+            op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, scale=scale, enable_gqa=True)
+        out[p.start:p.end] = op.transpose(0, 1)
+    return out

@@ -1,0 +1,168 @@
+"""The KV block pool: reference counts, prefix caching by chained block hashes, lazy LRU eviction.
+
+Every block of the node's KV region is in exactly one of three states:
+
+* in use   -- ref_count > 0; owned by one or more running requests;
+* cached   -- ref_count == 0 but still holds a full block whose hash is in the hash map;
+              it sits in the free queue and is evicted (its hash dropped) only when reused;
+* empty    -- ref_count == 0, no hash; in the free queue.
+
+The free queue is in LRU order: `free()` appends at the tail, `allocate()` pops from the head.
+A full block's key is `hash(parent_key, its token ids)` (xxhash64), so equal keys mean equal
+prefixes; the block's token ids are kept and compared on lookup to rule out collisions.
+Listeners see every hash stored or removed (the conductor's global index is built from them).
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable, NewType, Sequence
+
+import numpy as np
+import xxhash
+
+BlockHash = NewType("BlockHash", int)
+BlockId = NewType("BlockId", int)
+
+_ROOT = 0x6D6F6F6E  # parent key of a prompt's first block
+
+
+def hash_block(parent: int | None, token_ids: Sequence[int]) -> BlockHash:
+    h = xxhash.xxh64(seed=_ROOT if parent is None else 0)
+    if parent is not None:
+        h.update(int(parent).to_bytes(8, "little"))
+    h.update(np.asarray(token_ids, dtype=np.int64).tobytes())
+    return BlockHash(h.intdigest())
+
+
+def block_hashes(token_ids: Sequence[int], block_size: int, parent: int | None = None) -> list[BlockHash]:
+    """Chained hashes of every *full* block of `token_ids`."""
+    out: list[BlockHash] = []
+    for start in range(0, len(token_ids) - block_size + 1, block_size):
+        parent = hash_block(parent, token_ids[start:start + block_size])
+        out.append(parent)
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class KVEvent:
+    """A change to the set of cached block hashes: `stored` or `removed`."""
+
+    kind: str
+    block_hashes: tuple[int, ...]
+    parent_hash: int | None = None
+
+
+class BlockPool:
+    def __init__(self, num_blocks: int, block_size: int) -> None:
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self._ref = [0] * num_blocks
+        self._hash: list[BlockHash | None] = [None] * num_blocks
+        self._tokens: list[tuple[int, ...] | None] = [None] * num_blocks
+        self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self._cached: dict[BlockHash, int] = {}
+        self._listeners: list[Callable[[KVEvent], None]] = []
+        self.prefix_queries = 0  # tokens looked up
+        self.prefix_hits = 0  # tokens found cached
+
+    # --- observation -------------------------------------------------------------------
+    def add_listener(self, fn: Callable[[KVEvent], None]) -> None:
+        self._listeners.append(fn)
+
+    def _emit(self, event: KVEvent) -> None:
+        for fn in self._listeners:
+            fn(event)
+
+    @property
+    def num_free(self) -> int:
+        """Blocks that can be allocated now (empty or cached-but-unused)."""
+        return len(self._free)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    @property
+    def num_cached(self) -> int:
+        return len(self._cached)
+
+    def ref_count(self, block: int) -> int:
+        return self._ref[block]
+
+    def cached_hashes(self) -> list[int]:
+        return list(self._cached)
+
+    # --- prefix cache ----------------------------------------------------------------
+    def match_prefix(self, hashes: Sequence[BlockHash], token_ids: Sequence[int]) -> list[BlockId]:
+        """Cached blocks holding the longest prefix of `hashes`; does not take references."""
+        found: list[BlockId] = []
+        bs = self.block_size
+        for i, h in enumerate(hashes):
+            b = self._cached.get(h)
+            if b is None or self._tokens[b] != tuple(token_ids[i * bs:(i + 1) * bs]):
+                break
+            found.append(BlockId(b))
+        return found
+
+    def record_lookup(self, queried_tokens: int, hit_tokens: int) -> None:
+        self.prefix_queries += queried_tokens
+        self.prefix_hits += hit_tokens
+
+    def touch(self, blocks: Sequence[int]) -> None:
+        """Take a reference on (possibly cached, free) blocks."""
+        for b in blocks:
+            if self._ref[b] == 0:
+                del self._free[b]
+            self._ref[b] += 1
+
+    def cache_block(self, block: int, h: BlockHash, token_ids: Sequence[int], parent: int | None) -> None:
+        """Publish a full, computed block under its hash (first writer wins on duplicates)."""
+        if self._hash[block] is not None or h in self._cached:
+            return
+        self._hash[block] = h
+        self._tokens[block] = tuple(token_ids)
+        self._cached[h] = block
+        self._emit(KVEvent("stored", (h,), parent))
+
+    # --- allocation ------------------------------------------------------------------
+    def allocate(self, n: int) -> list[BlockId] | None:
+        """`n` blocks with one reference each, evicting LRU cached blocks; None if too few."""
+        if n > len(self._free):
+            return None
+        out: list[BlockId] = []
+        evicted: list[int] = []
+        for _ in range(n):
+            b, _ = self._free.popitem(last=False)
+            h = self._hash[b]
+            if h is not None:
+                del self._cached[h]
+                self._hash[b] = None
+                self._tokens[b] = None
+                evicted.append(h)
+            self._ref[b] = 1
+            out.append(BlockId(b))
+        if evicted:
+            self._emit(KVEvent("removed", tuple(evicted)))
+        return out
+
+    def free(self, blocks: Sequence[int]) -> None:
+        """Drop one reference from each block. Pass blocks in prefix order: the tail of a
+        sequence becomes least-recently-used first, so shared prefixes outlive suffixes."""
+        for b in reversed(blocks):
+            if self._ref[b] <= 0:
+                raise RuntimeError(f"block {b} freed more often than allocated")
+            self._ref[b] -= 1
+            if self._ref[b] == 0:
+                self._free[b] = None
+
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached hash of unused blocks; returns how many were dropped."""
+        dropped = [h for h, b in self._cached.items() if self._ref[b] == 0]
+        for h in dropped:
+            b = self._cached.pop(h)
+            self._hash[b] = None
+            self._tokens[b] = None
+        if dropped:
+            self._emit(KVEvent("removed", tuple(dropped)))
+        return len(dropped)

@@ -1,0 +1,256 @@
+"""The serving engine: requests in, token streams out.
+
+`LLMEngine.step()` runs one scheduler step (a flat batch of decode tokens and prefill
+chunks) and returns what each request produced. It is single-threaded; servers drive it from
+one loop. Two hooks serve disaggregation: a prefill node adds requests with
+`hold_blocks=True` (their KV stays put after the first token so it can be shipped, until
+`release()`), and a decode node `reserve()`s blocks, has the KV written into them, then
+`add_prefilled()` joins the request to its running batch.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from engine.block_pool import BlockPool, KVEvent, block_hashes, hash_block
+from engine.config import EngineConfig, ModelConfig
+from engine.errors import InvalidRequestError, OutOfBlocksError
+from engine.kv_cache import KVCache
+from engine.loader import DEFAULT_MODEL, load_model
+from engine.model import LlamaModel
+from engine.model_runner import ModelRunner
+from engine.request import FinishReason, Request, RequestStatus
+from engine.sampling import SamplerState, SamplingParams
+from engine.scheduler import Scheduler
+from engine.tokenizer import IncrementalDetokenizer, Message, Tokenizer
+
+
+@dataclass(frozen=True, slots=True)
+class RequestOutput:
+    """What one request produced in one step."""
+
+    request_id: str
+    new_token_ids: tuple[int, ...]
+    text_delta: str
+    finished: bool
+    finish_reason: FinishReason | None
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    num_output_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    num_waiting: int
+    num_running: int
+    num_blocks_total: int
+    num_blocks_free: int
+    num_blocks_cached: int
+    prefix_queries_tokens: int
+    prefix_hits_tokens: int
+    num_preemptions: int
+
+
+class LLMEngine:
+    def __init__(self, model: str | os.PathLike = DEFAULT_MODEL, config: EngineConfig | None = None,
+                 *, kv_tensor: torch.Tensor | None = None, progress: bool = False) -> None:
+        self.config = config or EngineConfig()
+        self.config.validate()
+        if self.config.num_threads:
+            torch.set_num_threads(self.config.num_threads)
+        loaded = load_model(model, progress=progress)
+        self.model_config: ModelConfig = loaded.config
+        self.model_dir: Path = loaded.model_dir
+        self.tokenizer = Tokenizer(loaded.model_dir)
+        self.max_model_len = min(self.config.max_model_len or loaded.config.max_position_embeddings,
+                                 loaded.config.max_position_embeddings)
+        self.kv = KVCache(loaded.config, self.config.num_blocks, self.config.block_size, kv_tensor)
+        self.pool = BlockPool(self.config.num_blocks, self.config.block_size)
+        self.scheduler = Scheduler(self.config, self.pool)
+        self.runner = ModelRunner(LlamaModel(loaded.config, loaded.weights), self.kv)
+        self._requests: dict[str, Request] = {}
+        self._detok: dict[str, IncrementalDetokenizer] = {}
+        self._preemptions = 0
+        self._eos = set(loaded.config.eos_token_ids)
+
+    # --- request intake ---------------------------------------------------------------
+    def encode_prompt(self, prompt: str | None = None, messages: list[Message] | None = None,
+                      prompt_token_ids: list[int] | None = None) -> list[int]:
+        given = [x is not None for x in (prompt, messages, prompt_token_ids)]
+        if sum(given) != 1:
+            raise InvalidRequestError("prompt", "give exactly one of prompt, messages, prompt_token_ids")
+        if messages is not None:
+            ids = self.tokenizer.encode_chat(messages)
+        elif prompt is not None:
+            if not prompt:
+                raise InvalidRequestError("prompt", "must not be empty")
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = list(prompt_token_ids)
+        self.validate_prompt(ids)
+        return ids
+
+    def validate_prompt(self, ids: list[int], field: str = "prompt") -> None:
+        if not ids:
+            raise InvalidRequestError(field, "must not be empty")
+        if len(ids) >= self.max_model_len:
+            raise InvalidRequestError(field, f"{len(ids)} tokens does not fit the context window of "
+                                             f"{self.max_model_len} (prompt + at least one new token)")
+        bad = next((t for t in ids if not 0 <= t < self.model_config.vocab_size), None)
+        if bad is not None:
+            raise InvalidRequestError("prompt_token_ids", f"token id {bad} outside [0, {self.model_config.vocab_size})")
+        need = -(-(len(ids) + 1) // self.config.block_size)
+        if need > self.config.num_blocks:
+            raise InvalidRequestError(field, f"{len(ids)} tokens need {need} KV blocks; this node has "
+                                             f"{self.config.num_blocks}")
+
+    def add_request(self, request_id: str, params: SamplingParams, *, prompt: str | None = None,
+                    messages: list[Message] | None = None, prompt_token_ids: list[int] | None = None,
+                    hold_blocks: bool = False) -> Request:
+        if request_id in self._requests:
+            raise InvalidRequestError("request_id", f"{request_id!r} is already running")
+        params.validate()
+        ids = self.encode_prompt(prompt, messages, prompt_token_ids)
+        req = Request(request_id, ids, params, hold_blocks=hold_blocks,
+                      sampler=SamplerState.for_params(params))
+        self._requests[request_id] = req
+        self._detok[request_id] = IncrementalDetokenizer(self.tokenizer)
+        self.scheduler.add(req)
+        return req
+
+    # --- disaggregation hooks ------------------------------------------------------------
+    def reserve(self, num_tokens: int) -> list[int]:
+        """Blocks for `num_tokens` of imported KV (plus room for the first decode token)."""
+        n = -(-(num_tokens + 1) // self.config.block_size)
+        blocks = self.pool.allocate(n)
+        if blocks is None:
+            raise OutOfBlocksError(f"need {n} free KV blocks, {self.pool.num_free} free")
+        return blocks
+
+    def unreserve(self, blocks: list[int]) -> None:
+        self.pool.free(blocks)
+
+    def add_prefilled(self, request_id: str, params: SamplingParams, prompt_token_ids: list[int],
+                      first_token: int, block_ids: list[int], num_cached_tokens: int = 0) -> list[RequestOutput]:
+        """Join a request whose prompt KV is already in `block_ids` (written by a prefill node);
+        `first_token` was sampled there. Returns the first token's output (it may finish)."""
+        if request_id in self._requests:
+            raise InvalidRequestError("request_id", f"{request_id!r} is already running")
+        params.validate()
+        req = Request(request_id, list(prompt_token_ids), params, block_ids=list(block_ids),
+                      num_computed_tokens=len(prompt_token_ids), num_cached_tokens=num_cached_tokens,
+                      sampler=SamplerState.for_params(params))
+        self._requests[request_id] = req
+        self._detok[request_id] = IncrementalDetokenizer(self.tokenizer)
+        self.scheduler.add_running(req)
+        return [self._append_token(req, first_token)]
+
+    def release(self, request_id: str) -> None:
+        """Free the blocks of a finished `hold_blocks` request."""
+        req = self._requests.pop(request_id, None)
+        if req is not None:
+            self.scheduler.release(req)
+            self._detok.pop(request_id, None)
+
+    def get_request(self, request_id: str) -> Request | None:
+        return self._requests.get(request_id)
+
+    # --- stepping ---------------------------------------------------------------------
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        self._preemptions += len(sched.preempted)
+        if sched.empty:
+            return []
+        sampled = self.runner.run(sched)
+        for chunk in sched.prefills:
+            chunk.request.num_computed_tokens += chunk.num_tokens
+        for req in sched.decodes:
+            req.num_computed_tokens += 1
+        for req in list(sched.decodes) + [c.request for c in sched.prefills]:
+            self._cache_full_blocks(req)
+        return [self._append_token(req, tok) for req, tok in sampled.items()]
+
+    def _cache_full_blocks(self, req: Request) -> None:
+        bs = self.config.block_size
+        toks = None
+        for i in range(len(req.block_hashes), req.num_computed_tokens // bs):
+            toks = toks or req.all_token_ids
+            parent = req.block_hashes[-1] if req.block_hashes else None
+            h = hash_block(parent, toks[i * bs:(i + 1) * bs])
+            req.block_hashes.append(h)
+            self.pool.cache_block(req.block_ids[i], h, toks[i * bs:(i + 1) * bs], parent)
+
+    def _append_token(self, req: Request, token: int) -> RequestOutput:
+        req.output_token_ids.append(token)
+        p = req.params
+        reason: FinishReason | None = None
+        delta = ""
+        is_stop_token = (token in self._eos and not p.ignore_eos) or token in p.stop_token_ids
+        if is_stop_token:
+            reason = FinishReason.STOP
+        else:
+            delta = self._detok[req.request_id].push([token])
+            if p.stop and delta:
+                text = req.text + delta
+                cut = min((i for i in (text.find(s, max(0, len(req.text) - len(s) + 1)) for s in p.stop) if i >= 0),
+                          default=-1)
+                if cut >= 0:
+                    delta = text[:cut][len(req.text):]
+                    reason = FinishReason.STOP
+            req.text += delta
+        if reason is None and (len(req.output_token_ids) >= p.max_tokens or req.num_tokens >= self.max_model_len):
+            reason = FinishReason.LENGTH
+        if reason is not None:
+            self._finish(req, reason)
+        return RequestOutput(req.request_id, (token,), delta, reason is not None, reason,
+                             len(req.prompt_token_ids), req.num_cached_tokens, len(req.output_token_ids))
+
+    def _finish(self, req: Request, reason: FinishReason) -> None:
+        req.status = RequestStatus.FINISHED
+        req.finish_reason = reason
+        self.scheduler.remove(req)
+        if not req.hold_blocks:
+            self._requests.pop(req.request_id, None)
+            self._detok.pop(req.request_id, None)
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request and free its blocks (including held ones). False if unknown."""
+        req = self._requests.pop(request_id, None)
+        if req is None:
+            return False
+        self._detok.pop(request_id, None)
+        if not req.finished:
+            req.status = RequestStatus.FINISHED
+            req.finish_reason = FinishReason.ABORT
+            self.scheduler.remove(req)
+        self.scheduler.release(req)
+        return True
+
+    def stats(self) -> EngineStats:
+        return EngineStats(len(self.scheduler.waiting), len(self.scheduler.running), self.pool.num_blocks,
+                           self.pool.num_free, self.pool.num_cached, self.pool.prefix_queries,
+                           self.pool.prefix_hits, self._preemptions)
+
+    def add_kv_listener(self, fn) -> None:
+        self.pool.add_listener(fn)
+
+    # --- convenience --------------------------------------------------------------------
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
+        """Run token-id prompts to completion together; return each one's output ids."""
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [f"gen-{time.monotonic_ns()}-{i}" for i in range(len(prompts))]
+        for rid, prompt, p in zip(ids, prompts, plist):
+            self.add_request(rid, p, prompt_token_ids=prompt)
+        out: dict[str, list[int]] = {rid: [] for rid in ids}
+        while self.has_unfinished():
+            for o in self.step():
+                if o.request_id in out:
+                    out[o.request_id].extend(o.new_token_ids)
+        return [out[r] for r in ids]

@@ -1,0 +1,79 @@
+"""Our Llama-family forward pass: RMSNorm, RoPE, grouped-query attention over paged KV,
+SwiGLU MLP, (tied) LM head. Weights are held as plain tensors with Q/K/V and gate/up fused
+so each layer runs four matmuls."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from engine.attention import AttentionMetadata, paged_attention
+from engine.config import ModelConfig
+from engine.kv_cache import KVCache
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    var = x.pow(2).mean(-1, keepdim=True)
+    return w * (x * torch.rsqrt(var + eps))
+
+
+class RotaryEmbedding:
+    def __init__(self, head_dim: int, theta: float, max_pos: int) -> None:
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        freqs = torch.outer(torch.arange(max_pos, dtype=torch.float32), inv_freq)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        self.cos = emb.cos()
+        self.sin = emb.sin()
+
+    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * cos + rot * sin
+
+
+class LlamaModel:
+    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> None:
+        self.cfg = cfg
+        w = weights
+        self.embed = w["model.embed_tokens.weight"]
+        self.norm = w["model.norm.weight"]
+        self.lm_head = self.embed if cfg.tie_word_embeddings else w["lm_head.weight"]
+        self.layers = []
+        for i in range(cfg.num_layers):
+            p = f"model.layers.{i}."
+            self.layers.append((
+                w[p + "input_layernorm.weight"],
+                torch.cat([w[p + "self_attn.q_proj.weight"], w[p + "self_attn.k_proj.weight"],
+                           w[p + "self_attn.v_proj.weight"]]).contiguous(),
+                w[p + "self_attn.o_proj.weight"],
+                w[p + "post_attention_layernorm.weight"],
+                torch.cat([w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"]]).contiguous(),
+                w[p + "mlp.down_proj.weight"],
+            ))
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings)
+        self.scale = cfg.head_dim ** -0.5
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                kv: KVCache, logits_indices: torch.Tensor) -> torch.Tensor:
+        """Run the flat batch of `T` tokens; return float32 logits for rows `logits_indices`."""
+        c = self.cfg
+        T = input_ids.shape[0]
+        H, KVH, hd = c.num_heads, c.num_kv_heads, c.head_dim
+        q_size, kv_size = H * hd, KVH * hd
+        inter = c.intermediate_size
+        cos = self.rope.cos[positions].unsqueeze(1)
+        sin = self.rope.sin[positions].unsqueeze(1)
+        x = F.embedding(input_ids, self.embed)
+        for li, (ln1, wqkv, wo, ln2, wgu, wd) in enumerate(self.layers):
+            h = rms_norm(x, ln1, c.rms_norm_eps)
+            qkv = F.linear(h, wqkv)
+            q = self.rope.apply(qkv[:, :q_size].view(T, H, hd), cos, sin)
+            k = self.rope.apply(qkv[:, q_size:q_size + kv_size].view(T, KVH, hd), cos, sin)
+            v = qkv[:, q_size + kv_size:].view(T, KVH, hd)
+            a = paged_attention(q, k, v, kv.k[li], kv.v[li], meta, self.scale)
+            x = x + F.linear(a.reshape(T, q_size), wo)
+            h = rms_norm(x, ln2, c.rms_norm_eps)
+            gu = F.linear(h, wgu)
+            x = x + F.linear(F.silu(gu[:, :inter]) * gu[:, inter:], wd)
+        x = rms_norm(x[logits_indices], self.norm, c.rms_norm_eps)
+        return F.linear(x, self.lm_head)

@@ -1,0 +1,60 @@
+"""A request's state inside one engine: its tokens, its KV blocks, how far it is computed."""
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from engine.sampling import SamplerState, SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"  # queued; holds no blocks
+    RUNNING = "running"  # holds blocks; prefilling (chunk by chunk) or decoding
+    FINISHED = "finished"
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # EOS, a stop token id or a stop string
+    LENGTH = "length"  # max_tokens or the context window
+    ABORT = "abort"  # cancelled by the caller
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float = field(default_factory=time.monotonic)
+    output_token_ids: list[int] = field(default_factory=list)
+    block_ids: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)  # hashes of computed full blocks, in order
+    num_computed_tokens: int = 0  # tokens whose K/V are in this request's blocks
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at admission
+    status: RequestStatus = RequestStatus.WAITING
+    finish_reason: FinishReason | None = None
+    hold_blocks: bool = False  # keep blocks after finishing until release() (prefill-node export)
+    sampler: SamplerState = field(default_factory=SamplerState)
+    text: str = ""  # generated text so far (stop strings are checked against it)
+    num_preemptions: int = 0
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_uncomputed(self) -> int:
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def is_decoding(self) -> bool:
+        """Only the last sampled token is missing from the cache."""
+        return self.num_computed_tokens > 0 and self.num_uncomputed == 1 and bool(self.output_token_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
