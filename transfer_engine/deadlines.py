@@ -1,0 +1,51 @@
+"""One thread per engine that fails batches whose timeout has passed."""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+import time
+
+from .errors import TransferTimeout
+from .handle import TransferHandle
+
+
+class DeadlineWatch:
+    def __init__(self, name: str) -> None:
+        self._cond = threading.Condition()
+        self._heap: list[tuple[float, int, TransferHandle, float]] = []
+        self._seq = itertools.count()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name=f"{name}-deadlines", daemon=True)
+        self._thread.start()
+
+    def watch(self, handle: TransferHandle, timeout_s: float) -> None:
+        deadline = handle.submitted_at + timeout_s
+        with self._cond:
+            heapq.heappush(self._heap, (deadline, next(self._seq), handle, timeout_s))
+            if self._heap[0][2] is handle:
+                self._cond.notify()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._heap.clear()
+            self._cond.notify()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closed and (not self._heap or self._heap[0][0] > time.monotonic()):
+                    delay = self._heap[0][0] - time.monotonic() if self._heap else None
+                    self._cond.wait(delay)
+                if self._closed:
+                    return
+                _, _, handle, timeout_s = heapq.heappop(self._heap)
+            if not handle.done():
+                handle._fail(TransferTimeout(
+                    f"batch #{handle.id} ({handle.op.value}, {handle.nbytes} bytes, via {handle.transport or 'no transport'}) "
+                    f"to {handle.peer} did not complete within its {timeout_s:g}s timeout"
+                ))

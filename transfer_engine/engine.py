@@ -1,0 +1,359 @@
+"""`TransferEngine`: one per process. It owns the registered regions, the listener that
+serves peers, and the transports that carry the batches it issues."""
+
+from __future__ import annotations
+
+import re
+import threading
+from typing import TYPE_CHECKING, Iterable, Sequence
+
+import numpy as np
+
+from .config import EngineConfig
+from .deadlines import DeadlineWatch
+from .errors import EngineClosed, InvalidTransfer, RegistrationError, TransferError, TransportUnavailable
+from .handle import TransferHandle, completed_handle
+from .memory import LocalRegion, RegionTable, ShmSegment, byte_array, host_id, range_problem, shm_supported
+from .records import EngineStats, PeerDescriptor, Region, TransferOp, TransportKind
+from .shm import ShmTransport
+from .stats import Counters
+from .tcp import TcpTransport, handshake
+from .tcp_server import TcpServer
+from .transport import Job, Peer, Piece, Transport
+
+if TYPE_CHECKING:
+    import torch
+
+    from .mooncake import MooncakeTransport
+
+_DEFAULT = object()
+
+
+class TransferEngine:
+    """Moves bytes between registered memory regions of this process and its peers.
+
+    >>> eng = TransferEngine("decode-0", port=0)
+    >>> region, kv = eng.allocate_tensor((num_blocks, 30, 2, 16, 3, 64), torch.float32)
+    >>> peer = eng.connect("10.0.0.7:5555")               # or eng.connect(descriptor)
+    >>> eng.write(peer, [(src, 0, peer.regions[0], 0, n)]).wait()
+    """
+
+    def __init__(self, segment: str, host: str = "127.0.0.1", port: int = 0, token: str | None = None,
+                 transport: TransportKind | str = "auto", config: EngineConfig | None = None) -> None:
+        self.segment = segment
+        self.transport = TransportKind(transport)
+        self.config = config or EngineConfig()
+        self._token = token
+        self._lock = threading.Lock()
+        self._closed = False
+        self._regions = RegionTable()
+        self._counters = Counters()
+        self._host_id = host_id()
+        self._peers: dict[str, Peer] = {}
+        self._mooncake: MooncakeTransport | None = None
+        if self.transport is TransportKind.MOONCAKE:
+            from .mooncake import MooncakeTransport
+
+            self._mooncake = MooncakeTransport(segment, host, self.config)
+        self._server = TcpServer(segment, host, port, token, self._regions, self._describe, self._counters)
+        self.host, self.port = self._server.host, self._server.port
+        self._tcp = TcpTransport(segment, token, self.config)
+        self._shm = ShmTransport(segment, self.config) if self._shm_wanted() else None
+        self._deadlines = DeadlineWatch(segment)
+
+    def __repr__(self) -> str:
+        return f"<TransferEngine {self.segment!r} at {self.address} ({self.transport.value})>"
+
+    def __enter__(self) -> TransferEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    # --- memory ---
+
+    def register(self, obj: object) -> Region:
+        """Register a CPU tensor, numpy array or contiguous buffer (no copy). Peers can
+        reach it over TCP or Mooncake; only `allocate_*` memory is reachable over shm."""
+        self._check_open()
+        array, readonly = byte_array(obj)
+        return self._add(self._regions.add(array, readonly, obj))
+
+    def allocate_buffer(self, nbytes: int) -> tuple[Region, np.ndarray]:
+        """Allocate and register `nbytes` of zeroed memory that every transport can reach
+        (POSIX shared memory where the host has it); returns a flat uint8 array over it."""
+        self._check_open()
+        if nbytes <= 0:
+            raise RegistrationError(f"cannot allocate {nbytes} bytes")
+        if shm_supported():
+            seg = ShmSegment.create(f"hm-te-{_safe(self.segment)}", nbytes)
+            local = self._regions.add(seg.array, False, seg, shm=seg)
+        else:
+            array = np.zeros(nbytes, dtype=np.uint8)
+            local = self._regions.add(array, False, array)
+        return self._add(local), local.array
+
+    def allocate_tensor(self, shape: Sequence[int], dtype: torch.dtype | None = None) -> tuple[Region, torch.Tensor]:
+        """`allocate_buffer`, viewed as a torch tensor of `shape` and `dtype` (float32 by default)."""
+        import torch
+
+        dtype = dtype or torch.float32
+        numel = 1
+        for dim in shape:
+            numel *= int(dim)
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        region, array = self.allocate_buffer(numel * itemsize)
+        return region, torch.from_numpy(array).view(dtype).view(tuple(int(d) for d in shape))
+
+    def unregister(self, region: Region | int) -> None:
+        """Stop serving a region; peers' later requests to it are refused."""
+        region_id = region.id if isinstance(region, Region) else int(region)
+        local = self._regions.remove(region_id)
+        if local is None:
+            raise RegistrationError(f"region {region_id} is not registered with {self.segment!r}")
+        if self._mooncake is not None:
+            self._mooncake.unregister(local)
+        if local.shm is not None:
+            local.shm.unlink()
+
+    def _add(self, local: LocalRegion) -> Region:
+        if self._mooncake is not None:
+            try:
+                self._mooncake.register(local)
+            except RegistrationError:
+                self._regions.remove(local.id)
+                raise
+        return Region(local.id, local.size, self.segment)
+
+    # --- peers ---
+
+    def descriptor(self) -> PeerDescriptor:
+        with_addr = self._mooncake is not None
+        return PeerDescriptor(
+            segment=self.segment,
+            host=self.host,
+            port=self.port,
+            host_id=self._host_id,
+            regions=tuple(r.info(with_addr) for r in self._regions.all()),
+            mooncake_session=self._mooncake.session if self._mooncake is not None else None,
+        )
+
+    def _describe(self) -> bytes:
+        return self.descriptor().to_bytes()
+
+    def connect(self, target: PeerDescriptor | str, timeout: float | None = None) -> Peer:
+        """Handshake with a peer (by descriptor or "host:port") and choose the transport
+        for it. Raises AuthenticationError, PeerUnreachable or TransportUnavailable."""
+        self._check_open()
+        if isinstance(target, PeerDescriptor):
+            host, port = target.host, target.port
+        else:
+            host, _, port_text = str(target).rpartition(":")
+            if not host or not port_text.isdigit():
+                raise ValueError(f"expected a peer address 'host:port', got {target!r}")
+            port = int(port_text)
+        sock, descriptor = handshake(host, port, self.segment, self._token, timeout or self.config.connect_timeout_s)
+        try:
+            kind = self._choose(descriptor)
+        except TransferError:
+            sock.close()
+            raise
+        address = f"{host}:{port}"
+        with self._lock:
+            peer = self._peers.get(address)
+            if peer is None:
+                peer = self._peers[address] = Peer(descriptor, kind)
+            else:
+                peer._update(descriptor)
+                peer.transport = kind
+        if kind is TransportKind.MOONCAKE or self.transport is TransportKind.SHM:
+            sock.close()
+        else:
+            self._tcp.link(peer).adopt(sock)
+        return peer
+
+    def _shm_wanted(self) -> bool:
+        return shm_supported() and self.transport in (TransportKind.AUTO, TransportKind.SHM)
+
+    def _choose(self, descriptor: PeerDescriptor) -> TransportKind:
+        if self.transport is TransportKind.TCP:
+            return TransportKind.TCP
+        if self.transport is TransportKind.MOONCAKE:
+            if descriptor.mooncake_session is None:
+                raise TransportUnavailable(
+                    f"{descriptor.segment!r} does not run Mooncake; start both engines with transport='mooncake'")
+            return TransportKind.MOONCAKE
+        problem = self._shm_problem(descriptor)
+        if problem is None:
+            return TransportKind.SHM
+        if self.transport is TransportKind.SHM:
+            raise TransportUnavailable(f"shared memory cannot reach {descriptor.segment!r}: {problem}")
+        return TransportKind.TCP
+
+    def _shm_problem(self, descriptor: PeerDescriptor) -> str | None:
+        if self._shm is None:
+            return "this host has no POSIX shared memory"
+        if descriptor.host_id != self._host_id:
+            return f"it runs on another host ({descriptor.host_id} vs {self._host_id})"
+        for info in descriptor.regions:
+            if info.shm_name is not None:
+                try:
+                    ShmSegment.attach(info.shm_name, info.size)
+                except OSError as exc:
+                    return f"its segment {info.shm_name} is not visible here ({exc})"
+                break
+        return None
+
+    def _refresh(self, peer: Peer) -> None:
+        """Fetch the peer's current descriptor (it may have registered regions since)."""
+        sock, descriptor = handshake(peer.host, peer.port, self.segment, self._token, self.config.connect_timeout_s)
+        sock.close()
+        peer._update(descriptor)
+
+    # --- batches ---
+
+    def write(self, peer: Peer, entries: Iterable[Sequence[object]], timeout: float | None | object = _DEFAULT
+              ) -> TransferHandle:
+        """Copy local ranges into the peer's regions. Entries are
+        (local_region, local_offset, remote_region, remote_offset, length); regions are
+        `Region`s or ids. Returns at once; the handle says when the bytes have landed."""
+        return self._submit(TransferOp.WRITE, peer, entries, timeout)
+
+    def read(self, peer: Peer, entries: Iterable[Sequence[object]], timeout: float | None | object = _DEFAULT
+             ) -> TransferHandle:
+        """Copy the peer's ranges into local regions; same entries as `write`."""
+        return self._submit(TransferOp.READ, peer, entries, timeout)
+
+    def _submit(self, op: TransferOp, peer: Peer, entries: Iterable[Sequence[object]], timeout: object
+                ) -> TransferHandle:
+        self._check_open()
+        if not isinstance(peer, Peer) or self._peers.get(peer.address) is not peer:
+            raise InvalidTransfer(f"{peer!r} was not connected by engine {self.segment!r}; use engine.connect()")
+        pieces = coalesce([self._resolve(op, peer, entry) for entry in entries])
+        if not pieces:
+            return completed_handle(op, peer.segment)
+        handle = TransferHandle(op, peer.segment, sum(p.length for p in pieces), len(pieces))
+        transport = self._route(peer, pieces)
+        handle.transport = transport.kind.value
+        self._counters.batch_submitted()
+        handle.add_done_callback(self._counters.batch_ended)
+        timeout_s = self.config.default_timeout_s if timeout is _DEFAULT else timeout
+        if timeout_s is not None:
+            self._deadlines.watch(handle, float(timeout_s))  # type: ignore[arg-type]
+        try:
+            transport.submit(Job(op, peer, pieces, handle))
+        except TransferError as exc:
+            handle._fail(exc)
+        return handle
+
+    def _resolve(self, op: TransferOp, peer: Peer, entry: Sequence[object]) -> Piece:
+        try:
+            local_ref, local_offset, remote_ref, remote_offset, length = entry
+        except (TypeError, ValueError) as exc:
+            raise InvalidTransfer(f"a batch entry is (local_region, local_offset, remote_region, remote_offset, "
+                                  f"length), not {entry!r}") from exc
+        local_id = self._region_id(local_ref, self.segment, "local")
+        remote_id = self._region_id(remote_ref, peer.segment, "remote")
+        local_offset, remote_offset, length = _ints(local_offset, remote_offset, length)
+        local = self._regions.get(local_id)
+        if local is None:
+            raise InvalidTransfer(f"unknown local region {local_id} in engine {self.segment!r}")
+        problem = range_problem(local.size, local_id, local_offset, length,
+                                writing=op is TransferOp.READ, readonly=local.readonly)
+        if problem:
+            raise InvalidTransfer(f"local {problem}")
+        if remote_offset < 0:
+            raise InvalidTransfer(f"remote offset {remote_offset} is negative")
+        return Piece(local, local_offset, remote_id, remote_offset, length)  # type: ignore[arg-type]
+
+    @staticmethod
+    def _region_id(ref: object, segment: str, side: str) -> int:
+        if isinstance(ref, Region):
+            if ref.segment and ref.segment != segment:
+                raise InvalidTransfer(f"{side} region {ref.id} belongs to {ref.segment!r}, not {segment!r}")
+            return int(ref.id)
+        if isinstance(ref, (int, np.integer)) and not isinstance(ref, bool):
+            return int(ref)
+        raise InvalidTransfer(f"{side} region must be a Region or an int id, not {ref!r}")
+
+    def _route(self, peer: Peer, pieces: list[Piece]) -> Transport:
+        if peer.transport is TransportKind.MOONCAKE and self._mooncake is not None:
+            return self._mooncake
+        if peer.transport is TransportKind.SHM and self._shm is not None:
+            if self.transport is TransportKind.SHM or self._all_shm(peer, pieces):
+                return self._shm
+            if any(peer.descriptor.region(p.remote_id) is None for p in pieces):
+                self._refresh(peer)  # regions registered after our handshake?
+                if self._all_shm(peer, pieces):
+                    return self._shm
+        return self._tcp
+
+    @staticmethod
+    def _all_shm(peer: Peer, pieces: list[Piece]) -> bool:
+        descriptor = peer.descriptor
+        for piece in pieces:
+            info = descriptor.region(piece.remote_id)
+            if info is None or info.shm_name is None:
+                return False
+        return True
+
+    # --- lifecycle ---
+
+    def stats(self) -> EngineStats:
+        return self._counters.snapshot()
+
+    def close(self) -> None:
+        """Fail batches in flight with EngineClosed, stop every thread, unlink shared
+        memory. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        transports: list[Transport] = [self._tcp]
+        if self._shm is not None:
+            transports.append(self._shm)
+        if self._mooncake is not None:
+            transports.append(self._mooncake)
+        for transport in transports:
+            transport.close()
+        self._deadlines.close()
+        self._server.close()
+        for local in self._regions.all():
+            if local.shm is not None:
+                local.shm.unlink()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise EngineClosed(f"engine {self.segment!r} is closed")
+
+
+def coalesce(pieces: list[Piece]) -> list[Piece]:
+    """Merge neighbouring entries that are contiguous on both sides into one."""
+    merged: list[Piece] = []
+    for piece in pieces:
+        last = merged[-1] if merged else None
+        if (last is not None and last.local is piece.local and last.remote_id == piece.remote_id
+                and last.local_offset + last.length == piece.local_offset
+                and last.remote_offset + last.length == piece.remote_offset):
+            merged[-1] = Piece(last.local, last.local_offset, last.remote_id, last.remote_offset,
+                               last.length + piece.length)
+        else:
+            merged.append(piece)
+    return merged
+
+
+def _ints(*values: object) -> tuple[int, ...]:
+    out = []
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            raise InvalidTransfer(f"offsets and lengths must be integers, not {v!r}")
+        out.append(int(v))
+    return tuple(out)
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)[:32]
