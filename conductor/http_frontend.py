@@ -1,0 +1,237 @@
+"""The conductor's OpenAI-compatible HTTP front door, over the `Backend` protocol.
+
+Routes: `POST /v1/completions`, `POST /v1/chat/completions` (streamed as server-sent
+events ending in `data: [DONE]`, or whole), `GET /v1/models`, `GET /health`, `GET /metrics`.
+
+A streamed request waits for its first item before sending headers, so an admission
+rejection is still a real 429 (and bad input a 400), never an error inside a 200 stream.
+The backend's generator is iterated in the request's task and closed whenever the
+request ends early: a client that disconnects (while waiting or mid-stream) stops the
+iteration, which is how the conductor learns to abort. Request timings and outcomes are
+the backend's to record (it serves gRPC too); this module counts HTTP responses only.
+
+    app = build_app(backend, registry)
+    server = serve_http(app, "127.0.0.1", 8000)   # or: await HttpServer(app, ...).serve()
+"""
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import AsyncIterator, Awaitable, Callable, TypeVar
+
+import anyio
+from prometheus_client import CollectorRegistry
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+from starlette.types import Send
+
+from cluster.metrics import HttpMetrics, exposition
+from conductor.frontend_api import Backend, Finished, RequestFailed, TokenChunk
+from conductor.http_errors import ApiError, api_error_from, invalid_request, not_found
+from conductor.http_responses import DONE, ChatShape, CompletionShape, ResponseShape, sse
+from conductor.http_schema import ChatCompletionBody, CompletionBody, parse_body
+from conductor.http_server import HttpServer, serve_http
+
+__all__ = ["build_app", "serve_http", "HttpServer"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+Item = TokenChunk | Finished
+CLIENT_CLOSED = 499  # nginx's "client closed request": what the metrics record for a disconnect
+CLOSE_TIMEOUT_S = 5.0  # how long closing a backend generator may take once the client is gone
+
+
+class ClientGone(Exception):
+    """The client disconnected before the response was ready."""
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_disconnected(request: Request, work: Callable[[], Awaitable[T]]) -> T:
+    """Run `work` in this task; cancel it and raise `ClientGone` if the client disconnects."""
+    result: list[T] = []
+    error: list[Exception] = []
+    async with anyio.create_task_group() as tg:
+
+        async def watch() -> None:
+            await _wait_for_disconnect(request)
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(watch)
+        try:
+            result.append(await work())
+        except Exception as exc:  # re-raised below, outside the task group
+            error.append(exc)
+        finally:
+            tg.cancel_scope.cancel()  # stop the watcher
+    if error:
+        raise error[0]
+    if not result:
+        raise ClientGone()
+    return result[0]
+
+
+async def _aclose(stream: AsyncIterator[Item]) -> None:
+    """Close a backend generator, shielded so cleanup runs even in a cancelled request."""
+    aclose = getattr(stream, "aclose", None)
+    if aclose is not None:
+        with anyio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
+            await aclose()
+
+
+async def _collect(stream: AsyncIterator[Item]) -> tuple[str, Finished]:
+    parts: list[str] = []
+    async for item in stream:
+        if isinstance(item, Finished):
+            return "".join(parts), item
+        parts.append(item.text)
+    raise RequestFailed("the backend's stream ended without a Finished")
+
+
+async def _events(stream: AsyncIterator[Item], first: Item, shape: ResponseShape) -> AsyncIterator[bytes]:
+    """The SSE body: chunks as they come, the finish reason, usage if asked, then [DONE]."""
+    try:
+        opening = shape.opening()
+        if opening is not None:
+            yield sse(opening)
+        item = first
+        while not isinstance(item, Finished):
+            if item.text:
+                yield sse(shape.delta(item.text))
+            try:
+                item = await anext(stream)
+            except StopAsyncIteration:
+                raise RequestFailed("the backend's stream ended without a Finished") from None
+        yield sse(shape.closing(item.finish_reason))
+        if shape.include_usage:
+            yield sse(shape.usage_chunk(item.usage))
+    except Exception as exc:  # headers are sent: the error travels as an event
+        yield sse(api_error_from(exc).body())
+    finally:
+        await _aclose(stream)
+    yield DONE
+
+
+class _EventStream(StreamingResponse):
+    """A streaming response that closes its body (and so the backend) however it ends."""
+
+    def __init__(self, body: AsyncIterator[bytes]) -> None:
+        super().__init__(
+            body,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+        self._body = body
+
+    async def stream_response(self, send: Send) -> None:
+        try:
+            await super().stream_response(send)
+        finally:
+            with anyio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
+                await self._body.aclose()  # type: ignore[attr-defined]
+
+
+def _error_response(err: ApiError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+class _Frontend:
+    def __init__(self, backend: Backend, registry: CollectorRegistry, health: Callable[[], bool] | None) -> None:
+        self.backend = backend
+        self.registry = registry
+        self.health_check = health
+        self.http_metrics = HttpMetrics(registry)
+        self.started = int(time.time())
+
+    def route(self, path: str, endpoint: Callable[[Request], Awaitable[Response]], method: str) -> Route:
+        """A route whose errors become OpenAI error bodies and whose responses are counted."""
+
+        async def handle(request: Request) -> Response:
+            try:
+                response = await endpoint(request)
+            except ClientGone:
+                response = Response(status_code=CLIENT_CLOSED)
+            except Exception as exc:
+                response = _error_response(api_error_from(exc))
+            self.http_metrics.observe_response(path, response.status_code)
+            return response
+
+        return Route(path, handle, methods=[method])
+
+    async def completions(self, request: Request) -> Response:
+        body = parse_body(CompletionBody, await request.body())
+        return await self._generate(request, body, CompletionShape)
+
+    async def chat_completions(self, request: Request) -> Response:
+        body = parse_body(ChatCompletionBody, await request.body())
+        return await self._generate(request, body, ChatShape)
+
+    async def _generate(
+        self, request: Request, body: CompletionBody | ChatCompletionBody, shape_type: type[ResponseShape]
+    ) -> Response:
+        model = self.backend.model_name
+        if body.model is not None and body.model != model:
+            raise not_found(f"the model {body.model!r} does not exist; this server serves {model!r}", param="model", code="model_not_found")
+        shape = shape_type(f"{shape_type.id_prefix}-{uuid.uuid4().hex}", int(time.time()), model, body.include_usage)
+        stream = self.backend.generate(body.to_request(shape.id))
+        handed_over = False
+        try:
+            if body.stream:
+                first = await _unless_disconnected(request, lambda: anext(stream))
+                handed_over = True  # from here on the response body closes the stream
+                return _EventStream(_events(stream, first, shape))
+            text, finished = await _unless_disconnected(request, lambda: _collect(stream))
+            return JSONResponse(shape.full(text, finished))
+        except StopAsyncIteration:
+            raise RequestFailed("the backend's stream ended without a Finished") from None
+        finally:
+            if not handed_over:
+                await _aclose(stream)
+
+    async def models(self, request: Request) -> Response:
+        card = {"id": self.backend.model_name, "object": "model", "created": self.started, "owned_by": "halfmoon"}
+        return JSONResponse({"object": "list", "data": [card]})
+
+    async def health(self, request: Request) -> Response:
+        if self.health_check is not None and not self.health_check():
+            raise ApiError(503, "no healthy node can serve requests", "service_unavailable", code="unavailable")
+        return JSONResponse({"status": "ok"})
+
+    async def metrics(self, request: Request) -> Response:
+        payload, content_type = exposition(self.registry, request.headers.get("accept"))
+        return Response(payload, media_type=content_type)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """Unknown paths and wrong methods, in OpenAI's error shape."""
+    assert isinstance(exc, HTTPException)
+    message = f"{exc.detail} ({request.method} {request.url.path})"
+    if exc.status_code == 404:
+        err = not_found(message)
+    elif exc.status_code == 405:
+        err = ApiError(405, message, "invalid_request_error", headers=dict(exc.headers or {}))
+    else:
+        err = invalid_request(None, message) if exc.status_code == 400 else ApiError(exc.status_code, message, "server_error")
+    return _error_response(err)
+
+
+def build_app(
+    backend: Backend, registry: CollectorRegistry, *, health: Callable[[], bool] | None = None
+) -> Starlette:
+    """The HTTP app. `health`, if given, makes `/health` answer 503 while it returns False."""
+    fe = _Frontend(backend, registry, health)
+    routes = [
+        fe.route("/v1/completions", fe.completions, "POST"),
+        fe.route("/v1/chat/completions", fe.chat_completions, "POST"),
+        fe.route("/v1/models", fe.models, "GET"),
+        fe.route("/health", fe.health, "GET"),
+        fe.route("/metrics", fe.metrics, "GET"),
+    ]
+    return Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
