@@ -11,7 +11,14 @@ import numpy as np
 
 from .config import EngineConfig
 from .deadlines import DeadlineWatch
-from .errors import EngineClosed, InvalidTransfer, RegistrationError, TransferError, TransportUnavailable
+from .errors import (
+    EngineClosed,
+    InvalidTransfer,
+    RegistrationError,
+    TransferError,
+    TransferRefused,
+    TransportUnavailable,
+)
 from .handle import TransferHandle, completed_handle
 from .memory import LocalRegion, RegionTable, ShmSegment, byte_array, host_id, range_problem, shm_supported
 from .records import EngineStats, PeerDescriptor, Region, TransferOp, TransportKind
@@ -237,18 +244,39 @@ class TransferEngine:
         if not pieces:
             return completed_handle(op, peer.segment)
         handle = TransferHandle(op, peer.segment, sum(p.length for p in pieces), len(pieces))
-        transport = self._route(peer, pieces)
-        handle.transport = transport.kind.value
         self._counters.batch_submitted()
         handle.add_done_callback(self._counters.batch_ended)
-        timeout_s = self.config.default_timeout_s if timeout is _DEFAULT else timeout
-        if timeout_s is not None:
-            self._deadlines.watch(handle, float(timeout_s))  # type: ignore[arg-type]
         try:
+            transport = self._route(peer, pieces)
+            handle.transport = transport.kind.value
+            problem = self._remote_problem(op, peer, pieces)
+            if problem is not None:
+                raise TransferRefused(f"{peer.segment!r} at {peer.address}: {op.value} refused: {problem} "
+                                      "(checked against its descriptor; nothing was sent)")
+            timeout_s = self.config.default_timeout_s if timeout is _DEFAULT else timeout
+            if timeout_s is not None:
+                self._deadlines.watch(handle, float(timeout_s))  # type: ignore[arg-type]
             transport.submit(Job(op, peer, pieces, handle))
         except TransferError as exc:
             handle._fail(exc)
         return handle
+
+    def _remote_problem(self, op: TransferOp, peer: Peer, pieces: list[Piece]) -> str | None:
+        """Check the whole batch against the peer's descriptor before anything moves, so
+        a batch the peer would refuse touches none of its memory. (The peer checks every
+        frame again: it trusts no writer.)"""
+        if any(peer.descriptor.region(p.remote_id) is None for p in pieces):
+            self._refresh(peer)  # it may have registered regions since our handshake
+        descriptor = peer.descriptor
+        for piece in pieces:
+            info = descriptor.region(piece.remote_id)
+            if info is None:
+                return f"unknown region {piece.remote_id}"
+            problem = range_problem(info.size, info.id, piece.remote_offset, piece.length,
+                                    writing=op is TransferOp.WRITE, readonly=info.readonly)
+            if problem is not None:
+                return problem
+        return None
 
     def _resolve(self, op: TransferOp, peer: Peer, entry: Sequence[object]) -> Piece:
         try:
@@ -284,12 +312,10 @@ class TransferEngine:
         if peer.transport is TransportKind.MOONCAKE and self._mooncake is not None:
             return self._mooncake
         if peer.transport is TransportKind.SHM and self._shm is not None:
+            if any(peer.descriptor.region(p.remote_id) is None for p in pieces):
+                self._refresh(peer)  # it may have registered regions since our handshake
             if self.transport is TransportKind.SHM or self._all_shm(peer, pieces):
                 return self._shm
-            if any(peer.descriptor.region(p.remote_id) is None for p in pieces):
-                self._refresh(peer)  # regions registered after our handshake?
-                if self._all_shm(peer, pieces):
-                    return self._shm
         return self._tcp
 
     @staticmethod

@@ -4,6 +4,7 @@ entries, states and counters."""
 from __future__ import annotations
 
 import enum
+import functools
 import json
 from dataclasses import dataclass, field
 from typing import NamedTuple, NewType
@@ -91,10 +92,11 @@ class PeerDescriptor:
         return f"{self.host}:{self.port}"
 
     def region(self, region_id: int) -> RegionInfo | None:
-        for info in self.regions:
-            if info.id == region_id:
-                return info
-        return None
+        return self._by_id.get(region_id)
+
+    @functools.cached_property
+    def _by_id(self) -> dict[int, RegionInfo]:
+        return {info.id: info for info in self.regions}
 
     def to_bytes(self) -> bytes:
         doc = {
