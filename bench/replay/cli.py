@@ -49,48 +49,133 @@ def build_parser() -> argparse.ArgumentParser:
         "TTFT, TBT, TPOT, E2E and goodput under SLOs at the client.",
     )
     parser.add_argument("--trace", type=Path, required=True, help="Mooncake-format JSONL trace")
-    parser.add_argument("--target", default="fake", help="fake | grpc://HOST:PORT | http://HOST:PORT (default: fake)")
-    parser.add_argument("--label", default=None, help="name of this layout in tables and plots (default: target)")
+    parser.add_argument(
+        "--target",
+        default="fake",
+        help="fake | grpc://HOST:PORT | http://HOST:PORT (default: fake)",
+    )
+    parser.add_argument(
+        "--label", default=None, help="name of this layout in tables and plots (default: target)"
+    )
 
     scale = parser.add_argument_group("scaling")
-    scale.add_argument("--block-tokens", type=int, default=16, help="tokens per trace block in the replay (default 16)")
-    scale.add_argument("--trace-block-tokens", type=int, default=512, help="tokens per hash id in the trace (default 512)")
-    scale.add_argument("--output-scale", type=float, default=1.0, help="multiply output lengths (default 1)")
-    scale.add_argument("--max-output-tokens", type=int, default=None, help="cap on scaled output lengths")
-    scale.add_argument("--max-input-tokens", type=int, default=None, help="cut longer scaled prompts to this length")
-    scale.add_argument("--vocab-size", type=int, default=TokenSpace().vocab_size, help="token ids are < this")
-    scale.add_argument("--token-low", type=int, default=TokenSpace().token_low, help="token ids are >= this")
-    scale.add_argument("--seed", type=int, default=0, help="token mapping seed (run i of a sweep uses seed+i)")
+    scale.add_argument(
+        "--block-tokens",
+        type=int,
+        default=16,
+        help="tokens per trace block in the replay (default 16)",
+    )
+    scale.add_argument(
+        "--trace-block-tokens",
+        type=int,
+        default=512,
+        help="tokens per hash id in the trace (default 512)",
+    )
+    scale.add_argument(
+        "--output-scale", type=float, default=1.0, help="multiply output lengths (default 1)"
+    )
+    scale.add_argument(
+        "--max-output-tokens", type=int, default=None, help="cap on scaled output lengths"
+    )
+    scale.add_argument(
+        "--max-input-tokens",
+        type=int,
+        default=None,
+        help="cut longer scaled prompts to this length",
+    )
+    scale.add_argument(
+        "--vocab-size", type=int, default=TokenSpace().vocab_size, help="token ids are < this"
+    )
+    scale.add_argument(
+        "--token-low", type=int, default=TokenSpace().token_low, help="token ids are >= this"
+    )
+    scale.add_argument(
+        "--seed", type=int, default=0, help="token mapping seed (run i of a sweep uses seed+i)"
+    )
 
     load = parser.add_argument_group("load and window")
     speeds = load.add_mutually_exclusive_group()
-    speeds.add_argument("--speedup", type=float, default=None, help="time speed-up of one run (default 1)")
-    speeds.add_argument("--speedups", type=_floats, default=None, help="sweep: comma-separated speed-ups")
-    speeds.add_argument("--rates", type=_floats, default=None, help="sweep: comma-separated request rates (req/s)")
-    load.add_argument("--start", type=float, default=0.0, help="skip this many trace seconds (default 0)")
-    load.add_argument("--duration", type=float, default=None, help="trace seconds to replay; wall time ~ duration / speed-up")
-    load.add_argument("--max-requests", type=int, default=None, help="replay at most this many requests")
-    load.add_argument("--request-timeout", type=float, default=60.0, help="seconds before a request counts as failed (default 60)")
-    load.add_argument("--cooldown", type=float, default=1.0, help="seconds between sweep runs (default 1)")
+    speeds.add_argument(
+        "--speedup", type=float, default=None, help="time speed-up of one run (default 1)"
+    )
+    speeds.add_argument(
+        "--speedups", type=_floats, default=None, help="sweep: comma-separated speed-ups"
+    )
+    speeds.add_argument(
+        "--rates", type=_floats, default=None, help="sweep: comma-separated request rates (req/s)"
+    )
+    load.add_argument(
+        "--start", type=float, default=0.0, help="skip this many trace seconds (default 0)"
+    )
+    load.add_argument(
+        "--duration",
+        type=float,
+        default=None,
+        help="trace seconds to replay; wall time ~ duration / speed-up",
+    )
+    load.add_argument(
+        "--max-requests", type=int, default=None, help="replay at most this many requests"
+    )
+    load.add_argument(
+        "--request-timeout",
+        type=float,
+        default=60.0,
+        help="seconds before a request counts as failed (default 60)",
+    )
+    load.add_argument(
+        "--cooldown", type=float, default=1.0, help="seconds between sweep runs (default 1)"
+    )
 
     slo = parser.add_argument_group("SLOs")
     slo.add_argument("--ttft-slo", type=float, default=2.0, help="TTFT SLO in seconds (default 2)")
-    slo.add_argument("--tbt-slo", type=float, default=0.2, help="SLO on Mooncake TBT in seconds (default 0.2)")
-    slo.add_argument("--capacity-threshold", type=float, default=CAPACITY_THRESHOLD, help="share of requests that must meet both SLOs (default 0.9)")
+    slo.add_argument(
+        "--tbt-slo", type=float, default=0.2, help="SLO on Mooncake TBT in seconds (default 0.2)"
+    )
+    slo.add_argument(
+        "--capacity-threshold",
+        type=float,
+        default=CAPACITY_THRESHOLD,
+        help="share of requests that must meet both SLOs (default 0.9)",
+    )
 
     out = parser.add_argument_group("output")
     out.add_argument("--json", type=Path, default=None, help="write results as JSON here")
     out.add_argument("--plot-dir", type=Path, default=None, help="write PNG plots into this folder")
-    out.add_argument("--overlay", type=Path, action="append", default=[], help="earlier --json result to draw beside this one (repeatable)")
+    out.add_argument(
+        "--overlay",
+        type=Path,
+        action="append",
+        default=[],
+        help="earlier --json result to draw beside this one (repeatable)",
+    )
 
     fake = parser.add_argument_group("fake target (--target fake)")
     base = FakeClientConfig()
-    fake.add_argument("--fake-ttft-base", type=float, default=base.ttft_base_s, help="seconds per prefill")
-    fake.add_argument("--fake-ttft-per-token", type=float, default=base.ttft_per_token_s, help="seconds per uncached prompt token")
+    fake.add_argument(
+        "--fake-ttft-base", type=float, default=base.ttft_base_s, help="seconds per prefill"
+    )
+    fake.add_argument(
+        "--fake-ttft-per-token",
+        type=float,
+        default=base.ttft_per_token_s,
+        help="seconds per uncached prompt token",
+    )
     fake.add_argument("--fake-tbt", type=float, default=base.tbt_s, help="seconds per decode step")
-    fake.add_argument("--fake-tbt-per-running", type=float, default=base.tbt_per_running_s, help="extra decode seconds per other running request")
-    fake.add_argument("--fake-max-queue", type=float, default=None, help="reject when the predicted prefill wait exceeds this many seconds")
-    fake.add_argument("--fake-max-prompt-tokens", type=int, default=None, help="reject prompts longer than this")
+    fake.add_argument(
+        "--fake-tbt-per-running",
+        type=float,
+        default=base.tbt_per_running_s,
+        help="extra decode seconds per other running request",
+    )
+    fake.add_argument(
+        "--fake-max-queue",
+        type=float,
+        default=None,
+        help="reject when the predicted prefill wait exceeds this many seconds",
+    )
+    fake.add_argument(
+        "--fake-max-prompt-tokens", type=int, default=None, help="reject prompts longer than this"
+    )
     return parser
 
 
@@ -144,6 +229,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     console = Console()
+    if not console.is_terminal:  # logs and CI: wide enough for the tables
+        console = Console(width=120)
     try:
         target = parse_target(args.target)
         window = TraceWindow(args.start, args.duration, args.max_requests)
@@ -157,7 +244,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
     def on_run(index: int, speedup: float, requests: int) -> None:
-        console.print(f"[bold]run {index + 1}/{len(speedups)}[/bold]: {requests} requests at speed-up {speedup:g}")
+        console.print(
+            f"[bold]run {index + 1}/{len(speedups)}[/bold]: {requests} requests at speed-up {speedup:g}"
+        )
 
     def on_done(run: RunResult) -> None:
         print_run(console, run)

@@ -23,11 +23,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-# Keys of node_metrics(): cumulative counters summed over the cluster's nodes, in any
-# one unit (tokens or blocks). The replayer reports the hit rate over a run as
-# delta(hits) / delta(queries).
-PREFIX_CACHE_HITS = "prefix_cache_hits"
-PREFIX_CACHE_QUERIES = "prefix_cache_queries"
+# Keys of node_metrics(): cumulative counters summed over the cluster's nodes. They are
+# the Prometheus names of cluster/metrics.py's catalog (counted in prompt tokens), so a
+# client can pass scraped samples through. The replayer reports the prefix-cache hit
+# rate over a run as delta(hits) / delta(queries).
+PREFIX_CACHE_HITS = "halfmoon:prefix_cache_hits_total"
+PREFIX_CACHE_QUERIES = "halfmoon:prefix_cache_queries_total"
 
 
 @dataclass(frozen=True, slots=True)

@@ -111,7 +111,9 @@ class FakeClient:
                 f"invalid request: {len(prompt_token_ids)} prompt tokens, max_tokens={max_tokens}"
             )
         if cfg.max_prompt_tokens is not None and len(prompt_token_ids) > cfg.max_prompt_tokens:
-            raise Rejected(f"prompt of {len(prompt_token_ids)} tokens exceeds {cfg.max_prompt_tokens}")
+            raise Rejected(
+                f"prompt of {len(prompt_token_ids)} tokens exceeds {cfg.max_prompt_tokens}"
+            )
         start = max(now, self._prefill_free_at)
         if cfg.max_queue_s is not None and start - now > cfg.max_queue_s:
             raise Rejected(

@@ -14,6 +14,7 @@ Definitions follow ``../shared/DESIGN.md`` section 5, all measured at the client
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ MOONCAKE_TBT_FRACTION = 0.1
 
 def token_gaps(token_times: Sequence[float]) -> list[float]:
     """Gaps between consecutive token arrival times."""
-    return [later - earlier for earlier, later in zip(token_times, token_times[1:])]
+    return [later - earlier for earlier, later in itertools.pairwise(token_times)]
 
 
 def mooncake_tbt(gaps: Sequence[float], fraction: float = MOONCAKE_TBT_FRACTION) -> float | None:

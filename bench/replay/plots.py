@@ -2,7 +2,8 @@
 
 Figures take ``PlotSeries``, one per layout (label), built from a fresh SweepResult or
 from a JSON document written earlier, so ``--overlay other.json`` puts a disaggregated
-and a colocated sweep on the same axes. matplotlib runs headless (Agg).
+and a colocated sweep on the same axes. Figures are drawn without pyplot (no GUI
+backend, no global state): matplotlib's Agg canvas writes the PNGs.
 """
 
 from __future__ import annotations
@@ -13,13 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
-
-from bench.replay.report import SCHEMA  # noqa: E402
-from bench.replay.runner import SweepResult  # noqa: E402
+from bench.replay.report import SCHEMA
+from bench.replay.runner import SweepResult
 
 LATENCY_CDF_PNG = "latency_cdf.png"
 GOODPUT_PNG = "goodput_vs_rate.png"
@@ -79,7 +77,9 @@ def series_from_json(path: Path) -> PlotSeries:
     """Read a document written by ``report.write_json``."""
     doc: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
     if doc.get("schema") != SCHEMA:
-        raise ValueError(f"{path}: not a replay result (schema {doc.get('schema')!r}, want {SCHEMA!r})")
+        raise ValueError(
+            f"{path}: not a replay result (schema {doc.get('schema')!r}, want {SCHEMA!r})"
+        )
     capacity = doc["capacity"]
     slo = doc["config"]["slo"]
     runs = []
@@ -116,11 +116,17 @@ def _cdf(axis: Any, values_s: list[float], label: str) -> None:
 
 
 def plot_latency_cdfs(series: Sequence[PlotSeries], path: Path) -> Path:
-    figure, axes = plt.subplots(2, 2, figsize=(12, 8))
+    figure = Figure(figsize=(12, 8))
+    axes = figure.subplots(2, 2)
     panels = [
         (axes[0][0], "TTFT", "ttft_s", lambda s: s.ttft_slo_s),
         (axes[0][1], "TBT, all gaps", "tbt_gaps_s", lambda s: None),
-        (axes[1][0], "TBT, Mooncake (mean of longest 10%)", "tbt_mooncake_s", lambda s: s.tbt_slo_s),
+        (
+            axes[1][0],
+            "TBT, Mooncake (mean of longest 10%)",
+            "tbt_mooncake_s",
+            lambda s: s.tbt_slo_s,
+        ),
         (axes[1][1], "TPOT", "tpot_s", lambda s: None),
     ]
     for axis, title, field, slo_of in panels:
@@ -141,21 +147,25 @@ def plot_latency_cdfs(series: Sequence[PlotSeries], path: Path) -> Path:
     figure.suptitle("Client-side latency CDFs (dashed: SLO)")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
-    plt.close(figure)
     return path
 
 
 def plot_goodput(series: Sequence[PlotSeries], path: Path) -> Path:
-    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    figure = Figure(figsize=(12, 4.5))
+    left, right = figure.subplots(1, 2)
     top = 0.0
     for one in series:
-        runs = sorted((r for r in one.runs if r.request_rate is not None), key=lambda r: r.request_rate)
-        if not runs:
+        points = sorted(
+            (r.request_rate, r.goodput or 0.0, r.slo_attainment * 100)
+            for r in one.runs
+            if r.request_rate is not None
+        )
+        if not points:
             continue
-        rates = [r.request_rate for r in runs]
+        rates, goodputs, attainments = zip(*points, strict=True)
         top = max(top, *rates)
-        line = left.plot(rates, [r.goodput or 0.0 for r in runs], marker="o", label=one.label)[0]
-        right.plot(rates, [r.slo_attainment * 100 for r in runs], marker="o", label=one.label)
+        line = left.plot(rates, goodputs, marker="o", label=one.label)[0]
+        right.plot(rates, attainments, marker="o", label=one.label)
         if one.capacity_rate is not None:
             right.axvline(one.capacity_rate, linestyle=":", color=line.get_color(), linewidth=1)
         if one.threshold is not None:
@@ -175,7 +185,6 @@ def plot_goodput(series: Sequence[PlotSeries], path: Path) -> Path:
             axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
-    plt.close(figure)
     return path
 
 

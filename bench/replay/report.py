@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import re
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ from bench.replay.runner import RunResult, SweepResult
 from bench.replay.summary import RunSummary
 
 SCHEMA = "halfmoon.replay/1"
+_NUMBER = re.compile(r"\d+(?:\.\d+)?")
 _FLOAT_DIGITS = 6
 
 
@@ -59,7 +62,9 @@ def run_table(summary: RunSummary) -> Table:
             table.add_row(name, "0", *["-"] * 5)
         else:
             table.add_row(
-                name, str(dist.count), *(_ms(v) for v in (dist.mean, dist.p50, dist.p90, dist.p99, dist.max))
+                name,
+                str(dist.count),
+                *(_ms(v) for v in (dist.mean, dist.p50, dist.p90, dist.p99, dist.max)),
             )
     return table
 
@@ -70,18 +75,35 @@ def run_facts(summary: RunSummary) -> Text:
         f"requests {summary.requests}: completed {summary.completed}, rejected "
         f"{summary.rejected}, failed {summary.failed}"
         + ("" if summary.accounted else "  [NOT ALL ACCOUNTED FOR]"),
-        f"SLO attainment: TTFT {_pct(summary.ttft_attainment)}, TBT {_pct(summary.tbt_attainment)}, "
-        f"both {_pct(summary.slo_attainment)}; goodput {_num(summary.goodput)} req/s",
-        f"wall {summary.wall_s:.1f}s, window {_num(summary.window_s, 1)}s, "
-        f"{summary.output_tokens_per_s:.1f} output tok/s, max send lag {_ms(summary.max_send_lag_s)} ms",
+        (
+            f"SLO attainment: TTFT {_pct(summary.ttft_attainment)}, "
+            f"TBT {_pct(summary.tbt_attainment)}, both {_pct(summary.slo_attainment)}; "
+            f"goodput {_num(summary.goodput)} req/s"
+        ),
+        (
+            f"wall {summary.wall_s:.1f}s, window {_num(summary.window_s, 1)}s, "
+            f"{summary.output_tokens_per_s:.1f} output tok/s, "
+            f"max send lag {_ms(summary.max_send_lag_s)} ms"
+        ),
         f"prefix-cache hit rate {_pct(summary.prefix_hit_rate)} (unbounded-cache bound over "
         f"trace blocks {_pct(summary.ideal_block_hit_rate)})"
         + (f"; metrics unavailable: {summary.metrics_error}" if summary.metrics_error else ""),
     ]
-    for title, reasons in (("rejected", summary.rejection_reasons), ("failed", summary.failure_reasons)):
-        top = sorted(reasons.items(), key=lambda item: -item[1])[:5]
+    for title, reasons in (
+        ("rejected", summary.rejection_reasons),
+        ("failed", summary.failure_reasons),
+    ):
+        top = sorted(group_reasons(reasons).items(), key=lambda item: -item[1])[:5]
         lines.extend(f"  {title} x{count}: {reason}" for reason, count in top)
     return Text("\n".join(lines))
+
+
+def group_reasons(reasons: dict[str, int]) -> dict[str, int]:
+    """Merge reasons that differ only in their numbers ("wait 3.1s" and "wait 3.4s")."""
+    grouped: Counter[str] = Counter()
+    for reason, count in reasons.items():
+        grouped[_NUMBER.sub("#", reason)] += count
+    return dict(grouped)
 
 
 def sweep_table(result: SweepResult) -> Table:
@@ -89,11 +111,19 @@ def sweep_table(result: SweepResult) -> Table:
     slo = result.config.slo
     table = Table(
         title=f"{result.config.label}: SLOs TTFT <= {slo.ttft_s * 1000:g} ms, "
-        f"TBT (Mooncake) <= {slo.tbt_s * 1000:g} ms",
+        f"TBT (Mooncake) <= {slo.tbt_s * 1000:g} ms; latencies p90 in ms",
         title_justify="left",
     )
     for column in (
-        "speed-up", "req/s", "done", "rej", "fail", "TTFT p90 ms", "TBT p90 ms", "SLO met", "goodput",
+        "speedup",
+        "req/s",
+        "done",
+        "rej",
+        "fail",
+        "TTFT",
+        "TBT",
+        "SLO met",
+        "goodput",
     ):
         table.add_column(column, justify="right")
     for run in result.runs:

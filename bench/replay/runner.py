@@ -37,7 +37,7 @@ class ReplayConfig:
     window: TraceWindow
     speedups: tuple[float, ...]
     slo: SLO
-    token_space: TokenSpace = TokenSpace()
+    token_space: TokenSpace = dataclasses.field(default_factory=TokenSpace)
     token_seed: int = 0
     request_timeout_s: float = 60.0
     cooldown_s: float = 1.0  # pause between sweep runs so the cluster drains
@@ -45,7 +45,9 @@ class ReplayConfig:
 
     def __post_init__(self) -> None:
         if not self.speedups or any(s <= 0 for s in self.speedups):
-            raise ValueError(f"speed-ups must be a non-empty list of values > 0, got {self.speedups}")
+            raise ValueError(
+                f"speed-ups must be a non-empty list of values > 0, got {self.speedups}"
+            )
         if self.cooldown_s < 0:
             raise ValueError(f"cooldown must be >= 0 s, got {self.cooldown_s}")
 
@@ -72,7 +74,9 @@ def sweep_capacity(runs: Sequence[RunResult], threshold: float) -> Capacity | No
     for run in runs:
         if run.summary.request_rate is None:
             return None
-        points.append(SweepPoint(run.summary.speedup, run.summary.request_rate, run.summary.slo_attainment))
+        points.append(
+            SweepPoint(run.summary.speedup, run.summary.request_rate, run.summary.slo_attainment)
+        )
     return effective_capacity(points, threshold)
 
 
@@ -100,7 +104,9 @@ async def run_sweep(
         if on_run is not None:
             on_run(index, speedup, len(workload.requests))
         run = await replay(workload.requests, client, request_timeout_s=config.request_timeout_s)
-        summary, per_request = summarize(run, workload, config.slo, label=config.label, speedup=speedup)
+        summary, per_request = summarize(
+            run, workload, config.slo, label=config.label, speedup=speedup
+        )
         result = RunResult(summary, per_request)
         runs.append(result)
         if on_done is not None:

@@ -101,7 +101,9 @@ async def replay(
         sent = now()
         times: list[float] = []
         outcome, reason = Outcome.COMPLETED, None
-        stream = client.generate(request.request_id, list(request.prompt_token_ids), request.max_tokens)
+        stream = client.generate(
+            request.request_id, list(request.prompt_token_ids), request.max_tokens
+        )
         try:
             async with asyncio.timeout(request_timeout_s), _closing(stream):
                 async for event in stream:
@@ -114,7 +116,7 @@ async def replay(
         except TimeoutError:
             outcome = Outcome.FAILED
             reason = f"timed out after {request_timeout_s:g}s with {len(times)} token(s)"
-        except Exception as exc:  # a client bug must not lose the request: record it
+        except Exception as exc:  # noqa: BLE001 - a client bug must not lose the request
             outcome, reason = Outcome.FAILED, f"client error {type(exc).__name__}: {exc}"
         else:
             if not times:
@@ -142,7 +144,7 @@ async def replay(
     metrics_error = None
     try:
         metrics_after = await client.node_metrics()
-    except Exception as exc:  # the run's records are worth keeping without the counters
+    except Exception as exc:  # noqa: BLE001 - the records are worth keeping without counters
         metrics_after, metrics_error = {}, f"{type(exc).__name__}: {exc}"
     by_id = {record.request_id: record for record in records}
     return ReplayRun(

@@ -34,7 +34,9 @@ def parse_target(text: str) -> Target:
         return Target("fake", "")
     scheme, sep, address = text.partition("://")
     if not sep or scheme not in ("grpc", "http"):
-        raise TargetError(f"--target {text!r}: expected 'fake', grpc://HOST:PORT or http://HOST:PORT")
+        raise TargetError(
+            f"--target {text!r}: expected 'fake', grpc://HOST:PORT or http://HOST:PORT"
+        )
     host, colon, port = address.rpartition(":")
     if not colon or not host or not port.isdigit():
         raise TargetError(f"--target {text!r}: the address must be HOST:PORT")
@@ -42,7 +44,9 @@ def parse_target(text: str) -> Target:
 
 
 @contextlib.asynccontextmanager
-async def open_target(target: Target, fake: FakeClientConfig | None = None) -> AsyncIterator[ReplayClient]:
+async def open_target(
+    target: Target, fake: FakeClientConfig | None = None
+) -> AsyncIterator[ReplayClient]:
     """Connect to ``target`` for the duration of the block."""
     if target.scheme == "fake":
         yield FakeClient(fake)

@@ -49,7 +49,9 @@ def parse_record(line_no: int, text: str) -> TraceRecord:
     ints = {name: raw[name] for name in _FIELDS[:3]}
     for name, value in ints.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise TraceError(f"trace line {line_no}: {name} must be a non-negative integer, got {value!r}")
+            raise TraceError(
+                f"trace line {line_no}: {name} must be a non-negative integer, got {value!r}"
+            )
     hash_ids = raw["hash_ids"]
     if not isinstance(hash_ids, list) or not all(
         isinstance(h, int) and not isinstance(h, bool) and h >= 0 for h in hash_ids

@@ -78,6 +78,7 @@ def select_window(records: Sequence[TraceRecord], window: TraceWindow) -> Window
         )
     last_ms = kept[-1].timestamp_ms
     later_dropped = [r.timestamp_ms for r in in_time[len(kept) :] if r.timestamp_ms > last_ms]
+    end: float
     if later_dropped:
         end = later_dropped[0]
     elif window.duration_s is not None and len(kept) == len(in_time):

@@ -59,7 +59,9 @@ def test_distribution_summary():
 
 
 def completed(request_id, sent, times):
-    return RequestRecord(request_id, sent, sent, times[-1], Outcome.COMPLETED, None, 10, len(times), tuple(times))
+    return RequestRecord(
+        request_id, sent, sent, times[-1], Outcome.COMPLETED, None, 10, len(times), tuple(times)
+    )
 
 
 def ended(request_id, outcome, reason):

@@ -5,7 +5,12 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from bench.replay.client import ReplayClient, StreamEvent
+from bench.replay.client import (
+    PREFIX_CACHE_HITS,
+    PREFIX_CACHE_QUERIES,
+    ReplayClient,
+    StreamEvent,
+)
 from bench.replay.fake_client import FakeClient, FakeClientConfig
 from bench.replay.sender import Outcome, replay
 from bench.replay.workload import ReplayRequest
@@ -95,7 +100,9 @@ class ScriptedClient:
     async def node_metrics(self):
         return {}
 
-    async def generate(self, request_id, prompt_token_ids, max_tokens) -> AsyncIterator[StreamEvent]:
+    async def generate(
+        self, request_id, prompt_token_ids, max_tokens
+    ) -> AsyncIterator[StreamEvent]:
         for item in self.script[request_id]:
             if isinstance(item, Exception):
                 raise item
@@ -132,6 +139,7 @@ def test_fake_prefix_cache_counts_hits_in_whole_blocks():
     shared = request("one", 0.0, prompt_tokens=40)
     longer = ReplayRequest("two", 0, 0.1, shared.prompt_token_ids[:32] + (9,) * 16, 2, (0,))
     result = run([shared, longer], client)
-    hits = result.metrics_after["prefix_cache_hits"] - result.metrics_before["prefix_cache_hits"]
-    queries = result.metrics_after["prefix_cache_queries"] - result.metrics_before["prefix_cache_queries"]
+    before, after = result.metrics_before, result.metrics_after
+    hits = after[PREFIX_CACHE_HITS] - before[PREFIX_CACHE_HITS]
+    queries = after[PREFIX_CACHE_QUERIES] - before[PREFIX_CACHE_QUERIES]
     assert (hits, queries) == (32, 88)

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from bench.replay import main
+from bench.replay.report import group_reasons
 from bench.replay.sweep import SweepPoint, effective_capacity, speedups_for_rates
 
 
@@ -43,7 +44,12 @@ def test_rates_become_speedups_of_the_window():
 
 def write_trace(path):
     rows = [
-        {"timestamp": ts, "input_length": 704 if i < 2 else 720, "output_length": 40, "hash_ids": [0, 100 + i]}
+        {
+            "timestamp": ts,
+            "input_length": 704 if i < 2 else 720,
+            "output_length": 40,
+            "hash_ids": [0, 100 + i],
+        }
         for i, ts in enumerate([0, 0, 500, 1000, 1500, 2000, 2500, 3000])
     ]
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
@@ -55,10 +61,30 @@ def test_cli_sweeps_the_fake_target_and_writes_json_and_plots(tmp_path, capsys):
     out = tmp_path / "result.json"
     status = main(
         [
-            "--trace", str(trace), "--target", "fake", "--label", "fake-disagg",
-            "--duration", "3", "--speedups", "4,8", "--output-scale", "0.1",
-            "--fake-ttft-base", "0.001", "--fake-tbt", "0.002", "--fake-max-prompt-tokens", "22",
-            "--cooldown", "0", "--json", str(out), "--plot-dir", str(tmp_path / "plots"),
+            "--trace",
+            str(trace),
+            "--target",
+            "fake",
+            "--label",
+            "fake-disagg",
+            "--duration",
+            "3",
+            "--speedups",
+            "4,8",
+            "--output-scale",
+            "0.1",
+            "--fake-ttft-base",
+            "0.001",
+            "--fake-tbt",
+            "0.002",
+            "--fake-max-prompt-tokens",
+            "22",
+            "--cooldown",
+            "0",
+            "--json",
+            str(out),
+            "--plot-dir",
+            str(tmp_path / "plots"),
         ]
     )
     assert status == 0
@@ -78,7 +104,16 @@ def test_cli_sweeps_the_fake_target_and_writes_json_and_plots(tmp_path, capsys):
     assert "effective request capacity: below every load tried" in capsys.readouterr().out
 
     overlay = main(
-        ["--trace", str(trace), "--max-requests", "2", "--overlay", str(out), "--plot-dir", str(tmp_path / "both")]
+        [
+            "--trace",
+            str(trace),
+            "--max-requests",
+            "2",
+            "--overlay",
+            str(out),
+            "--plot-dir",
+            str(tmp_path / "both"),
+        ]
     )
     assert overlay == 0 and (tmp_path / "both" / "goodput_vs_rate.png").exists()
 
@@ -101,3 +136,8 @@ def test_cli_reports_bad_settings_clearly(tmp_path, capsys, argv, message):
     trace = write_trace(tmp_path / "trace.jsonl")
     assert main(["--trace", str(trace), *argv]) == 2
     assert message in capsys.readouterr().out
+
+
+def test_report_groups_reasons_that_differ_only_in_numbers():
+    reasons = {"queue wait 3.1s exceeds 3s": 2, "queue wait 12s exceeds 3s": 1, "node 7 died": 4}
+    assert group_reasons(reasons) == {"queue wait #s exceeds #s": 3, "node # died": 4}

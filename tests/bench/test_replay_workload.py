@@ -42,8 +42,14 @@ def test_load_trace_reads_typed_records_sorted_by_time(tmp_path):
     [
         ("not json", "line 1: not JSON"),
         ('{"timestamp": 0, "input_length": 1, "output_length": 1}', "line 1: missing field"),
-        ('{"timestamp": -1, "input_length": 1, "output_length": 1, "hash_ids": [0]}', "timestamp must be"),
-        ('{"timestamp": 0, "input_length": 1, "output_length": 1, "hash_ids": ["a"]}', "hash_ids must be"),
+        (
+            '{"timestamp": -1, "input_length": 1, "output_length": 1, "hash_ids": [0]}',
+            "timestamp must be",
+        ),
+        (
+            '{"timestamp": 0, "input_length": 1, "output_length": 1, "hash_ids": ["a"]}',
+            "hash_ids must be",
+        ),
     ],
 )
 def test_load_trace_names_the_bad_line(tmp_path, text, message):
@@ -69,7 +75,9 @@ def test_input_scaling_rounds_up_and_output_rounds_half_up_with_a_cap():
 
 
 def test_input_length_inconsistent_with_hash_ids_is_refused():
-    with pytest.raises(WorkloadError, match="trace line 4: input_length 2000 does not fit 2 hash id"):
+    with pytest.raises(
+        WorkloadError, match="trace line 4: input_length 2000 does not fit 2 hash id"
+    ):
         ScaleConfig().input_tokens(record(4, 0, input_length=2000, hash_ids=(0, 1)))
 
 
@@ -114,7 +122,12 @@ def test_build_workload_scales_time_lengths_and_counts_repeated_blocks():
     assert second.prompt_token_ids[:32] == first.prompt_token_ids
     assert workload.window_s == 2.0 and workload.request_rate == 1.0
     stats = workload.stats
-    assert (stats.blocks, stats.repeated_blocks, stats.prompt_tokens, stats.output_tokens) == (5, 2, 67, 30)
+    assert (stats.blocks, stats.repeated_blocks, stats.prompt_tokens, stats.output_tokens) == (
+        5,
+        2,
+        67,
+        30,
+    )
     assert stats.ideal_block_hit_rate == 2 / 5
 
 
