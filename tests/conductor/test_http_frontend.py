@@ -51,13 +51,18 @@ def post(url: str, path: str, body: object, timeout: float = 10) -> httpx.Respon
     return httpx.post(f"{url}{path}", content=content, headers={"content-type": "application/json"}, timeout=timeout)
 
 
-def metric_value(url: str, name: str, **labels: str) -> float:
+def scrape(url: str) -> dict[tuple[str, frozenset], float]:
+    """Every sample of /metrics, keyed by (name, labels)."""
     text = httpx.get(f"{url}/metrics", timeout=10).text
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                return s.value
-    return 0.0
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def value(samples: dict[tuple[str, frozenset], float], name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
 
 
 def test_streamed_chat_completion(client, backend):
@@ -199,21 +204,25 @@ def test_models_health_and_unknown_route(client, url, backend):
 
 
 def test_metrics_move_after_requests(client, url, backend):
-    before_ttft = metric_value(url, "halfmoon:time_to_first_token_seconds_count")
-    before_ok = metric_value(url, "halfmoon:http_requests_total", route="/v1/completions", status="200")
-    before_rejected = metric_value(url, "halfmoon:requests_rejected_total", reason="queue_full")
+    before = scrape(url)
     client.completions.create(model=backend.model_name, prompt="x", max_tokens=3)
     backend.fail_next = Rejected("queue_full")
     with pytest.raises(openai.RateLimitError):
         client.completions.create(model=backend.model_name, prompt="x")
-    assert metric_value(url, "halfmoon:time_to_first_token_seconds_count") == before_ttft + 1
-    assert metric_value(url, "halfmoon:http_requests_total", route="/v1/completions", status="200") == before_ok + 1
-    assert metric_value(url, "halfmoon:http_requests_total", route="/v1/completions", status="429") >= 1
-    assert metric_value(url, "halfmoon:requests_rejected_total", reason="queue_full") == before_rejected + 1
-    assert metric_value(url, "halfmoon:inter_token_latency_seconds_count") >= 2
-    assert metric_value(url, "halfmoon:request_success_total", finish_reason="length") >= 1
-    r = httpx.get(f"{url}/metrics")
-    assert r.headers["content-type"].startswith("text/plain")
+    after = scrape(url)
+
+    def moved(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert moved("halfmoon:time_to_first_token_seconds_count") == 1
+    assert moved("halfmoon:inter_token_latency_seconds_count") == 2  # 3 tokens, 2 gaps
+    assert moved("halfmoon:ttft_prefill_seconds_count") == 1
+    assert moved("halfmoon:request_success_total", finish_reason="length") == 1
+    assert moved("halfmoon:generation_tokens_total") == 3
+    assert moved("halfmoon:requests_rejected_total", reason="queue_full") == 1
+    assert moved("halfmoon:http_requests_total", route="/v1/completions", status="200") == 1
+    assert moved("halfmoon:http_requests_total", route="/v1/completions", status="429") == 1
+    assert httpx.get(f"{url}/metrics").headers["content-type"].startswith("text/plain")
 
 
 def test_disconnect_mid_stream_stops_the_backend(url, backend):
