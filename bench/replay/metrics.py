@@ -33,7 +33,7 @@ def mooncake_tbt(gaps: Sequence[float], fraction: float = MOONCAKE_TBT_FRACTION)
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
     if not gaps:
         return None
-    count = max(1, math.ceil(fraction * len(gaps) - 1e-9))
+    count = max(1, math.ceil(fraction * len(gaps)))
     longest = sorted(gaps, reverse=True)[:count]
     return sum(longest) / count
 

@@ -24,9 +24,9 @@ def test_mooncake_tbt_is_the_mean_of_the_longest_tenth():
     assert mooncake_tbt(gaps) == pytest.approx(0.8, abs=1e-12)
     # 11 gaps -> ceil(1.1) = 2 longest: (0.5 + 0.25) / 2
     assert mooncake_tbt([0.5, 0.25] + [0.125] * 9) == 0.375
-    # 10 gaps -> exactly 1 (no float round-up to 2)
+    # 10 gaps -> exactly 1
     assert mooncake_tbt([0.5] + [0.25] * 9) == 0.5
-    # 30 gaps -> 3, although 0.1 * 30 is 3.0000000000000004 in floating point
+    # 30 gaps -> the 3 longest
     assert mooncake_tbt([1.0, 1.0, 1.0, 0.5] + [0.0] * 26) == 1.0
     # 3 gaps -> at least one gap
     assert mooncake_tbt([0.5, 0.25, 1.0]) == 1.0
