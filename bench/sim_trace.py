@@ -1,0 +1,48 @@
+"""Trace records -> simulator requests: time speed-up and an optional request limit.
+
+The simulator keeps the trace's own lengths and its 512-token `hash_ids` as block hashes
+(no token ids are needed: equal ids mean equal prefixes).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from bench.replay.trace import TraceRecord, load_trace
+from bench.sim_cluster import SimRequest
+
+
+def to_sim_requests(records: list[TraceRecord], *, speedup: float = 1.0, limit: int | None = None) -> list[SimRequest]:
+    if not speedup > 0:
+        raise ValueError(f"speedup must be > 0, got {speedup}")
+    chosen = records[:limit] if limit is not None else records
+    if not chosen:
+        return []
+    start = chosen[0].timestamp_ms
+    return [
+        SimRequest(
+            index=i,
+            arrival_s=(r.timestamp_ms - start) / 1000.0 / speedup,
+            input_tokens=max(1, r.input_length),
+            output_tokens=r.output_length,
+            block_hashes=r.hash_ids,
+        )
+        for i, r in enumerate(chosen)
+    ]
+
+
+def load_sim_requests(path: str | Path, *, speedup: float = 1.0, limit: int | None = None) -> list[SimRequest]:
+    return to_sim_requests(load_trace(path), speedup=speedup, limit=limit)
+
+
+def repeat_fraction(requests: list[SimRequest]) -> float:
+    """Share of prompt blocks seen before in the trace: the hit rate of an unbounded cache."""
+    seen: set[int] = set()
+    total = repeats = 0
+    for r in requests:
+        for h in r.block_hashes:
+            total += 1
+            if h in seen:
+                repeats += 1
+            else:
+                seen.add(h)
+    return repeats / total if total else 0.0

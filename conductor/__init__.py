@@ -1,0 +1,9 @@
+"""The conductor: global scheduler and front door of a halfmoon cluster.
+
+Scheduling core (pure, no I/O; the live conductor and `bench.sim` drive the same objects):
+`request` (RequestInfo, ids) -> `view` (ClusterView and node records) -> `policies`
+(where a request goes) -> `admission` (whether it may) -> `scheduler` (both, per the
+runtime `settings`) -> `decision` (the answer). `cost_model` predicts latencies,
+`prefix_index` tracks every node's KV cache from `kv_events`, `predictions` logs
+predicted vs measured.
+"""

@@ -1,0 +1,198 @@
+"""The global prefix index: which node caches which KV blocks, kept exact by KV events.
+
+`longest_prefix(hashes)` answers, for every node, how many leading blocks of a request's
+chain it holds. The map goes block hash -> holder(s), and the walk along the chain keeps
+the set of nodes still matching, so the cost is O(prefix length + nodes that drop out),
+not O(nodes × prefix length). Most blocks live on a single node, so a holder is stored as a
+bare `NodeId` until a second node caches the same block (then a `set`), which keeps a
+million indexed blocks in about 150 MB.
+
+Sequence numbers: events from a node must arrive as 0, 1, 2, ... An event older than
+expected is a duplicate and is ignored. An event newer than expected means some were lost:
+it is still applied (stores and removals are each safe on their own), the node is marked
+stale, and the owner should call `resync(node, hashes, next_seq)` with a snapshot from it.
+"""
+from __future__ import annotations
+
+from enum import Enum
+from typing import Iterable, Mapping, Sequence
+
+from conductor.errors import IndexSyncError
+from conductor.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KvEvent
+from conductor.request import BlockHash, NodeId
+
+
+class ApplyStatus(Enum):
+    APPLIED = "applied"
+    DUPLICATE = "duplicate"  # seq older than expected: ignored
+    GAP = "gap"  # seq newer than expected: applied, node marked stale
+
+
+class GlobalPrefixIndex:
+    def __init__(self) -> None:
+        self._holders: dict[int, NodeId | set[NodeId]] = {}
+        self._blocks_of: dict[NodeId, set[int]] = {}
+        self._next_seq: dict[NodeId, int] = {}
+        self._stale: set[NodeId] = set()
+        self.gaps_detected = 0
+
+    # -- queries -----------------------------------------------------------------------
+    def longest_prefix(self, block_hashes: Sequence[BlockHash]) -> dict[NodeId, int]:
+        """Node -> number of leading blocks of `block_hashes` it caches (nodes with 0 left out)."""
+        out: dict[NodeId, int] = {}
+        if not block_hashes:
+            return out
+        holders = self._holders
+        first = holders.get(block_hashes[0])
+        if first is None:
+            return out
+        single: NodeId | None = None
+        alive: set[NodeId] | frozenset[NodeId] = frozenset()
+        if type(first) is set:
+            alive = first  # never mutated below: every narrowing builds a new set
+            if len(alive) == 1:
+                single = next(iter(alive))
+        else:
+            single = first  # type: ignore[assignment]
+        depth = 1
+        for h in block_hashes[1:]:
+            held = holders.get(h)
+            if held is None:
+                break
+            if single is not None:
+                if held == single or (type(held) is set and single in held):
+                    depth += 1
+                    continue
+                break
+            if type(held) is set:
+                narrowed = alive & held
+            else:
+                narrowed = {held} if held in alive else set()
+            if len(narrowed) != len(alive):
+                for node in alive:
+                    if node not in narrowed:
+                        out[node] = depth
+                if not narrowed:
+                    return out
+                alive = narrowed
+                if len(alive) == 1:
+                    single = next(iter(alive))
+            depth += 1
+        if single is not None:
+            out[single] = depth
+        else:
+            for node in alive:
+                out[node] = depth
+        return out
+
+    def holders(self, block_hash: BlockHash) -> frozenset[NodeId]:
+        held = self._holders.get(block_hash)
+        if held is None:
+            return frozenset()
+        return frozenset(held) if type(held) is set else frozenset((held,))  # type: ignore[arg-type]
+
+    def blocks_on(self, node: NodeId) -> int:
+        return len(self._blocks_of.get(node, ()))
+
+    def nodes(self) -> list[NodeId]:
+        return sorted(n for n, blocks in self._blocks_of.items() if blocks)
+
+    def stale_nodes(self) -> frozenset[NodeId]:
+        """Nodes that lost events since their last resync: their entries may be inexact."""
+        return frozenset(self._stale)
+
+    def next_seq(self, node: NodeId) -> int:
+        return self._next_seq.get(node, 0)
+
+    @property
+    def distinct_blocks(self) -> int:
+        return len(self._holders)
+
+    @property
+    def entries(self) -> int:
+        """(node, block) pairs indexed."""
+        return sum(len(blocks) for blocks in self._blocks_of.values())
+
+    # -- updates -----------------------------------------------------------------------
+    def apply(self, event: KvEvent) -> ApplyStatus:
+        node = event.node
+        expected = self._next_seq.get(node, 0)
+        if event.seq < expected:
+            return ApplyStatus.DUPLICATE
+        status = ApplyStatus.APPLIED
+        if event.seq > expected:
+            status = ApplyStatus.GAP
+            self._stale.add(node)
+            self.gaps_detected += 1
+        self._next_seq[node] = event.seq + 1
+        if type(event) is BlockStored:
+            self.store(node, event.block_hashes)
+        elif type(event) is BlockRemoved:
+            self.remove(node, event.block_hashes)
+        elif type(event) is AllBlocksCleared:
+            self.clear_node(node)
+        else:
+            raise IndexSyncError(f"not a KV event: {event!r}")
+        return status
+
+    def apply_all(self, events: Iterable[KvEvent]) -> list[ApplyStatus]:
+        return [self.apply(e) for e in events]
+
+    def store(self, node: NodeId, block_hashes: Iterable[BlockHash]) -> None:
+        """Record that `node` caches these blocks (no sequence check; `apply` does that)."""
+        holders = self._holders
+        mine = self._blocks_of.get(node)
+        if mine is None:
+            mine = self._blocks_of[node] = set()
+        for h in block_hashes:
+            if h in mine:
+                continue
+            mine.add(h)
+            held = holders.get(h)
+            if held is None:
+                holders[h] = node
+            elif type(held) is set:
+                held.add(node)
+            else:
+                holders[h] = {held, node}  # type: ignore[arg-type]
+
+    def remove(self, node: NodeId, block_hashes: Iterable[BlockHash]) -> None:
+        """Record that `node` evicted these blocks; unknown blocks are ignored."""
+        holders = self._holders
+        mine = self._blocks_of.get(node)
+        if not mine:
+            return
+        for h in block_hashes:
+            if h not in mine:
+                continue
+            mine.discard(h)
+            held = holders[h]
+            if type(held) is set:
+                held.discard(node)
+                if len(held) == 1:
+                    holders[h] = next(iter(held))
+            else:
+                del holders[h]
+
+    def clear_node(self, node: NodeId) -> None:
+        mine = self._blocks_of.get(node)
+        if mine:
+            self.remove(node, list(mine))
+
+    def remove_node(self, node: NodeId) -> None:
+        """Forget a node entirely (it died or left): its blocks and its sequence state."""
+        self.clear_node(node)
+        self._blocks_of.pop(node, None)
+        self._next_seq.pop(node, None)
+        self._stale.discard(node)
+
+    def resync(self, node: NodeId, block_hashes: Iterable[BlockHash], next_seq: int) -> None:
+        """Replace what the index holds for `node` with a snapshot taken at `next_seq`."""
+        self.clear_node(node)
+        self.store(node, block_hashes)
+        self._next_seq[node] = next_seq
+        self._stale.discard(node)
+
+    def snapshot(self) -> Mapping[NodeId, frozenset[int]]:
+        """Node -> blocks it caches (a copy; for tests and debugging)."""
+        return {n: frozenset(b) for n, b in self._blocks_of.items() if b}
