@@ -74,8 +74,14 @@ def series_from_result(result: SweepResult) -> PlotSeries:
 
 
 def series_from_json(path: Path) -> PlotSeries:
-    """Read a document written by ``report.write_json``."""
-    doc: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    """Read a document written by ``report.write_json``; ValueError if it is not one."""
+    try:
+        return _series_from_doc(json.loads(path.read_text(encoding="utf-8")), path)
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"{path}: malformed replay result ({type(exc).__name__}: {exc})") from exc
+
+
+def _series_from_doc(doc: dict[str, Any], path: Path) -> PlotSeries:
     if doc.get("schema") != SCHEMA:
         raise ValueError(
             f"{path}: not a replay result (schema {doc.get('schema')!r}, want {SCHEMA!r})"

@@ -1,12 +1,17 @@
 """Capacity pick on fake sweep results, and the CLI end to end on the fake target."""
 
+import asyncio
 import json
 
 import pytest
 
 from bench.replay import main
+from bench.replay.fake_client import FakeClient
 from bench.replay.report import group_reasons
+from bench.replay.runner import ReplayConfig, run_sweep
+from bench.replay.summary import SLO
 from bench.replay.sweep import SweepPoint, effective_capacity, speedups_for_rates
+from bench.replay.workload import ScaleConfig, TraceWindow
 
 
 def points(*pairs):
@@ -118,6 +123,14 @@ def test_cli_sweeps_the_fake_target_and_writes_json_and_plots(tmp_path, capsys):
     assert overlay == 0 and (tmp_path / "both" / "goodput_vs_rate.png").exists()
 
 
+def test_overlay_must_be_a_replay_result(tmp_path, capsys):
+    trace = write_trace(tmp_path / "trace.jsonl")
+    other = tmp_path / "other.json"
+    other.write_text('{"schema": "halfmoon.replay/1", "label": "x"}')
+    assert main(["--trace", str(trace), "--overlay", str(other)]) == 2
+    assert "malformed replay result" in capsys.readouterr().out
+
+
 def test_cli_says_the_grpc_client_is_not_yet_available(tmp_path, capsys):
     trace = write_trace(tmp_path / "trace.jsonl")
     assert main(["--trace", str(trace), "--target", "grpc://localhost:50051"]) == 2
@@ -141,3 +154,20 @@ def test_cli_reports_bad_settings_clearly(tmp_path, capsys, argv, message):
 def test_report_groups_reasons_that_differ_only_in_numbers():
     reasons = {"queue wait 3.1s exceeds 3s": 2, "queue wait 12s exceeds 3s": 1, "node 7 died": 4}
     assert group_reasons(reasons) == {"queue wait #s exceeds #s": 3, "node # died": 4}
+
+
+def test_each_sweep_run_starts_with_a_cold_prefix_cache(tmp_path):
+    config = ReplayConfig(
+        trace=write_trace(tmp_path / "trace.jsonl"),
+        label="cold",
+        scale=ScaleConfig(output_scale=0.05),
+        window=TraceWindow(duration_s=3.0),
+        speedups=(8.0, 8.0),
+        slo=SLO(ttft_s=1.0, tbt_s=0.1),
+        cooldown_s=0.0,
+    )
+    result = asyncio.run(run_sweep(config, FakeClient()))
+    first, second = (run.summary for run in result.runs)
+    # Block 0 opens every prompt: 6 of 7 requests hit its 16 tokens, of 22 or 23 each.
+    assert first.prefix_hit_rate == pytest.approx(6 * 16 / (2 * 22 + 5 * 23))
+    assert second.prefix_hit_rate == first.prefix_hit_rate  # run 1's prompts did not help
