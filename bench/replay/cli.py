@@ -14,6 +14,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from bench.replay.client import ClientError
 from bench.replay.fake_client import FakeClientConfig
 from bench.replay.plots import draw_plots, series_from_json, series_from_result
 from bench.replay.report import capacity_line, print_run, print_sweep, write_json
@@ -257,7 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         result = asyncio.run(go())
-    except TargetError as exc:
+    except (TargetError, ClientError) as exc:  # unreachable or refusing cluster
         console.print(f"[red]error:[/red] {exc}")
         return 2
     if len(result.runs) > 1:
