@@ -22,12 +22,13 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Literal, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.exposition import choose_encoder, start_http_server
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 
 if TYPE_CHECKING:
     from conductor.frontend_api import Finished
@@ -338,19 +339,45 @@ def _remove(metric: Metric, *labels: str) -> None:
 
 
 # --- exposition -------------------------------------------------------------------------
-def exposition(registry: CollectorRegistry, accept: str | None = None) -> tuple[bytes, str]:
-    """The registry's text (Prometheus or OpenMetrics, per the Accept header) and its content type."""
-    encode, content_type = choose_encoder(accept or "")
-    return encode(registry), content_type
+# Always the classic text format (0.0.4), whatever the scraper's Accept header says:
+# prometheus_client's OpenMetrics output "escapes" the ':' of sample names to '_'
+# (halfmoon:x_total becomes halfmoon_x_total), which would break every query and dashboard.
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
+
+
+def exposition(registry: CollectorRegistry) -> bytes:
+    """The registry in Prometheus text format (serve it with `CONTENT_TYPE`)."""
+    return generate_latest(registry)
 
 
 class MetricsServer:
-    """A node's `/metrics` endpoint on its own thread."""
+    """A node's `GET /metrics` endpoint, on its own daemon thread."""
 
     def __init__(self, registry: CollectorRegistry, host: str = "127.0.0.1", port: int = 0) -> None:
-        self._server, self._thread = start_http_server(port, addr=host, registry=registry)
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+                if self.path.split("?", 1)[0] != "/metrics":
+                    self.send_error(404, "only /metrics is served here")
+                    return
+                payload = exposition(registry)
+                self.send_response(200)
+                self.send_header("Content-Type", CONTENT_TYPE)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass  # scrapes every few seconds would flood the node's log
+
+        try:
+            self._server = ThreadingHTTPServer((host, port), Handler)
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot serve metrics on {host}:{port}: {exc.strerror}") from exc
+        self._server.daemon_threads = True
         self.host = host
-        self.port: int = self._server.server_port
+        self.port: int = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, name=f"metrics:{self.port}", daemon=True)
+        self._thread.start()
 
     @property
     def address(self) -> str:

@@ -29,6 +29,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Send
 
+from cluster.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from cluster.metrics import HttpMetrics, exposition
 from conductor.frontend_api import Backend, Finished, RequestFailed, TokenChunk
 from conductor.http_errors import ApiError, api_error_from, invalid_request, not_found
@@ -205,8 +206,7 @@ class _Frontend:
         return JSONResponse({"status": "ok"})
 
     async def metrics(self, request: Request) -> Response:
-        payload, content_type = exposition(self.registry, request.headers.get("accept"))
-        return Response(payload, media_type=content_type)
+        return Response(exposition(self.registry), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:

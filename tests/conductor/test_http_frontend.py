@@ -53,7 +53,10 @@ def post(url: str, path: str, body: object, timeout: float = 10) -> httpx.Respon
 
 def scrape(url: str) -> dict[tuple[str, frozenset], float]:
     """Every sample of /metrics, keyed by (name, labels)."""
-    text = httpx.get(f"{url}/metrics", timeout=10).text
+    # Prometheus asks for OpenMetrics first; the answer must keep the "halfmoon:" names
+    r = httpx.get(f"{url}/metrics", headers={"Accept": "application/openmetrics-text;version=1.0.0"}, timeout=10)
+    assert r.headers["content-type"].startswith("text/plain; version=0.0.4")
+    text = r.text
     return {
         (s.name, frozenset(s.labels.items())): s.value
         for family in text_string_to_metric_families(text)
@@ -222,7 +225,6 @@ def test_metrics_move_after_requests(client, url, backend):
     assert moved("halfmoon:requests_rejected_total", reason="queue_full") == 1
     assert moved("halfmoon:http_requests_total", route="/v1/completions", status="200") == 1
     assert moved("halfmoon:http_requests_total", route="/v1/completions", status="429") == 1
-    assert httpx.get(f"{url}/metrics").headers["content-type"].startswith("text/plain")
 
 
 def test_disconnect_mid_stream_stops_the_backend(url, backend):
