@@ -184,11 +184,11 @@ def plot_goodput(series: Sequence[PlotSeries], path: Path) -> Path:
     right.set_title("SLO attainment (dotted: effective capacity)")
     right.set_xlabel("offered requests/s")
     right.set_ylabel("% of requests meeting both SLOs")
-    right.set_ylim(0, 101)
-    for axis in (left, right):
+    right.set_ylim(0, 105)
+    for axis, corner in ((left, "upper left"), (right, "lower left")):
         axis.grid(alpha=0.3)
         if axis.get_legend_handles_labels()[0]:
-            axis.legend(fontsize=8)
+            axis.legend(fontsize=8, loc=corner)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     return path
