@@ -40,11 +40,15 @@ class ProtocolError(TransferError):
     """A peer sent bytes that do not follow the wire protocol (or another version of it)."""
 
 
-class PeerUnreachable(TransferError):
+class PeerConnectionError(TransferError):
+    """The peer cannot be reached or went away (see the two subclasses)."""
+
+
+class PeerUnreachable(PeerConnectionError):
     """No connection to the peer could be opened or its handshake did not finish."""
 
 
-class PeerDisconnected(TransferError):
+class PeerDisconnected(PeerConnectionError):
     """The connection to the peer broke while a batch was in flight."""
 
 

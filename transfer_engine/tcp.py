@@ -196,6 +196,8 @@ class _Channel:
                     self._next_id += 1
                     self._inflight.append(frame)
                 self._send(sock, frame)
+        except PeerUnreachable as exc:
+            self.abort(PeerUnreachable(f"cannot open a connection to {self._link.peer.segment!r}: {exc}"))
         except TransferError as exc:
             self.abort(exc)
         except (OSError, wire.ConnectionClosed) as exc:
