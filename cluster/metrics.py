@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Literal, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Literal, Sequence, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
@@ -64,40 +64,92 @@ _H, _C, _G = Kind.HISTOGRAM, Kind.COUNTER, Kind.GAUGE
 _NODE = ("node", "role")
 
 # --- the conductor -------------------------------------------------------------------
-TTFT = MetricSpec("halfmoon:time_to_first_token_seconds", _H, "Client send to first token, at the conductor.", buckets=TTFT_BUCKETS)
-INTER_TOKEN_LATENCY = MetricSpec("halfmoon:inter_token_latency_seconds", _H, "Gap between consecutive streamed tokens (TBT).", buckets=GAP_BUCKETS)
-REQUEST_TBT = MetricSpec("halfmoon:request_tbt_seconds", _H, "Per-request TBT as the SLO reads it: mean of the request's longest 10% of token gaps.", buckets=GAP_BUCKETS)
-E2E_LATENCY = MetricSpec("halfmoon:e2e_request_latency_seconds", _H, "Client send to the last token, at the conductor.", buckets=E2E_BUCKETS)
-TTFT_QUEUE = MetricSpec("halfmoon:ttft_queue_seconds", _H, "TTFT part: waiting for the prefill node.", buckets=TTFT_BUCKETS)
-TTFT_PREFILL = MetricSpec("halfmoon:ttft_prefill_seconds", _H, "TTFT part: computing the prompt's KV.", buckets=TTFT_BUCKETS)
-TTFT_KV_TRANSFER = MetricSpec("halfmoon:ttft_kv_transfer_seconds", _H, "TTFT part: moving the prompt's KV to the decode node.", buckets=TTFT_BUCKETS)
-TTFT_FIRST_DECODE = MetricSpec("halfmoon:ttft_first_decode_seconds", _H, "TTFT part: the decode node's first step.", buckets=TTFT_BUCKETS)
+TTFT = MetricSpec(
+    "halfmoon:time_to_first_token_seconds", _H, "Client send to first token, at the conductor.", buckets=TTFT_BUCKETS,
+)
+INTER_TOKEN_LATENCY = MetricSpec(
+    "halfmoon:inter_token_latency_seconds", _H, "Gap between consecutive streamed tokens (TBT).", buckets=GAP_BUCKETS,
+)
+REQUEST_TBT = MetricSpec(
+    "halfmoon:request_tbt_seconds",
+    _H,
+    "Per-request TBT as the SLO reads it: mean of the request's longest 10% of token gaps.",
+    buckets=GAP_BUCKETS,
+)
+E2E_LATENCY = MetricSpec(
+    "halfmoon:e2e_request_latency_seconds", _H, "Client send to the last token, at the conductor.", buckets=E2E_BUCKETS,
+)
+TTFT_QUEUE = MetricSpec(
+    "halfmoon:ttft_queue_seconds", _H, "TTFT part: waiting for the prefill node.", buckets=TTFT_BUCKETS,
+)
+TTFT_PREFILL = MetricSpec(
+    "halfmoon:ttft_prefill_seconds", _H, "TTFT part: computing the prompt's KV.", buckets=TTFT_BUCKETS,
+)
+TTFT_KV_TRANSFER = MetricSpec(
+    "halfmoon:ttft_kv_transfer_seconds",
+    _H,
+    "TTFT part: moving the prompt's KV to the decode node.",
+    buckets=TTFT_BUCKETS,
+)
+TTFT_FIRST_DECODE = MetricSpec(
+    "halfmoon:ttft_first_decode_seconds", _H, "TTFT part: the decode node's first step.", buckets=TTFT_BUCKETS,
+)
 PROMPT_TOKENS = MetricSpec("halfmoon:prompt_tokens_total", _C, "Prompt tokens of finished requests.")
 GENERATION_TOKENS = MetricSpec("halfmoon:generation_tokens_total", _C, "Generated tokens of finished requests.")
-REQUEST_SUCCESS = MetricSpec("halfmoon:request_success_total", _C, "Requests that finished, by finish reason.", ("finish_reason",))
-REQUESTS_REJECTED = MetricSpec("halfmoon:requests_rejected_total", _C, "Requests refused by admission control, by reason.", ("reason",))
-REQUESTS_FAILED = MetricSpec("halfmoon:requests_failed_total", _C, "Admitted requests that could not finish, by reason.", ("reason",))
-PREDICTION_ERROR = MetricSpec("halfmoon:prediction_error_seconds", _H, "Absolute error of the conductor's TTFT / TBT predictions.", ("kind",), ERROR_BUCKETS)
+REQUEST_SUCCESS = MetricSpec(
+    "halfmoon:request_success_total", _C, "Requests that finished, by finish reason.", ("finish_reason",),
+)
+REQUESTS_REJECTED = MetricSpec(
+    "halfmoon:requests_rejected_total", _C, "Requests refused by admission control, by reason.", ("reason",),
+)
+REQUESTS_FAILED = MetricSpec(
+    "halfmoon:requests_failed_total", _C, "Admitted requests that could not finish, by reason.", ("reason",),
+)
+PREDICTION_ERROR = MetricSpec(
+    "halfmoon:prediction_error_seconds",
+    _H,
+    "Absolute error of the conductor's TTFT / TBT predictions.",
+    ("kind",),
+    ERROR_BUCKETS,
+)
 NODE_UP = MetricSpec("halfmoon:node_up", _G, "1 while the conductor hears a node's heartbeats, else 0.", _NODE)
 SLO_SECONDS = MetricSpec("halfmoon:slo_seconds", _G, "SLOs in force, by kind (ttft, tbt).", ("kind",))
-ADMISSION_INFO = MetricSpec("halfmoon:admission_info", _G, "1 for the routing policy and admission mode in force.", ("policy", "admission"))
-SETTINGS_CHANGES = MetricSpec("halfmoon:settings_changes_total", _C, "Runtime changes of SLOs, policy or admission mode.")
+ADMISSION_INFO = MetricSpec(
+    "halfmoon:admission_info", _G, "1 for the routing policy and admission mode in force.", ("policy", "admission"),
+)
+SETTINGS_CHANGES = MetricSpec(
+    "halfmoon:settings_changes_total", _C, "Runtime changes of SLOs, policy or admission mode.",
+)
 
 # --- every node -------------------------------------------------------------------------
 REQUESTS_RUNNING = MetricSpec("halfmoon:num_requests_running", _G, "Requests the node is computing.", _NODE)
 REQUESTS_WAITING = MetricSpec("halfmoon:num_requests_waiting", _G, "Requests queued at the node.", _NODE)
 KV_BLOCKS_USED = MetricSpec("halfmoon:kv_blocks_used", _G, "KV blocks held by requests (or reserved for them).", _NODE)
 KV_BLOCKS_FREE = MetricSpec("halfmoon:kv_blocks_free", _G, "KV blocks free (including evictable cached ones).", _NODE)
-PREFIX_CACHE_QUERIES = MetricSpec("halfmoon:prefix_cache_queries_total", _C, "Prompt tokens looked up in the prefix cache.", _NODE)
-PREFIX_CACHE_HITS = MetricSpec("halfmoon:prefix_cache_hits_total", _C, "Prompt tokens found in the prefix cache.", _NODE)
-KV_TRANSFER_BYTES = MetricSpec("halfmoon:kv_transfer_bytes_total", _C, "KV bytes sent (prefill) or received (decode).", _NODE)
-KV_TRANSFER_SECONDS = MetricSpec("halfmoon:kv_transfer_seconds", _H, "Duration of one KV write between nodes.", _NODE, TRANSFER_BUCKETS)
+PREFIX_CACHE_QUERIES = MetricSpec(
+    "halfmoon:prefix_cache_queries_total", _C, "Prompt tokens looked up in the prefix cache.", _NODE,
+)
+PREFIX_CACHE_HITS = MetricSpec(
+    "halfmoon:prefix_cache_hits_total", _C, "Prompt tokens found in the prefix cache.", _NODE,
+)
+KV_TRANSFER_BYTES = MetricSpec(
+    "halfmoon:kv_transfer_bytes_total", _C, "KV bytes sent (prefill) or received (decode).", _NODE,
+)
+KV_TRANSFER_SECONDS = MetricSpec(
+    "halfmoon:kv_transfer_seconds", _H, "Duration of one KV write between nodes.", _NODE, TRANSFER_BUCKETS,
+)
 KV_TRANSFER_FAILURES = MetricSpec("halfmoon:kv_transfer_failures_total", _C, "KV writes that failed.", _NODE)
-RECOMPUTED_PREFILLS = MetricSpec("halfmoon:recomputed_prefills_total", _C, "Prefills a decode node recomputed after a failed KV transfer.", _NODE)
-KV_LEASE_EXPIRED = MetricSpec("halfmoon:kv_lease_expired_blocks_total", _C, "Reserved KV blocks freed because their lease ran out.", _NODE)
+RECOMPUTED_PREFILLS = MetricSpec(
+    "halfmoon:recomputed_prefills_total", _C, "Prefills a decode node recomputed after a failed KV transfer.", _NODE,
+)
+KV_LEASE_EXPIRED = MetricSpec(
+    "halfmoon:kv_lease_expired_blocks_total", _C, "Reserved KV blocks freed because their lease ran out.", _NODE,
+)
 
 # --- the HTTP frontend ------------------------------------------------------------------
-HTTP_REQUESTS = MetricSpec("halfmoon:http_requests_total", _C, "HTTP responses by route and status.", ("route", "status"))
+HTTP_REQUESTS = MetricSpec(
+    "halfmoon:http_requests_total", _C, "HTTP responses by route and status.", ("route", "status"),
+)
 
 CONDUCTOR_METRICS = (
     TTFT, INTER_TOKEN_LATENCY, REQUEST_TBT, E2E_LATENCY, TTFT_QUEUE, TTFT_PREFILL, TTFT_KV_TRANSFER,
@@ -133,19 +185,14 @@ def _metric(registry: CollectorRegistry, spec: MetricSpec) -> Metric:
         return made[spec.name]
 
 
-def _counter(registry: CollectorRegistry, spec: MetricSpec) -> Counter:
-    assert spec.kind is Kind.COUNTER, spec.name
-    return _metric(registry, spec)  # type: ignore[return-value]
+M = TypeVar("M", Counter, Gauge, Histogram)
 
 
-def _gauge(registry: CollectorRegistry, spec: MetricSpec) -> Gauge:
-    assert spec.kind is Kind.GAUGE, spec.name
-    return _metric(registry, spec)  # type: ignore[return-value]
-
-
-def _histogram(registry: CollectorRegistry, spec: MetricSpec) -> Histogram:
-    assert spec.kind is Kind.HISTOGRAM, spec.name
-    return _metric(registry, spec)  # type: ignore[return-value]
+def _typed(registry: CollectorRegistry, spec: MetricSpec, kind: type[M]) -> M:
+    metric = _metric(registry, spec)
+    if not isinstance(metric, kind):
+        raise TypeError(f"{spec.name} is a {spec.kind.value}, not a {kind.__name__}")
+    return metric
 
 
 def _seconds(value: float) -> float:
@@ -167,21 +214,21 @@ class ConductorMetrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         r = registry
-        self._ttft = _histogram(r, TTFT)
-        self._gap = _histogram(r, INTER_TOKEN_LATENCY)
-        self._request_tbt = _histogram(r, REQUEST_TBT)
-        self._e2e = _histogram(r, E2E_LATENCY)
-        self._parts = tuple(_histogram(r, s) for s in (TTFT_QUEUE, TTFT_PREFILL, TTFT_KV_TRANSFER, TTFT_FIRST_DECODE))
-        self._prompt_tokens = _counter(r, PROMPT_TOKENS)
-        self._generation_tokens = _counter(r, GENERATION_TOKENS)
-        self._success = _counter(r, REQUEST_SUCCESS)
-        self._rejected = _counter(r, REQUESTS_REJECTED)
-        self._failed = _counter(r, REQUESTS_FAILED)
-        self._prediction_error = _histogram(r, PREDICTION_ERROR)
-        self._node_up = _gauge(r, NODE_UP)
-        self._slo = _gauge(r, SLO_SECONDS)
-        self._admission = _gauge(r, ADMISSION_INFO)
-        self._settings_changes = _counter(r, SETTINGS_CHANGES)
+        self._ttft = _typed(r, TTFT, Histogram)
+        self._gap = _typed(r, INTER_TOKEN_LATENCY, Histogram)
+        self._request_tbt = _typed(r, REQUEST_TBT, Histogram)
+        self._e2e = _typed(r, E2E_LATENCY, Histogram)
+        self._parts = tuple(_typed(r, s, Histogram) for s in (TTFT_QUEUE, TTFT_PREFILL, TTFT_KV_TRANSFER, TTFT_FIRST_DECODE))
+        self._prompt_tokens = _typed(r, PROMPT_TOKENS, Counter)
+        self._generation_tokens = _typed(r, GENERATION_TOKENS, Counter)
+        self._success = _typed(r, REQUEST_SUCCESS, Counter)
+        self._rejected = _typed(r, REQUESTS_REJECTED, Counter)
+        self._failed = _typed(r, REQUESTS_FAILED, Counter)
+        self._prediction_error = _typed(r, PREDICTION_ERROR, Histogram)
+        self._node_up = _typed(r, NODE_UP, Gauge)
+        self._slo = _typed(r, SLO_SECONDS, Gauge)
+        self._admission = _typed(r, ADMISSION_INFO, Gauge)
+        self._settings_changes = _typed(r, SETTINGS_CHANGES, Counter)
         self._settings: tuple[str, str, float, float] | None = None
 
     def start_request(self, now: Callable[[], float] = time.monotonic) -> RequestClock:
@@ -319,7 +366,7 @@ class NodeMetrics:
 
 class HttpMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
-        self._requests = _counter(registry, HTTP_REQUESTS)
+        self._requests = _typed(registry, HTTP_REQUESTS, Counter)
 
     def observe_response(self, route: str, status: int) -> None:
         """`route` is the route template (bounded), never the raw URL."""

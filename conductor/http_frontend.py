@@ -15,7 +15,6 @@ the backend's to record (it serves gRPC too); this module counts HTTP responses 
 """
 from __future__ import annotations
 
-import logging
 import time
 import uuid
 from typing import AsyncIterator, Awaitable, Callable, TypeVar
@@ -32,14 +31,13 @@ from starlette.types import Send
 from cluster.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from cluster.metrics import HttpMetrics, exposition
 from conductor.frontend_api import Backend, Finished, RequestFailed, TokenChunk
-from conductor.http_errors import ApiError, api_error_from, invalid_request, not_found
+from conductor.http_errors import ApiError, api_error_from, not_found
 from conductor.http_responses import DONE, ChatShape, CompletionShape, ResponseShape, sse
 from conductor.http_schema import ChatCompletionBody, CompletionBody, parse_body
 from conductor.http_server import HttpServer, serve_http
 
 __all__ = ["build_app", "serve_http", "HttpServer"]
 
-log = logging.getLogger(__name__)
 T = TypeVar("T")
 Item = TokenChunk | Finished
 CLIENT_CLOSED = 499  # nginx's "client closed request": what the metrics record for a disconnect
@@ -179,7 +177,8 @@ class _Frontend:
     ) -> Response:
         model = self.backend.model_name
         if body.model is not None and body.model != model:
-            raise not_found(f"the model {body.model!r} does not exist; this server serves {model!r}", param="model", code="model_not_found")
+            message = f"the model {body.model!r} does not exist; this server serves {model!r}"
+            raise not_found(message, param="model", code="model_not_found")
         shape = shape_type(f"{shape_type.id_prefix}-{uuid.uuid4().hex}", int(time.time()), model, body.include_usage)
         stream = self.backend.generate(body.to_request(shape.id))
         handed_over = False
@@ -210,16 +209,13 @@ class _Frontend:
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
-    """Unknown paths and wrong methods, in OpenAI's error shape."""
-    assert isinstance(exc, HTTPException)
-    message = f"{exc.detail} ({request.method} {request.url.path})"
-    if exc.status_code == 404:
-        err = not_found(message)
-    elif exc.status_code == 405:
-        err = ApiError(405, message, "invalid_request_error", headers=dict(exc.headers or {}))
-    else:
-        err = invalid_request(None, message) if exc.status_code == 400 else ApiError(exc.status_code, message, "server_error")
-    return _error_response(err)
+    """Starlette's own errors (unknown path, wrong method, ...) in OpenAI's error shape."""
+    status = exc.status_code if isinstance(exc, HTTPException) else 500
+    detail = exc.detail if isinstance(exc, HTTPException) else type(exc).__name__
+    headers = dict(exc.headers or {}) if isinstance(exc, HTTPException) else {}
+    message = f"{detail} ({request.method} {request.url.path})"
+    kind = "invalid_request_error" if 400 <= status < 500 else "server_error"
+    return _error_response(ApiError(status, message, kind, headers=headers))
 
 
 def build_app(

@@ -38,7 +38,13 @@ class ResponseShape(ABC):
     include_usage: bool = False  # stream_options.include_usage
 
     def _envelope(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
-        body: dict[str, Any] = {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
+        body: dict[str, Any] = {
+            "id": self.id,
+            "object": obj,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
         if self.include_usage:
             body["usage"] = None  # OpenAI: null on every chunk but the last
         return body
