@@ -218,7 +218,8 @@ class ConductorMetrics:
         self._gap = _typed(r, INTER_TOKEN_LATENCY, Histogram)
         self._request_tbt = _typed(r, REQUEST_TBT, Histogram)
         self._e2e = _typed(r, E2E_LATENCY, Histogram)
-        self._parts = tuple(_typed(r, s, Histogram) for s in (TTFT_QUEUE, TTFT_PREFILL, TTFT_KV_TRANSFER, TTFT_FIRST_DECODE))
+        parts = (TTFT_QUEUE, TTFT_PREFILL, TTFT_KV_TRANSFER, TTFT_FIRST_DECODE)  # in Timing's order
+        self._parts = tuple(_typed(r, s, Histogram) for s in parts)
         self._prompt_tokens = _typed(r, PROMPT_TOKENS, Counter)
         self._generation_tokens = _typed(r, GENERATION_TOKENS, Counter)
         self._success = _typed(r, REQUEST_SUCCESS, Counter)
