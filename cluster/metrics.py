@@ -17,6 +17,7 @@ Who exports what (so a `sum()` over all scrape targets never counts a thing twic
 from __future__ import annotations
 
 import json
+import math
 import os
 import threading
 import time
@@ -201,10 +202,11 @@ def _seconds(value: float) -> float:
 
 
 def tail_tbt(gaps: Sequence[float], fraction: float = 0.1) -> float:
-    """Mooncake's per-request TBT: the mean of the longest `fraction` of token gaps (at least one)."""
+    """Mooncake's per-request TBT: the mean of the longest ceil(`fraction` x gaps) token gaps
+    (the same count bench/replay uses)."""
     if not gaps:
         return 0.0
-    k = max(1, int(len(gaps) * fraction))
+    k = max(1, math.ceil(len(gaps) * fraction))
     longest = sorted(gaps, reverse=True)[:k]
     return sum(longest) / k
 

@@ -100,6 +100,7 @@ def test_unmeasured_timing_is_not_recorded_as_zeros():
 def test_tail_tbt():
     assert tail_tbt([]) == 0.0
     assert tail_tbt([0.1] * 19 + [1.0]) == pytest.approx(0.55)  # 10% of 20 gaps = the 2 longest
+    assert tail_tbt([0.1] * 14 + [1.0]) == pytest.approx(0.55)  # ceil(1.5) = 2 of 15
     assert tail_tbt([0.2, 0.1]) == pytest.approx(0.2)  # at least one gap
     assert tail_tbt([0.1] * 18 + [1.0, 0.5]) == pytest.approx(0.75)
 
