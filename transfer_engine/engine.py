@@ -20,7 +20,17 @@ from .errors import (
     TransportUnavailable,
 )
 from .handle import TransferHandle, completed_handle
-from .memory import LocalRegion, RegionTable, ShmSegment, byte_array, host_id, range_problem, shm_supported
+from .memory import (
+    SHM_PREFIX,
+    LocalRegion,
+    RegionTable,
+    ShmSegment,
+    byte_array,
+    host_id,
+    range_problem,
+    shm_supported,
+    sweep_stale_segments,
+)
 from .records import EngineStats, PeerDescriptor, Region, TransferOp, TransportKind
 from .shm import ShmTransport
 from .stats import Counters
@@ -66,6 +76,8 @@ class TransferEngine:
         self.host, self.port = self._server.host, self._server.port
         self._tcp = TcpTransport(segment, token, self.config)
         self._shm = ShmTransport(segment, self.config) if self._shm_wanted() else None
+        if shm_supported():
+            sweep_stale_segments()
         self._deadlines = DeadlineWatch(segment)
 
     def __repr__(self) -> str:
@@ -97,7 +109,7 @@ class TransferEngine:
         if nbytes <= 0:
             raise RegistrationError(f"cannot allocate {nbytes} bytes")
         if shm_supported():
-            seg = ShmSegment.create(f"hm-te-{_safe(self.segment)}", nbytes)
+            seg = ShmSegment.create(f"{SHM_PREFIX}-{_safe(self.segment)}", nbytes)
             local = self._regions.add(seg.array, False, seg, shm=seg)
         else:
             array = np.zeros(nbytes, dtype=np.uint8)

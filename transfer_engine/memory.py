@@ -61,6 +61,31 @@ def byte_array(obj: object) -> tuple[np.ndarray, bool]:
     return arr, view.readonly
 
 
+SHM_PREFIX = "hm-te"
+
+
+def sweep_stale_segments() -> list[str]:
+    """Unlink segments whose creating process is gone (it was killed before it could
+    unlink them). Names carry the creator's pid: `hm-te-<segment>-<pid>-<random>`."""
+    if not shm_supported():
+        return []
+    removed = []
+    for name in os.listdir(SHM_DIR):
+        if not name.startswith(SHM_PREFIX + "-"):
+            continue
+        parts = name.rsplit("-", 2)
+        if len(parts) != 3 or not parts[1].isdigit():
+            continue
+        try:
+            os.kill(int(parts[1]), 0)
+        except ProcessLookupError:
+            unlink_segment(name)
+            removed.append(name)
+        except PermissionError:
+            pass  # alive, owned by another user
+    return removed
+
+
 class ShmSegment:
     """A POSIX shared-memory segment mapped into this process.
 
@@ -111,10 +136,15 @@ class ShmSegment:
 
     def unlink(self) -> None:
         """Remove the name (the creator's job); existing mappings stay valid."""
-        try:
-            os.unlink(self._path(self.name))
-        except FileNotFoundError:
-            pass  # already unlinked: unlink is idempotent by design
+        unlink_segment(self.name)
+
+
+def unlink_segment(name: str) -> None:
+    """Remove a segment's name; idempotent."""
+    try:
+        os.unlink(ShmSegment._path(name))
+    except FileNotFoundError:
+        pass  # already unlinked: nothing left to do
 
 
 @dataclass(eq=False)

@@ -67,7 +67,7 @@ class MooncakeTransport(Transport):
 
         self.segment = segment
         self.config = config
-        self._opcodes = {TransferOp.WRITE: TransferOpcode.WRITE, TransferOp.READ: TransferOpcode.READ}
+        self._opcodes = {TransferOp.WRITE: TransferOpcode.Write, TransferOp.READ: TransferOpcode.Read}
         self._engine = MooncakeEngine()
         rc = self._engine.initialize(host, "P2PHANDSHAKE", config.mooncake_protocol, "")
         if rc != 0:

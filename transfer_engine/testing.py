@@ -23,6 +23,7 @@ import numpy as np
 
 from .config import EngineConfig
 from .engine import TransferEngine
+from .memory import unlink_segment
 from .records import EngineStats, PeerDescriptor, Region
 
 KV_BLOCK_BYTES = 30 * 2 * 16 * 3 * 64 * 4  # SmolLM2-135M: layers x (K, V) x tokens x kv heads x head dim x fp32
@@ -124,11 +125,14 @@ class PeerProcess:
         os.kill(self.pid, signal.SIGCONT)
 
     def kill(self) -> None:
-        """SIGKILL the peer (by its pid) and reap it."""
+        """SIGKILL the peer (by its pid), reap it, and unlink the shared memory it left."""
         if self._proc.is_alive():
             os.kill(self.pid, signal.SIGKILL)
         self._proc.join(timeout=10)
         self._conn.close()
+        for info in self.descriptor.regions if self.descriptor else ():
+            if info.shm_name is not None:
+                unlink_segment(info.shm_name)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Close the peer's engine and let it exit; kill it if it does not."""
