@@ -15,6 +15,10 @@ class EngineConfig:
     stripe_min_bytes: int = 32 * MiB  # batches at least this big are striped
     max_frame_bytes: int = 16 * MiB  # payload per TCP frame (cancellation granularity)
     shm_copy_chunk_bytes: int = 64 * MiB  # shm copies check for cancellation this often
+    # batches up to this size are sent (TCP) or copied (shm) by the calling thread when
+    # the connection is idle, saving a thread hand-off; write() then returns once the
+    # bytes are in the kernel (TCP) or copied (shm). 0 turns this off.
+    inline_max_bytes: int = 4 * MiB
     mooncake_protocol: str = "tcp"  # "tcp" here, "rdma" on clusters with RDMA NICs
     mooncake_window_bytes: int = 256 * MiB  # bytes a Mooncake batch keeps submitted at once
 
@@ -28,5 +32,7 @@ class EngineConfig:
         for name in ("stripe_min_bytes", "max_frame_bytes", "shm_copy_chunk_bytes", "mooncake_window_bytes"):
             if getattr(self, name) < 4096:
                 raise ValueError(f"{name} must be at least 4096 bytes, not {getattr(self, name)}")
+        if self.inline_max_bytes < 0:
+            raise ValueError(f"inline_max_bytes must not be negative, not {self.inline_max_bytes}")
         if self.mooncake_protocol not in ("tcp", "rdma"):
             raise ValueError(f"mooncake_protocol must be 'tcp' or 'rdma', not {self.mooncake_protocol!r}")

@@ -265,10 +265,10 @@ class TransferEngine:
             if problem is not None:
                 raise TransferRefused(f"{peer.segment!r} at {peer.address}: {op.value} refused: {problem} "
                                       "(checked against its descriptor; nothing was sent)")
-            timeout_s = self.config.default_timeout_s if timeout is _DEFAULT else timeout
-            if timeout_s is not None:
-                self._deadlines.watch(handle, float(timeout_s))  # type: ignore[arg-type]
             transport.submit(Job(op, peer, pieces, handle))
+            timeout_s = self.config.default_timeout_s if timeout is _DEFAULT else timeout
+            if timeout_s is not None and not handle.done():  # counted from submission
+                self._deadlines.watch(handle, float(timeout_s))  # type: ignore[arg-type]
         except TransferError as exc:
             handle._fail(exc)
         return handle

@@ -33,7 +33,7 @@ class TransferHandle:
         self.submitted_at = time.monotonic()
         self.finished_at: float | None = None
         self._lock = threading.Lock()
-        self._event = threading.Event()
+        self._event: threading.Event | None = None  # made by the first waiter (Events are not free)
         self._state = TransferState.PENDING
         self._error: TransferError | None = None
         self._parts = 1
@@ -67,7 +67,11 @@ class TransferHandle:
         """Block until the batch ends; return if DONE, raise its error otherwise.
 
         Raises WaitTimeout (and leaves the batch running) if `timeout` passes first."""
-        if not self._event.wait(timeout):
+        with self._lock:
+            if not self._state.terminal and self._event is None:
+                self._event = threading.Event()
+            event = None if self._state.terminal else self._event
+        if event is not None and not event.wait(timeout):
             raise WaitTimeout(f"batch #{self.id} to {self.peer} still {self._state.name} after waiting {timeout}s")
         self._raise_if_failed()
 
@@ -137,7 +141,9 @@ class TransferHandle:
             self._error = error
             self.finished_at = time.monotonic()
             callbacks, self._callbacks = self._callbacks, []
-        self._event.set()
+            event = self._event
+        if event is not None:
+            event.set()
         for fn in callbacks:
             self._run_callback(fn)
         return True

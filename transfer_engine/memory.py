@@ -97,6 +97,7 @@ class ShmSegment:
         self.size = size
         self.buffer = buffer
         self.array = np.frombuffer(buffer, dtype=np.uint8, count=size)
+        self.view = memoryview(self.array)
         self.owner = owner
 
     @staticmethod

@@ -41,7 +41,10 @@ class TransferState(enum.IntEnum):
 
     @property
     def terminal(self) -> bool:
-        return self >= TransferState.DONE
+        return self in _TERMINAL
+
+
+_TERMINAL = frozenset({TransferState.DONE, TransferState.FAILED, TransferState.CANCELLED})
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,9 @@ import numpy as np
 
 from .config import EngineConfig
 from .errors import EngineClosed, TransferRefused, TransportUnavailable
-from .memory import ShmSegment, range_problem
+
+SMALL_COPY = 1 << 20  # pieces up to this size are copied through memoryviews
+from .memory import ShmSegment
 from .records import TransferOp, TransportKind
 from .transport import Job, Peer, Transport
 
@@ -52,6 +54,9 @@ class ShmTransport(Transport):
         return seg
 
     def submit(self, job: Job) -> None:
+        if job.handle.nbytes <= self.config.inline_max_bytes:
+            self._execute(job)  # small: copy right here, no hand-off
+            return
         with self._cond:
             if self._closed:
                 raise EngineClosed(f"engine {self.segment!r} is closed")
@@ -79,35 +84,38 @@ class ShmTransport(Transport):
                 if self._closed:
                     return
                 job = self._jobs.popleft()
-            try:
-                self._copy(job)
-            except (TransportUnavailable, TransferRefused) as exc:
-                job.handle._fail(exc)
+            self._execute(job)
+
+    def _execute(self, job: Job) -> None:
+        try:
+            self._copy(job)
+        except (TransportUnavailable, TransferRefused) as exc:
+            job.handle._fail(exc)
 
     def _copy(self, job: Job) -> None:
+        """Copy a batch the engine has checked against the peer's descriptor."""
         handle, peer = job.handle, job.peer
-        writing = job.op is TransferOp.WRITE
-        targets = []
-        for piece in job.pieces:  # check everything before touching anything
-            info = peer.descriptor.region(piece.remote_id)
-            if info is None:
-                raise TransferRefused(f"{peer.segment!r}: unknown region {piece.remote_id}")
-            problem = range_problem(info.size, info.id, piece.remote_offset, piece.length,
-                                    writing=writing, readonly=info.readonly)
-            if problem:
-                raise TransferRefused(f"{peer.segment!r}: {'write' if writing else 'read'} refused: {problem}")
-            targets.append(self.attach(peer, piece.remote_id).array)
+        targets = [self.attach(peer, piece.remote_id) for piece in job.pieces]
         if not handle._start():
             return  # cancelled or timed out while queued
+        writing = job.op is TransferOp.WRITE
         chunk = self.config.shm_copy_chunk_bytes
         for piece, remote in zip(job.pieces, targets):
+            if piece.length <= SMALL_COPY:  # memoryview copies cost less to set up
+                local_view = piece.local.view[piece.local_offset:piece.local_offset + piece.length]
+                far_view = remote.view[piece.remote_offset:piece.remote_offset + piece.length]
+                if writing:
+                    far_view[:] = local_view
+                else:
+                    local_view[:] = far_view
+                continue
             for start in range(0, piece.length, chunk):
                 if handle.done():
                     return  # cancelled or timed out: stop between chunks
                 n = min(chunk, piece.length - start)
                 local = piece.local.array[piece.local_offset + start:piece.local_offset + start + n]
-                far = remote[piece.remote_offset + start:piece.remote_offset + start + n]
-                if writing:
+                far = remote.array[piece.remote_offset + start:piece.remote_offset + start + n]
+                if writing:  # numpy releases the GIL for copies this big
                     np.copyto(far, local)
                 else:
                     np.copyto(local, far)

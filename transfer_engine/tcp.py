@@ -119,6 +119,7 @@ class _Channel:
         self._load = 0  # payload bytes queued or in flight
         self._error: TransferError | None = None
         self._next_id = 1
+        self._send_lock = threading.Lock()  # whoever holds it writes frames to the socket
         self._threads = 1
         self._exited = 0
         name = f"{link.transport.segment}->{link.peer.segment}"
@@ -142,6 +143,37 @@ class _Channel:
             self._load += sum(f.nbytes for f in frames)
             self._cond.notify()
         return None
+
+    def send_inline(self, frames: list[_Frame]) -> bool:
+        """Send the frames from the calling thread if the connection is idle; False
+        (nothing done) when it is busy, not connected yet, or dead."""
+        sock = self._sock
+        if sock is None or self._queue or self._error is not None or not self._send_lock.acquire(blocking=False):
+            return False
+        try:
+            for frame in frames:
+                if not self._post(frame):
+                    if self._error is not None:
+                        frame.handle._fail(self._error)
+                    break
+                self._send(sock, frame)
+        except (OSError, wire.ConnectionClosed) as exc:
+            self.abort(self._lost(exc))
+        finally:
+            self._send_lock.release()
+        return True
+
+    def _post(self, frame: _Frame) -> bool:
+        """Number the frame and expect its reply (the send lock is held); False to skip
+        it: its batch has ended (cancelled, timed out) or the connection is dead."""
+        with self._cond:
+            if self._error is not None or not frame.handle._start():
+                return False
+            frame.frame_id = self._next_id
+            self._next_id += 1
+            self._inflight.append(frame)
+            self._load += frame.nbytes
+            return True
 
     def carries(self, handle: TransferHandle) -> bool:
         with self._cond:
@@ -189,13 +221,10 @@ class _Channel:
                     if self._error is not None:
                         return
                     frame = self._queue.popleft()
-                    if not frame.handle._start():
-                        self._load -= frame.nbytes
-                        continue  # its batch ended (cancelled, timed out): skip the frame
-                    frame.frame_id = self._next_id
-                    self._next_id += 1
-                    self._inflight.append(frame)
-                self._send(sock, frame)
+                    self._load -= frame.nbytes
+                with self._send_lock:
+                    if self._post(frame):
+                        self._send(sock, frame)
         except PeerUnreachable as exc:
             self.abort(PeerUnreachable(f"cannot open a connection to {self._link.peer.segment!r}: {exc}"))
         except TransferError as exc:
@@ -333,6 +362,8 @@ class TcpTransport(Transport):
         frames = plan_frames(job.op, job.handle, job.pieces, frame_bytes)
         job.handle._set_parts(len(frames))
         job.handle.add_done_callback(lambda h: self._ended(h, channels))
+        if len(channels) == 1 and total <= self.config.inline_max_bytes and channels[0].send_inline(frames):
+            return
         for i, channel in enumerate(channels):
             error = channel.enqueue(frames[i::len(channels)])
             if error is not None:

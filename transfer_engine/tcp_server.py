@@ -89,14 +89,14 @@ class TcpServer:
         wire.send_all(conn, [wire.pack_header(FrameKind.SERVER_HELLO, body_len=len(nonce) + 1), nonce + flag])
         header, body = wire.recv_frame(conn)
         if header.kind is not FrameKind.CLIENT_HELLO or len(body) < wire.MAC_BYTES:
-            self._counters.add(requests_refused=1)
+            self._counters.add("requests_refused")
             self._refuse_hello(conn, Status.UNAUTHENTICATED,
                                f"segment {self.segment!r} refused a {header.kind.name} frame from a connection "
                                "that has not authenticated")
             return None
         mac, segment = body[:wire.MAC_BYTES], body[wire.MAC_BYTES:].decode(errors="replace")
         if not wire.mac_ok(self._token, nonce, segment, mac):
-            self._counters.add(requests_refused=1)
+            self._counters.add("requests_refused")
             self._refuse_hello(conn, Status.UNAUTHENTICATED,
                                f"segment {self.segment!r} refused {segment!r}: wrong or missing token")
             return None
@@ -151,12 +151,12 @@ class _Session:
             if self._scratch is None:
                 self._scratch = memoryview(bytearray(DRAIN_CHUNK))
             wire.discard(self._conn, header.payload_len, self._scratch)
-            self._counters.add(requests_refused=1)
+            self._counters.add("requests_refused")
             self._reply(FrameKind.ACK, header.frame_id, Status.REFUSED, f"write refused: {problem}")
             return
         views = [r.view[e.offset:e.offset + e.length] for r, e in zip(regions, entries)]
         wire.recv_into_all(self._conn, views)
-        self._counters.add(bytes_received=total)
+        self._counters.add("bytes_received", total)
         self._reply(FrameKind.ACK, header.frame_id, Status.OK, "")
 
     def _read(self, header: wire.Header, entries: list[wire.WireEntry]) -> None:
@@ -164,13 +164,13 @@ class _Session:
             raise ProtocolError(f"read frame carries {header.payload_len} payload bytes; reads carry none")
         regions, problem = self._check(entries, writing=False)
         if problem is not None:
-            self._counters.add(requests_refused=1)
+            self._counters.add("requests_refused")
             self._reply(FrameKind.READ_DATA, header.frame_id, Status.REFUSED, f"read refused: {problem}")
             return
         total = sum(e.length for e in entries)
         views = [r.view[e.offset:e.offset + e.length] for r, e in zip(regions, entries)]
         wire.send_all(self._conn, [wire.pack_header(FrameKind.READ_DATA, header.frame_id, payload_len=total), *views])
-        self._counters.add(bytes_served=total)
+        self._counters.add("bytes_served", total)
 
     def _reply(self, kind: FrameKind, frame_id: int, status: Status, reason: str) -> None:
         msg = reason.encode()
