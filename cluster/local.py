@@ -1,0 +1,101 @@
+"""A whole cluster on this machine: a conductor and prefill/decode nodes as separate
+processes on loopback (spawned, never forked). Used by `halfmoon serve` and the tests."""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import time
+from dataclasses import dataclass, field, replace
+
+import grpc
+
+from cluster.node_main import NodeSpec, run_node
+from conductor.server import ConductorSpec, run_conductor
+
+
+@dataclass
+class LocalCluster:
+    conductor: ConductorSpec
+    nodes: list[NodeSpec]
+    procs: dict[str, mp.Process] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, num_prefill: int = 1, num_decode: int = 1, *, conductor: ConductorSpec | None = None,
+              node: NodeSpec | None = None) -> "LocalCluster":
+        c = conductor or ConductorSpec()
+        base = node or NodeSpec(role="prefill", node_id="", conductor="")
+        base = replace(base, conductor=f"{c.host}:{c.grpc_port}", model=c.model, block_size=c.block_size,
+                       max_model_len=c.max_model_len)
+        nodes = [replace(base, role="prefill", node_id=f"prefill-{i}") for i in range(num_prefill)]
+        nodes += [replace(base, role="decode", node_id=f"decode-{i}") for i in range(num_decode)]
+        return cls(c, nodes)
+
+    @property
+    def address(self) -> str:
+        return f"{self.conductor.host}:{self.conductor.grpc_port}"
+
+    def start(self, timeout_s: float = 180.0) -> "LocalCluster":
+        ctx = mp.get_context("spawn")
+        p = ctx.Process(target=run_conductor, args=(self.conductor,), name="conductor", daemon=True)
+        p.start()
+        self.procs["conductor"] = p
+        for spec in self.nodes:
+            self.start_node(spec)
+        try:
+            self.wait_ready(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def start_node(self, spec: NodeSpec) -> None:
+        p = mp.get_context("spawn").Process(target=run_node, args=(spec,), name=spec.node_id, daemon=True)
+        p.start()
+        self.procs[spec.node_id] = p
+
+    def wait_ready(self, timeout_s: float, node_ids: list[str] | None = None) -> None:
+        """Until every node (or `node_ids`) is registered and up at the conductor."""
+        from proto.halfmoon.v1 import admin_pb2, admin_pb2_grpc
+
+        want = set(node_ids or [n.node_id for n in self.nodes])
+        deadline = time.monotonic() + timeout_s
+        with grpc.insecure_channel(self.address) as ch:
+            stub = admin_pb2_grpc.AdminStub(ch)
+            while True:
+                for name, p in self.procs.items():
+                    if not p.is_alive() and (name == "conductor" or name in want):
+                        raise RuntimeError(f"{name} exited with code {p.exitcode} during start-up")
+                try:
+                    st = stub.Status(admin_pb2.StatusRequest(), timeout=2)
+                    if want <= {n.node_id for n in st.nodes if n.state == "up"}:
+                        return
+                except grpc.RpcError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"cluster not ready after {timeout_s:.0f}s (waiting for {sorted(want)})")
+                time.sleep(0.3)
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        p = self.procs[name]
+        if p.pid is not None and p.is_alive():
+            os.kill(p.pid, sig)
+        p.join(10)
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """SIGTERM every process we started (by PID), then SIGKILL what is left."""
+        for p in self.procs.values():
+            if p.is_alive() and p.pid is not None:
+                os.kill(p.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for p in self.procs.values():
+            p.join(max(0.1, deadline - time.monotonic()))
+            if p.is_alive() and p.pid is not None:
+                os.kill(p.pid, signal.SIGKILL)
+                p.join(5)
+
+    def __enter__(self) -> "LocalCluster":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,145 @@
+"""One prefill or decode node process: engine + worker thread + transfer engine + gRPC
+control service + /metrics, registered with the conductor and heartbeating to it."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+
+import grpc
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeSpec:
+    role: str  # "prefill" | "decode"
+    node_id: str
+    conductor: str  # host:port of the conductor's gRPC server
+    model: str = "smollm2-135m-instruct"
+    host: str = "127.0.0.1"
+    block_size: int = 16
+    num_blocks: int = 1024
+    max_num_batched_tokens: int = 512
+    max_num_seqs: int = 32
+    max_model_len: int = 2048
+    transport: str = "auto"
+    transfer_token: str | None = None
+    transfer_timeout_s: float = 30.0
+    num_threads: int | None = None
+    metrics_port: int = 0
+
+
+def run_node(spec: NodeSpec) -> None:
+    """Process entry point (also the body of the node's Ray actor)."""
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {spec.node_id} %(levelname)s %(message)s")
+    asyncio.run(serve_node(spec))
+
+
+async def serve_node(spec: NodeSpec, stop: asyncio.Event | None = None) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from cluster.metrics import MetricsServer, NodeMetrics
+    from decode_node.service import DecodeService
+    from engine.config import EngineConfig
+    from engine.engine import LLMEngine
+    from engine.kv_cache import kv_shape
+    from engine.loader import load_model
+    from engine.worker import EngineWorker
+    from prefill_node.service import PrefillService
+    from proto.halfmoon.v1 import node_pb2, node_pb2_grpc
+    from transfer_engine import TransferEngine
+
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (RuntimeError, ValueError):  # not the main thread (e.g. inside a test)
+            pass
+    cfg = EngineConfig(block_size=spec.block_size, num_blocks=spec.num_blocks,
+                       max_num_batched_tokens=spec.max_num_batched_tokens, max_num_seqs=spec.max_num_seqs,
+                       max_model_len=spec.max_model_len, num_threads=spec.num_threads)
+    transfer = TransferEngine(spec.node_id, host=spec.host, token=spec.transfer_token, transport=spec.transport)
+    registry = CollectorRegistry()
+    metrics = NodeMetrics(registry, spec.node_id, spec.role)
+    metrics_server = MetricsServer(registry, spec.host, spec.metrics_port)
+    server = grpc.aio.server()
+    if spec.role == "decode":
+        shape = kv_shape(load_model(spec.model, progress=False).config, spec.num_blocks, spec.block_size)
+        region, kv = transfer.allocate_tensor(shape)
+        engine = LLMEngine(spec.model, cfg, kv_tensor=kv)
+        worker = EngineWorker(engine, name=f"{spec.node_id}-engine")
+        service = DecodeService(worker, spec.node_id, region.id, transfer.descriptor().to_bytes(), metrics=metrics)
+        node_pb2_grpc.add_DecodeNodeServicer_to_server(service, server)
+        role = node_pb2.ROLE_DECODE
+    elif spec.role == "prefill":
+        engine = LLMEngine(spec.model, cfg)
+        region = transfer.register(engine.kv.tensor)
+        worker = EngineWorker(engine, name=f"{spec.node_id}-engine")
+        service = PrefillService(worker, transfer, region.id, transfer_timeout_s=spec.transfer_timeout_s,
+                                 metrics=metrics)
+        node_pb2_grpc.add_PrefillNodeServicer_to_server(service, server)
+        role = node_pb2.ROLE_PREFILL
+    else:
+        raise ValueError(f"role must be 'prefill' or 'decode', got {spec.role!r}")
+    port = server.add_insecure_port(f"{spec.host}:0")
+    await server.start()
+    address = f"{spec.host}:{port}"
+    mc = engine.model_config
+    layout = node_pb2.KVLayout(block_size=spec.block_size, block_bytes=engine.kv.block_bytes,
+                               total_blocks=spec.num_blocks,
+                               model=f"{mc.num_layers}x{mc.hidden_size}/{mc.num_kv_heads}x{mc.head_dim}/{mc.vocab_size}")
+    register = node_pb2.RegisterRequest(node_id=spec.node_id, role=role, address=address, layout=layout,
+                                        transfer_descriptor=transfer.descriptor().to_bytes(),
+                                        metrics_address=metrics_server.address)
+    log.info("%s node %s serving on %s (metrics %s)", spec.role, spec.node_id, address, metrics_server.address)
+    channel = grpc.aio.insecure_channel(spec.conductor)
+    control = node_pb2_grpc.ConductorControlStub(channel)
+    seen = (0, 0)
+    try:
+        interval = await _register(control, register, stop)
+        while not stop.is_set():
+            st = engine.stats()
+            metrics.set_load(running=st.num_running, waiting=st.num_waiting,
+                             kv_blocks_used=st.num_blocks_total - st.num_blocks_free, kv_blocks_free=st.num_blocks_free)
+            metrics.observe_prefix_lookup(st.prefix_queries_tokens - seen[0], st.prefix_hits_tokens - seen[1])
+            seen = (st.prefix_queries_tokens, st.prefix_hits_tokens)
+            load = node_pb2.NodeLoad(
+                waiting=st.num_waiting, running=st.num_running,
+                queued_prefill_tokens=getattr(service, "queued_prefill_tokens", 0),
+                free_blocks=st.num_blocks_free,
+                tokens_in_flight=sum(r.num_tokens for r in list(engine.scheduler.running)),
+                prefix_queries_tokens=st.prefix_queries_tokens, prefix_hits_tokens=st.prefix_hits_tokens,
+                kv_event_seq=getattr(getattr(service, "events", None), "seq", 0))
+            try:
+                resp = await control.Heartbeat(node_pb2.HeartbeatRequest(node_id=spec.node_id, load=load), timeout=5)
+                if not resp.known:
+                    interval = await _register(control, register, stop)
+            except grpc.aio.AioRpcError as e:
+                log.warning("heartbeat to %s failed: %s", spec.conductor, e.code().name)
+            try:
+                await asyncio.wait_for(stop.wait(), interval)
+            except asyncio.TimeoutError:
+                pass
+    finally:
+        await server.stop(grace=1.0)
+        await channel.close()
+        worker.stop()
+        transfer.close()
+        metrics_server.close()
+
+
+async def _register(control, register, stop: asyncio.Event) -> float:
+    """Register with the conductor, retrying until it answers (it may start after us)."""
+    delay = 0.1
+    while not stop.is_set():
+        try:
+            resp = await control.Register(register, timeout=5)
+            return resp.heartbeat_interval_s or 1.0
+        except grpc.aio.AioRpcError as e:
+            log.info("conductor not reachable yet (%s); retrying", e.code().name)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+    return 1.0

@@ -1,0 +1,117 @@
+"""The conductor's gRPC services: Generation (clients), Admin (operators) and
+ConductorControl (nodes). Errors map to status codes as `frontend_api` lays out."""
+from __future__ import annotations
+
+import logging
+import time
+
+import grpc
+
+from conductor.errors import InvalidSetting
+from conductor.frontend_api import (Backend, ChatMessage, Finished, GenerateRequest, Rejected, RequestFailed,
+                                    Unavailable)
+from conductor.registry import NodeRegistry
+from conductor.settings import ConductorSettings
+from engine.errors import InvalidRequestError
+from proto.convert import sampling_from_proto, unknown_field_numbers
+from proto.halfmoon.v1 import (admin_pb2, admin_pb2_grpc, common_pb2, generate_pb2, generate_pb2_grpc, node_pb2,
+                               node_pb2_grpc)
+
+log = logging.getLogger("halfmoon.conductor.grpc")
+
+
+def request_from_proto(msg: generate_pb2.GenerateRequest) -> GenerateRequest:
+    unknown = unknown_field_numbers(msg)
+    if unknown:
+        raise InvalidRequestError(unknown[0], f"unknown field(s) {', '.join(unknown)}: this server speaks halfmoon.v1")
+    params = sampling_from_proto(msg.sampling, validate=False)
+    kind = msg.WhichOneof("input")
+    if kind is None:
+        raise InvalidRequestError("prompt", "give one of prompt, chat, prompt_token_ids")
+    return GenerateRequest(
+        request_id=msg.request_id,
+        sampling=params,
+        prompt=msg.prompt if kind == "prompt" else None,
+        messages=tuple(ChatMessage(m.role, m.content) for m in msg.chat.messages) if kind == "chat" else None,
+        prompt_token_ids=tuple(msg.prompt_token_ids.ids) if kind == "prompt_token_ids" else None,
+    )
+
+
+class GenerationService(generate_pb2_grpc.GenerationServicer):
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+
+    async def Generate(self, request, context: grpc.aio.ServicerContext):
+        try:
+            req = request_from_proto(request)
+            async for item in self.backend.generate(req):
+                if isinstance(item, Finished):
+                    t = item.timing
+                    yield generate_pb2.GenerateResponse(final=generate_pb2.Final(
+                        request_id=req.request_id, finish_reason=item.finish_reason,
+                        usage=common_pb2.Usage(prompt_tokens=item.usage.prompt_tokens,
+                                               completion_tokens=item.usage.completion_tokens,
+                                               cached_tokens=item.usage.cached_tokens),
+                        timing=common_pb2.Timing(queue_s=t.queue_s, prefill_s=t.prefill_s,
+                                                 kv_transfer_s=t.kv_transfer_s, first_decode_s=t.first_decode_s,
+                                                 ttft_s=t.ttft_s)))
+                else:
+                    yield generate_pb2.GenerateResponse(delta=common_pb2.TokenDelta(
+                        text=item.text, token_ids=list(item.token_ids)))
+        except InvalidRequestError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except Rejected as e:
+            context.set_trailing_metadata((("retry-after-s", f"{e.retry_after_s:.3f}"),))
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"rejected: {e.reason}")
+        except Unavailable as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        except RequestFailed as e:
+            await context.abort(grpc.StatusCode.ABORTED, str(e))
+
+
+class AdminService(admin_pb2_grpc.AdminServicer):
+    def __init__(self, settings: ConductorSettings, registry: NodeRegistry, model_name: str) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.model_name = model_name
+
+    def _settings(self) -> list[admin_pb2.Setting]:
+        return [admin_pb2.Setting(name=i.name, value=str(i.value), description=i.help)
+                for i in self.settings.describe()]
+
+    async def Status(self, request, context):
+        now = time.monotonic()
+        nodes = []
+        for rec in self.registry.nodes.values():
+            ld = rec.load
+            nodes.append(admin_pb2.NodeStatus(
+                node_id=rec.node_id, role=rec.role, address=rec.address, state="up" if rec.up else "down",
+                running=ld.running, waiting=ld.waiting, kv_blocks_used=rec.layout.total_blocks - ld.free_blocks,
+                kv_blocks_total=rec.layout.total_blocks, prefix_queries_tokens=ld.prefix_queries_tokens,
+                prefix_hits_tokens=ld.prefix_hits_tokens, last_heartbeat_age_s=now - rec.last_seen))
+        return admin_pb2.StatusResponse(nodes=nodes, settings=self._settings(), model=self.model_name)
+
+    async def GetSettings(self, request, context):
+        return admin_pb2.GetSettingsResponse(settings=self._settings())
+
+    async def SetSettings(self, request, context):
+        try:
+            changes = self.settings.update(dict(request.values), actor=request.actor or "admin")
+        except InvalidSetting as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        return admin_pb2.SetSettingsResponse(settings=self._settings(), changed=[c.name for c in changes])
+
+
+class ControlService(node_pb2_grpc.ConductorControlServicer):
+    def __init__(self, registry: NodeRegistry) -> None:
+        self.registry = registry
+
+    async def Register(self, request, context):
+        try:
+            await self.registry.register(request)
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        return node_pb2.RegisterResponse(heartbeat_interval_s=self.registry.heartbeat_interval_s)
+
+    async def Heartbeat(self, request, context):
+        return node_pb2.HeartbeatResponse(known=self.registry.heartbeat(request))

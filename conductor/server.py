@@ -1,0 +1,119 @@
+"""The conductor process: gRPC (Generation, Admin, ConductorControl, health, reflection),
+the OpenAI-compatible HTTP frontend with /metrics, and the live scheduler."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+log = logging.getLogger("halfmoon.conductor")
+
+
+@dataclass(frozen=True, slots=True)
+class ConductorSpec:
+    host: str = "127.0.0.1"
+    grpc_port: int = 50051
+    http_port: int | None = 8000  # None: no HTTP frontend
+    model: str = "smollm2-135m-instruct"
+    block_size: int = 16
+    max_model_len: int = 2048
+    settings: dict = field(default_factory=dict)  # SettingsValues fields (policy, admission, SLOs, ...)
+    cost_model: str | None = None  # a `halfmoon profile` file; None: the CPU default
+    heartbeat_interval_s: float = 1.0
+    heartbeat_timeout_s: float = 5.0
+    on_transfer_failure: str = "recompute"
+    kv_lease_s: float = 60.0
+    request_timeout_s: float = 600.0
+
+
+def run_conductor(spec: ConductorSpec) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s conductor %(levelname)s %(message)s")
+    asyncio.run(serve_conductor(spec))
+
+
+async def serve_conductor(spec: ConductorSpec, stop: asyncio.Event | None = None,
+                          started: asyncio.Future | None = None) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from cluster.metrics import ConductorMetrics
+    from conductor.cost_model import CostModel
+    from conductor.grpc_api import AdminService, ControlService, GenerationService
+    from conductor.live import LiveConductor, LiveConfig, cpu_default_costs
+    from conductor.registry import NodeRegistry
+    from conductor.scheduler import Scheduler
+    from conductor.settings import ConductorSettings, SettingsValues
+    from engine.loader import resolve_model_dir
+    from engine.tokenizer import Tokenizer
+    from proto.halfmoon.v1 import admin_pb2, admin_pb2_grpc, generate_pb2, generate_pb2_grpc, node_pb2_grpc
+
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (RuntimeError, ValueError):
+            pass
+    metrics_registry = CollectorRegistry()
+    metrics = ConductorMetrics(metrics_registry)
+    settings = ConductorSettings(SettingsValues(**spec.settings))
+
+    def publish_settings(_change=None) -> None:
+        v = settings.values
+        metrics.set_settings(policy=v.policy.value, admission=v.admission.value, ttft_slo_s=v.ttft_slo_s,
+                             tbt_slo_s=v.tbt_slo_s)
+
+    publish_settings()
+    settings.add_listener(publish_settings)
+    costs = CostModel.load(spec.cost_model) if spec.cost_model else cpu_default_costs()
+    registry = NodeRegistry(spec.block_size, spec.heartbeat_interval_s, spec.heartbeat_timeout_s,
+                            on_change=lambda rec, up: metrics.set_node_up(rec.node_id, rec.role, up))
+    tokenizer = Tokenizer(resolve_model_dir(spec.model))
+    backend = LiveConductor(
+        LiveConfig(spec.model, spec.max_model_len, spec.block_size, spec.on_transfer_failure, spec.kv_lease_s,
+                   spec.request_timeout_s),
+        tokenizer, Scheduler(settings, costs), registry, metrics)
+
+    server = grpc.aio.server()
+    generate_pb2_grpc.add_GenerationServicer_to_server(GenerationService(backend), server)
+    admin_pb2_grpc.add_AdminServicer_to_server(AdminService(settings, registry, spec.model), server)
+    node_pb2_grpc.add_ConductorControlServicer_to_server(ControlService(registry), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = [generate_pb2.DESCRIPTOR.services_by_name["Generation"].full_name,
+             admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
+             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
+    reflection.enable_server_reflection(names, server)
+    port = server.add_insecure_port(f"{spec.host}:{spec.grpc_port}")
+    if port == 0:
+        raise OSError(f"cannot listen on {spec.host}:{spec.grpc_port}")
+    await server.start()
+    registry.start()
+    for name in ("", names[0]):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    http = None
+    http_task = None
+    if spec.http_port is not None:
+        from conductor.http_frontend import build_app
+        from conductor.http_server import HttpServer
+
+        http = HttpServer(build_app(backend, metrics_registry), spec.host, spec.http_port)
+        http_task = asyncio.create_task(http.serve())
+    log.info("conductor gRPC on %s:%d%s", spec.host, port,
+             f", HTTP on {spec.host}:{spec.http_port}" if spec.http_port is not None else "")
+    if started is not None and not started.done():
+        started.set_result(port)
+    try:
+        await stop.wait()
+    finally:
+        await health_servicer.enter_graceful_shutdown()
+        if http is not None:
+            await http.shutdown()
+            if http_task:
+                http_task.cancel()
+        await server.stop(grace=1.0)
+        await registry.close()

@@ -1,0 +1,142 @@
+"""The decode node's control service.
+
+Lifecycle of one request:
+
+1. `Reserve` allocates blocks for the prompt's KV (plus the first decode token) and returns
+   them as a `KVTarget` in this node's registered KV region. The reservation has a lease:
+   if `Decode` does not claim it in time, the blocks are freed.
+2. The prefill node writes the KV straight into those blocks (transfer engine).
+3. `Decode` claims the reservation, joins the request to the running batch with the first
+   token the prefill node sampled, and streams tokens until it finishes. With
+   `recompute=True` (the KV never arrived) the node computes the prompt itself instead.
+
+Cancelling the `Decode` call aborts the request and frees its blocks.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+
+from engine.engine import LLMEngine, RequestOutput
+from engine.errors import InvalidRequestError, OutOfBlocksError
+from engine.worker import EngineWorker
+from proto.convert import sampling_from_proto
+from proto.halfmoon.v1 import common_pb2, node_pb2, node_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+class DecodeService(node_pb2_grpc.DecodeNodeServicer):
+    def __init__(self, worker: EngineWorker, node_id: str, region_id: int, descriptor: bytes, *, metrics=None) -> None:
+        self.worker = worker
+        self.node_id = node_id
+        self.region_id = region_id
+        self.descriptor = descriptor
+        self.metrics = metrics
+        self.block_bytes = worker.engine.kv.block_bytes
+        self._reserved: dict[str, tuple[list[int], asyncio.TimerHandle]] = {}
+        self.recomputed = 0
+        self.expired_leases = 0
+
+    async def _engine(self, fn):
+        return await asyncio.wrap_future(self.worker.call(fn))
+
+    @property
+    def num_reserved_blocks(self) -> int:
+        return sum(len(b) for b, _ in self._reserved.values())
+
+    async def Reserve(self, request: node_pb2.ReserveRequest, context):
+        rid = request.request_id
+        if rid in self._reserved:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request_id {rid!r} already holds a reservation")
+        if request.num_tokens <= 0:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "num_tokens must be > 0")
+        try:
+            blocks = await self._engine(lambda e: e.reserve(request.num_tokens))
+        except OutOfBlocksError as e:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"decode node {self.node_id}: {e}")
+        lease = asyncio.get_running_loop().call_later(max(request.lease_s, 0.1), self._expire, rid)
+        self._reserved[rid] = (blocks, lease)
+        return node_pb2.ReserveResponse(target=node_pb2.KVTarget(
+            node_id=self.node_id, transfer_descriptor=self.descriptor, region_id=self.region_id,
+            block_ids=blocks, block_bytes=self.block_bytes))
+
+    def _expire(self, rid: str) -> None:
+        entry = self._reserved.pop(rid, None)
+        if entry is not None:
+            log.warning("reservation of %s expired: freeing %d blocks", rid, len(entry[0]))
+            self.expired_leases += 1
+            if self.metrics:
+                self.metrics.observe_lease_expired(len(entry[0]))
+            self.worker.call(lambda e: e.unreserve(entry[0]))
+
+    def _take(self, rid: str) -> list[int] | None:
+        entry = self._reserved.pop(rid, None)
+        if entry is None:
+            return None
+        entry[1].cancel()
+        return entry[0]
+
+    async def Release(self, request: node_pb2.ReleaseRequest, context):
+        blocks = self._take(request.request_id)
+        if blocks is not None:
+            await self._engine(lambda e: e.unreserve(blocks))
+        return node_pb2.ReleaseResponse(found=blocks is not None)
+
+    async def Decode(self, request: node_pb2.DecodeRequest, context):
+        rid = request.request_id
+        try:
+            params = sampling_from_proto(request.sampling)
+        except InvalidRequestError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        blocks = self._take(rid)
+        prompt = list(request.prompt_token_ids)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+
+        def sink(out: RequestOutput) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, out)
+
+        def start(eng: LLMEngine) -> None:
+            if request.recompute:
+                if blocks is not None:
+                    eng.unreserve(blocks)
+                self.worker.set_sink(rid, sink)
+                eng.add_request(rid, params, prompt_token_ids=prompt)
+                return
+            self.worker.set_sink(rid, sink)
+            for out in eng.add_prefilled(rid, params, prompt, request.first_token, blocks, request.num_cached_tokens):
+                sink(out)
+                if out.finished:
+                    self.worker.set_sink(rid, None)
+
+        if blocks is None and not request.recompute:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"no reservation for {rid!r} on {self.node_id} (lease expired or released)")
+        try:
+            await self._engine(start)
+        except InvalidRequestError as e:
+            self.worker.set_sink(rid, None)
+            if blocks is not None and not request.recompute:
+                await self._engine(lambda eng: eng.unreserve(blocks))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        if request.recompute:
+            self.recomputed += 1
+            if self.metrics:
+                self.metrics.observe_recomputed_prefill()
+        finished = False
+        try:
+            while not finished:
+                out = await queue.get()
+                finished = out.finished
+                yield node_pb2.DecodeOutput(
+                    delta=common_pb2.TokenDelta(text=out.text_delta, token_ids=list(out.new_token_ids)),
+                    finished=out.finished,
+                    finish_reason=out.finish_reason.value if out.finish_reason else ("abort" if finished else ""),
+                    completion_tokens=out.num_output_tokens)
+        finally:
+            if not finished:  # cancelled: abort without awaiting
+                self.worker.set_sink(rid, None)
+                self.worker.call(lambda e: e.abort(rid))

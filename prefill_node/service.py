@@ -1,0 +1,208 @@
+"""The prefill node's control service.
+
+Lifecycle of one request (named after where it waits):
+
+1. `Prefill` arrives with the decode node's reserved blocks (a `KVTarget`). The request
+   joins the engine with `max_tokens=1` and `hold_blocks=True`: its cached prefix blocks
+   are reused and the rest is computed in chunks.
+2. After every engine step, each block that became full is written into the matching
+   destination block by the transfer engine at once, so the network works while the next
+   chunk computes. When the first token is sampled the last (partial) block follows.
+3. When every write is acknowledged the blocks are released (full ones stay in the prefix
+   cache) and the call answers with the first token and the timing.
+
+Cancellation (the conductor's call is cancelled) or a failed write aborts the request and
+frees its blocks; a failed write answers ABORTED naming the decode node.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field, replace
+
+import grpc
+
+from engine.engine import LLMEngine, RequestOutput
+from engine.errors import InvalidRequestError
+from engine.worker import EngineWorker
+from prefill_node.kv_events import KVEventLog
+from proto.convert import sampling_from_proto
+from proto.halfmoon.v1 import node_pb2, node_pb2_grpc
+from transfer_engine import PeerDescriptor, Region, TransferEngine, TransferError, TransferHandle
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class _Job:
+    request_id: str
+    prompt_len: int
+    remote_region: int
+    remote_blocks: list[int]
+    peer: object
+    loop: asyncio.AbstractEventLoop
+    done: asyncio.Future
+    arrived_at: float = field(default_factory=time.monotonic)
+    started_at: float | None = None
+    computed_at: float | None = None
+    sent_blocks: int = 0
+    bytes_sent: int = 0
+    first_token: int | None = None
+    cached_tokens: int = 0
+    handles: list[TransferHandle] = field(default_factory=list)
+
+
+class PrefillService(node_pb2_grpc.PrefillNodeServicer):
+    def __init__(self, worker: EngineWorker, transfer: TransferEngine, kv_region: Region, *,
+                 transfer_timeout_s: float = 30.0, metrics=None) -> None:
+        self.worker = worker
+        self.transfer = transfer
+        self.kv_region = kv_region
+        self.transfer_timeout_s = transfer_timeout_s
+        self.metrics = metrics
+        eng = worker.engine
+        self.block_size = eng.config.block_size
+        self.block_bytes = eng.kv.block_bytes
+        self.events = KVEventLog()
+        eng.add_kv_listener(self.events.on_event)
+        self._jobs: dict[str, _Job] = {}
+        self._peers: dict[bytes, object] = {}
+        self.queued_prefill_tokens = 0
+        worker.add_hook(self._after_step)
+
+    # --- engine thread -----------------------------------------------------------------
+    def _after_step(self, engine: LLMEngine, outputs: list[RequestOutput]) -> None:
+        self.queued_prefill_tokens = sum(r.num_uncomputed for r in engine.scheduler.waiting) + sum(
+            r.num_uncomputed for r in engine.scheduler.running)
+        for job in list(self._jobs.values()):
+            req = engine.get_request(job.request_id)
+            if req is None or job.first_token is not None:
+                continue
+            if job.started_at is None and req.num_computed_tokens > 0:
+                job.started_at = self.worker.step_started_at
+                job.cached_tokens = req.num_cached_tokens
+            if req.finished:
+                full = len(job.remote_blocks)
+            else:
+                full = min(req.num_computed_tokens // self.block_size, len(job.remote_blocks))
+            if full > job.sent_blocks:
+                self._ship(job, req.block_ids, job.sent_blocks, full)
+            if req.finished:
+                job.first_token = req.output_token_ids[0]
+                job.computed_at = time.monotonic()
+                job.loop.call_soon_threadsafe(lambda j=job: asyncio.ensure_future(self._complete(j)))
+
+    def _ship(self, job: _Job, local_blocks: list[int], start: int, end: int) -> None:
+        bb = self.block_bytes
+        entries: list[list[int]] = []
+        for lb, rb in zip(local_blocks[start:end], job.remote_blocks[start:end]):
+            last = entries[-1] if entries else None
+            if last and last[1] + last[4] == lb * bb and last[3] + last[4] == rb * bb:
+                last[4] += bb  # adjacent on both sides: one longer write
+            else:
+                entries.append([self.kv_region, lb * bb, job.remote_region, rb * bb, bb])
+        try:
+            job.handles.append(self.transfer.write(job.peer, [tuple(e) for e in entries],
+                                                   timeout=self.transfer_timeout_s))
+        except TransferError as e:  # e.g. the peer connection is already gone
+            job.loop.call_soon_threadsafe(lambda: job.done.done() or job.done.set_exception(e))
+            return
+        job.sent_blocks = end
+        job.bytes_sent += sum(e[4] for e in entries)
+
+    # --- event loop ----------------------------------------------------------------------
+    async def _complete(self, job: _Job) -> None:
+        try:
+            for h in job.handles:
+                await h
+        except TransferError as e:
+            if not job.done.done():
+                job.done.set_exception(e)
+            return
+        except asyncio.CancelledError:
+            return
+        if not job.done.done():
+            job.done.set_result(time.monotonic())
+
+    async def _peer(self, desc_bytes: bytes):
+        peer = self._peers.get(desc_bytes)
+        if peer is None:
+            desc = PeerDescriptor.from_bytes(desc_bytes)
+            peer = await asyncio.get_running_loop().run_in_executor(None, self.transfer.connect, desc)
+            self._peers[desc_bytes] = peer
+        return peer
+
+    async def _engine(self, fn):
+        return await asyncio.wrap_future(self.worker.call(fn))
+
+    async def Prefill(self, request: node_pb2.PrefillRequest, context: grpc.aio.ServicerContext):
+        rid = request.request_id
+        prompt = list(request.prompt_token_ids)
+        try:
+            params = sampling_from_proto(request.sampling)
+        except InvalidRequestError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        t = request.target
+        need = -(-len(prompt) // self.block_size)
+        if len(t.block_ids) < need:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"target.block_ids: {len(t.block_ids)} blocks for {len(prompt)} tokens, need {need}")
+        if t.block_bytes != self.block_bytes:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"target.block_bytes {t.block_bytes} != this node's {self.block_bytes}: "
+                                "nodes must run the same model and block size")
+        try:
+            peer = await self._peer(t.transfer_descriptor)
+        except TransferError as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"cannot reach decode node {t.node_id}: {e}")
+        loop = asyncio.get_running_loop()
+        job = _Job(rid, len(prompt), t.region_id, list(t.block_ids[:need]), peer, loop, loop.create_future())
+        # one sampled token, no stop rules: the decode node applies the request's own
+        pparams = replace(params, max_tokens=1, stop=(), stop_token_ids=(), ignore_eos=True)
+
+        def add(eng: LLMEngine) -> None:
+            eng.add_request(rid, pparams, prompt_token_ids=prompt, hold_blocks=True)
+            self._jobs[rid] = job
+
+        try:
+            await self._engine(add)
+        except InvalidRequestError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        ok = False
+        try:
+            acked_at = await job.done
+            ok = True
+        except TransferError as e:
+            if self.metrics:
+                self.metrics.observe_kv_transfer_failed()
+            await context.abort(grpc.StatusCode.ABORTED, f"KV transfer to decode node {t.node_id} failed: {e}")
+        finally:
+            self._jobs.pop(rid, None)
+            if ok:
+                await self._engine(lambda e: e.release(rid))
+            else:  # cancelled or failed: do not await (a cancelled task must not block here)
+                for h in job.handles:
+                    h.cancel()
+                self.worker.call(lambda e: e.abort(rid))
+        computed_at = job.computed_at or acked_at
+        started = job.started_at or job.arrived_at
+        if self.metrics:
+            self.metrics.observe_kv_transfer(job.bytes_sent, acked_at - started)
+        return node_pb2.PrefillResponse(
+            first_token=job.first_token, num_cached_tokens=job.cached_tokens,
+            queue_s=max(0.0, started - job.arrived_at), prefill_s=max(0.0, computed_at - started),
+            kv_transfer_s=max(0.0, acked_at - computed_at), kv_bytes=job.bytes_sent)
+
+    async def Abort(self, request: node_pb2.AbortRequest, context):
+        found = await self._engine(lambda e: e.abort(request.request_id))
+        return node_pb2.AbortResponse(found=found)
+
+    async def KVEvents(self, request: node_pb2.KVEventsRequest, context):
+        loop = asyncio.get_running_loop()
+        sub = await self._engine(lambda e: self.events.subscribe(e, loop))
+        try:
+            while True:
+                yield await sub.queue.get()
+        finally:
+            self.events.unsubscribe(sub)
