@@ -181,6 +181,7 @@ class SimDecode:
     step_duration: float = 0.0
     step_ends: list = field(default_factory=list)
     step_durations: list = field(default_factory=list)
+    step_batches: list = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -288,8 +289,8 @@ class Simulation:
             return
         choice = decision.prefill
         assert choice is not None
-        if decision.decode is not None:
-            self._assign_decode(st, decision.decode.node, t + choice.ttft_s)
+        assert decision.decode is not None
+        self._assign_decode(st, decision.decode.node, t + choice.ttft_s)
         node = self.prefill[self._prefill_by_id[choice.node]]
         st.prefill_node = self._prefill_by_id[choice.node]
         st.enqueued_s = t
@@ -345,14 +346,21 @@ class Simulation:
             self._start_prefill(node, t)
         else:
             node.view.busy_until_s = t
+        paired = self.decode[st.decode_node].view
+        paired.incoming -= 1
+        paired.incoming_tokens -= st.req.input_tokens
         decision = self.scheduler.decide_after_prefill(self.view, st.info, t, st.decision)  # type: ignore[arg-type]
         st.decision = decision
         if decision.rejection is not None:
+            paired.residents.pop(st.info.request_id, None)
             self._reject(st, t, decision.rejection, after_prefill=True)
             return
         assert decision.decode is not None
-        if st.decode_node < 0:
-            self._assign_decode(st, decision.decode.node, t + self.costs.network_s(st.req.input_tokens))
+        if decision.decode.node != paired.node_id:  # the paired node went away
+            paired.residents.pop(st.info.request_id, None)
+            self._assign_decode(st, decision.decode.node, t)
+            self.decode[st.decode_node].view.incoming -= 1
+            self.decode[st.decode_node].view.incoming_tokens -= st.req.input_tokens
         self._reserve_or_wait(self.decode[st.decode_node], st, t)
 
     def _cache_prompt(self, node: SimPrefill, hashes: tuple[int, ...]) -> None:
@@ -380,9 +388,13 @@ class Simulation:
 
     # -- decode --------------------------------------------------------------------------------
     def _assign_decode(self, st: RequestState, node_id: NodeId, ready_at_s: float) -> None:
+        """Pair `st` with a decode node: it counts there as incoming until its prefill ends."""
         st.decode_node = self._decode_by_id[node_id]
         rid = st.info.request_id
-        self.decode[st.decode_node].view.residents[rid] = DecodeResident(rid, st.req.input_tokens, ready_at_s)
+        view = self.decode[st.decode_node].view
+        view.residents[rid] = DecodeResident(rid, st.req.input_tokens, ready_at_s)
+        view.incoming += 1
+        view.incoming_tokens += st.req.input_tokens
 
     def _reserve_or_wait(self, dec: SimDecode, st: RequestState, t: float) -> None:
         need = st.req.input_tokens + st.req.output_tokens
@@ -443,6 +455,7 @@ class Simulation:
     def _step_end(self, dec: SimDecode, t: float) -> None:
         dec.step_ends.append(t)
         dec.step_durations.append(dec.step_duration)
+        dec.step_batches.append(dec.step_batch)
         count = dec.step_count = dec.step_count + 1
         dec.tokens += dec.step_batch
         finishing = dec.finishing

@@ -1,51 +1,64 @@
 """Admission: whether a routed request may run, judged on predicted load against the SLOs.
 
-| mode         | on arrival                                   | after prefill             |
-|--------------|----------------------------------------------|---------------------------|
-| `none`       | admit                                        | —                         |
-| `per_stage`  | prefill load only                            | decode load (work is lost) |
-| `early`      | max(prefill load, decode load now)           | —                         |
-| `predictive` | max(prefill load, decode load projected to   | —                         |
-|              | the moment this request's prefill finishes)  |                           |
+| mode         | decode node chosen on | judged on arrival                    | judged after prefill      |
+|--------------|-----------------------|--------------------------------------|---------------------------|
+| `none`       | committed load        | —                                    | —                         |
+| `per_stage`  | current load          | prefill load                         | decode load now (the      |
+|              |                       |                                      | prefill's work is lost)   |
+| `early`      | current load          | max(prefill load, decode load now)   | —                         |
+| `predictive` | projected load        | max(prefill load, decode load at the | —                         |
+|              |                       | moment this prefill will finish)     |                           |
 
 Prefill load = predicted TTFT / TTFT SLO; decode load = max(predicted TBT / TBT SLO, KV
-memory use). A load above its threshold (settings) rejects, with the numbers in the reason.
-Once admitted under `early` or `predictive`, a request is never rejected later: a busy
-decode node makes it wait for room instead.
+memory use); "current" counts the decode node's running and waiting requests, "committed"
+also those assigned to it still in prefill, "projected" the residents still decoding at
+the moment this request's KV would arrive (Mooncake's prediction-based early rejection).
+A load above its threshold (settings) rejects, with the numbers in the reason. Under
+`per_stage` each stage judges only its own load, on the node the request was paired with;
+under `early` and `predictive` an admitted request is never rejected later: a full decode
+node makes it wait for room instead.
 """
 from __future__ import annotations
 
-from conductor.decision import DecodeChoice, PrefillChoice, RejectReason, Rejection, Stage
+from conductor.decision import DecodeChoice, LoadBasis, PrefillChoice, RejectReason, Rejection, Stage
 from conductor.modes import AdmissionMode
 from conductor.settings import SettingsValues
 
+_DECODE_BASIS = {
+    AdmissionMode.NONE: LoadBasis.COMMITTED,
+    AdmissionMode.PER_STAGE: LoadBasis.CURRENT,
+    AdmissionMode.EARLY: LoadBasis.CURRENT,
+    AdmissionMode.PREDICTIVE: LoadBasis.PROJECTED,
+}
 
-def picks_decode_after_prefill(mode: AdmissionMode) -> bool:
-    """`per_stage` picks (and judges) the decode node only once the prefill is done."""
-    return mode is AdmissionMode.PER_STAGE
 
-
-def projects_decode_load(mode: AdmissionMode) -> bool:
-    return mode is AdmissionMode.PREDICTIVE
+def decode_basis(mode: AdmissionMode) -> LoadBasis:
+    """The decode load a mode looks at: it chooses the decode node on that load too."""
+    return _DECODE_BASIS[mode]
 
 
 def check_arrival(
-    settings: SettingsValues, prefill: PrefillChoice, decode: DecodeChoice | None
+    settings: SettingsValues, prefill: PrefillChoice, decode: DecodeChoice
 ) -> Rejection | None:
     mode = settings.admission
     if mode is AdmissionMode.NONE:
         return None
     rejection = _check_prefill(settings, prefill)
-    if rejection is not None or mode is AdmissionMode.PER_STAGE or decode is None:
+    if rejection is not None or mode is AdmissionMode.PER_STAGE:
         return rejection
     reason = RejectReason.DECODE_OVERLOADED_PROJECTED if decode.projected else RejectReason.DECODE_OVERLOADED
     return _check_decode(settings, decode, reason, Stage.ARRIVAL)
 
 
-def check_after_prefill(settings: SettingsValues, decode: DecodeChoice) -> Rejection | None:
-    if settings.admission is not AdmissionMode.PER_STAGE:
+def judges_after_prefill(mode: AdmissionMode) -> bool:
+    return mode is AdmissionMode.PER_STAGE
+
+
+def check_after_prefill(settings: SettingsValues, decode_now: DecodeChoice) -> Rejection | None:
+    """`per_stage`'s second verdict, on the paired decode node's current load."""
+    if not judges_after_prefill(settings.admission):
         return None
-    return _check_decode(settings, decode, RejectReason.DECODE_OVERLOADED, Stage.AFTER_PREFILL)
+    return _check_decode(settings, decode_now, RejectReason.DECODE_OVERLOADED, Stage.AFTER_PREFILL)
 
 
 def _check_prefill(settings: SettingsValues, prefill: PrefillChoice) -> Rejection | None:
@@ -60,7 +73,7 @@ def _check_prefill(settings: SettingsValues, prefill: PrefillChoice) -> Rejectio
             f"predicted TTFT {ttft:.3g} s on {prefill.node} (queue {prefill.queue_s:.3g} s) exceeds "
             f"{settings.prefill_reject_threshold:g} x TTFT SLO {settings.ttft_slo_s:g} s"
         ),
-        retry_after_s=min(60.0, max(1.0, prefill.queue_s - (limit - prefill.service_s))),
+        retry_after_s=min(60.0, max(1.0, ttft - limit)),
     )
 
 

@@ -16,6 +16,14 @@ class RejectReason(StrEnum):
     NO_DECODE_NODE = "no_decode_node"
 
 
+class LoadBasis(StrEnum):
+    """Which requests count towards a decode node's load."""
+
+    CURRENT = "current"  # the running batch and those waiting for room: the node as it is
+    COMMITTED = "committed"  # ... plus those assigned to it whose prefill is not done
+    PROJECTED = "projected"  # residents still decoding at a future moment (`at_s`)
+
+
 class Stage(StrEnum):
     ARRIVAL = "arrival"  # before any work was spent
     AFTER_PREFILL = "after_prefill"  # the prefill ran and its work is lost
@@ -64,15 +72,19 @@ class DecodeChoice:
     """The chosen decode node and its predicted load once this request joins.
 
     `predicted_tbt_s` is the step time with this request in the batch; `kv_use` the share
-    of the node's KV memory then reserved. `at_s` is the moment the load was projected to
-    (the decision time unless `projected`).
+    of the node's KV memory then reserved; `basis` which requests were counted, as of `at_s`
+    (the decision time unless projected).
     """
 
     node: NodeId
     predicted_tbt_s: float
     kv_use: float
     at_s: float
-    projected: bool
+    basis: LoadBasis
+
+    @property
+    def projected(self) -> bool:
+        return self.basis is LoadBasis.PROJECTED
 
     def load(self, tbt_slo_s: float) -> float:
         tbt_load = self.predicted_tbt_s / tbt_slo_s
@@ -83,9 +95,8 @@ class DecodeChoice:
 class Decision:
     """The scheduler's verdict on one request at one stage.
 
-    Admitted: `prefill` is set, and `decode` too unless the decode node is picked after the
-    prefill (admission `per_stage`). Rejected: `rejection` says why; the choices made before
-    the verdict are kept for logging.
+    Admitted: `prefill` and `decode` are set. Rejected: `rejection` says why; the choices
+    made before the verdict are kept for logging.
     """
 
     request_id: str

@@ -16,19 +16,22 @@ only `kv_centric` moves KV between prefill nodes.
 | `longest_prefix`    | longest cached prefix, whatever the queues (ties: least queued work)  |
 
 Decode choice: the node with the lowest predicted load (TBT against its SLO, or KV memory
-use) once this request joins — now, or projected to when its prefill ends (predictive
-admission); `random` and `round_robin` pick the decode node their own way. Ties go to
-the first node in view order (for queue-only comparisons: the node idle longest), so
-every decision is deterministic for a given seed.
+use) once this request joins, counting what the admission mode looks at (`LoadBasis`):
+the node as it is now, plus the requests assigned to it still in prefill, or projected to
+when this prefill ends; `random` and `round_robin` pick the decode node their own way. Ties on
+predicted time go to the node busy until the earliest moment (among idle nodes: the one
+idle longest), then to the first in view order, so every decision is deterministic for
+a given seed.
 """
 from __future__ import annotations
 
+import heapq
 import random as _random
 from abc import ABC, abstractmethod
 from typing import ClassVar
 
 from conductor.cost_model import CostModel
-from conductor.decision import DecodeChoice, PrefillChoice
+from conductor.decision import DecodeChoice, LoadBasis, PrefillChoice
 from conductor.modes import PolicyName
 from conductor.request import NodeId, RequestInfo
 from conductor.settings import SettingsValues
@@ -43,22 +46,26 @@ def decode_estimate(
     node: DecodeNodeView,
     request: RequestInfo,
     at_s: float,
-    projected: bool,
+    basis: LoadBasis,
     settings: SettingsValues,
     costs: CostModel,
 ) -> DecodeChoice:
     """Predicted step time and KV use of `node` once `request` joins it.
 
-    Current: the running batch plus requests waiting for room. Projected to `at_s`: every
-    resident whose (predicted) start is before `at_s` and that, lasting a typical decode
-    (its expected output × today's step time), is still decoding then.
+    PROJECTED to `at_s`: every resident whose (predicted) start is before `at_s` and that,
+    lasting a typical decode (its expected output × today's step time), is still decoding
+    then — Mooncake's prediction-based early rejection.
     """
     n = request.input_tokens
     out = request.expected_output_tokens or settings.typical_output_tokens
-    if not projected:
+    if basis is not LoadBasis.PROJECTED:
         batch = node.running + node.waiting + 1
         tokens = node.tokens_in_flight + node.waiting_tokens + n
         reserved = node.reserved_tokens + node.waiting_tokens + n + out
+        if basis is LoadBasis.COMMITTED:
+            batch += node.incoming
+            tokens += node.incoming_tokens
+            reserved += node.incoming_tokens + node.incoming * out
     else:
         step = costs.decode_step_s(node.running if node.running > 0 else 1, node.tokens_in_flight)
         typical = settings.typical_output_tokens
@@ -79,8 +86,38 @@ def decode_estimate(
         predicted_tbt_s=costs.decode_step_s(batch, tokens),
         kv_use=reserved / node.kv_capacity_tokens if node.kv_capacity_tokens > 0 else float("inf"),
         at_s=at_s,
-        projected=projected,
+        basis=basis,
     )
+
+
+def _loads(
+    nodes: list[DecodeNodeView], request: RequestInfo, settings: SettingsValues, costs: CostModel, committed: bool
+) -> list[tuple[float, int, DecodeNodeView]]:
+    """(load, position, node) for every healthy decode node: `decode_estimate(...).load()`
+    on the CURRENT or COMMITTED basis, inlined because it runs for every node on every
+    decision."""
+    n = request.input_tokens
+    out = request.expected_output_tokens or settings.typical_output_tokens
+    m = costs.decode
+    s_1, s_b, s_t = m.s_1, m.s_b, m.s_t
+    inv_slo = 1.0 / settings.tbt_slo_s
+    loads = []
+    for i, d in enumerate(nodes):
+        if not d.healthy:
+            continue
+        batch = d.running + d.waiting + 1
+        tokens = d.tokens_in_flight + d.waiting_tokens + n
+        reserved = d.reserved_tokens + d.waiting_tokens + n + out
+        if committed:
+            batch += d.incoming
+            tokens += d.incoming_tokens
+            reserved += d.incoming_tokens + d.incoming * out
+        tbt = s_1 + s_b * batch + s_t * tokens
+        tbt_load = (tbt if tbt > 0.0 else 0.0) * inv_slo
+        cap = d.kv_capacity_tokens
+        kv = reserved / cap if cap > 0 else float("inf")
+        loads.append((tbt_load if tbt_load > kv else kv, i, d))
+    return loads
 
 
 class Policy(ABC):
@@ -100,23 +137,30 @@ class Policy(ABC):
         request: RequestInfo,
         at_s: float,
         settings: SettingsValues,
-        projected: bool = False,
+        basis: LoadBasis = LoadBasis.COMMITTED,
     ) -> DecodeChoice | None:
-        """The decode node with the lowest predicted load; None when none is healthy."""
-        healthy = [d for d in view.decode if d.healthy]
-        if not healthy:
-            return None
-        slo = settings.tbt_slo_s
+        """The decode node with the lowest predicted load on `basis`; None when none is healthy.
+
+        PROJECTED ranks the `PROJECTION_CANDIDATES` nodes with the lowest committed load by
+        their load projected to `at_s`.
+        """
         costs = self.costs
-        candidates = healthy
-        if projected and len(healthy) > PROJECTION_CANDIDATES:
-            current = [(decode_estimate(d, request, at_s, False, settings, costs).load(slo), i) for i, d in enumerate(healthy)]
-            current.sort()
-            candidates = [healthy[i] for i in sorted(i for _, i in current[:PROJECTION_CANDIDATES])]
+        committed = basis is not LoadBasis.CURRENT
+        loads = _loads(view.decode, request, settings, costs, committed)
+        if not loads:
+            return None
+        if basis is not LoadBasis.PROJECTED:
+            _, _, node = min(loads, key=lambda entry: entry[:2])
+            return decode_estimate(node, request, at_s, basis, settings, costs)
+        candidates = loads
+        if len(loads) > PROJECTION_CANDIDATES:
+            candidates = heapq.nsmallest(PROJECTION_CANDIDATES, loads, key=lambda entry: entry[:2])
+            candidates.sort(key=lambda entry: entry[1])  # back to view order for ties
+        slo = settings.tbt_slo_s
         best: DecodeChoice | None = None
         best_load = float("inf")
-        for node in candidates:
-            choice = decode_estimate(node, request, at_s, projected, settings, costs)
+        for _, _, node in candidates:
+            choice = decode_estimate(node, request, at_s, LoadBasis.PROJECTED, settings, costs)
             load = choice.load(slo)
             if best is None or load < best_load:
                 best, best_load = choice, load
@@ -177,12 +221,12 @@ class RandomPolicy(Policy):
         node = healthy[self._rng.randrange(len(healthy))]
         return self._estimate(view, request, node, now_s, self._match(view, request).get(node.node_id, 0))
 
-    def choose_decode(self, view, request, at_s, settings, projected=False):
+    def choose_decode(self, view, request, at_s, settings, basis=LoadBasis.COMMITTED):
         healthy = [d for d in view.decode if d.healthy]
         if not healthy:
             return None
         node = healthy[self._rng.randrange(len(healthy))]
-        return decode_estimate(node, request, at_s, projected, settings, self.costs)
+        return decode_estimate(node, request, at_s, basis, settings, self.costs)
 
 
 class RoundRobinPolicy(Policy):
@@ -201,13 +245,13 @@ class RoundRobinPolicy(Policy):
         self._next_prefill += 1
         return self._estimate(view, request, node, now_s, self._match(view, request).get(node.node_id, 0))
 
-    def choose_decode(self, view, request, at_s, settings, projected=False):
+    def choose_decode(self, view, request, at_s, settings, basis=LoadBasis.COMMITTED):
         healthy = [d for d in view.decode if d.healthy]
         if not healthy:
             return None
         node = healthy[self._next_decode % len(healthy)]
         self._next_decode += 1
-        return decode_estimate(node, request, at_s, projected, settings, self.costs)
+        return decode_estimate(node, request, at_s, basis, settings, self.costs)
 
 
 class LeastLoadedPolicy(Policy):
@@ -224,31 +268,43 @@ class LeastLoadedPolicy(Policy):
         return self._estimate(view, request, best, now_s, self._match(view, request).get(best.node_id, 0))
 
 
+def _least_busy_by_depth(
+    view: ClusterView, match: dict
+) -> dict[int, tuple[float, int, PrefillNodeView]]:
+    """Depth of cached prefix -> (busy_until_s, position, node) of the least busy healthy
+    node with that depth. Nodes with equal depth cost the same to prefill on, so only the
+    least busy of each depth can win: the per-node loop stays this small."""
+    groups: dict[int, tuple[float, int, PrefillNodeView]] = {}
+    get = match.get
+    for i, node in enumerate(view.prefill):
+        if not node.healthy:
+            continue
+        depth = get(node.node_id, 0)
+        busy = node.busy_until_s
+        best = groups.get(depth)
+        if best is None or busy < best[0]:
+            groups[depth] = (busy, i, node)
+    return groups
+
+
 class CacheAwareLocalPolicy(Policy):
     """Min over nodes of queue + local load + prefill of what that node does not cache."""
 
     name = PolicyName.CACHE_AWARE_LOCAL
 
     def choose_prefill(self, view, request, now_s):
-        match = self._match(view, request)
-        n, bt, costs = request.input_tokens, view.block_tokens, self.costs
-        cost_at: dict[int, float] = {}
-        best: PrefillNodeView | None = None
-        best_t, best_depth = 0.0, 0
-        for node in view.prefill:
-            if not node.healthy:
-                continue
-            depth = match.get(node.node_id, 0)
-            c = cost_at.get(depth)
-            if c is None:
-                p = _reusable(depth, bt, n)
-                c = cost_at[depth] = costs.local_load_s(p) + costs.prefill_s(n, p)
-            t = node.queue_s(now_s) + c
-            if best is None or t < best_t:
-                best, best_t, best_depth = node, t, depth
-        if best is None:
+        groups = _least_busy_by_depth(view, self._match(view, request))
+        if not groups:
             return None
-        return self._estimate(view, request, best, now_s, best_depth)
+        n, bt, costs = request.input_tokens, view.block_tokens, self.costs
+        best_key, best_node, best_depth = None, None, 0
+        for depth, (busy, i, node) in groups.items():
+            p = _reusable(depth, bt, n)
+            queue = busy - now_s if busy > now_s else 0.0
+            key = (queue + costs.local_load_s(p) + costs.prefill_s(n, p), busy, i)
+            if best_key is None or key < best_key:
+                best_key, best_node, best_depth = key, node, depth
+        return self._estimate(view, request, best_node, now_s, best_depth)
 
 
 class KvCentricPolicy(Policy):
@@ -259,45 +315,32 @@ class KvCentricPolicy(Policy):
 
     def choose_prefill(self, view, request, now_s):
         match = self._match(view, request)
+        groups = _least_busy_by_depth(view, match)
+        if not groups:
+            return None
         n, bt, costs = request.input_tokens, view.block_tokens, self.costs
-        # The longest prefix on any healthy prefill node (first in view order on ties).
-        top_depth, top_node = 0, None
-        if match:
-            for node in view.prefill:
-                if node.healthy:
-                    d = match.get(node.node_id, 0)
-                    if d > top_depth:
-                        top_depth, top_node = d, node.node_id
+        top_depth = max(groups)
+        top_node = None
+        if top_depth > 0:  # the source: first healthy node in view order with the longest prefix
+            top_node = next(p.node_id for p in view.prefill if p.healthy and match.get(p.node_id, 0) == top_depth)
         top_tokens = _reusable(top_depth, bt, n)
         top_prefill = costs.prefill_s(n, top_tokens)
-        local_at: dict[int, float] = {}
-        pull_at: dict[int, float] = {}
-        best: PrefillNodeView | None = None
-        best_t, best_depth, best_pull = 0.0, 0, False
-        for node in view.prefill:
-            if not node.healthy:
-                continue
-            depth = match.get(node.node_id, 0)
-            c = local_at.get(depth)
-            if c is None:
-                p = _reusable(depth, bt, n)
-                c = local_at[depth] = costs.local_load_s(p) + costs.prefill_s(n, p)
+        best_key, best_node, best_depth, best_pull = None, None, 0, False
+        for depth, (busy, i, node) in groups.items():
+            p = _reusable(depth, bt, n)
+            cost = costs.local_load_s(p) + costs.prefill_s(n, p)
             pull = False
             if depth < top_depth:
-                cp = pull_at.get(depth)
-                if cp is None:
-                    p = _reusable(depth, bt, n)
-                    cp = pull_at[depth] = costs.local_load_s(p) + costs.network_s(top_tokens - p) + top_prefill
-                if cp < c:
-                    c, pull = cp, True
-            t = node.queue_s(now_s) + c
-            if best is None or t < best_t:
-                best, best_t, best_depth, best_pull = node, t, depth, pull
-        if best is None:
-            return None
+                pull_cost = costs.local_load_s(p) + costs.network_s(top_tokens - p) + top_prefill
+                if pull_cost < cost:
+                    cost, pull = pull_cost, True
+            queue = busy - now_s if busy > now_s else 0.0
+            key = (queue + cost, busy, i)
+            if best_key is None or key < best_key:
+                best_key, best_node, best_depth, best_pull = key, node, depth, pull
         if best_pull:
-            return self._estimate(view, request, best, now_s, best_depth, top_node, top_depth - best_depth)
-        return self._estimate(view, request, best, now_s, best_depth)
+            return self._estimate(view, request, best_node, now_s, best_depth, top_node, top_depth - best_depth)
+        return self._estimate(view, request, best_node, now_s, best_depth)
 
 
 class LongestPrefixPolicy(Policy):

@@ -5,9 +5,10 @@ mutates the view (the caller records the dispatch, e.g. `PrefillNodeView.busy_un
 The live conductor and the simulator call it the same way:
 
     decision = scheduler.decide(view, request, now_s)          # on arrival
-    ... prefill runs on decision.prefill.node ...
+    ... unless decision.rejection: prefill on decision.prefill.node, paired with
+        decision.decode.node (record both in the view) ...
     decision = scheduler.decide_after_prefill(view, request, now_s, decision)
-    ... KV goes to decision.decode.node, unless decision.rejection (per_stage) ...
+    ... unless decision.rejection (per_stage only): KV goes to decision.decode.node ...
 
 The policy and mode are looked up in the settings on every call, so a runtime change takes
 effect on the next request.
@@ -18,9 +19,9 @@ from dataclasses import replace
 
 from conductor import admission
 from conductor.cost_model import CostModel
-from conductor.decision import Decision, RejectReason, Rejection, Stage
+from conductor.decision import Decision, LoadBasis, RejectReason, Rejection, Stage
 from conductor.modes import PolicyName
-from conductor.policies import POLICIES, Policy
+from conductor.policies import POLICIES, Policy, decode_estimate
 from conductor.request import RequestInfo
 from conductor.settings import ConductorSettings
 from conductor.view import ClusterView
@@ -50,7 +51,7 @@ class Scheduler:
         return policy
 
     def decide(self, view: ClusterView, request: RequestInfo, now_s: float) -> Decision:
-        """Route and admit `request` on arrival."""
+        """Route and admit `request` on arrival: a (prefill, decode) pair, or a rejection."""
         s = self.settings.values
         policy = self.policy(s.policy)
         prefill = policy.choose_prefill(view, request, now_s)
@@ -59,29 +60,35 @@ class Scheduler:
                 request.request_id, s.policy, s.admission, now_s, None, None,
                 Rejection(RejectReason.NO_PREFILL_NODE, Stage.ARRIVAL, "no healthy prefill node", 5.0),
             )
-        decode = None
-        if not admission.picks_decode_after_prefill(s.admission):
-            projected = admission.projects_decode_load(s.admission)
-            at_s = now_s + prefill.ttft_s if projected else now_s
-            decode = policy.choose_decode(view, request, at_s, s, projected)
-            if decode is None:
-                return Decision(
-                    request.request_id, s.policy, s.admission, now_s, prefill, None,
-                    Rejection(RejectReason.NO_DECODE_NODE, Stage.ARRIVAL, "no healthy decode node", 5.0),
-                )
+        basis = admission.decode_basis(s.admission)
+        at_s = now_s + prefill.ttft_s if basis is LoadBasis.PROJECTED else now_s
+        decode = policy.choose_decode(view, request, at_s, s, basis)
+        if decode is None:
+            return Decision(
+                request.request_id, s.policy, s.admission, now_s, prefill, None,
+                Rejection(RejectReason.NO_DECODE_NODE, Stage.ARRIVAL, "no healthy decode node", 5.0),
+            )
         rejection = admission.check_arrival(s, prefill, decode)
         return Decision(request.request_id, s.policy, s.admission, now_s, prefill, decode, rejection)
 
     def decide_after_prefill(
         self, view: ClusterView, request: RequestInfo, now_s: float, decision: Decision
     ) -> Decision:
-        """Second stage: keep the decode node chosen on arrival, or (per_stage, or none
-        chosen yet) pick one now and judge its current load."""
-        if decision.decode is not None:
-            return decision
+        """Second stage, when the prefill is done. Under `per_stage` the paired decode node
+        judges its own current load (the request is dropped if it is overloaded); in the
+        other modes the arrival decision stands. A paired node that is gone or unhealthy is
+        replaced by the least loaded healthy one (or the request fails: no decode node)."""
         s = self.settings.values
-        decode = self.policy(s.policy).choose_decode(view, request, now_s, s, False)
-        if decode is None:
-            rejection = Rejection(RejectReason.NO_DECODE_NODE, Stage.AFTER_PREFILL, "no healthy decode node", 5.0)
-            return replace(decision, decided_at_s=now_s, rejection=rejection)
+        assert decision.decode is not None, "decide_after_prefill needs an admitted decision"
+        node = next((d for d in view.decode if d.node_id == decision.decode.node), None)
+        per_stage = admission.judges_after_prefill(s.admission)
+        if node is not None and node.healthy and not per_stage:
+            return decision
+        if node is None or not node.healthy:
+            decode = self.policy(s.policy).choose_decode(view, request, now_s, s, LoadBasis.CURRENT)
+            if decode is None:
+                rejection = Rejection(RejectReason.NO_DECODE_NODE, Stage.AFTER_PREFILL, "no healthy decode node", 5.0)
+                return replace(decision, decided_at_s=now_s, rejection=rejection)
+        else:
+            decode = decode_estimate(node, request, now_s, LoadBasis.CURRENT, s, self._costs)
         return replace(decision, decided_at_s=now_s, decode=decode, rejection=admission.check_after_prefill(s, decode))

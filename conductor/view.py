@@ -60,7 +60,9 @@ class DecodeNodeView:
 
     `running` / `tokens_in_flight`: the batch and the KV it holds now (drives step time).
     `reserved_tokens`: KV reserved for the running batch, including room for its outputs.
-    `waiting` / `waiting_tokens`: requests whose KV is ready but that wait for room.
+    `waiting` / `waiting_tokens`: requests whose prefill is done but that wait for room.
+    `incoming` / `incoming_tokens`: requests assigned here whose prefill is not done yet
+    (the conductor counts them itself; a heartbeat cannot know them).
     `residents`: every request assigned here and not finished, for predictive admission.
     """
 
@@ -71,6 +73,8 @@ class DecodeNodeView:
     reserved_tokens: int = 0
     waiting: int = 0
     waiting_tokens: int = 0
+    incoming: int = 0
+    incoming_tokens: int = 0
     healthy: bool = True
     residents: dict[str, DecodeResident] = field(default_factory=dict)
 

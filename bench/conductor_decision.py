@@ -1,0 +1,191 @@
+"""Micro-benchmark: how long one conductor decision (policy + admission) takes.
+
+Builds a synthetic cluster — half prefill, half decode nodes; a global prefix index filled
+with conversation chains (a shared system-prompt block on every prefill node, then chains
+of 8-64 blocks cached on one to three nodes) up to the requested number of indexed
+(node, block) entries; decode nodes with residents — and times `Scheduler.decide` on
+requests that extend cached conversations (multi-turn) or start new ones.
+
+    python -m bench.conductor_decision                       # 64 and 1,024 nodes
+    python -m bench.conductor_decision --nodes 1024 --blocks 1000000 --json out/decision.json
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+from conductor.cost_model import gpu_class_default
+from conductor.modes import AdmissionMode, PolicyName, parse_admission, parse_policy
+from conductor.prefix_index import GlobalPrefixIndex
+from conductor.request import BlockHash, NodeId, RequestInfo
+from conductor.scheduler import Scheduler
+from conductor.settings import ConductorSettings, SettingsValues
+from conductor.view import ClusterView, DecodeNodeView, DecodeResident, PrefillNodeView
+
+BLOCK_TOKENS = 16  # the live cluster's block size
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionTiming:
+    nodes: int
+    prefill_nodes: int
+    decode_nodes: int
+    indexed_blocks: int  # (node, block) entries in the index
+    distinct_blocks: int
+    policy: str
+    admission: str
+    decisions: int
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    max_ms: float
+
+
+@dataclass(slots=True)
+class SyntheticCluster:
+    view: ClusterView
+    conversations: list[tuple[int, ...]]
+    distinct_blocks: int
+    entries: int
+
+
+def build_cluster(nodes: int, blocks: int, *, residents_per_decode: int = 24, seed: int = 0) -> SyntheticCluster:
+    rng = random.Random(seed)
+    n_prefill = max(1, nodes // 2)
+    n_decode = max(1, nodes - n_prefill)
+    prefill = [PrefillNodeView(NodeId(f"p{i}"), busy_until_s=rng.uniform(0, 5.0)) for i in range(n_prefill)]
+    decode = []
+    for i in range(n_decode):
+        view = DecodeNodeView(NodeId(f"d{i}"), kv_capacity_tokens=1_300_000)
+        for j in range(residents_per_decode):
+            prompt = rng.randint(500, 20_000)
+            rid = f"d{i}-r{j}"
+            view.residents[rid] = DecodeResident(rid, prompt, rng.uniform(-20.0, 10.0), running=True)
+            view.running += 1
+            view.tokens_in_flight += prompt
+            view.reserved_tokens += prompt + 400
+        decode.append(view)
+    index = GlobalPrefixIndex()
+    system = BlockHash(rng.getrandbits(64))
+    prefill_ids = [p.node_id for p in prefill]
+    for node in prefill_ids:
+        index.store(node, (system,))
+    entries = len(prefill_ids)
+    conversations: list[tuple[int, ...]] = []
+    while entries < blocks:
+        chain = (system, *(rng.getrandbits(64) for _ in range(rng.randint(8, 64))))
+        holders = rng.sample(prefill_ids, k=min(len(prefill_ids), rng.choice((1, 1, 1, 2, 3))))
+        for node in holders:
+            index.store(node, chain[1:])
+        entries += (len(chain) - 1) * len(holders)
+        conversations.append(chain)
+    return SyntheticCluster(ClusterView(prefill, decode, index, BLOCK_TOKENS), conversations, index.distinct_blocks, index.entries)
+
+
+def make_requests(cluster: SyntheticCluster, count: int, seed: int = 1) -> list[RequestInfo]:
+    rng = random.Random(seed)
+    requests = []
+    for i in range(count):
+        if cluster.conversations and rng.random() < 0.8:  # a later turn of a cached conversation
+            chain = rng.choice(cluster.conversations)
+            chain = chain[: rng.randint(1, len(chain))] + tuple(rng.getrandbits(64) for _ in range(rng.randint(1, 32)))
+        else:
+            chain = (cluster.conversations[0][0],) + tuple(rng.getrandbits(64) for _ in range(rng.randint(1, 96)))
+        requests.append(RequestInfo(f"bench-{i}", len(chain) * BLOCK_TOKENS, chain, None))  # type: ignore[arg-type]
+    return requests
+
+
+def time_decisions(
+    cluster: SyntheticCluster, policy: PolicyName, admission: AdmissionMode, requests: list[RequestInfo]
+) -> DecisionTiming:
+    settings = ConductorSettings(SettingsValues(policy=policy, admission=admission, ttft_slo_s=30.0, tbt_slo_s=0.1))
+    scheduler = Scheduler(settings, gpu_class_default())
+    view = cluster.view
+    for request in requests[:20]:  # warm up
+        scheduler.decide(view, request, 1.0)
+    samples = []
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # a collection pause is not the decision's cost; reported separately by max_ms
+    try:
+        for request in requests:
+            start = time.perf_counter_ns()
+            scheduler.decide(view, request, 1.0)
+            samples.append(time.perf_counter_ns() - start)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    samples.sort()
+
+    def pct(q: float) -> float:
+        return samples[min(len(samples) - 1, int(q * len(samples)))] / 1e6
+
+    return DecisionTiming(
+        nodes=len(view.prefill) + len(view.decode),
+        prefill_nodes=len(view.prefill),
+        decode_nodes=len(view.decode),
+        indexed_blocks=cluster.entries,
+        distinct_blocks=cluster.distinct_blocks,
+        policy=policy.value,
+        admission=admission.value,
+        decisions=len(samples),
+        p50_ms=pct(0.50),
+        p90_ms=pct(0.90),
+        p99_ms=pct(0.99),
+        max_ms=samples[-1] / 1e6,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.conductor_decision", description=__doc__.split("\n\n")[0])
+    p.add_argument("--nodes", type=int, nargs="+", default=[64, 1024], help="cluster sizes (default 64 1024)")
+    p.add_argument("--blocks", type=int, nargs="+", default=[100_000, 1_000_000],
+                   help="indexed (node, block) entries, one per --nodes value (default 100000 1000000)")
+    p.add_argument("--policies", default="kv_centric,cache_aware_local,least_loaded",
+                   help="comma-separated policies (default: kv_centric,cache_aware_local,least_loaded)")
+    p.add_argument("--admissions", default="early,predictive", help="comma-separated admission modes")
+    p.add_argument("--decisions", type=int, default=2000, help="timed decisions per row (default 2000)")
+    p.add_argument("--json", type=Path, help="write the rows here")
+    args = p.parse_args(argv)
+    if len(args.blocks) != len(args.nodes):
+        print("--blocks needs one value per --nodes value", file=sys.stderr)
+        return 2
+    try:
+        policies = [parse_policy(x) for x in args.policies.split(",")]
+        admissions = [parse_admission(x) for x in args.admissions.split(",")]
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    rows: list[DecisionTiming] = []
+    for nodes, blocks in zip(args.nodes, args.blocks):
+        cluster = build_cluster(nodes, blocks)
+        requests = make_requests(cluster, args.decisions)
+        for policy in policies:
+            for admission in admissions:
+                rows.append(time_decisions(cluster, policy, admission, requests))
+        del cluster
+        gc.collect()
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="conductor decision latency (Scheduler.decide: policy + admission)")
+    for col in ("nodes", "P+D", "indexed blocks", "policy", "admission", "decisions", "p50 ms", "p90 ms", "p99 ms", "max ms"):
+        table.add_column(col, justify="left" if col in ("policy", "admission") else "right")
+    for r in rows:
+        table.add_row(str(r.nodes), f"{r.prefill_nodes}+{r.decode_nodes}", f"{r.indexed_blocks:,}", r.policy, r.admission,
+                      str(r.decisions), f"{r.p50_ms:.3f}", f"{r.p90_ms:.3f}", f"{r.p99_ms:.3f}", f"{r.max_ms:.3f}")
+    Console(width=max(Console().width, 140)).print(table)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
