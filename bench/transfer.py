@@ -412,6 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     capacity = max(max(sizes), (kv_blocks + 8) * KV_BLOCK_BYTES)
 
     console = Console()
+    if not console.is_terminal:
+        console = Console(width=150)  # logs and pipes get the whole table
     rows: list[Row] = []
     log_path = (args.json + ".stderr.log") if args.json else os.path.join(tempfile.gettempdir(), "bench-transfer.stderr.log")
     console.print(f"transfer bench: {len(shapes)} shapes x {modes} x {transports}; "

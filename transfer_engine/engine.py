@@ -4,6 +4,7 @@ serves peers, and the transports that carry the batches it issues."""
 from __future__ import annotations
 
 import re
+import socket
 import threading
 from typing import TYPE_CHECKING, Iterable, Sequence
 
@@ -56,7 +57,12 @@ class TransferEngine:
     """
 
     def __init__(self, segment: str, host: str = "127.0.0.1", port: int = 0, token: str | None = None,
-                 transport: TransportKind | str = "auto", config: EngineConfig | None = None) -> None:
+                 transport: TransportKind | str = "auto", config: EngineConfig | None = None,
+                 advertise_host: str | None = None) -> None:
+        """`host`/`port` is where the listener binds (port 0: any free port);
+        `advertise_host` is the address peers are told to use (default: `host`, or this
+        machine's address when `host` is a wildcard). `token`, if set, must be shared by
+        every peer. `transport` picks the data path for the batches this engine issues."""
         self.segment = segment
         self.transport = TransportKind(transport)
         self.config = config or EngineConfig()
@@ -68,12 +74,17 @@ class TransferEngine:
         self._host_id = host_id()
         self._peers: dict[str, Peer] = {}
         self._mooncake: MooncakeTransport | None = None
+        self._server = TcpServer(segment, host, port, token, self._regions, self._describe, self._counters)
+        self.host = advertise_host or (host if host not in ("", "0.0.0.0", "::") else _this_host())
+        self.port = self._server.port
         if self.transport is TransportKind.MOONCAKE:
             from .mooncake import MooncakeTransport
 
-            self._mooncake = MooncakeTransport(segment, host, self.config)
-        self._server = TcpServer(segment, host, port, token, self._regions, self._describe, self._counters)
-        self.host, self.port = self._server.host, self._server.port
+            try:
+                self._mooncake = MooncakeTransport(segment, self.host, self.config)
+            except BaseException:
+                self._server.close()
+                raise
         self._tcp = TcpTransport(segment, token, self.config)
         self._shm = ShmTransport(segment, self.config) if self._shm_wanted() else None
         if shm_supported():
@@ -391,6 +402,13 @@ def _ints(*values: object) -> tuple[int, ...]:
             raise InvalidTransfer(f"offsets and lengths must be integers, not {v!r}")
         out.append(int(v))
     return tuple(out)
+
+
+def _this_host() -> str:
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
 
 
 def _safe(name: str) -> str:

@@ -28,7 +28,7 @@ from .records import TransferOp, TransportKind
 from .transport import Job, Transport
 
 _STATUS_DONE, _STATUS_PENDING, _STATUS_FAILED, _STATUS_TIMEOUT = 1, 0, -1, -2
-_POLL_MIN_S, _POLL_MAX_S = 20e-6, 1e-3
+_POLL_MIN_S, _POLL_MAX_S = 10e-6, 200e-6  # backoff between polls of Mooncake
 
 
 def mooncake_unavailable_reason() -> str | None:
@@ -88,7 +88,8 @@ class MooncakeTransport(Transport):
             raise RegistrationError(f"Mooncake refused to register region {region.id} ({region.size} bytes), code {rc}")
 
     def unregister(self, region: LocalRegion) -> None:
-        self._engine.unregister_memory(region.addr)
+        if self._engine is not None:
+            self._engine.unregister_memory(region.addr)
 
     def submit(self, job: Job) -> None:
         with self._cond:
@@ -109,6 +110,7 @@ class MooncakeTransport(Transport):
             job.handle._fail(EngineClosed(f"engine {self.segment!r} closed with this batch in flight"))
         if self._thread is not threading.current_thread():
             self._thread.join(timeout=10)
+        self._engine = None  # Mooncake shuts its engine down when the last reference goes
 
     # --- worker ---
 
