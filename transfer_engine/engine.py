@@ -30,6 +30,7 @@ from .memory import (
     host_id,
     range_problem,
     shm_supported,
+    shm_visible,
     sweep_stale_segments,
 )
 from .records import EngineStats, PeerDescriptor, Region, TransferOp, TransportKind
@@ -231,10 +232,9 @@ class TransferEngine:
             return f"it runs on another host ({descriptor.host_id} vs {self._host_id})"
         for info in descriptor.regions:
             if info.shm_name is not None:
-                try:
-                    ShmSegment.attach(info.shm_name, info.size)
-                except OSError as exc:
-                    return f"its segment {info.shm_name} is not visible here ({exc})"
+                problem = shm_visible(info.shm_name, info.size)
+                if problem is not None:
+                    return problem
                 break
         return None
 

@@ -64,6 +64,17 @@ def byte_array(obj: object) -> tuple[np.ndarray, bool]:
 SHM_PREFIX = "hm-te"
 
 
+def shm_visible(name: str, size: int) -> str | None:
+    """Why a peer's segment cannot be mapped from here, or None when it can."""
+    try:
+        actual = os.stat(ShmSegment._path(name)).st_size
+    except (OSError, ValueError) as exc:
+        return f"its segment {name} is not visible here ({exc})"
+    if actual < size:
+        return f"its segment {name} has {actual} bytes, {size} announced"
+    return None
+
+
 def sweep_stale_segments() -> list[str]:
     """Unlink segments whose creating process is gone (it was killed before it could
     unlink them). Names carry the creator's pid: `hm-te-<segment>-<pid>-<random>`."""

@@ -193,3 +193,28 @@ def test_tensor_regions_and_stats(make_engine, remote):
     assert stats.bytes_written == region.size + small.size
     assert stats.done_by_transport == {"tcp": 1}
     assert stats.latency_max_s > 0
+
+
+def test_a_peer_on_another_host_gets_tcp_and_forced_shm_is_refused(make_engine, remote):
+    from transfer_engine import TransportUnavailable
+
+    auto = make_engine("elsewhere-auto", transport="auto")
+    auto._host_id = "another-machine/boot/1"  # as if this engine ran on another host
+    assert auto.connect(remote.descriptor).transport.value == "tcp"
+    forced = make_engine("elsewhere-shm", transport="shm")
+    forced._host_id = "another-machine/boot/1"
+    with pytest.raises(TransportUnavailable, match="another host"):
+        forced.connect(remote.descriptor)
+
+
+def test_descriptors_carry_the_advertised_host(make_engine):
+    from transfer_engine import TransferEngine
+
+    with TransferEngine("named", host="127.0.0.1", transport="tcp", advertise_host="localhost") as named:
+        assert named.descriptor().address == f"localhost:{named.port}"
+        region, array = named.allocate_buffer(4096)
+        visitor = make_engine("visitor", transport="tcp")
+        peer = visitor.connect(PeerDescriptor.from_bytes(named.descriptor().to_bytes()))
+        src = visitor.register(bytearray(b"x" * 4096))
+        visitor.write(peer, [(src, 0, region, 0, 4096)]).wait(5)
+        assert array.tobytes() == b"x" * 4096
