@@ -1,0 +1,134 @@
+"""The global prefix index stays exact under KV events, including evictions and lost events."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from conductor.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
+from conductor.prefix_index import ApplyStatus, GlobalPrefixIndex
+from conductor.request import BlockHash, NodeId
+
+A, B, C = NodeId("a"), NodeId("b"), NodeId("c")
+
+
+def h(*ids: int) -> tuple[BlockHash, ...]:
+    return tuple(BlockHash(i) for i in ids)
+
+
+def test_longest_prefix_per_node():
+    idx = GlobalPrefixIndex()
+    idx.apply(BlockStored(A, 0, h(1, 2, 3, 4)))
+    idx.apply(BlockStored(B, 0, h(1, 2)))
+    idx.apply(BlockStored(C, 0, h(9)))
+    assert idx.longest_prefix(h(1, 2, 3, 4, 5)) == {A: 4, B: 2}
+    assert idx.longest_prefix(h(1, 2, 7)) == {A: 2, B: 2}
+    assert idx.longest_prefix(h(9, 2)) == {C: 1}
+    assert idx.longest_prefix(h(5)) == {}
+    assert idx.longest_prefix(()) == {}
+    assert (idx.distinct_blocks, idx.entries, idx.blocks_on(A)) == (5, 7, 4)
+
+
+def test_an_evicted_middle_block_cuts_the_prefix_there():
+    idx = GlobalPrefixIndex()
+    idx.apply(BlockStored(A, 0, h(1, 2, 3, 4)))
+    idx.apply(BlockStored(B, 0, h(1, 2, 3, 4)))
+    assert idx.apply(BlockRemoved(A, 1, h(3))) is ApplyStatus.APPLIED
+    assert idx.longest_prefix(h(1, 2, 3, 4)) == {A: 2, B: 4}
+    idx.apply(BlockRemoved(B, 1, h(1)))
+    assert idx.longest_prefix(h(1, 2, 3, 4)) == {A: 2}
+    assert idx.holders(BlockHash(4)) == {A, B}  # still cached, just unreachable by prefix
+    idx.apply(BlockRemoved(A, 2, h(1, 2, 4, 99)))  # 99 was never stored: ignored
+    assert idx.holders(BlockHash(1)) == frozenset() and idx.blocks_on(A) == 0
+
+
+def test_storing_twice_and_removing_from_one_holder():
+    idx = GlobalPrefixIndex()
+    idx.store(A, h(1, 2))
+    idx.store(A, h(1, 2))
+    idx.store(B, h(1))
+    assert idx.entries == 3
+    idx.remove(B, h(1))
+    assert idx.holders(BlockHash(1)) == {A}
+    assert idx.longest_prefix(h(1, 2)) == {A: 2}
+
+
+def test_duplicates_are_ignored_and_gaps_mark_the_node_stale():
+    idx = GlobalPrefixIndex()
+    assert idx.apply(BlockStored(A, 0, h(1))) is ApplyStatus.APPLIED
+    assert idx.apply(BlockStored(A, 0, h(2))) is ApplyStatus.DUPLICATE
+    assert idx.longest_prefix(h(1, 2)) == {A: 1}
+    assert idx.apply(BlockStored(A, 3, h(2))) is ApplyStatus.GAP  # events 1 and 2 were lost
+    assert idx.stale_nodes() == {A} and idx.gaps_detected == 1 and idx.next_seq(A) == 4
+    assert idx.longest_prefix(h(1, 2)) == {A: 2}  # applied anyway
+    idx.resync(A, h(7, 8), next_seq=10)
+    assert idx.stale_nodes() == frozenset()
+    assert idx.longest_prefix(h(1, 2)) == {} and idx.longest_prefix(h(7, 8)) == {A: 2}
+    assert idx.apply(BlockStored(A, 10, h(9))) is ApplyStatus.APPLIED
+
+
+def test_a_node_joining_mid_stream_is_stale_until_resynced():
+    idx = GlobalPrefixIndex()
+    assert idx.apply(BlockStored(B, 5, h(1))) is ApplyStatus.GAP
+    assert idx.stale_nodes() == {B}
+
+
+def test_clear_and_remove_node():
+    idx = GlobalPrefixIndex()
+    idx.apply(BlockStored(A, 0, h(1, 2)))
+    idx.apply(BlockStored(B, 0, h(1, 2)))
+    idx.apply(AllBlocksCleared(A, 1))
+    assert idx.longest_prefix(h(1, 2)) == {B: 2} and idx.next_seq(A) == 2
+    idx.remove_node(B)
+    assert idx.longest_prefix(h(1, 2)) == {} and idx.entries == 0 and idx.next_seq(B) == 0
+
+
+def test_random_events_match_a_brute_force_model():
+    """Differential test: after every event the index answers exactly what a per-node set
+    of blocks answers, for chained prompts that share prefixes."""
+    rng = random.Random(42)
+    nodes = [NodeId(f"n{i}") for i in range(6)]
+    # 40 conversations of up to 12 blocks, all opening with block 0 (a shared system prompt)
+    chains = [h(0, *(1000 * c + i for i in range(1, rng.randint(2, 12)))) for c in range(40)]
+    truth: dict[NodeId, set[int]] = {n: set() for n in nodes}
+    seq = {n: 0 for n in nodes}
+    idx = GlobalPrefixIndex()
+    for step in range(3000):
+        node = rng.choice(nodes)
+        chain = rng.choice(chains)
+        if rng.random() < 0.6:
+            blocks = chain[: rng.randint(1, len(chain))]
+            event = BlockStored(node, seq[node], blocks)
+            truth[node].update(blocks)
+        else:  # evict a random subset of what the node holds (LRU order is the node's business)
+            held = sorted(truth[node])
+            blocks = tuple(rng.sample(held, k=min(len(held), rng.randint(1, 4)))) if held else h(123456)
+            event = BlockRemoved(node, seq[node], blocks)
+            truth[node].difference_update(blocks)
+        seq[node] += 1
+        assert idx.apply(event) is ApplyStatus.APPLIED
+        query = rng.choice(chains)[: rng.randint(1, 12)] + h(rng.randint(1, 10**6))
+        expected = {}
+        for n in nodes:
+            depth = 0
+            while depth < len(query) and query[depth] in truth[n]:
+                depth += 1
+            if depth:
+                expected[n] = depth
+        assert idx.longest_prefix(query) == expected, f"after event {step}"
+    assert idx.snapshot() == {n: frozenset(b) for n, b in truth.items() if b}
+    assert idx.entries == sum(len(b) for b in truth.values())
+
+
+def test_apply_rejects_what_is_not_an_event():
+    from dataclasses import dataclass
+
+    from conductor.errors import IndexSyncError
+
+    @dataclass
+    class Bogus:
+        node: NodeId
+        seq: int
+
+    with pytest.raises(IndexSyncError, match="not a KV event"):
+        GlobalPrefixIndex().apply(Bogus(A, 0))  # type: ignore[arg-type]
