@@ -66,6 +66,8 @@ class Finished:
     finish_reason: str  # "stop" | "length" | "abort"
     usage: Usage
     timing: Timing = field(default_factory=Timing)
+    prefill_node: str = ""  # where the request ran (empty when not disaggregated)
+    decode_node: str = ""
 
 
 class Rejected(Exception):

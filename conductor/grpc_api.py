@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
+from dataclasses import replace
 
 import grpc
 
@@ -44,6 +46,8 @@ class GenerationService(generate_pb2_grpc.GenerationServicer):
     async def Generate(self, request, context: grpc.aio.ServicerContext):
         try:
             req = request_from_proto(request)
+            if not req.request_id:
+                req = replace(req, request_id=uuid.uuid4().hex)
             async for item in self.backend.generate(req):
                 if isinstance(item, Finished):
                     t = item.timing
@@ -54,7 +58,8 @@ class GenerationService(generate_pb2_grpc.GenerationServicer):
                                                cached_tokens=item.usage.cached_tokens),
                         timing=common_pb2.Timing(queue_s=t.queue_s, prefill_s=t.prefill_s,
                                                  kv_transfer_s=t.kv_transfer_s, first_decode_s=t.first_decode_s,
-                                                 ttft_s=t.ttft_s)))
+                                                 ttft_s=t.ttft_s),
+                        prefill_node=item.prefill_node, decode_node=item.decode_node))
                 else:
                     yield generate_pb2.GenerateResponse(delta=common_pb2.TokenDelta(
                         text=item.text, token_ids=list(item.token_ids)))

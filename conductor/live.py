@@ -120,6 +120,7 @@ class LiveConductor:
     # --- the request ------------------------------------------------------------------
     async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenChunk | Finished]:
         t0 = time.monotonic()
+        clock = self.metrics.start_request() if self.metrics else None
         request.sampling.validate()
         ids = self.encode(request)
         rid = request.request_id or uuid.uuid4().hex
@@ -151,6 +152,11 @@ class LiveConductor:
         self._dispatched(pre, dec, info, decision, t0)
         try:
             async for item in self._run(rid, ids, params, pre, dec, decision, info, t0):
+                if clock is not None:
+                    if isinstance(item, TokenChunk):
+                        clock.on_tokens(len(item.token_ids))
+                    else:
+                        clock.on_finished(item)
                 yield item
         finally:
             self._completed(pre, dec, rid)
@@ -262,7 +268,7 @@ class LiveConductor:
                         ttft_s=first_at - t0)
                     yield Finished(out.finish_reason or "stop",
                                    Usage(len(ids), out.completion_tokens, presp.num_cached_tokens if presp else 0),
-                                   timing)
+                                   timing, pre.node_id, dec.node_id)
                     decode_call = None
                     return
         except (RequestFailed, Rejected) as e:

@@ -1,0 +1,185 @@
+"""End to end: conductor -> prefill node -> KV transfer -> decode node -> client, with the
+real model, 2 prefill + 2 decode node processes on loopback."""
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import pytest
+
+from cluster.client import Client, make_request
+from engine.config import EngineConfig
+from engine.engine import LLMEngine
+from engine.sampling import SamplingParams
+
+pytestmark = [pytest.mark.slow, pytest.mark.real_model]
+
+GREEDY = SamplingParams(max_tokens=24, ignore_eos=True)
+SHARED = ("You are halfmoon's test assistant. You answer in one short sentence, you never use lists, "
+          "and you always mention the city you are asked about. ") * 3
+
+
+@pytest.fixture(scope="module")
+def local_engine(real_model_dir):
+    return LLMEngine(real_model_dir, EngineConfig(num_blocks=512))
+
+
+def wait_for(pred, timeout=15.0, every=0.25):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(every)
+    return pred()
+
+
+def used_blocks(client: Client) -> dict[str, int]:
+    return {n.node_id: n.kv_blocks_used for n in client.status().nodes if n.state == "up"}
+
+
+def test_greedy_tokens_match_single_process_engine_including_prefix_hits(cluster_2p2d, local_engine):
+    prompts = ["The capital of France is", "def add(a, b):\n    return", SHARED + "Tell me about Paris.",
+               SHARED + "Tell me about Rome."]
+    with Client(cluster_2p2d.address) as c:
+        for p in prompts + prompts[2:]:  # the repeats hit the prefill node's prefix cache
+            ids = local_engine.tokenizer.encode(p)
+            want = local_engine.generate([ids], GREEDY)[0]
+            res = c.generate(make_request(token_ids=ids, params=GREEDY))
+            assert res.token_ids == want, p
+            assert res.final.finish_reason == "length"
+            assert res.final.usage.completion_tokens == 24
+        again = c.generate(make_request(SHARED + "Tell me about Paris.", params=GREEDY))
+        assert again.final.usage.cached_tokens >= 96
+        assert again.final.timing.ttft_s > 0 and again.final.timing.prefill_s > 0
+
+
+def test_shared_prefix_routes_to_the_node_holding_it_and_distinct_prompts_spread(cluster_2p2d):
+    with Client(cluster_2p2d.address) as c:
+        first = c.generate(make_request(SHARED + "What about Berlin?", params=SamplingParams(max_tokens=2)))
+        holder = first.final.prefill_node
+        for city in ("Madrid", "Lisbon", "Vienna"):
+            r = c.generate(make_request(SHARED + f"What about {city}?", params=SamplingParams(max_tokens=2)))
+            assert r.final.prefill_node == holder
+            assert r.final.usage.cached_tokens >= 64  # the shared part, in whole 16-token blocks
+        # distinct prompts sent together: the second finds the first node busy and goes elsewhere
+        used: list[str] = []
+        lock = threading.Lock()
+
+        def one(i: int) -> None:
+            r = c.generate(make_request(f"Story number {i}: " + "once upon a time " * 40,
+                                        params=SamplingParams(max_tokens=2)))
+            with lock:
+                used.append(r.final.prefill_node)
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert len(used) == 4 and set(used) == {"prefill-0", "prefill-1"}
+
+
+@pytest.mark.parametrize("req, field", [
+    (make_request(""), "prompt"),
+    (make_request("x" * 1, params=SamplingParams(max_tokens=0)), "max_tokens"),
+    (make_request("hi", params=SamplingParams(temperature=-1.0)), "temperature"),
+    (make_request("hi", params=SamplingParams(top_p=0.0)), "top_p"),
+    (make_request("hi", params=SamplingParams(top_p=1.5)), "top_p"),
+    (make_request(token_ids=list(range(100, 2200))), "prompt"),
+    (make_request(token_ids=[5, 10**7]), "prompt_token_ids"),
+    (make_request(chat=[("wizard", "hi")]), "messages[0].role"),
+])
+def test_bad_requests_are_invalid_argument_naming_the_field(cluster_2p2d, req, field):
+    with Client(cluster_2p2d.address) as c:
+        with pytest.raises(grpc.RpcError) as e:
+            c.generate(req, timeout=30)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert e.value.details().startswith(field + ":"), e.value.details()
+        ok = c.generate(make_request("Hello", params=SamplingParams(max_tokens=3)))
+        assert ok.final.usage.completion_tokens == 3
+
+
+def test_unknown_field_is_invalid_argument(cluster_2p2d):
+    from proto.halfmoon.v1 import generate_pb2_grpc
+
+    raw = make_request("hi").SerializeToString() + bytes([0x98, 0x06, 0x01])  # field 99 = 1
+    with grpc.insecure_channel(cluster_2p2d.address) as ch:
+        call = ch.unary_stream(f"/{generate_pb2_grpc.GenerationServicer.__module__ and 'halfmoon.v1.Generation'}/Generate",
+                               request_serializer=lambda b: b, response_deserializer=lambda b: b)
+        with pytest.raises(grpc.RpcError) as e:
+            list(call(raw, timeout=30))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "GenerateRequest.#99" in e.value.details()
+
+
+def test_cancelled_request_leaves_no_blocks(cluster_2p2d):
+    with Client(cluster_2p2d.address) as c:
+        stream = c.stream(make_request("Count slowly: one, two, three,", params=SamplingParams(max_tokens=400, ignore_eos=True)))
+        got = 0
+        for msg in stream:
+            got += len(msg.delta.token_ids)
+            if got >= 3:
+                stream.cancel()
+                break
+        assert wait_for(lambda: all(v == 0 for v in used_blocks(c).values()), timeout=20), used_blocks(c)
+
+
+def test_admission_rejects_before_any_prefill_work_when_saturated(cluster_2p2d):
+    with Client(cluster_2p2d.address) as c:
+        before = {n.node_id: n.prefix_queries_tokens for n in c.status().nodes}
+        c.set_settings({"ttft_slo_s": "0.05"})
+        try:
+            with pytest.raises(grpc.RpcError) as e:
+                c.generate(make_request("Explain the history of Rome. " * 60, params=SamplingParams(max_tokens=4)))
+            assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "prefill_overloaded" in e.value.details()
+            time.sleep(1.2)  # a heartbeat later: no prefill node looked at the prompt
+            after = {n.node_id: n.prefix_queries_tokens for n in c.status().nodes}
+            assert after == before
+        finally:
+            c.set_settings({"ttft_slo_s": "600"})
+        with pytest.raises(grpc.RpcError) as bad:
+            c.set_settings({"ttft_slo_s": "-1", "policy": "random"})
+        assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        values = {s.name: s.value for s in c.status().settings}
+        assert values["policy"] == "kv_centric" and float(values["ttft_slo_s"]) == 600
+
+
+def test_killed_decode_node_fails_its_request_and_leaks_nothing(cluster_2p2d):
+    """Runs last in this module: it kills decode-1."""
+    with Client(cluster_2p2d.address) as c:
+        errors: list[grpc.RpcError] = []
+        started = threading.Event()
+        victim: list[str] = []
+
+        def long_request(i: int) -> None:
+            try:
+                for msg in c.stream(make_request(f"Request {i}: tell a very long story.",
+                                                 params=SamplingParams(max_tokens=600, ignore_eos=True)), timeout=60):
+                    if msg.HasField("delta"):
+                        started.set()
+            except grpc.RpcError as e:
+                errors.append(e)
+
+        threads = [threading.Thread(target=long_request, args=(i,)) for i in range(4)]
+        t0 = time.monotonic()
+        for t in threads:
+            t.start()
+        assert started.wait(60)
+        time.sleep(1.0)
+        cluster_2p2d.kill("decode-1")
+        for t in threads:
+            t.join(90)
+        assert all(not t.is_alive() for t in threads)
+        assert errors, "no request was running on the killed node"
+        assert all(e.code() in (grpc.StatusCode.ABORTED, grpc.StatusCode.UNAVAILABLE) for e in errors)
+        assert "decode-1" in errors[0].details()
+        assert time.monotonic() - t0 < 60
+        # survivors are clean once the rest finish; decode-1 leaves rotation
+        assert wait_for(lambda: all(v == 0 for v in used_blocks(c).values()), timeout=60), used_blocks(c)
+        st = {n.node_id: n.state for n in c.status().nodes}
+        assert wait_for(lambda: {n.node_id: n.state for n in c.status().nodes}["decode-1"] == "down", timeout=10)
+        r = c.generate(make_request("Hello again", params=SamplingParams(max_tokens=3)))
+        assert r.final.decode_node == "decode-0"
