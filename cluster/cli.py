@@ -117,6 +117,8 @@ def serve(
     ttft_slo: float = typer.Option(30.0, "--ttft-slo", help="TTFT SLO in seconds."),
     tbt_slo: float = typer.Option(1.0, "--tbt-slo", help="TBT SLO in seconds."),
     cost_model: str | None = typer.Option(None, "--cost-model", help="A `halfmoon profile` file."),
+    demo_prompt: str | None = typer.Option(None, "--demo-prompt",
+                                           help="Once up, answer this chat prompt through the cluster."),
 ) -> None:
     """Start a local cluster (conductor + prefill and decode nodes, one process each) and
     serve until Ctrl-C / SIGTERM, which stops every process it started."""
@@ -140,6 +142,11 @@ def serve(
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
     try:
+        if demo_prompt:
+            from engine.sampling import SamplingParams
+
+            typer.echo(f"> {demo_prompt}")
+            _generate_remote(demo_prompt, True, SamplingParams(max_tokens=64), cluster.address, True)
         while not done.wait(1.0):
             dead = [n for n, p in cluster.procs.items() if not p.is_alive()]
             if "conductor" in dead:
