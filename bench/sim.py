@@ -54,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-threshold", type=float, default=1.0, help="reject when predicted decode load > this")
     p.add_argument("--typical-output", type=int, help="output tokens assumed per request (default: the trace mean)")
     p.add_argument("--limit", type=int, help="replay only the first N requests")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random policy (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random policy and of --noise (default 0)")
+    p.add_argument("--noise", type=float, default=0.0,
+                   help="sigma of a log-normal error on every simulated prefill time (default 0: the cost model is exact)")
     p.add_argument("--json", type=Path, help="write the result rows here")
     p.add_argument("--plot", type=Path, help="write the comparison PNG here (default: next to --json)")
     p.add_argument("--check", action="store_true", help="verify every request's event trail; exit 1 on a problem")
@@ -107,6 +109,7 @@ def _main(args: argparse.Namespace) -> int:
         decode_reject_threshold=args.decode_threshold,
         typical_output_tokens=typical,
         seed=args.seed,
+        service_noise=args.noise,
     )
     if compare == "policies":
         configs = [_replace(base, policy=p) for p in _names(args.policies, parse_policy, PolicyName)]

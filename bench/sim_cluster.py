@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import heapq
 import math
+import random
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -67,12 +68,17 @@ class SimConfig:
     decode_reject_threshold: float = 1.0
     typical_output_tokens: int = 343  # the conversation trace's mean output length
     seed: int = 0
+    # σ of a mean-one log-normal factor on every actual prefill time: the cost model is then
+    # wrong the way a real engine's timing is, and the logged prediction error shows it.
+    service_noise: float = 0.0
 
     def __post_init__(self) -> None:
         if self.prefill_nodes < 1 or self.decode_nodes < 1:
             raise ValueError("need at least one prefill and one decode instance")
         if self.cache_blocks < 0 or self.decode_kv_tokens < 1 or self.block_tokens < 1:
             raise ValueError("cache_blocks >= 0, decode_kv_tokens >= 1 and block_tokens >= 1 required")
+        if not 0.0 <= self.service_noise <= 2.0:
+            raise ValueError(f"service_noise must be in [0, 2], got {self.service_noise}")
 
     def settings(self) -> SettingsValues:
         return SettingsValues(
@@ -229,6 +235,7 @@ class Simulation:
         self.predictions = PredictionLog(max_records=None)
         self._heap: list[tuple[float, int, int, object]] = []
         self._decode_model = costs.decode
+        self._noise = random.Random(config.seed + 1)
         self._seq = 0
 
     # -- the loop ----------------------------------------------------------------------------
@@ -321,6 +328,9 @@ class Simulation:
         p_local = min(local * bt, n - 1)
         p_total = min((local + pulled) * bt, n - 1)
         service = costs.local_load_s(p_local) + costs.network_s(p_total - p_local) + costs.prefill_s(n, p_total)
+        sigma = self.config.service_noise
+        if sigma:
+            service *= self._noise.lognormvariate(-0.5 * sigma * sigma, sigma)
         st.prefill_start_s = t
         st.service_s = service
         st.hit_blocks = local + pulled

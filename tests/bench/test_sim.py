@@ -1,0 +1,214 @@
+"""The trace-driven simulator on tiny hand-made traces, where every number is worked out by hand.
+
+Costs: prefill 1 ms per uncached token, local prefix free, network 0.1 ms per token, decode
+step 10 ms + 1 ms per sequence + 1 µs per token in flight; blocks of 512 tokens.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+
+from bench.sim import main
+from bench.sim_cluster import EventKind, Outcome, RequestEvent, SimConfig, SimRequest, check_event_log, simulate
+from bench.sim_metrics import ROW_KEYS, summarize
+from conductor.cost_model import CostModel, DecodeModel, PrefillModel, TransferModel
+from conductor.decision import RejectReason, Stage
+from conductor.modes import AdmissionMode, PolicyName
+
+COSTS = CostModel(
+    prefill=PrefillModel(c_nn=0.0, c_np=0.0, c_n=0.001, c_p=-0.001, c_1=0.0),
+    decode=DecodeModel(s_1=0.010, s_b=0.001, s_t=1e-6),
+    transfer=TransferModel(kv_bytes_per_token=1000, network_bytes_per_s=1e7),
+)
+
+
+def req(i: int, at: float, blocks: tuple[int, ...], out: int, tokens: int | None = None) -> SimRequest:
+    return SimRequest(i, at, tokens if tokens is not None else 512 * len(blocks), out, blocks)
+
+
+def cfg(**kw) -> SimConfig:
+    base = dict(prefill_nodes=1, decode_nodes=1, policy=PolicyName.KV_CENTRIC, admission=AdmissionMode.NONE,
+                cache_blocks=100, decode_kv_tokens=1_000_000, ttft_slo_s=30.0, tbt_slo_s=0.1, typical_output_tokens=100)
+    base.update(kw)
+    return SimConfig(**base)
+
+
+def test_one_request_end_to_end_timing():
+    run = simulate([req(0, 0.0, (1, 2), out=3)], cfg(), COSTS)
+    st = run.states[0]
+    assert st.outcome is Outcome.COMPLETED
+    assert st.prefill_end_s == pytest.approx(1.024)  # 1,024 tokens at 1 ms
+    assert st.first_token_s == pytest.approx(1.024 + 0.1024)  # + KV sent to the decode node
+    step1 = 0.010 + 0.001 + 1025e-6  # prompt + first token in flight
+    step2 = 0.010 + 0.001 + 1026e-6
+    assert st.finish_s == pytest.approx(1.1264 + step1 + step2)
+    assert [e.kind for e in run.events] == [EventKind.ARRIVED, EventKind.PREFILL_STARTED, EventKind.PREFILL_DONE,
+                                           EventKind.FIRST_TOKEN, EventKind.COMPLETED]
+    s = summarize(run, speedup=1.0, wall_s=0.0)
+    assert (s.requests, s.completed, s.rejected, s.prefix_hit_rate) == (1, 1, 0, 0.0)
+    assert s.ttft_mean_s == pytest.approx(1.1264)
+    assert s.tbt_p99_s == pytest.approx(step1 + 0.99 * (step2 - step1))
+    assert s.slo_attainment == 1.0
+    assert run.decode[0].view.residents == {} and run.decode[0].view.reserved_tokens == 0
+
+
+def test_a_later_turn_reuses_the_cached_prefix():
+    trace = [req(0, 0.0, (1, 2), out=2), req(1, 5.0, (1, 2, 3), out=2, tokens=1300)]
+    run = simulate(trace, cfg(), COSTS)
+    second = run.states[1]
+    assert second.hit_blocks == 2
+    assert second.prefill_end_s - second.prefill_start_s == pytest.approx((1300 - 1024) * 0.001)
+    assert summarize(run, speedup=1.0, wall_s=0.0).prefix_hit_rate == pytest.approx(2 / 5)
+
+
+def test_a_fully_cached_prompt_recomputes_only_its_last_token():
+    run = simulate([req(0, 0.0, (1, 2), out=2), req(1, 5.0, (1, 2), out=2)], cfg(), COSTS)
+    st = run.states[1]
+    assert st.hit_blocks == 2
+    assert st.prefill_end_s - st.prefill_start_s == pytest.approx(0.001)
+
+
+def test_lru_eviction_is_published_and_the_index_mirrors_every_cache():
+    trace = [req(0, 0.0, (1, 2), 2), req(1, 3.0, (3, 4), 2), req(2, 6.0, (1, 5), 2), req(3, 9.0, (6,), 2)]
+    run = simulate(trace, cfg(prefill_nodes=2, cache_blocks=2), COSTS)
+    # p0 serves (1, 2) then (1, 5): block 2 is least recent; p1 serves (3, 4) then (6,): block 4
+    # goes (a chain is evicted from its tail: its head stays most recent).
+    assert [list(n.cache) for n in run.prefill] == [[5, 1], [3, 6]]
+    assert run.index.snapshot() == {"p0": frozenset({1, 5}), "p1": frozenset({3, 6})}
+    assert run.index.gaps_detected == 0
+    assert [run.index.next_seq(n) for n in ("p0", "p1")] == [3, 3]  # stored, stored, removed
+    assert check_event_log(run) == []
+
+
+def test_kv_centric_pulls_a_busy_nodes_prefix_and_replicates_it():
+    blocks_a = tuple(range(100, 110))  # 5,120 tokens
+    trace = [
+        req(0, 0.0, blocks_a, 2),  # p0 (both idle: first in view order), done at 5.12
+        req(1, 0.1, tuple(range(200, 210)), 2),  # p1 (p0 busy), done at 5.22
+        req(2, 5.2, tuple(range(300, 320)), 2),  # p0 (idle), busy until 15.44
+        req(3, 5.3, blocks_a + (999,), 2, tokens=5632),  # p1 pulls blocks_a from p0
+    ]
+    run = simulate(trace, cfg(prefill_nodes=2), COSTS)
+    st = run.states[3]
+    d = st.decision.prefill
+    assert (d.node, d.pull_from, d.pulled_blocks, d.cached_blocks) == ("p1", "p0", 10, 0)
+    assert st.hit_blocks == 10
+    assert st.prefill_end_s - st.prefill_start_s == pytest.approx(5120 * 1e-4 + 512 * 1e-3)
+    assert run.index.holders(100) == {"p0", "p1"}  # the hot prefix now lives on both nodes
+    # cache_aware_local also avoids the busy owner (10.6 s vs 5.6 s) but recomputes everything
+    local = simulate(trace, cfg(prefill_nodes=2, policy=PolicyName.CACHE_AWARE_LOCAL), COSTS)
+    assert (local.states[3].decision.prefill.node, local.states[3].hit_blocks) == ("p1", 0)
+    assert local.index.holders(100) == {"p0", "p1"}
+
+
+def test_a_full_decode_node_makes_the_next_request_wait_for_room():
+    trace = [req(0, 0.0, (1, 2), out=976), req(1, 0.5, (3, 4), out=10)]  # 2,000 + 1,034 > 3,000 tokens
+    run = simulate(trace, cfg(prefill_nodes=2, decode_kv_tokens=3000), COSTS)
+    first, second = run.states
+    assert second.prefill_end_s == pytest.approx(1.524)
+    assert second.first_token_s == pytest.approx(first.finish_s + 0.1024)
+    assert check_event_log(run) == []
+
+
+def test_a_prompt_that_can_never_fit_the_decode_node_fails_with_a_reason():
+    run = simulate([req(0, 0.0, (1, 2, 3), out=10)], cfg(decode_kv_tokens=1000), COSTS)
+    st = run.states[0]
+    assert st.outcome is Outcome.FAILED and "exceed decode KV capacity 1000" in st.failure
+    assert check_event_log(run) == []
+    assert summarize(run, speedup=1.0, wall_s=0.0).failed == 1
+
+
+def _burst():
+    """Five long-output requests at t = 0 on one prefill and one decode node; with a 20 ms TBT
+    SLO the decode node holds four of them (step(5, ~5,120) = 20.1 ms)."""
+    return [req(i, 0.0, (10 * i + 1, 10 * i + 2), out=2000) for i in range(5)]
+
+
+def test_per_stage_drops_the_fifth_request_after_its_prefill_ran():
+    run = simulate(_burst(), cfg(admission=AdmissionMode.PER_STAGE, tbt_slo_s=0.02, typical_output_tokens=2000), COSTS)
+    outcomes = [st.outcome for st in run.states]
+    assert outcomes == [Outcome.COMPLETED] * 4 + [Outcome.REJECTED]
+    last = run.states[4]
+    assert last.rejected_after_prefill and last.rejection.stage is Stage.AFTER_PREFILL
+    assert last.rejection.reason is RejectReason.DECODE_OVERLOADED
+    assert last.prefill_end_s == pytest.approx(5 * 1.024)  # its prefill was spent for nothing
+    s = summarize(run, speedup=1.0, wall_s=0.0)
+    assert (s.rejected, s.rejected_after_prefill) == (1, 1)
+    assert check_event_log(run) == []
+
+
+def test_early_admits_the_whole_burst_on_the_decode_load_it_sees_now():
+    run = simulate(_burst(), cfg(admission=AdmissionMode.EARLY, tbt_slo_s=0.02, typical_output_tokens=2000), COSTS)
+    assert [st.outcome for st in run.states] == [Outcome.COMPLETED] * 5
+    assert summarize(run, speedup=1.0, wall_s=0.0).rejected_after_prefill == 0
+
+
+def test_predictive_rejects_the_fifth_request_on_arrival():
+    run = simulate(_burst(), cfg(admission=AdmissionMode.PREDICTIVE, tbt_slo_s=0.02, typical_output_tokens=2000), COSTS)
+    assert [st.outcome for st in run.states] == [Outcome.COMPLETED] * 4 + [Outcome.REJECTED]
+    last = run.states[4]
+    assert (last.rejection.reason, last.rejection.stage) == (RejectReason.DECODE_OVERLOADED_PROJECTED, Stage.ARRIVAL)
+    assert not last.rejected_after_prefill and last.prefill_start_s != last.prefill_start_s  # never ran (NaN)
+    assert check_event_log(run) == []
+
+
+def test_the_event_log_check_catches_inconsistent_trails():
+    run = simulate([req(0, 0.0, (1,), 3), req(1, 0.1, (2,), 3)], cfg(), COSTS)
+    assert check_event_log(run) == []
+    run.events.append(RequestEvent(9.0, 0, EventKind.REJECTED, "late"))
+    run.events[:] = [e for e in run.events if not (e.request == 1 and e.kind is EventKind.COMPLETED)]
+    problems = check_event_log(run)
+    assert len(problems) == 2
+    assert "request 0: expected exactly one terminal event" in problems[0]
+    assert "request 1: expected exactly one terminal event" in problems[1]
+
+
+def test_noise_makes_the_logged_prediction_error_visible():
+    trace = [req(i, 2.0 * i, (i + 1,), 2) for i in range(20)]
+    exact = summarize(simulate(trace, cfg(), COSTS), speedup=1.0, wall_s=0.0)
+    noisy = summarize(simulate(trace, cfg(service_noise=0.3), COSTS), speedup=1.0, wall_s=0.0)
+    assert exact.prefill_prediction_mae_s == 0.0
+    assert noisy.prefill_prediction_mae_s > 0.01
+
+
+# -- the CLI -------------------------------------------------------------------------------------
+
+def test_cli_compares_policies_and_writes_rows_and_a_plot(tmp_path, capsys):
+    out = tmp_path / "sim.json"
+    rc = main(["--limit", "300", "--compare", "--policies", "kv_centric,random", "--json", str(out), "--check"])
+    assert rc == 0
+    rows = json.loads(out.read_text())
+    assert [r["policy"] for r in rows] == ["kv_centric", "random"]
+    assert all(list(r)[: len(ROW_KEYS)] == list(ROW_KEYS) for r in rows)
+    assert all(r["requests"] == 300 and r["completed"] + r["rejected"] == 300 for r in rows)
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "kv_centric" in capsys.readouterr().out
+
+
+def test_cli_compares_admission_modes(tmp_path):
+    out = tmp_path / "adm.json"
+    assert main(["--limit", "300", "--speedup", "4", "--decode", "1", "--compare-admission", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [r["admission"] for r in rows] == ["none", "per_stage", "early", "predictive"]
+    assert rows[0]["rejected"] == 0
+    assert rows[2]["rejected_after_prefill"] == rows[3]["rejected_after_prefill"] == 0
+
+
+def test_cli_refuses_bad_input_with_a_message(capsys, tmp_path):
+    assert main(["--policy", "fastest", "--limit", "10"]) == 2
+    assert "unknown policy 'fastest'" in capsys.readouterr().err
+    assert main(["--trace", str(tmp_path / "none.jsonl")]) == 2
+    assert "trace file not found" in capsys.readouterr().err
+
+
+def test_cli_loads_another_cost_model(tmp_path):
+    path = tmp_path / "costs.json"
+    replace(COSTS, description="hand-made").save(path)
+    out = tmp_path / "x.json"
+    assert main(["--limit", "50", "--cost-model", str(path), "--json", str(out)]) == 0
+    fast = json.loads(out.read_text())[0]
+    assert main(["--limit", "50", "--json", str(out)]) == 0
+    gpu = json.loads(out.read_text())[0]
+    assert fast["ttft_mean_s"] != gpu["ttft_mean_s"]
