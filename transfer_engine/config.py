@@ -13,7 +13,7 @@ class EngineConfig:
     connect_timeout_s: float = 5.0  # TCP connect + handshake
     streams: int = 2  # TCP connections per peer; large batches are striped across them
     stripe_min_bytes: int = 32 * MiB  # batches at least this big are striped
-    max_frame_bytes: int = 4 * MiB  # payload per TCP frame: acknowledgement and cancellation granularity
+    max_frame_bytes: int = 8 * MiB  # payload per TCP frame: acknowledgement and cancellation granularity
     shm_copy_chunk_bytes: int = 64 * MiB  # shm copies check for cancellation this often
     # batches up to this size are sent (TCP) or copied (shm) by the calling thread when
     # the connection is idle, saving a thread hand-off; write() then returns once the
