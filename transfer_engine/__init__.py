@@ -98,6 +98,7 @@ __all__ = [
     "TransferState",
     "TransferTimeout",
     "TransportKind",
+    "TransportUnavailable",
     "WaitTimeout",
     "mooncake_unavailable_reason",
 ]

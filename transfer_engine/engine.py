@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 
+from . import batch
 from .config import EngineConfig
 from .deadlines import DeadlineWatch
 from .errors import (
@@ -28,11 +29,11 @@ from .memory import (
     ShmSegment,
     byte_array,
     host_id,
-    range_problem,
     shm_supported,
     shm_visible,
     sweep_stale_segments,
 )
+from .mooncake import MooncakeTransport
 from .records import EngineStats, PeerDescriptor, Region, TransferOp, TransportKind
 from .shm import ShmTransport
 from .stats import Counters
@@ -42,8 +43,6 @@ from .transport import Job, Peer, Piece, Transport
 
 if TYPE_CHECKING:
     import torch
-
-    from .mooncake import MooncakeTransport
 
 _DEFAULT = object()
 
@@ -79,8 +78,6 @@ class TransferEngine:
         self.host = advertise_host or (host if host not in ("", "0.0.0.0", "::") else _this_host())
         self.port = self._server.port
         if self.transport is TransportKind.MOONCAKE:
-            from .mooncake import MooncakeTransport
-
             try:
                 self._mooncake = MooncakeTransport(segment, self.host, self.config)
             except BaseException:
@@ -263,19 +260,22 @@ class TransferEngine:
         self._check_open()
         if not isinstance(peer, Peer) or self._peers.get(peer.address) is not peer:
             raise InvalidTransfer(f"{peer!r} was not connected by engine {self.segment!r}; use engine.connect()")
-        pieces = coalesce([self._resolve(op, peer, entry) for entry in entries])
+        pieces = batch.coalesce([batch.resolve(op, self._regions, self.segment, peer.segment, entry)
+                                 for entry in entries])
         if not pieces:
             return completed_handle(op, peer.segment)
         handle = TransferHandle(op, peer.segment, sum(p.length for p in pieces), len(pieces))
         self._counters.batch_submitted()
         handle.add_done_callback(self._counters.batch_ended)
         try:
-            transport = self._route(peer, pieces)
-            handle.transport = transport.kind.value
-            problem = self._remote_problem(op, peer, pieces)
+            if batch.unknown_regions(peer.descriptor, pieces):
+                self._refresh(peer)  # it may have registered regions since our handshake
+            problem = batch.remote_problem(op, peer.descriptor, pieces)
             if problem is not None:
                 raise TransferRefused(f"{peer.segment!r} at {peer.address}: {op.value} refused: {problem} "
                                       "(checked against its descriptor; nothing was sent)")
+            transport = self._route(peer, pieces)
+            handle.transport = transport.kind.value
             transport.submit(Job(op, peer, pieces, handle))
             timeout_s = self.config.default_timeout_s if timeout is _DEFAULT else timeout
             if timeout_s is not None and not handle.done():  # counted from submission
@@ -284,71 +284,13 @@ class TransferEngine:
             handle._fail(exc)
         return handle
 
-    def _remote_problem(self, op: TransferOp, peer: Peer, pieces: list[Piece]) -> str | None:
-        """Check the whole batch against the peer's descriptor before anything moves, so
-        a batch the peer would refuse touches none of its memory. (The peer checks every
-        frame again: it trusts no writer.)"""
-        if any(peer.descriptor.region(p.remote_id) is None for p in pieces):
-            self._refresh(peer)  # it may have registered regions since our handshake
-        descriptor = peer.descriptor
-        for piece in pieces:
-            info = descriptor.region(piece.remote_id)
-            if info is None:
-                return f"unknown region {piece.remote_id}"
-            problem = range_problem(info.size, info.id, piece.remote_offset, piece.length,
-                                    writing=op is TransferOp.WRITE, readonly=info.readonly)
-            if problem is not None:
-                return problem
-        return None
-
-    def _resolve(self, op: TransferOp, peer: Peer, entry: Sequence[object]) -> Piece:
-        try:
-            local_ref, local_offset, remote_ref, remote_offset, length = entry
-        except (TypeError, ValueError) as exc:
-            raise InvalidTransfer(f"a batch entry is (local_region, local_offset, remote_region, remote_offset, "
-                                  f"length), not {entry!r}") from exc
-        local_id = self._region_id(local_ref, self.segment, "local")
-        remote_id = self._region_id(remote_ref, peer.segment, "remote")
-        local_offset, remote_offset, length = _ints(local_offset, remote_offset, length)
-        local = self._regions.get(local_id)
-        if local is None:
-            raise InvalidTransfer(f"unknown local region {local_id} in engine {self.segment!r}")
-        problem = range_problem(local.size, local_id, local_offset, length,
-                                writing=op is TransferOp.READ, readonly=local.readonly)
-        if problem:
-            raise InvalidTransfer(f"local {problem}")
-        if remote_offset < 0:
-            raise InvalidTransfer(f"remote offset {remote_offset} is negative")
-        return Piece(local, local_offset, remote_id, remote_offset, length)  # type: ignore[arg-type]
-
-    @staticmethod
-    def _region_id(ref: object, segment: str, side: str) -> int:
-        if isinstance(ref, Region):
-            if ref.segment and ref.segment != segment:
-                raise InvalidTransfer(f"{side} region {ref.id} belongs to {ref.segment!r}, not {segment!r}")
-            return int(ref.id)
-        if isinstance(ref, (int, np.integer)) and not isinstance(ref, bool):
-            return int(ref)
-        raise InvalidTransfer(f"{side} region must be a Region or an int id, not {ref!r}")
-
     def _route(self, peer: Peer, pieces: list[Piece]) -> Transport:
         if peer.transport is TransportKind.MOONCAKE and self._mooncake is not None:
             return self._mooncake
         if peer.transport is TransportKind.SHM and self._shm is not None:
-            if any(peer.descriptor.region(p.remote_id) is None for p in pieces):
-                self._refresh(peer)  # it may have registered regions since our handshake
-            if self.transport is TransportKind.SHM or self._all_shm(peer, pieces):
+            if self.transport is TransportKind.SHM or batch.all_shm(peer.descriptor, pieces):
                 return self._shm
         return self._tcp
-
-    @staticmethod
-    def _all_shm(peer: Peer, pieces: list[Piece]) -> bool:
-        descriptor = peer.descriptor
-        for piece in pieces:
-            info = descriptor.region(piece.remote_id)
-            if info is None or info.shm_name is None:
-                return False
-        return True
 
     # --- lifecycle ---
 
@@ -378,30 +320,6 @@ class TransferEngine:
     def _check_open(self) -> None:
         if self._closed:
             raise EngineClosed(f"engine {self.segment!r} is closed")
-
-
-def coalesce(pieces: list[Piece]) -> list[Piece]:
-    """Merge neighbouring entries that are contiguous on both sides into one."""
-    merged: list[Piece] = []
-    for piece in pieces:
-        last = merged[-1] if merged else None
-        if (last is not None and last.local is piece.local and last.remote_id == piece.remote_id
-                and last.local_offset + last.length == piece.local_offset
-                and last.remote_offset + last.length == piece.remote_offset):
-            merged[-1] = Piece(last.local, last.local_offset, last.remote_id, last.remote_offset,
-                               last.length + piece.length)
-        else:
-            merged.append(piece)
-    return merged
-
-
-def _ints(*values: object) -> tuple[int, ...]:
-    out = []
-    for v in values:
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-            raise InvalidTransfer(f"offsets and lengths must be integers, not {v!r}")
-        out.append(int(v))
-    return tuple(out)
 
 
 def _this_host() -> str:

@@ -16,8 +16,8 @@ Mooncake binds its listeners to every interface and logs through glog on stderr.
 from __future__ import annotations
 
 import collections
+import importlib
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +34,7 @@ _POLL_MIN_S, _POLL_MAX_S = 10e-6, 200e-6  # backoff between polls of Mooncake
 def mooncake_unavailable_reason() -> str | None:
     """None when Mooncake's engine imports here, else why not (for skips and errors)."""
     try:
-        from mooncake.engine import TransferEngine  # noqa: F401
+        importlib.import_module("mooncake.engine")
     except ImportError as exc:
         return (f"Mooncake's transfer engine does not load ({exc}); run .ci/install-mooncake.sh "
                 "(pip package mooncake-transfer-engine-non-cuda plus Debian's libibverbs1, "

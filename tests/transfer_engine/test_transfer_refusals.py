@@ -18,7 +18,7 @@ from transfer_engine import (
 )
 from transfer_engine import protocol as wire
 from transfer_engine.protocol import FrameKind, Status, WireEntry
-from transfer_engine.testing import PeerProcess, PeerSpec, digest, pattern
+from transfer_engine.testing import PeerProcess, PeerSpec, pattern
 
 MiB = 1 << 20
 TOKEN = "s3cret-token"

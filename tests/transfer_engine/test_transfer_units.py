@@ -24,7 +24,7 @@ from transfer_engine import (
     WaitTimeout,
 )
 from transfer_engine import protocol as wire
-from transfer_engine.engine import coalesce
+from transfer_engine.batch import coalesce
 from transfer_engine.handle import TransferHandle
 from transfer_engine.memory import RegionTable, byte_array, sweep_stale_segments
 from transfer_engine.protocol import FrameKind, Status
