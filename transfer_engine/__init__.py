@@ -29,7 +29,14 @@ entry before touching memory, receives the payload straight into its region with
 payload). READ carries an entry table; the reply READ_DATA carries the data, received
 straight into the local region. Replies come back in frame order per connection, so a
 connection pipelines frames. Each peer gets a small pool of connections; batches are cut
-into frames of at most 16 MiB and large batches are striped across the pool.
+into frames of at most 8 MiB and large batches are striped across the pool. Batches up
+to 4 MiB are sent by the calling thread when a connection is idle (one thread hand-off
+less); larger ones by the connection's sender thread, so `write` returns at once.
+
+Shared memory. `allocate_tensor` / `allocate_buffer` memory lives in a POSIX segment
+named `hm-te-<segment>-<pid>-<random>`; a peer on the same host maps it (once, with
+MAP_POPULATE) and copies into it. The name is unlinked when its engine closes; segments
+left by killed processes are swept (by their pid) when the next engine starts.
 
 Transport choice (`transport="auto"`): shared memory when the peer shares this host's
 kernel and /dev/shm and the destination regions are shm-backed (`allocate_*`), TCP

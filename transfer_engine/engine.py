@@ -50,10 +50,14 @@ _DEFAULT = object()
 class TransferEngine:
     """Moves bytes between registered memory regions of this process and its peers.
 
-    >>> eng = TransferEngine("decode-0", port=0)
-    >>> region, kv = eng.allocate_tensor((num_blocks, 30, 2, 16, 3, 64), torch.float32)
-    >>> peer = eng.connect("10.0.0.7:5555")               # or eng.connect(descriptor)
-    >>> eng.write(peer, [(src, 0, peer.regions[0], 0, n)]).wait()
+    Example::
+
+        eng = TransferEngine("prefill-0", port=0)
+        src = eng.register(kv_tensor)                    # or eng.allocate_tensor(shape, dtype)
+        peer = eng.connect("10.0.0.7:5555")              # or eng.connect(descriptor)
+        eng.write(peer, [(src, 0, peer.regions[0], 0, n)]).wait()
+
+    Thread-safe: any thread may register, connect, write, read and wait.
     """
 
     def __init__(self, segment: str, host: str = "127.0.0.1", port: int = 0, token: str | None = None,
@@ -203,6 +207,16 @@ class TransferEngine:
         else:
             self._tcp.link(peer).adopt(sock)
         return peer
+
+    def disconnect(self, peer: Peer) -> None:
+        """Forget a peer (one that died or left): its connections close and its batches
+        in flight fail with PeerDisconnected."""
+        with self._lock:
+            if self._peers.get(peer.address) is peer:
+                del self._peers[peer.address]
+        self._tcp.forget(peer)
+        if self._shm is not None:
+            self._shm.forget(peer)
 
     def _shm_wanted(self) -> bool:
         return shm_supported() and self.transport in (TransportKind.AUTO, TransportKind.SHM)

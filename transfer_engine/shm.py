@@ -53,6 +53,13 @@ class ShmTransport(Transport):
                 seg = self._segments.setdefault(info.shm_name, seg)
         return seg
 
+    def forget(self, peer: Peer) -> None:
+        """Drop our mappings of a peer's segments (its memory is freed once nobody maps it)."""
+        with self._cond:
+            for info in peer.descriptor.regions:
+                if info.shm_name is not None:
+                    self._segments.pop(info.shm_name, None)
+
     def submit(self, job: Job) -> None:
         if job.handle.nbytes <= self.config.inline_max_bytes:
             self._execute(job)  # small: copy right here, no hand-off

@@ -370,6 +370,12 @@ class TcpTransport(Transport):
                 job.handle._fail(error)
                 return
 
+    def forget(self, peer: Peer) -> None:
+        with self._lock:
+            link = self._links.pop(peer, None)
+        if link is not None:
+            link.abort(PeerDisconnected(f"{peer.segment!r} at {peer.address} was disconnected by this engine"))
+
     def _ended(self, handle: TransferHandle, channels: list[_Channel]) -> None:
         """A batch that timed out with data in flight leaves its connection in an unknown
         state (maybe stuck on a frozen peer): abort that connection."""

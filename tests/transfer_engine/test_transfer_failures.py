@@ -232,3 +232,23 @@ def test_connecting_to_nothing_is_unreachable(make_engine):
         with pytest.raises(PeerUnreachable, match=f"127.0.0.1:{port}"):
             make_engine("lonely").connect(f"127.0.0.1:{port}")
     assert time.monotonic() - started < 5
+
+
+def test_disconnect_fails_batches_in_flight_and_forgets_the_peer(make_engine, sleepy):
+    from transfer_engine import InvalidTransfer, PeerDisconnected
+
+    engine = make_engine("leaver", transport="tcp")
+    local = engine.register(np.ones(32 * MiB, dtype=np.uint8))
+    peer = engine.connect(sleepy.descriptor)
+    sleepy.pause()
+    try:
+        handle = engine.write(peer, [(local, 0, peer.regions[0], 0, 32 * MiB)], timeout=10)
+        engine.disconnect(peer)
+        with pytest.raises(PeerDisconnected, match="disconnected by this engine"):
+            handle.wait(5)
+    finally:
+        sleepy.resume()
+    with pytest.raises(InvalidTransfer, match="not connected"):
+        engine.write(peer, [(local, 0, peer.regions[0], 0, 1)])
+    again = engine.connect(sleepy.descriptor)
+    engine.write(again, [(local, 0, again.regions[0], 0, MiB)]).wait(10)
