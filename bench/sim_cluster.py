@@ -495,6 +495,10 @@ class Simulation:
         view.residents.pop(st.info.request_id, None)
         st.finish_s = t
         st.outcome = Outcome.COMPLETED
+        out = st.req.output_tokens
+        if out > 1 and st.decision is not None and st.decision.decode is not None:
+            mean_gap = (t - st.first_token_s) / (out - 1)
+            self.predictions.record(st.info.request_id, Quantity.TBT, st.decision.decode.predicted_tbt_s, mean_gap)
         self._log(t, st, EventKind.COMPLETED)
 
     def _admit_waiting(self, dec: SimDecode, t: float) -> None:

@@ -53,6 +53,7 @@ class SimSummary:
     tbt_slo_s: float
     ttft_prediction_mae_s: float
     prefill_prediction_mae_s: float
+    tbt_prediction_mae_s: float  # predicted step time vs the request's mean token gap
     rejections_by_reason: dict[str, int]
     wall_s: float
 
@@ -128,6 +129,7 @@ def summarize(run: SimRun, *, speedup: float, wall_s: float) -> SimSummary:
         tbt_slo_s=tbt_slo,
         ttft_prediction_mae_s=run.predictions.summary(Quantity.TTFT).mean_abs_error_s,
         prefill_prediction_mae_s=run.predictions.summary(Quantity.PREFILL).mean_abs_error_s,
+        tbt_prediction_mae_s=run.predictions.summary(Quantity.TBT).mean_abs_error_s,
         rejections_by_reason=reasons,
         wall_s=wall_s,
     )
