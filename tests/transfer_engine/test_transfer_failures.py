@@ -60,7 +60,7 @@ def test_killing_the_peer_mid_batch_fails_the_batch_and_a_restarted_peer_works(m
         # PeerDisconnected from a connection in use, PeerUnreachable from a stripe still connecting
         with pytest.raises(PeerConnectionError, match="victim"):
             handle.wait(10)
-        assert time.monotonic() - killed_at < 3.0
+        assert time.monotonic() - killed_at < 5.0  # far inside the batch's 30 s timeout
         assert handle.poll() is TransferState.FAILED
     finally:
         victim.kill()
@@ -87,7 +87,7 @@ def test_a_frozen_peer_times_the_batch_out_and_the_next_batch_reconnects(make_en
         handle = engine.write(peer, [(local, 0, peer.regions[0], 0, src.nbytes)], timeout=0.5)
         with pytest.raises(TransferTimeout, match="0.5s timeout"):
             handle.wait(10)
-        assert 0.45 < time.monotonic() - started < 2.0
+        assert 0.45 < time.monotonic() - started < 3.0
     finally:
         sleepy.resume()
     time.sleep(0.1)

@@ -87,14 +87,14 @@ def test_killing_a_mooncake_peer_fails_the_batch_within_its_timeout(make_engine)
         peer = engine.connect(victim.descriptor)
         engine.write(peer, [(local, 0, peer.regions[0], 0, MiB)], timeout=10).wait(10)
         victim.pause()
-        handle = engine.write(peer, [(local, 0, peer.regions[0], 0, 64 * MiB)], timeout=3)
+        handle = engine.write(peer, [(local, 0, peer.regions[0], 0, 64 * MiB)], timeout=5)
         time.sleep(0.2)
         started = time.monotonic()
         victim.kill()
         with pytest.raises((PeerConnectionError, TransferTimeout)) as failure:
             handle.wait(10)
         assert "moon-victim" in str(failure.value) or victim.descriptor.mooncake_session in str(failure.value)
-        assert time.monotonic() - started < 3.5
+        assert time.monotonic() - started < 5.5
         assert handle.poll() is TransferState.FAILED
     finally:
         victim.kill()
