@@ -22,13 +22,15 @@ class LocalCluster:
 
     @classmethod
     def build(cls, num_prefill: int = 1, num_decode: int = 1, *, conductor: ConductorSpec | None = None,
-              node: NodeSpec | None = None) -> "LocalCluster":
+              node: NodeSpec | None = None, colocated: int = 0) -> "LocalCluster":
+        """`num_prefill` + `num_decode` disaggregated nodes, or `colocated` colocated ones."""
         c = conductor or ConductorSpec()
         base = node or NodeSpec(role="prefill", node_id="", conductor="")
         base = replace(base, conductor=f"{c.host}:{c.grpc_port}", model=c.model, block_size=c.block_size,
                        max_model_len=c.max_model_len)
         nodes = [replace(base, role="prefill", node_id=f"prefill-{i}") for i in range(num_prefill)]
         nodes += [replace(base, role="decode", node_id=f"decode-{i}") for i in range(num_decode)]
+        nodes += [replace(base, role="colocated", node_id=f"colocated-{i}") for i in range(colocated)]
         return cls(c, nodes)
 
     @property

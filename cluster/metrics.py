@@ -34,9 +34,9 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_late
 if TYPE_CHECKING:
     from conductor.frontend_api import Finished
 
-Role = Literal["prefill", "decode"]
+Role = Literal["prefill", "decode", "colocated"]
 PredictionKind = Literal["ttft", "tbt"]
-_ROLES = ("prefill", "decode")
+_ROLES = ("prefill", "decode", "colocated")
 _PREDICTION_KINDS = ("ttft", "tbt")
 
 

@@ -14,7 +14,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class NodeSpec:
-    role: str  # "prefill" | "decode"
+    role: str  # "prefill" | "decode" | "colocated"
     node_id: str
     conductor: str  # host:port of the conductor's gRPC server
     model: str = "smollm2-135m-instruct"
@@ -82,8 +82,16 @@ async def serve_node(spec: NodeSpec, stop: asyncio.Event | None = None) -> None:
                                  metrics=metrics)
         node_pb2_grpc.add_PrefillNodeServicer_to_server(service, server)
         role = node_pb2.ROLE_PREFILL
+    elif spec.role == "colocated":  # one engine, prefill and decode: the baseline layout
+        engine = LLMEngine(spec.model, cfg)
+        worker = EngineWorker(engine, name=f"{spec.node_id}-engine")
+        service = PrefillService(worker, None, 0, metrics=metrics)  # its KV events feed the index
+        node_pb2_grpc.add_PrefillNodeServicer_to_server(service, server)
+        node_pb2_grpc.add_DecodeNodeServicer_to_server(DecodeService(worker, spec.node_id, 0, b"", metrics=metrics),
+                                                       server)
+        role = node_pb2.ROLE_COLOCATED
     else:
-        raise ValueError(f"role must be 'prefill' or 'decode', got {spec.role!r}")
+        raise ValueError(f"role must be 'prefill', 'decode' or 'colocated', got {spec.role!r}")
     port = server.add_insecure_port(f"{spec.host}:0")
     await server.start()
     address = f"{spec.host}:{port}"

@@ -15,20 +15,21 @@ import asyncio
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import AsyncIterator
 
 import grpc
 
 from conductor import admission
 from conductor.cost_model import CostModel, DecodeModel, PrefillModel, TransferModel
-from conductor.decision import Decision, Stage
+from conductor.decision import Decision, LoadBasis, RejectReason, Rejection, Stage
 from conductor.frontend_api import (Finished, GenerateRequest, Rejected, RequestFailed, TokenChunk, Timing,
                                     Unavailable, Usage)
 from conductor.registry import NodeRecord, NodeRegistry
+from conductor.policies import decode_estimate
 from conductor.request import RequestInfo
 from conductor.scheduler import Scheduler
-from conductor.view import DecodeResident
+from conductor.view import ClusterView, DecodeResident
 from engine.block_pool import block_hashes
 from engine.errors import InvalidRequestError
 from engine.tokenizer import Message, Tokenizer
@@ -127,12 +128,10 @@ class LiveConductor:
         params = request.sampling
         info = RequestInfo(rid, len(ids), tuple(block_hashes(ids, self.cfg.block_size)), params.max_tokens)
         view = self.registry.view
+        colocated = self.registry.colocated
         decision = self.scheduler.decide(view, info, t0)
-        if decision.admitted and decision.decode is None:  # per_stage: a decode node for the KV now,
-            decision = self.scheduler.decide_after_prefill(view, info, t0, decision)  # judged again later
-            if decision.rejection is not None and decision.rejection.stage is Stage.AFTER_PREFILL:
-                decision = Decision(decision.request_id, decision.policy, decision.admission, t0, decision.prefill,
-                                    decision.decode, None)
+        if colocated and decision.prefill is not None:
+            decision = self._same_node_decode(view, info, decision, t0)
         self.decisions.append(decision)
         del self.decisions[:-256]
         if not decision.admitted:
@@ -151,7 +150,7 @@ class LiveConductor:
             raise Unavailable("the chosen node is down")
         self._dispatched(pre, dec, info, decision, t0)
         try:
-            async for item in self._run(rid, ids, params, pre, dec, decision, info, t0):
+            async for item in self._run(rid, ids, params, pre, dec, decision, info, t0, colocated):
                 if clock is not None:
                     if isinstance(item, TokenChunk):
                         clock.on_tokens(len(item.token_ids))
@@ -160,6 +159,18 @@ class LiveConductor:
                 yield item
         finally:
             self._completed(pre, dec, rid)
+
+    def _same_node_decode(self, view: ClusterView, info: RequestInfo, decision: Decision, now: float) -> Decision:
+        """Colocated layout: decode where the prefill runs; admission judges that node."""
+        node = next((d for d in view.decode if d.node_id == decision.prefill.node and d.healthy), None)
+        if node is None:
+            return replace(decision, decode=None, rejection=Rejection(
+                RejectReason.NO_DECODE_NODE, Stage.ARRIVAL, f"colocated node {decision.prefill.node} is down", 5.0))
+        s = self.scheduler.settings.values
+        basis = admission.decode_basis(s.admission)
+        at = now + decision.prefill.ttft_s if basis is LoadBasis.PROJECTED else now
+        dec = decode_estimate(node, info, at, basis, s, self.scheduler.costs)
+        return replace(decision, decode=dec, rejection=admission.check_arrival(s, decision.prefill, dec))
 
     def _dispatched(self, pre: NodeRecord, dec: NodeRecord, info: RequestInfo, d: Decision, now: float) -> None:
         pv = pre.prefill_view
@@ -187,15 +198,25 @@ class LiveConductor:
     def _completed(self, pre: NodeRecord, dec: NodeRecord, rid: str) -> None:
         dec.decode_view.residents.pop(rid, None)
 
-    async def _run(self, rid, ids, params, pre: NodeRecord, dec: NodeRecord, decision: Decision, info, t0):
+    async def _run(self, rid, ids, params, pre: NodeRecord, dec: NodeRecord, decision: Decision, info, t0,
+                   colocated: bool):
         cfg = self.cfg
         sp = sampling_to_proto(params)
         reserved = False
         prefill_pending = True
         decode_call = None
         try:
+            if colocated:
+                prefill_pending = False
+                self._prefill_done(pre, dec, info)
+                decode_call = dec.decode_stub.Decode(node_pb2.DecodeRequest(
+                    request_id=rid, prompt_token_ids=ids, sampling=sp, colocated=True), timeout=cfg.request_timeout_s)
+                async for item in self._stream(decode_call, rid, ids, pre, dec, None, t0, t0):
+                    yield item
+                decode_call = None
+                return
             try:
-                resv = await _or_down(dec.stub.Reserve(
+                resv = await _or_down(dec.decode_stub.Reserve(
                     node_pb2.ReserveRequest(request_id=rid, num_tokens=len(ids), lease_s=cfg.kv_lease_s),
                     timeout=cfg.control_timeout_s), dec)
             except grpc.aio.AioRpcError as e:
@@ -207,10 +228,9 @@ class LiveConductor:
                                     f"{e.code().name}: {e.details()}") from None
             reserved = True
             recompute = False
-            t_prefill = time.monotonic()
             presp = None
             try:
-                presp = await _or_down(pre.stub.Prefill(
+                presp = await _or_down(pre.prefill_stub.Prefill(
                     node_pb2.PrefillRequest(request_id=rid, prompt_token_ids=ids, sampling=sp, target=resv.target),
                     timeout=cfg.request_timeout_s), pre)
             except grpc.aio.AioRpcError as e:
@@ -232,45 +252,20 @@ class LiveConductor:
             t_kv = time.monotonic()
             if self.metrics and presp is not None:
                 self.metrics.observe_prediction("ttft", decision.prefill.ttft_s, t_kv - t0)
-            if decision.admission.value == "per_stage" and not recompute:
-                again = admission.check_after_prefill(self.scheduler.settings.values, decision.decode)
+            if admission.judges_after_prefill(self.scheduler.settings.values.admission) and not recompute:
+                again = self.scheduler.decide_after_prefill(self.registry.view, info, t_kv, decision).rejection
                 if again is not None:
                     if self.metrics:
                         self.metrics.observe_rejected(again.reason.value)
                     raise Rejected(f"{again.reason.value} (after prefill): {again.detail}", again.retry_after_s)
-            decode_call = dec.stub.Decode(node_pb2.DecodeRequest(
+            decode_call = dec.decode_stub.Decode(node_pb2.DecodeRequest(
                 request_id=rid, prompt_token_ids=ids, sampling=sp, first_token=presp.first_token if presp else 0,
                 num_cached_tokens=presp.num_cached_tokens if presp else 0, recompute=recompute),
                 timeout=cfg.request_timeout_s)
             reserved = False  # Decode claims (or, recomputing, frees) the reservation
-            first_at = None
-            it = decode_call.__aiter__()
-            while True:
-                try:
-                    out = await _or_down(it.__anext__(), dec)
-                except StopAsyncIteration:
-                    raise RequestFailed(f"decode node {dec.node_id} ended the stream early") from None
-                except grpc.aio.AioRpcError as e:
-                    raise RequestFailed(f"decode node {dec.node_id} failed: {e.code().name}: {e.details()}") from None
-                except NodeDown as e:
-                    raise RequestFailed(str(e)) from None
-                now = time.monotonic()
-                if first_at is None:
-                    first_at = now
-                if out.delta.token_ids or out.delta.text:
-                    yield TokenChunk(out.delta.text, tuple(out.delta.token_ids))
-                if out.finished:
-                    timing = Timing(
-                        queue_s=presp.queue_s if presp else 0.0,
-                        prefill_s=presp.prefill_s if presp else 0.0,
-                        kv_transfer_s=presp.kv_transfer_s if presp else 0.0,
-                        first_decode_s=first_at - t_kv,
-                        ttft_s=first_at - t0)
-                    yield Finished(out.finish_reason or "stop",
-                                   Usage(len(ids), out.completion_tokens, presp.num_cached_tokens if presp else 0),
-                                   timing, pre.node_id, dec.node_id)
-                    decode_call = None
-                    return
+            async for item in self._stream(decode_call, rid, ids, pre, dec, presp, t0, t_kv):
+                yield item
+            decode_call = None
         except (RequestFailed, Rejected) as e:
             if self.metrics and isinstance(e, RequestFailed):
                 self.metrics.observe_failed(str(e).split(":")[0])
@@ -283,8 +278,39 @@ class LiveConductor:
             if reserved and dec.up:  # never claimed: give the blocks back now, not at lease expiry
                 asyncio.ensure_future(self._release(dec, rid))
 
+    async def _stream(self, decode_call, rid, ids, pre: NodeRecord, dec: NodeRecord, presp, t0: float, t_kv: float):
+        """Relay the decode node's stream; end with `Finished` carrying the TTFT breakdown."""
+        first_at = None
+        it = decode_call.__aiter__()
+        while True:
+            try:
+                out = await _or_down(it.__anext__(), dec)
+            except StopAsyncIteration:
+                raise RequestFailed(f"decode node {dec.node_id} ended the stream early") from None
+            except grpc.aio.AioRpcError as e:
+                raise RequestFailed(f"decode node {dec.node_id} failed: {e.code().name}: {e.details()}") from None
+            except NodeDown as e:
+                raise RequestFailed(str(e)) from None
+            now = time.monotonic()
+            if first_at is None:
+                first_at = now
+            if out.delta.token_ids or out.delta.text:
+                yield TokenChunk(out.delta.text, tuple(out.delta.token_ids))
+            if out.finished:
+                timing = Timing(
+                    queue_s=presp.queue_s if presp else 0.0,
+                    prefill_s=presp.prefill_s if presp else first_at - t_kv,  # colocated/recompute: all of it
+                    kv_transfer_s=presp.kv_transfer_s if presp else 0.0,
+                    first_decode_s=first_at - t_kv if presp else 0.0,
+                    ttft_s=first_at - t0)
+                yield Finished(out.finish_reason or "stop",
+                               Usage(len(ids), out.completion_tokens,
+                                     presp.num_cached_tokens if presp else out.num_cached_tokens),
+                               timing, pre.node_id, dec.node_id)
+                return
+
     async def _release(self, dec: NodeRecord, rid: str) -> None:
         try:
-            await dec.stub.Release(node_pb2.ReleaseRequest(request_id=rid), timeout=self.cfg.control_timeout_s)
+            await dec.decode_stub.Release(node_pb2.ReleaseRequest(request_id=rid), timeout=self.cfg.control_timeout_s)
         except grpc.aio.AioRpcError as e:
             log.info("release of %s on %s failed (%s); its lease will free it", rid, dec.node_id, e.code().name)

@@ -22,7 +22,7 @@ from proto.halfmoon.v1 import node_pb2, node_pb2_grpc
 
 log = logging.getLogger("halfmoon.conductor.registry")
 
-ROLES = {node_pb2.ROLE_PREFILL: "prefill", node_pb2.ROLE_DECODE: "decode"}
+ROLES = {node_pb2.ROLE_PREFILL: "prefill", node_pb2.ROLE_DECODE: "decode", node_pb2.ROLE_COLOCATED: "colocated"}
 
 
 @dataclass(eq=False)
@@ -33,7 +33,8 @@ class NodeRecord:
     layout: node_pb2.KVLayout
     metrics_address: str
     channel: grpc.aio.Channel
-    stub: object
+    prefill_stub: node_pb2_grpc.PrefillNodeStub | None  # prefill and colocated nodes
+    decode_stub: node_pb2_grpc.DecodeNodeStub | None  # decode and colocated nodes
     last_seen: float = field(default_factory=time.monotonic)
     load: node_pb2.NodeLoad = field(default_factory=node_pb2.NodeLoad)
     up: bool = True
@@ -79,14 +80,16 @@ class NodeRegistry:
         if old is not None:
             await self._drop(old)
         channel = grpc.aio.insecure_channel(req.address)
-        stub = (node_pb2_grpc.PrefillNodeStub if role == "prefill" else node_pb2_grpc.DecodeNodeStub)(channel)
-        rec = NodeRecord(req.node_id, role, req.address, req.layout, req.metrics_address, channel, stub)
+        does_prefill, does_decode = role in ("prefill", "colocated"), role in ("decode", "colocated")
+        rec = NodeRecord(req.node_id, role, req.address, req.layout, req.metrics_address, channel,
+                         node_pb2_grpc.PrefillNodeStub(channel) if does_prefill else None,
+                         node_pb2_grpc.DecodeNodeStub(channel) if does_decode else None)
         nid = NodeId(req.node_id)
-        if role == "prefill":
+        if does_prefill:
             rec.prefill_view = PrefillNodeView(nid)
             self.view.prefill.append(rec.prefill_view)
             rec.events_task = asyncio.get_running_loop().create_task(self._follow_kv_events(rec))
-        else:
+        if does_decode:
             rec.decode_view = DecodeNodeView(nid, kv_capacity_tokens=req.layout.total_blocks * req.layout.block_size)
             self.view.decode.append(rec.decode_view)
         self.nodes[req.node_id] = rec
@@ -146,7 +149,7 @@ class NodeRegistry:
         node = NodeId(rec.node_id)
         while rec.up:
             try:
-                call = rec.stub.KVEvents(node_pb2.KVEventsRequest(subscriber="conductor"))
+                call = rec.prefill_stub.KVEvents(node_pb2.KVEventsRequest(subscriber="conductor"))
                 snapshot_seq = None
                 async for ev in call:
                     if ev.kind == node_pb2.KV_EVENT_CLEARED:
@@ -172,3 +175,8 @@ class NodeRegistry:
 
     def live(self, role: str) -> list[NodeRecord]:
         return [r for r in self.nodes.values() if r.up and r.role == role]
+
+    @property
+    def colocated(self) -> bool:
+        """True when the live nodes are colocated ones (the baseline layout)."""
+        return any(r.role == "colocated" for r in self.nodes.values() if r.up)

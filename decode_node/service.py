@@ -8,7 +8,8 @@ Lifecycle of one request:
 2. The prefill node writes the KV straight into those blocks (transfer engine).
 3. `Decode` claims the reservation, joins the request to the running batch with the first
    token the prefill node sampled, and streams tokens until it finishes. With
-   `recompute=True` (the KV never arrived) the node computes the prompt itself instead.
+   `recompute=True` (the KV never arrived) the node computes the prompt itself instead;
+   so does a node of the colocated layout for every request (`colocated=True`).
 
 Cancelling the `Decode` call aborts the request and frees its blocks.
 """
@@ -93,6 +94,7 @@ class DecodeService(node_pb2_grpc.DecodeNodeServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         blocks = self._take(rid)
         prompt = list(request.prompt_token_ids)
+        local_prefill = request.recompute or request.colocated
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
 
@@ -100,7 +102,7 @@ class DecodeService(node_pb2_grpc.DecodeNodeServicer):
             loop.call_soon_threadsafe(queue.put_nowait, out)
 
         def start(eng: LLMEngine) -> None:
-            if request.recompute:
+            if local_prefill:
                 if blocks is not None:
                     eng.unreserve(blocks)
                 self.worker.set_sink(rid, sink)
@@ -112,14 +114,14 @@ class DecodeService(node_pb2_grpc.DecodeNodeServicer):
                 if out.finished:
                     self.worker.set_sink(rid, None)
 
-        if blocks is None and not request.recompute:
+        if blocks is None and not local_prefill:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"no reservation for {rid!r} on {self.node_id} (lease expired or released)")
         try:
             await self._engine(start)
         except InvalidRequestError as e:
             self.worker.set_sink(rid, None)
-            if blocks is not None and not request.recompute:
+            if blocks is not None and not local_prefill:
                 await self._engine(lambda eng: eng.unreserve(blocks))
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         if request.recompute:
@@ -135,7 +137,7 @@ class DecodeService(node_pb2_grpc.DecodeNodeServicer):
                     delta=common_pb2.TokenDelta(text=out.text_delta, token_ids=list(out.new_token_ids)),
                     finished=out.finished,
                     finish_reason=out.finish_reason.value if out.finish_reason else ("abort" if finished else ""),
-                    completion_tokens=out.num_output_tokens)
+                    completion_tokens=out.num_output_tokens, num_cached_tokens=out.num_cached_tokens)
         finally:
             if not finished:  # cancelled: abort without awaiting
                 self.worker.set_sink(rid, None)

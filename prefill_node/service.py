@@ -54,7 +54,7 @@ class _Job:
 
 
 class PrefillService(node_pb2_grpc.PrefillNodeServicer):
-    def __init__(self, worker: EngineWorker, transfer: TransferEngine, kv_region: Region, *,
+    def __init__(self, worker: EngineWorker, transfer: TransferEngine | None, kv_region: Region | int, *,
                  transfer_timeout_s: float = 30.0, metrics=None) -> None:
         self.worker = worker
         self.transfer = transfer
@@ -139,6 +139,9 @@ class PrefillService(node_pb2_grpc.PrefillNodeServicer):
     async def Prefill(self, request: node_pb2.PrefillRequest, context: grpc.aio.ServicerContext):
         rid = request.request_id
         prompt = list(request.prompt_token_ids)
+        if self.transfer is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                "this is a colocated node: it serves whole requests through Decode, it does not push KV")
         try:
             params = sampling_from_proto(request.sampling)
         except InvalidRequestError as e:

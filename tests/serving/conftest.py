@@ -13,7 +13,7 @@ def free_port() -> int:
 
 
 def start_cluster(num_prefill: int, num_decode: int, *, settings: dict | None = None, num_blocks: int = 512,
-                  heartbeat_timeout_s: float = 3.0, **conductor_kw):
+                  heartbeat_timeout_s: float = 3.0, colocated: int = 0, **conductor_kw):
     from cluster.local import LocalCluster
     from cluster.node_main import NodeSpec
     from conductor.server import ConductorSpec
@@ -21,7 +21,7 @@ def start_cluster(num_prefill: int, num_decode: int, *, settings: dict | None = 
     spec = ConductorSpec(grpc_port=free_port(), http_port=None, settings=settings or {},
                          heartbeat_interval_s=0.5, heartbeat_timeout_s=heartbeat_timeout_s, **conductor_kw)
     node = NodeSpec(role="prefill", node_id="", conductor="", num_blocks=num_blocks, num_threads=1)
-    return LocalCluster.build(num_prefill, num_decode, conductor=spec, node=node).start()
+    return LocalCluster.build(num_prefill, num_decode, conductor=spec, node=node, colocated=colocated).start()
 
 
 @pytest.fixture(scope="module")
