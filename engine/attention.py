@@ -40,12 +40,20 @@ class AttentionMetadata:
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              meta: AttentionMetadata) -> None:
+    if k_cache.is_cuda:  # GPU: the triton kernel when triton imports (engine/triton_kernels.py)
+        from engine import triton_kernels as tk
+        if tk.AVAILABLE:
+            return tk.paged_kv_scatter(k_cache, v_cache, k, v, meta.slot_blocks, meta.slot_offsets)
     k_cache[meta.slot_blocks, meta.slot_offsets] = k
     v_cache[meta.slot_blocks, meta.slot_offsets] = v
 
 
 def _gather(cache: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """[..., nb] block ids -> [..., kv_heads, nb * block_size, head_dim]."""
+    if cache.is_cuda:
+        from engine import triton_kernels as tk
+        if tk.AVAILABLE:
+            return tk.paged_kv_gather(cache, table).transpose(-3, -2)
     nblocks, bs, kvh, hd = cache.shape
     # Each block's rows are contiguous inside the strided per-layer view: select them as
     # flat rows (index_select on 2-D is a straight row copy, much faster than 4-D indexing).
