@@ -1,8 +1,8 @@
 """From a ``--target`` string to a connected ReplayClient.
 
-``fake`` gives the in-process FakeClient. ``grpc://HOST:PORT`` (the conductor's client
-API) and ``http://HOST:PORT`` (its OpenAI-compatible API) name the live cluster; their
-clients plug in here, inside ``open_target``, which also closes them after the replay.
+``fake`` gives the in-process FakeClient; ``grpc://HOST:PORT`` the conductor's client API
+(`bench/replay/grpc_client.py`). ``http://HOST:PORT`` (the OpenAI-compatible API) has no
+replay client yet. ``open_target`` closes the client after the replay.
 """
 
 from __future__ import annotations
@@ -50,6 +50,16 @@ async def open_target(
     """Connect to ``target`` for the duration of the block."""
     if target.scheme == "fake":
         yield FakeClient(fake)
+        return
+    if target.scheme == "grpc":
+        from bench.replay.grpc_client import GrpcReplayClient
+
+        client = GrpcReplayClient(target.address)
+        try:
+            await client.check()
+            yield client
+        finally:
+            await client.close()
         return
     raise TargetUnavailable(
         f"the {target.scheme} replay client is not yet available (target {target.scheme}://"
