@@ -142,7 +142,9 @@ class TransferEngine:
         return region, torch.from_numpy(array).view(dtype).view(tuple(int(d) for d in shape))
 
     def unregister(self, region: Region | int) -> None:
-        """Stop serving a region; peers' later requests to it are refused."""
+        """Stop serving a region: later TCP requests to it are refused. A same-host peer
+        that already mapped a shm-backed region can still copy into it until it next
+        refreshes our descriptor; unregister only memory no peer is still writing."""
         region_id = region.id if isinstance(region, Region) else int(region)
         local = self._regions.remove(region_id)
         if local is None:
