@@ -239,3 +239,22 @@ def test_frames_split_big_pieces_and_pack_small_ones():
     assert [f.nbytes for f in frames] == [100, 100, 80]
     assert [(p.local_offset, p.remote_offset, p.length) for p in frames[1].pieces] == [(100, 100, 100)]
     assert [(p.local_offset, p.remote_offset, p.length) for p in frames[2].pieces] == [(200, 200, 50), (300, 900, 30)]
+
+
+def test_mooncake_missing_is_a_clear_error(monkeypatch):
+    import importlib
+
+    from transfer_engine import TransferEngine, TransportUnavailable, mooncake_unavailable_reason
+
+    real = importlib.import_module
+
+    def no_mooncake(name, *args, **kwargs):
+        if name.startswith("mooncake"):
+            raise ImportError(f"No module named {name!r}")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib, "import_module", no_mooncake)
+    reason = mooncake_unavailable_reason()
+    assert reason is not None and "install-mooncake.sh" in reason
+    with pytest.raises(TransportUnavailable, match="mooncake-transfer-engine-non-cuda"):
+        TransferEngine("no-moon", transport="mooncake")
