@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from bench.sim_cluster import DEFAULT_CACHE_BLOCKS, DEFAULT_DECODE_KV_TOKENS, SimConfig, check_event_log, simulate
+from bench.sim_cluster import DEFAULT_CACHE_BLOCKS, DEFAULT_DECODE_KV_TOKENS, SimConfig, simulate
+from bench.sim_events import check_event_log
 from bench.sim_metrics import SimSummary, summarize
 from bench.sim_trace import load_sim_requests, repeat_fraction
 from conductor.cost_model import CostModel, gpu_class_default

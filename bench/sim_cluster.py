@@ -9,13 +9,21 @@ the nodes are simulated, with the same `CostModel` that the scheduler predicts w
   so (and the peer still has them), and is busy for local load + pull + prefill time; when
   done it caches every block of the prompt and publishes `BlockStored` / `BlockRemoved`
   events to the index.
-- **decode instance**: reserves KV for prompt + output (waiting FIFO when full), receives
-  the KV after a network transfer (that moment is the first token), and runs
-  continuous-batching steps of `decode_step_s(batch, tokens in flight)`; a request joins
-  at the next step boundary and leaves after `output_length - 1` steps.
+- **decode instance**: reserves KV for prompt + output (as if `max_tokens` = the trace's
+  output length; a FIFO of waiting requests when full), receives the KV after a network
+  transfer, and runs continuous-batching steps of `decode_step_s(batch, tokens in flight)`;
+  a request joins at the next step boundary and leaves after `output_length - 1` steps.
 
-Every request leaves a trail in `events` (arrival, rejection or prefill, first token,
-completion or failure); `check_event_log` verifies that trail.
+The first token is sampled at the end of the prefill and reaches the client when the KV has
+landed on the decode node, so TTFT = queue + local load + pull + prefill + KV send (+ any
+wait for decode memory). The conductor's view is updated the way the live conductor does it:
+a dispatch adds its predicted service time to `busy_until_s`, a start or finish corrects it,
+decode nodes report their batch and KV, and each request pairs with its decode node on
+arrival (counted there as incoming until its prefill ends). Predictions are logged against
+what happened (queue, prefill, TTFT, TBT); `service_noise` makes prefill times deviate from
+the cost model.
+
+Every request leaves a trail in `events` (`bench.sim_events`, which also checks it).
 """
 from __future__ import annotations
 
@@ -24,8 +32,8 @@ import math
 import random
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from enum import StrEnum
 
+from bench.sim_events import EventKind, Outcome, RequestEvent
 from conductor.cost_model import CostModel
 from conductor.decision import Decision, Rejection
 from conductor.kv_events import BlockRemoved, BlockStored
@@ -90,31 +98,6 @@ class SimConfig:
             policy=self.policy,
             typical_output_tokens=self.typical_output_tokens,
         )
-
-
-class EventKind(StrEnum):
-    ARRIVED = "arrived"
-    REJECTED = "rejected"
-    PREFILL_STARTED = "prefill_started"
-    PREFILL_DONE = "prefill_done"
-    FIRST_TOKEN = "first_token"
-    COMPLETED = "completed"
-    FAILED = "failed"
-
-
-@dataclass(frozen=True, slots=True)
-class RequestEvent:
-    t_s: float
-    request: int
-    kind: EventKind
-    detail: str = ""
-
-
-class Outcome(StrEnum):
-    PENDING = "pending"
-    REJECTED = "rejected"
-    COMPLETED = "completed"
-    FAILED = "failed"
 
 
 @dataclass(slots=True)
@@ -516,50 +499,3 @@ class Simulation:
 
 def simulate(requests: list[SimRequest], config: SimConfig, costs: CostModel) -> SimRun:
     return Simulation(requests, config, costs).run()
-
-
-def check_event_log(run: SimRun) -> list[str]:
-    """Problems in the per-request trail; empty when every request has a consistent story:
-    one arrival; then either a rejection (before or after its prefill) or a first token; and
-    exactly one terminal event (rejected, completed or failed) that matches its outcome."""
-    problems: list[str] = []
-    by_request: dict[int, list[RequestEvent]] = {}
-    for e in run.events:
-        by_request.setdefault(e.request, []).append(e)
-    terminal = {EventKind.REJECTED, EventKind.COMPLETED, EventKind.FAILED}
-    for st in run.states:
-        rid = st.req.index
-        trail = by_request.get(rid, [])
-        kinds = [e.kind for e in trail]
-        if not kinds or kinds[0] is not EventKind.ARRIVED or kinds.count(EventKind.ARRIVED) != 1:
-            problems.append(f"request {rid}: trail does not open with one arrival: {kinds}")
-            continue
-        ends = [k for k in kinds if k in terminal]
-        if len(ends) != 1 or kinds[-1] not in terminal:
-            problems.append(f"request {rid}: expected exactly one terminal event last, got {kinds}")
-            continue
-        times = [e.t_s for e in trail]
-        if any(b < a for a, b in zip(times, times[1:])):
-            problems.append(f"request {rid}: events out of time order")
-        end = kinds[-1]
-        if end is EventKind.REJECTED:
-            if st.outcome is not Outcome.REJECTED or EventKind.FIRST_TOKEN in kinds:
-                problems.append(f"request {rid}: rejected but outcome {st.outcome} / trail {kinds}")
-            ran_prefill = EventKind.PREFILL_DONE in kinds
-            if ran_prefill != st.rejected_after_prefill:
-                problems.append(f"request {rid}: rejected_after_prefill={st.rejected_after_prefill} but trail {kinds}")
-            if not trail[-1].detail:
-                problems.append(f"request {rid}: rejection without a reason")
-        elif end is EventKind.COMPLETED:
-            expected = [EventKind.ARRIVED, EventKind.PREFILL_STARTED, EventKind.PREFILL_DONE,
-                        EventKind.FIRST_TOKEN, EventKind.COMPLETED]
-            if kinds != expected or st.outcome is not Outcome.COMPLETED:
-                problems.append(f"request {rid}: completed with trail {kinds}, outcome {st.outcome}")
-        else:
-            if st.outcome is not Outcome.FAILED or not trail[-1].detail:
-                problems.append(f"request {rid}: failed without a reason or with outcome {st.outcome}")
-    known = {st.req.index for st in run.states}
-    strays = set(by_request) - known
-    if strays:
-        problems.append(f"events for unknown requests: {sorted(strays)[:5]}")
-    return problems

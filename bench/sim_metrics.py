@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from bench.sim_cluster import Outcome, SimRun
+from bench.sim_cluster import SimRun
+from bench.sim_events import Outcome
 from conductor.predictions import Quantity
 
 TBT_WORST_FRACTION = 0.1

@@ -11,7 +11,8 @@ from dataclasses import replace
 import pytest
 
 from bench.sim import main
-from bench.sim_cluster import EventKind, Outcome, RequestEvent, SimConfig, SimRequest, check_event_log, simulate
+from bench.sim_cluster import SimConfig, SimRequest, simulate
+from bench.sim_events import EventKind, Outcome, RequestEvent, check_event_log
 from bench.sim_metrics import ROW_KEYS, summarize
 from conductor.cost_model import CostModel, DecodeModel, PrefillModel, TransferModel
 from conductor.decision import RejectReason, Stage
@@ -194,6 +195,13 @@ def test_cli_compares_admission_modes(tmp_path):
     assert [r["admission"] for r in rows] == ["none", "per_stage", "early", "predictive"]
     assert rows[0]["rejected"] == 0
     assert rows[2]["rejected_after_prefill"] == rows[3]["rejected_after_prefill"] == 0
+
+
+def test_cli_runs_the_smallest_cluster(tmp_path):
+    out = tmp_path / "one.json"
+    assert main(["--prefill", "1", "--decode", "1", "--limit", "200", "--json", str(out), "--check"]) == 0
+    row = json.loads(out.read_text())[0]
+    assert (row["prefill_nodes"], row["decode_nodes"], row["completed"], row["rejected"]) == (1, 1, 200, 0)
 
 
 def test_cli_refuses_bad_input_with_a_message(capsys, tmp_path):

@@ -15,7 +15,8 @@ import time
 import pytest
 
 from bench.sim import DEFAULT_TRACE
-from bench.sim_cluster import SimConfig, check_event_log, simulate
+from bench.sim_cluster import SimConfig, simulate
+from bench.sim_events import check_event_log
 from bench.sim_metrics import summarize
 from bench.sim_trace import load_sim_requests, repeat_fraction
 from conductor.cost_model import gpu_class_default
