@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib
 import sys
 import uuid
+from pathlib import Path
 
 import typer
 
@@ -106,38 +107,49 @@ def _generate_local(prompt: str, chat: bool, params, model: str) -> None:
 
 @app.command()
 def serve(
-    prefill: int = typer.Option(1, "--prefill", help="Prefill nodes."),
-    decode: int = typer.Option(1, "--decode", help="Decode nodes."),
-    host: str = typer.Option("127.0.0.1", "--host"),
-    port: int = typer.Option(50051, "--port", help="The conductor's gRPC port."),
-    http_port: int = typer.Option(8000, "--http-port", help="OpenAI-compatible HTTP port (and /metrics)."),
-    num_blocks: int = typer.Option(1024, "--num-blocks", help="KV blocks per node."),
-    policy: str = typer.Option("kv_centric", "--policy"),
-    admission: str = typer.Option("early", "--admission"),
-    ttft_slo: float = typer.Option(30.0, "--ttft-slo", help="TTFT SLO in seconds."),
-    tbt_slo: float = typer.Option(1.0, "--tbt-slo", help="TBT SLO in seconds."),
+    config_file: Path | None = typer.Option(None, "--config", help="A cluster config (YAML, see deploy/); "
+                                            "the options below override it."),
+    launcher: str = typer.Option("ray", "--launcher", help="ray: actors on an embedded local Ray cluster; "
+                                 "processes: one OS process per server."),
+    prefill: int | None = typer.Option(None, "--prefill", help="Prefill nodes (default 1)."),
+    decode: int | None = typer.Option(None, "--decode", help="Decode nodes (default 1)."),
+    host: str | None = typer.Option(None, "--host", help="Address every server binds (default 127.0.0.1)."),
+    port: int | None = typer.Option(None, "--port", help="The conductor's gRPC port (default 50051)."),
+    http_port: int | None = typer.Option(None, "--http-port", help="OpenAI-compatible HTTP port and /metrics (default 8000)."),
+    num_blocks: int | None = typer.Option(None, "--num-blocks", help="KV blocks per node (default 512)."),
+    policy: str | None = typer.Option(None, "--policy", help="Routing policy (default kv_centric)."),
+    admission: str | None = typer.Option(None, "--admission", help="Admission mode (default early)."),
+    ttft_slo: float | None = typer.Option(None, "--ttft-slo", help="TTFT SLO in seconds (default 30)."),
+    tbt_slo: float | None = typer.Option(None, "--tbt-slo", help="TBT SLO in seconds (default 1)."),
     cost_model: str | None = typer.Option(None, "--cost-model", help="A `halfmoon profile` file."),
+    timeout: float = typer.Option(300.0, "--timeout", help="Seconds to wait for every node to register."),
     demo_prompt: str | None = typer.Option(None, "--demo-prompt",
                                            help="Once up, answer this chat prompt through the cluster."),
 ) -> None:
-    """Start a local cluster (conductor + prefill and decode nodes, one process each) and
-    serve until Ctrl-C / SIGTERM, which stops every process it started."""
+    """Start a cluster on this machine (conductor + prefill and decode nodes) and serve until
+    Ctrl-C / SIGTERM, which stops everything it started."""
     import signal
     import threading
 
-    from cluster.local import LocalCluster
-    from cluster.node_main import NodeSpec
-    from conductor.server import ConductorSpec
+    from cluster.launch import LAUNCHERS
 
-    spec = ConductorSpec(host=host, grpc_port=port, http_port=http_port, cost_model=cost_model,
-                         settings={"policy": policy, "admission": admission, "ttft_slo_s": ttft_slo,
-                                   "tbt_slo_s": tbt_slo})
-    node = NodeSpec(role="prefill", node_id="", conductor="", host=host, num_blocks=num_blocks)
-    cluster = LocalCluster.build(prefill, decode, conductor=spec, node=node)
-    typer.echo(f"starting conductor + {prefill} prefill + {decode} decode node(s) ...")
-    cluster.start()
-    typer.echo(f"halfmoon serving on {cluster.address} (gRPC) and http://{host}:{http_port}/v1 (HTTP); "
-               "Ctrl-C stops it")
+    if launcher not in LAUNCHERS:
+        typer.echo(f"error: --launcher must be one of {', '.join(LAUNCHERS)}, got {launcher!r}", err=True)
+        raise typer.Exit(2)
+    overrides = {"prefill.count": prefill, "decode.count": decode, "conductor.host": host, "prefill.host": host,
+                 "decode.host": host, "conductor.grpc_port": port, "conductor.http_port": http_port,
+                 "kv.num_blocks": num_blocks, "conductor.policy": policy, "conductor.admission": admission,
+                 "conductor.ttft_slo_s": ttft_slo, "conductor.tbt_slo_s": tbt_slo, "conductor.cost_model": cost_model}
+    config = _config(config_file, {k: v for k, v in overrides.items() if v is not None})
+    typer.echo(f"starting conductor + {config.prefill.count} prefill + {config.decode.count} decode node(s) "
+               f"({launcher}) ...")
+    try:
+        cluster = LAUNCHERS[launcher](config, timeout)
+    except Exception as e:  # noqa: BLE001 (every start-up failure ends here with its reason)
+        typer.echo(f"error: the cluster did not start: {e}", err=True)
+        raise typer.Exit(1)
+    http = f" and {cluster.http_url}/v1 (HTTP)" if cluster.http_url else ""
+    typer.echo(f"halfmoon serving on {cluster.grpc_address} (gRPC){http}; Ctrl-C stops it")
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
@@ -146,15 +158,94 @@ def serve(
             from engine.sampling import SamplingParams
 
             typer.echo(f"> {demo_prompt}")
-            _generate_remote(demo_prompt, True, SamplingParams(max_tokens=64), cluster.address, True)
-        while not done.wait(1.0):
-            dead = [n for n, p in cluster.procs.items() if not p.is_alive()]
-            if "conductor" in dead:
-                typer.echo("conductor exited; stopping", err=True)
+            _generate_remote(demo_prompt, True, SamplingParams(max_tokens=64), cluster.grpc_address, True)
+        while not done.wait(2.0):
+            problem = cluster.problem()
+            if problem:
+                typer.echo(f"{problem}; stopping", err=True)
                 break
     finally:
         cluster.stop()
         typer.echo("stopped")
+
+
+def _config(path: Path | None, overrides: dict[str, object]):
+    """The config file (or the default config) with command-line overrides; exits 2 naming
+    the bad field."""
+    from cluster.config import ClusterConfig, ConfigError, load_config, with_overrides
+
+    try:
+        config = load_config(path) if path is not None else ClusterConfig()
+        return with_overrides(config, overrides, source="command line") if overrides else config
+    except ConfigError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+
+
+def _connect_ray(address: str, namespace: str) -> None:
+    import ray
+
+    try:
+        ray.init(address=address, namespace=namespace, log_to_driver=True)
+    except ConnectionError as e:
+        typer.echo(f"error: no Ray cluster at {address!r} ({e}); start one with `ray start --head`, "
+                   "pass --address HOST:PORT, or run `halfmoon serve` for a cluster of its own", err=True)
+        raise typer.Exit(1)
+
+
+@app.command()
+def up(
+    config_file: Path = typer.Option(..., "--config", help="The cluster config (YAML, see deploy/)."),
+    address: str | None = typer.Option(None, "--address", help="The Ray cluster (GCS host:port, or auto); "
+                                       "default: ray.address in the config, else auto (inside `ray job "
+                                       "submit`: the job's cluster)."),
+    timeout: float = typer.Option(600.0, "--timeout", help="Seconds to wait for every node to register."),
+) -> None:
+    """Deploy the cluster onto an existing Ray cluster as detached, named actors in the
+    config's Ray namespace, and return once every node has registered. It keeps serving
+    after this command (or the `ray job submit` job running it) ends: `halfmoon down` stops it."""
+    from cluster.ray_launcher import DeployError, RayLauncher
+
+    config = _config(config_file, {})
+    _connect_ray(address or config.ray.address or "auto", config.ray.namespace)
+    import ray
+
+    try:
+        dep = RayLauncher(config, detached=True).start(timeout)
+    except DeployError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1)
+    finally:
+        ray.shutdown()
+    typer.echo(f"halfmoon is up in Ray namespace {dep.namespace!r}: gRPC {dep.grpc_address}"
+               + (f", HTTP {dep.http_url}/v1" if dep.http_url else ""))
+    for n in dep.nodes:
+        typer.echo(f"  {n.node_id} ({n.role}) on Ray node {n.placement.ray_node_id[:12]} at {n.host}, "
+                   f"pid {n.placement.pid}")
+    typer.echo(f"stop it with: halfmoon down --config {config_file}")
+
+
+@app.command()
+def down(
+    config_file: Path | None = typer.Option(None, "--config", help="Take the Ray address and namespace from it."),
+    address: str | None = typer.Option(None, "--address", help="The Ray cluster (GCS host:port, or auto)."),
+    namespace: str | None = typer.Option(None, "--namespace", help="Ray namespace (default: the config's, else halfmoon)."),
+    timeout: float = typer.Option(20.0, "--timeout", help="Seconds each server gets to stop before it is killed."),
+) -> None:
+    """Stop every halfmoon actor (nodes, then the conductor) in a Ray namespace."""
+    from cluster.config import RayConfig
+    from cluster.ray_launcher import stop_namespace
+
+    ray_config = _config(config_file, {}).ray if config_file is not None else RayConfig()
+    ns = namespace or ray_config.namespace
+    _connect_ray(address or ray_config.address or "auto", ns)
+    import ray
+
+    try:
+        stopped = stop_namespace(ns, timeout)
+    finally:
+        ray.shutdown()
+    typer.echo(f"stopped {', '.join(stopped)}" if stopped else f"nothing of halfmoon runs in Ray namespace {ns!r}")
 
 
 @app.command()
@@ -234,6 +325,14 @@ def admin_set(assignments: list[str] = typer.Argument(..., help="NAME=VALUE pair
             typer.echo(f"error: {e.code().name}: {e.details()}", err=True)
             raise typer.Exit(1)
     typer.echo("changed: " + (", ".join(res.changed) or "nothing (values already in force)"))
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def profile(ctx: typer.Context) -> None:
+    """Profile the engine on this machine and write a cost-model file (try `--help`)."""
+    from bench.profile import main as profile_main
+
+    raise typer.Exit(profile_main(list(ctx.args)) or 0)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
