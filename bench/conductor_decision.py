@@ -190,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         table.add_row(str(r.nodes), f"{r.prefill_nodes}+{r.decode_nodes}", f"{r.indexed_blocks:,}", r.policy, r.admission,
                       str(r.decisions), f"{r.p50_ms:.3f}", f"{r.p90_ms:.3f}", f"{r.p99_ms:.3f}", f"{r.max_ms:.3f}",
                       f"{r.cpu_p50_ms:.3f}", f"{r.cpu_p99_ms:.3f}")
-    Console(width=max(Console().width, 140)).print(table)
+    Console(width=max(Console().width, 170)).print(table)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n", encoding="utf-8")
