@@ -85,7 +85,7 @@ async def _or_down(aw, rec: NodeRecord):
 
 class LiveConductor:
     def __init__(self, cfg: LiveConfig, tokenizer: Tokenizer, scheduler: Scheduler, registry: NodeRegistry,
-                 metrics=None) -> None:
+                 metrics=None, clock=time.monotonic) -> None:
         self.cfg = cfg
         self.model_name = cfg.model_name
         self.tokenizer = tokenizer
@@ -94,6 +94,7 @@ class LiveConductor:
         self.metrics = metrics
         self.decisions: list[Decision] = []  # recent decisions, for status and tests
         self.vocab_size = tokenizer.vocab_size
+        self._clock = clock  # the scheduler's notion of now (tests pin it)
 
     # --- validation -----------------------------------------------------------------
     def encode(self, req: GenerateRequest) -> list[int]:
@@ -120,7 +121,7 @@ class LiveConductor:
 
     # --- the request ------------------------------------------------------------------
     async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenChunk | Finished]:
-        t0 = time.monotonic()
+        t0 = self._clock()
         clock = self.metrics.start_request() if self.metrics else None
         request.sampling.validate()
         ids = self.encode(request)
@@ -186,14 +187,14 @@ class LiveConductor:
         pv = pre.prefill_view
         pv.queued_requests = max(0, pv.queued_requests - 1)
         if pv.queued_requests == 0:
-            pv.busy_until_s = time.monotonic()
+            pv.busy_until_s = self._clock()
         dv = dec.decode_view
         dv.incoming = max(0, dv.incoming - 1)
         dv.incoming_tokens = max(0, dv.incoming_tokens - info.input_tokens)
         res = dv.residents.get(info.request_id)
         if res is not None:
             res.running = True
-            res.ready_at_s = time.monotonic()
+            res.ready_at_s = self._clock()
 
     def _completed(self, pre: NodeRecord, dec: NodeRecord, rid: str) -> None:
         dec.decode_view.residents.pop(rid, None)
@@ -249,7 +250,7 @@ class LiveConductor:
                 recompute = True
             prefill_pending = False
             self._prefill_done(pre, dec, info)
-            t_kv = time.monotonic()
+            t_kv = self._clock()
             if self.metrics and presp is not None:
                 self.metrics.observe_prediction("ttft", decision.prefill.ttft_s, t_kv - t0)
             if admission.judges_after_prefill(self.scheduler.settings.values.admission) and not recompute:
@@ -291,7 +292,7 @@ class LiveConductor:
                 raise RequestFailed(f"decode node {dec.node_id} failed: {e.code().name}: {e.details()}") from None
             except NodeDown as e:
                 raise RequestFailed(str(e)) from None
-            now = time.monotonic()
+            now = self._clock()
             if first_at is None:
                 first_at = now
             if out.delta.token_ids or out.delta.text:
