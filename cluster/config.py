@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypedDict
+from typing import Annotated, Any, Literal, Mapping, TypedDict
 
 import yaml
 from pydantic import (
@@ -21,6 +21,10 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from conductor.errors import InvalidSetting
+from conductor.modes import AdmissionMode, PolicyName, parse_admission, parse_policy
+from conductor.settings import SettingsValues
 
 Port = Annotated[int, Field(ge=0, le=65535, description="0 picks a free port")]
 Seconds = Annotated[float, Field(gt=0)]
@@ -116,8 +120,7 @@ class NodeGroupConfig(_ActorResources):
 class KVConfig(_Section):
     block_size: int = Field(16, ge=1, le=4096, description="tokens per KV block")
     num_blocks: int | None = Field(None, ge=1)
-    kv_memory_gb: float | None = Field(None, gt=0, description="size the pool by memory instead")
-    enable_prefix_caching: bool = True
+    kv_memory_gb: float | None = Field(None, gt=0, description="size the pool by memory instead (on each node's host)")
 
     @model_validator(mode="after")
     def _one_sizing(self) -> KVConfig:
@@ -138,8 +141,10 @@ class KVConfig(_Section):
 
 class SchedulerConfig(_Section):
     max_num_seqs: int = Field(32, ge=1, description="requests in one decode batch")
-    max_num_batched_tokens: int = Field(2048, ge=1, description="tokens in one engine step")
-    prefill_chunk_size: int = Field(512, ge=1, description="tokens per prefill chunk (and KV push)")
+    max_num_batched_tokens: int = Field(2048, ge=1, description="tokens in one decode-node engine step")
+    prefill_chunk_size: int = Field(
+        512, ge=1, description="tokens a prefill node computes per step: one chunk, one KV push"
+    )
 
     @model_validator(mode="after")
     def _chunk_fits_step(self) -> SchedulerConfig:
@@ -152,21 +157,54 @@ class SchedulerConfig(_Section):
 
 
 class ConductorConfig(_ActorResources):
+    """The conductor's servers and its starting scheduling settings (`conductor.settings`
+    names; `halfmoon admin set` changes them at runtime)."""
+
     host: str = Field("127.0.0.1", min_length=1)
     grpc_port: Port = 50051
     http_port: Port = 8000  # the OpenAI-compatible API and /metrics
-    policy: Literal["kv_centric", "cache_aware", "load_balance", "random"] = "kv_centric"
-    admission: Literal["early", "predictive", "stage", "off"] = "early"
+    policy: PolicyName = Field(PolicyName.KV_CENTRIC, description="a `conductor.modes.PolicyName` (or alias)")
+    admission: AdmissionMode = Field(AdmissionMode.EARLY, description="a `conductor.modes.AdmissionMode` (or alias)")
     ttft_slo_s: Seconds = 30.0
     tbt_slo_s: Seconds = 1.0
+    prefill_reject_threshold: float = Field(1.0, gt=0, description="reject when predicted TTFT > this x TTFT SLO")
+    decode_reject_threshold: float = Field(1.0, gt=0, description="reject when predicted decode load > this")
+    typical_output_tokens: int = Field(256, ge=1, description="assumed output length (predictive admission)")
+    cost_model: Path | None = Field(None, description="a `halfmoon profile` file; None: the CPU default")
     heartbeat_interval_s: Seconds = 1.0
     heartbeat_timeout_s: Seconds = 5.0
     prometheus_targets_file: Path | None = Field(
         None, description="where the launcher writes node metrics addresses (Prometheus file_sd)"
     )
 
+    @field_validator("policy", mode="before")
+    @classmethod
+    def _policy(cls, value: object) -> object:
+        return parse_policy(value) if isinstance(value, str) else value
+
+    @field_validator("admission", mode="before")
+    @classmethod
+    def _admission(cls, value: object) -> object:
+        return parse_admission(value) if isinstance(value, str) else value
+
+    def settings(self) -> SettingsValues:
+        """The scheduling settings the conductor starts with."""
+        return SettingsValues(
+            ttft_slo_s=self.ttft_slo_s,
+            tbt_slo_s=self.tbt_slo_s,
+            prefill_reject_threshold=self.prefill_reject_threshold,
+            decode_reject_threshold=self.decode_reject_threshold,
+            admission=self.admission,
+            policy=self.policy,
+            typical_output_tokens=self.typical_output_tokens,
+        )
+
     @model_validator(mode="after")
     def _consistent(self) -> ConductorConfig:
+        try:  # the conductor's own rules (ranges of SLOs and thresholds), checked now, not at start-up
+            self.settings()
+        except InvalidSetting as exc:
+            raise FieldProblem(exc.name, exc.reason) from None
         if self.grpc_port and self.grpc_port == self.http_port:
             raise FieldProblem("http_port", f"must differ from grpc_port ({self.grpc_port})")
         if self.heartbeat_timeout_s < 2 * self.heartbeat_interval_s:
@@ -199,7 +237,7 @@ class ClusterConfig(_Section):
     model: ModelConfig = ModelConfig()
     layout: Literal["disaggregated", "colocated"] = Field(
         "disaggregated",
-        description="colocated: each prefill node shares a host with one decode node (KV over shm)",
+        description="colocated: one engine doing prefill and decode on each node",
     )
     prefill: NodeGroupConfig = NodeGroupConfig()
     decode: NodeGroupConfig = NodeGroupConfig()
@@ -215,12 +253,6 @@ class ClusterConfig(_Section):
         for role in ("prefill", "decode"):
             if self.group(role).count < 1:
                 raise FieldProblem(f"{role}.count", f"a cluster needs at least one {role} node")
-        if self.layout == "colocated" and self.prefill.count != self.decode.count:
-            raise FieldProblem(
-                "decode.count",
-                "the colocated layout pairs each prefill node with one decode node, so it must equal "
-                f"prefill.count ({self.prefill.count}), got {self.decode.count}",
-            )
         if self.scheduler.prefill_chunk_size % self.kv.block_size:
             raise FieldProblem(
                 "scheduler.prefill_chunk_size",
@@ -318,6 +350,26 @@ def parse_config(text: str, source: str = "<string>") -> ClusterConfig:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(source, [ConfigProblem("", f"the top level must be a mapping, got {type(data).__name__}")])
+    try:
+        return ClusterConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(source, _problems(exc)) from None
+
+
+def with_overrides(config: ClusterConfig, overrides: Mapping[str, object], source: str = "overrides") -> ClusterConfig:
+    """`config` with values replaced by dotted path (`{"prefill.count": 2}`), validated again
+    as a whole; a bad value raises `ConfigError` naming `source` and the field."""
+    data = config.model_dump(mode="json")
+    for path, value in overrides.items():
+        *parents, key = path.split(".")
+        section = data
+        for i, part in enumerate(parents):
+            if not isinstance(section.get(part), dict):
+                raise ConfigError(source, [ConfigProblem(".".join(parents[: i + 1]), "not a config section")])
+            section = section[part]
+        if key not in section:
+            raise ConfigError(source, [ConfigProblem(path, "unknown key")])
+        section[key] = value
     try:
         return ClusterConfig.model_validate(data)
     except ValidationError as exc:

@@ -15,7 +15,9 @@ from cluster.config import (
     dump_config,
     load_config,
     parse_config,
+    with_overrides,
 )
+from conductor.modes import AdmissionMode, PolicyName
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 HALFMOON_CONFIGS = ["local.yaml", "2p2d.yaml", "colocated.yaml", "gpu-cluster.yaml"]
@@ -99,7 +101,9 @@ def problems(text: str) -> dict[str, str]:
         ("scheduler: {prefill_chunk_size: 4096}", "scheduler.prefill_chunk_size"),
         ("failure: {kv_lease_s: 10}", "failure.kv_lease_s"),
         ("failure: {on_transfer_failure: ignore}", "failure.on_transfer_failure"),
-        ("layout: colocated\nprefill: {count: 2}", "decode.count"),
+        ("conductor: {admission: sometimes}", "conductor.admission"),
+        ("conductor: {tbt_slo_s: 61}", "conductor.tbt_slo_s"),
+        ("conductor: {decode_reject_threshold: 0}", "conductor.decode_reject_threshold"),
         ("prefill: {num_gpus: 1.5}", "prefill.num_gpus"),
         ("decode: {resources: {GPU: 1}}", "decode.resources.GPU"),
         ("decode: {resources: {decode: 0}}", "decode.resources.decode"),
@@ -146,6 +150,41 @@ def test_kv_pool_sizing():
     by_memory = parse_config("kv: {kv_memory_gb: 1}").kv
     assert by_memory.resolve_num_blocks(bytes_per_block=2**20) == 1024
     assert parse_config("kv: {num_blocks: 300}").kv.resolve_num_blocks(bytes_per_block=1) == 300
+
+
+@pytest.mark.parametrize("policy", [p.value for p in PolicyName])
+def test_every_scheduler_policy_is_a_config_policy(policy):
+    assert parse_config(f"conductor: {{policy: {policy}}}").conductor.policy is PolicyName(policy)
+
+
+@pytest.mark.parametrize("mode", [m.value for m in AdmissionMode])
+def test_every_admission_mode_is_a_config_mode(mode):
+    assert parse_config(f"conductor: {{admission: {mode}}}").conductor.admission is AdmissionMode(mode)
+
+
+def test_policy_and_admission_are_parsed_by_the_schedulers_functions():
+    c = parse_config("conductor: {policy: cache_aware, admission: stage}").conductor
+    assert (c.policy, c.admission) == (PolicyName.CACHE_AWARE_LOCAL, AdmissionMode.PER_STAGE)
+    message = problems("conductor: {policy: fastest}")["conductor.policy"]
+    assert "fastest" in message and all(p.value in message for p in PolicyName)
+    assert yaml.safe_load(ClusterConfig().to_yaml())["conductor"]["policy"] == "kv_centric"
+
+
+def test_colocated_layout_keeps_general_node_counts():
+    c = parse_config("layout: colocated\nprefill: {count: 3}\ndecode: {count: 1}")
+    assert (c.layout, c.prefill.count, c.decode.count) == ("colocated", 3, 1)
+
+
+def test_overrides_are_validated_with_the_config():
+    base = load_config(DEPLOY / "2p2d.yaml")
+    c = with_overrides(base, {"prefill.count": 3, "conductor.policy": "least_loaded", "kv.num_blocks": 4096})
+    assert (c.prefill.count, c.conductor.policy, c.kv.num_blocks) == (3, PolicyName.LEAST_LOADED, 4096)
+    assert c.decode == base.decode and c.ray == base.ray
+    with pytest.raises(ConfigError, match=r"(?s)^command line: .*prefill\.count") as info:
+        with_overrides(base, {"prefill.count": 0}, source="command line")
+    assert [p.field for p in info.value.problems] == ["prefill.count"]
+    with pytest.raises(ConfigError, match="conductor.grcp_port: unknown key"):
+        with_overrides(base, {"conductor.grcp_port": 1})
 
 
 def test_config_is_immutable_and_token_is_not_printed():

@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class NodeStatus(_message.Message):
-    __slots__ = ("node_id", "role", "address", "state", "running", "waiting", "kv_blocks_used", "kv_blocks_total", "prefix_queries_tokens", "prefix_hits_tokens", "last_heartbeat_age_s")
+    __slots__ = ("node_id", "role", "address", "state", "running", "waiting", "kv_blocks_used", "kv_blocks_total", "prefix_queries_tokens", "prefix_hits_tokens", "last_heartbeat_age_s", "metrics_address")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -19,6 +19,7 @@ class NodeStatus(_message.Message):
     PREFIX_QUERIES_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PREFIX_HITS_TOKENS_FIELD_NUMBER: _ClassVar[int]
     LAST_HEARTBEAT_AGE_S_FIELD_NUMBER: _ClassVar[int]
+    METRICS_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     role: str
     address: str
@@ -30,7 +31,8 @@ class NodeStatus(_message.Message):
     prefix_queries_tokens: int
     prefix_hits_tokens: int
     last_heartbeat_age_s: float
-    def __init__(self, node_id: _Optional[str] = ..., role: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[str] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., prefix_queries_tokens: _Optional[int] = ..., prefix_hits_tokens: _Optional[int] = ..., last_heartbeat_age_s: _Optional[float] = ...) -> None: ...
+    metrics_address: str
+    def __init__(self, node_id: _Optional[str] = ..., role: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[str] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., prefix_queries_tokens: _Optional[int] = ..., prefix_hits_tokens: _Optional[int] = ..., last_heartbeat_age_s: _Optional[float] = ..., metrics_address: _Optional[str] = ...) -> None: ...
 
 class Setting(_message.Message):
     __slots__ = ("name", "value", "description")

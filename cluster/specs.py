@@ -1,0 +1,153 @@
+"""From the one typed config to what each server runs with: `ClusterConfig` ->
+`ConductorSpec` + one `NodeSpec` per node, plus the Ray resources each asks for.
+
+Both launchers (processes: `cluster.local`; Ray: `cluster.ray_launcher`) start servers only
+from these specs, so a config means the same thing whichever starts it. Where a value
+depends on the machine a node lands on, the node's `NodePlan.resolve` settles it there:
+
+- a wildcard bind host (`0.0.0.0`, `::`) becomes the host's own address (what Ray reports
+  for it), because a node advertises the address it binds to its peers and the conductor;
+- `kv.kv_memory_gb` becomes a block count from the model's shape, read on that host (the
+  model directory may exist only on the GPU machines).
+
+How the config maps: prefill nodes compute `scheduler.prefill_chunk_size` tokens per step
+(their engine's step budget, so one chunk is one KV push); decode nodes batch up to
+`scheduler.max_num_batched_tokens` per step; each node gets as many torch threads as the
+whole CPUs it asks Ray for.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from cluster.config import DEFAULT_NUM_BLOCKS, ClusterConfig, NodeGroupConfig, RayActorOptions, Role
+from cluster.node_main import NodeSpec
+from conductor.server import ConductorSpec
+
+WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})
+LOOPBACK = "127.0.0.1"
+ROLES: tuple[Role, ...] = ("prefill", "decode")
+
+
+def model_ref(config: ClusterConfig) -> str:
+    """What servers load: the configured directory, else the model's name."""
+    return str(config.model.path) if config.model.path is not None else config.model.name
+
+
+def conductor_spec(config: ClusterConfig) -> ConductorSpec:
+    c = config.conductor
+    values = c.settings()
+    return ConductorSpec(
+        host=c.host,
+        grpc_port=c.grpc_port,
+        http_port=c.http_port,
+        model=model_ref(config),
+        block_size=config.kv.block_size,
+        max_model_len=config.model.max_model_len,
+        settings={
+            "policy": values.policy.value,
+            "admission": values.admission.value,
+            "ttft_slo_s": values.ttft_slo_s,
+            "tbt_slo_s": values.tbt_slo_s,
+            "prefill_reject_threshold": values.prefill_reject_threshold,
+            "decode_reject_threshold": values.decode_reject_threshold,
+            "typical_output_tokens": values.typical_output_tokens,
+        },
+        cost_model=str(c.cost_model) if c.cost_model is not None else None,
+        heartbeat_interval_s=c.heartbeat_interval_s,
+        heartbeat_timeout_s=c.heartbeat_timeout_s,
+        on_transfer_failure=config.failure.on_transfer_failure,
+        kv_lease_s=config.failure.kv_lease_s,
+        request_timeout_s=config.failure.request_timeout_s,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class NodePlan:
+    """One node to start: its spec, what it asks Ray for, and what its host still settles."""
+
+    spec: NodeSpec  # num_blocks is final unless kv_memory_gb is set
+    options: RayActorOptions
+    kv_memory_gb: float | None = None
+
+    @property
+    def node_id(self) -> str:
+        return self.spec.node_id
+
+    def resolve(self, host_address: str = LOOPBACK) -> NodeSpec:
+        """The spec to serve with on this host (`host_address`: this host's reachable address)."""
+        spec = self.spec
+        if spec.host in WILDCARD_HOSTS:
+            spec = replace(spec, host=host_address)
+        if self.kv_memory_gb is not None:
+            per_block = kv_bytes_per_block(spec.model, spec.block_size)
+            blocks = max(1, int(self.kv_memory_gb * 2**30) // per_block)
+            spec = replace(spec, num_blocks=blocks)
+        return spec
+
+
+def kv_bytes_per_block(model: str, block_size: int) -> int:
+    """Bytes of one KV block of `model` in the engine's KV cache (float32 K and V, all layers)."""
+    import torch
+
+    from engine.config import ModelConfig
+    from engine.kv_cache import kv_shape
+    from engine.loader import resolve_model_dir
+
+    shape = kv_shape(ModelConfig.from_dir(resolve_model_dir(model, progress=False)), 1, block_size)
+    elements = 1
+    for n in shape:
+        elements *= n
+    return elements * torch.empty((), dtype=torch.float32).element_size()
+
+
+def _threads(group: NodeGroupConfig) -> int:
+    return max(1, int(group.num_cpus))
+
+
+def node_plans(config: ClusterConfig, conductor_address: str) -> list[NodePlan]:
+    """Every node of the config, prefill first, named `<role>-<i>`, pointed at the conductor."""
+    if config.layout != "disaggregated":
+        raise NotImplementedError(
+            f"layout {config.layout!r} is not wired into the launchers yet (cluster/specs.py); "
+            "use layout: disaggregated"
+        )
+    s = config.scheduler
+    plans = []
+    for role in ROLES:
+        group = config.group(role)
+        for i in range(group.count):
+            spec = NodeSpec(
+                role=role,
+                node_id=f"{role}-{i}",
+                conductor=conductor_address,
+                model=model_ref(config),
+                host=group.host,
+                block_size=config.kv.block_size,
+                num_blocks=config.kv.num_blocks or DEFAULT_NUM_BLOCKS,
+                max_num_batched_tokens=s.prefill_chunk_size if role == "prefill" else s.max_num_batched_tokens,
+                max_num_seqs=s.max_num_seqs,
+                max_model_len=config.model.max_model_len,
+                transport=config.transfer.transport,
+                transfer_token=config.transfer.token,
+                transfer_timeout_s=config.transfer.timeout_s,
+                num_threads=_threads(group),
+                metrics_port=group.metrics_port,
+            )
+            plans.append(NodePlan(spec, group.ray_options(), config.kv.kv_memory_gb))
+    return plans
+
+
+def local_address(host: str, port: int) -> str:
+    """`host:port` as a client on the same machine dials it (a wildcard bind is loopback)."""
+    return f"{LOOPBACK if host in WILDCARD_HOSTS else host}:{port}"
+
+
+def build_specs(config: ClusterConfig) -> tuple[ConductorSpec, list[NodeSpec]]:
+    """Specs for a cluster on this machine (the process launcher): every node resolved here,
+    pointed at the conductor's configured port (which must not be 0)."""
+    conductor = conductor_spec(config)
+    if conductor.grpc_port == 0:
+        raise ValueError("conductor.grpc_port: the process launcher needs a fixed port, got 0")
+    address = local_address(conductor.host, conductor.grpc_port)
+    return conductor, [plan.resolve(LOOPBACK) for plan in node_plans(config, address)]
+
