@@ -378,6 +378,15 @@ def render(console: Console, rows: list[Row], found: list[dict], skipped: dict[s
         console.print(f"[yellow]{transport} skipped:[/yellow] {reason}")
 
 
+def _sizes(text: str) -> tuple[int, ...]:
+    scale = {"K": KiB, "M": MiB, "G": 1 << 30}
+    try:
+        return tuple(int(t[:-1]) * scale[t[-1].upper()] if t[-1].upper() in scale else int(t)
+                     for t in text.split(",") if t)
+    except (ValueError, KeyError) as exc:
+        raise argparse.ArgumentTypeError(f"sizes look like 64K,1M,256M, not {text!r}") from exc
+
+
 def _human(n: int) -> str:
     for unit, scale in (("GiB", 1 << 30), ("MiB", MiB), ("KiB", KiB)):
         if n >= scale and n % scale == 0:
@@ -389,6 +398,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="halfmoon bench transfer", description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", metavar="OUT", help="write rows and ratios as JSON to OUT")
     parser.add_argument("--quick", action="store_true", help="smaller sizes and shorter rounds (a smoke run)")
+    parser.add_argument("--sizes", type=_sizes, default=None,
+                        help="comma-separated contiguous sizes, e.g. 64K,1M,256M (default: the issue's four)")
+    parser.add_argument("--kv-blocks", type=int, default=None, help="KV blocks in the KV-shaped batch (0: none)")
     parser.add_argument("--transports", default=",".join(TRANSPORTS), help=f"comma-separated subset of {TRANSPORTS}")
     parser.add_argument("--modes", default=",".join(MODES), help="serial, stream or both")
     parser.add_argument("--depth", type=int, default=4, help="transfers in flight in stream mode")
@@ -405,10 +417,12 @@ def main(argv: list[str] | None = None) -> int:
     unknown = (set(transports) - set(TRANSPORTS)) | (set(modes) - set(MODES))
     if unknown:
         parser.error(f"unknown transport or mode: {', '.join(sorted(unknown))}")
-    sizes = QUICK_SIZES if args.quick else SIZES
-    kv_blocks = QUICK_KV_BLOCKS if args.quick else KV_BLOCKS
+    sizes = args.sizes or (QUICK_SIZES if args.quick else SIZES)
+    kv_blocks = args.kv_blocks if args.kv_blocks is not None else (QUICK_KV_BLOCKS if args.quick else KV_BLOCKS)
     min_time = args.min_time if args.min_time is not None else (0.1 if args.quick else 0.3)
-    shapes = [Shape("contiguous", s, 1) for s in sizes] + [Shape("kv_batch", kv_blocks * KV_BLOCK_BYTES, kv_blocks)]
+    shapes = [Shape("contiguous", s, 1) for s in sizes]
+    if kv_blocks > 0:
+        shapes.append(Shape("kv_batch", kv_blocks * KV_BLOCK_BYTES, kv_blocks))
     capacity = max(max(sizes), (kv_blocks + 8) * KV_BLOCK_BYTES)
 
     console = Console()
