@@ -43,3 +43,75 @@ def metric(samples: dict, name: str, **labels: str) -> float:
     """Sum of `name` over the samples whose labels include `labels` (0 when none)."""
     want = set(labels.items())
     return sum(v for (n, ls), v in samples.items() if n == name and want <= set(ls))
+
+
+class RayHead:
+    """A `ray start --head` cluster of our own: loopback only, its own temp dir and ports.
+
+    `stop()` ends exactly its processes: those whose command line names its (unique) temp
+    dir, and their descendants (workers, agents, the job's driver) - never by name."""
+
+    def __init__(self, *, num_cpus: int, resources: dict[str, float], env: dict[str, str]) -> None:
+        import json
+        import subprocess
+        import sys
+        import tempfile
+
+        self.temp_dir = tempfile.mkdtemp(prefix="hmray-", dir="/tmp")  # short: Ray's socket paths must fit
+        self.env = env
+        self.gcs_address = f"127.0.0.1:{free_port()}"
+        self.dashboard_url = f"http://127.0.0.1:{free_port()}"
+        bin_dir = os.path.dirname(sys.executable)
+        args = [os.path.join(bin_dir, "ray"), "start", "--head", "--node-ip-address", "127.0.0.1",
+                "--port", self.gcs_address.rsplit(":", 1)[1], "--temp-dir", self.temp_dir,
+                "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
+                "--dashboard-port", self.dashboard_url.rsplit(":", 1)[1],
+                "--dashboard-agent-listen-port", str(free_port()), "--ray-client-server-port", str(free_port()),
+                "--num-cpus", str(num_cpus), "--resources", json.dumps(resources),
+                "--object-store-memory", str(100 * 2**20), "--disable-usage-stats"]
+        try:
+            out = subprocess.run(args, env=env, capture_output=True, text=True, timeout=180)
+        except BaseException:
+            self.stop()
+            raise
+        if out.returncode != 0:
+            self.stop()
+            raise RuntimeError(f"ray start failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
+
+    def processes(self) -> list:
+        import psutil
+
+        roots = []
+        for proc in psutil.process_iter(["cmdline"]):
+            try:
+                if any(self.temp_dir in arg for arg in proc.info["cmdline"] or ()):
+                    roots.append(proc)
+            except psutil.Error:
+                pass
+        found = {p.pid: p for p in roots}
+        for root in roots:
+            try:
+                found.update({c.pid: c for c in root.children(recursive=True)})
+            except psutil.Error:
+                pass
+        return list(found.values())
+
+    def stop(self, grace_s: float = 15.0) -> None:
+        import shutil
+
+        import psutil
+
+        procs = self.processes()
+        for p in procs:
+            try:
+                p.terminate()
+            except psutil.Error:
+                pass
+        _, alive = psutil.wait_procs(procs, timeout=grace_s)
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(alive, timeout=5)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
