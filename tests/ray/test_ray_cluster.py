@@ -4,9 +4,11 @@ The actors must land where their resources are, serve the real model over gRPC a
 OpenAI-compatible HTTP API alike, expose metrics that move, and leave nothing behind."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import urllib.request
+from pathlib import Path
 
 import grpc
 import psutil
@@ -24,7 +26,7 @@ MODEL = "smollm2-135m-instruct"
 SMALL_STORE = 80 * 2**20  # bytes of object store per Ray node: halfmoon sends nothing big through it
 
 
-def cluster_config(http_port: int, namespace: str = "halfmoon-test") -> ClusterConfig:
+def cluster_config(http_port: int, targets_file: Path, namespace: str = "halfmoon-test") -> ClusterConfig:
     return parse_config(f"""
 prefill: {{count: 1, num_cpus: 1, resources: {{prefill: 1}}}}
 decode: {{count: 1, num_cpus: 1, resources: {{decode: 1}}}}
@@ -37,6 +39,7 @@ conductor:
   tbt_slo_s: 60
   heartbeat_interval_s: 0.5
   heartbeat_timeout_s: 5
+  prometheus_targets_file: {targets_file}
 ray: {{namespace: {namespace}}}
 """)
 
@@ -63,8 +66,9 @@ def ray_cluster():
 
 
 @pytest.fixture(scope="module")
-def deployed(ray_cluster):
-    launcher = RayLauncher(cluster_config(free_port()))
+def deployed(ray_cluster, tmp_path_factory):
+    targets = tmp_path_factory.mktemp("prometheus") / "targets.json"
+    launcher = RayLauncher(cluster_config(free_port(), targets))
     deployment = launcher.start(timeout_s=300)
     yield launcher, deployment
     launcher.stop()
@@ -96,6 +100,17 @@ def test_a_request_completes_through_the_ray_cluster(deployed):
         assert "Paris" in res.text
         assert (res.final.prefill_node, res.final.decode_node) == ("prefill-0", "decode-0")
         assert {n.node_id for n in c.status().nodes if n.state == "up"} == {"prefill-0", "decode-0"}
+
+
+def test_the_launcher_writes_prometheus_targets_for_the_conductor_and_every_node(deployed):
+    launcher, dep = deployed
+    doc = json.loads(launcher.config.conductor.prometheus_targets_file.read_text())
+    with Client(dep.grpc_address) as c:
+        want = {n.node_id: n.metrics_address for n in c.status().nodes}
+    want["conductor"] = dep.http_url.removeprefix("http://")
+    assert {t["labels"]["node"]: t["targets"][0] for t in doc} == want
+    assert {t["labels"]["node"]: t["labels"]["role"] for t in doc} == {
+        "conductor": "conductor", "prefill-0": "prefill", "decode-0": "decode"}
 
 
 def test_a_second_deployment_in_the_same_namespace_is_refused(deployed):
