@@ -82,6 +82,7 @@ class RayLauncher:
         self.detached = detached
         self._actors: dict[str, object] = {}  # name -> ActorHandle, in start order
         self._asks: dict[str, dict] = {}
+        self._placed: set[str] = set()  # actors that answered: only these can stop gracefully
 
     def start(self, timeout_s: float = 300.0) -> Deployment:
         import ray
@@ -136,11 +137,13 @@ class RayLauncher:
         import ray
 
         try:
-            return ray.get(ref, timeout=max(0.1, deadline - time.monotonic()))
+            info = ray.get(ref, timeout=max(0.1, deadline - time.monotonic()))
         except ray.exceptions.GetTimeoutError:
             raise DeployError(self._not_ready(name)) from None
         except ray.exceptions.RayError as exc:
             raise DeployError(f"{name} failed to start: {exc}") from None
+        self._placed.add(name)
+        return info
 
     def _not_ready(self, name: str) -> str:
         import ray
@@ -200,11 +203,14 @@ class RayLauncher:
         self._check_alive(list(self._actors))
 
     def stop(self, timeout_s: float = 20.0) -> list[str]:
-        """Stop every actor this launcher started (nodes first); returns their names."""
-        names = list(self._actors)
-        stop_actors([(n, self._actors[n]) for n in reversed(names)], timeout_s)
+        """Stop every actor this launcher started (nodes first; one Ray never placed is just
+        killed); returns their names."""
+        names = list(reversed(self._actors))
+        stop_actors([(n, self._actors[n]) for n in names if n in self._placed], timeout_s)
+        stop_actors([(n, self._actors[n]) for n in names if n not in self._placed], 0)
         self._actors.clear()
-        return names
+        self._placed.clear()
+        return names[::-1]
 
 
 def _up_nodes(admin: admin_pb2_grpc.AdminStub) -> set[str]:
@@ -219,7 +225,7 @@ def stop_actors(actors: list[tuple[str, object]], timeout_s: float) -> None:
     """Graceful `stop()` on each (in order, concurrently), then `ray.kill` whatever is left."""
     import ray
 
-    refs = [handle.stop.remote(timeout_s) for _, handle in actors]
+    refs = [handle.stop.remote(timeout_s) for _, handle in actors] if timeout_s > 0 else []
     if refs:
         ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
     for name, handle in actors:

@@ -195,10 +195,39 @@ def test_node_load_metrics_follow_a_running_request(deployed):
         assert idle and metric(idle, "halfmoon:kv_blocks_used", **labels) < metric(busy, "halfmoon:kv_blocks_used", **labels)
 
 
-def test_stop_ends_every_actor_and_sigterm_frees_a_nodes_shared_memory(deployed):
-    """Last in this module: it takes the deployment down."""
+def named_actors(namespace: str) -> list[str]:
     import ray
 
+    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == namespace]
+
+
+def test_an_actor_no_ray_node_can_place_fails_the_start_naming_its_ask(deployed):
+    launcher = RayLauncher(parse_config("""
+conductor: {grpc_port: 0, http_port: 0, num_cpus: 0, resources: {nowhere: 1}}
+ray: {namespace: halfmoon-test-failures}
+"""))
+    with pytest.raises(DeployError, match=r"halfmoon-conductor did not start in time; it asks Ray for "
+                                          r"CPU 0, nowhere 1 \(free now: .*\) - does a Ray node offer that\?"):
+        launcher.start(timeout_s=3)
+    assert wait_for(lambda: not named_actors("halfmoon-test-failures"), timeout_s=20)
+
+
+def test_a_server_that_dies_while_starting_fails_the_start_with_its_error(deployed, tmp_path):
+    launcher = RayLauncher(parse_config(f"""
+model: {{path: {tmp_path}}}
+conductor: {{grpc_port: 0, http_port: 0, num_cpus: 0}}
+ray: {{namespace: halfmoon-test-failures}}
+"""))
+    with pytest.raises(DeployError, match=r"(?s)halfmoon-conductor failed to start: .*has no config.json"):
+        launcher.start(timeout_s=120)
+    assert wait_for(lambda: not named_actors("halfmoon-test-failures"), timeout_s=20)
+    _, dep = deployed
+    with Client(dep.grpc_address) as c:  # the other deployment is untouched
+        assert {n.state for n in c.status().nodes} == {"up"}
+
+
+def test_stop_ends_every_actor_and_sigterm_frees_a_nodes_shared_memory(deployed):
+    """Last in this module: it takes the deployment down."""
     launcher, dep = deployed
     decode = next(n for n in dep.nodes if n.role == "decode")
     segments = shm_segments_of(decode.placement.pid)
@@ -219,4 +248,4 @@ def test_stop_ends_every_actor_and_sigterm_frees_a_nodes_shared_memory(deployed)
     with pytest.raises(grpc.RpcError), Client(dep.grpc_address) as c:
         c.status(timeout=2)
     assert stop_namespace("halfmoon-test") == []
-    assert not [a for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == "halfmoon-test"]
+    assert named_actors("halfmoon-test") == []
