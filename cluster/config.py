@@ -229,7 +229,10 @@ class FailureConfig(_Section):
 
 
 class RayConfig(_Section):
-    address: str | None = Field(None, description='None starts an embedded cluster; "auto" joins a local one')
+    address: str | None = Field(
+        None, description='the cluster `halfmoon up`/`down` join: GCS "host:port" or "auto" (None: auto); '
+        "`halfmoon serve` always starts its own",
+    )
     namespace: str = Field("halfmoon", min_length=1)
 
 

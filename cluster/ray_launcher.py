@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -25,6 +26,9 @@ from cluster.metrics import ScrapeTarget, write_scrape_targets
 from cluster.ray_actors import ConductorActor, ConductorInfo, NodeActor, NodeInfo
 from cluster.specs import NodePlan, conductor_spec, node_plans
 from proto.halfmoon.v1 import admin_pb2, admin_pb2_grpc
+
+if TYPE_CHECKING:
+    from ray.actor import ActorHandle
 
 log = logging.getLogger("halfmoon.ray")
 
@@ -80,7 +84,7 @@ class RayLauncher:
         self.config = config
         self.namespace = config.ray.namespace
         self.detached = detached
-        self._actors: dict[str, object] = {}  # name -> ActorHandle, in start order
+        self._actors: dict[str, ActorHandle] = {}  # in start order
         self._asks: dict[str, dict] = {}
         self._placed: set[str] = set()  # actors that answered: only these can stop gracefully
 
@@ -122,7 +126,7 @@ class RayLauncher:
         raise AlreadyDeployed(f"halfmoon is already running in Ray namespace {self.namespace!r}; "
                               "stop it with `halfmoon down` first")
 
-    def _spawn(self, name: str, cls: type, arg: object, options: dict) -> object:
+    def _spawn(self, name: str, cls: type, arg: object, options: dict) -> ActorHandle:
         import ray
 
         handle = ray.remote(cls).options(
@@ -221,7 +225,7 @@ def _up_nodes(admin: admin_pb2_grpc.AdminStub) -> set[str]:
     return {n.node_id for n in status.nodes if n.state == "up"}
 
 
-def stop_actors(actors: list[tuple[str, object]], timeout_s: float) -> None:
+def stop_actors(actors: list[tuple[str, ActorHandle]], timeout_s: float) -> None:
     """Graceful `stop()` on each (in order, concurrently), then `ray.kill` whatever is left."""
     import ray
 
