@@ -135,6 +135,13 @@ class LiveConductor:
             decision = self._same_node_decode(view, info, decision, t0)
         self.decisions.append(decision)
         del self.decisions[:-256]
+        if decision.prefill is not None:
+            pc = decision.prefill
+            log.info("%s: %d tokens -> prefill %s (cached %d blocks%s, queue %.3fs, predicted TTFT %.3fs), decode %s%s",
+                     rid, len(ids), pc.node, pc.cached_blocks,
+                     f", pull {pc.pulled_blocks} from {pc.pull_from}" if pc.pull_from else "", pc.queue_s, pc.ttft_s,
+                     decision.decode.node if decision.decode else "-",
+                     f"; rejected: {decision.rejection.detail}" if decision.rejection else "")
         if not decision.admitted:
             r = decision.rejection
             if self.metrics:
@@ -230,10 +237,14 @@ class LiveConductor:
             reserved = True
             recompute = False
             presp = None
+            preq = node_pb2.PrefillRequest(request_id=rid, prompt_token_ids=ids, sampling=sp, target=resv.target)
+            holder = self.registry.nodes.get(decision.prefill.pull_from or "")
+            if holder is not None and holder.up:  # kv_centric: pull the prefix instead of recomputing it
+                preq.pull.CopyFrom(node_pb2.PrefixSource(
+                    node_id=holder.node_id, address=holder.address, transfer_descriptor=holder.descriptor,
+                    num_blocks=decision.prefill.cached_blocks + decision.prefill.pulled_blocks))
             try:
-                presp = await _or_down(pre.prefill_stub.Prefill(
-                    node_pb2.PrefillRequest(request_id=rid, prompt_token_ids=ids, sampling=sp, target=resv.target),
-                    timeout=cfg.request_timeout_s), pre)
+                presp = await _or_down(pre.prefill_stub.Prefill(preq, timeout=cfg.request_timeout_s), pre)
             except grpc.aio.AioRpcError as e:
                 if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
                     raise InvalidRequestError("prompt", e.details()) from None

@@ -35,6 +35,7 @@ class NodeRecord:
     channel: grpc.aio.Channel
     prefill_stub: node_pb2_grpc.PrefillNodeStub | None  # prefill and colocated nodes
     decode_stub: node_pb2_grpc.DecodeNodeStub | None  # decode and colocated nodes
+    descriptor: bytes = b""  # the node's transfer-engine descriptor
     last_seen: float = field(default_factory=time.monotonic)
     load: node_pb2.NodeLoad = field(default_factory=node_pb2.NodeLoad)
     up: bool = True
@@ -83,7 +84,8 @@ class NodeRegistry:
         does_prefill, does_decode = role in ("prefill", "colocated"), role in ("decode", "colocated")
         rec = NodeRecord(req.node_id, role, req.address, req.layout, req.metrics_address, channel,
                          node_pb2_grpc.PrefillNodeStub(channel) if does_prefill else None,
-                         node_pb2_grpc.DecodeNodeStub(channel) if does_decode else None)
+                         node_pb2_grpc.DecodeNodeStub(channel) if does_decode else None,
+                         descriptor=req.transfer_descriptor)
         nid = NodeId(req.node_id)
         if does_prefill:
             rec.prefill_view = PrefillNodeView(nid)

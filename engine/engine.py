@@ -156,6 +156,34 @@ class LLMEngine:
             self.scheduler.release(req)
             self._detok.pop(request_id, None)
 
+    # --- prefix sharing between nodes (KV-centric pulls) -------------------------------------
+    def cached_prefix_blocks(self, token_ids: list[int]) -> int:
+        """How many leading whole blocks of `token_ids` this engine has cached."""
+        return len(self.pool.match_prefix(block_hashes(token_ids, self.config.block_size), token_ids))
+
+    def pin_prefix(self, token_ids: list[int]) -> list[int]:
+        """Reference the cached blocks of the longest prefix of `token_ids` so a peer can read
+        them without their being evicted; `unpin` them afterwards."""
+        blocks = self.pool.match_prefix(block_hashes(token_ids, self.config.block_size), token_ids)
+        self.pool.touch(blocks)
+        return blocks
+
+    def unpin(self, blocks: list[int]) -> None:
+        self.pool.free(blocks)
+
+    def allocate_blocks(self, n: int) -> list[int] | None:
+        return self.pool.allocate(n)
+
+    def import_prefix(self, token_ids: list[int], first_block: int, blocks: list[int]) -> None:
+        """`blocks` now hold the KV of whole blocks `first_block, ...` of `token_ids` (written
+        by a peer): publish them in the prefix cache and drop the allocation's references."""
+        bs = self.config.block_size
+        hashes = block_hashes(token_ids[: (first_block + len(blocks)) * bs], bs)
+        for i, b in enumerate(blocks):
+            j = first_block + i
+            self.pool.cache_block(b, hashes[j], token_ids[j * bs:(j + 1) * bs], hashes[j - 1] if j else None)
+        self.pool.free(blocks)
+
     def get_request(self, request_id: str) -> Request | None:
         return self._requests.get(request_id)
 

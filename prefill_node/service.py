@@ -13,12 +13,19 @@ Lifecycle of one request (named after where it waits):
 
 Cancellation (the conductor's call is cancelled) or a failed write aborts the request and
 frees its blocks; a failed write answers ABORTED naming the decode node.
+
+KV-centric pulls: when the conductor names a `PrefixSource` (another prefill node caching a
+longer prefix), the node first pins those blocks there (`Pin`), reads them into blocks of its
+own through the transfer engine, publishes them in its prefix cache, unpins, and only then
+admits the request, which now finds the whole prefix cached. A pull that fails is reported
+in `pull_error` and the prefix is recomputed instead.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+import uuid
 from dataclasses import dataclass, field, replace
 
 import grpc
@@ -68,6 +75,8 @@ class PrefillService(node_pb2_grpc.PrefillNodeServicer):
         eng.add_kv_listener(self.events.on_event)
         self._jobs: dict[str, _Job] = {}
         self._peers: dict[bytes, object] = {}
+        self._pins: dict[str, tuple[list[int], asyncio.TimerHandle]] = {}
+        self._holders: dict[str, tuple[grpc.aio.Channel, node_pb2_grpc.PrefillNodeStub]] = {}
         self.queued_prefill_tokens = 0
         worker.add_hook(self._after_step)
 
@@ -163,8 +172,18 @@ class PrefillService(node_pb2_grpc.PrefillNodeServicer):
         job = _Job(rid, len(prompt), t.region_id, list(t.block_ids[:need]), peer, loop, loop.create_future())
         # one sampled token, no stop rules: the decode node applies the request's own
         pparams = replace(params, max_tokens=1, stop=(), stop_token_ids=(), ignore_eos=True)
+        pulled: tuple[int, list[int]] | None = None
+        pull_error, pull_s = "", 0.0
+        if request.HasField("pull") and request.pull.num_blocks:
+            t_pull = time.monotonic()
+            pulled, pull_error = await self._pull(prompt, request.pull)
+            pull_s = time.monotonic() - t_pull
+            if pull_error:
+                log.warning("%s: pull from %s failed, recomputing: %s", rid, request.pull.node_id, pull_error)
 
         def add(eng: LLMEngine) -> None:
+            if pulled is not None:  # in the same engine call, so nothing can evict them first
+                eng.import_prefix(prompt, pulled[0], pulled[1])
             eng.add_request(rid, pparams, prompt_token_ids=prompt, hold_blocks=True)
             self._jobs[rid] = job
 
@@ -195,7 +214,86 @@ class PrefillService(node_pb2_grpc.PrefillNodeServicer):
         return node_pb2.PrefillResponse(
             first_token=job.first_token, num_cached_tokens=job.cached_tokens,
             queue_s=max(0.0, started - job.arrived_at), prefill_s=max(0.0, computed_at - started),
-            kv_transfer_s=max(0.0, acked_at - computed_at), kv_bytes=job.bytes_sent)
+            kv_transfer_s=max(0.0, acked_at - computed_at), kv_bytes=job.bytes_sent,
+            pulled_tokens=len(pulled[1]) * self.block_size if pulled else 0, pull_s=pull_s, pull_error=pull_error)
+
+    # --- KV-centric pulls ---------------------------------------------------------------
+    async def _pull(self, prompt: list[int], src: node_pb2.PrefixSource) -> tuple[tuple[int, list[int]] | None, str]:
+        """Read the prefix blocks this node lacks from `src`; returns (first block, local
+        blocks holding them) to import, or None and the reason."""
+        bs, bb = self.block_size, self.block_bytes
+        n = min(src.num_blocks, len(prompt) // bs)
+        prefix = prompt[: n * bs]
+        have = await self._engine(lambda e: e.cached_prefix_blocks(prefix))
+        if have >= n:
+            return None, ""
+        if self.transfer is None:
+            return None, "this node has no transfer engine"
+        stub = self._holder(src.address)
+        pin_id = uuid.uuid4().hex
+        local: list[int] | None = None
+        try:
+            pin = await stub.Pin(node_pb2.PinRequest(pin_id=pin_id, token_ids=prefix, lease_s=self.transfer_timeout_s),
+                                 timeout=5)
+            remote = list(pin.block_ids)[have:n]
+            if not remote:
+                return None, f"{src.node_id} no longer caches blocks {have}..{n - 1} of the prefix"
+            if pin.block_bytes != bb:
+                return None, f"{src.node_id} has {pin.block_bytes}-byte blocks, this node {bb}"
+            local = await self._engine(lambda e: e.allocate_blocks(len(remote)))
+            if local is None:
+                return None, f"no {len(remote)} free blocks to pull into"
+            peer = await self._peer(src.transfer_descriptor)
+            entries = [(self.kv_region, lb * bb, pin.region_id, rb * bb, bb) for lb, rb in zip(local, remote)]
+            await self.transfer.read(peer, entries, timeout=self.transfer_timeout_s)
+            done, local = (have, local), None
+            return done, ""
+        except grpc.aio.AioRpcError as e:
+            return None, f"pin on {src.node_id}: {e.code().name}: {e.details()}"
+        except TransferError as e:
+            return None, f"reading from {src.node_id}: {e}"
+        finally:
+            if local is not None:
+                blocks = local
+                self.worker.call(lambda e: e.unreserve(blocks))
+            asyncio.ensure_future(self._unpin(stub, pin_id))
+
+    def _holder(self, address: str) -> node_pb2_grpc.PrefillNodeStub:
+        entry = self._holders.get(address)
+        if entry is None:
+            ch = grpc.aio.insecure_channel(address)
+            entry = self._holders[address] = (ch, node_pb2_grpc.PrefillNodeStub(ch))
+        return entry[1]
+
+    async def _unpin(self, stub, pin_id: str) -> None:
+        try:
+            await stub.Unpin(node_pb2.UnpinRequest(pin_id=pin_id), timeout=5)
+        except grpc.aio.AioRpcError as e:
+            log.info("unpin %s failed (%s); the holder's lease frees it", pin_id, e.code().name)
+
+    async def Pin(self, request: node_pb2.PinRequest, context):
+        if self.transfer is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this node does not serve KV reads")
+        if request.pin_id in self._pins:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"pin {request.pin_id!r} exists")
+        tokens = list(request.token_ids)
+        blocks = await self._engine(lambda e: e.pin_prefix(tokens))
+        lease = asyncio.get_running_loop().call_later(max(request.lease_s, 0.1), self._expire_pin, request.pin_id)
+        self._pins[request.pin_id] = (blocks, lease)
+        return node_pb2.PinResponse(region_id=int(self.kv_region), block_ids=blocks, block_bytes=self.block_bytes)
+
+    def _expire_pin(self, pin_id: str) -> None:
+        entry = self._pins.pop(pin_id, None)
+        if entry is not None:
+            log.warning("pin %s expired; unpinning %d blocks", pin_id, len(entry[0]))
+            self.worker.call(lambda e: e.unpin(entry[0]))
+
+    async def Unpin(self, request: node_pb2.UnpinRequest, context):
+        entry = self._pins.pop(request.pin_id, None)
+        if entry is not None:
+            entry[1].cancel()
+            await self._engine(lambda e: e.unpin(entry[0]))
+        return node_pb2.UnpinResponse(found=entry is not None)
 
     async def Abort(self, request: node_pb2.AbortRequest, context):
         found = await self._engine(lambda e: e.abort(request.request_id))

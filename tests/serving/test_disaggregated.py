@@ -147,17 +147,41 @@ def test_admission_rejects_before_any_prefill_work_when_saturated(cluster_2p2d):
         assert values["policy"] == "kv_centric" and float(values["ttft_slo_s"]) == 600
 
 
+def test_kv_centric_pulls_a_busy_nodes_prefix_and_output_is_unchanged(cluster_2p2d, local_engine):
+    """A long prefix cached on one prefill node, which is then given a long prompt with the
+    same prefix (so it is busy for seconds); the next request with the prefix goes to the
+    other node, which pulls the KV instead of recomputing it; tokens equal the engine's."""
+    prefix = "Pulled prefix: the history of the Roman Empire in many words. " * 12
+    ids = local_engine.tokenizer.encode(prefix + "Continue.")
+    want = local_engine.generate([ids], GREEDY)[0]
+    with Client(cluster_2p2d.address) as c:
+        first = c.generate(make_request(prefix + "Start.", params=SamplingParams(max_tokens=1)))
+        holder = first.final.prefill_node
+        other = ({"prefill-0", "prefill-1"} - {holder}).pop()
+        busy_result: list = []
+        busy = threading.Thread(target=lambda: busy_result.append(c.generate(make_request(
+            prefix + "Now a long digression. " * 200, params=SamplingParams(max_tokens=1)))))
+        busy.start()
+        time.sleep(0.5)  # dispatched (the conductor's view has the holder busy), still computing
+        res = c.generate(make_request(token_ids=ids, params=GREEDY))
+        busy.join(180)
+    assert busy_result and busy_result[0].final.prefill_node == holder
+    assert res.final.prefill_node == other, f"expected a pull onto {other}, ran on {res.final.prefill_node}"
+    assert res.token_ids == want
+    shared_blocks = len(local_engine.tokenizer.encode(prefix)) // 16 - 1
+    assert res.final.usage.cached_tokens >= 16 * shared_blocks  # pulled blocks count as cached
+
+
 def test_killed_decode_node_fails_its_request_and_leaks_nothing(cluster_2p2d):
-    """Runs last in this module: it kills decode-1."""
+    """Runs last in this module: it SIGKILLs a decode node that is running requests."""
     with Client(cluster_2p2d.address) as c:
         errors: list[grpc.RpcError] = []
         started = threading.Event()
-        victim: list[str] = []
 
         def long_request(i: int) -> None:
             try:
                 for msg in c.stream(make_request(f"Request {i}: tell a very long story.",
-                                                 params=SamplingParams(max_tokens=600, ignore_eos=True)), timeout=60):
+                                                 params=SamplingParams(max_tokens=300, ignore_eos=True)), timeout=90):
                     if msg.HasField("delta"):
                         started.set()
             except grpc.RpcError as e:
@@ -168,18 +192,22 @@ def test_killed_decode_node_fails_its_request_and_leaks_nothing(cluster_2p2d):
         for t in threads:
             t.start()
         assert started.wait(60)
-        time.sleep(1.0)
-        cluster_2p2d.kill("decode-1")
+        busy = wait_for(lambda: [n.node_id for n in c.status().nodes if n.role == "decode" and n.running > 0])
+        assert busy, "no decode node reports running requests"
+        victim = busy[0]
+        survivor = ({"decode-0", "decode-1"} - {victim}).pop()
+        cluster_2p2d.kill(victim)
         for t in threads:
             t.join(90)
         assert all(not t.is_alive() for t in threads)
-        assert errors, "no request was running on the killed node"
-        assert all(e.code() in (grpc.StatusCode.ABORTED, grpc.StatusCode.UNAVAILABLE) for e in errors)
-        assert "decode-1" in errors[0].details()
-        assert time.monotonic() - t0 < 60
-        # survivors are clean once the rest finish; decode-1 leaves rotation
+        on_victim = [e for e in errors if victim in (e.details() or "")]
+        assert on_victim, f"no error names {victim}: {[(e.code(), e.details()) for e in errors]}"
+        assert all(e.code() in (grpc.StatusCode.ABORTED, grpc.StatusCode.UNAVAILABLE) for e in on_victim)
+        # the others either finished or (on a very slow machine) ended at their deadline: none hangs
+        assert all(e in on_victim or e.code() == grpc.StatusCode.DEADLINE_EXCEEDED for e in errors)
+        assert time.monotonic() - t0 < 120
+        # the surviving nodes hold no blocks once the rest finish; the victim leaves rotation
         assert wait_for(lambda: all(v == 0 for v in used_blocks(c).values()), timeout=60), used_blocks(c)
-        st = {n.node_id: n.state for n in c.status().nodes}
-        assert wait_for(lambda: {n.node_id: n.state for n in c.status().nodes}["decode-1"] == "down", timeout=10)
+        assert wait_for(lambda: {n.node_id: n.state for n in c.status().nodes}[victim] == "down", timeout=10)
         r = c.generate(make_request("Hello again", params=SamplingParams(max_tokens=3)))
-        assert r.final.decode_node == "decode-0"
+        assert r.final.decode_node == survivor

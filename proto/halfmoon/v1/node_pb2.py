@@ -25,17 +25,17 @@ _sym_db = _symbol_database.Default()
 from proto.halfmoon.v1 import common_pb2 as proto_dot_halfmoon_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cproto/halfmoon/v1/node.proto\x12\x0bhalfmoon.v1\x1a\x1eproto/halfmoon/v1/common.proto\"X\n\x08KVLayout\x12\x12\n\nblock_size\x18\x01 \x01(\r\x12\x13\n\x0b\x62lock_bytes\x18\x02 \x01(\x04\x12\x14\n\x0ctotal_blocks\x18\x03 \x01(\r\x12\r\n\x05model\x18\x04 \x01(\t\"\xcb\x01\n\x08NodeLoad\x12\x0f\n\x07waiting\x18\x01 \x01(\r\x12\x0f\n\x07running\x18\x02 \x01(\r\x12\x1d\n\x15queued_prefill_tokens\x18\x03 \x01(\x04\x12\x13\n\x0b\x66ree_blocks\x18\x04 \x01(\r\x12\x18\n\x10tokens_in_flight\x18\x05 \x01(\x04\x12\x1d\n\x15prefix_queries_tokens\x18\x06 \x01(\x04\x12\x1a\n\x12prefix_hits_tokens\x18\x07 \x01(\x04\x12\x14\n\x0ckv_event_seq\x18\x08 \x01(\x04\"\xb1\x01\n\x0fRegisterRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x1f\n\x04role\x18\x02 \x01(\x0e\x32\x11.halfmoon.v1.Role\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12%\n\x06layout\x18\x04 \x01(\x0b\x32\x15.halfmoon.v1.KVLayout\x12\x1b\n\x13transfer_descriptor\x18\x05 \x01(\x0c\x12\x17\n\x0fmetrics_address\x18\x06 \x01(\t\"0\n\x10RegisterResponse\x12\x1c\n\x14heartbeat_interval_s\x18\x01 \x01(\x01\"H\n\x10HeartbeatRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12#\n\x04load\x18\x02 \x01(\x0b\x32\x15.halfmoon.v1.NodeLoad\"\"\n\x11HeartbeatResponse\x12\r\n\x05known\x18\x01 \x01(\x08\"s\n\x08KVTarget\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x1b\n\x13transfer_descriptor\x18\x02 \x01(\x0c\x12\x11\n\tregion_id\x18\x03 \x01(\x04\x12\x11\n\tblock_ids\x18\x04 \x03(\r\x12\x13\n\x0b\x62lock_bytes\x18\x05 \x01(\x04\"\x94\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12-\n\x08sampling\x18\x03 \x01(\x0b\x32\x1b.halfmoon.v1.SamplingParams\x12%\n\x06target\x18\x04 \x01(\x0b\x32\x15.halfmoon.v1.KVTarget\"\x8e\x01\n\x0fPrefillResponse\x12\x13\n\x0b\x66irst_token\x18\x01 \x01(\x05\x12\x19\n\x11num_cached_tokens\x18\x02 \x01(\r\x12\x0f\n\x07queue_s\x18\x03 \x01(\x01\x12\x11\n\tprefill_s\x18\x04 \x01(\x01\x12\x15\n\rkv_transfer_s\x18\x05 \x01(\x01\x12\x10\n\x08kv_bytes\x18\x06 \x01(\x04\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"T\n\x07KVEvent\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12&\n\x04kind\x18\x02 \x01(\x0e\x32\x18.halfmoon.v1.KVEventKind\x12\x14\n\x0c\x62lock_hashes\x18\x03 \x03(\x04\"%\n\x0fKVEventsRequest\x12\x12\n\nsubscriber\x18\x01 \x01(\t\"I\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nnum_tokens\x18\x02 \x01(\r\x12\x0f\n\x07lease_s\x18\x03 \x01(\x01\"8\n\x0fReserveResponse\x12%\n\x06target\x18\x01 \x01(\x0b\x32\x15.halfmoon.v1.KVTarget\"$\n\x0eReleaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\" \n\x0fReleaseResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\xc2\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12-\n\x08sampling\x18\x03 \x01(\x0b\x32\x1b.halfmoon.v1.SamplingParams\x12\x13\n\x0b\x66irst_token\x18\x04 \x01(\x05\x12\x19\n\x11num_cached_tokens\x18\x05 \x01(\r\x12\x11\n\trecompute\x18\x06 \x01(\x08\x12\x11\n\tcolocated\x18\x07 \x01(\x08\"\x95\x01\n\x0c\x44\x65\x63odeOutput\x12&\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x17.halfmoon.v1.TokenDelta\x12\x10\n\x08\x66inished\x18\x02 \x01(\x08\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x19\n\x11\x63ompletion_tokens\x18\x04 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x05 \x01(\r*S\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x10\n\x0cROLE_PREFILL\x10\x01\x12\x0f\n\x0bROLE_DECODE\x10\x02\x12\x12\n\x0eROLE_COLOCATED\x10\x03*h\n\x0bKVEventKind\x12\x18\n\x14KV_EVENT_UNSPECIFIED\x10\x00\x12\x13\n\x0fKV_EVENT_STORED\x10\x01\x12\x14\n\x10KV_EVENT_REMOVED\x10\x02\x12\x14\n\x10KV_EVENT_CLEARED\x10\x03\x32\xa7\x01\n\x10\x43onductorControl\x12G\n\x08Register\x12\x1c.halfmoon.v1.RegisterRequest\x1a\x1d.halfmoon.v1.RegisterResponse\x12J\n\tHeartbeat\x12\x1d.halfmoon.v1.HeartbeatRequest\x1a\x1e.halfmoon.v1.HeartbeatResponse2\xd5\x01\n\x0bPrefillNode\x12\x44\n\x07Prefill\x12\x1b.halfmoon.v1.PrefillRequest\x1a\x1c.halfmoon.v1.PrefillResponse\x12>\n\x05\x41\x62ort\x12\x19.halfmoon.v1.AbortRequest\x1a\x1a.halfmoon.v1.AbortResponse\x12@\n\x08KVEvents\x12\x1c.halfmoon.v1.KVEventsRequest\x1a\x14.halfmoon.v1.KVEvent0\x01\x32\xdb\x01\n\nDecodeNode\x12\x44\n\x07Reserve\x12\x1b.halfmoon.v1.ReserveRequest\x1a\x1c.halfmoon.v1.ReserveResponse\x12\x44\n\x07Release\x12\x1b.halfmoon.v1.ReleaseRequest\x1a\x1c.halfmoon.v1.ReleaseResponse\x12\x41\n\x06\x44\x65\x63ode\x12\x1a.halfmoon.v1.DecodeRequest\x1a\x19.halfmoon.v1.DecodeOutput0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cproto/halfmoon/v1/node.proto\x12\x0bhalfmoon.v1\x1a\x1eproto/halfmoon/v1/common.proto\"X\n\x08KVLayout\x12\x12\n\nblock_size\x18\x01 \x01(\r\x12\x13\n\x0b\x62lock_bytes\x18\x02 \x01(\x04\x12\x14\n\x0ctotal_blocks\x18\x03 \x01(\r\x12\r\n\x05model\x18\x04 \x01(\t\"\xcb\x01\n\x08NodeLoad\x12\x0f\n\x07waiting\x18\x01 \x01(\r\x12\x0f\n\x07running\x18\x02 \x01(\r\x12\x1d\n\x15queued_prefill_tokens\x18\x03 \x01(\x04\x12\x13\n\x0b\x66ree_blocks\x18\x04 \x01(\r\x12\x18\n\x10tokens_in_flight\x18\x05 \x01(\x04\x12\x1d\n\x15prefix_queries_tokens\x18\x06 \x01(\x04\x12\x1a\n\x12prefix_hits_tokens\x18\x07 \x01(\x04\x12\x14\n\x0ckv_event_seq\x18\x08 \x01(\x04\"\xb1\x01\n\x0fRegisterRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x1f\n\x04role\x18\x02 \x01(\x0e\x32\x11.halfmoon.v1.Role\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12%\n\x06layout\x18\x04 \x01(\x0b\x32\x15.halfmoon.v1.KVLayout\x12\x1b\n\x13transfer_descriptor\x18\x05 \x01(\x0c\x12\x17\n\x0fmetrics_address\x18\x06 \x01(\t\"0\n\x10RegisterResponse\x12\x1c\n\x14heartbeat_interval_s\x18\x01 \x01(\x01\"H\n\x10HeartbeatRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12#\n\x04load\x18\x02 \x01(\x0b\x32\x15.halfmoon.v1.NodeLoad\"\"\n\x11HeartbeatResponse\x12\r\n\x05known\x18\x01 \x01(\x08\"s\n\x08KVTarget\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x1b\n\x13transfer_descriptor\x18\x02 \x01(\x0c\x12\x11\n\tregion_id\x18\x03 \x01(\x04\x12\x11\n\tblock_ids\x18\x04 \x03(\r\x12\x13\n\x0b\x62lock_bytes\x18\x05 \x01(\x04\"a\n\x0cPrefixSource\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x1b\n\x13transfer_descriptor\x18\x03 \x01(\x0c\x12\x12\n\nnum_blocks\x18\x04 \x01(\r\"\xbd\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12-\n\x08sampling\x18\x03 \x01(\x0b\x32\x1b.halfmoon.v1.SamplingParams\x12%\n\x06target\x18\x04 \x01(\x0b\x32\x15.halfmoon.v1.KVTarget\x12\'\n\x04pull\x18\x05 \x01(\x0b\x32\x19.halfmoon.v1.PrefixSource\"\xc9\x01\n\x0fPrefillResponse\x12\x13\n\x0b\x66irst_token\x18\x01 \x01(\x05\x12\x19\n\x11num_cached_tokens\x18\x02 \x01(\r\x12\x0f\n\x07queue_s\x18\x03 \x01(\x01\x12\x11\n\tprefill_s\x18\x04 \x01(\x01\x12\x15\n\rkv_transfer_s\x18\x05 \x01(\x01\x12\x10\n\x08kv_bytes\x18\x06 \x01(\x04\x12\x15\n\rpulled_tokens\x18\x07 \x01(\r\x12\x0e\n\x06pull_s\x18\x08 \x01(\x01\x12\x12\n\npull_error\x18\t \x01(\t\"@\n\nPinRequest\x12\x0e\n\x06pin_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0f\n\x07lease_s\x18\x03 \x01(\x01\"H\n\x0bPinResponse\x12\x11\n\tregion_id\x18\x01 \x01(\x04\x12\x11\n\tblock_ids\x18\x02 \x03(\r\x12\x13\n\x0b\x62lock_bytes\x18\x03 \x01(\x04\"\x1e\n\x0cUnpinRequest\x12\x0e\n\x06pin_id\x18\x01 \x01(\t\"\x1e\n\rUnpinResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"T\n\x07KVEvent\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12&\n\x04kind\x18\x02 \x01(\x0e\x32\x18.halfmoon.v1.KVEventKind\x12\x14\n\x0c\x62lock_hashes\x18\x03 \x03(\x04\"%\n\x0fKVEventsRequest\x12\x12\n\nsubscriber\x18\x01 \x01(\t\"I\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nnum_tokens\x18\x02 \x01(\r\x12\x0f\n\x07lease_s\x18\x03 \x01(\x01\"8\n\x0fReserveResponse\x12%\n\x06target\x18\x01 \x01(\x0b\x32\x15.halfmoon.v1.KVTarget\"$\n\x0eReleaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\" \n\x0fReleaseResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\xc2\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12-\n\x08sampling\x18\x03 \x01(\x0b\x32\x1b.halfmoon.v1.SamplingParams\x12\x13\n\x0b\x66irst_token\x18\x04 \x01(\x05\x12\x19\n\x11num_cached_tokens\x18\x05 \x01(\r\x12\x11\n\trecompute\x18\x06 \x01(\x08\x12\x11\n\tcolocated\x18\x07 \x01(\x08\"\x95\x01\n\x0c\x44\x65\x63odeOutput\x12&\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x17.halfmoon.v1.TokenDelta\x12\x10\n\x08\x66inished\x18\x02 \x01(\x08\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x19\n\x11\x63ompletion_tokens\x18\x04 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x05 \x01(\r*S\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x10\n\x0cROLE_PREFILL\x10\x01\x12\x0f\n\x0bROLE_DECODE\x10\x02\x12\x12\n\x0eROLE_COLOCATED\x10\x03*h\n\x0bKVEventKind\x12\x18\n\x14KV_EVENT_UNSPECIFIED\x10\x00\x12\x13\n\x0fKV_EVENT_STORED\x10\x01\x12\x14\n\x10KV_EVENT_REMOVED\x10\x02\x12\x14\n\x10KV_EVENT_CLEARED\x10\x03\x32\xa7\x01\n\x10\x43onductorControl\x12G\n\x08Register\x12\x1c.halfmoon.v1.RegisterRequest\x1a\x1d.halfmoon.v1.RegisterResponse\x12J\n\tHeartbeat\x12\x1d.halfmoon.v1.HeartbeatRequest\x1a\x1e.halfmoon.v1.HeartbeatResponse2\xcf\x02\n\x0bPrefillNode\x12\x44\n\x07Prefill\x12\x1b.halfmoon.v1.PrefillRequest\x1a\x1c.halfmoon.v1.PrefillResponse\x12>\n\x05\x41\x62ort\x12\x19.halfmoon.v1.AbortRequest\x1a\x1a.halfmoon.v1.AbortResponse\x12@\n\x08KVEvents\x12\x1c.halfmoon.v1.KVEventsRequest\x1a\x14.halfmoon.v1.KVEvent0\x01\x12\x38\n\x03Pin\x12\x17.halfmoon.v1.PinRequest\x1a\x18.halfmoon.v1.PinResponse\x12>\n\x05Unpin\x12\x19.halfmoon.v1.UnpinRequest\x1a\x1a.halfmoon.v1.UnpinResponse2\xdb\x01\n\nDecodeNode\x12\x44\n\x07Reserve\x12\x1b.halfmoon.v1.ReserveRequest\x1a\x1c.halfmoon.v1.ReserveResponse\x12\x44\n\x07Release\x12\x1b.halfmoon.v1.ReleaseRequest\x1a\x1c.halfmoon.v1.ReleaseResponse\x12\x41\n\x06\x44\x65\x63ode\x12\x1a.halfmoon.v1.DecodeRequest\x1a\x19.halfmoon.v1.DecodeOutput0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'proto.halfmoon.v1.node_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROLE']._serialized_start=1873
-  _globals['_ROLE']._serialized_end=1956
-  _globals['_KVEVENTKIND']._serialized_start=1958
-  _globals['_KVEVENTKIND']._serialized_end=2062
+  _globals['_ROLE']._serialized_start=2276
+  _globals['_ROLE']._serialized_end=2359
+  _globals['_KVEVENTKIND']._serialized_start=2361
+  _globals['_KVEVENTKIND']._serialized_end=2465
   _globals['_KVLAYOUT']._serialized_start=77
   _globals['_KVLAYOUT']._serialized_end=165
   _globals['_NODELOAD']._serialized_start=168
@@ -50,34 +50,44 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HEARTBEATRESPONSE']._serialized_end=711
   _globals['_KVTARGET']._serialized_start=713
   _globals['_KVTARGET']._serialized_end=828
-  _globals['_PREFILLREQUEST']._serialized_start=831
-  _globals['_PREFILLREQUEST']._serialized_end=979
-  _globals['_PREFILLRESPONSE']._serialized_start=982
-  _globals['_PREFILLRESPONSE']._serialized_end=1124
-  _globals['_ABORTREQUEST']._serialized_start=1126
-  _globals['_ABORTREQUEST']._serialized_end=1160
-  _globals['_ABORTRESPONSE']._serialized_start=1162
-  _globals['_ABORTRESPONSE']._serialized_end=1192
-  _globals['_KVEVENT']._serialized_start=1194
-  _globals['_KVEVENT']._serialized_end=1278
-  _globals['_KVEVENTSREQUEST']._serialized_start=1280
-  _globals['_KVEVENTSREQUEST']._serialized_end=1317
-  _globals['_RESERVEREQUEST']._serialized_start=1319
-  _globals['_RESERVEREQUEST']._serialized_end=1392
-  _globals['_RESERVERESPONSE']._serialized_start=1394
-  _globals['_RESERVERESPONSE']._serialized_end=1450
-  _globals['_RELEASEREQUEST']._serialized_start=1452
-  _globals['_RELEASEREQUEST']._serialized_end=1488
-  _globals['_RELEASERESPONSE']._serialized_start=1490
-  _globals['_RELEASERESPONSE']._serialized_end=1522
-  _globals['_DECODEREQUEST']._serialized_start=1525
-  _globals['_DECODEREQUEST']._serialized_end=1719
-  _globals['_DECODEOUTPUT']._serialized_start=1722
-  _globals['_DECODEOUTPUT']._serialized_end=1871
-  _globals['_CONDUCTORCONTROL']._serialized_start=2065
-  _globals['_CONDUCTORCONTROL']._serialized_end=2232
-  _globals['_PREFILLNODE']._serialized_start=2235
-  _globals['_PREFILLNODE']._serialized_end=2448
-  _globals['_DECODENODE']._serialized_start=2451
-  _globals['_DECODENODE']._serialized_end=2670
+  _globals['_PREFIXSOURCE']._serialized_start=830
+  _globals['_PREFIXSOURCE']._serialized_end=927
+  _globals['_PREFILLREQUEST']._serialized_start=930
+  _globals['_PREFILLREQUEST']._serialized_end=1119
+  _globals['_PREFILLRESPONSE']._serialized_start=1122
+  _globals['_PREFILLRESPONSE']._serialized_end=1323
+  _globals['_PINREQUEST']._serialized_start=1325
+  _globals['_PINREQUEST']._serialized_end=1389
+  _globals['_PINRESPONSE']._serialized_start=1391
+  _globals['_PINRESPONSE']._serialized_end=1463
+  _globals['_UNPINREQUEST']._serialized_start=1465
+  _globals['_UNPINREQUEST']._serialized_end=1495
+  _globals['_UNPINRESPONSE']._serialized_start=1497
+  _globals['_UNPINRESPONSE']._serialized_end=1527
+  _globals['_ABORTREQUEST']._serialized_start=1529
+  _globals['_ABORTREQUEST']._serialized_end=1563
+  _globals['_ABORTRESPONSE']._serialized_start=1565
+  _globals['_ABORTRESPONSE']._serialized_end=1595
+  _globals['_KVEVENT']._serialized_start=1597
+  _globals['_KVEVENT']._serialized_end=1681
+  _globals['_KVEVENTSREQUEST']._serialized_start=1683
+  _globals['_KVEVENTSREQUEST']._serialized_end=1720
+  _globals['_RESERVEREQUEST']._serialized_start=1722
+  _globals['_RESERVEREQUEST']._serialized_end=1795
+  _globals['_RESERVERESPONSE']._serialized_start=1797
+  _globals['_RESERVERESPONSE']._serialized_end=1853
+  _globals['_RELEASEREQUEST']._serialized_start=1855
+  _globals['_RELEASEREQUEST']._serialized_end=1891
+  _globals['_RELEASERESPONSE']._serialized_start=1893
+  _globals['_RELEASERESPONSE']._serialized_end=1925
+  _globals['_DECODEREQUEST']._serialized_start=1928
+  _globals['_DECODEREQUEST']._serialized_end=2122
+  _globals['_DECODEOUTPUT']._serialized_start=2125
+  _globals['_DECODEOUTPUT']._serialized_end=2274
+  _globals['_CONDUCTORCONTROL']._serialized_start=2468
+  _globals['_CONDUCTORCONTROL']._serialized_end=2635
+  _globals['_PREFILLNODE']._serialized_start=2638
+  _globals['_PREFILLNODE']._serialized_end=2973
+  _globals['_DECODENODE']._serialized_start=2976
+  _globals['_DECODENODE']._serialized_end=3195
 # @@protoc_insertion_point(module_scope)

@@ -164,6 +164,16 @@ class PrefillNodeStub:
                 request_serializer=proto_dot_halfmoon_dot_v1_dot_node__pb2.KVEventsRequest.SerializeToString,
                 response_deserializer=proto_dot_halfmoon_dot_v1_dot_node__pb2.KVEvent.FromString,
                 _registered_method=True)
+        self.Pin = channel.unary_unary(
+                '/halfmoon.v1.PrefillNode/Pin',
+                request_serializer=proto_dot_halfmoon_dot_v1_dot_node__pb2.PinRequest.SerializeToString,
+                response_deserializer=proto_dot_halfmoon_dot_v1_dot_node__pb2.PinResponse.FromString,
+                _registered_method=True)
+        self.Unpin = channel.unary_unary(
+                '/halfmoon.v1.PrefillNode/Unpin',
+                request_serializer=proto_dot_halfmoon_dot_v1_dot_node__pb2.UnpinRequest.SerializeToString,
+                response_deserializer=proto_dot_halfmoon_dot_v1_dot_node__pb2.UnpinResponse.FromString,
+                _registered_method=True)
 
 
 class PrefillNodeServicer:
@@ -191,6 +201,18 @@ class PrefillNodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Pin(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Unpin(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PrefillNodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -208,6 +230,16 @@ def add_PrefillNodeServicer_to_server(servicer, server):
                     servicer.KVEvents,
                     request_deserializer=proto_dot_halfmoon_dot_v1_dot_node__pb2.KVEventsRequest.FromString,
                     response_serializer=proto_dot_halfmoon_dot_v1_dot_node__pb2.KVEvent.SerializeToString,
+            ),
+            'Pin': grpc.unary_unary_rpc_method_handler(
+                    servicer.Pin,
+                    request_deserializer=proto_dot_halfmoon_dot_v1_dot_node__pb2.PinRequest.FromString,
+                    response_serializer=proto_dot_halfmoon_dot_v1_dot_node__pb2.PinResponse.SerializeToString,
+            ),
+            'Unpin': grpc.unary_unary_rpc_method_handler(
+                    servicer.Unpin,
+                    request_deserializer=proto_dot_halfmoon_dot_v1_dot_node__pb2.UnpinRequest.FromString,
+                    response_serializer=proto_dot_halfmoon_dot_v1_dot_node__pb2.UnpinResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -291,6 +323,60 @@ class PrefillNode:
             '/halfmoon.v1.PrefillNode/KVEvents',
             proto_dot_halfmoon_dot_v1_dot_node__pb2.KVEventsRequest.SerializeToString,
             proto_dot_halfmoon_dot_v1_dot_node__pb2.KVEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Pin(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/halfmoon.v1.PrefillNode/Pin',
+            proto_dot_halfmoon_dot_v1_dot_node__pb2.PinRequest.SerializeToString,
+            proto_dot_halfmoon_dot_v1_dot_node__pb2.PinResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Unpin(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/halfmoon.v1.PrefillNode/Unpin',
+            proto_dot_halfmoon_dot_v1_dot_node__pb2.UnpinRequest.SerializeToString,
+            proto_dot_halfmoon_dot_v1_dot_node__pb2.UnpinResponse.FromString,
             options,
             channel_credentials,
             insecure,
