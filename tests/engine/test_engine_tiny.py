@@ -156,3 +156,22 @@ def test_stop_token_ids_and_max_tokens(tiny_model_dir):
     got = [o.new_token_ids[0] for o in outs]
     assert got == ref[: ref.index(stop_at) + 1]
     assert outs[-1].finish_reason is FinishReason.STOP
+
+
+def test_imported_prefix_blocks_are_reused_and_change_nothing(tiny_model_dir):
+    """What a KV-centric pull does, without the network: pin a prefix on one engine, copy
+    its blocks' bytes into another engine's blocks, import them there."""
+    a, b = make(tiny_model_dir), make(tiny_model_dir)
+    prompt = list(range(300, 300 + 70))  # 4 full blocks + 6 tokens
+    want = a.generate([prompt], GREEDY)[0]
+    pinned = a.pin_prefix(prompt[:64])
+    assert len(pinned) == 4 and all(a.pool.ref_count(x) == 1 for x in pinned)
+    local = b.allocate_blocks(4)
+    for src, dst in zip(pinned, local):
+        b.kv.tensor[dst].copy_(a.kv.tensor[src])
+    a.unpin(pinned)
+    b.import_prefix(prompt, 0, local)
+    assert b.cached_prefix_blocks(prompt) == 4 and b.stats().num_blocks_free == 256
+    assert b.generate([prompt], GREEDY)[0] == want
+    assert b.stats().prefix_hits_tokens == 64
+    assert a.stats().num_blocks_free == 256
