@@ -1,0 +1,143 @@
+"""Disaggregated vs colocated on this machine: replay the same scaled trace against each
+layout at several loads and compare effective request capacity and TBT under SLOs.
+
+    python -m bench.layouts --out out/layouts --speedups 0.05,0.1,0.2,0.3 --duration 60
+
+For each layout in turn (never both at once, so they get the same two cores): start the
+cluster (`1p1d`: one prefill + one decode node; `2co`: two colocated nodes; one thread
+per node either way), measure unloaded single-request TTFT and TBT, replay the sweep with
+`bench.replay` through gRPC, stop the cluster. SLOs are `--ttft-x` / `--tbt-x` times the
+unloaded values of the first layout, unless given in seconds. Writes each layout's
+replay JSON, a summary JSON, a comparison table and overlaid plots.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import statistics
+import time
+from pathlib import Path
+
+TRACE = Path(__file__).resolve().parents[1].parent / "shared" / "traces" / "conversation_trace.jsonl"
+LAYOUTS = {"1p1d": (1, 1, 0), "2co": (0, 0, 2)}
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(layout: str, threads: int):
+    from cluster.local import LocalCluster
+    from cluster.node_main import NodeSpec
+    from conductor.server import ConductorSpec
+
+    p, d, co = LAYOUTS[layout]
+    spec = ConductorSpec(grpc_port=_port(), http_port=None, settings={"admission": "none"},
+                         heartbeat_interval_s=0.5)
+    node = NodeSpec(role="prefill", node_id="", conductor="", num_blocks=2048, num_threads=threads,
+                    max_num_batched_tokens=256)
+    return LocalCluster.build(p, d, conductor=spec, node=node, colocated=co).start()
+
+
+def unloaded(address: str, prompt_tokens: int, output_tokens: int, n: int = 4) -> tuple[float, float]:
+    """Median TTFT and median token gap of single requests, one at a time."""
+    import random
+
+    from cluster.client import Client, make_request
+    from engine.sampling import SamplingParams
+
+    rng = random.Random(7)
+    ttfts, gaps = [], []
+    with Client(address) as c:
+        for _ in range(n):
+            ids = [rng.randrange(100, 40000) for _ in range(prompt_tokens)]
+            t0 = time.perf_counter()
+            times = []
+            for msg in c.stream(make_request(token_ids=ids, params=SamplingParams(max_tokens=output_tokens,
+                                                                                  ignore_eos=True))):
+                if msg.HasField("delta"):
+                    times += [time.perf_counter()] * len(msg.delta.token_ids)
+            ttfts.append(times[0] - t0)
+            gaps += [b - a for a, b in zip(times, times[1:])]
+    return statistics.median(ttfts), statistics.median(gaps)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="halfmoon bench layouts", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--trace", type=Path, default=TRACE)
+    ap.add_argument("--out", type=Path, default=Path("out/layouts"))
+    ap.add_argument("--layouts", default="1p1d,2co")
+    ap.add_argument("--speedups", default="0.05,0.1,0.2,0.3")
+    ap.add_argument("--duration", type=float, default=60.0, help="trace seconds per run")
+    ap.add_argument("--block-tokens", type=int, default=16)
+    ap.add_argument("--output-scale", type=float, default=0.1)
+    ap.add_argument("--max-output-tokens", type=int, default=64)
+    ap.add_argument("--max-input-tokens", type=int, default=1024)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per node")
+    ap.add_argument("--ttft-x", type=float, default=5.0)
+    ap.add_argument("--tbt-x", type=float, default=3.0)
+    ap.add_argument("--ttft-slo", type=float, help="seconds (overrides --ttft-x)")
+    ap.add_argument("--tbt-slo", type=float, help="seconds (overrides --tbt-x)")
+    args = ap.parse_args(argv)
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from bench.replay import main as replay_main
+
+    con = Console(width=120)
+    args.out.mkdir(parents=True, exist_ok=True)
+    layouts = args.layouts.split(",")
+    slo: tuple[float, float] | None = (args.ttft_slo, args.tbt_slo) if args.ttft_slo and args.tbt_slo else None
+    summary: dict = {"layouts": {}, "args": {k: str(v) for k, v in vars(args).items()}}
+    for layout in layouts:
+        con.print(f"[bold]starting {layout}[/bold]")
+        cluster = _start(layout, args.threads)
+        try:
+            ttft0, tbt0 = unloaded(cluster.address, 376, 34)  # the scaled trace's mean request
+            con.print(f"{layout}: unloaded TTFT {ttft0 * 1e3:.0f} ms, TBT {tbt0 * 1e3:.1f} ms")
+            if slo is None:
+                slo = (args.ttft_x * ttft0, args.tbt_x * tbt0)
+                con.print(f"SLOs: TTFT <= {slo[0]:.2f} s, TBT (mean of the longest 10% of gaps) <= {slo[1]:.3f} s")
+            out = args.out / f"{layout}.json"
+            overlays = [a for prev in layouts[: layouts.index(layout)] for a in ("--overlay", str(args.out / f"{prev}.json"))]
+            rc = replay_main(["--trace", str(args.trace), "--target", f"grpc://{cluster.address}", "--label", layout,
+                              "--speedups", args.speedups, "--duration", str(args.duration),
+                              "--block-tokens", str(args.block_tokens), "--output-scale", str(args.output_scale),
+                              "--max-output-tokens", str(args.max_output_tokens),
+                              "--max-input-tokens", str(args.max_input_tokens), "--request-timeout", "300",
+                              "--ttft-slo", f"{slo[0]:.4f}", "--tbt-slo", f"{slo[1]:.4f}", "--cooldown", "3",
+                              "--json", str(out), "--plot-dir", str(args.out / "plots"), *overlays])
+            result = json.loads(out.read_text())
+            summary["layouts"][layout] = {
+                "unloaded_ttft_s": ttft0, "unloaded_tbt_s": tbt0, "replay_exit": rc,
+                "capacity_req_s": (result.get("capacity") or {}).get("request_rate"),
+                "runs": [{k: r["summary"].get(k) for k in ("speedup", "request_rate", "slo_attainment", "goodput",
+                                                           "completed", "rejected", "failed", "prefix_hit_rate")}
+                         | {"tbt_p99_s": (r["summary"].get("tbt_gaps") or {}).get("p99"),
+                            "ttft_p99_s": (r["summary"].get("ttft") or {}).get("p99")} for r in result["runs"]],
+            }
+        finally:
+            cluster.stop()
+    summary["slo"] = {"ttft_s": slo[0], "tbt_s": slo[1]}
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
+    t = Table(title=f"layouts on this machine; SLOs TTFT <= {slo[0]:.2f} s, TBT <= {slo[1] * 1e3:.0f} ms")
+    for c in ("layout", "speed-up", "req/s", "SLO met", "goodput", "p99 TBT ms", "capacity req/s"):
+        t.add_column(c, justify="left" if c == "layout" else "right")
+    for layout, s in summary["layouts"].items():
+        for i, r in enumerate(s["runs"]):
+            t.add_row(layout if i == 0 else "", f"{r['speedup']:g}", f"{r['request_rate'] or 0:.2f}",
+                      f"{(r['slo_attainment'] or 0):.0%}", f"{r['goodput'] or 0:.2f}",
+                      f"{r['tbt_p99_s'] * 1e3:.0f}" if r["tbt_p99_s"] is not None else "-",
+                      f"{s['capacity_req_s']:.2f}" if i == 0 and s["capacity_req_s"] else ("-" if i == 0 else ""))
+    con.print(t)
+    con.print(f"wrote {args.out / 'summary.json'} and plots in {args.out / 'plots'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
