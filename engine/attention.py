@@ -1,7 +1,9 @@
-"""Attention over the paged KV cache, in torch (the CPU path).
+"""Attention over the paged KV cache, in torch (the reference path).
 
 Decode requests of a step attend as one padded batch (one SDPA call per layer); each prefill
-chunk attends on its own with a causal mask offset by the tokens already in its blocks.
+chunk attends on its own with a causal mask offset by the tokens already in its blocks. On
+CPU the decode group goes to the C++ kernel of `engine.cpu_kernels` when it is built (it reads
+K/V straight from the blocks); this torch code is its reference and fallback.
 """
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from engine import cpu_kernels
 
 
 @dataclass(slots=True)
@@ -18,6 +22,7 @@ class DecodeGroup:
     n: int
     block_tables: torch.Tensor  # [n, max_blocks] long, padded with block 0
     mask: torch.Tensor  # [n, 1, 1, max_blocks * block_size] bool, True = attend
+    context_lens: torch.Tensor | None = None  # [n] long: tokens each attends to (None: from mask)
 
 
 @dataclass(slots=True)
@@ -68,7 +73,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     write_kv(k_cache, v_cache, k, v, meta)
     out = torch.empty_like(q)
     d = meta.decode
-    if d is not None and d.n:
+    if d is not None and d.n and k_cache.device.type == "cpu" and (ck := cpu_kernels.kernels()) is not None:
+        lens = d.context_lens if d.context_lens is not None else d.mask.reshape(d.n, -1).sum(-1)
+        ck.decode_attention(out[: d.n], q[: d.n], k_cache, v_cache, d.block_tables, lens, scale)
+    elif d is not None and d.n:
         qd = q[: d.n].unsqueeze(2)  # [n, H, 1, hd]
         kd = _gather(k_cache, d.block_tables)
         vd = _gather(v_cache, d.block_tables)

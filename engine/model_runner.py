@@ -43,8 +43,9 @@ class ModelRunner:
                 lens.append(r.num_tokens)
                 logit_rows.append(i)
                 sampled_reqs.append(r)
-            mask = torch.arange(max_blocks * bs).unsqueeze(0) < torch.tensor(lens).unsqueeze(1)
-            decode = DecodeGroup(len(sched.decodes), tables, mask[:, None, None, :])
+            ctx_lens = torch.tensor(lens)
+            mask = torch.arange(max_blocks * bs).unsqueeze(0) < ctx_lens.unsqueeze(1)
+            decode = DecodeGroup(len(sched.decodes), tables, mask[:, None, None, :], ctx_lens)
 
         prefills: list[PrefillChunk] = []
         for chunk in sched.prefills:

@@ -1,0 +1,83 @@
+"""C++ CPU kernels (engine/csrc/), compiled on first use and cached; the torch code in
+`engine.attention` stays the reference and the fallback.
+
+The extension is built once per source/flags/torch version into
+``$HALFMOON_CACHE/torch_extensions/`` (needs a C++ compiler and ``ninja``). ``-mavx2 -mfma`` are
+added only when this CPU has them (never ``-march=native``: the cache may be shared). If the
+build fails, or ``HALFMOON_DISABLE_CPU_KERNELS=1`` is set, `kernels()` returns None (the build
+failure is logged once as a warning) and the callers use the torch path.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from engine.loader import cache_root
+
+log = logging.getLogger(__name__)
+
+DISABLE_ENV = "HALFMOON_DISABLE_CPU_KERNELS"
+_CSRC = Path(__file__).parent / "csrc"
+_SOURCES = ["attention.cpp"]  # one translation unit, in this order
+_HEADERS = ["simd.h"]
+_FUNCTIONS = ["decode_attention"]
+
+_lock = threading.Lock()
+_state: dict[str, ModuleType | None] = {}
+
+
+def disabled() -> bool:
+    return os.environ.get(DISABLE_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def cpu_flags() -> list[str]:
+    """Compiler flags for this CPU: -mavx2 -mfma where /proc/cpuinfo lists both."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return ["-mavx2", "-mfma"] if {"avx2", "fma"} <= set(flags) else []
+
+
+def _build() -> ModuleType:
+    from torch.utils.cpp_extension import load_inline
+
+    sources = [(_CSRC / f).read_text() for f in _SOURCES]
+    headers = [(_CSRC / f).read_text() for f in _HEADERS]
+    cflags = ["-O3", "-fopenmp", *cpu_flags()]
+    key = hashlib.sha256("\0".join([*sources, *headers, *cflags, torch.__version__]).encode()).hexdigest()[:12]
+    build_dir = cache_root() / "torch_extensions" / f"halfmoon_cpu_{key}"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    return load_inline(name=f"halfmoon_cpu_{key}", cpp_sources=sources, functions=_FUNCTIONS,
+                       extra_cflags=cflags, extra_ldflags=["-fopenmp"], extra_include_paths=[str(_CSRC)],
+                       build_directory=str(build_dir))
+
+
+def kernels() -> ModuleType | None:
+    """The compiled extension, or None when it is disabled or cannot be built."""
+    if "mod" in _state:
+        return _state["mod"]
+    with _lock:
+        if "mod" not in _state:
+            mod = None
+            if not disabled():
+                try:
+                    mod = _build()
+                except Exception as e:  # no compiler, no ninja, a build error: fall back
+                    log.warning("C++ CPU kernels unavailable, using the torch attention path "
+                                "(%s: %s)", type(e).__name__, (str(e).strip().splitlines() or [""])[-1])
+            _state["mod"] = mod
+    return _state["mod"]
+
+
+def reset() -> None:
+    """Forget the loaded extension so the next `kernels()` looks again (for tests)."""
+    with _lock:
+        _state.clear()

@@ -1,0 +1,135 @@
+"""The C++ CPU paged-attention kernel against the torch reference path, and the fallback."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine import cpu_kernels
+from engine.attention import AttentionMetadata, DecodeGroup, PrefillChunk, _gather, paged_attention
+from engine.config import EngineConfig
+from engine.engine import LLMEngine
+from engine.sampling import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def ck():
+    mod = cpu_kernels.kernels()
+    if mod is None:
+        pytest.skip("C++ CPU kernels could not be built here (see the logged warning)")
+    return mod
+
+
+def region_views(num_blocks: int, block_size: int, kvh: int, hd: int, layers: int = 3, seed: int = 0):
+    """Per-layer K/V views of a KV region laid out like engine/kv_cache.py."""
+    g = torch.Generator().manual_seed(seed)
+    region = torch.randn(num_blocks, layers, 2, block_size, kvh, hd, generator=g)
+    return region[:, 1, 0], region[:, 1, 1]
+
+
+def random_decode(n: int, num_blocks: int, block_size: int, max_len: int, seed: int):
+    """Random context lengths (many ending mid-block) and random, distinct block ids."""
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(1, max_len + 1, (n,), generator=g)
+    lens[0] = max_len  # one sequence fills its table row
+    max_blocks = -(-max_len // block_size)
+    tables = torch.zeros(n, max_blocks, dtype=torch.long)
+    for i in range(n):
+        used = -(-int(lens[i]) // block_size)
+        tables[i, :used] = torch.randperm(num_blocks, generator=g)[:used]
+    return tables, lens
+
+
+def torch_reference(q, k_cache, v_cache, tables, lens, scale):
+    mask = (torch.arange(tables.shape[1] * k_cache.shape[1])[None] < lens[:, None])[:, None, None]
+    out = F.scaled_dot_product_attention(q.unsqueeze(2), _gather(k_cache, tables), _gather(v_cache, tables),
+                                         attn_mask=mask, scale=scale, enable_gqa=True)
+    return out.squeeze(2)
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 32])
+@pytest.mark.parametrize("heads,kvh,hd", [(9, 3, 64), (4, 2, 16), (4, 4, 128), (6, 2, 12)])
+def test_decode_kernel_matches_torch(ck, n, heads, kvh, hd):
+    bs, nb = 16, 96
+    k_cache, v_cache = region_views(nb, bs, kvh, hd, seed=n)
+    tables, lens = random_decode(n, nb, bs, max_len=70 if n > 8 else 300, seed=n + hd)
+    q = torch.randn(n, heads, hd, generator=torch.Generator().manual_seed(1))
+    out = torch.full_like(q, float("nan"))
+    ck.decode_attention(out, q, k_cache, v_cache, tables, lens, hd ** -0.5)
+    ref = torch_reference(q, k_cache, v_cache, tables, lens, hd ** -0.5)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_kernel_writes_strided_rows_and_reads_large_scores(ck):
+    """Query/output rows inside a bigger tensor, one key far above the rest."""
+    k_cache, v_cache = region_views(8, 16, 3, 64)
+    k_cache[2, 5] *= 40  # a dominant score: the softmax must subtract the max
+    tables = torch.tensor([[2, 0], [7, 2]])
+    lens = torch.tensor([9, 32])
+    big_q = torch.randn(5, 9, 64)
+    big_out = torch.zeros(5, 9, 64)
+    ck.decode_attention(big_out[1:3], big_q[1:3], k_cache, v_cache, tables, lens, 0.125)
+    torch.testing.assert_close(big_out[1:3], torch_reference(big_q[1:3], k_cache, v_cache, tables, lens, 0.125),
+                               rtol=1e-5, atol=1e-5)
+    assert big_out[0].abs().sum() == 0 and big_out[3:].abs().sum() == 0
+
+
+def test_decode_kernel_rejects_bad_input(ck):
+    k_cache, v_cache = region_views(4, 16, 3, 64)
+    q = torch.randn(1, 9, 64)
+    with pytest.raises(RuntimeError, match="block id out of range"):
+        ck.decode_attention(torch.empty_like(q), q, k_cache, v_cache, torch.tensor([[9]]), torch.tensor([3]), 1.0)
+    with pytest.raises(RuntimeError, match="context length"):
+        ck.decode_attention(torch.empty_like(q), q, k_cache, v_cache, torch.tensor([[1]]), torch.tensor([17]), 1.0)
+
+
+def test_paged_attention_uses_kernel_and_matches_fallback(ck, monkeypatch):
+    """A mixed step (decodes + a prefill chunk with context) gives the same result either way."""
+    heads, kvh, hd, bs, nb = 9, 3, 64, 16, 64
+    k_cache, v_cache = region_views(nb, bs, kvh, hd, seed=5)
+    tables, lens = random_decode(5, nb // 2, bs, max_len=100, seed=6)
+    mask = (torch.arange(tables.shape[1] * bs)[None] < lens[:, None])[:, None, None]
+    slot_b = [int(tables[i, (lens[i] - 1) // bs]) for i in range(5)]
+    slot_o = [int(lens[i] - 1) % bs for i in range(5)]
+    chunk_table = torch.arange(nb // 2, nb // 2 + 3)  # prefill: 10 earlier tokens + 20 new
+    slot_b += [int(chunk_table[p // bs]) for p in range(10, 30)]
+    slot_o += [p % bs for p in range(10, 30)]
+    meta = AttentionMetadata(torch.tensor(slot_b), torch.tensor(slot_o), DecodeGroup(5, tables, mask, lens),
+                             [PrefillChunk(5, 25, chunk_table, 30)])
+    g = torch.Generator().manual_seed(7)
+    q, k, v = torch.randn(25, heads, hd, generator=g), torch.randn(25, kvh, hd, generator=g), torch.randn(25, kvh, hd, generator=g)
+    fast = paged_attention(q, k, v, k_cache, v_cache, meta, hd ** -0.5)
+    monkeypatch.setenv(cpu_kernels.DISABLE_ENV, "1")
+    cpu_kernels.reset()
+    try:
+        assert cpu_kernels.kernels() is None
+        ref = paged_attention(q, k, v, k_cache, v_cache, meta, hd ** -0.5)
+    finally:
+        monkeypatch.delenv(cpu_kernels.DISABLE_ENV)
+        cpu_kernels.reset()
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_engine_falls_back_when_kernels_cannot_build(tiny_model_dir, monkeypatch, caplog):
+    """No compiler / no ninja: one warning, then the torch path gives the same tokens."""
+    params = SamplingParams(max_tokens=10, ignore_eos=True)
+    prompts = [list(range(100, 100 + n)) for n in (3, 20, 37)]
+    with_kernels = LLMEngine(tiny_model_dir, EngineConfig(num_blocks=64)).generate(prompts, params)
+
+    def broken_build():
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(cpu_kernels, "_build", broken_build)
+    cpu_kernels.reset()
+    try:
+        with caplog.at_level(logging.WARNING, logger="engine.cpu_kernels"):
+            fallback = LLMEngine(tiny_model_dir, EngineConfig(num_blocks=64)).generate(prompts, params)
+        assert cpu_kernels.kernels() is None
+    finally:
+        monkeypatch.undo()
+        cpu_kernels.reset()
+    warnings = [r for r in caplog.records if r.name == "engine.cpu_kernels"]
+    assert len(warnings) == 1 and "Ninja is required" in warnings[0].getMessage()
+    assert fallback == with_kernels
