@@ -41,8 +41,8 @@ class DecodeService(node_pb2_grpc.DecodeNodeServicer):
         self.recomputed = 0
         self.expired_leases = 0
 
-    async def _engine(self, fn):
-        return await asyncio.wrap_future(self.worker.call(fn))
+    async def _engine(self, fn, undo=None):
+        return await self.worker.run(fn, undo)
 
     @property
     def num_reserved_blocks(self) -> int:
@@ -55,7 +55,7 @@ class DecodeService(node_pb2_grpc.DecodeNodeServicer):
         if request.num_tokens <= 0:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "num_tokens must be > 0")
         try:
-            blocks = await self._engine(lambda e: e.reserve(request.num_tokens))
+            blocks = await self._engine(lambda e: e.reserve(request.num_tokens), undo=lambda e, got: e.unreserve(got))
         except OutOfBlocksError as e:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"decode node {self.node_id}: {e}")
         lease = asyncio.get_running_loop().call_later(max(request.lease_s, 0.1), self._expire, rid)
@@ -101,7 +101,11 @@ class DecodeService(node_pb2_grpc.DecodeNodeServicer):
         def sink(out: RequestOutput) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, out)
 
+        started = False
+
         def start(eng: LLMEngine) -> None:
+            nonlocal started
+            started = True
             if local_prefill:
                 if blocks is not None:
                     eng.unreserve(blocks)
@@ -118,7 +122,11 @@ class DecodeService(node_pb2_grpc.DecodeNodeServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"no reservation for {rid!r} on {self.node_id} (lease expired or released)")
         try:
-            await self._engine(start)
+            await self._engine(start, undo=lambda e, _: (self.worker.set_sink(rid, None), e.abort(rid)))
+        except asyncio.CancelledError:
+            if blocks is not None:  # if `start` never ran, the reservation is still ours
+                self.worker.call(lambda e: None if started else e.unreserve(blocks))
+            raise
         except InvalidRequestError as e:
             self.worker.set_sink(rid, None)
             if blocks is not None and not local_prefill:

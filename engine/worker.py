@@ -38,6 +38,24 @@ class EngineWorker:
         self._cmds.put((fn, fut))
         return fut
 
+    async def run(self, fn: Callable[[LLMEngine], T],
+                  undo: Callable[[LLMEngine, T], object] | None = None) -> T:
+        """`call(fn)` awaited from an event loop. If the awaiting task is cancelled before
+        `fn` started, `fn` never runs; if it already ran (or is running), `undo(engine,
+        result)` runs right after it on the engine thread, so nothing it took leaks."""
+        import asyncio
+
+        fut = self.call(fn)
+        try:
+            return await asyncio.wrap_future(fut)
+        except asyncio.CancelledError:
+            if undo is not None:
+                def follow_up(eng: LLMEngine) -> None:  # queued after fn: fn has finished by now
+                    if fut.done() and not fut.cancelled() and fut.exception() is None:
+                        undo(eng, fut.result())
+                self.call(follow_up)
+            raise
+
     def set_sink(self, request_id: str, sink: Sink | None) -> None:
         """Route `request_id`'s outputs to `sink` (called on the engine thread); None removes it."""
         if sink is None:

@@ -142,8 +142,8 @@ class PrefillService(node_pb2_grpc.PrefillNodeServicer):
             self._peers[desc_bytes] = peer
         return peer
 
-    async def _engine(self, fn):
-        return await asyncio.wrap_future(self.worker.call(fn))
+    async def _engine(self, fn, undo=None):
+        return await self.worker.run(fn, undo)
 
     async def Prefill(self, request: node_pb2.PrefillRequest, context: grpc.aio.ServicerContext):
         rid = request.request_id
@@ -181,16 +181,24 @@ class PrefillService(node_pb2_grpc.PrefillNodeServicer):
             if pull_error:
                 log.warning("%s: pull from %s failed, recomputing: %s", rid, request.pull.node_id, pull_error)
 
+        imported = False
+
         def add(eng: LLMEngine) -> None:
+            nonlocal imported
             if pulled is not None:  # in the same engine call, so nothing can evict them first
                 eng.import_prefix(prompt, pulled[0], pulled[1])
+                imported = True
             eng.add_request(rid, pparams, prompt_token_ids=prompt, hold_blocks=True)
             self._jobs[rid] = job
 
         try:
-            await self._engine(add)
+            await self._engine(add, undo=lambda e, _: e.abort(rid))
         except InvalidRequestError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except asyncio.CancelledError:
+            if pulled is not None:  # `add` never ran: the pulled blocks are still ours
+                self.worker.call(lambda e: None if imported else e.unreserve(pulled[1]))
+            raise
         ok = False
         try:
             acked_at = await job.done
@@ -233,14 +241,16 @@ class PrefillService(node_pb2_grpc.PrefillNodeServicer):
         pin_id = uuid.uuid4().hex
         local: list[int] | None = None
         try:
+            # the holder answers between two of its engine steps: allow for a long one
             pin = await stub.Pin(node_pb2.PinRequest(pin_id=pin_id, token_ids=prefix, lease_s=self.transfer_timeout_s),
-                                 timeout=5)
+                                 timeout=self.transfer_timeout_s)
             remote = list(pin.block_ids)[have:n]
             if not remote:
                 return None, f"{src.node_id} no longer caches blocks {have}..{n - 1} of the prefix"
             if pin.block_bytes != bb:
                 return None, f"{src.node_id} has {pin.block_bytes}-byte blocks, this node {bb}"
-            local = await self._engine(lambda e: e.allocate_blocks(len(remote)))
+            local = await self._engine(lambda e: e.allocate_blocks(len(remote)),
+                                       undo=lambda e, got: got and e.unreserve(got))
             if local is None:
                 return None, f"no {len(remote)} free blocks to pull into"
             peer = await self._peer(src.transfer_descriptor)
@@ -277,7 +287,7 @@ class PrefillService(node_pb2_grpc.PrefillNodeServicer):
         if request.pin_id in self._pins:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"pin {request.pin_id!r} exists")
         tokens = list(request.token_ids)
-        blocks = await self._engine(lambda e: e.pin_prefix(tokens))
+        blocks = await self._engine(lambda e: e.pin_prefix(tokens), undo=lambda e, got: e.unpin(got))
         lease = asyncio.get_running_loop().call_later(max(request.lease_s, 0.1), self._expire_pin, request.pin_id)
         self._pins[request.pin_id] = (blocks, lease)
         return node_pb2.PinResponse(region_id=int(self.kv_region), block_ids=blocks, block_bytes=self.block_bytes)
@@ -301,7 +311,8 @@ class PrefillService(node_pb2_grpc.PrefillNodeServicer):
 
     async def KVEvents(self, request: node_pb2.KVEventsRequest, context):
         loop = asyncio.get_running_loop()
-        sub = await self._engine(lambda e: self.events.subscribe(e, loop))
+        sub = await self._engine(lambda e: self.events.subscribe(e, loop),
+                                 undo=lambda e, got: self.events.unsubscribe(got))
         try:
             while True:
                 yield await sub.queue.get()
