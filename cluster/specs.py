@@ -105,26 +105,26 @@ def _threads(group: NodeGroupConfig) -> int:
 
 
 def node_plans(config: ClusterConfig, conductor_address: str) -> list[NodePlan]:
-    """Every node of the config, prefill first, named `<role>-<i>`, pointed at the conductor."""
-    if config.layout != "disaggregated":
-        raise NotImplementedError(
-            f"layout {config.layout!r} is not wired into the launchers yet (cluster/specs.py); "
-            "use layout: disaggregated"
-        )
+    """Every node of the config, prefill first, named `<role>-<i>`, pointed at the conductor.
+
+    The colocated layout runs `prefill.count` colocated nodes (one engine doing prefill and
+    decode each) with the prefill group's resources; the decode group is not used."""
     s = config.scheduler
     plans = []
-    for role in ROLES:
+    colocated = config.layout == "colocated"
+    for role in ("prefill",) if colocated else ROLES:
         group = config.group(role)
+        node_role = "colocated" if colocated else role
         for i in range(group.count):
             spec = NodeSpec(
-                role=role,
-                node_id=f"{role}-{i}",
+                role=node_role,
+                node_id=f"{node_role}-{i}",
                 conductor=conductor_address,
                 model=model_ref(config),
                 host=group.host,
                 block_size=config.kv.block_size,
                 num_blocks=config.kv.num_blocks or DEFAULT_NUM_BLOCKS,
-                max_num_batched_tokens=s.prefill_chunk_size if role == "prefill" else s.max_num_batched_tokens,
+                max_num_batched_tokens=s.prefill_chunk_size if node_role == "prefill" else s.max_num_batched_tokens,
                 max_num_seqs=s.max_num_seqs,
                 max_model_len=config.model.max_model_len,
                 transport=config.transfer.transport,

@@ -113,6 +113,6 @@ def test_the_process_launcher_needs_a_fixed_conductor_port():
         build_specs(parse_config("conductor: {grpc_port: 0}"))
 
 
-def test_a_layout_without_a_node_runtime_is_refused_by_name():
-    with pytest.raises(NotImplementedError, match="colocated"):
-        build_specs(load_config(DEPLOY / "colocated.yaml"))
+def test_the_colocated_layout_runs_the_prefill_groups_count_of_colocated_nodes():
+    _, nodes = build_specs(load_config(DEPLOY / "colocated.yaml"))
+    assert [(n.role, n.node_id) for n in nodes] == [("colocated", "colocated-0"), ("colocated", "colocated-1")]
