@@ -71,7 +71,13 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
                     v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """q: [T, H, hd]; k, v: [T, KVH, hd] (this step's new keys/values). Returns [T, H, hd]."""
     write_kv(k_cache, v_cache, k, v, meta)
-    out = torch.empty_like(q)
+    return attend(q, k, v, k_cache, v_cache, meta, scale)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+           v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """`paged_attention` once this step's K/V are already in the cache."""
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     d = meta.decode
     if d is not None and d.n and k_cache.device.type == "cpu" and (ck := cpu_kernels.kernels()) is not None:
         lens = d.context_lens if d.context_lens is not None else d.mask.reshape(d.n, -1).sum(-1)
@@ -82,19 +88,20 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         vd = _gather(v_cache, d.block_tables)
         od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=d.mask, scale=scale, enable_gqa=True)
         out[: d.n] = od.squeeze(2)
+    # 4-D [1, heads, L, hd] operands: with 3-D ones SDPA on CPU takes its slow math path, not flash
     for p in meta.prefills:
-        qp = q[p.start:p.end].transpose(0, 1)  # [H, L, hd]
+        qp = q[p.start:p.end].transpose(0, 1).unsqueeze(0)  # [1, H, L, hd]
         n_new = p.end - p.start
         if p.context_len == n_new:  # no earlier tokens: attend to this chunk's own K/V
-            kp = k[p.start:p.end].transpose(0, 1)
-            vp = v[p.start:p.end].transpose(0, 1)
+            kp = k[p.start:p.end].transpose(0, 1).unsqueeze(0)
+            vp = v[p.start:p.end].transpose(0, 1).unsqueeze(0)
             op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scale, enable_gqa=True)
         else:
-            kp = _gather(k_cache, p.block_table)[:, : p.context_len]
-            vp = _gather(v_cache, p.block_table)[:, : p.context_len]
+            kp = _gather(k_cache, p.block_table)[:, : p.context_len].unsqueeze(0)
+            vp = _gather(v_cache, p.block_table)[:, : p.context_len].unsqueeze(0)
             past = p.context_len - n_new
             rows = torch.arange(n_new).unsqueeze(1) + past
             mask = torch.arange(p.context_len).unsqueeze(0) <= rows
             op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, scale=scale, enable_gqa=True)
-        out[p.start:p.end] = op.transpose(0, 1)
+        out[p.start:p.end] = op[0].transpose(0, 1)
     return out

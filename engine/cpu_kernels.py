@@ -24,9 +24,9 @@ log = logging.getLogger(__name__)
 
 DISABLE_ENV = "HALFMOON_DISABLE_CPU_KERNELS"
 _CSRC = Path(__file__).parent / "csrc"
-_SOURCES = ["attention.cpp"]  # one translation unit, in this order
+_SOURCES = ["attention.cpp", "layer_ops.cpp"]  # one translation unit, in this order
 _HEADERS = ["simd.h"]
-_FUNCTIONS = ["decode_attention"]
+_FUNCTIONS = ["decode_attention", "rms_norm", "add_rms_norm", "rope_write_kv", "silu_mul"]
 
 _lock = threading.Lock()
 _state: dict[str, ModuleType | None] = {}
@@ -51,7 +51,8 @@ def _build() -> ModuleType:
 
     sources = [(_CSRC / f).read_text() for f in _SOURCES]
     headers = [(_CSRC / f).read_text() for f in _HEADERS]
-    cflags = ["-O3", "-fopenmp", *cpu_flags()]
+    # -ffp-contract=off: no silent multiply-add fusion, so the fused ops round like torch's
+    cflags = ["-O3", "-ffp-contract=off", "-fopenmp", *cpu_flags()]
     key = hashlib.sha256("\0".join([*sources, *headers, *cflags, torch.__version__]).encode()).hexdigest()[:12]
     build_dir = cache_root() / "torch_extensions" / f"halfmoon_cpu_{key}"
     build_dir.mkdir(parents=True, exist_ok=True)

@@ -1,12 +1,17 @@
 """Our Llama-family forward pass: RMSNorm, RoPE, grouped-query attention over paged KV,
 SwiGLU MLP, (tied) LM head. Weights are held as plain tensors with Q/K/V and gate/up fused
-so each layer runs four matmuls."""
+so each layer runs four matmuls.
+
+On CPU in fp32 the layer runs through the fused C++ ops of `engine.cpu_kernels` (RMSNorm with
+the residual add, RoPE with the K/V write, SiLU * up, decode attention): eight calls a layer
+instead of some forty torch ops. The torch code below is the reference and the fallback."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from engine.attention import AttentionMetadata, paged_attention
+from engine import cpu_kernels
+from engine.attention import AttentionMetadata, attend, paged_attention
 from engine.config import ModelConfig
 from engine.kv_cache import KVCache
 
@@ -56,6 +61,10 @@ class LlamaModel:
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv: KVCache, logits_indices: torch.Tensor) -> torch.Tensor:
         """Run the flat batch of `T` tokens; return float32 logits for rows `logits_indices`."""
+        if self.embed.device.type == "cpu" and self.embed.dtype == torch.float32:
+            ck = cpu_kernels.kernels()
+            if ck is not None:
+                return self._forward_fused(ck, input_ids, positions, meta, kv, logits_indices)
         c = self.cfg
         T = input_ids.shape[0]
         H, KVH, hd = c.num_heads, c.num_kv_heads, c.head_dim
@@ -77,3 +86,27 @@ class LlamaModel:
             x = x + F.linear(F.silu(gu[:, :inter]) * gu[:, inter:], wd)
         x = rms_norm(x[logits_indices], self.norm, c.rms_norm_eps)
         return F.linear(x, self.lm_head)
+
+    def _forward_fused(self, ck, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                       kv: KVCache, logits_indices: torch.Tensor) -> torch.Tensor:
+        """`forward` with the C++ CPU ops: the same computation, fewer and fused calls."""
+        c = self.cfg
+        T = input_ids.shape[0]
+        H, KVH, hd = c.num_heads, c.num_kv_heads, c.head_dim
+        q_size, kv_size = H * hd, KVH * hd
+        eps = c.rms_norm_eps
+        cos, sin = self.rope.cos, self.rope.sin
+        linear = F.linear
+        x = F.embedding(input_ids, self.embed)  # the residual stream, updated in place
+        delta = None  # what the previous layer's MLP adds to x
+        for li, (ln1, wqkv, wo, ln2, wgu, wd) in enumerate(self.layers):
+            h = ck.rms_norm(x, ln1, eps) if delta is None else ck.add_rms_norm(x, delta, ln1, eps)
+            qkv = linear(h, wqkv)
+            ck.rope_write_kv(qkv, positions, cos, sin, kv.k[li], kv.v[li], meta.slot_blocks,
+                             meta.slot_offsets, H, KVH)
+            a = attend(qkv[:, :q_size].view(T, H, hd), qkv[:, q_size:q_size + kv_size].view(T, KVH, hd),
+                       qkv[:, q_size + kv_size:].view(T, KVH, hd), kv.k[li], kv.v[li], meta, self.scale)
+            h = ck.add_rms_norm(x, linear(a.view(T, q_size), wo), ln2, eps)
+            delta = linear(ck.silu_mul(linear(h, wgu)), wd)
+        x = x.add_(delta)[logits_indices] if delta is not None else x[logits_indices]
+        return F.linear(ck.rms_norm(x, self.norm, eps), self.lm_head)

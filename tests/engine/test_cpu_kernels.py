@@ -133,3 +133,79 @@ def test_engine_falls_back_when_kernels_cannot_build(tiny_model_dir, monkeypatch
     warnings = [r for r in caplog.records if r.name == "engine.cpu_kernels"]
     assert len(warnings) == 1 and "Ninja is required" in warnings[0].getMessage()
     assert fallback == with_kernels
+
+
+def test_norm_ops_match_torch(ck):
+    from engine.model import rms_norm
+
+    g = torch.Generator().manual_seed(3)
+    for rows, d in ((1, 576), (130, 576), (5, 20)):
+        x = torch.randn(rows, d, generator=g) * 3
+        w = 1 + 0.1 * torch.randn(d, generator=g)
+        delta = torch.randn(rows, d, generator=g)
+        torch.testing.assert_close(ck.rms_norm(x, w, 1e-5), rms_norm(x, w, 1e-5), rtol=1e-6, atol=1e-6)
+        x2 = x.clone()
+        h = ck.add_rms_norm(x2, delta, w, 1e-5)
+        assert torch.equal(x2, x + delta)  # the residual stream is updated in place
+        torch.testing.assert_close(h, rms_norm(x + delta, w, 1e-5), rtol=1e-6, atol=1e-6)
+
+
+def test_silu_mul_matches_torch(ck):
+    gu = torch.randn(70, 2 * 100, generator=torch.Generator().manual_seed(4)) * 6
+    ref = F.silu(gu[:, :100]) * gu[:, 100:]
+    torch.testing.assert_close(ck.silu_mul(gu), ref, rtol=2e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("T", [1, 3, 100])
+def test_rope_write_kv_matches_torch(ck, T):
+    from engine.model import RotaryEmbedding
+
+    heads, kvh, hd, bs, nb = 9, 3, 64, 16, 40
+    rope = RotaryEmbedding(hd, 10000.0, 2048)
+    g = torch.Generator().manual_seed(T)
+    qkv = torch.randn(T, (heads + 2 * kvh) * hd, generator=g)
+    positions = torch.randint(0, 2048, (T,), generator=g)
+    slots = torch.randperm(nb * bs, generator=g)[:T]
+    meta = AttentionMetadata(slots // bs, slots % bs, None, [])
+    k_ref, v_ref = region_views(nb, bs, kvh, hd, seed=9)
+    k_out, v_out = k_ref.clone(), v_ref.clone()
+    cos, sin = rope.cos[positions].unsqueeze(1), rope.sin[positions].unsqueeze(1)
+    q_ref = rope.apply(qkv[:, : heads * hd].view(T, heads, hd), cos, sin)
+    k_new = rope.apply(qkv[:, heads * hd:(heads + kvh) * hd].view(T, kvh, hd), cos, sin)
+    v_new = qkv[:, (heads + kvh) * hd:].view(T, kvh, hd)
+    from engine.attention import write_kv
+
+    write_kv(k_ref, v_ref, k_new, v_new, meta)
+    out = qkv.clone()
+    ck.rope_write_kv(out, positions, rope.cos, rope.sin, k_out, v_out, meta.slot_blocks, meta.slot_offsets, heads, kvh)
+    assert torch.equal(out[:, : heads * hd].view(T, heads, hd), q_ref)  # same operations, same rounding
+    assert torch.equal(out[:, heads * hd:(heads + kvh) * hd].view(T, kvh, hd), k_new)
+    assert torch.equal(k_out, k_ref) and torch.equal(v_out, v_ref)
+
+
+def test_fused_forward_matches_torch_forward(ck, tiny_model_dir, monkeypatch):
+    """The whole model: logits of a mixed step (prefill chunk + decodes) agree with the torch path."""
+    eng = LLMEngine(tiny_model_dir, EngineConfig(num_blocks=64, max_num_batched_tokens=40))
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    for i, n in enumerate((5, 30, 70)):
+        eng.add_request(f"r{i}", params, prompt_token_ids=list(range(200 + i, 200 + i + n)))
+    captured = []
+    model = eng.runner.model
+    real_forward = model.forward
+
+    def both(*args):
+        fused = real_forward(*args)
+        monkeypatch.setenv(cpu_kernels.DISABLE_ENV, "1")
+        cpu_kernels.reset()
+        ref = real_forward(*args)  # rewrites the same K/V values into the cache
+        monkeypatch.delenv(cpu_kernels.DISABLE_ENV)
+        cpu_kernels.reset()
+        captured.append((fused, ref))
+        return fused
+
+    monkeypatch.setattr(model, "forward", both)
+    while eng.has_unfinished():
+        eng.step()
+    assert len(captured) >= 5
+    for fused, ref in captured:
+        torch.testing.assert_close(fused, ref, rtol=1e-4, atol=1e-4)
