@@ -15,6 +15,10 @@ from engine.attention import AttentionMetadata, attend, paged_attention
 from engine.config import ModelConfig
 from engine.kv_cache import KVCache
 
+# Up to this many rows (a decode step's batch) the matmuls use the C++ skinny kernel, which
+# streams each weight once without packing it; beyond, MKL's blocked GEMM (prefill chunks).
+SKINNY_MAX_ROWS = 64
+
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     var = x.pow(2).mean(-1, keepdim=True)
@@ -56,6 +60,10 @@ class LlamaModel:
             ))
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings)
         self.scale = cfg.head_dim ** -0.5
+        # the skinny kernel wants contiguous fp32 weights with K a multiple of 8
+        self.skinny = all(w.dtype == torch.float32 and w.is_contiguous() and w.shape[1] % 8 == 0
+                          for layer in self.layers for w in (layer[1], layer[2], layer[4], layer[5])) \
+            and self.lm_head.is_contiguous() and self.lm_head.shape[1] % 8 == 0
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
@@ -96,7 +104,8 @@ class LlamaModel:
         q_size, kv_size = H * hd, KVH * hd
         eps = c.rms_norm_eps
         cos, sin = self.rope.cos, self.rope.sin
-        linear = F.linear
+        skinny = self.skinny and ck.skinny_linear_supported()
+        linear = ck.skinny_linear if skinny and T <= SKINNY_MAX_ROWS else F.linear
         x = F.embedding(input_ids, self.embed)  # the residual stream, updated in place
         delta = None  # what the previous layer's MLP adds to x
         for li, (ln1, wqkv, wo, ln2, wgu, wd) in enumerate(self.layers):
@@ -109,4 +118,7 @@ class LlamaModel:
             h = ck.add_rms_norm(x, linear(a.view(T, q_size), wo), ln2, eps)
             delta = linear(ck.silu_mul(linear(h, wgu)), wd)
         x = x.add_(delta)[logits_indices] if delta is not None else x[logits_indices]
-        return F.linear(ck.rms_norm(x, self.norm, eps), self.lm_head)
+        x = ck.rms_norm(x, self.norm, eps)
+        if skinny and x.shape[0] <= SKINNY_MAX_ROWS:
+            return ck.skinny_linear(x, self.lm_head)
+        return F.linear(x, self.lm_head)

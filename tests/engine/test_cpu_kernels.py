@@ -209,3 +209,24 @@ def test_fused_forward_matches_torch_forward(ck, tiny_model_dir, monkeypatch):
     assert len(captured) >= 5
     for fused, ref in captured:
         torch.testing.assert_close(fused, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("M", [1, 2, 3, 8, 33])
+@pytest.mark.parametrize("N,K", [(960, 576), (13, 64), (576, 1536), (6, 8)])
+def test_skinny_linear_matches_torch(ck, M, N, K):
+    if not ck.skinny_linear_supported():
+        pytest.skip("built without AVX2 + FMA")
+    g = torch.Generator().manual_seed(M * N + K)
+    x, w = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g) / K ** 0.5
+    torch.testing.assert_close(ck.skinny_linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
+
+
+def test_skinny_linear_rows_do_not_depend_on_the_batch(ck):
+    """A decode token's numbers are the same alone or in a batch of any size (bit for bit)."""
+    if not ck.skinny_linear_supported():
+        pytest.skip("built without AVX2 + FMA")
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(37, 576, generator=g), torch.randn(1539, 576, generator=g)
+    full = ck.skinny_linear(x, w)
+    for lo, hi in ((0, 1), (5, 6), (3, 11), (0, 36)):
+        assert torch.equal(ck.skinny_linear(x[lo:hi].contiguous(), w), full[lo:hi])
