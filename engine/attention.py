@@ -2,8 +2,8 @@
 
 Decode requests of a step attend as one padded batch (one SDPA call per layer); each prefill
 chunk attends on its own with a causal mask offset by the tokens already in its blocks. On
-CPU the decode group goes to the C++ kernel of `engine.cpu_kernels` when it is built (it reads
-K/V straight from the blocks); this torch code is its reference and fallback.
+CPU both go to the C++ kernels of `engine.cpu_kernels` when they are built (they read K/V
+straight from the blocks); this torch code is their reference and fallback.
 """
 from __future__ import annotations
 
@@ -79,10 +79,16 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Ten
     """`paged_attention` once this step's K/V are already in the cache."""
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     d = meta.decode
-    if d is not None and d.n and k_cache.device.type == "cpu" and (ck := cpu_kernels.kernels()) is not None:
-        lens = d.context_lens if d.context_lens is not None else d.mask.reshape(d.n, -1).sum(-1)
-        ck.decode_attention(out[: d.n], q[: d.n], k_cache, v_cache, d.block_tables, lens, scale)
-    elif d is not None and d.n:
+    ck = cpu_kernels.kernels() if k_cache.device.type == "cpu" else None
+    if ck is not None:  # C++ kernels reading the blocks in place
+        if d is not None and d.n:
+            lens = d.context_lens if d.context_lens is not None else d.mask.reshape(d.n, -1).sum(-1)
+            ck.decode_attention(out[: d.n], q[: d.n], k_cache, v_cache, d.block_tables, lens, scale)
+        for p in meta.prefills:
+            ck.prefill_attention(out[p.start:p.end], q[p.start:p.end], k_cache, v_cache, p.block_table,
+                                 p.context_len, scale)
+        return out
+    if d is not None and d.n:
         qd = q[: d.n].unsqueeze(2)  # [n, H, 1, hd]
         kd = _gather(k_cache, d.block_tables)
         vd = _gather(v_cache, d.block_tables)

@@ -136,6 +136,109 @@ void attend_one(const float* q, int64_t q_head_stride, float* out, int64_t out_h
   }
 }
 
+#ifdef HM_AVX2
+// Prefill: four query rows of one head (rows sorted by context length `clen`; a short block
+// repeats its last row) against keys [0, clen[3]) of one kv head. head_dim % 16 == 0.
+// Scores are kept as [key][row] so one 8-lane vector holds two keys of all four rows.
+void attend_rows4(const float* const q[4], float* const o[4], int nrows, const int64_t clen[4],
+                  const float* k_base, const float* v_base, int64_t block_stride, int64_t row_stride,
+                  const int64_t* table, int64_t block_size, int64_t hd, float scale, std::vector<float>& scratch) {
+  const int64_t cmax = clen[3];
+  const int64_t npad = (cmax + 1) / 2 * 2;
+  scratch.resize(static_cast<size_t>(npad * 4));
+  float* S = scratch.data();
+  const int64_t nblocks = (cmax + block_size - 1) / block_size;
+
+  // 1. S[t][r] = scale * q_r . k_t, two keys at a time (eight independent sums in flight)
+  const __m256 vscale = _mm256_set1_ps(scale);
+  for (int64_t b = 0; b < nblocks; ++b) {
+    const int64_t t0 = b * block_size, tn = std::min(block_size, cmax - t0);
+    const float* kb = k_base + table[b] * block_stride;
+    int64_t t = 0;
+    for (; t + 2 <= tn; t += 2) {
+      const float* ka = kb + t * row_stride;
+      const float* kc = ka + row_stride;
+      __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+      __m256 b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps(), b2 = _mm256_setzero_ps(), b3 = _mm256_setzero_ps();
+      for (int64_t d = 0; d < hd; d += 8) {
+        const __m256 x = _mm256_loadu_ps(ka + d), y = _mm256_loadu_ps(kc + d);
+        __m256 qv = _mm256_loadu_ps(q[0] + d);
+        a0 = _mm256_fmadd_ps(qv, x, a0); b0 = _mm256_fmadd_ps(qv, y, b0);
+        qv = _mm256_loadu_ps(q[1] + d);
+        a1 = _mm256_fmadd_ps(qv, x, a1); b1 = _mm256_fmadd_ps(qv, y, b1);
+        qv = _mm256_loadu_ps(q[2] + d);
+        a2 = _mm256_fmadd_ps(qv, x, a2); b2 = _mm256_fmadd_ps(qv, y, b2);
+        qv = _mm256_loadu_ps(q[3] + d);
+        a3 = _mm256_fmadd_ps(qv, x, a3); b3 = _mm256_fmadd_ps(qv, y, b3);
+      }
+      // lanes: [a0 a1 a2 a3 | b0 b1 b2 b3] = S[t][0..3], S[t+1][0..3]
+      const __m256 sa = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+      const __m256 sb = _mm256_hadd_ps(_mm256_hadd_ps(b0, b1), _mm256_hadd_ps(b2, b3));
+      const __m256 lo = _mm256_permute2f128_ps(sa, sb, 0x20), hi = _mm256_permute2f128_ps(sa, sb, 0x31);
+      _mm256_storeu_ps(S + 4 * (t0 + t), _mm256_mul_ps(_mm256_add_ps(lo, hi), vscale));
+    }
+    for (; t < tn; ++t) {
+      const float* kt = kb + t * row_stride;
+      __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+      for (int64_t d = 0; d < hd; d += 8) {
+        const __m256 x = _mm256_loadu_ps(kt + d);
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q[0] + d), x, a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q[1] + d), x, a1);
+        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(q[2] + d), x, a2);
+        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(q[3] + d), x, a3);
+      }
+      const __m256 sa = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+      const __m128 r4 = _mm_add_ps(_mm256_castps256_ps128(sa), _mm256_extractf128_ps(sa, 1));
+      _mm_storeu_ps(S + 4 * (t0 + t), _mm_mul_ps(r4, _mm256_castps256_ps128(vscale)));
+    }
+  }
+  // 2. softmax numerators per row; keys past a row's length (and the pad) count as zero
+  for (int r = 0; r < 4; ++r)
+    for (int64_t t = clen[r]; t < npad; ++t) S[4 * t + r] = -1e30f;
+  __m256 vmax = _mm256_loadu_ps(S);
+  for (int64_t i = 8; i < 4 * npad; i += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(S + i));
+  const __m256 vm = _mm256_max_ps(vmax, _mm256_permute2f128_ps(vmax, vmax, 0x01));  // rows r and r + 4 lanes
+  for (int64_t i = 0; i < 4 * npad; i += 8) _mm256_storeu_ps(S + i, exp8(_mm256_sub_ps(_mm256_loadu_ps(S + i), vm)));
+  for (int r = 0; r < 4; ++r)
+    for (int64_t t = clen[r]; t < npad; ++t) S[4 * t + r] = 0.f;
+  __m256 vsum = _mm256_setzero_ps();
+  for (int64_t i = 0; i < 4 * npad; i += 8) vsum = _mm256_add_ps(vsum, _mm256_loadu_ps(S + i));
+  float l[8];
+  _mm256_storeu_ps(l, vsum);
+  float inv[4];
+  for (int r = 0; r < 4; ++r) inv[r] = 1.f / (l[r] + l[r + 4]);
+
+  // 3. o_r = sum_t p[t][r] v_t / l_r, sixteen dims at a time
+  for (int64_t d = 0; d < hd; d += 16) {
+    __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps(), c10 = _mm256_setzero_ps(), c11 = _mm256_setzero_ps();
+    __m256 c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps(), c30 = _mm256_setzero_ps(), c31 = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nblocks; ++b) {
+      const int64_t t0 = b * block_size, tn = std::min(block_size, cmax - t0);
+      const float* vb = v_base + table[b] * block_stride + d;
+      for (int64_t t = 0; t < tn; ++t) {
+        const float* vt = vb + t * row_stride;
+        const float* pt = S + 4 * (t0 + t);
+        const __m256 v0 = _mm256_loadu_ps(vt), v1 = _mm256_loadu_ps(vt + 8);
+        __m256 p = _mm256_broadcast_ss(pt);
+        c00 = _mm256_fmadd_ps(p, v0, c00); c01 = _mm256_fmadd_ps(p, v1, c01);
+        p = _mm256_broadcast_ss(pt + 1);
+        c10 = _mm256_fmadd_ps(p, v0, c10); c11 = _mm256_fmadd_ps(p, v1, c11);
+        p = _mm256_broadcast_ss(pt + 2);
+        c20 = _mm256_fmadd_ps(p, v0, c20); c21 = _mm256_fmadd_ps(p, v1, c21);
+        p = _mm256_broadcast_ss(pt + 3);
+        c30 = _mm256_fmadd_ps(p, v0, c30); c31 = _mm256_fmadd_ps(p, v1, c31);
+      }
+    }
+    const __m256 c[4][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}};
+    for (int r = 0; r < nrows; ++r) {
+      const __m256 f = _mm256_set1_ps(inv[r]);
+      _mm256_storeu_ps(o[r] + d, _mm256_mul_ps(c[r][0], f));
+      _mm256_storeu_ps(o[r] + d + 8, _mm256_mul_ps(c[r][1], f));
+    }
+  }
+}
+#endif
+
 void check_kv_cache(const torch::Tensor& c, const char* name) {
   TORCH_CHECK(c.dim() == 4 && c.scalar_type() == torch::kFloat32 && c.device().is_cpu(),
               name, " must be a float32 CPU tensor [num_blocks, block_size, kv_heads, head_dim]");
@@ -195,6 +298,75 @@ void decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache,
       attend_one(qp + s * q_s + g * group * q_h, q_h, op + s * o_s + g * group * o_h, o_h,
                  kp + g * hd, vp + g * hd, bstride, rstride, tables + s * max_blocks, block_size,
                  lens[s], group, hd, static_cast<float>(scale), scratch);
+    }
+  });
+}
+
+// One prefill chunk: q [n, heads, head_dim] are the last n of `context_len` tokens whose K/V are
+// already in the blocks `block_table`; row i attends causally to tokens [0, context_len - n + i].
+void prefill_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                       torch::Tensor block_table, int64_t context_len, double scale) {
+  check_kv_cache(k_cache, "k_cache");
+  check_kv_cache(v_cache, "v_cache");
+  TORCH_CHECK(k_cache.sizes() == v_cache.sizes() && k_cache.strides() == v_cache.strides(),
+              "k_cache and v_cache must have the same shape and strides");
+  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == torch::kFloat32 && q.stride(2) == 1, "q must be float32 [n, heads, head_dim]");
+  TORCH_CHECK(out.sizes() == q.sizes() && out.scalar_type() == torch::kFloat32 && out.stride(2) == 1,
+              "out must be float32 shaped like q");
+  TORCH_CHECK(block_table.dim() == 1 && block_table.scalar_type() == torch::kInt64 && block_table.is_contiguous(),
+              "block_table must be contiguous int64 [num_blocks]");
+  const int64_t n = q.size(0), heads = q.size(1), hd = q.size(2);
+  const int64_t nb = k_cache.size(0), block_size = k_cache.size(1), kvh = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(3) == hd && heads % kvh == 0, "q does not fit the cache's heads");
+  const int64_t past = context_len - n;
+  TORCH_CHECK(n >= 1 && past >= 0 && context_len <= block_table.size(0) * block_size,
+              "context length ", context_len, " does not fit ", n, " queries and ", block_table.size(0), " blocks");
+  const int64_t* table = block_table.data_ptr<int64_t>();
+  for (int64_t b = 0; b < (context_len + block_size - 1) / block_size; ++b)
+    TORCH_CHECK(table[b] >= 0 && table[b] < nb, "block id out of range");
+  const int64_t group = heads / kvh;
+  const float* qp = q.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float* kp = k_cache.data_ptr<float>();
+  const float* vp = v_cache.data_ptr<float>();
+  const int64_t q_s = q.stride(0), q_h = q.stride(1), o_s = out.stride(0), o_h = out.stride(1);
+  const int64_t bstride = k_cache.stride(0), rstride = k_cache.stride(1);
+  const float sc = static_cast<float>(scale);
+#ifdef HM_AVX2
+  if (hd % 16 == 0) {
+    const int64_t nrb = (n + 3) / 4;
+    // Tasks (row block, head); row blocks in the order 0, last, 1, last-1, ... so that each
+    // thread's contiguous share holds as many long rows as short ones.
+    at::parallel_for(0, nrb * heads, 1, [&](int64_t begin, int64_t end) {
+      thread_local std::vector<float> scratch;
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t k = task / heads, h = task % heads;
+        const int64_t rb = (k % 2 == 0) ? k / 2 : nrb - 1 - k / 2;
+        const int64_t r0 = rb * 4;
+        const int nrows = static_cast<int>(std::min<int64_t>(4, n - r0));
+        const float* qr[4];
+        float* orow[4];
+        int64_t clen[4];
+        for (int r = 0; r < 4; ++r) {
+          const int64_t i = r0 + std::min(r, nrows - 1);
+          qr[r] = qp + i * q_s + h * q_h;
+          orow[r] = op + i * o_s + h * o_h;
+          clen[r] = past + i + 1;
+        }
+        const int64_t g = h / group;
+        attend_rows4(qr, orow, nrows, clen, kp + g * hd, vp + g * hd, bstride, rstride, table, block_size, hd,
+                     sc, scratch);
+      }
+    });
+    return;
+  }
+#endif
+  at::parallel_for(0, n * kvh, 1, [&](int64_t begin, int64_t end) {
+    thread_local std::vector<float> scratch;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t i = task / kvh, g = task % kvh;
+      attend_one(qp + i * q_s + g * group * q_h, q_h, op + i * o_s + g * group * o_h, o_h, kp + g * hd,
+                 vp + g * hd, bstride, rstride, table, block_size, past + i + 1, group, hd, sc, scratch);
     }
   });
 }
