@@ -1,18 +1,20 @@
 """Engine benchmark: halfmoon vs Hugging Face transformers (and llama.cpp where installed).
 
 Same prompts, same dtype (fp32), same thread count, one run. Each system runs in its own
-spawned process, one measurement at a time, so peak RSS is per system and the two never
-compete for the cores.
+spawned worker process (so peak RSS is per system); the parent drives the workers in turn,
+one timed operation at a time, alternating which goes first -- they never compute at the same
+time, and on a shared machine both see the same background load.
 
 What is timed, the same way for every system:
 
 * prefill: one 512-token prompt alone, from submission to its first token (a forward over the
-  whole prompt; both compute the LM head on the last position only). The median of
-  ``--prefill-repeats`` different prompts.
+  whole prompt; all compute the LM head on the last position only). The median over
+  ``--prefill-repeats`` prompts.
 * decode at batch B: B prompts are prefilled (untimed), then ``--new-tokens`` steps in which
-  all B sequences decode are timed one by one. ``tokens/s`` is B / (median step time), robust
-  to the bursts of a shared machine; ``mean tok/s`` is B * steps / (time of all steps).
-  HF's steps are timed inside one ``generate`` call (a stopping criterion stamps each new token).
+  all B sequences decode are timed one by one (HF's inside one ``generate`` call: a stopping
+  criterion stamps each token and waits for the parent's go). ``tokens/s`` is
+  B / (median step time), robust to bursts of other load; ``mean tok/s`` is
+  B * steps / (sum of step times).
 
     python -m bench.engine --json out/engine.json          # or: halfmoon bench engine ...
 """
@@ -35,15 +37,9 @@ class Row:
     system: str
     phase: str  # "prefill" | "decode"
     batch: int
-    tokens_per_s: float  # prefill: median over prompts; decode: batch / median step time
-    mean_tokens_per_s: float  # prefill: mean over prompts; decode: all tokens / all step time
+    tokens_per_s: float  # prefill: 512 / median prompt time; decode: batch / median step time
+    mean_tokens_per_s: float  # prefill: over the summed prompt times; decode: over the summed step times
     peak_rss_mb: float
-
-
-@dataclass(frozen=True, slots=True)
-class Timings:
-    prefill_s: list[float]  # per prompt, batch-1 runs only
-    step_s: list[float]  # per decode step with every sequence decoding
 
 
 def _prompts(batch: int, vocab: int = 49152, seed: int = 0) -> list[list[int]]:
@@ -53,11 +49,19 @@ def _prompts(batch: int, vocab: int = 49152, seed: int = 0) -> list[list[int]]:
     return [torch.randint(100, vocab - 1, (PROMPT_LEN,), generator=g).tolist() for _ in range(batch)]
 
 
+def _prefill_prompt(i: int) -> list[int]:
+    return _prompts(1, seed=1000 + i)[0]
+
+
 def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _run_halfmoon(batch: int, new_tokens: int, threads: int, prefill_repeats: int, hf_attn: str) -> Timings:
+# --- workers: each answers the parent's commands over a pipe -------------------------------
+# ("prefill", i) -> seconds; ("decode_start", batch, steps) -> None; ("step",) -> seconds;
+# ("decode_end",) -> None; ("rss",) -> MB; ("quit",) -> exits.
+
+def _serve_halfmoon(conn, threads: int, max_batch: int, new_tokens: int, prefill_repeats: int) -> None:
     import torch
 
     from engine.config import EngineConfig
@@ -65,124 +69,201 @@ def _run_halfmoon(batch: int, new_tokens: int, threads: int, prefill_repeats: in
     from engine.sampling import SamplingParams
 
     torch.set_num_threads(threads)
-    max_tokens = new_tokens + batch + 1  # nobody finishes inside the timed window
-    blocks = (batch + prefill_repeats) * (-(-(PROMPT_LEN + max_tokens + 1) // 16)) + 8
+    max_tokens = new_tokens + max_batch + 2  # nobody finishes inside the timed steps
+    blocks = (max_batch + prefill_repeats) * (-(-(PROMPT_LEN + max_tokens + 1) // 16)) + 8
     eng = LLMEngine(config=EngineConfig(num_blocks=blocks, max_num_batched_tokens=PROMPT_LEN,
-                                        max_num_seqs=max(batch, 1)))
+                                        max_num_seqs=max(max_batch, 1)))
     eng.generate([_prompts(1, seed=99)[0][:64]], SamplingParams(max_tokens=2))  # warm-up
-    prefill_s = []
-    if batch == 1:
-        for i in range(prefill_repeats):
+    conn.send(None)
+    batch = 0
+    while True:
+        cmd = conn.recv()
+        if cmd[0] == "prefill":
             t0 = time.perf_counter()
-            eng.generate([_prompts(1, seed=1000 + i)[0]], SamplingParams(max_tokens=1))
-            prefill_s.append(time.perf_counter() - t0)
-    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
-    for i, p in enumerate(_prompts(batch)):
-        eng.add_request(f"b{i}", params, prompt_token_ids=p)
-    while eng.stats().num_waiting or any(not r.output_token_ids for r in eng.scheduler.running):
-        eng.step()  # each prompt is one 512-token chunk; all are prefilled after `batch` steps
-    steps = []
-    for _ in range(new_tokens):
-        t0 = time.perf_counter()
-        out = eng.step()
-        steps.append(time.perf_counter() - t0)
-        if len(out) != batch:
-            raise RuntimeError(f"a decode step produced {len(out)} tokens, expected {batch}")
-    return Timings(prefill_s, steps)
+            eng.generate([_prefill_prompt(cmd[1])], SamplingParams(max_tokens=1))
+            conn.send(time.perf_counter() - t0)
+        elif cmd[0] == "decode_start":
+            batch = cmd[1]
+            params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+            for i, p in enumerate(_prompts(batch)):
+                eng.add_request(f"b{i}", params, prompt_token_ids=p)
+            while eng.stats().num_waiting or any(not r.output_token_ids for r in eng.scheduler.running):
+                eng.step()  # each prompt is one 512-token chunk
+            conn.send(None)
+        elif cmd[0] == "step":
+            t0 = time.perf_counter()
+            out = eng.step()
+            dt = time.perf_counter() - t0
+            if len(out) != batch:
+                raise RuntimeError(f"a decode step produced {len(out)} tokens, expected {batch}")
+            conn.send(dt)
+        elif cmd[0] == "decode_end":
+            for i in range(batch):
+                eng.abort(f"b{i}")
+            conn.send(None)
+        elif cmd[0] == "rss":
+            conn.send(_rss_mb())
+        else:
+            return
 
 
-def _run_hf(batch: int, new_tokens: int, threads: int, prefill_repeats: int, hf_attn: str) -> Timings:
+def _serve_hf(conn, threads: int, max_batch: int, new_tokens: int, prefill_repeats: int, attn: str) -> None:
     import torch
     from transformers import AutoModelForCausalLM, StoppingCriteria, StoppingCriteriaList
 
     from engine.loader import resolve_model_dir
 
-    class Stamp(StoppingCriteria):  # called once per generated token (all rows at once)
-        def __init__(self) -> None:
-            self.times: list[float] = []
-
-        def __call__(self, input_ids, scores, **kwargs):
-            self.times.append(time.perf_counter())
-            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
-
     torch.set_num_threads(threads)
     model = AutoModelForCausalLM.from_pretrained(str(resolve_model_dir()), dtype=torch.float32,
-                                                 attn_implementation=hf_attn)
+                                                 attn_implementation=attn)
     model.eval()
     model.generation_config.eos_token_id = None
 
-    def generate(prompts: list[list[int]], n: int) -> tuple[float, list[float]]:
-        ids = torch.tensor(prompts)
-        stamp = Stamp()
-        t0 = time.perf_counter()
+    class Driven(StoppingCriteria):
+        """Called once per generated token: report the step's time, then wait for the parent."""
+
+        def __init__(self) -> None:
+            self.t_go = None
+
+        def __call__(self, input_ids, scores, **kwargs):
+            now = time.perf_counter()
+            conn.send(None if self.t_go is None else now - self.t_go)  # None: prefill done
+            cmd = conn.recv()
+            self.t_go = time.perf_counter()
+            return torch.full((input_ids.shape[0],), cmd[0] != "step", dtype=torch.bool)
+
+    def generate(ids: torch.Tensor, n: int, criteria: list) -> None:
         model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                       pad_token_id=2, stopping_criteria=StoppingCriteriaList([stamp]))
-        return t0, stamp.times
+                       pad_token_id=2, stopping_criteria=StoppingCriteriaList(criteria))
 
     with torch.no_grad():
-        generate([_prompts(1, seed=99)[0][:64]], 2)  # warm-up
-        prefill_s = []
-        if batch == 1:
-            for i in range(prefill_repeats):
-                t0, times = generate([_prompts(1, seed=1000 + i)[0]], 1)
-                prefill_s.append(times[0] - t0)
-        _, times = generate(_prompts(batch), new_tokens + 1)
-    return Timings(prefill_s, [b - a for a, b in zip(times, times[1:])])
+        generate(torch.tensor([_prompts(1, seed=99)[0][:64]]), 2, [])  # warm-up
+        conn.send(None)
+        while True:
+            cmd = conn.recv()
+            if cmd[0] == "prefill":
+                t0 = time.perf_counter()
+                generate(torch.tensor([_prefill_prompt(cmd[1])]), 1, [])
+                conn.send(time.perf_counter() - t0)
+            elif cmd[0] == "decode_start":  # the criterion answers this, the steps and decode_end
+                generate(torch.tensor(_prompts(cmd[1])), cmd[2] + 2, [Driven()])
+                conn.send(None)  # for decode_end
+            elif cmd[0] == "rss":
+                conn.send(_rss_mb())
+            else:
+                return
 
 
-def _run_llamacpp(batch: int, new_tokens: int, threads: int, prefill_repeats: int, hf_attn: str) -> Timings:
+def _serve_llamacpp(conn, threads: int, max_batch: int, new_tokens: int, prefill_repeats: int) -> None:
     from llama_cpp import Llama
 
     from engine.loader import gguf_path
 
-    if batch != 1:
+    if max_batch != 1:
         raise ValueError("llama.cpp runs batch 1 only here")
     llm = Llama(model_path=str(gguf_path()), n_ctx=PROMPT_LEN + new_tokens + 8, n_threads=threads, verbose=False)
-    prefill_s = []
-    for i in range(prefill_repeats):
-        llm.reset()
-        t0 = time.perf_counter()
-        llm.eval(_prompts(1, seed=1000 + i)[0])
-        prefill_s.append(time.perf_counter() - t0)
-    steps = []
-    for _ in range(new_tokens):
-        t0 = time.perf_counter()
-        llm.eval([llm.sample(temp=0.0)])
-        steps.append(time.perf_counter() - t0)
-    return Timings(prefill_s, steps)
+    conn.send(None)
+    while True:
+        cmd = conn.recv()
+        if cmd[0] == "prefill":
+            llm.reset()
+            t0 = time.perf_counter()
+            llm.eval(_prefill_prompt(cmd[1]))
+            conn.send(time.perf_counter() - t0)
+        elif cmd[0] == "decode_start":
+            llm.reset()
+            llm.eval(_prompts(1)[0])
+            conn.send(None)
+        elif cmd[0] == "step":
+            t0 = time.perf_counter()
+            llm.eval([llm.sample(temp=0.0)])
+            conn.send(time.perf_counter() - t0)
+        elif cmd[0] == "decode_end":
+            conn.send(None)
+        elif cmd[0] == "rss":
+            conn.send(_rss_mb())
+        else:
+            return
 
 
-RUNNERS = {"halfmoon": _run_halfmoon, "hf": _run_hf, "hf-sdpa": _run_hf, "llama.cpp": _run_llamacpp}
-
-
-def _child(system: str, args: tuple, q) -> None:
+def _worker(system: str, conn, *args) -> None:
     try:
-        hf_attn = "sdpa" if system == "hf-sdpa" else "eager"
-        t = RUNNERS[system](*args, hf_attn)
-        q.put(("ok", t, _rss_mb()))
-    except Exception as e:  # reported to the parent, which prints it and moves on
-        q.put(("error", f"{type(e).__name__}: {e}", 0.0))
+        if system == "halfmoon":
+            _serve_halfmoon(conn, *args)
+        elif system in ("hf", "hf-sdpa"):
+            _serve_hf(conn, *args, "sdpa" if system == "hf-sdpa" else "eager")
+        elif system == "llama.cpp":
+            _serve_llamacpp(conn, *args)
+        else:
+            raise ValueError(f"unknown system {system!r}")
+    except Exception as e:  # reported to the parent, which prints it and drops the system
+        conn.send(RuntimeError(f"{type(e).__name__}: {e}"))
 
 
-def measure(system: str, batch: int, new_tokens: int, threads: int, prefill_repeats: int = 3) -> tuple[Timings, float] | str:
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    p = ctx.Process(target=_child, args=(system, (batch, new_tokens, threads, prefill_repeats), q))
-    p.start()
-    res = q.get()
-    p.join()
-    if res[0] == "error":
-        return res[1]
-    return res[1], res[2]
+class Worker:
+    def __init__(self, system: str, *args) -> None:
+        ctx = mp.get_context("spawn")
+        self.system = system
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_worker, args=(system, child, *args), daemon=True)
+        self.proc.start()
+
+    def call(self, *cmd):
+        if cmd:
+            self.conn.send(cmd)
+        res = self.conn.recv()
+        if isinstance(res, Exception):
+            raise res
+        return res
+
+    def close(self) -> None:
+        try:
+            self.conn.send(("quit",))
+        except OSError:
+            pass
+        self.proc.join(timeout=30)
+        if self.proc.is_alive():
+            self.proc.kill()
 
 
-def rows_for(system: str, batch: int, t: Timings, rss: float) -> list[Row]:
+def run_batch(systems: list[str], batch: int, new_tokens: int, threads: int, prefill_repeats: int,
+              log=print) -> list[Row]:
+    """One worker per system, driven in turn: batch-1 runs also time the prefills."""
+    workers = []
+    for s in systems:
+        w = Worker(s, threads, batch, new_tokens, prefill_repeats)
+        try:
+            w.call()  # loaded and warmed up
+            workers.append(w)
+        except Exception as e:
+            log(f"{s} skipped: {e}")
+            w.close()
+    prefill: dict[str, list[float]] = {w.system: [] for w in workers}
+    steps: dict[str, list[float]] = {w.system: [] for w in workers}
+    try:
+        if batch == 1:
+            for i in range(prefill_repeats):
+                for w in workers[:: 1 if i % 2 == 0 else -1]:
+                    prefill[w.system].append(w.call("prefill", i))
+        for w in workers:
+            w.call("decode_start", batch, new_tokens)
+        for i in range(new_tokens):
+            for w in workers[:: 1 if i % 2 == 0 else -1]:
+                steps[w.system].append(w.call("step"))
+        for w in workers:
+            w.call("decode_end")
+        rss = {w.system: w.call("rss") for w in workers}
+    finally:
+        for w in workers:
+            w.close()
     rows = []
-    if t.prefill_s:
-        rows.append(Row(system, "prefill", 1, PROMPT_LEN / statistics.median(t.prefill_s),
-                        PROMPT_LEN * len(t.prefill_s) / sum(t.prefill_s), rss))
-    rows.append(Row(system, "decode", batch, batch / statistics.median(t.step_s),
-                    batch * len(t.step_s) / sum(t.step_s), rss))
+    for w in workers:
+        p, d = prefill[w.system], steps[w.system]
+        if p:
+            rows.append(Row(w.system, "prefill", 1, PROMPT_LEN / statistics.median(p),
+                            PROMPT_LEN * len(p) / sum(p), rss[w.system]))
+        rows.append(Row(w.system, "decode", batch, batch / statistics.median(d), batch * len(d) / sum(d),
+                        rss[w.system]))
     return rows
 
 
@@ -192,34 +273,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, help="write the rows here")
     ap.add_argument("--batches", default="1,8,32", help="decode batch sizes")
     ap.add_argument("--new-tokens", type=int, default=32, help="decode steps timed per batch")
-    ap.add_argument("--prefill-repeats", type=int, default=3, help="prompts prefilled alone (batch-1 runs)")
+    ap.add_argument("--prefill-repeats", type=int, default=5, help="prompts prefilled alone (in the batch-1 run)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--systems", default="halfmoon,hf,llama.cpp",
                     help="of halfmoon, hf (eager attention: the baseline), hf-sdpa, llama.cpp")
     args = ap.parse_args(argv)
 
     from rich.console import Console
-    from rich.progress import Progress
     from rich.table import Table
 
     batches = [int(b) for b in args.batches.split(",")]
     systems = args.systems.split(",")
     rows: list[Row] = []
     console = Console()
-    with Progress(console=console) as prog:
-        task = prog.add_task("benchmarking", total=len(batches) * len(systems))
-        for b in batches:
-            for s in systems:
-                if s == "llama.cpp" and b != 1:
-                    prog.advance(task)
-                    continue
-                prog.update(task, description=f"{s} batch {b}")
-                res = measure(s, b, args.new_tokens, args.threads, args.prefill_repeats)
-                prog.advance(task)
-                if isinstance(res, str):
-                    console.print(f"[yellow]{s} skipped: {res}")
-                    continue
-                rows.extend(rows_for(s, b, *res))
+    for b in batches:
+        here = [s for s in systems if s != "llama.cpp" or b == 1]
+        with console.status(f"batch {b}: {', '.join(here)}"):
+            rows.extend(run_batch(here, b, args.new_tokens, args.threads, args.prefill_repeats,
+                                  log=lambda m: console.print(f"[yellow]{m}")))
 
     base = {(r.phase, r.batch): r for r in rows if r.system == "hf"}
     table = Table(title=f"engine throughput ({PROMPT_LEN}-token prompts, fp32, {args.threads} threads)")
@@ -240,7 +311,8 @@ def main(argv: list[str] | None = None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"rows": [asdict(r) for r in rows], "halfmoon_vs_hf": ratios,
                                          "halfmoon_vs_hf_mean": mean_ratios, "prompt_len": PROMPT_LEN,
-                                         "threads": args.threads, "new_tokens": args.new_tokens}, indent=2))
+                                         "threads": args.threads, "new_tokens": args.new_tokens,
+                                         "prefill_repeats": args.prefill_repeats}, indent=2))
         console.print(f"wrote {args.json}")
     return 0
 
