@@ -82,7 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tbt-x", type=float, default=3.0)
     ap.add_argument("--ttft-slo", type=float, help="seconds (overrides --ttft-x)")
     ap.add_argument("--tbt-slo", type=float, help="seconds (overrides --tbt-x)")
+    ap.add_argument("--reanalyze", metavar="TTFT_S,...",
+                    help="only re-judge the saved runs in --out under these TTFT SLOs (same TBT SLO)")
     args = ap.parse_args(argv)
+    if args.reanalyze:
+        return reanalyze(args.out, [float(x) for x in args.reanalyze.split(",")], args.layouts.split(","))
 
     from rich.console import Console
     from rich.table import Table
@@ -136,6 +140,37 @@ def main(argv: list[str] | None = None) -> int:
                       f"{s['capacity_req_s']:.2f}" if i == 0 and s["capacity_req_s"] else ("-" if i == 0 else ""))
     con.print(t)
     con.print(f"wrote {args.out / 'summary.json'} and plots in {args.out / 'plots'}")
+    return 0
+
+
+def reanalyze(out: Path, ttft_slos: list[float], layouts: list[str]) -> int:
+    """Effective capacity of each saved layout run under other TTFT SLOs (per-request data)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    saved = json.loads((out / "summary.json").read_text())
+    tbt_slo = saved["slo"]["tbt_s"]
+    t = Table(title=f"capacity (req/s with >= 90% meeting both SLOs) vs TTFT SLO; TBT SLO {tbt_slo * 1e3:.0f} ms")
+    t.add_column("TTFT SLO s", justify="right")
+    for layout in layouts:
+        t.add_column(f"{layout} capacity", justify="right")
+        t.add_column(f"{layout} attainment by load", justify="left")
+    result = {}
+    for slo in ttft_slos:
+        row = [f"{slo:g}"]
+        for layout in layouts:
+            runs = json.loads((out / f"{layout}.json").read_text())["runs"]
+            points = []
+            for r in runs:
+                ok = [q["outcome"] == "completed" and q["ttft_s"] is not None and q["ttft_s"] <= slo
+                      and (q["tbt_mooncake_s"] is None or q["tbt_mooncake_s"] <= tbt_slo) for q in r["requests"]]
+                points.append((r["summary"]["request_rate"], sum(ok) / max(1, len(ok))))
+            cap = max((rate for rate, att in points if att >= 0.9), default=None)
+            result.setdefault(layout, {})[slo] = {"capacity_req_s": cap, "attainment": points}
+            row += [f"{cap:.2f}" if cap else "< lowest", " ".join(f"{a:.0%}" for _, a in points)]
+        t.add_row(*row)
+    Console(width=140).print(t)
+    (out / "reanalysis.json").write_text(json.dumps(result, indent=1))
     return 0
 
 
