@@ -9,6 +9,7 @@ failure is logged once as a warning) and the callers use the torch path.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
@@ -57,9 +58,15 @@ def _build() -> ModuleType:
     key = hashlib.sha256("\0".join([*sources, *headers, *cflags, torch.__version__]).encode()).hexdigest()[:12]
     build_dir = cache_root() / "torch_extensions" / f"halfmoon_cpu_{key}"
     build_dir.mkdir(parents=True, exist_ok=True)
-    return load_inline(name=f"halfmoon_cpu_{key}", cpp_sources=sources, functions=_FUNCTIONS,
-                       extra_cflags=cflags, extra_ldflags=["-fopenmp"], extra_include_paths=[str(_CSRC)],
-                       build_directory=str(build_dir))
+    # torch's own build lock is a plain file: a process killed mid-build leaves it behind and
+    # every later start waits on it forever. Serialize builds with flock instead (the kernel
+    # drops it when its holder dies) and clear torch's file while holding ours.
+    with open(build_dir / ".halfmoon-build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        (build_dir / "lock").unlink(missing_ok=True)
+        return load_inline(name=f"halfmoon_cpu_{key}", cpp_sources=sources, functions=_FUNCTIONS,
+                           extra_cflags=cflags, extra_ldflags=["-fopenmp"], extra_include_paths=[str(_CSRC)],
+                           build_directory=str(build_dir))
 
 
 def kernels() -> ModuleType | None:
