@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from engine import cpu_kernels
-from engine.attention import AttentionMetadata, attend, paged_attention
+from engine.attention import AttentionMetadata, PrefillChunk, attend, paged_attention
 from engine.config import ModelConfig
 from engine.kv_cache import KVCache
 
@@ -60,6 +60,8 @@ class LlamaModel:
             ))
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings)
         self.scale = cfg.head_dim ** -0.5
+        if self.embed.device.type == "cpu" and self.embed.dtype == torch.float32:
+            cpu_kernels.kernels()  # build or load the C++ ops now, at start-up, not in the first request
         # the skinny kernel wants contiguous fp32 weights with K a multiple of 8
         self.skinny = all(w.dtype == torch.float32 and w.is_contiguous() and w.shape[1] % 8 == 0
                           for layer in self.layers for w in (layer[1], layer[2], layer[4], layer[5])) \
@@ -97,7 +99,10 @@ class LlamaModel:
 
     def _forward_fused(self, ck, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                        kv: KVCache, logits_indices: torch.Tensor) -> torch.Tensor:
-        """`forward` with the C++ CPU ops: the same computation, fewer and fused calls."""
+        """`forward` with the C++ CPU ops: the same computation, fewer and fused calls.
+
+        After the last layer's K/V are written, only the rows that sample are carried on
+        (attention output, MLP, norm, LM head): for a prefill chunk that is its last row."""
         c = self.cfg
         T = input_ids.shape[0]
         H, KVH, hd = c.num_heads, c.num_kv_heads, c.head_dim
@@ -105,20 +110,49 @@ class LlamaModel:
         eps = c.rms_norm_eps
         cos, sin = self.rope.cos, self.rope.sin
         skinny = self.skinny and ck.skinny_linear_supported()
-        linear = ck.skinny_linear if skinny and T <= SKINNY_MAX_ROWS else F.linear
+
+        def linear(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+            return ck.skinny_linear(a, w) if skinny and a.shape[0] <= SKINNY_MAX_ROWS else F.linear(a, w)
+
         x = F.embedding(input_ids, self.embed)  # the residual stream, updated in place
         delta = None  # what the previous layer's MLP adds to x
+        last = len(self.layers) - 1
         for li, (ln1, wqkv, wo, ln2, wgu, wd) in enumerate(self.layers):
             h = ck.rms_norm(x, ln1, eps) if delta is None else ck.add_rms_norm(x, delta, ln1, eps)
             qkv = linear(h, wqkv)
             ck.rope_write_kv(qkv, positions, cos, sin, kv.k[li], kv.v[li], meta.slot_blocks,
                              meta.slot_offsets, H, KVH)
-            a = attend(qkv[:, :q_size].view(T, H, hd), qkv[:, q_size:q_size + kv_size].view(T, KVH, hd),
-                       qkv[:, q_size + kv_size:].view(T, KVH, hd), kv.k[li], kv.v[li], meta, self.scale)
-            h = ck.add_rms_norm(x, linear(a.view(T, q_size), wo), ln2, eps)
+            q, k, v = (qkv[:, :q_size].view(-1, H, hd), qkv[:, q_size:q_size + kv_size].view(-1, KVH, hd),
+                       qkv[:, q_size + kv_size:].view(-1, KVH, hd))
+            lmeta = meta
+            if li == last and (kept := _sampling_rows(meta, logits_indices, T)) is not None:
+                lmeta = kept
+                x, q, k, v = x[logits_indices], q[logits_indices], k[logits_indices], v[logits_indices]
+            a = attend(q, k, v, kv.k[li], kv.v[li], lmeta, self.scale)
+            h = ck.add_rms_norm(x, linear(a.view(-1, q_size), wo), ln2, eps)
             delta = linear(ck.silu_mul(linear(h, wgu)), wd)
-        x = x.add_(delta)[logits_indices] if delta is not None else x[logits_indices]
-        x = ck.rms_norm(x, self.norm, eps)
-        if skinny and x.shape[0] <= SKINNY_MAX_ROWS:
-            return ck.skinny_linear(x, self.lm_head)
-        return F.linear(x, self.lm_head)
+        if x.shape[0] == T:  # all rows were kept
+            x = x.add_(delta)[logits_indices] if delta is not None else x[logits_indices]
+        else:
+            x = x.add_(delta)
+        return linear(ck.rms_norm(x, self.norm, eps), self.lm_head)
+
+
+def _sampling_rows(meta: AttentionMetadata, logits_indices: torch.Tensor, T: int) -> AttentionMetadata | None:
+    """Attention metadata for just the rows `logits_indices` (the decode rows, then the last row
+    of each prefill chunk that completes), in that order; None when every row samples or the
+    rows are not of that shape."""
+    rows = logits_indices.tolist()
+    if len(rows) == T:
+        return None
+    n = meta.decode.n if meta.decode is not None else 0
+    if rows[:n] != list(range(n)):
+        return None
+    ends = {p.end - 1: p for p in meta.prefills}
+    chunks = []
+    for i, r in enumerate(rows[n:], start=n):
+        p = ends.get(r)
+        if p is None:
+            return None
+        chunks.append(PrefillChunk(i, i + 1, p.block_table, p.context_len))
+    return AttentionMetadata(meta.slot_blocks, meta.slot_offsets, meta.decode, chunks)
