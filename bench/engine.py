@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 import resource
 import statistics
 import time
@@ -51,6 +52,18 @@ def _prompts(batch: int, vocab: int = 49152, seed: int = 0) -> list[list[int]]:
 
 def _prefill_prompt(i: int) -> list[int]:
     return _prompts(1, seed=1000 + i)[0]
+
+
+def machine_load() -> dict[str, float]:
+    """How busy the machine is (other tenants included): 1-min load average and, where the
+    kernel exposes it, the share of the last 60 s in which some task waited for a CPU."""
+    out = {"cpus": float(os.cpu_count() or 0), "loadavg_1m": os.getloadavg()[0]}
+    try:
+        line = Path("/proc/pressure/cpu").read_text().splitlines()[0]  # "some avg10=.. avg60=.. ..."
+        out["cpu_pressure_some_avg60"] = float(dict(f.split("=") for f in line.split()[1:])["avg60"])
+    except (OSError, KeyError, ValueError, IndexError):
+        pass
+    return out
 
 
 def _rss_mb() -> float:
@@ -286,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     systems = args.systems.split(",")
     rows: list[Row] = []
     console = Console()
+    load_before = machine_load()
     for b in batches:
         here = [s for s in systems if s != "llama.cpp" or b == 1]
         with console.status(f"batch {b}: {', '.join(here)}"):
@@ -306,13 +320,17 @@ def main(argv: list[str] | None = None) -> int:
             mean_ratios[f"{r.phase}_b{r.batch}"] = round(mean_ratio, 3)
         table.add_row(r.system, r.phase, str(r.batch), f"{r.tokens_per_s:.1f}", f"{ratio:.2f}" if ref else "-",
                       f"{r.mean_tokens_per_s:.1f}", f"{mean_ratio:.2f}" if ref else "-", f"{r.peak_rss_mb:.0f}")
+    load_after = machine_load()
     console.print(table)
+    console.print("machine load before / after: " + ", ".join(
+        f"{k} {load_before[k]:.1f} / {load_after.get(k, float('nan')):.1f}" for k in load_before))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"rows": [asdict(r) for r in rows], "halfmoon_vs_hf": ratios,
                                          "halfmoon_vs_hf_mean": mean_ratios, "prompt_len": PROMPT_LEN,
                                          "threads": args.threads, "new_tokens": args.new_tokens,
-                                         "prefill_repeats": args.prefill_repeats}, indent=2))
+                                         "prefill_repeats": args.prefill_repeats,
+                                         "machine_load": {"before": load_before, "after": load_after}}, indent=2))
         console.print(f"wrote {args.json}")
     return 0
 
