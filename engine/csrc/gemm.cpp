@@ -63,6 +63,39 @@ inline void tile_4x2(const float* x0, const float* x1, const float* w0, int64_t 
   _mm_storeu_ps(o1, hsum4x8(a10, a11, a12, a13));
 }
 
+// Rows n0..n0+3 of w (held in registers) against rows m0..m0+2 of x: twelve sums in flight.
+inline void tile_4x3(const float* x0, const float* x1, const float* x2, const float* w0, int64_t K, float* o0,
+                     float* o1, float* o2, const float* pf) {
+  const float* w1 = w0 + K;
+  const float* w2 = w1 + K;
+  const float* w3 = w2 + K;
+  __m256 a00 = _mm256_setzero_ps(), a01 = _mm256_setzero_ps(), a02 = _mm256_setzero_ps(), a03 = _mm256_setzero_ps();
+  __m256 a10 = _mm256_setzero_ps(), a11 = _mm256_setzero_ps(), a12 = _mm256_setzero_ps(), a13 = _mm256_setzero_ps();
+  __m256 a20 = _mm256_setzero_ps(), a21 = _mm256_setzero_ps(), a22 = _mm256_setzero_ps(), a23 = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; k += 8) {
+    if (pf != nullptr && (k & 15) == 0) {
+      _mm_prefetch(reinterpret_cast<const char*>(pf + k), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(pf + K + k), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(pf + 2 * K + k), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(pf + 3 * K + k), _MM_HINT_T0);
+    }
+    const __m256 v0 = _mm256_loadu_ps(w0 + k), v1 = _mm256_loadu_ps(w1 + k);
+    const __m256 v2 = _mm256_loadu_ps(w2 + k), v3 = _mm256_loadu_ps(w3 + k);
+    __m256 u = _mm256_loadu_ps(x0 + k);
+    a00 = _mm256_fmadd_ps(u, v0, a00); a01 = _mm256_fmadd_ps(u, v1, a01);
+    a02 = _mm256_fmadd_ps(u, v2, a02); a03 = _mm256_fmadd_ps(u, v3, a03);
+    u = _mm256_loadu_ps(x1 + k);
+    a10 = _mm256_fmadd_ps(u, v0, a10); a11 = _mm256_fmadd_ps(u, v1, a11);
+    a12 = _mm256_fmadd_ps(u, v2, a12); a13 = _mm256_fmadd_ps(u, v3, a13);
+    u = _mm256_loadu_ps(x2 + k);
+    a20 = _mm256_fmadd_ps(u, v0, a20); a21 = _mm256_fmadd_ps(u, v1, a21);
+    a22 = _mm256_fmadd_ps(u, v2, a22); a23 = _mm256_fmadd_ps(u, v3, a23);
+  }
+  _mm_storeu_ps(o0, hsum4x8(a00, a01, a02, a03));
+  _mm_storeu_ps(o1, hsum4x8(a10, a11, a12, a13));
+  _mm_storeu_ps(o2, hsum4x8(a20, a21, a22, a23));
+}
+
 inline void tile_4x1(const float* x0, const float* w0, int64_t K, float* o0, const float* pf) {
   const float* w1 = w0 + K;
   const float* w2 = w1 + K;
@@ -118,7 +151,7 @@ torch::Tensor skinny_linear(torch::Tensor x, torch::Tensor w) {
   // rows of w per task: enough work (~32k multiply-adds) to be worth a thread
   const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(1, M * K / 4));
   at::parallel_for(0, n_tiles + (N % 4 ? 1 : 0), grain, [&](int64_t tb, int64_t te) {
-    float tmp0[4], tmp1[4];
+    float tmp0[4], tmp1[4], tmp2[4];
     for (int64_t t = tb; t < te; ++t) {
       const int64_t n0 = t * 4;
       if (n0 + 4 <= N) {
@@ -126,6 +159,14 @@ torch::Tensor skinny_linear(torch::Tensor x, torch::Tensor w) {
         // the first pass over these rows fetches the rows PF_TILES tiles ahead
         const float* pf = kPrefetchTiles > 0 && n0 + 4 * (kPrefetchTiles + 1) <= N ? w0 + 4 * kPrefetchTiles * K : nullptr;
         int64_t m = 0;
+        for (; m + 3 <= M; m += 3) {
+          tile_4x3(xp + m * K, xp + (m + 1) * K, xp + (m + 2) * K, w0, K, tmp0, tmp1, tmp2, m == 0 ? pf : nullptr);
+          for (int j = 0; j < 4; ++j) {
+            op[m * N + n0 + j] = tmp0[j];
+            op[(m + 1) * N + n0 + j] = tmp1[j];
+            op[(m + 2) * N + n0 + j] = tmp2[j];
+          }
+        }
         for (; m + 2 <= M; m += 2) {
           tile_4x2(xp + m * K, xp + (m + 1) * K, w0, K, tmp0, tmp1, m == 0 ? pf : nullptr);
           for (int j = 0; j < 4; ++j) {
