@@ -28,7 +28,7 @@ _CSRC = Path(__file__).parent / "csrc"
 _SOURCES = ["attention.cpp", "layer_ops.cpp", "gemm.cpp"]  # one translation unit, in this order
 _HEADERS = ["simd.h"]
 _FUNCTIONS = ["decode_attention", "prefill_attention", "rms_norm", "add_rms_norm", "rope_write_kv", "silu_mul",
-              "skinny_linear", "skinny_linear_supported"]
+              "skinny_linear", "skinny_linear_supported", "split_linear"]
 
 _lock = threading.Lock()
 _state: dict[str, ModuleType | None] = {}

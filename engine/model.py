@@ -18,6 +18,9 @@ from engine.kv_cache import KVCache
 # Up to this many rows (a decode step's batch) the matmuls use the C++ skinny kernel, which
 # streams each weight once without packing it; beyond, MKL's blocked GEMM (prefill chunks).
 SKINNY_MAX_ROWS = 64
+# Beyond, each thread multiplies its share of the weight rows with a single-threaded BLAS GEMM
+# (engine/csrc/gemm.cpp split_linear): ~4% faster prefill than one two-thread MKL GEMM here.
+SPLIT_LINEAR = True
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -112,7 +115,9 @@ class LlamaModel:
         skinny = self.skinny and ck.skinny_linear_supported()
 
         def linear(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-            return ck.skinny_linear(a, w) if skinny and a.shape[0] <= SKINNY_MAX_ROWS else F.linear(a, w)
+            if skinny and a.shape[0] <= SKINNY_MAX_ROWS:
+                return ck.skinny_linear(a, w)
+            return ck.split_linear(a, w) if SPLIT_LINEAR else F.linear(a, w)
 
         x = F.embedding(input_ids, self.embed)  # the residual stream, updated in place
         delta = None  # what the previous layer's MLP adds to x

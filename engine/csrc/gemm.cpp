@@ -190,3 +190,23 @@ torch::Tensor skinny_linear(torch::Tensor x, torch::Tensor w) {
   return torch::Tensor();
 #endif
 }
+
+// x [M, K] @ w[N, K]^T -> [M, N] for many rows (prefill chunks): the weight's rows are split
+// into one contiguous share per thread, each multiplied by a single-threaded BLAS GEMM into its
+// columns of the output. For these shapes that beats letting the BLAS split one GEMM itself.
+torch::Tensor split_linear(torch::Tensor x, torch::Tensor w) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "x [M, K] and w [N, K] expected");
+  const int64_t M = x.size(0), N = w.size(0);
+  const int64_t parts = std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(1, N / 64));
+  if (parts <= 1) return at::linear(x, w);
+  auto out = torch::empty({M, N}, x.options());
+  at::parallel_for(0, parts, 1, [&](int64_t b, int64_t e) {
+    c10::InferenceMode guard;  // (worker threads do not inherit the caller's mode)
+    for (int64_t i = b; i < e; ++i) {
+      const int64_t c0 = N * i / parts / 16 * 16, c1 = i + 1 == parts ? N : N * (i + 1) / parts / 16 * 16;
+      auto o = out.narrow(1, c0, c1 - c0);
+      at::mm_out(o, x, w.narrow(0, c0, c1 - c0).t());
+    }
+  });
+  return out;
+}

@@ -286,3 +286,13 @@ def test_a_stale_torch_build_lock_does_not_hang_the_next_start(tmp_path):
     code = "from engine.cpu_kernels import kernels; import sys; sys.exit(0 if kernels() is not None else 3)"
     res = subprocess.run([sys.executable, "-c", code], timeout=240, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
+
+
+@pytest.mark.parametrize("M,N,K", [(512, 960, 576), (100, 3072, 576), (65, 576, 1536), (70, 50, 64), (3, 17, 8)])
+def test_split_linear_matches_torch(ck, M, N, K):
+    g = torch.Generator().manual_seed(M + N)
+    x, w = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g) / K ** 0.5
+    with torch.inference_mode():  # as the model calls it
+        got = ck.split_linear(x, w)
+    torch.testing.assert_close(got, F.linear(x, w), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ck.split_linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
