@@ -3,6 +3,10 @@ layout at several loads and compare effective request capacity and TBT under SLO
 
     python -m bench.layouts --out out/layouts --speedups 0.05,0.1,0.2,0.3 --duration 60
 
+Requests sharing one of the trace's 3-s-rounded timestamps are spread over those 3 trace
+seconds (`--spread-ms 3000`; 0 replays each burst as one instant, which no load can serve
+within a TTFT SLO of a few unloaded TTFTs on one prefill core).
+
 For each layout in turn (never both at once, so they get the same two cores): start the
 cluster (`1p1d`: one prefill + one decode node; `2co`: two colocated nodes; one thread
 per node either way), measure unloaded single-request TTFT and TBT, replay the sweep with
@@ -78,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-output-tokens", type=int, default=64)
     ap.add_argument("--max-input-tokens", type=int, default=1024)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per node")
+    ap.add_argument("--spread-ms", type=float, default=3000.0,
+                    help="spread requests sharing a trace timestamp over this many trace ms (the trace "
+                         "rounds timestamps to 3 s; 0 replays each burst as one instant)")
     ap.add_argument("--ttft-x", type=float, default=5.0)
     ap.add_argument("--tbt-x", type=float, default=3.0)
     ap.add_argument("--ttft-slo", type=float, help="seconds (overrides --ttft-x)")
@@ -114,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
                               "--block-tokens", str(args.block_tokens), "--output-scale", str(args.output_scale),
                               "--max-output-tokens", str(args.max_output_tokens),
                               "--max-input-tokens", str(args.max_input_tokens), "--request-timeout", "300",
+                              "--spread-ms", str(args.spread_ms),
                               "--ttft-slo", f"{slo[0]:.4f}", "--tbt-slo", f"{slo[1]:.4f}", "--cooldown", "3",
                               "--json", str(out), "--plot-dir", str(args.out / "plots"), *overlays])
             result = json.loads(out.read_text())

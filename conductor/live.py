@@ -213,6 +213,7 @@ class LiveConductor:
         reserved = False
         prefill_pending = True
         decode_call = None
+        renewer: asyncio.Future | None = None
         try:
             if colocated:
                 prefill_pending = False
@@ -235,6 +236,7 @@ class LiveConductor:
                 raise RequestFailed(f"decode node {dec.node_id} could not reserve KV blocks: "
                                     f"{e.code().name}: {e.details()}") from None
             reserved = True
+            renewer = asyncio.ensure_future(self._keep_reserved(dec, rid))
             recompute = False
             presp = None
             preq = node_pb2.PrefillRequest(request_id=rid, prompt_token_ids=ids, sampling=sp, target=resv.target)
@@ -260,6 +262,7 @@ class LiveConductor:
                     raise RequestFailed(str(e)) from None
                 recompute = True
             prefill_pending = False
+            renewer.cancel()
             self._prefill_done(pre, dec, info)
             t_kv = self._clock()
             if self.metrics and presp is not None:
@@ -283,6 +286,8 @@ class LiveConductor:
                 self.metrics.observe_failed(str(e).split(":")[0])
             raise
         finally:
+            if renewer is not None:
+                renewer.cancel()
             if prefill_pending:
                 self._prefill_done(pre, dec, info)
             if decode_call is not None:
@@ -319,6 +324,22 @@ class LiveConductor:
                                Usage(len(ids), out.completion_tokens,
                                      presp.num_cached_tokens if presp else out.num_cached_tokens),
                                timing, pre.node_id, dec.node_id)
+                return
+
+    async def _keep_reserved(self, dec: NodeRecord, rid: str) -> None:
+        """Renew the decode reservation every third of its lease while the prefill is
+        queued or running, so a long prefill queue never frees the blocks it writes into."""
+        lease = self.cfg.kv_lease_s
+        while True:
+            await asyncio.sleep(lease / 3)
+            try:
+                renewed = await dec.decode_stub.Renew(node_pb2.RenewRequest(request_id=rid, lease_s=lease),
+                                                      timeout=self.cfg.control_timeout_s)
+            except grpc.aio.AioRpcError as e:
+                log.info("renewing %s on %s failed (%s); retrying", rid, dec.node_id, e.code().name)
+                continue
+            if not renewed.found:
+                log.warning("reservation of %s on %s is gone; its prefill can no longer land", rid, dec.node_id)
                 return
 
     async def _release(self, dec: NodeRecord, rid: str) -> None:

@@ -80,6 +80,16 @@ class DecodeService(node_pb2_grpc.DecodeNodeServicer):
         entry[1].cancel()
         return entry[0]
 
+    async def Renew(self, request: node_pb2.RenewRequest, context):
+        """Restart a reservation's lease (its prefill is still queued or running)."""
+        entry = self._reserved.get(request.request_id)
+        if entry is None:
+            return node_pb2.RenewResponse(found=False)
+        entry[1].cancel()
+        lease = asyncio.get_running_loop().call_later(max(request.lease_s, 0.1), self._expire, request.request_id)
+        self._reserved[request.request_id] = (entry[0], lease)
+        return node_pb2.RenewResponse(found=True)
+
     async def Release(self, request: node_pb2.ReleaseRequest, context):
         blocks = self._take(request.request_id)
         if blocks is not None:

@@ -85,6 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="cut longer scaled prompts to this length",
     )
     scale.add_argument(
+        "--spread-ms",
+        type=float,
+        default=0.0,
+        help="spread requests sharing a trace timestamp evenly over this many trace ms "
+        "(the conversation trace rounds timestamps to 3000 ms; default 0: as recorded)",
+    )
+    scale.add_argument(
         "--vocab-size", type=int, default=TokenSpace().vocab_size, help="token ids are < this"
     )
     scale.add_argument(
@@ -202,6 +209,7 @@ def _config(
             output_scale=args.output_scale,
             max_output_tokens=args.max_output_tokens,
             max_input_tokens=args.max_input_tokens,
+            spread_ms=args.spread_ms,
         ),
         window=window,
         speedups=speedups,

@@ -11,11 +11,18 @@ Three scalings make a production trace fit a CPU cluster:
   ``[start_s, start_s + duration_s)`` trace seconds, at most ``max_requests`` of them;
 - **time**: ``speedup`` divides every inter-arrival time, so wall time is about
   ``window / speedup`` and the offered request rate is multiplied by ``speedup``.
+
+Arrivals: the conversation trace rounds timestamps to 3 s, so ~10 requests share each
+timestamp. Replayed as recorded they arrive together at any speed-up, and a burst of ten
+prompts queues on one prefill node however light the average load. ``spread_ms`` spreads
+the ``n`` requests sharing a timestamp evenly over that many trace milliseconds after it
+(the ``k``-th at ``k * spread_ms / n``, in trace order), which is what the rounding hid.
 """
 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -100,8 +107,11 @@ class ScaleConfig:
     max_output_tokens: int | None = None
     max_input_tokens: int | None = None
     speedup: float = 1.0
+    spread_ms: float = 0.0  # spread requests sharing a timestamp over this many trace ms
 
     def __post_init__(self) -> None:
+        if self.spread_ms < 0:
+            raise WorkloadError(f"spread_ms must be >= 0, got {self.spread_ms}")
         if self.block_tokens < 1 or self.trace_block_tokens < 1:
             raise WorkloadError("block sizes must be >= 1 token")
         if self.output_scale <= 0:
@@ -132,8 +142,10 @@ class ScaleConfig:
             scaled = min(scaled, self.max_output_tokens)
         return scaled
 
-    def send_offset_s(self, record: TraceRecord, window_start_s: float) -> float:
-        return (record.timestamp_s - window_start_s) / self.speedup
+    def send_offset_s(self, record: TraceRecord, window_start_s: float, rank: int = 0, ties: int = 1) -> float:
+        """When to send `record`, the `rank`-th of `ties` records sharing its timestamp."""
+        spread_s = self.spread_ms / 1000.0 * rank / ties
+        return (record.timestamp_s + spread_s - window_start_s) / self.speedup
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,7 +201,11 @@ def build_workload(
     requests: list[ReplayRequest] = []
     seen: set[int] = set()
     blocks = repeated = truncated = prompt_total = output_total = 0
+    ties = Counter(r.timestamp_ms for r in selection.records)
+    ranks: Counter[int] = Counter()
     for record in selection.records:
+        rank = ranks[record.timestamp_ms]
+        ranks[record.timestamp_ms] += 1
         length = scale.input_tokens(record)
         hash_ids = record.hash_ids
         if scale.max_input_tokens is not None and length > scale.max_input_tokens:
@@ -201,7 +217,7 @@ def build_workload(
             ReplayRequest(
                 request_id=f"{id_prefix}-{record.line}",
                 trace_line=record.line,
-                send_offset_s=scale.send_offset_s(record, selection.start_s),
+                send_offset_s=scale.send_offset_s(record, selection.start_s, rank, ties[record.timestamp_ms]),
                 prompt_token_ids=tuple(mapper.prompt(hash_ids, length)),
                 max_tokens=max_tokens,
                 hash_ids=hash_ids,

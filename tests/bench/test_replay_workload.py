@@ -140,3 +140,19 @@ def test_max_input_tokens_cuts_prompts_to_a_prefix():
     assert cut.requests[0].prompt_token_ids == full.prompt_token_ids[:20]
     assert cut.requests[0].hash_ids == (0, 1)
     assert cut.stats.truncated_prompts == 1
+
+
+def test_spread_places_requests_sharing_a_timestamp_evenly_after_it():
+    records = [record(1, 0), record(2, 0), record(3, 0), record(4, 0), record(5, 3000), record(6, 3000)]
+    selection = select_window(records, TraceWindow())
+    mapper = TokenMapper(16)
+    as_recorded = build_workload(selection, ScaleConfig(speedup=0.5), mapper)
+    assert [r.send_offset_s for r in as_recorded.requests] == [0, 0, 0, 0, 6, 6]
+    spread = build_workload(selection, ScaleConfig(speedup=0.5, spread_ms=3000), mapper)
+    # 4 at t=0 over 3 s: 0, 0.75, 1.5, 2.25 trace s; 2 at t=3 s: 3, 4.5; halved speed doubles
+    assert [r.send_offset_s for r in spread.requests] == [0, 1.5, 3.0, 4.5, 6.0, 9.0]
+    assert [r.request_id for r in spread.requests] == [r.request_id for r in as_recorded.requests]
+    assert [r.prompt_token_ids for r in spread.requests] == [r.prompt_token_ids for r in as_recorded.requests]
+    assert spread.window_s == as_recorded.window_s
+    with pytest.raises(WorkloadError, match="spread_ms"):
+        ScaleConfig(spread_ms=-1)

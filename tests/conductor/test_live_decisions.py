@@ -134,3 +134,66 @@ def test_live_decision_equals_the_policy_objects_decision(tokenizer, policy, bus
     if policy == "longest_prefix":
         assert expected.prefill.node == "prefill-0"
     assert expected.decode.node == "decode-0" or policy in ("random", "round_robin")
+
+
+# --- a decode reservation outlives a prefill that queues longer than its lease ---
+# Found in a trace replay: a burst queued on one prefill node for over a minute, the 60 s
+# reservations expired, and Decode then failed with "no reservation". The conductor renews
+# the lease while the prefill is pending and stops once Decode claims the blocks.
+
+LEASE_S = 0.3
+
+
+class SlowPrefill(FakePrefill):
+    async def Prefill(self, req, timeout=None):
+        await asyncio.sleep(4 * LEASE_S)  # queued behind a burst: longer than the lease
+        return await super().Prefill(req, timeout)
+
+
+class LeasedDecode(FakeDecode):
+    """Reservations expire `lease_s` after Reserve or the last Renew, as on a decode node."""
+
+    def __init__(self, log, node):
+        super().__init__(log, node)
+        self.expires_at: dict[str, float] = {}
+
+    async def Reserve(self, req, timeout=None):
+        self.expires_at[req.request_id] = asyncio.get_running_loop().time() + req.lease_s
+        return await super().Reserve(req, timeout)
+
+    async def Renew(self, req, timeout=None):
+        self.log.append(("renew", self.node, req.request_id))
+        live = asyncio.get_running_loop().time() < self.expires_at.get(req.request_id, 0.0)
+        if live:
+            self.expires_at[req.request_id] = asyncio.get_running_loop().time() + req.lease_s
+        return node_pb2.RenewResponse(found=live)
+
+    def Decode(self, req, timeout=None):
+        assert asyncio.get_running_loop().time() < self.expires_at.pop(req.request_id), "the lease had expired"
+        return super().Decode(req, timeout)
+
+
+def test_reservation_is_renewed_while_the_prefill_is_pending(tokenizer):
+    log: list = []
+    reg = NodeRegistry(block_size=16)
+    pre = add_node(reg, "prefill-0", "prefill", log)
+    dec = add_node(reg, "decode-0", "decode", log)
+    pre.prefill_stub = SlowPrefill(log, "prefill-0")
+    dec.decode_stub = LeasedDecode(log, "decode-0")
+    settings = ConductorSettings(SettingsValues(admission="none", ttft_slo_s=60, tbt_slo_s=5))
+    live = LiveConductor(LiveConfig("m", 2048, 16, kv_lease_s=LEASE_S), tokenizer,
+                         Scheduler(settings, cpu_default_costs()), reg)
+
+    async def run():
+        req = GenerateRequest("r1", SamplingParams(max_tokens=4), prompt_token_ids=tuple(range(100, 164)))
+        items = [x async for x in live.generate(req)]
+        renews = sum(1 for e in log if e[0] == "renew")
+        await asyncio.sleep(2 * LEASE_S)  # after Decode claimed the blocks nothing renews them
+        return items, renews
+
+    items, renews = asyncio.run(run())
+    assert isinstance(items[-1], Finished)
+    assert renews >= 3  # 4 leases of prefill, renewed every third of a lease
+    assert sum(1 for e in log if e[0] == "renew") == renews
+    kinds = [e[0] for e in log]
+    assert kinds.index("decode") > max(i for i, k in enumerate(kinds) if k == "renew")

@@ -248,6 +248,20 @@ class ReleaseResponse(_message.Message):
     found: bool
     def __init__(self, found: _Optional[bool] = ...) -> None: ...
 
+class RenewRequest(_message.Message):
+    __slots__ = ("request_id", "lease_s")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    LEASE_S_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    lease_s: float
+    def __init__(self, request_id: _Optional[str] = ..., lease_s: _Optional[float] = ...) -> None: ...
+
+class RenewResponse(_message.Message):
+    __slots__ = ("found",)
+    FOUND_FIELD_NUMBER: _ClassVar[int]
+    found: bool
+    def __init__(self, found: _Optional[bool] = ...) -> None: ...
+
 class DecodeRequest(_message.Message):
     __slots__ = ("request_id", "prompt_token_ids", "sampling", "first_token", "num_cached_tokens", "recompute", "colocated")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]

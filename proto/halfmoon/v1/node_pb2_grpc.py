@@ -407,6 +407,11 @@ class DecodeNodeStub:
                 request_serializer=proto_dot_halfmoon_dot_v1_dot_node__pb2.ReleaseRequest.SerializeToString,
                 response_deserializer=proto_dot_halfmoon_dot_v1_dot_node__pb2.ReleaseResponse.FromString,
                 _registered_method=True)
+        self.Renew = channel.unary_unary(
+                '/halfmoon.v1.DecodeNode/Renew',
+                request_serializer=proto_dot_halfmoon_dot_v1_dot_node__pb2.RenewRequest.SerializeToString,
+                response_deserializer=proto_dot_halfmoon_dot_v1_dot_node__pb2.RenewResponse.FromString,
+                _registered_method=True)
         self.Decode = channel.unary_stream(
                 '/halfmoon.v1.DecodeNode/Decode',
                 request_serializer=proto_dot_halfmoon_dot_v1_dot_node__pb2.DecodeRequest.SerializeToString,
@@ -424,6 +429,12 @@ class DecodeNodeServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Release(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Renew(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -449,6 +460,11 @@ def add_DecodeNodeServicer_to_server(servicer, server):
                     servicer.Release,
                     request_deserializer=proto_dot_halfmoon_dot_v1_dot_node__pb2.ReleaseRequest.FromString,
                     response_serializer=proto_dot_halfmoon_dot_v1_dot_node__pb2.ReleaseResponse.SerializeToString,
+            ),
+            'Renew': grpc.unary_unary_rpc_method_handler(
+                    servicer.Renew,
+                    request_deserializer=proto_dot_halfmoon_dot_v1_dot_node__pb2.RenewRequest.FromString,
+                    response_serializer=proto_dot_halfmoon_dot_v1_dot_node__pb2.RenewResponse.SerializeToString,
             ),
             'Decode': grpc.unary_stream_rpc_method_handler(
                     servicer.Decode,
@@ -510,6 +526,33 @@ class DecodeNode:
             '/halfmoon.v1.DecodeNode/Release',
             proto_dot_halfmoon_dot_v1_dot_node__pb2.ReleaseRequest.SerializeToString,
             proto_dot_halfmoon_dot_v1_dot_node__pb2.ReleaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Renew(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/halfmoon.v1.DecodeNode/Renew',
+            proto_dot_halfmoon_dot_v1_dot_node__pb2.RenewRequest.SerializeToString,
+            proto_dot_halfmoon_dot_v1_dot_node__pb2.RenewResponse.FromString,
             options,
             channel_credentials,
             insecure,
