@@ -85,12 +85,14 @@ async def _aclose(stream: AsyncIterator[Item]) -> None:
             await aclose()
 
 
-async def _collect(stream: AsyncIterator[Item]) -> tuple[str, Finished]:
+async def _collect(stream: AsyncIterator[Item]) -> tuple[str, tuple[int, ...], Finished]:
     parts: list[str] = []
+    ids: list[int] = []
     async for item in stream:
         if isinstance(item, Finished):
-            return "".join(parts), item
+            return "".join(parts), tuple(ids), item
         parts.append(item.text)
+        ids.extend(item.token_ids)
     raise RequestFailed("the backend's stream ended without a Finished")
 
 
@@ -102,8 +104,8 @@ async def _events(stream: AsyncIterator[Item], first: Item, shape: ResponseShape
             yield sse(opening)
         item = first
         while not isinstance(item, Finished):
-            if item.text:
-                yield sse(shape.delta(item.text))
+            if item.text or (shape.return_token_ids and item.token_ids):
+                yield sse(shape.delta(item.text, item.token_ids))
             try:
                 item = await anext(stream)
             except StopAsyncIteration:
@@ -179,7 +181,8 @@ class _Frontend:
         if body.model is not None and body.model != model:
             message = f"the model {body.model!r} does not exist; this server serves {model!r}"
             raise not_found(message, param="model", code="model_not_found")
-        shape = shape_type(f"{shape_type.id_prefix}-{uuid.uuid4().hex}", int(time.time()), model, body.include_usage)
+        shape = shape_type(f"{shape_type.id_prefix}-{uuid.uuid4().hex}", int(time.time()), model, body.include_usage,
+                           body.return_token_ids)
         stream = self.backend.generate(body.to_request(shape.id))
         handed_over = False
         try:
@@ -187,8 +190,8 @@ class _Frontend:
                 first = await _unless_disconnected(request, lambda: anext(stream))
                 handed_over = True  # from here on the response body closes the stream
                 return _EventStream(_events(stream, first, shape))
-            text, finished = await _unless_disconnected(request, lambda: _collect(stream))
-            return JSONResponse(shape.full(text, finished))
+            text, ids, finished = await _unless_disconnected(request, lambda: _collect(stream))
+            return JSONResponse(shape.full(text, finished, ids))
         except StopAsyncIteration:
             raise RequestFailed("the backend's stream ended without a Finished") from None
         finally:

@@ -36,6 +36,7 @@ class ResponseShape(ABC):
     created: int  # unix seconds
     model: str
     include_usage: bool = False  # stream_options.include_usage
+    return_token_ids: bool = False  # extension: choices carry the generated token ids
 
     def _envelope(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -62,16 +63,21 @@ class ResponseShape(ABC):
     def opening(self) -> dict[str, Any] | None:
         """The chunk that starts a stream, if the endpoint has one."""
 
+    def _ids(self, choice: dict[str, Any], token_ids: tuple[int, ...]) -> dict[str, Any]:
+        if self.return_token_ids:
+            choice["token_ids"] = list(token_ids)
+        return choice
+
     @abstractmethod
-    def delta(self, text: str) -> dict[str, Any]:
-        """A chunk carrying newly generated text."""
+    def delta(self, text: str, token_ids: tuple[int, ...] = ()) -> dict[str, Any]:
+        """A chunk carrying newly generated text (and its tokens)."""
 
     @abstractmethod
     def closing(self, finish_reason: str) -> dict[str, Any]:
         """The chunk that carries the finish reason."""
 
     @abstractmethod
-    def full(self, text: str, finished: Finished) -> dict[str, Any]:
+    def full(self, text: str, finished: Finished, token_ids: tuple[int, ...] = ()) -> dict[str, Any]:
         """The whole (non-streamed) response."""
 
 
@@ -86,19 +92,19 @@ class CompletionShape(ResponseShape):
     def opening(self) -> dict[str, Any] | None:
         return None
 
-    def delta(self, text: str) -> dict[str, Any]:
-        return self._envelope(self.chunk_object, [self._choice(text, None)])
+    def delta(self, text: str, token_ids: tuple[int, ...] = ()) -> dict[str, Any]:
+        return self._envelope(self.chunk_object, [self._ids(self._choice(text, None), token_ids)])
 
     def closing(self, finish_reason: str) -> dict[str, Any]:
-        return self._envelope(self.chunk_object, [self._choice("", finish_reason)])
+        return self._envelope(self.chunk_object, [self._ids(self._choice("", finish_reason), ())])
 
-    def full(self, text: str, finished: Finished) -> dict[str, Any]:
+    def full(self, text: str, finished: Finished, token_ids: tuple[int, ...] = ()) -> dict[str, Any]:
         return {
             "id": self.id,
             "object": "text_completion",
             "created": self.created,
             "model": self.model,
-            "choices": [self._choice(text, finished.finish_reason)],
+            "choices": [self._ids(self._choice(text, finished.finish_reason), token_ids)],
             "usage": usage_body(finished.usage),
         }
 
@@ -108,32 +114,34 @@ class ChatShape(ResponseShape):
     id_prefix = "chatcmpl"
     chunk_object = "chat.completion.chunk"
 
-    def _chunk(self, delta: dict[str, Any], finish_reason: str | None) -> dict[str, Any]:
+    def _chunk(self, delta: dict[str, Any], finish_reason: str | None,
+               token_ids: tuple[int, ...] | None = None) -> dict[str, Any]:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        if token_ids is not None:
+            self._ids(choice, token_ids)
         return self._envelope(self.chunk_object, [choice])
 
     def opening(self) -> dict[str, Any] | None:
         return self._chunk({"role": "assistant", "content": ""}, None)
 
-    def delta(self, text: str) -> dict[str, Any]:
-        return self._chunk({"content": text}, None)
+    def delta(self, text: str, token_ids: tuple[int, ...] = ()) -> dict[str, Any]:
+        return self._chunk({"content": text}, None, token_ids)
 
     def closing(self, finish_reason: str) -> dict[str, Any]:
-        return self._chunk({}, finish_reason)
+        return self._chunk({}, finish_reason, ())
 
-    def full(self, text: str, finished: Finished) -> dict[str, Any]:
+    def full(self, text: str, finished: Finished, token_ids: tuple[int, ...] = ()) -> dict[str, Any]:
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "logprobs": None,
+            "finish_reason": finished.finish_reason,
+        }
         return {
             "id": self.id,
             "object": "chat.completion",
             "created": self.created,
             "model": self.model,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": text},
-                    "logprobs": None,
-                    "finish_reason": finished.finish_reason,
-                }
-            ],
+            "choices": [self._ids(choice, token_ids)],
             "usage": usage_body(finished.usage),
         }

@@ -3,7 +3,9 @@ their mapping onto the conductor's `GenerateRequest`.
 
 Absent sampling fields take `SamplingParams`' defaults (greedy, its max_tokens), so an HTTP
 request and a gRPC request with the same fields generate the same text. Extensions beyond
-OpenAI: `top_k`, `ignore_eos`, `stop_token_ids`. OpenAI fields halfmoon does not implement
+OpenAI: `top_k`, `ignore_eos`, `stop_token_ids`, and `return_token_ids` (as in vLLM: each
+choice, and each streamed chunk, also carries the generated `token_ids`; a stream then
+sends a chunk for every step that generated tokens, even one whose text is still empty). OpenAI fields halfmoon does not implement
 (n > 1, logprobs, echo, penalties, tools, ...) are refused with a 400 naming the field when
 set to anything but their neutral value; unknown fields and wrong types are refused too.
 """
@@ -102,6 +104,7 @@ class _GenerateBody(_Body):
     stop: Stop = []
     stop_token_ids: list[int] = []
     ignore_eos: bool | None = None
+    return_token_ids: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None  # an end-user id; accepted and not used

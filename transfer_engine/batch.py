@@ -24,7 +24,8 @@ def resolve(op: TransferOp, regions: RegionTable, segment: str, peer_segment: st
                               f"length), not {entry!r}") from exc
     local_id = _region_id(local_ref, segment, "local")
     remote_id = _region_id(remote_ref, peer_segment, "remote")
-    local_offset, remote_offset, length = (_int(v) for v in (local_offset, remote_offset, length))
+    if not (type(local_offset) is int and type(remote_offset) is int and type(length) is int):
+        local_offset, remote_offset, length = _int(local_offset), _int(remote_offset), _int(length)
     local = regions.get(local_id)
     if local is None:
         raise InvalidTransfer(f"unknown local region {local_id} in engine {segment!r}")
@@ -56,29 +57,26 @@ def unknown_regions(descriptor: PeerDescriptor, pieces: list[Piece]) -> bool:
     return any(descriptor.region(p.remote_id) is None for p in pieces)
 
 
-def remote_problem(op: TransferOp, descriptor: PeerDescriptor, pieces: list[Piece]) -> str | None:
-    """Why the peer would refuse the batch, judged by its descriptor; None if it would not."""
+def remote_check(op: TransferOp, descriptor: PeerDescriptor, pieces: list[Piece]) -> tuple[str | None, bool]:
+    """(why the peer would refuse the batch, judged by its descriptor, or None; whether
+    every destination region is in shared memory), in one pass."""
+    in_shm = True
+    writing = op is TransferOp.WRITE
     for piece in pieces:
         info = descriptor.region(piece.remote_id)
         if info is None:
-            return f"unknown region {piece.remote_id}"
+            return f"unknown region {piece.remote_id}", False
         problem = range_problem(info.size, info.id, piece.remote_offset, piece.length,
-                                writing=op is TransferOp.WRITE, readonly=info.readonly)
+                                writing=writing, readonly=info.readonly)
         if problem is not None:
-            return problem
-    return None
-
-
-def all_shm(descriptor: PeerDescriptor, pieces: list[Piece]) -> bool:
-    """Whether every destination region is in shared memory."""
-    for piece in pieces:
-        info = descriptor.region(piece.remote_id)
-        if info is None or info.shm_name is None:
-            return False
-    return True
+            return problem, False
+        in_shm = in_shm and info.shm_name is not None
+    return None, in_shm
 
 
 def _region_id(ref: object, segment: str, side: str) -> int:
+    if type(ref) is int:
+        return ref
     if isinstance(ref, Region):
         if ref.segment and ref.segment != segment:
             raise InvalidTransfer(f"{side} region {ref.id} belongs to {ref.segment!r}, not {segment!r}")

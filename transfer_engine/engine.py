@@ -39,7 +39,7 @@ from .shm import ShmTransport
 from .stats import Counters
 from .tcp import TcpTransport, handshake
 from .tcp_server import TcpServer
-from .transport import Job, Peer, Piece, Transport
+from .transport import Job, Peer, Transport
 
 if TYPE_CHECKING:
     import torch
@@ -286,11 +286,11 @@ class TransferEngine:
         try:
             if batch.unknown_regions(peer.descriptor, pieces):
                 self._refresh(peer)  # it may have registered regions since our handshake
-            problem = batch.remote_problem(op, peer.descriptor, pieces)
+            problem, in_shm = batch.remote_check(op, peer.descriptor, pieces)
             if problem is not None:
                 raise TransferRefused(f"{peer.segment!r} at {peer.address}: {op.value} refused: {problem} "
                                       "(checked against its descriptor; nothing was sent)")
-            transport = self._route(peer, pieces)
+            transport = self._route(peer, in_shm)
             handle.transport = transport.kind.value
             transport.submit(Job(op, peer, pieces, handle))
             timeout_s = self.config.default_timeout_s if timeout is _DEFAULT else timeout
@@ -300,11 +300,11 @@ class TransferEngine:
             handle._fail(exc)
         return handle
 
-    def _route(self, peer: Peer, pieces: list[Piece]) -> Transport:
+    def _route(self, peer: Peer, in_shm: bool) -> Transport:
         if peer.transport is TransportKind.MOONCAKE and self._mooncake is not None:
             return self._mooncake
         if peer.transport is TransportKind.SHM and self._shm is not None:
-            if self.transport is TransportKind.SHM or batch.all_shm(peer.descriptor, pieces):
+            if self.transport is TransportKind.SHM or in_shm:
                 return self._shm
         return self._tcp
 

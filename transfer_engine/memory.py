@@ -171,10 +171,7 @@ class LocalRegion:
 
     def __post_init__(self) -> None:
         self.view = memoryview(self.array)
-
-    @property
-    def size(self) -> int:
-        return int(self.array.nbytes)
+        self.size = int(self.array.nbytes)  # read by every bounds check: not a numpy lookup each time
 
     @property
     def addr(self) -> int:

@@ -55,7 +55,11 @@ class Status(enum.IntEnum):
     VERSION_MISMATCH = 4
 
 
-@dataclass(frozen=True)
+_KINDS = {k.value: k for k in FrameKind}  # dict lookups: cheaper than calling the enums
+_STATUSES = {s.value: s for s in Status}
+
+
+@dataclass(frozen=True, slots=True)
 class Header:
     kind: FrameKind
     status: Status
@@ -85,8 +89,8 @@ def unpack_header(raw: bytes | bytearray | memoryview) -> Header:
     if body_len > MAX_BODY_BYTES:
         raise ProtocolError(f"frame body of {body_len} bytes exceeds the {MAX_BODY_BYTES}-byte limit")
     try:
-        return Header(FrameKind(kind), Status(status), body_len, frame_id, payload_len)
-    except ValueError as exc:
+        return Header(_KINDS[kind], _STATUSES[status], body_len, frame_id, payload_len)
+    except KeyError as exc:
         raise ProtocolError(f"unknown frame kind {kind} or status {status}") from exc
 
 
@@ -125,7 +129,13 @@ def recv_exact(sock: socket.socket, n: int) -> bytearray:
 
 
 def recv_frame(sock: socket.socket) -> tuple[Header, bytes]:
-    header = unpack_header(recv_exact(sock, HEADER.size))
+    raw = bytearray(HEADER.size)
+    got = sock.recv_into(raw, HEADER.size, socket.MSG_WAITALL)
+    if got != HEADER.size:
+        if got == 0:
+            raise ConnectionClosed("connection closed by the peer")
+        recv_into_all(sock, [memoryview(raw)[got:]])
+    header = unpack_header(raw)
     body = bytes(recv_exact(sock, header.body_len)) if header.body_len else b""
     return header, body
 

@@ -41,8 +41,7 @@ class ShmTransport(Transport):
         info = peer.descriptor.region(region_id)
         if info is None or info.shm_name is None:
             raise TransportUnavailable(f"region {region_id} of {peer.segment!r} is not in shared memory")
-        with self._cond:
-            seg = self._segments.get(info.shm_name)
+        seg = self._segments.get(info.shm_name)  # a dict read needs no lock
         if seg is None:
             try:
                 seg = ShmSegment.attach(info.shm_name, info.size)
@@ -102,7 +101,8 @@ class ShmTransport(Transport):
     def _copy(self, job: Job) -> None:
         """Copy a batch the engine has checked against the peer's descriptor."""
         handle, peer = job.handle, job.peer
-        targets = [self.attach(peer, piece.remote_id) for piece in job.pieces]
+        attach = self.attach
+        targets = [attach(peer, piece.remote_id) for piece in job.pieces]
         if not handle._start():
             return  # cancelled or timed out while queued
         writing = job.op is TransferOp.WRITE

@@ -235,7 +235,8 @@ class _Channel:
             self._exit()
 
     def _send(self, sock: socket.socket, frame: _Frame) -> None:
-        table = wire.pack_entries([wire.WireEntry(p.remote_id, p.remote_offset, p.length) for p in frame.pieces])
+        pack = wire.ENTRY.pack
+        table = b"".join([pack(p.remote_id, p.remote_offset, p.length) for p in frame.pieces])
         frame.views = [p.local_view() for p in frame.pieces]
         if frame.op is TransferOp.WRITE:
             header = wire.pack_header(FrameKind.WRITE, frame.frame_id, len(table), frame.nbytes)

@@ -1,8 +1,8 @@
 """From a ``--target`` string to a connected ReplayClient.
 
 ``fake`` gives the in-process FakeClient; ``grpc://HOST:PORT`` the conductor's client API
-(`bench/replay/grpc_client.py`). ``http://HOST:PORT`` (the OpenAI-compatible API) has no
-replay client yet. ``open_target`` closes the client after the replay.
+(`bench/replay/grpc_client.py`); ``http://HOST:PORT`` its OpenAI-compatible HTTP API
+(`bench/replay/http_client.py`). ``open_target`` closes the client after the replay.
 """
 
 from __future__ import annotations
@@ -17,10 +17,6 @@ from bench.replay.fake_client import FakeClient, FakeClientConfig
 
 class TargetError(ValueError):
     """The --target string names nothing the replayer can drive."""
-
-
-class TargetUnavailable(TargetError):
-    """The target's client is not part of halfmoon yet."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,13 +51,12 @@ async def open_target(
         from bench.replay.grpc_client import GrpcReplayClient
 
         client = GrpcReplayClient(target.address)
-        try:
-            await client.check()
-            yield client
-        finally:
-            await client.close()
-        return
-    raise TargetUnavailable(
-        f"the {target.scheme} replay client is not yet available (target {target.scheme}://"
-        f"{target.address}); it arrives with the serving cluster. Use --target fake meanwhile."
-    )
+    else:
+        from bench.replay.http_client import HttpReplayClient
+
+        client = HttpReplayClient(target.address)
+    try:
+        await client.check()
+        yield client
+    finally:
+        await client.close()

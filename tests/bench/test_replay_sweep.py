@@ -131,10 +131,15 @@ def test_overlay_must_be_a_replay_result(tmp_path, capsys):
     assert "malformed replay result" in capsys.readouterr().out
 
 
-def test_cli_says_the_http_client_is_not_yet_available(tmp_path, capsys):
+def test_cli_names_an_unreachable_http_target(tmp_path, capsys):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     trace = write_trace(tmp_path / "trace.jsonl")
-    assert main(["--trace", str(trace), "--target", "http://localhost:8000"]) == 2
-    assert "not yet available" in capsys.readouterr().out
+    assert main(["--trace", str(trace), "--target", f"http://127.0.0.1:{port}"]) == 2
+    assert f"no HTTP frontend at 127.0.0.1:{port}" in capsys.readouterr().out
 
 
 def test_cli_names_an_unreachable_grpc_target(tmp_path, capsys):

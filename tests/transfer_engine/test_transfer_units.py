@@ -21,6 +21,7 @@ from transfer_engine import (
     TransferOp,
     TransferRefused,
     TransferState,
+    TransferTimeout,
     WaitTimeout,
 )
 from transfer_engine import protocol as wire
@@ -84,6 +85,28 @@ def test_cancel_and_wait_timeout():
     assert handle._start() is False  # transports skip cancelled work
     with pytest.raises(TransferCancelled):
         handle.wait(0)
+
+
+def test_deadline_watch_keeps_only_batches_in_flight_and_still_times_out():
+    from transfer_engine.deadlines import DeadlineWatch
+
+    watch = DeadlineWatch("units")
+    try:
+        slow = new_handle()
+        watch.watch(slow, 0.3)  # never completes: must time out
+        for _ in range(1000):  # a stream of batches that end before the next is submitted
+            handle = new_handle()
+            watch.watch(handle, 30.0)
+            handle._part_done()
+        assert len(watch._heap) <= 64  # ended batches are dropped, not kept for 30 s
+        with pytest.raises(TransferTimeout, match="within its 0.3s timeout"):
+            slow.wait(5)
+        late = new_handle()
+        watch.watch(late, 0.2)  # earlier than anything the thread sleeps for: it is woken
+        with pytest.raises(TransferTimeout):
+            late.wait(5)
+    finally:
+        watch.close()
 
 
 def test_await_from_another_thread_and_cancel_on_task_cancel():
