@@ -91,12 +91,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tbt-slo", type=float, help="seconds (overrides --tbt-x)")
     ap.add_argument("--reanalyze", metavar="TTFT_S,...",
                     help="only re-judge the saved runs in --out under these TTFT SLOs (same TBT SLO)")
+    ap.add_argument("--merge", metavar="DIR", nargs="+", type=Path,
+                    help="only combine earlier --out directories into --out: runs pooled per layout and every "
+                         "request re-judged under one pair of SLOs (--ttft-slo/--tbt-slo, else the first "
+                         "directory's), capacity recomputed, table, summary and plots redrawn")
     args = ap.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.out, args.layouts.split(","), args.ttft_slo, args.tbt_slo)
     if args.reanalyze:
         return reanalyze(args.out, [float(x) for x in args.reanalyze.split(",")], args.layouts.split(","))
 
     from rich.console import Console
-    from rich.table import Table
 
     from bench.replay import main as replay_main
 
@@ -137,7 +142,79 @@ def main(argv: list[str] | None = None) -> int:
             cluster.stop()
     summary["slo"] = {"ttft_s": slo[0], "tbt_s": slo[1]}
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
-    t = Table(title=f"layouts on this machine; SLOs TTFT <= {slo[0]:.2f} s, TBT <= {slo[1] * 1e3:.0f} ms")
+    _print_table(con, summary)
+    con.print(f"wrote {args.out / 'summary.json'} and plots in {args.out / 'plots'}")
+    return 0
+
+
+def _rejudge(run: dict, ttft_slo: float, tbt_slo: float) -> None:
+    """Re-judge a saved run's requests under other SLOs (in place)."""
+    reqs = run["requests"]
+    for q in reqs:  # as bench/replay/summary.py judges them
+        q["meets_ttft"] = q["ttft_s"] is not None and q["ttft_s"] <= ttft_slo
+        q["meets_tbt"] = q["outcome"] == "completed" and (q["tbt_mooncake_s"] is None or q["tbt_mooncake_s"] <= tbt_slo)
+        q["meets_slo"] = q["meets_ttft"] and q["meets_tbt"]
+    summary = run["summary"]
+    n = max(1, len(reqs))
+    for key, field in (("ttft_attainment", "meets_ttft"), ("tbt_attainment", "meets_tbt"), ("slo_attainment", "meets_slo")):
+        summary[key] = sum(q[field] for q in reqs) / n
+    met = sum(q["meets_slo"] for q in reqs)
+    summary["goodput"] = None if summary["window_s"] is None else met / summary["window_s"]
+
+
+def merge(dirs: list[Path], out: Path, layouts: list[str], ttft_slo: float | None = None,
+          tbt_slo: float | None = None) -> int:
+    """Pool the runs of several sweeps of the same layouts, judged under one pair of SLOs."""
+    from rich.console import Console
+
+    from bench.replay.plots import draw_plots, series_from_json
+    from bench.replay.sweep import SweepPoint, effective_capacity
+
+    con = Console(width=120)
+    out.mkdir(parents=True, exist_ok=True)
+    summaries = [json.loads((d / "summary.json").read_text()) for d in dirs]
+    slo = {"ttft_s": ttft_slo or summaries[0]["slo"]["ttft_s"], "tbt_s": tbt_slo or summaries[0]["slo"]["tbt_s"]}
+    merged: dict = {"layouts": {}, "merged_from": [str(d) for d in dirs], "slo": slo}
+    paths = []
+    for layout in layouts:
+        docs = [json.loads((d / f"{layout}.json").read_text()) for d in dirs]
+        doc = docs[0] | {"runs": sorted((r for d in docs for r in d["runs"]),
+                                        key=lambda r: r["summary"]["request_rate"] or 0.0)}
+        doc["config"]["slo"] = slo
+        for run in doc["runs"]:
+            _rejudge(run, slo["ttft_s"], slo["tbt_s"])
+        points = [SweepPoint(r["summary"]["speedup"], r["summary"]["request_rate"], r["summary"]["slo_attainment"])
+                  for r in doc["runs"]]
+        cap = effective_capacity(points)
+        miss = cap.first_miss_below_capacity
+        doc["capacity"] = {"threshold": cap.threshold, "request_rate": cap.request_rate,
+                           "speedup": None if cap.point is None else cap.point.speedup,
+                           "first_miss_below_capacity": None if miss is None else
+                           {"speedup": miss.speedup, "request_rate": miss.request_rate,
+                            "slo_attainment": miss.slo_attainment}}
+        path = out / f"{layout}.json"
+        path.write_text(json.dumps(doc, indent=1) + "\n")
+        paths.append(path)
+        first = summaries[0]["layouts"][layout]
+        merged["layouts"][layout] = {
+            "unloaded_ttft_s": first["unloaded_ttft_s"], "unloaded_tbt_s": first["unloaded_tbt_s"],
+            "capacity_req_s": cap.request_rate,
+            "runs": [{k: r["summary"].get(k) for k in ("speedup", "request_rate", "slo_attainment", "goodput",
+                                                       "completed", "rejected", "failed", "prefix_hit_rate")}
+                     | {"tbt_p99_s": (r["summary"].get("tbt_gaps") or {}).get("p99"),
+                        "ttft_p99_s": (r["summary"].get("ttft") or {}).get("p99")} for r in doc["runs"]]}
+    (out / "summary.json").write_text(json.dumps(merged, indent=1))
+    _print_table(con, merged)
+    for plot in draw_plots([series_from_json(p) for p in paths], out / "plots"):
+        con.print(f"wrote {plot}")
+    return 0
+
+
+def _print_table(con, summary: dict) -> None:
+    from rich.table import Table
+
+    ttft, tbt = summary["slo"]["ttft_s"], summary["slo"]["tbt_s"]
+    t = Table(title=f"layouts on this machine; SLOs TTFT <= {ttft:.2f} s, TBT <= {tbt * 1e3:.0f} ms")
     for c in ("layout", "speed-up", "req/s", "SLO met", "goodput", "p99 TBT ms", "capacity req/s"):
         t.add_column(c, justify="left" if c == "layout" else "right")
     for layout, s in summary["layouts"].items():
@@ -147,8 +224,6 @@ def main(argv: list[str] | None = None) -> int:
                       f"{r['tbt_p99_s'] * 1e3:.0f}" if r["tbt_p99_s"] is not None else "-",
                       f"{s['capacity_req_s']:.2f}" if i == 0 and s["capacity_req_s"] else ("-" if i == 0 else ""))
     con.print(t)
-    con.print(f"wrote {args.out / 'summary.json'} and plots in {args.out / 'plots'}")
-    return 0
 
 
 def reanalyze(out: Path, ttft_slos: list[float], layouts: list[str]) -> int:
