@@ -284,9 +284,10 @@ class TransferEngine:
         self._counters.batch_submitted()
         handle.add_done_callback(self._counters.batch_ended)
         try:
-            if batch.unknown_regions(peer.descriptor, pieces):
-                self._refresh(peer)  # it may have registered regions since our handshake
             problem, in_shm = batch.remote_check(op, peer.descriptor, pieces)
+            if problem is not None and batch.unknown_regions(peer.descriptor, pieces):
+                self._refresh(peer)  # it may have registered regions since our handshake
+                problem, in_shm = batch.remote_check(op, peer.descriptor, pieces)
             if problem is not None:
                 raise TransferRefused(f"{peer.segment!r} at {peer.address}: {op.value} refused: {problem} "
                                       "(checked against its descriptor; nothing was sent)")

@@ -21,6 +21,7 @@ class Peer:
         self.transport = transport
         self.host = descriptor.host
         self.port = descriptor.port
+        self.address = f"{self.host}:{self.port}"  # fixed: a peer is known by where it listens
 
     def __repr__(self) -> str:
         return f"<Peer {self.segment!r} at {self.address} via {self.transport.value}>"
@@ -32,10 +33,6 @@ class Peer:
     @property
     def segment(self) -> str:
         return self._descriptor.segment
-
-    @property
-    def address(self) -> str:
-        return f"{self.host}:{self.port}"
 
     @property
     def regions(self) -> tuple[Region, ...]:
