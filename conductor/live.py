@@ -275,7 +275,8 @@ class LiveConductor:
                     raise Rejected(f"{again.reason.value} (after prefill): {again.detail}", again.retry_after_s)
             decode_call = dec.decode_stub.Decode(node_pb2.DecodeRequest(
                 request_id=rid, prompt_token_ids=ids, sampling=sp, first_token=presp.first_token if presp else 0,
-                num_cached_tokens=presp.num_cached_tokens if presp else 0, recompute=recompute),
+                num_cached_tokens=presp.num_cached_tokens if presp else 0, recompute=recompute,
+                kv_bytes=presp.kv_bytes if presp else 0, kv_transfer_s=presp.kv_transfer_s if presp else 0.0),
                 timeout=cfg.request_timeout_s)
             reserved = False  # Decode claims (or, recomputing, frees) the reservation
             async for item in self._stream(decode_call, rid, ids, pre, dec, presp, t0, t_kv):

@@ -146,6 +146,8 @@ class DecodeService(node_pb2_grpc.DecodeNodeServicer):
             self.recomputed += 1
             if self.metrics:
                 self.metrics.observe_recomputed_prefill()
+        elif not local_prefill and self.metrics:  # the prompt's KV arrived from the prefill node
+            self.metrics.observe_kv_transfer(request.kv_bytes, request.kv_transfer_s)
         finished = False
         try:
             while not finished:
