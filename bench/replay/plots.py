@@ -113,12 +113,22 @@ def _series_from_doc(doc: dict[str, Any], path: Path) -> PlotSeries:
     )
 
 
-def _cdf(axis: Any, values_s: list[float], label: str) -> None:
+LINESTYLES = ("-", "--", ":", "-.")  # one per layout (series); colour follows the load
+
+
+def _cdf(axis: Any, values_s: list[float], label: str, **style: Any) -> None:
     if not values_s:
         return
     ordered = sorted(v * 1000 for v in values_s)
     shares = [(i + 1) / len(ordered) for i in range(len(ordered))]
-    axis.step(ordered, shares, where="post", label=label)
+    axis.step(ordered, shares, where="post", label=label, **style)
+
+
+def _load_colour(index: int, count: int) -> Any:
+    """Light to dark with the load, the same scale for every series."""
+    from matplotlib import colormaps
+
+    return colormaps["viridis"](0.9 - 0.8 * index / max(1, count - 1))
 
 
 def plot_latency_cdfs(series: Sequence[PlotSeries], path: Path) -> Path:
@@ -136,10 +146,11 @@ def plot_latency_cdfs(series: Sequence[PlotSeries], path: Path) -> Path:
         (axes[1][1], "TPOT", "tpot_s", lambda s: None),
     ]
     for axis, title, field, slo_of in panels:
-        for one in series:
-            for run in one.runs:
+        for number, one in enumerate(series):
+            for index, run in enumerate(one.runs):
                 rate = "-" if run.request_rate is None else f"{run.request_rate:.2f}"
-                _cdf(axis, getattr(run, field), f"{one.label} {rate} req/s")
+                _cdf(axis, getattr(run, field), f"{one.label} {rate} req/s",
+                     color=_load_colour(index, len(one.runs)), linestyle=LINESTYLES[number % len(LINESTYLES)])
             slo = slo_of(one)
             if slo is not None:
                 axis.axvline(slo * 1000, linestyle="--", color="grey", linewidth=1)
