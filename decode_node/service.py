@@ -4,7 +4,9 @@ Lifecycle of one request:
 
 1. `Reserve` allocates blocks for the prompt's KV (plus the first decode token) and returns
    them as a `KVTarget` in this node's registered KV region. The reservation has a lease:
-   if `Decode` does not claim it in time, the blocks are freed.
+   if `Decode` does not claim it in time, the blocks are freed. The conductor `Renew`s the
+   lease while the prefill is still queued or running, so a long prefill queue never
+   frees blocks a prefill will write into.
 2. The prefill node writes the KV straight into those blocks (transfer engine).
 3. `Decode` claims the reservation, joins the request to the running batch with the first
    token the prefill node sampled, and streams tokens until it finishes. With
