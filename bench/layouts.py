@@ -133,10 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             summary["layouts"][layout] = {
                 "unloaded_ttft_s": ttft0, "unloaded_tbt_s": tbt0, "replay_exit": rc,
                 "capacity_req_s": (result.get("capacity") or {}).get("request_rate"),
-                "runs": [{k: r["summary"].get(k) for k in ("speedup", "request_rate", "slo_attainment", "goodput",
-                                                           "completed", "rejected", "failed", "prefix_hit_rate")}
-                         | {"tbt_p99_s": (r["summary"].get("tbt_gaps") or {}).get("p99"),
-                            "ttft_p99_s": (r["summary"].get("ttft") or {}).get("p99")} for r in result["runs"]],
+                "runs": _run_rows(result["runs"]),
             }
         finally:
             cluster.stop()
@@ -147,12 +144,26 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _rejudge(run: dict, ttft_slo: float, tbt_slo: float) -> None:
-    """Re-judge a saved run's requests under other SLOs (in place)."""
+def _run_rows(runs: list[dict]) -> list[dict]:
+    """The summary table's row of each saved run."""
+    return [{k: r["summary"].get(k) for k in ("speedup", "request_rate", "slo_attainment", "goodput",
+                                              "completed", "rejected", "failed", "prefix_hit_rate")}
+            | {"tbt_p99_s": (r["summary"].get("tbt_gaps") or {}).get("p99"),
+               "ttft_p99_s": (r["summary"].get("ttft") or {}).get("p99")} for r in runs]
+
+
+def _capacity(runs: list[dict]):
+    from bench.replay.sweep import SweepPoint, effective_capacity
+
+    return effective_capacity([SweepPoint(r["summary"]["speedup"], r["summary"]["request_rate"],
+                                          r["summary"]["slo_attainment"]) for r in runs])
+
+
+def _rejudge(run: dict, slo) -> None:
+    """Re-judge a saved run's requests under other SLOs (`bench.replay.summary.SLO`), in place."""
     reqs = run["requests"]
-    for q in reqs:  # as bench/replay/summary.py judges them
-        q["meets_ttft"] = q["ttft_s"] is not None and q["ttft_s"] <= ttft_slo
-        q["meets_tbt"] = q["outcome"] == "completed" and (q["tbt_mooncake_s"] is None or q["tbt_mooncake_s"] <= tbt_slo)
+    for q in reqs:
+        q["meets_ttft"], q["meets_tbt"] = slo.judge(q["outcome"] == "completed", q["ttft_s"], q["tbt_mooncake_s"])
         q["meets_slo"] = q["meets_ttft"] and q["meets_tbt"]
     summary = run["summary"]
     n = max(1, len(reqs))
@@ -168,41 +179,32 @@ def merge(dirs: list[Path], out: Path, layouts: list[str], ttft_slo: float | Non
     from rich.console import Console
 
     from bench.replay.plots import draw_plots, series_from_json
-    from bench.replay.sweep import SweepPoint, effective_capacity
+    from bench.replay.report import capacity_json
+    from bench.replay.summary import SLO
 
     con = Console(width=120)
     out.mkdir(parents=True, exist_ok=True)
     summaries = [json.loads((d / "summary.json").read_text()) for d in dirs]
-    slo = {"ttft_s": ttft_slo or summaries[0]["slo"]["ttft_s"], "tbt_s": tbt_slo or summaries[0]["slo"]["tbt_s"]}
-    merged: dict = {"layouts": {}, "merged_from": [str(d) for d in dirs], "slo": slo}
+    slo = SLO(ttft_slo or summaries[0]["slo"]["ttft_s"], tbt_slo or summaries[0]["slo"]["tbt_s"])
+    merged: dict = {"layouts": {}, "merged_from": [str(d) for d in dirs],
+                    "slo": {"ttft_s": slo.ttft_s, "tbt_s": slo.tbt_s}}
     paths = []
     for layout in layouts:
         docs = [json.loads((d / f"{layout}.json").read_text()) for d in dirs]
         doc = docs[0] | {"runs": sorted((r for d in docs for r in d["runs"]),
                                         key=lambda r: r["summary"]["request_rate"] or 0.0)}
-        doc["config"]["slo"] = slo
+        doc["config"]["slo"] = merged["slo"]
         for run in doc["runs"]:
-            _rejudge(run, slo["ttft_s"], slo["tbt_s"])
-        points = [SweepPoint(r["summary"]["speedup"], r["summary"]["request_rate"], r["summary"]["slo_attainment"])
-                  for r in doc["runs"]]
-        cap = effective_capacity(points)
-        miss = cap.first_miss_below_capacity
-        doc["capacity"] = {"threshold": cap.threshold, "request_rate": cap.request_rate,
-                           "speedup": None if cap.point is None else cap.point.speedup,
-                           "first_miss_below_capacity": None if miss is None else
-                           {"speedup": miss.speedup, "request_rate": miss.request_rate,
-                            "slo_attainment": miss.slo_attainment}}
+            _rejudge(run, slo)
+        cap = _capacity(doc["runs"])
+        doc["capacity"] = capacity_json(cap)
         path = out / f"{layout}.json"
         path.write_text(json.dumps(doc, indent=1) + "\n")
         paths.append(path)
         first = summaries[0]["layouts"][layout]
         merged["layouts"][layout] = {
             "unloaded_ttft_s": first["unloaded_ttft_s"], "unloaded_tbt_s": first["unloaded_tbt_s"],
-            "capacity_req_s": cap.request_rate,
-            "runs": [{k: r["summary"].get(k) for k in ("speedup", "request_rate", "slo_attainment", "goodput",
-                                                       "completed", "rejected", "failed", "prefix_hit_rate")}
-                     | {"tbt_p99_s": (r["summary"].get("tbt_gaps") or {}).get("p99"),
-                        "ttft_p99_s": (r["summary"].get("ttft") or {}).get("p99")} for r in doc["runs"]]}
+            "capacity_req_s": cap.request_rate, "runs": _run_rows(doc["runs"])}
     (out / "summary.json").write_text(json.dumps(merged, indent=1))
     _print_table(con, merged)
     for plot in draw_plots([series_from_json(p) for p in paths], out / "plots"):
@@ -231,6 +233,8 @@ def reanalyze(out: Path, ttft_slos: list[float], layouts: list[str]) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from bench.replay.summary import SLO
+
     saved = json.loads((out / "summary.json").read_text())
     tbt_slo = saved["slo"]["tbt_s"]
     t = Table(title=f"capacity (req/s with >= 90% meeting both SLOs) vs TTFT SLO; TBT SLO {tbt_slo * 1e3:.0f} ms")
@@ -238,17 +242,16 @@ def reanalyze(out: Path, ttft_slos: list[float], layouts: list[str]) -> int:
     for layout in layouts:
         t.add_column(f"{layout} capacity", justify="right")
         t.add_column(f"{layout} attainment by load", justify="left")
+    saved_runs = {layout: json.loads((out / f"{layout}.json").read_text())["runs"] for layout in layouts}
     result = {}
     for slo in ttft_slos:
         row = [f"{slo:g}"]
         for layout in layouts:
-            runs = json.loads((out / f"{layout}.json").read_text())["runs"]
-            points = []
+            runs = saved_runs[layout]
             for r in runs:
-                ok = [q["outcome"] == "completed" and q["ttft_s"] is not None and q["ttft_s"] <= slo
-                      and (q["tbt_mooncake_s"] is None or q["tbt_mooncake_s"] <= tbt_slo) for q in r["requests"]]
-                points.append((r["summary"]["request_rate"], sum(ok) / max(1, len(ok))))
-            cap = max((rate for rate, att in points if att >= 0.9), default=None)
+                _rejudge(r, SLO(slo, tbt_slo))
+            points = [(r["summary"]["request_rate"], r["summary"]["slo_attainment"]) for r in runs]
+            cap = _capacity(runs).request_rate
             result.setdefault(layout, {})[slo] = {"capacity_req_s": cap, "attainment": points}
             row += [f"{cap:.2f}" if cap else "< lowest", " ".join(f"{a:.0%}" for _, a in points)]
         t.add_row(*row)

@@ -22,6 +22,7 @@ from rich.text import Text
 from bench.replay.metrics import Distribution
 from bench.replay.runner import RunResult, SweepResult
 from bench.replay.summary import RunSummary
+from bench.replay.sweep import Capacity
 
 SCHEMA = "halfmoon.replay/1"
 _NUMBER = re.compile(r"\d+(?:\.\d+)?")
@@ -186,20 +187,23 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def capacity_json(capacity: Capacity | None) -> dict[str, Any] | None:
+    if capacity is None:
+        return None
+    return {
+        "threshold": capacity.threshold,
+        "request_rate": capacity.request_rate,
+        "speedup": None if capacity.point is None else capacity.point.speedup,
+        "first_miss_below_capacity": _plain(capacity.first_miss_below_capacity),
+    }
+
+
 def to_json(result: SweepResult) -> dict[str, Any]:
-    capacity = result.capacity
     return {
         "schema": SCHEMA,
         "label": result.config.label,
         "config": _plain(result.config),
-        "capacity": None
-        if capacity is None
-        else {
-            "threshold": capacity.threshold,
-            "request_rate": capacity.request_rate,
-            "speedup": None if capacity.point is None else capacity.point.speedup,
-            "first_miss_below_capacity": _plain(capacity.first_miss_below_capacity),
-        },
+        "capacity": capacity_json(result.capacity),
         "runs": [
             {
                 "summary": {**_plain(run.summary), "accounted": run.summary.accounted},

@@ -29,6 +29,12 @@ class SLO:
         if self.ttft_s <= 0 or self.tbt_s <= 0:
             raise ValueError(f"SLOs must be > 0 s, got TTFT {self.ttft_s}, TBT {self.tbt_s}")
 
+    def judge(self, completed: bool, ttft_s: float | None, tbt_mooncake_s: float | None) -> tuple[bool, bool]:
+        """(meets the TTFT SLO, meets the TBT SLO) for one request. A request that did not
+        complete misses the TBT SLO; one with a single token has no gaps and meets it."""
+        return (ttft_s is not None and ttft_s <= self.ttft_s,
+                completed and (tbt_mooncake_s is None or tbt_mooncake_s <= self.tbt_s))
+
 
 @dataclass(frozen=True, slots=True)
 class RequestMetrics:
@@ -63,6 +69,7 @@ def request_metrics(record: RequestRecord, slo: SLO) -> RequestMetrics:
         tpot_s = tpot(ttft_s, e2e_s, record.output_tokens)
         gaps = token_gaps(record.token_times_s)
         tbt_s = mooncake_tbt(gaps)
+    meets_ttft, meets_tbt = slo.judge(completed, ttft_s, tbt_s)
     return RequestMetrics(
         request_id=record.request_id,
         outcome=record.outcome,
@@ -75,8 +82,8 @@ def request_metrics(record: RequestRecord, slo: SLO) -> RequestMetrics:
         tpot_s=tpot_s,
         tbt_mooncake_s=tbt_s,
         tbt_gaps_s=tuple(gaps),
-        meets_ttft=ttft_s is not None and ttft_s <= slo.ttft_s,
-        meets_tbt=completed and (tbt_s is None or tbt_s <= slo.tbt_s),
+        meets_ttft=meets_ttft,
+        meets_tbt=meets_tbt,
     )
 
 
