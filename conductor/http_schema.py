@@ -5,9 +5,10 @@ Absent sampling fields take `SamplingParams`' defaults (greedy, its max_tokens),
 request and a gRPC request with the same fields generate the same text. Extensions beyond
 OpenAI: `top_k`, `ignore_eos`, `stop_token_ids`, and `return_token_ids` (as in vLLM: each
 choice, and each streamed chunk, also carries the generated `token_ids`; a stream then
-sends a chunk for every step that generated tokens, even one whose text is still empty). OpenAI fields halfmoon does not implement
-(n > 1, logprobs, echo, penalties, tools, ...) are refused with a 400 naming the field when
-set to anything but their neutral value; unknown fields and wrong types are refused too.
+sends a chunk for every step that generated tokens, even one whose text is still empty).
+OpenAI fields halfmoon does not implement (n > 1, logprobs, echo, penalties, tools, ...)
+are refused with a 400 naming the field when set to anything but their neutral value;
+unknown fields and wrong types are refused too.
 """
 from __future__ import annotations
 

@@ -20,26 +20,6 @@ from conductor.http_server import HttpServer
 pytestmark = pytest.mark.timeout(30)
 
 
-@pytest.fixture(scope="module")
-def served():
-    registry = CollectorRegistry()
-    backend = FakeBackend(registry)
-    server = serve_http(build_app(backend, registry))
-    yield backend, server
-    server.stop()
-
-
-@pytest.fixture
-def backend(served) -> FakeBackend:
-    served[0].reset()
-    return served[0]
-
-
-@pytest.fixture
-def url(served) -> str:
-    return served[1].url
-
-
 @pytest.fixture
 def client(url) -> openai.OpenAI:
     with openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=10) as c:

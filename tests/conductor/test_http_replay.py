@@ -7,45 +7,31 @@ import json
 
 import httpx
 import pytest
-from fakes import FakeBackend
-from prometheus_client import CollectorRegistry
 
 from bench.replay import main
 from conductor.frontend_api import Rejected
-from conductor.http_frontend import build_app, serve_http
 
 pytestmark = pytest.mark.timeout(60)
 
 
-@pytest.fixture
-def served():
-    registry = CollectorRegistry()
-    backend = FakeBackend(registry)
-    server = serve_http(build_app(backend, registry))
-    yield backend, server
-    server.stop()
-
-
-def test_return_token_ids_puts_every_token_in_the_stream(served):
-    backend, server = served
+def test_return_token_ids_puts_every_token_in_the_stream(url, backend):
     body = {"prompt": [5, 6, 7], "max_tokens": 4, "ignore_eos": True, "stream": True, "return_token_ids": True}
-    r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=10)
+    r = httpx.post(f"{url}/v1/completions", json=body, timeout=10)
     chunks = [json.loads(e.removeprefix("data: ")) for e in r.text.split("\n\n") if e and e != "data: [DONE]"]
     assert [c["choices"][0]["token_ids"] for c in chunks] == [[0], [1], [2], [3], []]  # the last: finish reason
-    plain = httpx.post(f"{server.url}/v1/completions", json={**body, "stream": False}, timeout=10).json()
+    plain = httpx.post(f"{url}/v1/completions", json={**body, "stream": False}, timeout=10).json()
     assert plain["choices"][0]["token_ids"] == [0, 1, 2, 3]
-    without = httpx.post(f"{server.url}/v1/completions", json={**body, "return_token_ids": False}, timeout=10)
+    without = httpx.post(f"{url}/v1/completions", json={**body, "return_token_ids": False}, timeout=10)
     assert "token_ids" not in without.text
 
 
-def test_replay_over_http_times_every_token_and_accounts_for_every_request(served, tmp_path):
-    backend, server = served
+def test_replay_over_http_times_every_token_and_accounts_for_every_request(url, backend, tmp_path):
     backend.token_delay_s = 0.01
     trace = tmp_path / "trace.jsonl"
     rows = [{"timestamp": ts, "input_length": 600, "output_length": 50, "hash_ids": [0, 1]} for ts in (0, 100, 200)]
     trace.write_text("".join(json.dumps(row) + "\n" for row in rows))
     out = tmp_path / "http.json"
-    rc = main(["--trace", str(trace), "--target", server.url, "--output-scale", "0.1", "--speedup", "1",
+    rc = main(["--trace", str(trace), "--target", url, "--output-scale", "0.1", "--speedup", "1",
                "--ttft-slo", "5", "--tbt-slo", "1", "--json", str(out)])
     assert rc == 0
     run = json.loads(out.read_text())["runs"][0]
@@ -59,16 +45,15 @@ def test_replay_over_http_times_every_token_and_accounts_for_every_request(serve
     assert [len(r.prompt_token_ids) for r in backend.requests] == [19, 19, 19]  # 600 tokens -> 16-token blocks
 
 
-def test_replay_over_http_reports_rejections_and_failures_with_reasons(served, tmp_path):
-    backend, server = served
+def test_replay_over_http_reports_rejections_and_failures_with_reasons(url, backend, tmp_path):
     trace = tmp_path / "trace.jsonl"
     trace.write_text(json.dumps({"timestamp": 0, "input_length": 600, "output_length": 50, "hash_ids": [0, 1]}) + "\n")
     out = tmp_path / "r.json"
     backend.fail_next = Rejected("prefill_overloaded: predicted TTFT 9 s", 2.0)
-    main(["--trace", str(trace), "--target", server.url, "--json", str(out)])
+    main(["--trace", str(trace), "--target", url, "--json", str(out)])
     (q,) = json.loads(out.read_text())["runs"][0]["requests"]
     assert q["outcome"] == "rejected" and "prefill_overloaded" in q["reason"]
     backend.fail_next, backend.fail_after_tokens = RuntimeError("decode node lost"), 2
-    main(["--trace", str(trace), "--target", server.url, "--json", str(out)])
+    main(["--trace", str(trace), "--target", url, "--json", str(out)])
     (q,) = json.loads(out.read_text())["runs"][0]["requests"]
     assert q["outcome"] == "failed" and q["output_tokens"] == 2
