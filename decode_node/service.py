@@ -24,6 +24,7 @@ import grpc
 
 from engine.engine import LLMEngine, RequestOutput
 from engine.errors import InvalidRequestError, OutOfBlocksError
+from engine.leases import BlockLeases
 from engine.worker import EngineWorker
 from proto.convert import sampling_from_proto
 from proto.halfmoon.v1 import common_pb2, node_pb2, node_pb2_grpc
@@ -39,7 +40,7 @@ class DecodeService(node_pb2_grpc.DecodeNodeServicer):
         self.descriptor = descriptor
         self.metrics = metrics
         self.block_bytes = worker.engine.kv.block_bytes
-        self._reserved: dict[str, tuple[list[int], asyncio.TimerHandle]] = {}
+        self._reserved = BlockLeases(self._expired)
         self.recomputed = 0
         self.expired_leases = 0
 
@@ -48,7 +49,7 @@ class DecodeService(node_pb2_grpc.DecodeNodeServicer):
 
     @property
     def num_reserved_blocks(self) -> int:
-        return sum(len(b) for b, _ in self._reserved.values())
+        return self._reserved.num_blocks
 
     async def Reserve(self, request: node_pb2.ReserveRequest, context):
         rid = request.request_id
@@ -60,40 +61,24 @@ class DecodeService(node_pb2_grpc.DecodeNodeServicer):
             blocks = await self._engine(lambda e: e.reserve(request.num_tokens), undo=lambda e, got: e.unreserve(got))
         except OutOfBlocksError as e:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"decode node {self.node_id}: {e}")
-        lease = asyncio.get_running_loop().call_later(max(request.lease_s, 0.1), self._expire, rid)
-        self._reserved[rid] = (blocks, lease)
+        self._reserved.grant(rid, blocks, request.lease_s)
         return node_pb2.ReserveResponse(target=node_pb2.KVTarget(
             node_id=self.node_id, transfer_descriptor=self.descriptor, region_id=self.region_id,
             block_ids=blocks, block_bytes=self.block_bytes))
 
-    def _expire(self, rid: str) -> None:
-        entry = self._reserved.pop(rid, None)
-        if entry is not None:
-            log.warning("reservation of %s expired: freeing %d blocks", rid, len(entry[0]))
-            self.expired_leases += 1
-            if self.metrics:
-                self.metrics.observe_lease_expired(len(entry[0]))
-            self.worker.call(lambda e: e.unreserve(entry[0]))
-
-    def _take(self, rid: str) -> list[int] | None:
-        entry = self._reserved.pop(rid, None)
-        if entry is None:
-            return None
-        entry[1].cancel()
-        return entry[0]
+    def _expired(self, rid: str, blocks: list[int]) -> None:
+        log.warning("reservation of %s expired: freeing %d blocks", rid, len(blocks))
+        self.expired_leases += 1
+        if self.metrics:
+            self.metrics.observe_lease_expired(len(blocks))
+        self.worker.call(lambda e: e.unreserve(blocks))
 
     async def Renew(self, request: node_pb2.RenewRequest, context):
         """Restart a reservation's lease (its prefill is still queued or running)."""
-        entry = self._reserved.get(request.request_id)
-        if entry is None:
-            return node_pb2.RenewResponse(found=False)
-        entry[1].cancel()
-        lease = asyncio.get_running_loop().call_later(max(request.lease_s, 0.1), self._expire, request.request_id)
-        self._reserved[request.request_id] = (entry[0], lease)
-        return node_pb2.RenewResponse(found=True)
+        return node_pb2.RenewResponse(found=self._reserved.renew(request.request_id, request.lease_s))
 
     async def Release(self, request: node_pb2.ReleaseRequest, context):
-        blocks = self._take(request.request_id)
+        blocks = self._reserved.take(request.request_id)
         if blocks is not None:
             await self._engine(lambda e: e.unreserve(blocks))
         return node_pb2.ReleaseResponse(found=blocks is not None)
@@ -104,7 +89,7 @@ class DecodeService(node_pb2_grpc.DecodeNodeServicer):
             params = sampling_from_proto(request.sampling)
         except InvalidRequestError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        blocks = self._take(rid)
+        blocks = self._reserved.take(rid)
         prompt = list(request.prompt_token_ids)
         local_prefill = request.recompute or request.colocated
         loop = asyncio.get_running_loop()

@@ -32,6 +32,7 @@ import grpc
 
 from engine.engine import LLMEngine, RequestOutput
 from engine.errors import InvalidRequestError
+from engine.leases import BlockLeases
 from engine.worker import EngineWorker
 from prefill_node.kv_events import KVEventLog
 from proto.convert import sampling_from_proto
@@ -75,7 +76,7 @@ class PrefillService(node_pb2_grpc.PrefillNodeServicer):
         eng.add_kv_listener(self.events.on_event)
         self._jobs: dict[str, _Job] = {}
         self._peers: dict[bytes, object] = {}
-        self._pins: dict[str, tuple[list[int], asyncio.TimerHandle]] = {}
+        self._pins = BlockLeases(self._pin_expired)
         self._holders: dict[str, tuple[grpc.aio.Channel, node_pb2_grpc.PrefillNodeStub]] = {}
         self.queued_prefill_tokens = 0
         worker.add_hook(self._after_step)
@@ -288,22 +289,18 @@ class PrefillService(node_pb2_grpc.PrefillNodeServicer):
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"pin {request.pin_id!r} exists")
         tokens = list(request.token_ids)
         blocks = await self._engine(lambda e: e.pin_prefix(tokens), undo=lambda e, got: e.unpin(got))
-        lease = asyncio.get_running_loop().call_later(max(request.lease_s, 0.1), self._expire_pin, request.pin_id)
-        self._pins[request.pin_id] = (blocks, lease)
+        self._pins.grant(request.pin_id, blocks, request.lease_s)
         return node_pb2.PinResponse(region_id=int(self.kv_region), block_ids=blocks, block_bytes=self.block_bytes)
 
-    def _expire_pin(self, pin_id: str) -> None:
-        entry = self._pins.pop(pin_id, None)
-        if entry is not None:
-            log.warning("pin %s expired; unpinning %d blocks", pin_id, len(entry[0]))
-            self.worker.call(lambda e: e.unpin(entry[0]))
+    def _pin_expired(self, pin_id: str, blocks: list[int]) -> None:
+        log.warning("pin %s expired; unpinning %d blocks", pin_id, len(blocks))
+        self.worker.call(lambda e: e.unpin(blocks))
 
     async def Unpin(self, request: node_pb2.UnpinRequest, context):
-        entry = self._pins.pop(request.pin_id, None)
-        if entry is not None:
-            entry[1].cancel()
-            await self._engine(lambda e: e.unpin(entry[0]))
-        return node_pb2.UnpinResponse(found=entry is not None)
+        blocks = self._pins.take(request.pin_id)
+        if blocks is not None:
+            await self._engine(lambda e: e.unpin(blocks))
+        return node_pb2.UnpinResponse(found=blocks is not None)
 
     async def Abort(self, request: node_pb2.AbortRequest, context):
         found = await self._engine(lambda e: e.abort(request.request_id))
