@@ -116,7 +116,8 @@ class PrefillService(node_pb2_grpc.PrefillNodeServicer):
             job.handles.append(self.transfer.write(job.peer, [tuple(e) for e in entries],
                                                    timeout=self.transfer_timeout_s))
         except TransferError as e:  # e.g. the peer connection is already gone
-            job.loop.call_soon_threadsafe(lambda: job.done.done() or job.done.set_exception(e))
+            error = e  # `e` is unbound once the except block ends, before the loop runs the callback
+            job.loop.call_soon_threadsafe(lambda: job.done.done() or job.done.set_exception(error))
             return
         job.sent_blocks = end
         job.bytes_sent += sum(e[4] for e in entries)
