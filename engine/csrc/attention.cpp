@@ -246,13 +246,9 @@ void check_kv_cache(const torch::Tensor& c, const char* name) {
               name, ": each block's rows must be contiguous");
 }
 
-}  // namespace
-
-// out[s, h] = softmax(scale * q[s, h] . K_s) V_s over the first context_lens[s] tokens of
-// sequence s, whose blocks are block_tables[s]. q, out: [n, heads, head_dim] (rows may be
-// strided, the last dim contiguous).
-void decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
-                      torch::Tensor block_tables, torch::Tensor context_lens, double scale) {
+// What both attention kernels need of their query, output and cache tensors.
+void check_attention_operands(const torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& k_cache,
+                              const torch::Tensor& v_cache) {
   check_kv_cache(k_cache, "k_cache");
   check_kv_cache(v_cache, "v_cache");
   TORCH_CHECK(k_cache.sizes() == v_cache.sizes() && k_cache.strides() == v_cache.strides(),
@@ -260,6 +256,16 @@ void decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache,
   TORCH_CHECK(q.dim() == 3 && q.scalar_type() == torch::kFloat32 && q.stride(2) == 1, "q must be float32 [n, heads, head_dim]");
   TORCH_CHECK(out.sizes() == q.sizes() && out.scalar_type() == torch::kFloat32 && out.stride(2) == 1,
               "out must be float32 shaped like q");
+}
+
+}  // namespace
+
+// out[s, h] = softmax(scale * q[s, h] . K_s) V_s over the first context_lens[s] tokens of
+// sequence s, whose blocks are block_tables[s]. q, out: [n, heads, head_dim] (rows may be
+// strided, the last dim contiguous).
+void decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                      torch::Tensor block_tables, torch::Tensor context_lens, double scale) {
+  check_attention_operands(out, q, k_cache, v_cache);
   TORCH_CHECK(block_tables.dim() == 2 && block_tables.scalar_type() == torch::kInt64 && block_tables.is_contiguous(),
               "block_tables must be contiguous int64 [n, max_blocks]");
   TORCH_CHECK(context_lens.dim() == 1 && context_lens.scalar_type() == torch::kInt64 && context_lens.is_contiguous(),
@@ -306,13 +312,7 @@ void decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache,
 // already in the blocks `block_table`; row i attends causally to tokens [0, context_len - n + i].
 void prefill_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                        torch::Tensor block_table, int64_t context_len, double scale) {
-  check_kv_cache(k_cache, "k_cache");
-  check_kv_cache(v_cache, "v_cache");
-  TORCH_CHECK(k_cache.sizes() == v_cache.sizes() && k_cache.strides() == v_cache.strides(),
-              "k_cache and v_cache must have the same shape and strides");
-  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == torch::kFloat32 && q.stride(2) == 1, "q must be float32 [n, heads, head_dim]");
-  TORCH_CHECK(out.sizes() == q.sizes() && out.scalar_type() == torch::kFloat32 && out.stride(2) == 1,
-              "out must be float32 shaped like q");
+  check_attention_operands(out, q, k_cache, v_cache);
   TORCH_CHECK(block_table.dim() == 1 && block_table.scalar_type() == torch::kInt64 && block_table.is_contiguous(),
               "block_table must be contiguous int64 [num_blocks]");
   const int64_t n = q.size(0), heads = q.size(1), hd = q.size(2);

@@ -35,6 +35,17 @@ inline float hsum1x8(__m256 a) {
   return _mm_cvtss_f32(s);
 }
 
+// At every 16th float of a pass over K: one cache line of each of the 4 weight rows at `pf`
+// (the rows a later tile reads), or nothing when `pf` is null.
+inline void prefetch_4_rows(const float* pf, int64_t K, int64_t k) {
+  if (pf != nullptr && (k & 15) == 0) {
+    _mm_prefetch(reinterpret_cast<const char*>(pf + k), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(pf + K + k), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(pf + 2 * K + k), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(pf + 3 * K + k), _MM_HINT_T0);
+  }
+}
+
 // Rows n0..n0+3 of w against rows m0..m0+1 of x. `pf`: the next weight rows to prefetch
 // (4 * K floats), or null.
 inline void tile_4x2(const float* x0, const float* x1, const float* w0, int64_t K, float* o0, float* o1,
@@ -45,12 +56,7 @@ inline void tile_4x2(const float* x0, const float* x1, const float* w0, int64_t 
   __m256 a00 = _mm256_setzero_ps(), a01 = _mm256_setzero_ps(), a02 = _mm256_setzero_ps(), a03 = _mm256_setzero_ps();
   __m256 a10 = _mm256_setzero_ps(), a11 = _mm256_setzero_ps(), a12 = _mm256_setzero_ps(), a13 = _mm256_setzero_ps();
   for (int64_t k = 0; k < K; k += 8) {
-    if (pf != nullptr && (k & 15) == 0) {  // one cache line of each next row per 16 floats
-      _mm_prefetch(reinterpret_cast<const char*>(pf + k), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(pf + K + k), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(pf + 2 * K + k), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(pf + 3 * K + k), _MM_HINT_T0);
-    }
+    prefetch_4_rows(pf, K, k);
     const __m256 v0 = _mm256_loadu_ps(w0 + k), v1 = _mm256_loadu_ps(w1 + k);
     const __m256 v2 = _mm256_loadu_ps(w2 + k), v3 = _mm256_loadu_ps(w3 + k);
     const __m256 u0 = _mm256_loadu_ps(x0 + k), u1 = _mm256_loadu_ps(x1 + k);
@@ -73,12 +79,7 @@ inline void tile_4x3(const float* x0, const float* x1, const float* x2, const fl
   __m256 a10 = _mm256_setzero_ps(), a11 = _mm256_setzero_ps(), a12 = _mm256_setzero_ps(), a13 = _mm256_setzero_ps();
   __m256 a20 = _mm256_setzero_ps(), a21 = _mm256_setzero_ps(), a22 = _mm256_setzero_ps(), a23 = _mm256_setzero_ps();
   for (int64_t k = 0; k < K; k += 8) {
-    if (pf != nullptr && (k & 15) == 0) {
-      _mm_prefetch(reinterpret_cast<const char*>(pf + k), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(pf + K + k), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(pf + 2 * K + k), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(pf + 3 * K + k), _MM_HINT_T0);
-    }
+    prefetch_4_rows(pf, K, k);
     const __m256 v0 = _mm256_loadu_ps(w0 + k), v1 = _mm256_loadu_ps(w1 + k);
     const __m256 v2 = _mm256_loadu_ps(w2 + k), v3 = _mm256_loadu_ps(w3 + k);
     __m256 u = _mm256_loadu_ps(x0 + k);
@@ -102,12 +103,7 @@ inline void tile_4x1(const float* x0, const float* w0, int64_t K, float* o0, con
   const float* w3 = w2 + K;
   __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
   for (int64_t k = 0; k < K; k += 8) {
-    if (pf != nullptr && (k & 15) == 0) {
-      _mm_prefetch(reinterpret_cast<const char*>(pf + k), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(pf + K + k), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(pf + 2 * K + k), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(pf + 3 * K + k), _MM_HINT_T0);
-    }
+    prefetch_4_rows(pf, K, k);
     const __m256 u0 = _mm256_loadu_ps(x0 + k);
     a0 = _mm256_fmadd_ps(u0, _mm256_loadu_ps(w0 + k), a0);
     a1 = _mm256_fmadd_ps(u0, _mm256_loadu_ps(w1 + k), a1);
