@@ -74,6 +74,28 @@ def _rss_mb() -> float:
 # ("prefill", i) -> seconds; ("decode_start", batch, steps) -> None; ("step",) -> seconds;
 # ("decode_end",) -> None; ("rss",) -> MB; ("quit",) -> exits.
 
+def _answer(conn, prefill, decode_start, step, decode_end) -> None:
+    """The command loop of a system whose decode steps this process drives one at a time:
+    `prefill(i)` and `step()` return their own timing, in seconds."""
+    conn.send(None)  # loaded and warmed up
+    while True:
+        cmd = conn.recv()
+        if cmd[0] == "prefill":
+            conn.send(prefill(cmd[1]))
+        elif cmd[0] == "decode_start":
+            decode_start(cmd[1])
+            conn.send(None)
+        elif cmd[0] == "step":
+            conn.send(step())
+        elif cmd[0] == "decode_end":
+            decode_end()
+            conn.send(None)
+        elif cmd[0] == "rss":
+            conn.send(_rss_mb())
+        else:
+            return
+
+
 def _serve_halfmoon(conn, threads: int, max_batch: int, new_tokens: int, prefill_repeats: int) -> None:
     import torch
 
@@ -87,37 +109,35 @@ def _serve_halfmoon(conn, threads: int, max_batch: int, new_tokens: int, prefill
     eng = LLMEngine(config=EngineConfig(num_blocks=blocks, max_num_batched_tokens=PROMPT_LEN,
                                         max_num_seqs=max(max_batch, 1)))
     eng.generate([_prompts(1, seed=99)[0][:64]], SamplingParams(max_tokens=2))  # warm-up
-    conn.send(None)
     batch = 0
-    while True:
-        cmd = conn.recv()
-        if cmd[0] == "prefill":
-            t0 = time.perf_counter()
-            eng.generate([_prefill_prompt(cmd[1])], SamplingParams(max_tokens=1))
-            conn.send(time.perf_counter() - t0)
-        elif cmd[0] == "decode_start":
-            batch = cmd[1]
-            params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
-            for i, p in enumerate(_prompts(batch)):
-                eng.add_request(f"b{i}", params, prompt_token_ids=p)
-            while eng.stats().num_waiting or any(not r.output_token_ids for r in eng.scheduler.running):
-                eng.step()  # each prompt is one 512-token chunk
-            conn.send(None)
-        elif cmd[0] == "step":
-            t0 = time.perf_counter()
-            out = eng.step()
-            dt = time.perf_counter() - t0
-            if len(out) != batch:
-                raise RuntimeError(f"a decode step produced {len(out)} tokens, expected {batch}")
-            conn.send(dt)
-        elif cmd[0] == "decode_end":
-            for i in range(batch):
-                eng.abort(f"b{i}")
-            conn.send(None)
-        elif cmd[0] == "rss":
-            conn.send(_rss_mb())
-        else:
-            return
+
+    def prefill(i: int) -> float:
+        t0 = time.perf_counter()
+        eng.generate([_prefill_prompt(i)], SamplingParams(max_tokens=1))
+        return time.perf_counter() - t0
+
+    def decode_start(b: int) -> None:
+        nonlocal batch
+        batch = b
+        params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+        for i, p in enumerate(_prompts(batch)):
+            eng.add_request(f"b{i}", params, prompt_token_ids=p)
+        while eng.stats().num_waiting or any(not r.output_token_ids for r in eng.scheduler.running):
+            eng.step()  # each prompt is one 512-token chunk
+
+    def step() -> float:
+        t0 = time.perf_counter()
+        out = eng.step()
+        dt = time.perf_counter() - t0
+        if len(out) != batch:
+            raise RuntimeError(f"a decode step produced {len(out)} tokens, expected {batch}")
+        return dt
+
+    def decode_end() -> None:
+        for i in range(batch):
+            eng.abort(f"b{i}")
+
+    _answer(conn, prefill, decode_start, step, decode_end)
 
 
 def _serve_hf(conn, threads: int, max_batch: int, new_tokens: int, prefill_repeats: int, attn: str) -> None:
@@ -175,28 +195,23 @@ def _serve_llamacpp(conn, threads: int, max_batch: int, new_tokens: int, prefill
     if max_batch != 1:
         raise ValueError("llama.cpp runs batch 1 only here")
     llm = Llama(model_path=str(gguf_path()), n_ctx=PROMPT_LEN + new_tokens + 8, n_threads=threads, verbose=False)
-    conn.send(None)
-    while True:
-        cmd = conn.recv()
-        if cmd[0] == "prefill":
-            llm.reset()
-            t0 = time.perf_counter()
-            llm.eval(_prefill_prompt(cmd[1]))
-            conn.send(time.perf_counter() - t0)
-        elif cmd[0] == "decode_start":
-            llm.reset()
-            llm.eval(_prompts(1)[0])
-            conn.send(None)
-        elif cmd[0] == "step":
-            t0 = time.perf_counter()
-            llm.eval([llm.sample(temp=0.0)])
-            conn.send(time.perf_counter() - t0)
-        elif cmd[0] == "decode_end":
-            conn.send(None)
-        elif cmd[0] == "rss":
-            conn.send(_rss_mb())
-        else:
-            return
+
+    def prefill(i: int) -> float:
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(_prefill_prompt(i))
+        return time.perf_counter() - t0
+
+    def decode_start(batch: int) -> None:
+        llm.reset()
+        llm.eval(_prompts(1)[0])
+
+    def step() -> float:
+        t0 = time.perf_counter()
+        llm.eval([llm.sample(temp=0.0)])
+        return time.perf_counter() - t0
+
+    _answer(conn, prefill, decode_start, step, lambda: None)
 
 
 def _worker(system: str, conn, *args) -> None:
