@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import statistics
 import time
 from pathlib import Path
@@ -27,19 +26,14 @@ TRACE = Path(__file__).resolve().parents[1].parent / "shared" / "traces" / "conv
 LAYOUTS = {"1p1d": (1, 1, 0), "2co": (0, 0, 2)}
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start(layout: str, threads: int):
     from cluster.local import LocalCluster
     from cluster.node_main import NodeSpec
+    from cluster.specs import free_port
     from conductor.server import ConductorSpec
 
     p, d, co = LAYOUTS[layout]
-    spec = ConductorSpec(grpc_port=_port(), http_port=None, settings={"admission": "none"},
+    spec = ConductorSpec(grpc_port=free_port(), http_port=None, settings={"admission": "none"},
                          heartbeat_interval_s=0.5)
     node = NodeSpec(role="prefill", node_id="", conductor="", num_blocks=2048, num_threads=threads,
                     max_num_batched_tokens=256)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import sys
 from dataclasses import dataclass
 from typing import Callable
@@ -93,18 +92,12 @@ def start_embedded_ray(config: ClusterConfig, timeout_s: float = 300.0) -> Runni
     return RunningCluster(deployment.grpc_address, deployment.http_url, problem, stop)
 
 
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 def start_processes(config: ClusterConfig, timeout_s: float = 300.0) -> RunningCluster:
     from cluster.local import LocalCluster
-    from cluster.specs import build_specs, local_address
+    from cluster.specs import build_specs, free_port, local_address
 
     c = config.conductor
-    ports = {f"conductor.{name}": _free_port(c.host) for name in ("grpc_port", "http_port") if getattr(c, name) == 0}
+    ports = {f"conductor.{name}": free_port(c.host) for name in ("grpc_port", "http_port") if getattr(c, name) == 0}
     conductor, nodes = build_specs(with_overrides(config, ports) if ports else config)
     cluster = LocalCluster(conductor, nodes).start(timeout_s)
 

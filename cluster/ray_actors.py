@@ -21,12 +21,11 @@ import atexit
 import concurrent.futures
 import logging
 import os
-import socket
 import threading
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Coroutine
 
-from cluster.specs import WILDCARD_HOSTS, NodePlan
+from cluster.specs import WILDCARD_HOSTS, NodePlan, free_port
 from conductor.server import ConductorSpec
 
 log = logging.getLogger("halfmoon.ray")
@@ -148,12 +147,6 @@ def _placement() -> Placement:
     return Placement(ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address(), os.getpid())
 
 
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 def _setup_logging(name: str) -> None:
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {name} %(levelname)s %(message)s")
 
@@ -183,7 +176,7 @@ class ConductorActor(_ServerActor):
         _setup_logging("conductor")
         self._place = _placement()
         if spec.http_port == 0:
-            spec = replace(spec, http_port=_free_port(spec.host))
+            spec = replace(spec, http_port=free_port(spec.host))
         self.spec = spec
         super().__init__(ServerThread("conductor", lambda stop, started: serve_conductor(spec, stop, started)))
 

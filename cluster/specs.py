@@ -17,6 +17,7 @@ whole CPUs it asks Ray for.
 """
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass, replace
 
 from cluster.config import DEFAULT_NUM_BLOCKS, ClusterConfig, NodeGroupConfig, RayActorOptions, Role
@@ -135,6 +136,13 @@ def node_plans(config: ClusterConfig, conductor_address: str) -> list[NodePlan]:
             )
             plans.append(NodePlan(spec, group.ray_options(), config.kv.kv_memory_gb))
     return plans
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    """A port nothing listens on at `host` now (for servers configured with port 0)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def local_address(host: str, port: int) -> str:
