@@ -126,9 +126,26 @@ def test_cancelled_request_leaves_no_blocks(cluster_2p2d):
         assert wait_for(lambda: all(v == 0 for v in used_blocks(c).values()), timeout=20), used_blocks(c)
 
 
+def prefix_queries(client: Client) -> dict[str, int]:
+    return {n.node_id: n.prefix_queries_tokens for n in client.status().nodes}
+
+
+def settled_prefix_queries(client: Client) -> dict[str, int]:
+    """The counters once a heartbeat (0.5 s) brings nothing new: the status lags the nodes by
+    up to one heartbeat, so an earlier test's request may still arrive in it."""
+    last = prefix_queries(client)
+    for _ in range(20):
+        time.sleep(1.2)
+        now = prefix_queries(client)
+        if now == last:
+            return now
+        last = now
+    raise AssertionError(f"prefix counters still moving: {last}")
+
+
 def test_admission_rejects_before_any_prefill_work_when_saturated(cluster_2p2d):
     with Client(cluster_2p2d.address) as c:
-        before = {n.node_id: n.prefix_queries_tokens for n in c.status().nodes}
+        before = settled_prefix_queries(c)
         c.set_settings({"ttft_slo_s": "0.05"})
         try:
             with pytest.raises(grpc.RpcError) as e:
@@ -136,8 +153,7 @@ def test_admission_rejects_before_any_prefill_work_when_saturated(cluster_2p2d):
             assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "prefill_overloaded" in e.value.details()
             time.sleep(1.2)  # a heartbeat later: no prefill node looked at the prompt
-            after = {n.node_id: n.prefix_queries_tokens for n in c.status().nodes}
-            assert after == before
+            assert prefix_queries(c) == before
         finally:
             c.set_settings({"ttft_slo_s": "600"})
         with pytest.raises(grpc.RpcError) as bad:
