@@ -42,6 +42,10 @@ Transport choice (`transport="auto"`): shared memory when the peer shares this h
 kernel and /dev/shm and the destination regions are shm-backed (`allocate_*`), TCP
 otherwise. "tcp", "shm" and "mooncake" force one (Mooncake needs both ends started with
 it and the optional `mooncake-transfer-engine-non-cuda` package).
+
+Fault injection (`faults.py`, for chaos tests): an engine given a `FaultPlan` (or started
+with `HALFMOON_TRANSFER_FAULTS="fail=0.1,delay=0.1:0.2,seed=7"`) fails or delays a seeded
+fraction of the batches it issues.
 """
 
 from .config import EngineConfig
@@ -63,6 +67,7 @@ from .errors import (
     TransportUnavailable,
     WaitTimeout,
 )
+from .faults import FaultPlan, InjectedFault
 from .handle import TransferHandle
 from .mooncake import mooncake_unavailable_reason
 from .records import (
@@ -84,6 +89,8 @@ __all__ = [
     "EngineClosed",
     "EngineConfig",
     "EngineStats",
+    "FaultPlan",
+    "InjectedFault",
     "InvalidTransfer",
     "Peer",
     "PeerDescriptor",

@@ -21,6 +21,7 @@ from .errors import (
     TransferRefused,
     TransportUnavailable,
 )
+from .faults import Fault, FaultInjector, FaultPlan
 from .handle import TransferHandle, completed_handle
 from .memory import (
     SHM_PREFIX,
@@ -62,14 +63,18 @@ class TransferEngine:
 
     def __init__(self, segment: str, host: str = "127.0.0.1", port: int = 0, token: str | None = None,
                  transport: TransportKind | str = "auto", config: EngineConfig | None = None,
-                 advertise_host: str | None = None) -> None:
+                 advertise_host: str | None = None, faults: FaultPlan | str | None = None) -> None:
         """`host`/`port` is where the listener binds (port 0: any free port);
         `advertise_host` is the address peers are told to use (default: `host`, or this
         machine's address when `host` is a wildcard). `token`, if set, must be shared by
-        every peer. `transport` picks the data path for the batches this engine issues."""
+        every peer. `transport` picks the data path for the batches this engine issues.
+        `faults` fails or delays some of those batches on purpose (`faults.py`; default:
+        the plan in $HALFMOON_TRANSFER_FAULTS, if any)."""
         self.segment = segment
         self.transport = TransportKind(transport)
         self.config = config or EngineConfig()
+        plan = FaultPlan.from_env() if faults is None else FaultPlan.parse(faults) if isinstance(faults, str) else faults
+        self.faults = FaultInjector(plan, segment) if plan is not None and plan.active else None
         self._token = token
         self._lock = threading.Lock()
         self._closed = False
@@ -293,7 +298,14 @@ class TransferEngine:
                                       "(checked against its descriptor; nothing was sent)")
             transport = self._route(peer, in_shm)
             handle.transport = transport.kind.value
-            transport.submit(Job(op, peer, pieces, handle))
+            job = Job(op, peer, pieces, handle)
+            fault = self.faults.draw() if self.faults is not None else Fault.NONE
+            if fault is Fault.FAIL:
+                self.faults.fail(handle)  # type: ignore[union-attr]
+            elif fault is Fault.DELAY:
+                self.faults.later(handle, lambda: transport.submit(job))  # type: ignore[union-attr]
+            else:
+                transport.submit(job)
             timeout_s = self.config.default_timeout_s if timeout is _DEFAULT else timeout
             if timeout_s is not None and not handle.done():  # counted from submission
                 self._deadlines.watch(handle, float(timeout_s))  # type: ignore[arg-type]
@@ -326,6 +338,8 @@ class TransferEngine:
             transports.append(self._shm)
         if self._mooncake is not None:
             transports.append(self._mooncake)
+        if self.faults is not None:
+            self.faults.close()
         for transport in transports:
             transport.close()
         self._deadlines.close()
