@@ -57,20 +57,30 @@ class LocalCluster:
         self.procs[spec.node_id] = p
 
     def wait_ready(self, timeout_s: float, node_ids: list[str] | None = None) -> None:
-        """Until every node (or `node_ids`) is registered and up at the conductor."""
+        """Until every node (or `node_ids`) is registered and up at the conductor and, when
+        those nodes make a prefill + decode pair, the conductor reports itself ready (gRPC
+        health of the Generation service SERVING)."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        from conductor.readiness import GENERATION_SERVICE
         from proto.halfmoon.v1 import admin_pb2, admin_pb2_grpc
 
         want = set(node_ids or [n.node_id for n in self.nodes])
+        roles = {n.role for n in self.nodes if n.node_id in want}
+        pair = "colocated" in roles or {"prefill", "decode"} <= roles
         deadline = time.monotonic() + timeout_s
         with grpc.insecure_channel(self.address) as ch:
             stub = admin_pb2_grpc.AdminStub(ch)
+            health = health_pb2_grpc.HealthStub(ch)
             while True:
                 for name, p in self.procs.items():
                     if not p.is_alive() and (name == "conductor" or name in want):
                         raise RuntimeError(f"{name} exited with code {p.exitcode} during start-up")
                 try:
                     st = stub.Status(admin_pb2.StatusRequest(), timeout=2)
-                    if want <= {n.node_id for n in st.nodes if n.state == "up"}:
+                    if want <= {n.node_id for n in st.nodes if n.state == "up"} and (not pair or health.Check(
+                            health_pb2.HealthCheckRequest(service=GENERATION_SERVICE), timeout=2).status
+                            == health_pb2.HealthCheckResponse.SERVING):
                         return
                 except grpc.RpcError:
                     pass

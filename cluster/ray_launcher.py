@@ -4,7 +4,8 @@ Order: the conductor actor first (placed by `conductor.num_cpus/num_gpus/resourc
 gRPC address is read back from the actor, since it may listen on port 0 or on a machine
 chosen by Ray. Then one actor per node, placed by its group's resources (e.g.
 `{"prefill": 1}`), each told the conductor's address. The deployment is ready once every
-node has registered at the conductor (Admin `Status`). Actors are named
+node has registered at the conductor (Admin `Status`) and the conductor reports itself
+ready (gRPC health of `halfmoon.v1.Generation`). Actors are named
 `halfmoon-conductor`, `halfmoon-prefill-0`, ... in the config's Ray namespace, so
 `stop_namespace` (what `halfmoon down` runs) finds them from any driver.
 
@@ -20,11 +21,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cluster.config import ClusterConfig
 from cluster.metrics import ScrapeTarget, write_scrape_targets
 from cluster.ray_actors import ConductorActor, ConductorInfo, NodeActor, NodeInfo
 from cluster.specs import NodePlan, conductor_spec, node_plans
+from conductor.readiness import GENERATION_SERVICE
 from proto.halfmoon.v1 import admin_pb2, admin_pb2_grpc
 
 if TYPE_CHECKING:
@@ -165,13 +168,14 @@ class RayLauncher:
         infos: dict[str, NodeInfo] = {}
         with grpc.insecure_channel(conductor.grpc_address) as channel:
             admin = admin_pb2_grpc.AdminStub(channel)
+            health = health_pb2_grpc.HealthStub(channel)
             while True:
                 ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=0) if pending else ([], [])
                 for ref in ready:
                     name = pending.pop(ref)
                     infos[name] = self._get_info(name, ref, deadline)
                 self._check_alive([CONDUCTOR_NAME, *infos])
-                if not pending and set(names.values()) <= _up_nodes(admin):
+                if not pending and set(names.values()) <= _up_nodes(admin) and _ready(health):
                     return tuple(infos[name] for name in names)
                 if time.monotonic() > deadline:
                     if pending:
@@ -215,6 +219,15 @@ class RayLauncher:
         self._actors.clear()
         self._placed.clear()
         return names[::-1]
+
+
+def _ready(health: health_pb2_grpc.HealthStub) -> bool:
+    """The conductor's readiness: gRPC health of the Generation service is SERVING."""
+    try:
+        reply = health.Check(health_pb2.HealthCheckRequest(service=GENERATION_SERVICE), timeout=5)
+    except grpc.RpcError:
+        return False
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
 def _up_nodes(admin: admin_pb2_grpc.AdminStub) -> set[str]:

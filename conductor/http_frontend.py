@@ -1,7 +1,9 @@
 """The conductor's OpenAI-compatible HTTP front door, over the `Backend` protocol.
 
 Routes: `POST /v1/completions`, `POST /v1/chat/completions` (streamed as server-sent
-events ending in `data: [DONE]`, or whole), `GET /v1/models`, `GET /health`, `GET /metrics`.
+events ending in `data: [DONE]`, or whole), `GET /v1/models`, `GET /health` (liveness: 200
+while the process serves), `GET /ready` (readiness: 503 naming what is missing until a
+request could be served), `GET /metrics`.
 
 A streamed request waits for its first item before sending headers, so an admission
 rejection is still a real 429 (and bad input a 400), never an error inside a 200 stream.
@@ -144,10 +146,10 @@ def _error_response(err: ApiError) -> JSONResponse:
 
 
 class _Frontend:
-    def __init__(self, backend: Backend, registry: CollectorRegistry, health: Callable[[], bool] | None) -> None:
+    def __init__(self, backend: Backend, registry: CollectorRegistry, ready: Callable[[], str | None] | None) -> None:
         self.backend = backend
         self.registry = registry
-        self.health_check = health
+        self.not_ready_reason = ready
         self.http_metrics = HttpMetrics(registry)
         self.started = int(time.time())
 
@@ -203,9 +205,13 @@ class _Frontend:
         return JSONResponse({"object": "list", "data": [card]})
 
     async def health(self, request: Request) -> Response:
-        if self.health_check is not None and not self.health_check():
-            raise ApiError(503, "no healthy node can serve requests", "service_unavailable", code="unavailable")
         return JSONResponse({"status": "ok"})
+
+    async def ready(self, request: Request) -> Response:
+        reason = self.not_ready_reason() if self.not_ready_reason is not None else None
+        if reason is not None:
+            raise ApiError(503, f"not ready: {reason}", "service_unavailable", code="not_ready")
+        return JSONResponse({"status": "ready"})
 
     async def metrics(self, request: Request) -> Response:
         return Response(exposition(self.registry), headers={"Content-Type": METRICS_CONTENT_TYPE})
@@ -222,15 +228,17 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 def build_app(
-    backend: Backend, registry: CollectorRegistry, *, health: Callable[[], bool] | None = None
+    backend: Backend, registry: CollectorRegistry, *, ready: Callable[[], str | None] | None = None
 ) -> Starlette:
-    """The HTTP app. `health`, if given, makes `/health` answer 503 while it returns False."""
-    fe = _Frontend(backend, registry, health)
+    """The HTTP app. `ready`, if given, returns None when a request could be served, else
+    why not: `/ready` answers 503 with that reason meanwhile."""
+    fe = _Frontend(backend, registry, ready)
     routes = [
         fe.route("/v1/completions", fe.completions, "POST"),
         fe.route("/v1/chat/completions", fe.chat_completions, "POST"),
         fe.route("/v1/models", fe.models, "GET"),
         fe.route("/health", fe.health, "GET"),
+        fe.route("/ready", fe.ready, "GET"),
         fe.route("/metrics", fe.metrics, "GET"),
     ]
     return Starlette(routes=routes, exception_handlers={HTTPException: _http_error})

@@ -1,5 +1,9 @@
 """The conductor process: gRPC (Generation, Admin, ConductorControl, health, reflection),
-the OpenAI-compatible HTTP frontend with /metrics, and the live scheduler."""
+the OpenAI-compatible HTTP frontend with /metrics, and the live scheduler.
+
+Health: gRPC health's "" (and HTTP `/health`) is liveness, SERVING while the process
+serves; `halfmoon.v1.Generation` (and HTTP `/ready`) is readiness, SERVING only while a
+request could be served (`conductor.readiness`)."""
 from __future__ import annotations
 
 import asyncio
@@ -44,6 +48,7 @@ async def serve_conductor(spec: ConductorSpec, stop: asyncio.Event | None = None
     from conductor.cost_model import CostModel
     from conductor.grpc_api import AdminService, ControlService, GenerationService
     from conductor.live import LiveConductor, LiveConfig, cpu_default_costs
+    from conductor.readiness import LIVENESS_SERVICE, ReadinessPublisher
     from conductor.registry import NodeRegistry
     from conductor.scheduler import Scheduler
     from conductor.settings import ConductorSettings, SettingsValues
@@ -70,8 +75,15 @@ async def serve_conductor(spec: ConductorSpec, stop: asyncio.Event | None = None
     publish_settings()
     settings.add_listener(publish_settings)
     costs = CostModel.load(spec.cost_model) if spec.cost_model else cpu_default_costs()
+    health_servicer = health.aio.HealthServicer()
+
+    def node_changed(rec, up: bool) -> None:
+        metrics.set_node_up(rec.node_id, rec.role, up)
+        readiness.changed()
+
     registry = NodeRegistry(spec.block_size, spec.heartbeat_interval_s, spec.heartbeat_timeout_s,
-                            on_change=lambda rec, up: metrics.set_node_up(rec.node_id, rec.role, up))
+                            on_change=node_changed)
+    readiness = ReadinessPublisher(registry.view, health_servicer)
     tokenizer = Tokenizer(resolve_model_dir(spec.model))
     backend = LiveConductor(
         LiveConfig(spec.model, spec.max_model_len, spec.block_size, spec.on_transfer_failure, spec.kv_lease_s,
@@ -82,7 +94,6 @@ async def serve_conductor(spec: ConductorSpec, stop: asyncio.Event | None = None
     generate_pb2_grpc.add_GenerationServicer_to_server(GenerationService(backend), server)
     admin_pb2_grpc.add_AdminServicer_to_server(AdminService(settings, registry, spec.model), server)
     node_pb2_grpc.add_ConductorControlServicer_to_server(ControlService(registry), server)
-    health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [generate_pb2.DESCRIPTOR.services_by_name["Generation"].full_name,
              admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
@@ -93,15 +104,16 @@ async def serve_conductor(spec: ConductorSpec, stop: asyncio.Event | None = None
         raise OSError(f"cannot listen on {spec.host}:{spec.grpc_port}")
     await server.start()
     registry.start()
-    for name in ("", names[0]):
+    for name in (LIVENESS_SERVICE, names[1]):  # live; Admin answers with or without nodes
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    await readiness.publish()  # Generation: NOT_SERVING until a prefill + decode pair is up
     http = None
     http_task = None
     if spec.http_port is not None:
         from conductor.http_frontend import build_app
         from conductor.http_server import HttpServer
 
-        http = HttpServer(build_app(backend, metrics_registry), spec.host, spec.http_port)
+        http = HttpServer(build_app(backend, metrics_registry, ready=readiness.reason), spec.host, spec.http_port)
         http_task = asyncio.create_task(http.serve())
     log.info("conductor gRPC on %s:%d%s", spec.host, port,
              f", HTTP on {spec.host}:{spec.http_port}" if spec.http_port is not None else "")

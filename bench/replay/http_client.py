@@ -27,13 +27,13 @@ class HttpReplayClient:
                                        limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
 
     async def check(self, timeout_s: float = 5.0) -> None:
-        """Fail fast, with the address, if no frontend answers."""
+        """Fail fast, with the address, if no frontend answers or it cannot serve yet (`/ready`)."""
         try:
-            r = await self._http.get("/health", timeout=timeout_s)
+            r = await self._http.get("/ready", timeout=timeout_s)
         except httpx.HTTPError as e:
             raise RequestFailed(f"no HTTP frontend at {self.address}: {e!r}") from None
         if r.status_code != 200:
-            raise RequestFailed(f"HTTP frontend at {self.address} is not healthy: {r.status_code} {r.text[:200]}")
+            raise RequestFailed(f"HTTP frontend at {self.address} is not ready: {r.status_code} {r.text[:200]}")
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], max_tokens: int
                        ) -> AsyncIterator[StreamEvent]:

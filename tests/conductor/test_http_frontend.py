@@ -243,14 +243,18 @@ def test_server_runs_as_a_task_in_an_existing_loop():
     assert asyncio.run(main()) == 200
 
 
-def test_health_follows_the_health_check():
+def test_ready_follows_the_readiness_check_and_health_stays_live():
     registry = CollectorRegistry()
-    healthy = [False]
-    server = serve_http(build_app(FakeBackend(registry), registry, health=lambda: healthy[0]))
+    reason: list[str | None] = ["no decode-capable node is up"]
+    server = serve_http(build_app(FakeBackend(registry), registry, ready=lambda: reason[0]))
     try:
-        assert httpx.get(f"{server.url}/health").status_code == 503
-        healthy[0] = True
-        assert httpx.get(f"{server.url}/health").status_code == 200
+        r = httpx.get(f"{server.url}/ready")
+        assert r.status_code == 503
+        assert r.json()["error"] == {"message": "not ready: no decode-capable node is up",
+                                     "type": "service_unavailable", "param": None, "code": "not_ready"}
+        assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}  # alive all along
+        reason[0] = None
+        assert httpx.get(f"{server.url}/ready").json() == {"status": "ready"}
     finally:
         server.stop()
 
