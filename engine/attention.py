@@ -49,8 +49,8 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
         from engine import triton_kernels as tk
         if tk.AVAILABLE:
             return tk.paged_kv_scatter(k_cache, v_cache, k, v, meta.slot_blocks, meta.slot_offsets)
-    k_cache[meta.slot_blocks, meta.slot_offsets] = k
-    v_cache[meta.slot_blocks, meta.slot_offsets] = v
+    k_cache[meta.slot_blocks, meta.slot_offsets] = k.to(k_cache.dtype)  # (a bfloat16 cache rounds)
+    v_cache[meta.slot_blocks, meta.slot_offsets] = v.to(v_cache.dtype)
 
 
 def _gather(cache: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
@@ -63,7 +63,7 @@ def _gather(cache: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     # Each block's rows are contiguous inside the strided per-layer view: select them as
     # flat rows (index_select on 2-D is a straight row copy, much faster than 4-D indexing).
     rows = torch.as_strided(cache, (nblocks, bs * kvh * hd), (cache.stride(0), 1))
-    g = torch.index_select(rows, 0, table.reshape(-1))
+    g = torch.index_select(rows, 0, table.reshape(-1)).float()  # (the math is fp32 for any KV dtype)
     return g.view(*table.shape[:-1], table.shape[-1] * bs, kvh, hd).transpose(-3, -2)
 
 

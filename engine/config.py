@@ -96,8 +96,23 @@ class EngineConfig:
     max_num_seqs: int = 64  # running batch limit
     max_model_len: int | None = None  # defaults to the model's context window
     num_threads: int | None = None  # torch intra-op threads; None keeps torch's choice
+    dtype: str = "float32"  # weights and GEMMs: float32 | bfloat16 | w8a8 | fp8 (engine/quant.py)
+    kv_dtype: str = "auto"  # KV cache: float32 | bfloat16 | auto (float32 for float32, else bfloat16)
 
     def validate(self) -> None:
+        from engine.quant import DTYPES, KV_DTYPES
+
         for name in ("block_size", "num_blocks", "max_num_batched_tokens", "max_num_seqs"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"engine.{name} must be > 0, got {getattr(self, name)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"engine.dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.kv_dtype != "auto" and self.kv_dtype not in KV_DTYPES:
+            raise ValueError(f"engine.kv_dtype must be auto or one of {', '.join(KV_DTYPES)}, got {self.kv_dtype!r}")
+
+    @property
+    def kv_torch_dtype(self):
+        """The KV cache's torch dtype (`kv_dtype`, with auto resolved by `dtype`)."""
+        from engine.quant import KV_DTYPES, recipe
+
+        return KV_DTYPES[recipe(self.dtype).kv_dtype if self.kv_dtype == "auto" else self.kv_dtype]

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from engine.audit import AuditReport, BlockLedger, audit_pool
 from engine.block_pool import BlockPool, KVEvent, block_hashes, hash_block
 from engine.config import EngineConfig, ModelConfig
 from engine.errors import InvalidRequestError, OutOfBlocksError
@@ -62,13 +63,14 @@ class LLMEngine:
         self.config.validate()
         if self.config.num_threads:
             torch.set_num_threads(self.config.num_threads)
-        loaded = load_model(model, progress=progress)
+        loaded = load_model(model, dtype=self.config.dtype, progress=progress)
         self.model_config: ModelConfig = loaded.config
         self.model_dir: Path = loaded.model_dir
         self.tokenizer = Tokenizer(loaded.model_dir)
         self.max_model_len = min(self.config.max_model_len or loaded.config.max_position_embeddings,
                                  loaded.config.max_position_embeddings)
-        self.kv = KVCache(loaded.config, self.config.num_blocks, self.config.block_size, kv_tensor)
+        self.kv = KVCache(loaded.config, self.config.num_blocks, self.config.block_size, kv_tensor,
+                          dtype=self.config.kv_torch_dtype)
         self.pool = BlockPool(self.config.num_blocks, self.config.block_size)
         self.scheduler = Scheduler(self.config, self.pool)
         self.runner = ModelRunner(LlamaModel(loaded.config, loaded.weights), self.kv)
@@ -76,6 +78,7 @@ class LLMEngine:
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._preemptions = 0
         self._eos = set(loaded.config.eos_token_ids)
+        self.held = BlockLedger()  # blocks a node holds outside requests (reservations, pins): engine/audit.py
 
     # --- request intake ---------------------------------------------------------------
     def encode_prompt(self, prompt: str | None = None, messages: list[Message] | None = None,
@@ -110,15 +113,27 @@ class LLMEngine:
 
     def add_request(self, request_id: str, params: SamplingParams, *, prompt: str | None = None,
                     messages: list[Message] | None = None, prompt_token_ids: list[int] | None = None,
-                    hold_blocks: bool = False) -> Request:
+                    hold_blocks: bool = False, resume_token_ids: list[int] | None = None) -> Request:
+        """Queue a request. `resume_token_ids`: tokens it already generated elsewhere (a
+        migrated request): they are recomputed with the prompt, count towards `max_tokens`,
+        and their text is known to stop strings, so generation continues as if uninterrupted."""
         if request_id in self._requests:
             raise InvalidRequestError("request_id", f"{request_id!r} is already running")
         params.validate()
         ids = self.encode_prompt(prompt, messages, prompt_token_ids)
-        req = Request(request_id, ids, params, hold_blocks=hold_blocks,
+        resumed = list(resume_token_ids or ())
+        if resumed:
+            self.validate_prompt(ids + resumed, "resume_token_ids")
+            if len(resumed) >= params.max_tokens:
+                raise InvalidRequestError("resume_token_ids", f"{len(resumed)} tokens leave nothing of "
+                                                              f"max_tokens={params.max_tokens} to generate")
+        req = Request(request_id, ids, params, hold_blocks=hold_blocks, output_token_ids=resumed,
                       sampler=SamplerState.for_params(params))
+        detok = IncrementalDetokenizer(self.tokenizer)
+        for token in resumed:  # replay the detokenizer as the first engine ran it
+            req.text += detok.push([token])
         self._requests[request_id] = req
-        self._detok[request_id] = IncrementalDetokenizer(self.tokenizer)
+        self._detok[request_id] = detok
         self.scheduler.add(req)
         return req
 
@@ -260,6 +275,10 @@ class LLMEngine:
             self.scheduler.remove(req)
         self.scheduler.release(req)
         return True
+
+    def audit(self) -> AuditReport:
+        """Reclaim block references no live request and no `held` entry accounts for."""
+        return audit_pool(self.pool, [*(r.block_ids for r in self._requests.values()), *self.held])
 
     def stats(self) -> EngineStats:
         return EngineStats(len(self.scheduler.waiting), len(self.scheduler.running), self.pool.num_blocks,

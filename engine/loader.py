@@ -9,6 +9,12 @@ tokenizer.json + tokenizer_config.json):
   read safetensors;
 * any Hugging Face Llama-family directory, used as it is;
 * a tiny random-weight model of the same architecture, for fast tests.
+
+`load_model(..., dtype=)` gives the weights in the form `engine.quant` names for that dtype:
+bfloat16 and fp8 are converted tensor by tensor while loading (the fp32 model is never whole
+in memory); w8a8 needs SmoothQuant calibration, so it is produced once
+(`engine.quant_calib`, or `halfmoon quantize`) and cached beside the dequantized model under
+``$HALFMOON_CACHE/models/``.
 """
 from __future__ import annotations
 
@@ -20,7 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from engine.config import ModelConfig
 from engine.errors import ModelLoadError
@@ -159,19 +166,54 @@ def _save_gguf_tokenizer(src: Path, out: Path) -> None:
 class LoadedModel:
     config: ModelConfig
     weights: dict[str, torch.Tensor]
-    model_dir: Path
+    model_dir: Path  # the source directory (tokenizer, config)
+    dtype: str = "float32"
+    weights_dir: Path | None = None  # where the weights were read (a quantized cache for w8a8)
 
 
-def load_model(model: str | os.PathLike = DEFAULT_MODEL, *, progress: bool = True) -> LoadedModel:
-    model_dir = resolve_model_dir(model, progress=progress)
-    cfg = ModelConfig.from_dir(model_dir)
-    files = sorted(model_dir.glob("*.safetensors"))
+def _read_weights(model_dir: Path, convert) -> dict[str, torch.Tensor]:
+    """Every tensor of `model_dir`'s *.safetensors through `convert(name, tensor)` (which
+    returns a dict of the tensors to keep), one at a time."""
+    files = sorted(Path(model_dir).glob("*.safetensors"))
     if not files:
         raise ModelLoadError(f"{model_dir} has no *.safetensors weights")
     weights: dict[str, torch.Tensor] = {}
     for f in files:
-        weights.update(load_file(str(f)))
-    return LoadedModel(cfg, {k: v.float() for k, v in weights.items()}, model_dir)
+        with safe_open(str(f), framework="pt") as fh:
+            for name in fh.keys():
+                weights.update(convert(name, fh.get_tensor(name)))
+    return weights
+
+
+def _is_linear(name: str, cfg: ModelConfig) -> str | None:
+    """'layer' for a layer linear, 'head' for the LM head / embedding table, else None."""
+    if name in ("model.embed_tokens.weight", "lm_head.weight"):
+        return "head"
+    if name.startswith("model.layers.") and name.endswith("_proj.weight"):
+        return "layer"
+    return None
+
+
+def load_model(model: str | os.PathLike = DEFAULT_MODEL, *, dtype: str = "float32",
+               progress: bool = True) -> LoadedModel:
+    from engine.quant import QLinear, recipe
+
+    rec = recipe(dtype)
+    model_dir = resolve_model_dir(model, progress=progress)
+    cfg = ModelConfig.from_dir(model_dir)
+    if dtype == "w8a8":
+        from engine.quant_calib import ensure_w8a8
+
+        qdir = ensure_w8a8(model_dir, progress=progress)
+        return LoadedModel(cfg, _read_weights(qdir, lambda n, t: {n: t}), model_dir, dtype, qdir)
+
+    def convert(name: str, t: torch.Tensor) -> dict[str, torch.Tensor]:
+        kind = _is_linear(name, cfg)
+        form = rec.linear if kind == "layer" else rec.lm_head if kind == "head" else "f32"
+        q = QLinear.make(form, t)
+        return {name: q.weight} | ({name + "_scale": q.scale} if q.scale is not None else {})
+
+    return LoadedModel(cfg, _read_weights(model_dir, convert), model_dir, dtype, model_dir)
 
 
 def make_tiny_model(out: Path, *, seed: int = 0, num_layers: int = 2, hidden: int = 64,

@@ -1,11 +1,15 @@
 """Our Llama-family forward pass: RMSNorm, RoPE, grouped-query attention over paged KV,
-SwiGLU MLP, (tied) LM head. Weights are held as plain tensors with Q/K/V and gate/up fused
-so each layer runs four matmuls.
+SwiGLU MLP, (tied) LM head. Each linear is an `engine.quant.QLinear` (fp32, bf16, int8 or
+fp8, per `EngineConfig.dtype`) with Q/K/V and gate/up fused, so each layer runs four matmuls.
 
-On CPU in fp32 the layer runs through the fused C++ ops of `engine.cpu_kernels` (RMSNorm with
-the residual add, RoPE with the K/V write, SiLU * up, decode attention): eight calls a layer
-instead of some forty torch ops. The torch code below is the reference and the fallback."""
+On CPU the layer runs through the fused C++ ops of `engine.cpu_kernels` (RMSNorm with the
+residual add, RoPE with the K/V write, SiLU * up, decode attention, the quantized GEMMs):
+eight calls a layer instead of some forty torch ops. The torch code below is the reference
+and the fallback (and the GPU path)."""
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +18,7 @@ from engine import cpu_kernels
 from engine.attention import AttentionMetadata, PrefillChunk, attend, paged_attention
 from engine.config import ModelConfig
 from engine.kv_cache import KVCache
+from engine.quant import Embedding, QLinear
 
 # Up to this many rows (a decode step's batch) the matmuls use the C++ skinny kernel, which
 # streams each weight once without packing it; beyond, MKL's blocked GEMM (prefill chunks).
@@ -42,39 +47,72 @@ class RotaryEmbedding:
         return x * cos + rot * sin
 
 
+@dataclass(frozen=True, slots=True)
+class Layer:
+    ln1: torch.Tensor  # float32 [hidden] (SmoothQuant scales folded in for w8a8)
+    qkv: QLinear
+    o: QLinear
+    ln2: torch.Tensor
+    gate_up: QLinear
+    down: QLinear
+
+
+# A calibration hook: called with (layer index, "qkv" | "o" | "gate_up" | "down", the
+# linear's fp32 input) before each layer linear runs (engine/quant_calib.py).
+Observer = Callable[[int, str, torch.Tensor], None]
+
+
 class LlamaModel:
     def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> None:
+        """`weights` by Hugging Face name, as `engine.loader.load_model` gives them: float
+        tensors, or int8 / float8 codes with their per-row scales under `<name>_scale`."""
         self.cfg = cfg
         w = weights
-        self.embed = w["model.embed_tokens.weight"]
-        self.norm = w["model.norm.weight"]
-        self.lm_head = self.embed if cfg.tie_word_embeddings else w["lm_head.weight"]
-        self.layers = []
+
+        def lin(*names: str) -> QLinear:
+            parts = [_qlinear(w, n + ".weight") for n in names]
+            return parts[0] if len(parts) == 1 else QLinear.cat(parts)
+
+        self.embed = Embedding(w["model.embed_tokens.weight"], w.get("model.embed_tokens.weight_scale"))
+        self.norm = w["model.norm.weight"].float()
+        self.lm_head = lin("model.embed_tokens" if cfg.tie_word_embeddings else "lm_head")
+        self.layers: list[Layer] = []
         for i in range(cfg.num_layers):
             p = f"model.layers.{i}."
-            self.layers.append((
-                w[p + "input_layernorm.weight"],
-                torch.cat([w[p + "self_attn.q_proj.weight"], w[p + "self_attn.k_proj.weight"],
-                           w[p + "self_attn.v_proj.weight"]]).contiguous(),
-                w[p + "self_attn.o_proj.weight"],
-                w[p + "post_attention_layernorm.weight"],
-                torch.cat([w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"]]).contiguous(),
-                w[p + "mlp.down_proj.weight"],
+            self.layers.append(Layer(
+                w[p + "input_layernorm.weight"].float(),
+                lin(p + "self_attn.q_proj", p + "self_attn.k_proj", p + "self_attn.v_proj"),
+                lin(p + "self_attn.o_proj"),
+                w[p + "post_attention_layernorm.weight"].float(),
+                lin(p + "mlp.gate_proj", p + "mlp.up_proj"),
+                lin(p + "mlp.down_proj"),
             ))
+        self.linear_form = self.layers[0].qkv.form if self.layers else self.lm_head.form
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings)
         self.scale = cfg.head_dim ** -0.5
-        if self.embed.device.type == "cpu" and self.embed.dtype == torch.float32:
+        self.observer: Observer | None = None
+        self.on_cpu = self.norm.device.type == "cpu"
+        if self.on_cpu:
             cpu_kernels.kernels()  # build or load the C++ ops now, at start-up, not in the first request
-        # the skinny kernel wants contiguous fp32 weights with K a multiple of 8
-        self.skinny = all(w.dtype == torch.float32 and w.is_contiguous() and w.shape[1] % 8 == 0
-                          for layer in self.layers for w in (layer[1], layer[2], layer[4], layer[5])) \
-            and self.lm_head.is_contiguous() and self.lm_head.shape[1] % 8 == 0
+        # the fp32 skinny kernel wants contiguous weights with K a multiple of 8
+        self.skinny = all(q.weight.shape[1] % 8 == 0 for q in self.linears())
+
+    def linears(self) -> list[QLinear]:
+        return [q for layer in self.layers for q in (layer.qkv, layer.o, layer.gate_up, layer.down)] + [self.lm_head]
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of every weight the forward reads (the embedding once when tied)."""
+        tied = self.lm_head.weight is self.embed.weight
+        emb = 0 if tied else self.embed.weight.numel() * self.embed.weight.element_size()
+        norms = sum(t.numel() * 4 for layer in self.layers for t in (layer.ln1, layer.ln2)) + self.norm.numel() * 4
+        return sum(q.nbytes for q in self.linears()) + emb + norms
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv: KVCache, logits_indices: torch.Tensor) -> torch.Tensor:
         """Run the flat batch of `T` tokens; return float32 logits for rows `logits_indices`."""
-        if self.embed.device.type == "cpu" and self.embed.dtype == torch.float32:
+        if self.on_cpu and kv.tensor.dtype in (torch.float32, torch.bfloat16):
             ck = cpu_kernels.kernels()
             if ck is not None:
                 return self._forward_fused(ck, input_ids, positions, meta, kv, logits_indices)
@@ -85,27 +123,34 @@ class LlamaModel:
         inter = c.intermediate_size
         cos = self.rope.cos[positions].unsqueeze(1)
         sin = self.rope.sin[positions].unsqueeze(1)
-        x = F.embedding(input_ids, self.embed)
-        for li, (ln1, wqkv, wo, ln2, wgu, wd) in enumerate(self.layers):
-            h = rms_norm(x, ln1, c.rms_norm_eps)
-            qkv = F.linear(h, wqkv)
+        x = self.embed(input_ids)
+        linear = self._reference_linear
+        for li, layer in enumerate(self.layers):
+            h = rms_norm(x, layer.ln1, c.rms_norm_eps)
+            qkv = linear(li, "qkv", h, layer.qkv)
             q = self.rope.apply(qkv[:, :q_size].view(T, H, hd), cos, sin)
             k = self.rope.apply(qkv[:, q_size:q_size + kv_size].view(T, KVH, hd), cos, sin)
             v = qkv[:, q_size + kv_size:].view(T, KVH, hd)
             a = paged_attention(q, k, v, kv.k[li], kv.v[li], meta, self.scale)
-            x = x + F.linear(a.reshape(T, q_size), wo)
-            h = rms_norm(x, ln2, c.rms_norm_eps)
-            gu = F.linear(h, wgu)
-            x = x + F.linear(F.silu(gu[:, :inter]) * gu[:, inter:], wd)
+            x = x + linear(li, "o", a.reshape(T, q_size), layer.o)
+            h = rms_norm(x, layer.ln2, c.rms_norm_eps)
+            gu = linear(li, "gate_up", h, layer.gate_up)
+            x = x + linear(li, "down", F.silu(gu[:, :inter]) * gu[:, inter:], layer.down)
         x = rms_norm(x[logits_indices], self.norm, c.rms_norm_eps)
-        return F.linear(x, self.lm_head)
+        return self.lm_head.reference(x)
+
+    def _reference_linear(self, li: int, name: str, x: torch.Tensor, lin: QLinear) -> torch.Tensor:
+        if self.observer is not None:
+            self.observer(li, name, x)
+        return lin.reference(x)
 
     def _forward_fused(self, ck, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                        kv: KVCache, logits_indices: torch.Tensor) -> torch.Tensor:
         """`forward` with the C++ CPU ops: the same computation, fewer and fused calls.
 
         After the last layer's K/V are written, only the rows that sample are carried on
-        (attention output, MLP, norm, LM head): for a prefill chunk that is its last row."""
+        (attention output, MLP, norm, LM head): for a prefill chunk that is its last row
+        (unless an observer is calibrating: it sees every row)."""
         c = self.cfg
         T = input_ids.shape[0]
         H, KVH, hd = c.num_heads, c.num_kv_heads, c.head_dim
@@ -113,34 +158,53 @@ class LlamaModel:
         eps = c.rms_norm_eps
         cos, sin = self.rope.cos, self.rope.sin
         skinny = self.skinny and ck.skinny_linear_supported()
+        observer = self.observer
 
-        def linear(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-            if skinny and a.shape[0] <= SKINNY_MAX_ROWS:
-                return ck.skinny_linear(a, w)
-            return ck.split_linear(a, w) if SPLIT_LINEAR else F.linear(a, w)
+        def linear(li: int, name: str, a: torch.Tensor, lin: QLinear) -> torch.Tensor:
+            if observer is not None:
+                observer(li, name, a)
+            return _fused_linear(ck, a, lin, skinny)
 
-        x = F.embedding(input_ids, self.embed)  # the residual stream, updated in place
+        x = self.embed(input_ids)  # the residual stream, updated in place
         delta = None  # what the previous layer's MLP adds to x
         last = len(self.layers) - 1
-        for li, (ln1, wqkv, wo, ln2, wgu, wd) in enumerate(self.layers):
-            h = ck.rms_norm(x, ln1, eps) if delta is None else ck.add_rms_norm(x, delta, ln1, eps)
-            qkv = linear(h, wqkv)
+        for li, layer in enumerate(self.layers):
+            h = ck.rms_norm(x, layer.ln1, eps) if delta is None else ck.add_rms_norm(x, delta, layer.ln1, eps)
+            qkv = linear(li, "qkv", h, layer.qkv)
             ck.rope_write_kv(qkv, positions, cos, sin, kv.k[li], kv.v[li], meta.slot_blocks,
                              meta.slot_offsets, H, KVH)
             q, k, v = (qkv[:, :q_size].view(-1, H, hd), qkv[:, q_size:q_size + kv_size].view(-1, KVH, hd),
                        qkv[:, q_size + kv_size:].view(-1, KVH, hd))
             lmeta = meta
-            if li == last and (kept := _sampling_rows(meta, logits_indices, T)) is not None:
+            if li == last and observer is None and (kept := _sampling_rows(meta, logits_indices, T)) is not None:
                 lmeta = kept
                 x, q, k, v = x[logits_indices], q[logits_indices], k[logits_indices], v[logits_indices]
             a = attend(q, k, v, kv.k[li], kv.v[li], lmeta, self.scale)
-            h = ck.add_rms_norm(x, linear(a.view(-1, q_size), wo), ln2, eps)
-            delta = linear(ck.silu_mul(linear(h, wgu)), wd)
+            h = ck.add_rms_norm(x, linear(li, "o", a.view(-1, q_size), layer.o), layer.ln2, eps)
+            delta = linear(li, "down", ck.silu_mul(linear(li, "gate_up", h, layer.gate_up)), layer.down)
         if x.shape[0] == T:  # all rows were kept
             x = x.add_(delta)[logits_indices] if delta is not None else x[logits_indices]
         else:
             x = x.add_(delta)
-        return linear(ck.rms_norm(x, self.norm, eps), self.lm_head)
+        return _fused_linear(ck, ck.rms_norm(x, self.norm, eps), self.lm_head, skinny)
+
+
+def _qlinear(w: dict[str, torch.Tensor], name: str) -> QLinear:
+    """The weight `name` in its stored form: the dtype of the codes says which."""
+    t = w[name]
+    form = {torch.float32: "f32", torch.bfloat16: "bf16", torch.int8: "int8", torch.float8_e4m3fn: "fp8"}.get(t.dtype)
+    if form is None:
+        raise ValueError(f"{name}: weights of dtype {t.dtype} are not supported")
+    return QLinear.make(form, t, w.get(name + "_scale"))
+
+
+def _fused_linear(ck, a: torch.Tensor, lin: QLinear, skinny: bool) -> torch.Tensor:
+    """`lin.reference(a)` through the C++ kernels where they cover the form and shape."""
+    if lin.form == "f32":
+        if skinny and a.shape[0] <= SKINNY_MAX_ROWS:
+            return ck.skinny_linear(a, lin.weight)
+        return ck.split_linear(a, lin.weight) if SPLIT_LINEAR else F.linear(a, lin.weight)
+    return lin.reference(a)
 
 
 def _sampling_rows(meta: AttentionMetadata, logits_indices: torch.Tensor, T: int) -> AttentionMetadata | None:

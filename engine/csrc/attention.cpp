@@ -1,4 +1,5 @@
-// Paged attention kernels for the CPU (fp32), read straight from the KV blocks.
+// Paged attention kernels for the CPU, read straight from the KV blocks (float32 or bfloat16;
+// the math is fp32 either way).
 //
 // The cache of one layer is the strided view [num_blocks, block_size, kv_heads, head_dim] of
 // the node's KV region (layout [num_blocks, num_layers, 2, block_size, kv_heads, head_dim]):
@@ -51,9 +52,11 @@ inline float softmax_numerators(float* p, int64_t n, int64_t n_pad) {
 #endif
 }
 
-// One (sequence, kv head) task: `group` query heads attend over `ctx` cached tokens.
+// One (sequence, kv head) task: `group` query heads attend over `ctx` cached tokens. T: the
+// cache's element type (float or c10::BFloat16); the math is fp32 either way.
+template <typename T>
 void attend_one(const float* q, int64_t q_head_stride, float* out, int64_t out_head_stride,
-                const float* k_base, const float* v_base, int64_t block_stride, int64_t row_stride,
+                const T* k_base, const T* v_base, int64_t block_stride, int64_t row_stride,
                 const int64_t* table, int64_t block_size, int64_t ctx, int64_t group, int64_t hd,
                 float scale, std::vector<float>& scratch) {
   const int64_t n_pad = (ctx + 7) / 8 * 8;
@@ -66,31 +69,31 @@ void attend_one(const float* q, int64_t q_head_stride, float* out, int64_t out_h
   for (int64_t b = 0; b < nblocks; ++b) {
     const int64_t t0 = b * block_size;
     const int64_t tn = std::min(block_size, ctx - t0);
-    const float* kb = k_base + table[b] * block_stride;
+    const T* kb = k_base + table[b] * block_stride;
     for (int64_t j = 0; j < group; ++j) {
       const float* qj = q + j * q_head_stride;
       float* sj = scores + j * n_pad + t0;
 #ifdef HM_AVX2
       if (hd % 8 == 0) {
         for (int64_t t = 0; t < tn; ++t) {
-          const float* kt = kb + t * row_stride;
-          __m256 a0 = _mm256_mul_ps(_mm256_loadu_ps(qj), _mm256_loadu_ps(kt));
+          const T* kt = kb + t * row_stride;
+          __m256 a0 = _mm256_mul_ps(_mm256_loadu_ps(qj), hm::load8(kt));
           __m256 a1 = _mm256_setzero_ps();
           int64_t d = 8;
           for (; d + 8 < hd; d += 16) {
-            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qj + d), _mm256_loadu_ps(kt + d), a1);
-            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qj + d + 8), _mm256_loadu_ps(kt + d + 8), a0);
+            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qj + d), hm::load8(kt + d), a1);
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qj + d + 8), hm::load8(kt + d + 8), a0);
           }
-          for (; d < hd; d += 8) a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qj + d), _mm256_loadu_ps(kt + d), a1);
+          for (; d < hd; d += 8) a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qj + d), hm::load8(kt + d), a1);
           sj[t] = hsum8(_mm256_add_ps(a0, a1)) * scale;
         }
         continue;
       }
 #endif
       for (int64_t t = 0; t < tn; ++t) {
-        const float* kt = kb + t * row_stride;
+        const T* kt = kb + t * row_stride;
         float s = 0.f;
-        for (int64_t d = 0; d < hd; ++d) s += qj[d] * kt[d];
+        for (int64_t d = 0; d < hd; ++d) s += qj[d] * hm::to_f(kt[d]);
         sj[t] = s * scale;
       }
     }
@@ -105,7 +108,7 @@ void attend_one(const float* q, int64_t q_head_stride, float* out, int64_t out_h
   for (int64_t b = 0; b < nblocks; ++b) {
     const int64_t t0 = b * block_size;
     const int64_t tn = std::min(block_size, ctx - t0);
-    const float* vb = v_base + table[b] * block_stride;
+    const T* vb = v_base + table[b] * block_stride;
     for (int64_t j = 0; j < group; ++j) {
       const float* pj = scores + j * n_pad + t0;
       float* aj = acc + j * hd;
@@ -114,18 +117,18 @@ void attend_one(const float* q, int64_t q_head_stride, float* out, int64_t out_h
         __m256 r[8];
         for (int c = 0; c < 8; ++c) r[c] = _mm256_loadu_ps(aj + 8 * c);
         for (int64_t t = 0; t < tn; ++t) {
-          const float* vt = vb + t * row_stride;
+          const T* vt = vb + t * row_stride;
           const __m256 p = _mm256_set1_ps(pj[t]);
-          for (int c = 0; c < 8; ++c) r[c] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vt + 8 * c), r[c]);
+          for (int c = 0; c < 8; ++c) r[c] = _mm256_fmadd_ps(p, hm::load8(vt + 8 * c), r[c]);
         }
         for (int c = 0; c < 8; ++c) _mm256_storeu_ps(aj + 8 * c, r[c]);
         continue;
       }
 #endif
       for (int64_t t = 0; t < tn; ++t) {
-        const float* vt = vb + t * row_stride;
+        const T* vt = vb + t * row_stride;
         const float p = pj[t];
-        for (int64_t d = 0; d < hd; ++d) aj[d] += p * vt[d];
+        for (int64_t d = 0; d < hd; ++d) aj[d] += p * hm::to_f(vt[d]);
       }
     }
   }
@@ -140,8 +143,9 @@ void attend_one(const float* q, int64_t q_head_stride, float* out, int64_t out_h
 // Prefill: four query rows of one head (rows sorted by context length `clen`; a short block
 // repeats its last row) against keys [0, clen[3]) of one kv head. head_dim % 16 == 0.
 // Scores are kept as [key][row] so one 8-lane vector holds two keys of all four rows.
+template <typename T>
 void attend_rows4(const float* const q[4], float* const o[4], int nrows, const int64_t clen[4],
-                  const float* k_base, const float* v_base, int64_t block_stride, int64_t row_stride,
+                  const T* k_base, const T* v_base, int64_t block_stride, int64_t row_stride,
                   const int64_t* table, int64_t block_size, int64_t hd, float scale, std::vector<float>& scratch) {
   const int64_t cmax = clen[3];
   const int64_t npad = (cmax + 1) / 2 * 2;
@@ -153,15 +157,15 @@ void attend_rows4(const float* const q[4], float* const o[4], int nrows, const i
   const __m256 vscale = _mm256_set1_ps(scale);
   for (int64_t b = 0; b < nblocks; ++b) {
     const int64_t t0 = b * block_size, tn = std::min(block_size, cmax - t0);
-    const float* kb = k_base + table[b] * block_stride;
+    const T* kb = k_base + table[b] * block_stride;
     int64_t t = 0;
     for (; t + 2 <= tn; t += 2) {
-      const float* ka = kb + t * row_stride;
-      const float* kc = ka + row_stride;
+      const T* ka = kb + t * row_stride;
+      const T* kc = ka + row_stride;
       __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
       __m256 b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps(), b2 = _mm256_setzero_ps(), b3 = _mm256_setzero_ps();
       for (int64_t d = 0; d < hd; d += 8) {
-        const __m256 x = _mm256_loadu_ps(ka + d), y = _mm256_loadu_ps(kc + d);
+        const __m256 x = hm::load8(ka + d), y = hm::load8(kc + d);
         __m256 qv = _mm256_loadu_ps(q[0] + d);
         a0 = _mm256_fmadd_ps(qv, x, a0); b0 = _mm256_fmadd_ps(qv, y, b0);
         qv = _mm256_loadu_ps(q[1] + d);
@@ -178,10 +182,10 @@ void attend_rows4(const float* const q[4], float* const o[4], int nrows, const i
       _mm256_storeu_ps(S + 4 * (t0 + t), _mm256_mul_ps(_mm256_add_ps(lo, hi), vscale));
     }
     for (; t < tn; ++t) {
-      const float* kt = kb + t * row_stride;
+      const T* kt = kb + t * row_stride;
       __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
       for (int64_t d = 0; d < hd; d += 8) {
-        const __m256 x = _mm256_loadu_ps(kt + d);
+        const __m256 x = hm::load8(kt + d);
         a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q[0] + d), x, a0);
         a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q[1] + d), x, a1);
         a2 = _mm256_fmadd_ps(_mm256_loadu_ps(q[2] + d), x, a2);
@@ -214,11 +218,11 @@ void attend_rows4(const float* const q[4], float* const o[4], int nrows, const i
     __m256 c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps(), c30 = _mm256_setzero_ps(), c31 = _mm256_setzero_ps();
     for (int64_t b = 0; b < nblocks; ++b) {
       const int64_t t0 = b * block_size, tn = std::min(block_size, cmax - t0);
-      const float* vb = v_base + table[b] * block_stride + d;
+      const T* vb = v_base + table[b] * block_stride + d;
       for (int64_t t = 0; t < tn; ++t) {
-        const float* vt = vb + t * row_stride;
+        const T* vt = vb + t * row_stride;
         const float* pt = S + 4 * (t0 + t);
-        const __m256 v0 = _mm256_loadu_ps(vt), v1 = _mm256_loadu_ps(vt + 8);
+        const __m256 v0 = hm::load8(vt), v1 = hm::load8(vt + 8);
         __m256 p = _mm256_broadcast_ss(pt);
         c00 = _mm256_fmadd_ps(p, v0, c00); c01 = _mm256_fmadd_ps(p, v1, c01);
         p = _mm256_broadcast_ss(pt + 1);
@@ -240,8 +244,9 @@ void attend_rows4(const float* const q[4], float* const o[4], int nrows, const i
 #endif
 
 void check_kv_cache(const torch::Tensor& c, const char* name) {
-  TORCH_CHECK(c.dim() == 4 && c.scalar_type() == torch::kFloat32 && c.device().is_cpu(),
-              name, " must be a float32 CPU tensor [num_blocks, block_size, kv_heads, head_dim]");
+  TORCH_CHECK(c.dim() == 4 && (c.scalar_type() == torch::kFloat32 || c.scalar_type() == torch::kBFloat16) &&
+                  c.device().is_cpu(),
+              name, " must be a float32 or bfloat16 CPU tensor [num_blocks, block_size, kv_heads, head_dim]");
   TORCH_CHECK(c.stride(3) == 1 && c.stride(2) == c.size(3) && c.stride(1) == c.size(2) * c.size(3),
               name, ": each block's rows must be contiguous");
 }
@@ -251,11 +256,22 @@ void check_attention_operands(const torch::Tensor& out, const torch::Tensor& q, 
                               const torch::Tensor& v_cache) {
   check_kv_cache(k_cache, "k_cache");
   check_kv_cache(v_cache, "v_cache");
-  TORCH_CHECK(k_cache.sizes() == v_cache.sizes() && k_cache.strides() == v_cache.strides(),
-              "k_cache and v_cache must have the same shape and strides");
+  TORCH_CHECK(k_cache.sizes() == v_cache.sizes() && k_cache.strides() == v_cache.strides() &&
+                  k_cache.scalar_type() == v_cache.scalar_type(),
+              "k_cache and v_cache must have the same shape, strides and dtype");
   TORCH_CHECK(q.dim() == 3 && q.scalar_type() == torch::kFloat32 && q.stride(2) == 1, "q must be float32 [n, heads, head_dim]");
   TORCH_CHECK(out.sizes() == q.sizes() && out.scalar_type() == torch::kFloat32 && out.stride(2) == 1,
               "out must be float32 shaped like q");
+}
+
+// f(T()) with T the cache's element type: float or c10::BFloat16.
+template <typename F>
+void dispatch_kv(const torch::Tensor& cache, F&& f) {
+  if (cache.scalar_type() == torch::kBFloat16) {
+    f(c10::BFloat16());
+  } else {
+    f(0.f);
+  }
 }
 
 }  // namespace
@@ -289,22 +305,25 @@ void decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache,
   const int64_t group = heads / kvh;
   const float* qp = q.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  const float* kp = k_cache.data_ptr<float>();
-  const float* vp = v_cache.data_ptr<float>();
-  const int64_t q_s = q.stride(0), q_h = q.stride(1), o_s = out.stride(0), o_h = out.stride(1);
-  const int64_t bstride = k_cache.stride(0), rstride = k_cache.stride(1);
-  const int64_t tasks = n * kvh;
-  // Below ~64k key-head dot products a layer's attention takes a few tens of microseconds:
-  // cheaper on one thread than waking the others.
-  const int64_t grain = total * heads < 65536 ? tasks : 1;
-  at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
-    thread_local std::vector<float> scratch;
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t s = task / kvh, g = task % kvh;
-      attend_one(qp + s * q_s + g * group * q_h, q_h, op + s * o_s + g * group * o_h, o_h,
-                 kp + g * hd, vp + g * hd, bstride, rstride, tables + s * max_blocks, block_size,
-                 lens[s], group, hd, static_cast<float>(scale), scratch);
-    }
+  dispatch_kv(k_cache, [&](auto tag) {
+    using T = decltype(tag);
+    const T* kp = static_cast<const T*>(k_cache.data_ptr());
+    const T* vp = static_cast<const T*>(v_cache.data_ptr());
+    const int64_t q_s = q.stride(0), q_h = q.stride(1), o_s = out.stride(0), o_h = out.stride(1);
+    const int64_t bstride = k_cache.stride(0), rstride = k_cache.stride(1);
+    const int64_t tasks = n * kvh;
+    // Below ~64k key-head dot products a layer's attention takes a few tens of microseconds:
+    // cheaper on one thread than waking the others.
+    const int64_t grain = total * heads < 65536 ? tasks : 1;
+    at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
+      thread_local std::vector<float> scratch;
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t s = task / kvh, g = task % kvh;
+        attend_one(qp + s * q_s + g * group * q_h, q_h, op + s * o_s + g * group * o_h, o_h,
+                   kp + g * hd, vp + g * hd, bstride, rstride, tables + s * max_blocks, block_size,
+                   lens[s], group, hd, static_cast<float>(scale), scratch);
+      }
+    });
   });
 }
 
@@ -327,46 +346,49 @@ void prefill_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache
   const int64_t group = heads / kvh;
   const float* qp = q.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  const float* kp = k_cache.data_ptr<float>();
-  const float* vp = v_cache.data_ptr<float>();
-  const int64_t q_s = q.stride(0), q_h = q.stride(1), o_s = out.stride(0), o_h = out.stride(1);
-  const int64_t bstride = k_cache.stride(0), rstride = k_cache.stride(1);
-  const float sc = static_cast<float>(scale);
+  dispatch_kv(k_cache, [&](auto tag) {
+    using T = decltype(tag);
+    const T* kp = static_cast<const T*>(k_cache.data_ptr());
+    const T* vp = static_cast<const T*>(v_cache.data_ptr());
+    const int64_t q_s = q.stride(0), q_h = q.stride(1), o_s = out.stride(0), o_h = out.stride(1);
+    const int64_t bstride = k_cache.stride(0), rstride = k_cache.stride(1);
+    const float sc = static_cast<float>(scale);
 #ifdef HM_AVX2
-  if (hd % 16 == 0) {
-    const int64_t nrb = (n + 3) / 4;
-    // Tasks (row block, head); row blocks in the order 0, last, 1, last-1, ... so that each
-    // thread's contiguous share holds as many long rows as short ones.
-    at::parallel_for(0, nrb * heads, 1, [&](int64_t begin, int64_t end) {
+    if (hd % 16 == 0) {
+      const int64_t nrb = (n + 3) / 4;
+      // Tasks (row block, head); row blocks in the order 0, last, 1, last-1, ... so that each
+      // thread's contiguous share holds as many long rows as short ones.
+      at::parallel_for(0, nrb * heads, 1, [&](int64_t begin, int64_t end) {
+        thread_local std::vector<float> scratch;
+        for (int64_t task = begin; task < end; ++task) {
+          const int64_t k = task / heads, h = task % heads;
+          const int64_t rb = (k % 2 == 0) ? k / 2 : nrb - 1 - k / 2;
+          const int64_t r0 = rb * 4;
+          const int nrows = static_cast<int>(std::min<int64_t>(4, n - r0));
+          const float* qr[4];
+          float* orow[4];
+          int64_t clen[4];
+          for (int r = 0; r < 4; ++r) {
+            const int64_t i = r0 + std::min(r, nrows - 1);
+            qr[r] = qp + i * q_s + h * q_h;
+            orow[r] = op + i * o_s + h * o_h;
+            clen[r] = past + i + 1;
+          }
+          const int64_t g = h / group;
+          attend_rows4(qr, orow, nrows, clen, kp + g * hd, vp + g * hd, bstride, rstride, table, block_size, hd,
+                       sc, scratch);
+        }
+      });
+      return;
+    }
+#endif
+    at::parallel_for(0, n * kvh, 1, [&](int64_t begin, int64_t end) {
       thread_local std::vector<float> scratch;
       for (int64_t task = begin; task < end; ++task) {
-        const int64_t k = task / heads, h = task % heads;
-        const int64_t rb = (k % 2 == 0) ? k / 2 : nrb - 1 - k / 2;
-        const int64_t r0 = rb * 4;
-        const int nrows = static_cast<int>(std::min<int64_t>(4, n - r0));
-        const float* qr[4];
-        float* orow[4];
-        int64_t clen[4];
-        for (int r = 0; r < 4; ++r) {
-          const int64_t i = r0 + std::min(r, nrows - 1);
-          qr[r] = qp + i * q_s + h * q_h;
-          orow[r] = op + i * o_s + h * o_h;
-          clen[r] = past + i + 1;
-        }
-        const int64_t g = h / group;
-        attend_rows4(qr, orow, nrows, clen, kp + g * hd, vp + g * hd, bstride, rstride, table, block_size, hd,
-                     sc, scratch);
+        const int64_t i = task / kvh, g = task % kvh;
+        attend_one(qp + i * q_s + g * group * q_h, q_h, op + i * o_s + g * group * o_h, o_h, kp + g * hd,
+                   vp + g * hd, bstride, rstride, table, block_size, past + i + 1, group, hd, sc, scratch);
       }
     });
-    return;
-  }
-#endif
-  at::parallel_for(0, n * kvh, 1, [&](int64_t begin, int64_t end) {
-    thread_local std::vector<float> scratch;
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t i = task / kvh, g = task % kvh;
-      attend_one(qp + i * q_s + g * group * q_h, q_h, op + i * o_s + g * group * o_h, o_h, kp + g * hd,
-                 vp + g * hd, bstride, rstride, table, block_size, past + i + 1, group, hd, sc, scratch);
-    }
   });
 }

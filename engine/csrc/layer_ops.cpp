@@ -1,6 +1,7 @@
 // Fused per-token operations of a Llama layer for the CPU (fp32), one call each instead of
 // several torch ops: RMSNorm (optionally after the residual add), RoPE applied in place to the
-// fused QKV rows together with the K/V write into the paged cache, and SiLU(gate) * up.
+// fused QKV rows together with the K/V write into the paged cache (float32 or bfloat16), and
+// SiLU(gate) * up.
 // Each follows the torch reference in engine/model.py operation by operation (built with
 // -ffp-contract=off, so no multiply-add is fused behind its back); only the order of the sum
 // inside RMSNorm differs.
@@ -90,10 +91,12 @@ void rope_write_kv(torch::Tensor qkv, torch::Tensor positions, torch::Tensor cos
     TORCH_CHECK(t->dim() == 1 && t->size(0) == T && t->scalar_type() == torch::kInt64 && t->is_contiguous(),
                 "positions and slots must be contiguous int64 [T]");
   for (const auto* c : {&k_cache, &v_cache})
-    TORCH_CHECK(c->dim() == 4 && c->scalar_type() == torch::kFloat32 && c->size(2) == kv_heads &&
-                    c->size(3) == hd && c->stride(3) == 1 && c->stride(2) == hd && c->stride(1) == kv_heads * hd,
-                "caches must be float32 [num_blocks, block_size, kv_heads, head_dim] with contiguous rows");
-  TORCH_CHECK(k_cache.sizes() == v_cache.sizes() && k_cache.strides() == v_cache.strides(),
+    TORCH_CHECK(c->dim() == 4 && (c->scalar_type() == torch::kFloat32 || c->scalar_type() == torch::kBFloat16) &&
+                    c->size(2) == kv_heads && c->size(3) == hd && c->stride(3) == 1 && c->stride(2) == hd &&
+                    c->stride(1) == kv_heads * hd,
+                "caches must be float32 or bfloat16 [num_blocks, block_size, kv_heads, head_dim] with contiguous rows");
+  TORCH_CHECK(k_cache.sizes() == v_cache.sizes() && k_cache.strides() == v_cache.strides() &&
+                  k_cache.scalar_type() == v_cache.scalar_type(),
               "k_cache and v_cache must match");
   const int64_t nb = k_cache.size(0), bs = k_cache.size(1), width = qkv.size(1);
   const int64_t* pos = positions.data_ptr<int64_t>();
@@ -105,8 +108,10 @@ void rope_write_kv(torch::Tensor qkv, torch::Tensor positions, torch::Tensor cos
   float* base = qkv.data_ptr<float>();
   const float* cp = cos.data_ptr<float>();
   const float* sp = sin.data_ptr<float>();
-  float* kc = k_cache.data_ptr<float>();
-  float* vc = v_cache.data_ptr<float>();
+  const bool bf16 = k_cache.scalar_type() == torch::kBFloat16;
+  char* kc = static_cast<char*>(k_cache.data_ptr());
+  char* vc = static_cast<char*>(v_cache.data_ptr());
+  const int64_t esize = k_cache.element_size();
   const int64_t bstride = k_cache.stride(0), rstride = k_cache.stride(1);
   at::parallel_for(0, T, kRowGrain, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
@@ -121,9 +126,20 @@ void rope_write_kv(torch::Tensor qkv, torch::Tensor positions, torch::Tensor cos
           x[i + half] = x2 * c[i + half] + x1 * s[i + half];
         }
       }
-      const int64_t slot = sb[t] * bstride + so[t] * rstride;
-      std::memcpy(kc + slot, row + heads * hd, sizeof(float) * kv_heads * hd);
-      std::memcpy(vc + slot, row + (heads + kv_heads) * hd, sizeof(float) * kv_heads * hd);
+      const int64_t slot = (sb[t] * bstride + so[t] * rstride) * esize;
+      const float* kr = row + heads * hd;
+      const float* vr = row + (heads + kv_heads) * hd;
+      if (bf16) {  // round to nearest even, as torch's .to(torch.bfloat16)
+        auto* kd = reinterpret_cast<c10::BFloat16*>(kc + slot);
+        auto* vd = reinterpret_cast<c10::BFloat16*>(vc + slot);
+        for (int64_t i = 0; i < kv_heads * hd; ++i) {
+          kd[i] = c10::BFloat16(kr[i]);
+          vd[i] = c10::BFloat16(vr[i]);
+        }
+      } else {
+        std::memcpy(kc + slot, kr, sizeof(float) * kv_heads * hd);
+        std::memcpy(vc + slot, vr, sizeof(float) * kv_heads * hd);
+      }
     }
   });
 }

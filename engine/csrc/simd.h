@@ -1,6 +1,20 @@
 // SIMD helpers shared by the CPU kernels: AVX2 + FMA when built with -mavx2 -mfma, else none
-// (the kernels then use plain loops).
+// (the kernels then use plain loops); AVX-512 (F/BW/VL + VNNI + BF16) when built with those
+// flags (HM_AVX512: the bf16 / int8 / fp8 GEMMs of qgemm.cpp).
 #pragma once
+
+#include <c10/util/BFloat16.h>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__) && \
+    defined(__AVX512BF16__)
+#define HM_AVX512 1
+#endif
+
+namespace hm {
+// A KV element as float (caches hold float or bfloat16).
+inline float to_f(float x) { return x; }
+inline float to_f(c10::BFloat16 x) { return static_cast<float>(x); }
+}  // namespace hm
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -27,6 +41,13 @@ inline __m256 exp8(__m256 x) {
   __m256i n = _mm256_cvttps_epi32(fx);
   n = _mm256_slli_epi32(_mm256_add_epi32(n, _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(y, _mm256_castsi256_ps(n));
+}
+
+// 8 KV elements as floats (bfloat16 is the top half of a float: widen and shift).
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const c10::BFloat16* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 
 inline float hsum8(__m256 v) {

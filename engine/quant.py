@@ -1,0 +1,173 @@
+"""Model dtypes (`EngineConfig.dtype`): how each weight is stored and how a linear layer computes.
+
+=========  =======================================  =====================  ===========
+dtype      layer linears (q/k/v, o, gate/up, down)  LM head and embedding  KV (auto)
+=========  =======================================  =====================  ===========
+float32    fp32                                     fp32                   float32
+bfloat16   bf16 weights, inputs rounded to bf16     bf16                   bfloat16
+w8a8       int8 per output channel x int8 per       int8 per row (tied:    bfloat16
+           token (dynamic), SmoothQuant-smoothed    one table; lookup
+                                                    dequantizes the row)
+fp8        E4M3 per output channel x E4M3 per       bf16                   bfloat16
+           token (dynamic); emulated by upcast
+=========  =======================================  =====================  ===========
+
+Everything between the linears -- the residual stream, RMSNorm, RoPE, softmax, SiLU, the
+matmul accumulators -- is fp32 in every dtype; the dtype names what is *stored* (weights,
+KV) and what a linear multiplies. A linear's output is fp32 (the bf16 and fp8 prefill
+GEMMs round it to bf16 first: oneDNN's bf16 GEMM has no fp32 output on CPU).
+
+fp8: no CPU here multiplies E4M3 natively; weights and activations are E4M3 values and
+their products are computed exactly in fp32 after an upcast (`engine/csrc/qgemm.cpp` and
+the torch reference below), so the numerics are those of an FP8 GEMM with fp32
+accumulation. No native FP8 GEMM path exists (no FP8 GPU was at hand to check one).
+
+`QLinear.reference` is the torch reference of each form; `engine.model` runs the C++ kernels
+where they exist, and the tests hold the kernels to this reference.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+DTYPES = ("float32", "bfloat16", "w8a8", "fp8")
+KV_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+INT8_MAX = 127.0
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+@dataclass(frozen=True, slots=True)
+class Recipe:
+    """What `dtype` stores: the form of the layer linears and of the LM head / embedding."""
+
+    dtype: str
+    linear: str  # "f32" | "bf16" | "int8" | "fp8"
+    lm_head: str  # "f32" | "bf16" | "int8"
+    kv_dtype: str  # the KV cache's dtype when EngineConfig.kv_dtype is "auto"
+
+
+RECIPES = {
+    "float32": Recipe("float32", "f32", "f32", "float32"),
+    "bfloat16": Recipe("bfloat16", "bf16", "bf16", "bfloat16"),
+    "w8a8": Recipe("w8a8", "int8", "int8", "bfloat16"),
+    "fp8": Recipe("fp8", "fp8", "bf16", "bfloat16"),
+}
+
+
+def recipe(dtype: str) -> Recipe:
+    try:
+        return RECIPES[dtype]
+    except KeyError:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}") from None
+
+
+# --- quantizers (weights per output row, activations per token row) ------------------------
+
+def quantize_int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per row: q = round(x * 127 / absmax) in [-127, 127], scale = absmax / 127.
+
+    The float operations (one multiply by 127 / absmax, round half to even) are the ones the
+    C++ kernel does, so both give the same codes bit for bit."""
+    x = x.float()
+    amax = x.abs().amax(dim=-1)
+    inv = torch.where(amax > 0, INT8_MAX / amax, torch.zeros_like(amax))
+    q = torch.round(x * inv.unsqueeze(-1)).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return q, amax / INT8_MAX
+
+
+def quantize_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """E4M3 per row: q = e4m3(x * 448 / absmax) (round to nearest even), scale = absmax / 448."""
+    x = x.float()
+    amax = x.abs().amax(dim=-1)
+    inv = torch.where(amax > 0, FP8_MAX / amax, torch.zeros_like(amax))
+    q = (x * inv.unsqueeze(-1)).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q, amax / FP8_MAX
+
+
+def int8_row_sums(q: torch.Tensor) -> torch.Tensor:
+    """sum_k q[n, k] as int32: the VNNI kernel multiplies (x + 128) as unsigned and takes
+    128 * row sum back off."""
+    return q.to(torch.int32).sum(dim=-1, dtype=torch.int32)
+
+
+# --- one linear layer in its stored form ----------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class QLinear:
+    """y[M, N] = x[M, K] @ W^T for a weight W [N, K] (contiguous) in one of four forms."""
+
+    form: str  # "f32" | "bf16" | "int8" | "fp8"
+    weight: torch.Tensor  # float32 | bfloat16 | int8 | float8_e4m3fn, [N, K]
+    scale: torch.Tensor | None = None  # [N] float32 (int8, fp8): W = weight * scale[:, None]
+    row_sums: torch.Tensor | None = None  # [N] int32 (int8)
+
+    @classmethod
+    def make(cls, form: str, weight: torch.Tensor, scale: torch.Tensor | None = None) -> "QLinear":
+        """From a float weight (quantized here) or, given `scale`, from already-quantized codes."""
+        if form == "f32":
+            return cls(form, weight.float().contiguous())
+        if form == "bf16":
+            return cls(form, weight.to(torch.bfloat16).contiguous())
+        if form not in ("int8", "fp8"):
+            raise ValueError(f"unknown linear form {form!r}")
+        if scale is None:
+            weight, scale = (quantize_int8_rows if form == "int8" else quantize_fp8_rows)(weight)
+        weight = weight.contiguous()
+        return cls(form, weight, scale.float().contiguous(), int8_row_sums(weight) if form == "int8" else None)
+
+    @classmethod
+    def cat(cls, parts: list["QLinear"]) -> "QLinear":
+        """Stack weights along N (fused Q/K/V, gate/up): per-row scales stack with them."""
+        f = parts[0].form
+        if any(p.form != f for p in parts):
+            raise ValueError("fused linears must share one form")
+        cat = lambda ts: None if ts[0] is None else torch.cat(ts).contiguous()  # noqa: E731
+        return cls(f, cat([p.weight for p in parts]), cat([p.scale for p in parts]), cat([p.row_sums for p in parts]))
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.weight, self.scale, self.row_sums) if t is not None)
+
+    def dequantized(self) -> torch.Tensor:
+        """The fp32 matrix this form stands for."""
+        w = self.weight.float()
+        return w * self.scale.unsqueeze(1) if self.scale is not None else w
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The torch computation this form defines (also the GPU path); x [M, K] float32."""
+        if self.form == "f32":
+            return F.linear(x, self.weight)
+        if self.form == "bf16":
+            return F.linear(x.to(torch.bfloat16), self.weight).float()
+        if self.form == "int8":
+            xq, xs = quantize_int8_rows(x)
+            return int_mm(xq, self.weight).float() * xs.unsqueeze(1) * self.scale
+        xq, xs = quantize_fp8_rows(x)  # fp8: products of E4M3 values are exact in fp32
+        return F.linear(xq.float(), self.weight.float()) * xs.unsqueeze(1) * self.scale
+
+
+def int_mm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """int8 a [M, K] @ int8 w [N, K]^T -> int32 [M, N], exact (oneDNN on CPU, cuBLASLt on GPU,
+    which wants M > 16 and K, N multiples of 8: rows are padded there)."""
+    if a.is_cuda and a.shape[0] <= 16:
+        pad = torch.zeros(17 - a.shape[0], a.shape[1], dtype=a.dtype, device=a.device)
+        return torch._int_mm(torch.cat([a, pad]), w.t())[: a.shape[0]]
+    return torch._int_mm(a, w.t())
+
+
+@dataclass(frozen=True, slots=True)
+class Embedding:
+    """Token embedding rows in the LM head's form (tied models share the table)."""
+
+    weight: torch.Tensor  # [V, D] float32 | bfloat16 | int8
+    scale: torch.Tensor | None = None  # [V] float32 (int8)
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = F.embedding(ids, self.weight).float()
+        return rows * self.scale[ids].unsqueeze(1) if self.scale is not None else rows

@@ -1,0 +1,196 @@
+"""W8A8 with SmoothQuant: calibrate once on local text, quantize, cache.
+
+1. Calibration: the fp32 model prefills `CALIB_SEQS` x `CALIB_LEN` tokens of text that ships
+   with Python itself (`pydoc_data.topics`, the language reference's help topics: always
+   installed, nothing downloaded), recording each layer linear's per-input-channel max |x|.
+2. Smoothing (SmoothQuant, alpha = 0.5): for an input channel j with activation max a_j and
+   weight max w_j (over the rows of every linear reading that input),
+   s_j = a_j^alpha / w_j^(1 - alpha); the input is divided by s and the weight columns
+   multiplied by it, which leaves the product unchanged but moves outliers from the
+   activations (quantized per token) into the weights (quantized per channel). The division
+   is folded where it costs nothing: into input_layernorm (Q/K/V), post_attention_layernorm
+   (gate/up), and into the rows of up_proj for down_proj (silu(g) * (u / s) = (silu(g) * u) / s).
+   o_proj is not smoothed (its input comes from attention; folding into v_proj would also
+   change what the KV cache holds).
+3. Quantization: every layer linear and the (tied) embedding / LM head to int8 per output
+   row (`engine.quant.quantize_int8_rows`); norms stay fp32.
+
+The result is an HF-style directory under ``$HALFMOON_CACHE/models/<model>-w8a8-<key>``
+(`<key>` hashes the source weights and this recipe), written atomically and under a file lock
+(nodes starting together calibrate once). `halfmoon quantize` produces it ahead of time;
+`load_model(dtype="w8a8")` produces it on first use.
+"""
+from __future__ import annotations
+
+import argparse
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from engine.quant import quantize_int8_rows
+
+log = logging.getLogger(__name__)
+
+RECIPE_VERSION = 1
+ALPHA = 0.5
+CALIB_SEQS = 16
+CALIB_LEN = 512
+CALIB_SOURCE = "pydoc_data.topics (Python's language-reference help text)"
+
+
+def calibration_text() -> str:
+    import pydoc_data.topics
+
+    topics = pydoc_data.topics.topics
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+def calibration_ids(tokenizer, n_seqs: int = CALIB_SEQS, seq_len: int = CALIB_LEN) -> list[list[int]]:
+    ids = tokenizer.encode(calibration_text())
+    if len(ids) < n_seqs * seq_len:
+        raise ValueError(f"calibration text has {len(ids)} tokens, {n_seqs} x {seq_len} wanted")
+    return [ids[i * seq_len:(i + 1) * seq_len] for i in range(n_seqs)]
+
+
+def collect_input_absmax(model_dir: Path, n_seqs: int = CALIB_SEQS, seq_len: int = CALIB_LEN
+                         ) -> dict[tuple[int, str], torch.Tensor]:
+    """Per-input-channel max |x| of every layer linear's input over the calibration prompts."""
+    from engine.config import EngineConfig
+    from engine.engine import LLMEngine
+    from engine.sampling import SamplingParams
+
+    eng = LLMEngine(model_dir, EngineConfig(num_blocks=n_seqs * (seq_len // 16 + 2), max_num_batched_tokens=seq_len,
+                                            max_num_seqs=n_seqs, dtype="float32"))
+    stats: dict[tuple[int, str], torch.Tensor] = {}
+
+    def observe(li: int, name: str, x: torch.Tensor) -> None:
+        m = x.detach().abs().amax(dim=0)
+        prev = stats.get((li, name))
+        stats[(li, name)] = m if prev is None else torch.maximum(prev, m)
+
+    eng.runner.model.observer = observe
+    eng.generate(calibration_ids(eng.tokenizer, n_seqs, seq_len), SamplingParams(max_tokens=1))
+    return stats
+
+
+def smooth_scales(act_max: torch.Tensor, weights: list[torch.Tensor], alpha: float = ALPHA) -> torch.Tensor:
+    """s_j = max|x_j|^alpha / max|W[:, j]|^(1 - alpha) over `weights` (each [N, K]); 1 where
+    either max is 0."""
+    w_max = torch.stack([w.abs().amax(dim=0) for w in weights]).amax(dim=0)
+    s = act_max.float().pow(alpha) / w_max.float().pow(1 - alpha)
+    ok = (act_max > 0) & (w_max > 0) & torch.isfinite(s)
+    return torch.where(ok, s.clamp(1e-5, 1e5), torch.ones_like(s))
+
+
+def smooth_and_quantize(w: dict[str, torch.Tensor], stats: dict[tuple[int, str], torch.Tensor],
+                        num_layers: int, alpha: float = ALPHA) -> dict[str, torch.Tensor]:
+    """The w8a8 state dict: smoothed, then int8 codes + `<name>_scale` for every linear."""
+    w = {k: v.float().clone() for k, v in w.items()}
+    for i in range(num_layers):
+        p = f"model.layers.{i}."
+        q, k, v = (w[p + f"self_attn.{n}_proj.weight"] for n in "qkv")
+        s = smooth_scales(stats[(i, "qkv")], [q, k, v], alpha)
+        w[p + "input_layernorm.weight"] /= s
+        for t in (q, k, v):
+            t *= s
+        g, u = w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"]
+        s = smooth_scales(stats[(i, "gate_up")], [g, u], alpha)
+        w[p + "post_attention_layernorm.weight"] /= s
+        g *= s
+        u *= s
+        d = w[p + "mlp.down_proj.weight"]
+        s = smooth_scales(stats[(i, "down")], [d], alpha)
+        u /= s.unsqueeze(1)
+        d *= s
+    out: dict[str, torch.Tensor] = {}
+    for name, t in w.items():
+        if name.endswith("_proj.weight") or name in ("model.embed_tokens.weight", "lm_head.weight"):
+            out[name], out[name + "_scale"] = quantize_int8_rows(t)
+        else:
+            out[name] = t
+    return out
+
+
+def cache_key(model_dir: Path, n_seqs: int, seq_len: int, alpha: float) -> str:
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    ident = {"recipe": RECIPE_VERSION, "alpha": alpha, "calib": [CALIB_SOURCE, n_seqs, seq_len],
+             "config": (Path(model_dir) / "config.json").read_text(),
+             "weights": [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def w8a8_dir(model_dir: Path, n_seqs: int = CALIB_SEQS, seq_len: int = CALIB_LEN, alpha: float = ALPHA) -> Path:
+    from engine.loader import cache_root
+
+    return cache_root() / "models" / f"{Path(model_dir).name}-w8a8-{cache_key(model_dir, n_seqs, seq_len, alpha)}"
+
+
+def ensure_w8a8(model_dir: Path, *, n_seqs: int = CALIB_SEQS, seq_len: int = CALIB_LEN, alpha: float = ALPHA,
+                progress: bool = True) -> Path:
+    """The cached w8a8 directory of `model_dir`, calibrating and quantizing it first if needed."""
+    from engine.config import ModelConfig
+    from engine.loader import _read_weights
+
+    out = w8a8_dir(model_dir, n_seqs, seq_len, alpha)
+    if (out / ".complete").is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be producing it: wait, then reuse
+        if (out / ".complete").is_file():
+            return out
+        t0 = time.perf_counter()
+        msg = f"w8a8: calibrating SmoothQuant on {n_seqs} x {seq_len} tokens of {CALIB_SOURCE}"
+        (print if progress else log.info)(msg)
+        cfg = ModelConfig.from_dir(model_dir)
+        stats = collect_input_absmax(model_dir, n_seqs, seq_len)
+        state = smooth_and_quantize(_read_weights(model_dir, lambda n, t: {n: t}), stats, cfg.num_layers, alpha)
+        tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file(state, str(tmp / "model.safetensors"))
+        shutil.copy(Path(model_dir) / "config.json", tmp / "config.json")
+        (tmp / "quantization.json").write_text(json.dumps({
+            "dtype": "w8a8", "recipe_version": RECIPE_VERSION, "source": str(model_dir),
+            "weights": "int8 per output channel (symmetric, absmax / 127); activations int8 per token, dynamic",
+            "smoothquant": {"alpha": alpha, "folded": {"qkv": "input_layernorm", "gate_up": "post_attention_layernorm",
+                                                       "down": "up_proj rows"}, "not_smoothed": ["o_proj"]},
+            "lm_head_and_embedding": "int8 per row; tied models share one table, the embedding lookup dequantizes rows",
+            "calibration": {"source": CALIB_SOURCE, "sequences": n_seqs, "tokens_per_sequence": seq_len},
+            "seconds": round(time.perf_counter() - t0, 1)}, indent=2))
+        (tmp / ".complete").write_text("ok\n")
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+        (print if progress else log.info)(f"w8a8: wrote {out} in {time.perf_counter() - t0:.0f} s")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`halfmoon quantize`: produce (or find) the cached w8a8 model."""
+    from engine.loader import DEFAULT_MODEL, resolve_model_dir
+
+    ap = argparse.ArgumentParser(prog="halfmoon quantize", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=DEFAULT_MODEL, help="model name or Hugging Face directory")
+    ap.add_argument("--dtype", default="w8a8", choices=["w8a8"],
+                    help="only w8a8 needs a step ahead (bfloat16 and fp8 convert while loading)")
+    ap.add_argument("--calib-seqs", type=int, default=CALIB_SEQS)
+    ap.add_argument("--calib-len", type=int, default=CALIB_LEN)
+    ap.add_argument("--alpha", type=float, default=ALPHA)
+    args = ap.parse_args(argv)
+    out = ensure_w8a8(resolve_model_dir(args.model), n_seqs=args.calib_seqs, seq_len=args.calib_len,
+                      alpha=args.alpha)
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
