@@ -7,6 +7,7 @@ from pathlib import Path
 
 import jinja2
 from tokenizers import Tokenizer as _HFTokenizer
+from tokenizers.models import BPE
 
 from engine.errors import InvalidRequestError, ModelLoadError
 
@@ -36,9 +37,25 @@ class Tokenizer:
         self._template = env.from_string(template) if template else None
         self._special = {k: cfg.get(k) for k in ("bos_token", "eos_token")}
         self.vocab_size = self._tok.get_vocab_size()
+        self.max_token_chars = self._max_token_chars()
 
     def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
+        # encode_batch releases the GIL while it works (encode holds it: ~2 s for 4 MB of text),
+        # so other threads, e.g. an asyncio loop, keep running meanwhile
+        return self._tok.encode_batch([text], add_special_tokens=False)[0].ids
+
+    def _max_token_chars(self) -> int | None:
+        """The most characters of text one token can stand for, or None if unbounded: a text
+        longer than n * this needs more than n tokens, which is known before tokenizing it.
+        The longest vocabulary entry (a byte-level entry spells one byte per character), times
+        4 under a normalizer that could compose characters (NFC joins at most 3 into 1).
+        Unbounded (None) unless the model is BPE without an unknown token or with byte
+        fallback: an unknown token can stand for a whole word."""
+        model = self._tok.model
+        if not isinstance(model, BPE) or (model.unk_token is not None and not model.byte_fallback):
+            return None
+        longest = max(map(len, self._tok.get_vocab(with_added_tokens=True)), default=1)
+        return longest * (4 if self._tok.normalizer is not None else 1)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
