@@ -2,8 +2,8 @@
 `engine.attention` stays the reference and the fallback.
 
 The extension is built once per source/flags/torch version into
-``$HALFMOON_CACHE/torch_extensions/`` (needs a C++ compiler and ``ninja``). ``-mavx2 -mfma`` are
-added only when this CPU has them (never ``-march=native``: the cache may be shared). If the
+``$HALFMOON_CACHE/torch_extensions/`` (needs a C++ compiler and ``ninja``). ``-mavx2 -mfma`` (and the AVX-512 VNNI / BF16 set
+of the quantized GEMMs, engine/csrc/qgemm.cpp) are added only when this CPU has them (never ``-march=native``: the cache may be shared). If the
 build fails, or ``HALFMOON_DISABLE_CPU_KERNELS=1`` is set, `kernels()` returns None (the build
 failure is logged once as a warning) and the callers use the torch path.
 """
@@ -25,10 +25,11 @@ log = logging.getLogger(__name__)
 
 DISABLE_ENV = "HALFMOON_DISABLE_CPU_KERNELS"
 _CSRC = Path(__file__).parent / "csrc"
-_SOURCES = ["attention.cpp", "layer_ops.cpp", "gemm.cpp"]  # one translation unit, in this order
+_SOURCES = ["attention.cpp", "layer_ops.cpp", "gemm.cpp", "qgemm.cpp"]  # one translation unit, in this order
 _HEADERS = ["simd.h"]
 _FUNCTIONS = ["decode_attention", "prefill_attention", "rms_norm", "add_rms_norm", "rope_write_kv", "silu_mul",
-              "skinny_linear", "skinny_linear_supported", "split_linear"]
+              "skinny_linear", "skinny_linear_supported", "split_linear",
+              "qgemm_supported", "bf16_linear", "int8_linear", "fp8_linear"]
 
 _lock = threading.Lock()
 _state: dict[str, ModuleType | None] = {}
@@ -38,14 +39,22 @@ def disabled() -> bool:
     return os.environ.get(DISABLE_ENV, "").strip().lower() not in ("", "0", "false", "no")
 
 
+_AVX512 = {"avx512f": "-mavx512f", "avx512bw": "-mavx512bw", "avx512vl": "-mavx512vl",
+           "avx512_vnni": "-mavx512vnni", "avx512_bf16": "-mavx512bf16"}
+
+
 def cpu_flags() -> list[str]:
-    """Compiler flags for this CPU: -mavx2 -mfma where /proc/cpuinfo lists both."""
+    """Compiler flags for this CPU: -mavx2 -mfma where /proc/cpuinfo lists both, and the
+    AVX-512 set of the quantized GEMMs (F, BW, VL, VNNI, BF16) where it lists all of those."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return []
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return ["-mavx2", "-mfma"] if {"avx2", "fma"} <= set(flags) else []
+    flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
+    out = ["-mavx2", "-mfma"] if {"avx2", "fma"} <= flags else []
+    if out and set(_AVX512) <= flags:
+        out += list(_AVX512.values())
+    return out
 
 
 def _build() -> ModuleType:

@@ -199,12 +199,21 @@ def _qlinear(w: dict[str, torch.Tensor], name: str) -> QLinear:
 
 
 def _fused_linear(ck, a: torch.Tensor, lin: QLinear, skinny: bool) -> torch.Tensor:
-    """`lin.reference(a)` through the C++ kernels where they cover the form and shape."""
+    """`lin.reference(a)` through the C++ kernels where they cover the form and shape
+    (engine/csrc/gemm.cpp for fp32, qgemm.cpp for the others; oneDNN's bf16 GEMM for bf16
+    prefill chunks)."""
+    M, K = a.shape
     if lin.form == "f32":
-        if skinny and a.shape[0] <= SKINNY_MAX_ROWS:
+        if skinny and M <= SKINNY_MAX_ROWS:
             return ck.skinny_linear(a, lin.weight)
         return ck.split_linear(a, lin.weight) if SPLIT_LINEAR else F.linear(a, lin.weight)
-    return lin.reference(a)
+    if not ck.qgemm_supported() or K % (64 if lin.form == "int8" else 32):
+        return lin.reference(a)
+    if lin.form == "int8":
+        return ck.int8_linear(a, lin.weight, lin.scale, lin.row_sums)
+    if lin.form == "fp8":
+        return ck.fp8_linear(a, lin.weight.view(torch.uint8), lin.scale)
+    return ck.bf16_linear(a, lin.weight) if M <= SKINNY_MAX_ROWS else lin.reference(a)
 
 
 def _sampling_rows(meta: AttentionMetadata, logits_indices: torch.Tensor, T: int) -> AttentionMetadata | None:

@@ -1,0 +1,353 @@
+// GEMMs of the quantized weight forms (engine/quant.py), AVX-512 (VNNI + BF16):
+//   y[M, N] = x[M, K] (float32) @ W[N, K]^T, output float32.
+//
+// bf16_linear: W bfloat16; x rounded to bfloat16 (nearest even), products summed in fp32 by
+//   VDPBF16PS.
+// int8_linear: W int8 per output row with scale ws[n]; x quantized per row exactly as
+//   engine.quant.quantize_int8_rows does (q = rne(x * (127 / absmax)), xs = absmax / 127); the
+//   int32 sums are exact, so y[m, n] = (float(acc) * xs[m]) * ws[n] equals the torch reference
+//   bit for bit. Small M: VPDPBUSD over (q + 128) as unsigned bytes, minus 128 * rowsum(W);
+//   large M (prefill): oneDNN's int8 GEMM (at::_int_mm) on the same codes.
+// fp8_linear: W E4M3 codes per output row with scale ws[n]; x quantized per row to E4M3
+//   (round to nearest even, as torch's float8_e4m3fn cast) with xs = absmax / 448. E4M3 values
+//   are exact in bfloat16, so the weights are upcast through a 128-entry table and multiplied
+//   by VDPBF16PS: an emulation of an FP8 GEMM with fp32 accumulation (no CPU here has FP8 math).
+//
+// The small-M kernels read each weight row once, in place (4 rows x up to 3 tokens per tile);
+// threads split the weight rows. K must be a multiple of 64 (int8) or 32 (bf16, fp8).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "simd.h"
+
+namespace {
+
+constexpr int64_t kSkinnyMaxRows = 64;  // beyond: the blocked GEMM path
+
+void check_x(const torch::Tensor& x, const torch::Tensor& w, c10::ScalarType wtype, const char* wname) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "x [M, K] and w [N, K] expected");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.is_contiguous() && x.device().is_cpu(),
+              "x must be a contiguous float32 CPU matrix");
+  TORCH_CHECK(w.scalar_type() == wtype && w.is_contiguous() && w.device().is_cpu(), "w must be a contiguous ", wname,
+              " CPU matrix");
+}
+
+void check_scale(const torch::Tensor& s, int64_t n, c10::ScalarType t, const char* name) {
+  TORCH_CHECK(s.dim() == 1 && s.size(0) == n && s.scalar_type() == t && s.is_contiguous(), name, " must be [N] ",
+              t == torch::kFloat32 ? "float32" : "int32");
+}
+
+// Rows per task so that a task is worth a thread (~32k multiply-adds).
+int64_t tile_grain(int64_t M, int64_t K) { return std::max<int64_t>(1, 8192 / std::max<int64_t>(1, M * K / 4)); }
+
+// Absmax of each row of x and the int8 codes q = rne(x * (127 / absmax)) (0 where absmax is 0).
+// `bias` is added to each code (128 for the unsigned VNNI operand, 0 for at::_int_mm).
+void quantize_rows_int8(const float* x, int64_t M, int64_t K, int bias, uint8_t* q, float* scale) {
+  at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
+    for (int64_t m = b; m < e; ++m) {
+      const float* xr = x + m * K;
+      float amax = 0.f;
+      for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(xr[k]));
+      const float inv = amax > 0.f ? 127.f / amax : 0.f;
+      scale[m] = amax / 127.f;
+      uint8_t* qr = q + m * K;
+      for (int64_t k = 0; k < K; ++k) {
+        float v = std::nearbyint(xr[k] * inv);
+        v = std::min(127.f, std::max(-127.f, v));
+        qr[k] = static_cast<uint8_t>(static_cast<int>(v) + bias);
+      }
+    }
+  });
+}
+
+// v rounded to the nearest E4M3 value (ties to even), |v| <= 448.
+inline float round_e4m3(float v) {
+  const float a = std::fabs(v);
+  float r;
+  if (a < 0.015625f) {  // below 2^-6: the subnormal grid, steps of 2^-9
+    r = std::nearbyint(a * 512.f) / 512.f;
+  } else {  // 3 mantissa bits: round the fp32 mantissa at bit 20, ties to even
+    uint32_t bits;
+    std::memcpy(&bits, &a, 4);
+    bits += 0x7FFFFu + ((bits >> 20) & 1u);
+    bits &= 0xFFF00000u;
+    std::memcpy(&r, &bits, 4);
+  }
+  return std::copysign(r, v);
+}
+
+inline uint16_t bf16_bits_exact(float v) {  // v has at most 8 significant bits
+  uint32_t bits;
+  std::memcpy(&bits, &v, 4);
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+// x rows quantized to E4M3 per row (scale = absmax / 448), written as bfloat16 bits.
+void quantize_rows_fp8_as_bf16(const float* x, int64_t M, int64_t K, uint16_t* q, float* scale) {
+  at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
+    for (int64_t m = b; m < e; ++m) {
+      const float* xr = x + m * K;
+      float amax = 0.f;
+      for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(xr[k]));
+      const float inv = amax > 0.f ? 448.f / amax : 0.f;
+      scale[m] = amax / 448.f;
+      for (int64_t k = 0; k < K; ++k)
+        q[m * K + k] = bf16_bits_exact(round_e4m3(std::min(448.f, std::max(-448.f, xr[k] * inv))));
+    }
+  });
+}
+
+// bfloat16 bits of the E4M3 value of each 7-bit magnitude code (0x7F, NaN, maps to 480).
+struct E4M3Table {
+  alignas(64) uint16_t v[128];
+  E4M3Table() {
+    for (int c = 0; c < 128; ++c) {
+      const int e = c >> 3, m = c & 7;
+      const float f = e == 0 ? std::ldexp(static_cast<float>(m), -9) : std::ldexp(1.f + m / 8.f, e - 7);
+      v[c] = bf16_bits_exact(f);
+    }
+  }
+};
+const E4M3Table kE4M3;
+
+#ifdef HM_AVX512
+
+inline void prefetch_rows(const void* pf, int64_t row_bytes, int64_t off, int nr) {
+  if (pf != nullptr && (off & 63) == 0)
+    for (int n = 0; n < nr; ++n) _mm_prefetch(static_cast<const char*>(pf) + n * row_bytes + off, _MM_HINT_T0);
+}
+
+// Rows w0..w0+NR-1 (each K bytes) against MR token rows of unsigned codes: exact int32 sums.
+template <int NR, int MR>
+inline void vnni_tile(const uint8_t* const xs[MR], const int8_t* w0, int64_t K, int32_t out[MR][NR],
+                      const int8_t* pf) {
+  __m512i acc[MR][NR];
+  for (int m = 0; m < MR; ++m)
+    for (int n = 0; n < NR; ++n) acc[m][n] = _mm512_setzero_si512();
+  for (int64_t k = 0; k < K; k += 64) {
+    prefetch_rows(pf, K, k, NR);
+    __m512i wv[NR];
+    for (int n = 0; n < NR; ++n) wv[n] = _mm512_loadu_si512(w0 + n * K + k);
+    for (int m = 0; m < MR; ++m) {
+      const __m512i xv = _mm512_loadu_si512(xs[m] + k);
+      for (int n = 0; n < NR; ++n) acc[m][n] = _mm512_dpbusd_epi32(acc[m][n], xv, wv[n]);
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int n = 0; n < NR; ++n) out[m][n] = _mm512_reduce_add_epi32(acc[m][n]);
+}
+
+// Rows of bfloat16 bits (NR weight rows, MR token rows): fp32 sums of exact products.
+// `Load` turns 32 weights at a k offset into 32 bfloat16 lanes.
+template <int NR, int MR, typename Load>
+inline void bf16_tile(const uint16_t* const xs[MR], int64_t K, float out[MR][NR], const Load& load) {
+  __m512 acc[MR][NR];
+  for (int m = 0; m < MR; ++m)
+    for (int n = 0; n < NR; ++n) acc[m][n] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 32) {
+    __m512i wv[NR];
+    for (int n = 0; n < NR; ++n) wv[n] = load(n, k);
+    for (int m = 0; m < MR; ++m) {
+      const __m512bh xv = (__m512bh)_mm512_loadu_si512(xs[m] + k);
+      for (int n = 0; n < NR; ++n) acc[m][n] = _mm512_dpbf16_ps(acc[m][n], xv, (__m512bh)wv[n]);
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int n = 0; n < NR; ++n) out[m][n] = _mm512_reduce_add_ps(acc[m][n]);
+}
+
+// Drives a tile function over all (4-row weight tile) x (token rows in 3s, 2s, 1s), threads over
+// weight tiles. tile(n0, nr, m0, mr, vals) fills vals[mr][nr] (float or int32); emit(m, n, v) stores.
+template <typename V, typename Tile, typename Emit>
+void skinny_drive(int64_t M, int64_t N, int64_t K, const Tile& tile, const Emit& emit) {
+  const int64_t tiles = (N + 3) / 4;
+  at::parallel_for(0, tiles, tile_grain(M, K), [&](int64_t tb, int64_t te) {
+    V vals[3][4];
+    for (int64_t t = tb; t < te; ++t) {
+      const int64_t n0 = t * 4;
+      const int nr = static_cast<int>(std::min<int64_t>(4, N - n0));
+      for (int64_t m = 0; m < M;) {
+        const int mr = static_cast<int>(std::min<int64_t>(3, M - m));
+        tile(n0, nr, m, mr, vals);
+        for (int i = 0; i < mr; ++i)
+          for (int j = 0; j < nr; ++j) emit(m + i, n0 + j, vals[i][j]);
+        m += mr;
+      }
+    }
+  });
+}
+
+// Calls f.template operator()<NR, MR>() for the runtime (nr, mr) in {1..4} x {1..3}.
+template <typename F>
+inline void dispatch_tile(int nr, int mr, const F& f) {
+#define HM_T(NR, MR) \
+  if (nr == NR && mr == MR) return f(std::integral_constant<int, NR>(), std::integral_constant<int, MR>());
+  HM_T(4, 3) HM_T(4, 2) HM_T(4, 1) HM_T(3, 3) HM_T(3, 2) HM_T(3, 1)
+  HM_T(2, 3) HM_T(2, 2) HM_T(2, 1) HM_T(1, 3) HM_T(1, 2) HM_T(1, 1)
+#undef HM_T
+}
+
+// 32 E4M3 codes -> 32 bfloat16 lanes, through the table (4 x 32 entries in registers).
+struct E4M3Upcast {
+  __m512i t0, t1, t2, t3;
+  E4M3Upcast() {
+    t0 = _mm512_load_si512(kE4M3.v);
+    t1 = _mm512_load_si512(kE4M3.v + 32);
+    t2 = _mm512_load_si512(kE4M3.v + 64);
+    t3 = _mm512_load_si512(kE4M3.v + 96);
+  }
+  inline __m512i operator()(const uint8_t* p) const {
+    const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    const __m512i mag = _mm512_and_si512(v, _mm512_set1_epi16(0x7F));
+    const __m512i lo = _mm512_permutex2var_epi16(t0, mag, t1);  // codes 0..63 (index bits 0..5)
+    const __m512i hi = _mm512_permutex2var_epi16(t2, mag, t3);  // codes 64..127
+    const __mmask32 upper = _mm512_test_epi16_mask(mag, _mm512_set1_epi16(0x40));
+    const __m512i r = _mm512_mask_blend_epi16(upper, lo, hi);
+    return _mm512_or_si512(r, _mm512_slli_epi16(_mm512_and_si512(v, _mm512_set1_epi16(0x80)), 8));
+  }
+};
+
+#endif  // HM_AVX512
+
+}  // namespace
+
+bool qgemm_supported() {
+#ifdef HM_AVX512
+  return true;
+#else
+  return false;
+#endif
+}
+
+// x [M, K] float32 @ w [N, K] bfloat16 ^T -> [M, N] float32 (any M; K % 32 == 0).
+torch::Tensor bf16_linear(torch::Tensor x, torch::Tensor w) {
+  check_x(x, w, torch::kBFloat16, "bfloat16");
+#ifdef HM_AVX512
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  TORCH_CHECK(K % 32 == 0, "K must be a multiple of 32");
+  std::vector<uint16_t> xb(static_cast<size_t>(M * K));
+  const float* xp = x.data_ptr<float>();
+  for (int64_t i = 0; i < M * K; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(xb.data() + i),
+                        (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(xp + i)));
+  auto out = torch::empty({M, N}, x.options());
+  float* op = out.data_ptr<float>();
+  const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
+  skinny_drive<float>(M, N, K, [&](int64_t n0, int nr, int64_t m0, int mr, float (*vals)[4]) {
+    dispatch_tile(nr, mr, [&](auto nr_c, auto mr_c) {
+      constexpr int NR = decltype(nr_c)::value, MR = decltype(mr_c)::value;
+      const uint16_t* xs[MR];
+      for (int i = 0; i < MR; ++i) xs[i] = xb.data() + (m0 + i) * K;
+      const uint16_t* w0 = wp + n0 * K;
+      float o[MR][NR];
+      bf16_tile<NR, MR>(xs, K, o, [&](int n, int64_t k) { return _mm512_loadu_si512(w0 + n * K + k); });
+      for (int i = 0; i < MR; ++i)
+        for (int j = 0; j < NR; ++j) vals[i][j] = o[i][j];
+    });
+  }, [&](int64_t m, int64_t n, float v) { op[m * N + n] = v; });
+  return out;
+#else
+  TORCH_CHECK(false, "bf16_linear needs AVX-512 BF16");
+  return torch::Tensor();
+#endif
+}
+
+// x [M, K] float32 @ (w [N, K] int8 * ws[:, None])^T with x quantized per row -> [M, N] float32.
+// w_sum[n] = sum_k w[n, k] (int32).
+torch::Tensor int8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor ws, torch::Tensor w_sum) {
+  check_x(x, w, torch::kInt8, "int8");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  check_scale(ws, N, torch::kFloat32, "ws");
+  check_scale(w_sum, N, torch::kInt32, "w_sum");
+  auto out = torch::empty({M, N}, x.options());
+  float* op = out.data_ptr<float>();
+  const float* wsp = ws.data_ptr<float>();
+  std::vector<float> xs(static_cast<size_t>(M));
+#ifdef HM_AVX512
+  if (M <= kSkinnyMaxRows && K % 64 == 0) {
+    std::vector<uint8_t> xq(static_cast<size_t>(M * K));
+    quantize_rows_int8(x.data_ptr<float>(), M, K, 128, xq.data(), xs.data());
+    const int8_t* wp = w.data_ptr<int8_t>();
+    const int32_t* sp = w_sum.data_ptr<int32_t>();
+    skinny_drive<int32_t>(M, N, K, [&](int64_t n0, int nr, int64_t m0, int mr, int32_t (*vals)[4]) {
+      dispatch_tile(nr, mr, [&](auto nr_c, auto mr_c) {
+        constexpr int NR = decltype(nr_c)::value, MR = decltype(mr_c)::value;
+        const uint8_t* xr[MR];
+        for (int i = 0; i < MR; ++i) xr[i] = xq.data() + (m0 + i) * K;
+        // the first pass over these rows prefetches the tile two ahead
+        const int8_t* pf = m0 == 0 && n0 + 12 <= N ? wp + (n0 + 8) * K : nullptr;
+        int32_t o[MR][NR];
+        vnni_tile<NR, MR>(xr, wp + n0 * K, K, o, pf);
+        for (int i = 0; i < MR; ++i)
+          for (int j = 0; j < NR; ++j) vals[i][j] = o[i][j] - 128 * sp[n0 + j];
+      });
+    }, [&](int64_t m, int64_t n, int32_t acc) { op[m * N + n] = static_cast<float>(acc) * xs[m] * wsp[n]; });
+    return out;
+  }
+#endif
+  auto xq = torch::empty({M, K}, x.options().dtype(torch::kInt8));
+  quantize_rows_int8(x.data_ptr<float>(), M, K, 0, reinterpret_cast<uint8_t*>(xq.data_ptr<int8_t>()), xs.data());
+  const auto acc = at::_int_mm(xq, w.t());
+  const int32_t* ap = acc.data_ptr<int32_t>();
+  at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
+    for (int64_t m = b; m < e; ++m)
+      for (int64_t n = 0; n < N; ++n) op[m * N + n] = static_cast<float>(ap[m * N + n]) * xs[m] * wsp[n];
+  });
+  return out;
+}
+
+// x [M, K] float32 @ (w [N, K] E4M3 codes (uint8) * ws[:, None])^T with x quantized per row to
+// E4M3 -> [M, N] float32. M > 64: the weight is upcast to bfloat16 once and oneDNN multiplies.
+torch::Tensor fp8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor ws) {
+  check_x(x, w, torch::kUInt8, "uint8 (E4M3 codes)");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  check_scale(ws, N, torch::kFloat32, "ws");
+#ifdef HM_AVX512
+  TORCH_CHECK(K % 32 == 0, "K must be a multiple of 32");
+  auto xq = torch::empty({M, K}, x.options().dtype(torch::kBFloat16));
+  std::vector<float> xs(static_cast<size_t>(M));
+  auto* xqp = reinterpret_cast<uint16_t*>(xq.data_ptr());
+  quantize_rows_fp8_as_bf16(x.data_ptr<float>(), M, K, xqp, xs.data());
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const float* wsp = ws.data_ptr<float>();
+  const E4M3Upcast up;
+  auto out = torch::empty({M, N}, x.options());
+  float* op = out.data_ptr<float>();
+  if (M > kSkinnyMaxRows) {
+    auto wb = torch::empty({N, K}, x.options().dtype(torch::kBFloat16));
+    auto* wbp = reinterpret_cast<uint16_t*>(wb.data_ptr());
+    at::parallel_for(0, N, 64, [&](int64_t b, int64_t e) {
+      for (int64_t i = b * K; i < e * K; i += 32) _mm512_storeu_si512(wbp + i, up(wp + i));
+    });
+    const auto acc = at::linear(xq, wb).to(torch::kFloat32);
+    const float* ap = acc.data_ptr<float>();
+    at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
+      for (int64_t m = b; m < e; ++m)
+        for (int64_t n = 0; n < N; ++n) op[m * N + n] = ap[m * N + n] * xs[m] * wsp[n];
+    });
+    return out;
+  }
+  skinny_drive<float>(M, N, K, [&](int64_t n0, int nr, int64_t m0, int mr, float (*vals)[4]) {
+    dispatch_tile(nr, mr, [&](auto nr_c, auto mr_c) {
+      constexpr int NR = decltype(nr_c)::value, MR = decltype(mr_c)::value;
+      const uint16_t* xr[MR];
+      for (int i = 0; i < MR; ++i) xr[i] = xqp + (m0 + i) * K;
+      const uint8_t* w0 = wp + n0 * K;
+      float o[MR][NR];
+      bf16_tile<NR, MR>(xr, K, o, [&](int n, int64_t k) { return up(w0 + n * K + k); });
+      for (int i = 0; i < MR; ++i)
+        for (int j = 0; j < NR; ++j) vals[i][j] = o[i][j];
+    });
+  }, [&](int64_t m, int64_t n, float acc) { op[m * N + n] = acc * xs[m] * wsp[n]; });
+  return out;
+#else
+  TORCH_CHECK(false, "fp8_linear needs AVX-512 BF16");
+  return torch::Tensor();
+#endif
+}
