@@ -163,6 +163,12 @@ class ConductorConfig(_ActorResources):
     host: str = Field("127.0.0.1", min_length=1)
     grpc_port: Port = 50051
     http_port: Port = 8000  # the OpenAI-compatible API and /metrics
+    control_host: str = Field(
+        "127.0.0.1", min_length=1,
+        description="address the control plane (nodes' Register / Heartbeat) binds: loopback unless nodes run "
+        "on other machines (then 0.0.0.0 or an inside address); calls are signed with auth.control_secret",
+    )
+    control_port: Port = Field(0, description="0: a free port, told to the nodes by the launcher")
     policy: PolicyName = Field(PolicyName.KV_CENTRIC, description="a `conductor.modes.PolicyName` (or alias)")
     admission: AdmissionMode = Field(AdmissionMode.EARLY, description="a `conductor.modes.AdmissionMode` (or alias)")
     ttft_slo_s: Seconds = 30.0
@@ -207,6 +213,9 @@ class ConductorConfig(_ActorResources):
             raise FieldProblem(exc.name, exc.reason) from None
         if self.grpc_port and self.grpc_port == self.http_port:
             raise FieldProblem("http_port", f"must differ from grpc_port ({self.grpc_port})")
+        for name in ("grpc_port", "http_port"):
+            if self.control_port and self.control_port == getattr(self, name):
+                raise FieldProblem("control_port", f"must differ from {name} ({self.control_port})")
         if self.heartbeat_timeout_s < 2 * self.heartbeat_interval_s:
             raise FieldProblem(
                 "heartbeat_timeout_s",
@@ -220,6 +229,16 @@ class TransferConfig(_Section):
     transport: Literal["auto", "tcp", "shm", "mooncake"] = "auto"
     token: str | None = Field(None, min_length=1, repr=False, description="shared secret peers must present")
     timeout_s: Seconds = 30.0
+
+
+class AuthConfig(_Section):
+    """Secrets. Left unset, each comes from its environment variable when that is set."""
+
+    control_secret: str | None = Field(
+        None, min_length=16, repr=False,
+        description="shared secret nodes sign their control calls with; unset: $HALFMOON_CONTROL_SECRET, "
+        "else the launcher generates one per cluster and gives it to the nodes it starts",
+    )
 
 
 class FailureConfig(_Section):
@@ -249,6 +268,7 @@ class ClusterConfig(_Section):
     conductor: ConductorConfig = ConductorConfig()
     transfer: TransferConfig = TransferConfig()
     failure: FailureConfig = FailureConfig()
+    auth: AuthConfig = AuthConfig()
     ray: RayConfig = RayConfig()
 
     @model_validator(mode="after")

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 import grpc
 
 from cluster.node_main import NodeSpec, run_node
+from cluster.specs import free_port, local_address, new_secret
 from conductor.server import ConductorSpec, run_conductor
 
 
@@ -23,11 +24,17 @@ class LocalCluster:
     @classmethod
     def build(cls, num_prefill: int = 1, num_decode: int = 1, *, conductor: ConductorSpec | None = None,
               node: NodeSpec | None = None, colocated: int = 0) -> "LocalCluster":
-        """`num_prefill` + `num_decode` disaggregated nodes, or `colocated` colocated ones."""
+        """`num_prefill` + `num_decode` disaggregated nodes, or `colocated` colocated ones, all
+        pointed at the conductor's control port (a free one if it is 0) with its control
+        secret (a new one if it has none)."""
         c = conductor or ConductorSpec()
+        if c.control_secret is None:
+            c = replace(c, control_secret=new_secret())
+        if c.control_port == 0:
+            c = replace(c, control_port=free_port(c.control_host))
         base = node or NodeSpec(role="prefill", node_id="", conductor="")
-        base = replace(base, conductor=f"{c.host}:{c.grpc_port}", model=c.model, block_size=c.block_size,
-                       max_model_len=c.max_model_len)
+        base = replace(base, conductor=local_address(c.control_host, c.control_port), control_secret=c.control_secret,
+                       model=c.model, block_size=c.block_size, max_model_len=c.max_model_len)
         nodes = [replace(base, role="prefill", node_id=f"prefill-{i}") for i in range(num_prefill)]
         nodes += [replace(base, role="decode", node_id=f"decode-{i}") for i in range(num_decode)]
         nodes += [replace(base, role="colocated", node_id=f"colocated-{i}") for i in range(colocated)]

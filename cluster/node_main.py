@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
+
+from conductor.auth import sign_control
 
 log = logging.getLogger(__name__)
 
@@ -16,7 +18,7 @@ log = logging.getLogger(__name__)
 class NodeSpec:
     role: str  # "prefill" | "decode" | "colocated"
     node_id: str
-    conductor: str  # host:port of the conductor's gRPC server
+    conductor: str  # host:port of the conductor's control listener (ConductorControl)
     model: str = "smollm2-135m-instruct"
     host: str = "127.0.0.1"
     block_size: int = 16
@@ -29,6 +31,7 @@ class NodeSpec:
     transfer_timeout_s: float = 30.0
     num_threads: int | None = None
     metrics_port: int = 0
+    control_secret: str | None = field(default=None, repr=False)  # signs Register / Heartbeat
 
 
 def run_node(spec: NodeSpec) -> None:
@@ -107,7 +110,7 @@ async def serve_node(spec: NodeSpec, stop: asyncio.Event | None = None) -> None:
     control = node_pb2_grpc.ConductorControlStub(channel)
     seen = (0, 0)
     try:
-        interval = await _register(control, register, stop)
+        interval = await _register(control, register, spec.control_secret, stop)
         while not stop.is_set():
             st = engine.stats()
             metrics.set_load(running=st.num_running, waiting=st.num_waiting,
@@ -122,9 +125,10 @@ async def serve_node(spec: NodeSpec, stop: asyncio.Event | None = None) -> None:
                 prefix_queries_tokens=st.prefix_queries_tokens, prefix_hits_tokens=st.prefix_hits_tokens,
                 kv_event_seq=getattr(getattr(service, "events", None), "seq", 0))
             try:
-                resp = await control.Heartbeat(node_pb2.HeartbeatRequest(node_id=spec.node_id, load=load), timeout=5)
+                beat = node_pb2.HeartbeatRequest(node_id=spec.node_id, load=load)
+                resp = await control.Heartbeat(beat, timeout=5, metadata=_signed(spec.control_secret, "Heartbeat", beat))
                 if not resp.known:
-                    interval = await _register(control, register, stop)
+                    interval = await _register(control, register, spec.control_secret, stop)
             except grpc.aio.AioRpcError as e:
                 log.warning("heartbeat to %s failed: %s", spec.conductor, e.code().name)
             try:
@@ -139,15 +143,28 @@ async def serve_node(spec: NodeSpec, stop: asyncio.Event | None = None) -> None:
         metrics_server.close()
 
 
-async def _register(control, register, stop: asyncio.Event) -> float:
-    """Register with the conductor, retrying until it answers (it may start after us)."""
+def _signed(secret: str | None, method: str, request) -> tuple[tuple[str, str], ...]:
+    return sign_control(secret, method, request) if secret else ()
+
+
+async def _register(control, register, secret: str | None, stop: asyncio.Event) -> float:
+    """Register with the conductor, retrying until it answers (it may start after us). A
+    refusal (wrong control secret, a layout the cluster does not use) is logged as an error
+    and retried less often: it lasts until an operator fixes the configuration."""
     delay = 0.1
     while not stop.is_set():
         try:
-            resp = await control.Register(register, timeout=5)
+            resp = await control.Register(register, timeout=5, metadata=_signed(secret, "Register", register))
             return resp.heartbeat_interval_s or 1.0
         except grpc.aio.AioRpcError as e:
-            log.info("conductor not reachable yet (%s); retrying", e.code().name)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
+            refused = e.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.FAILED_PRECONDITION)
+            if refused:
+                log.error("the conductor refused to register this node: %s: %s", e.code().name, e.details())
+            else:
+                log.info("conductor not reachable yet (%s); retrying", e.code().name)
+            try:
+                await asyncio.wait_for(stop.wait(), delay)
+            except asyncio.TimeoutError:
+                pass
+            delay = min(delay * 2, 10.0 if refused else 2.0)
     return 1.0

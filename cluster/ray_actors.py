@@ -129,7 +129,8 @@ class Placement:
 @dataclass(frozen=True, slots=True)
 class ConductorInfo:
     placement: Placement
-    grpc_address: str  # host:port nodes and clients dial
+    grpc_address: str  # host:port clients dial
+    control_address: str  # host:port nodes register at
     http_url: str | None  # the OpenAI-compatible API and /metrics
 
 
@@ -167,8 +168,8 @@ class _ServerActor:
 
 
 class ConductorActor(_ServerActor):
-    """`serve_conductor(spec)` inside a Ray actor. A `grpc_port` of 0 listens on a free port
-    (ask `info()`); an `http_port` of 0 is settled to a free port here first."""
+    """`serve_conductor(spec)` inside a Ray actor. A `grpc_port` or `control_port` of 0
+    listens on a free port (ask `info()`); an `http_port` of 0 is settled to a free port here first."""
 
     def __init__(self, spec: ConductorSpec) -> None:
         from conductor.server import serve_conductor
@@ -180,15 +181,16 @@ class ConductorActor(_ServerActor):
         self.spec = spec
         super().__init__(ServerThread("conductor", lambda stop, started: serve_conductor(spec, stop, started)))
 
-    def _advertised(self) -> str:
-        return self._place.node_ip if self.spec.host in WILDCARD_HOSTS else self.spec.host
+    def _advertised(self, host: str) -> str:
+        return self._place.node_ip if host in WILDCARD_HOSTS else host
 
     def info(self, timeout_s: float = 120.0) -> ConductorInfo:
-        """Once the gRPC server listens: where to reach it."""
-        port = self._server.wait_started(timeout_s)
-        host = self._advertised()
+        """Once the gRPC servers listen: where to reach them."""
+        ports = self._server.wait_started(timeout_s)
+        host = self._advertised(self.spec.host)
         http = f"http://{host}:{self.spec.http_port}" if self.spec.http_port is not None else None
-        return ConductorInfo(self._place, f"{host}:{port}", http)
+        control = f"{self._advertised(self.spec.control_host)}:{ports.control_port}"
+        return ConductorInfo(self._place, f"{host}:{ports.grpc_port}", control, http)
 
 
 class NodeActor(_ServerActor):

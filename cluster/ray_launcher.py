@@ -26,7 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from cluster.config import ClusterConfig
 from cluster.metrics import ScrapeTarget, write_scrape_targets
 from cluster.ray_actors import ConductorActor, ConductorInfo, NodeActor, NodeInfo
-from cluster.specs import NodePlan, conductor_spec, node_plans
+from cluster.specs import NodePlan, conductor_spec, node_plans, with_secrets
 from conductor.readiness import GENERATION_SERVICE
 from proto.halfmoon.v1 import admin_pb2, admin_pb2_grpc
 
@@ -84,7 +84,7 @@ class RayLauncher:
     """Start (and stop) one halfmoon cluster as Ray actors; `ray.init` must have been called."""
 
     def __init__(self, config: ClusterConfig, *, detached: bool = False) -> None:
-        self.config = config
+        self.config = with_secrets(config)  # one control secret for the conductor and every node
         self.namespace = config.ray.namespace
         self.detached = detached
         self._actors: dict[str, ActorHandle] = {}  # in start order
@@ -107,7 +107,7 @@ class RayLauncher:
                                     dict(self.config.conductor.ray_options()))
             cinfo = self._get_info(CONDUCTOR_NAME, conductor.info.remote(timeout_s), deadline)
             log.info("conductor on Ray node %s at %s", cinfo.placement.ray_node_id[:8], cinfo.grpc_address)
-            plans = node_plans(self.config, cinfo.grpc_address)
+            plans = node_plans(self.config, cinfo.control_address)
             for plan in plans:
                 self._spawn(actor_name(plan.node_id), NodeActor, plan, dict(plan.options))
             nodes = self._wait_registered(cinfo, plans, deadline)
@@ -181,8 +181,9 @@ class RayLauncher:
                     if pending:
                         raise DeployError(self._not_ready(next(iter(pending.values()))))
                     missing = sorted(set(names.values()) - _up_nodes(admin))
-                    raise DeployError(f"nodes {missing} started but did not register at the conductor "
-                                      f"{conductor.grpc_address} in time")
+                    raise DeployError(f"nodes {missing} started but did not register at the conductor's control "
+                                      f"plane {conductor.control_address} in time (conductor.control_host must "
+                                      "be reachable from the nodes' machines)")
                 time.sleep(0.5)
 
     def _check_alive(self, names: list[str]) -> None:

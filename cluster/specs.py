@@ -10,6 +10,10 @@ depends on the machine a node lands on, the node's `NodePlan.resolve` settles it
 - `kv.kv_memory_gb` becomes a block count from the model's shape, read on that host (the
   model directory may exist only on the GPU machines).
 
+Secrets are settled once per cluster by `with_secrets`, before any spec is made: the
+control secret the conductor checks and every node signs with comes from the config, else
+`$HALFMOON_CONTROL_SECRET`, else is generated.
+
 How the config maps: prefill nodes compute `scheduler.prefill_chunk_size` tokens per step
 (their engine's step budget, so one chunk is one KV push); decode nodes batch up to
 `scheduler.max_num_batched_tokens` per step; each node gets as many torch threads as the
@@ -17,16 +21,33 @@ whole CPUs it asks Ray for.
 """
 from __future__ import annotations
 
+import os
+import secrets
 import socket
 from dataclasses import dataclass, replace
 
-from cluster.config import DEFAULT_NUM_BLOCKS, ClusterConfig, NodeGroupConfig, RayActorOptions, Role
+from cluster.config import DEFAULT_NUM_BLOCKS, ClusterConfig, NodeGroupConfig, RayActorOptions, Role, with_overrides
 from cluster.node_main import NodeSpec
 from conductor.server import ConductorSpec
 
 WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})
 LOOPBACK = "127.0.0.1"
 ROLES: tuple[Role, ...] = ("prefill", "decode")
+CONTROL_SECRET_ENV = "HALFMOON_CONTROL_SECRET"
+
+
+def new_secret() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def with_secrets(config: ClusterConfig) -> ClusterConfig:
+    """`config` with `auth.control_secret` settled: the config's, else $HALFMOON_CONTROL_SECRET,
+    else a new one. A launcher calls this once, so the conductor and its nodes share it."""
+    if config.auth.control_secret is not None:
+        return config
+    from_env = os.environ.get(CONTROL_SECRET_ENV)
+    source = f"${CONTROL_SECRET_ENV}" if from_env else "generated secret"
+    return with_overrides(config, {"auth.control_secret": from_env or new_secret()}, source=source)
 
 
 def model_ref(config: ClusterConfig) -> str:
@@ -41,6 +62,9 @@ def conductor_spec(config: ClusterConfig) -> ConductorSpec:
         host=c.host,
         grpc_port=c.grpc_port,
         http_port=c.http_port,
+        control_host=c.control_host,
+        control_port=c.control_port,
+        control_secret=config.auth.control_secret,
         model=model_ref(config),
         block_size=config.kv.block_size,
         max_model_len=config.model.max_model_len,
@@ -105,8 +129,9 @@ def _threads(group: NodeGroupConfig) -> int:
     return max(1, int(group.num_cpus))
 
 
-def node_plans(config: ClusterConfig, conductor_address: str) -> list[NodePlan]:
-    """Every node of the config, prefill first, named `<role>-<i>`, pointed at the conductor.
+def node_plans(config: ClusterConfig, control_address: str) -> list[NodePlan]:
+    """Every node of the config, prefill first, named `<role>-<i>`, pointed at the
+    conductor's control listener (`control_address`) with the cluster's control secret.
 
     The colocated layout runs `prefill.count` colocated nodes (one engine doing prefill and
     decode each) with the prefill group's resources; the decode group is not used."""
@@ -120,7 +145,7 @@ def node_plans(config: ClusterConfig, conductor_address: str) -> list[NodePlan]:
             spec = NodeSpec(
                 role=node_role,
                 node_id=f"{node_role}-{i}",
-                conductor=conductor_address,
+                conductor=control_address,
                 model=model_ref(config),
                 host=group.host,
                 block_size=config.kv.block_size,
@@ -133,6 +158,7 @@ def node_plans(config: ClusterConfig, conductor_address: str) -> list[NodePlan]:
                 transfer_timeout_s=config.transfer.timeout_s,
                 num_threads=_threads(group),
                 metrics_port=group.metrics_port,
+                control_secret=config.auth.control_secret,
             )
             plans.append(NodePlan(spec, group.ray_options(), config.kv.kv_memory_gb))
     return plans
@@ -151,11 +177,15 @@ def local_address(host: str, port: int) -> str:
 
 
 def build_specs(config: ClusterConfig) -> tuple[ConductorSpec, list[NodeSpec]]:
-    """Specs for a cluster on this machine (the process launcher): every node resolved here,
-    pointed at the conductor's configured port (which must not be 0)."""
+    """Specs for a cluster on this machine (the process launcher): secrets settled, every
+    node resolved here and pointed at the conductor's control port (a free one when the
+    config says 0); the client port must be fixed."""
+    config = with_secrets(config)
     conductor = conductor_spec(config)
     if conductor.grpc_port == 0:
         raise ValueError("conductor.grpc_port: the process launcher needs a fixed port, got 0")
-    address = local_address(conductor.host, conductor.grpc_port)
+    if conductor.control_port == 0:
+        conductor = replace(conductor, control_port=free_port(conductor.control_host))
+    address = local_address(conductor.control_host, conductor.control_port)
     return conductor, [plan.resolve(LOOPBACK) for plan in node_plans(config, address)]
 

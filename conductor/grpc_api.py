@@ -1,5 +1,6 @@
 """The conductor's gRPC services: Generation (clients), Admin (operators) and
-ConductorControl (nodes). Errors map to status codes as `frontend_api` lays out."""
+ConductorControl (nodes, on the control listener). Errors map to status codes as
+`frontend_api` lays out."""
 from __future__ import annotations
 
 import logging
@@ -9,6 +10,7 @@ from dataclasses import replace
 
 import grpc
 
+from conductor.auth import ControlVerifier
 from conductor.errors import InvalidSetting
 from conductor.frontend_api import (Backend, ChatMessage, Finished, GenerateRequest, Rejected, RequestFailed,
                                     Unavailable)
@@ -109,10 +111,21 @@ class AdminService(admin_pb2_grpc.AdminServicer):
 
 
 class ControlService(node_pb2_grpc.ConductorControlServicer):
-    def __init__(self, registry: NodeRegistry) -> None:
+    """Nodes' Register / Heartbeat, on the conductor's control listener; every call must be
+    signed with the cluster's control secret (`conductor.auth`), else UNAUTHENTICATED."""
+
+    def __init__(self, registry: NodeRegistry, verifier: ControlVerifier) -> None:
         self.registry = registry
+        self.verifier = verifier
+
+    async def _authenticate(self, method: str, request, context) -> None:
+        problem = self.verifier.check(method, request, context.invocation_metadata())
+        if problem is not None:
+            log.warning("refused %s of node %r from %s: %s", method, request.node_id, context.peer(), problem)
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"control plane: {problem}")
 
     async def Register(self, request, context):
+        await self._authenticate("Register", request, context)
         try:
             await self.registry.register(request)
         except ValueError as e:
@@ -120,4 +133,5 @@ class ControlService(node_pb2_grpc.ConductorControlServicer):
         return node_pb2.RegisterResponse(heartbeat_interval_s=self.registry.heartbeat_interval_s)
 
     async def Heartbeat(self, request, context):
+        await self._authenticate("Heartbeat", request, context)
         return node_pb2.HeartbeatResponse(known=self.registry.heartbeat(request))

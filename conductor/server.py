@@ -3,7 +3,12 @@ the OpenAI-compatible HTTP frontend with /metrics, and the live scheduler.
 
 Health: gRPC health's "" (and HTTP `/health`) is liveness, SERVING while the process
 serves; `halfmoon.v1.Generation` (and HTTP `/ready`) is readiness, SERVING only while a
-request could be served (`conductor.readiness`)."""
+request could be served (`conductor.readiness`).
+
+Listeners: the client port (`grpc_port`: Generation, Admin, health, reflection; `http_port`:
+the HTTP frontend) and the control port (`control_host:control_port`, loopback by default:
+ConductorControl only, every call signed with `control_secret`, see `conductor.auth`). A
+node that dials the client port to register finds no such service there."""
 from __future__ import annotations
 
 import asyncio
@@ -23,6 +28,9 @@ class ConductorSpec:
     host: str = "127.0.0.1"
     grpc_port: int = 50051
     http_port: int | None = 8000  # None: no HTTP frontend
+    control_host: str = "127.0.0.1"  # nodes' Register / Heartbeat listen here
+    control_port: int = 0  # 0: a free port (`started` resolves with the one chosen)
+    control_secret: str | None = field(default=None, repr=False)  # required: nodes sign with it
     model: str = "smollm2-135m-instruct"
     block_size: int = 16
     max_model_len: int = 2048
@@ -33,6 +41,18 @@ class ConductorSpec:
     on_transfer_failure: str = "recompute"
     kv_lease_s: float = 60.0
     request_timeout_s: float = 600.0
+
+
+@dataclass(frozen=True, slots=True)
+class Listening:
+    """What `serve_conductor` resolves `started` with: the ports it listens on."""
+
+    grpc_port: int
+    control_port: int
+
+
+# a second conductor on the same ports must fail to bind, not share them with the first
+SERVER_OPTIONS = (("grpc.so_reuseport", 0),)
 
 
 def run_conductor(spec: ConductorSpec) -> None:
@@ -46,6 +66,7 @@ async def serve_conductor(spec: ConductorSpec, stop: asyncio.Event | None = None
 
     from cluster.metrics import ConductorMetrics
     from conductor.cost_model import CostModel
+    from conductor.auth import ControlVerifier
     from conductor.grpc_api import AdminService, ControlService, GenerationService
     from conductor.live import LiveConductor, LiveConfig, cpu_default_costs
     from conductor.readiness import LIVENESS_SERVICE, ReadinessPublisher
@@ -56,6 +77,7 @@ async def serve_conductor(spec: ConductorSpec, stop: asyncio.Event | None = None
     from engine.tokenizer import Tokenizer
     from proto.halfmoon.v1 import admin_pb2, admin_pb2_grpc, generate_pb2, generate_pb2_grpc, node_pb2_grpc
 
+    verifier = ControlVerifier(spec.control_secret or "")  # refuses to start without a secret
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -90,10 +112,9 @@ async def serve_conductor(spec: ConductorSpec, stop: asyncio.Event | None = None
                    spec.request_timeout_s),
         tokenizer, Scheduler(settings, costs), registry, metrics)
 
-    server = grpc.aio.server()
+    server = grpc.aio.server(options=SERVER_OPTIONS)
     generate_pb2_grpc.add_GenerationServicer_to_server(GenerationService(backend), server)
     admin_pb2_grpc.add_AdminServicer_to_server(AdminService(settings, registry, spec.model), server)
-    node_pb2_grpc.add_ConductorControlServicer_to_server(ControlService(registry), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [generate_pb2.DESCRIPTOR.services_by_name["Generation"].full_name,
              admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
@@ -102,7 +123,13 @@ async def serve_conductor(spec: ConductorSpec, stop: asyncio.Event | None = None
     port = server.add_insecure_port(f"{spec.host}:{spec.grpc_port}")
     if port == 0:
         raise OSError(f"cannot listen on {spec.host}:{spec.grpc_port}")
+    control = grpc.aio.server(options=SERVER_OPTIONS)
+    node_pb2_grpc.add_ConductorControlServicer_to_server(ControlService(registry, verifier), control)
+    control_port = control.add_insecure_port(f"{spec.control_host}:{spec.control_port}")
+    if control_port == 0:
+        raise OSError(f"cannot listen on {spec.control_host}:{spec.control_port} (conductor.control_port)")
     await server.start()
+    await control.start()
     registry.start()
     for name in (LIVENESS_SERVICE, names[1]):  # live; Admin answers with or without nodes
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -115,10 +142,11 @@ async def serve_conductor(spec: ConductorSpec, stop: asyncio.Event | None = None
 
         http = HttpServer(build_app(backend, metrics_registry, ready=readiness.reason), spec.host, spec.http_port)
         http_task = asyncio.create_task(http.serve())
-    log.info("conductor gRPC on %s:%d%s", spec.host, port,
-             f", HTTP on {spec.host}:{spec.http_port}" if spec.http_port is not None else "")
+    log.info("conductor gRPC on %s:%d%s, control plane on %s:%d", spec.host, port,
+             f", HTTP on {spec.host}:{spec.http_port}" if spec.http_port is not None else "",
+             spec.control_host, control_port)
     if started is not None and not started.done():
-        started.set_result(port)
+        started.set_result(Listening(port, control_port))
     try:
         await stop.wait()
     finally:
@@ -127,5 +155,6 @@ async def serve_conductor(spec: ConductorSpec, stop: asyncio.Event | None = None
             await http.shutdown()
             if http_task:
                 http_task.cancel()
+        await control.stop(grace=None)
         await server.stop(grace=1.0)
         await registry.close()

@@ -18,7 +18,9 @@ def test_default_config_gives_one_prefill_and_one_decode_node_on_loopback():
     conductor, nodes = build_specs(ClusterConfig())
     assert (conductor.host, conductor.grpc_port, conductor.http_port) == (LOOPBACK, 50051, 8000)
     assert [(n.node_id, n.role) for n in nodes] == [("prefill-0", "prefill"), ("decode-0", "decode")]
-    assert {n.conductor for n in nodes} == {"127.0.0.1:50051"}
+    assert conductor.control_port not in (0, 50051, 8000)  # the control plane: a port of its own
+    assert {n.conductor for n in nodes} == {f"127.0.0.1:{conductor.control_port}"}
+    assert conductor.control_secret and {n.control_secret for n in nodes} == {conductor.control_secret}
     assert {n.host for n in nodes} == {LOOPBACK}
     assert {n.num_blocks for n in nodes} == {512}
 
@@ -94,7 +96,7 @@ def test_a_wildcard_bind_host_becomes_the_address_of_the_host_a_node_lands_on():
     assert plan.resolve("10.0.0.7").host == "10.0.0.7"
     conductor, nodes = build_specs(config)  # the process launcher: this machine
     assert conductor.host == "0.0.0.0" and {n.host for n in nodes} == {LOOPBACK}
-    assert {n.conductor for n in nodes} == {f"{LOOPBACK}:{config.conductor.grpc_port}"}
+    assert {n.conductor for n in nodes} == {f"{LOOPBACK}:{conductor.control_port}"}  # its control plane
     explicit = node_plans(ClusterConfig(), "127.0.0.1:1")[0]
     assert explicit.resolve("10.0.0.7").host == LOOPBACK  # only a wildcard is replaced
 

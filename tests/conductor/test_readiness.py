@@ -6,7 +6,7 @@ import time
 
 import httpx
 import pytest
-from conductor_thread import channel, fake_register, heartbeat, running_conductor
+from conductor_thread import channel, heartbeating, running_conductor
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conductor.readiness import GENERATION_SERVICE, not_ready_reason
@@ -52,11 +52,10 @@ def wait_status(health, service: str, want, timeout_s: float = 10.0):
 
 
 def test_generation_is_serving_only_while_a_prefill_decode_pair_is_up():
-    with running_conductor() as (spec, port), channel(f"127.0.0.1:{port}") as client_ch, \
-            channel(f"127.0.0.1:{port}") as control_ch:
+    with running_conductor() as c, channel(c.client_address) as client_ch, channel(c.control_address) as control_ch:
         health = health_pb2_grpc.HealthStub(client_ch)
         control = node_pb2_grpc.ConductorControlStub(control_ch)
-        http = f"http://127.0.0.1:{spec.http_port}"
+        http = c.http_url
 
         def check(service: str):
             return health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
@@ -68,24 +67,23 @@ def test_generation_is_serving_only_while_a_prefill_decode_pair_is_up():
         assert r.status_code == 503 and r.json()["error"]["message"] == "not ready: no node has registered yet"
         assert httpx.get(f"{http}/health", timeout=5).status_code == 200
 
-        control.Register(fake_register("prefill-0", "prefill"), timeout=5)
-        assert wait_status(health, GENERATION_SERVICE, SERVING, timeout_s=1.0) == NOT_SERVING  # half a pair
-        assert httpx.get(f"{http}/ready", timeout=5).json()["error"]["message"] == \
-            "not ready: no decode-capable node is up"
+        with heartbeating(control, set()) as alive:
+            c.register(control, "prefill-0", "prefill")
+            alive.add("prefill-0")
+            assert wait_status(health, GENERATION_SERVICE, SERVING, timeout_s=1.0) == NOT_SERVING  # half a pair
+            assert httpx.get(f"{http}/ready", timeout=5).json()["error"]["message"] == \
+                "not ready: no decode-capable node is up"
 
-        control.Register(fake_register("decode-0", "decode"), timeout=5)
-        assert wait_status(health, GENERATION_SERVICE, SERVING) == SERVING
-        assert httpx.get(f"{http}/ready", timeout=5).json() == {"status": "ready"}
+            c.register(control, "decode-0", "decode")
+            alive.add("decode-0")
+            assert wait_status(health, GENERATION_SERVICE, SERVING) == SERVING
+            assert httpx.get(f"{http}/ready", timeout=5).json() == {"status": "ready"}
 
-        # the prefill node keeps heartbeating; the decode node stops and is marked down
-        deadline = time.monotonic() + 15
-        while check(GENERATION_SERVICE) == SERVING and time.monotonic() < deadline:
-            assert control.Heartbeat(heartbeat("prefill-0"), timeout=5).known
-            time.sleep(0.1)
-        assert check(GENERATION_SERVICE) == NOT_SERVING
-        assert httpx.get(f"{http}/ready", timeout=5).json()["error"]["message"] == \
-            "not ready: no decode-capable node is up"
-        assert check("") == SERVING and httpx.get(f"{http}/health", timeout=5).status_code == 200
+            alive.discard("decode-0")  # it stops heartbeating and is marked down
+            assert wait_status(health, GENERATION_SERVICE, NOT_SERVING, timeout_s=15) == NOT_SERVING
+            assert httpx.get(f"{http}/ready", timeout=5).json()["error"]["message"] == \
+                "not ready: no decode-capable node is up"
+            assert check("") == SERVING and httpx.get(f"{http}/health", timeout=5).status_code == 200
 
-        control.Register(fake_register("decode-0", "decode"), timeout=5)  # back: ready again
-        assert wait_status(health, GENERATION_SERVICE, SERVING) == SERVING
+            c.register(control, "decode-0", "decode")  # back: ready again
+            assert wait_status(health, GENERATION_SERVICE, SERVING) == SERVING
