@@ -1,13 +1,16 @@
 """HTTP errors in OpenAI's shape, and the mapping from the conductor's typed errors to them.
 
 Every error body is `{"error": {"message", "type", "param", "code"}}`. The status follows
-the table in `conductor/frontend_api.py`: bad input 400 (with `param` naming the field),
-admission rejection 429 with `Retry-After`, no healthy node 503, a failed request 500.
+the table in `conductor/frontend_api.py`: bad input 400 (with `param` naming the field), a
+body over the size limit 413, a body that is not JSON 415, admission rejection 429 with
+`Retry-After`, no healthy node 503, a failed request 500. A message never carries a Python
+class name, and always encodes (text a client sent is escaped where it is not valid Unicode).
 """
 from __future__ import annotations
 
 import logging
 import math
+import uuid
 from typing import Any
 
 from conductor.frontend_api import Rejected, RequestFailed, Unavailable
@@ -29,11 +32,12 @@ class ApiError(Exception):
         code: str | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
+        message = _encodable(message)
         super().__init__(message)
         self.status = status
         self.message = message
         self.type = type
-        self.param = param
+        self.param = None if param is None else _encodable(param)
         self.code = code
         self.headers = headers or {}
 
@@ -43,6 +47,23 @@ class ApiError(Exception):
 
 def invalid_request(param: str | None, message: str, code: str | None = None) -> ApiError:
     return ApiError(400, message, "invalid_request_error", param=param, code=code)
+
+
+def payload_too_large(message: str) -> ApiError:
+    return ApiError(413, message, "invalid_request_error", code="request_too_large")
+
+
+def unsupported_media_type(message: str) -> ApiError:
+    return ApiError(415, message, "invalid_request_error", code="unsupported_media_type")
+
+
+def _encodable(text: str) -> str:
+    """`text`, with anything UTF-8 cannot carry (a lone surrogate) escaped."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def not_found(message: str, *, param: str | None = None, code: str | None = None) -> ApiError:
@@ -72,5 +93,7 @@ def api_error_from(exc: BaseException) -> ApiError:
         return ApiError(503, f"no node can serve the request: {exc}", "service_unavailable", code="unavailable")
     if isinstance(exc, RequestFailed):
         return ApiError(500, f"the request failed: {exc}", "server_error", code="request_failed")
-    log.error("unexpected error while serving a request", exc_info=exc)
-    return ApiError(500, f"internal error: {type(exc).__name__}", "server_error", code="internal_error")
+    ref = uuid.uuid4().hex[:12]
+    log.error("unexpected error while serving a request (reference %s)", ref, exc_info=exc)
+    return ApiError(500, f"internal error (reference {ref} in the server's log)", "server_error",
+                    code="internal_error")

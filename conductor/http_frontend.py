@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from dataclasses import replace
 from typing import AsyncIterator, Awaitable, Callable, TypeVar
 
 import anyio
@@ -32,11 +33,12 @@ from starlette.types import Send
 
 from cluster.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from cluster.metrics import HttpMetrics, exposition
-from conductor.frontend_api import Backend, Finished, RequestFailed, TokenChunk
+from conductor.frontend_api import Backend, Finished, GenerateRequest, RequestFailed, TokenChunk
 from conductor.http_errors import ApiError, api_error_from, not_found
 from conductor.http_responses import DONE, ChatShape, CompletionShape, ResponseShape, sse
-from conductor.http_schema import ChatCompletionBody, CompletionBody, parse_body
+from conductor.http_schema import ChatCompletionBody, CompletionBody, read_request
 from conductor.http_server import HttpServer, serve_http
+from conductor.intake import MAX_REQUEST_BYTES
 
 __all__ = ["build_app", "serve_http", "HttpServer"]
 
@@ -146,8 +148,10 @@ def _error_response(err: ApiError) -> JSONResponse:
 
 
 class _Frontend:
-    def __init__(self, backend: Backend, registry: CollectorRegistry, ready: Callable[[], str | None] | None) -> None:
+    def __init__(self, backend: Backend, registry: CollectorRegistry, ready: Callable[[], str | None] | None,
+                 max_body_bytes: int) -> None:
         self.backend = backend
+        self.max_body_bytes = max_body_bytes
         self.registry = registry
         self.not_ready_reason = ready
         self.http_metrics = HttpMetrics(registry)
@@ -169,15 +173,16 @@ class _Frontend:
         return Route(path, handle, methods=[method])
 
     async def completions(self, request: Request) -> Response:
-        body = parse_body(CompletionBody, await request.body())
-        return await self._generate(request, body, CompletionShape)
+        body, req = await read_request(CompletionBody, request, self.max_body_bytes)
+        return await self._generate(request, body, req, CompletionShape)
 
     async def chat_completions(self, request: Request) -> Response:
-        body = parse_body(ChatCompletionBody, await request.body())
-        return await self._generate(request, body, ChatShape)
+        body, req = await read_request(ChatCompletionBody, request, self.max_body_bytes)
+        return await self._generate(request, body, req, ChatShape)
 
     async def _generate(
-        self, request: Request, body: CompletionBody | ChatCompletionBody, shape_type: type[ResponseShape]
+        self, request: Request, body: CompletionBody | ChatCompletionBody, req: GenerateRequest,
+        shape_type: type[ResponseShape],
     ) -> Response:
         model = self.backend.model_name
         if body.model is not None and body.model != model:
@@ -185,7 +190,7 @@ class _Frontend:
             raise not_found(message, param="model", code="model_not_found")
         shape = shape_type(f"{shape_type.id_prefix}-{uuid.uuid4().hex}", int(time.time()), model, body.include_usage,
                            body.return_token_ids)
-        stream = self.backend.generate(body.to_request(shape.id))
+        stream = self.backend.generate(replace(req, request_id=shape.id))
         handed_over = False
         try:
             if body.stream:
@@ -220,7 +225,7 @@ class _Frontend:
 async def _http_error(request: Request, exc: Exception) -> Response:
     """Starlette's own errors (unknown path, wrong method, ...) in OpenAI's error shape."""
     status = exc.status_code if isinstance(exc, HTTPException) else 500
-    detail = exc.detail if isinstance(exc, HTTPException) else type(exc).__name__
+    detail = exc.detail if isinstance(exc, HTTPException) else "internal error"
     headers = dict(exc.headers or {}) if isinstance(exc, HTTPException) else {}
     message = f"{detail} ({request.method} {request.url.path})"
     kind = "invalid_request_error" if 400 <= status < 500 else "server_error"
@@ -228,11 +233,13 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 def build_app(
-    backend: Backend, registry: CollectorRegistry, *, ready: Callable[[], str | None] | None = None
+    backend: Backend, registry: CollectorRegistry, *, ready: Callable[[], str | None] | None = None,
+    max_body_bytes: int = MAX_REQUEST_BYTES,
 ) -> Starlette:
     """The HTTP app. `ready`, if given, returns None when a request could be served, else
-    why not: `/ready` answers 503 with that reason meanwhile."""
-    fe = _Frontend(backend, registry, ready)
+    why not: `/ready` answers 503 with that reason meanwhile. A request body over
+    `max_body_bytes` is refused with 413."""
+    fe = _Frontend(backend, registry, ready, max_body_bytes)
     routes = [
         fe.route("/v1/completions", fe.completions, "POST"),
         fe.route("/v1/chat/completions", fe.chat_completions, "POST"),

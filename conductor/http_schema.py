@@ -9,18 +9,41 @@ sends a chunk for every step that generated tokens, even one whose text is still
 OpenAI fields halfmoon does not implement (n > 1, logprobs, echo, penalties, tools, ...)
 are refused with a 400 naming the field when set to anything but their neutral value;
 unknown fields and wrong types are refused too.
+
+Reading a body (`read_request`) is bounded and strict before any of that: the content type
+must be `application/json` (charset utf-8 if given; anything else is 415, so a web page's
+cross-origin "simple" POST cannot drive the server), a body over the byte limit is 413
+(refused on its Content-Length before reading, or as soon as a chunked body passes the
+limit), and the JSON must be UTF-8, nested at most `JSON_MAX_DEPTH` deep, with no lone
+surrogate in any string and no number Python cannot hold as sent (over 20 digits, 1e400,
+NaN): each a 400 naming where it is. Parsing and validating a big body runs off the event
+loop (`conductor.intake.off_loop`).
 """
 from __future__ import annotations
 
 import json
+import math
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
+from starlette.requests import Request
 
 from conductor.frontend_api import ChatMessage, GenerateRequest
-from conductor.http_errors import invalid_request
+from conductor.http_errors import invalid_request, payload_too_large, unsupported_media_type
+from conductor.intake import off_loop
 from engine.errors import InvalidRequestError
 from engine.sampling import SamplingParams
+
+JSON_MAX_DEPTH = 64  # OpenAI bodies nest 4 deep (messages[i].content[j].text)
+_MAX_INT_CHARS = 20  # "-9223372036854775808" and 2**64 - 1 have 20; longer cannot fit 64 bits
+
+
+def _show(value: Any) -> str:
+    """A short repr of a client's value, for an error message."""
+    if isinstance(value, int) and not isinstance(value, bool) and not -(10**30) < value < 10**30:
+        return f"an integer of {value.bit_length()} bits"
+    text = repr(value) if not isinstance(value, (list, dict)) or len(value) <= 8 else f"a {type(value).__name__} of {len(value)} items"
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _stop(value: Any) -> Any:
@@ -64,8 +87,8 @@ def _content(value: Any) -> Any:
         texts = []
         for part in value:
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                raise ValueError(f"only text content parts are supported, got {kind!r}")
+                kind = _show(part.get("type")) if isinstance(part, dict) else f"a {type(part).__name__}"
+                raise ValueError(f"only text content parts are supported, got {kind}")
             texts.append(part["text"])
         return "".join(texts)
     return value
@@ -119,7 +142,7 @@ class _GenerateBody(_Body):
         for name, neutral in self.NEUTRAL.items():
             value = getattr(self, name)
             if value is not None and not any(type(value) is type(ok) and value == ok for ok in neutral):
-                raise InvalidRequestError(name, f"is not supported by halfmoon (got {value!r})")
+                raise InvalidRequestError(name, f"is not supported by halfmoon (got {_show(value)})")
         if self.stream_options is not None and not self.stream:
             raise InvalidRequestError("stream_options", "is only allowed when stream is true")
 
@@ -194,8 +217,13 @@ class ChatCompletionBody(_GenerateBody):
         self.check_supported()
         if not self.messages:
             raise InvalidRequestError("messages", "must contain at least one message")
-        max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-        sampling = self.sampling_params(max_tokens)
+        newer = self.max_completion_tokens is not None
+        try:
+            sampling = self.sampling_params(self.max_completion_tokens if newer else self.max_tokens)
+        except InvalidRequestError as e:
+            if newer and e.field == "max_tokens":
+                raise InvalidRequestError("max_completion_tokens", e.message) from None
+            raise
         messages = tuple(
             # "developer" is OpenAI's newer name for the system role
             ChatMessage("system" if m.role == "developer" else m.role, m.content)
@@ -208,25 +236,141 @@ def _param(loc: tuple[int | str, ...]) -> str:
     """("messages", 0, "role") -> "messages[0].role"."""
     out = ""
     for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
-    return out
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out if len(out) <= 100 else out[:97] + "..."
+
+
+class _Unrepresentable:
+    """A JSON value Python would not hold as sent (an integer too long to convert, a float
+    that overflows to inf, NaN/Infinity); found by `_check_json`, which names where."""
+
+    __slots__ = ("problem",)
+
+    def __init__(self, problem: str) -> None:
+        self.problem = problem
+
+
+def _parse_int(text: str) -> int | _Unrepresentable:
+    if len(text) > _MAX_INT_CHARS:  # also before Python's 4,300-digit conversion limit raises
+        return _Unrepresentable(f"an integer of {len(text.lstrip('-'))} digits is out of range")
+    return int(text)
+
+
+def _parse_float(text: str) -> float | _Unrepresentable:
+    value = float(text)
+    if math.isinf(value):
+        return _Unrepresentable(f"the number {text[:40]} is out of range")
+    return value
+
+
+def _parse_constant(name: str) -> _Unrepresentable:
+    return _Unrepresentable(f"{name} is not a JSON number")
+
+
+_SCALARS = (int, float, bool, type(None))
+
+
+def _check_json(data: Any) -> None:
+    """Walk the decoded body once (iteratively): depth, lone surrogates, unrepresentable
+    numbers. Raises a 400 naming the first place found."""
+    stack: list[tuple[Any, tuple[int | str, ...]]] = [(data, ())]
+    while stack:
+        value, loc = stack.pop()
+        if isinstance(value, (dict, list)):
+            if len(loc) >= JSON_MAX_DEPTH:
+                raise invalid_request(_param(loc), f"{_param(loc)}: nested deeper than {JSON_MAX_DEPTH} levels")
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            for key, item in items:
+                if isinstance(key, str):
+                    _check_text(key, loc, "a key")
+                if not isinstance(item, _SCALARS):
+                    stack.append((item, loc + (key,)))
+        elif isinstance(value, str):
+            _check_text(value, loc, "the string")
+        elif isinstance(value, _Unrepresentable):
+            raise invalid_request(_param(loc) or None, f"{_param(loc) or 'the body'}: {value.problem}")
+
+
+def _check_text(text: str, loc: tuple[int | str, ...], what: str) -> None:
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        place = _param(loc)
+        raise invalid_request(place or None, f"{place or 'the body'}: {what} is not valid Unicode "
+                                             f"(a lone surrogate at character {e.start})") from None
 
 
 def parse_body(model: type[_Body], raw: bytes) -> Any:
     """Decode and validate a JSON request body; errors are 400s naming the field."""
     try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise invalid_request(None, f"the request body is not valid UTF-8 (byte {exc.start})") from None
+    try:
+        data = json.loads(text, parse_int=_parse_int, parse_float=_parse_float, parse_constant=_parse_constant)
+    except json.JSONDecodeError as exc:
         raise invalid_request(None, f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise invalid_request(None, f"the request body is nested deeper than {JSON_MAX_DEPTH} levels") from None
     if not isinstance(data, dict):
         raise invalid_request(None, "the request body must be a JSON object")
+    _check_json(data)
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
+        first = exc.errors(include_url=False, include_context=False, include_input=False)[0]
         param = _param(tuple(first["loc"]))
         if first["type"] == "extra_forbidden":
             message = "unknown field"
         else:
             message = first["msg"].removeprefix("Value error, ")
         raise invalid_request(param, f"{param}: {message}") from None
+
+
+def parse_request(model: type[_GenerateBody], raw: bytes) -> tuple[Any, GenerateRequest]:
+    """`parse_body`, then the `GenerateRequest` it asks for (request_id "": the caller names
+    it); every error a 400 naming the field."""
+    body = parse_body(model, raw)
+    try:
+        return body, body.to_request("")
+    except InvalidRequestError as e:
+        raise invalid_request(e.field or None, str(e)) from None
+
+
+def _check_content_type(request: Request) -> None:
+    value = request.headers.get("content-type")
+    if value is None:
+        raise unsupported_media_type("send the body as JSON with Content-Type: application/json")
+    media, *params = value.split(";")
+    if media.strip().lower() != "application/json":
+        raise unsupported_media_type(f"Content-Type {_show(value)} is not supported; send application/json")
+    for param in params:
+        name, _, charset = param.partition("=")
+        if name.strip().lower() == "charset" and charset.strip().strip('"').lower() not in ("utf-8", "utf8"):
+            raise unsupported_media_type(f"charset {_show(charset.strip())} is not supported; send "
+                                         "application/json in utf-8")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, or 413 once it is known to be over `limit` bytes: from Content-Length
+    before reading anything, or while reading a chunked body."""
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise payload_too_large(f"the request body is {int(length)} bytes; the limit is {limit}")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise payload_too_large(f"the request body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_request(model: type[_GenerateBody], request: Request, limit: int) -> tuple[Any, GenerateRequest]:
+    """A POST's JSON body, bounded, parsed and validated (off the loop when big)."""
+    _check_content_type(request)
+    raw = await read_body(request, limit)
+    return await off_loop(len(raw), parse_request, model, raw)

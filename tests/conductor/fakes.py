@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import re
 import threading
+from dataclasses import replace
 from typing import AsyncIterator
 
 from prometheus_client import CollectorRegistry
@@ -78,3 +79,27 @@ class FakeBackend:
         finally:
             if not done:
                 self.closed_early.set()
+
+
+class IntakeBackend(FakeBackend):
+    """The conductor's real intake (`conductor.intake.Intake`: validation, character cap,
+    tokenizing, max_tokens capping) in front of the fake cluster: what the front doors see
+    of the live conductor before any node is involved. `prepared` records what it made."""
+
+    def __init__(self, registry: CollectorRegistry, intake) -> None:
+        super().__init__(registry)
+        self.intake = intake
+        self.prepared: list = []
+        self.intake_started = threading.Event()
+
+    def reset(self) -> None:
+        super().reset()
+        self.prepared.clear()
+        self.intake_started.clear()
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenChunk | Finished]:
+        self.intake_started.set()
+        prepared = await self.intake.prepare(request)
+        self.prepared.append(prepared)
+        async for item in super().generate(replace(request, sampling=prepared.sampling)):
+            yield item
