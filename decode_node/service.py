@@ -13,7 +13,9 @@ Lifecycle of one request:
    `recompute=True` (the KV never arrived) the node computes the prompt itself instead;
    so does a node of the colocated layout for every request (`colocated=True`).
 
-Cancelling the `Decode` call aborts the request and frees its blocks.
+Cancelling the `Decode` call aborts the request and frees its blocks. An engine step that
+fails while the request runs ends the stream at once with INTERNAL "decode node X: engine
+step failed: ..." (the worker has aborted it and freed its blocks).
 """
 from __future__ import annotations
 
@@ -140,10 +142,12 @@ class DecodeService(node_pb2_grpc.DecodeNodeServicer):
             while not finished:
                 out = await queue.get()
                 finished = out.finished
+                if out.error:  # a failed engine step ended it (and freed its blocks): a server fault
+                    await context.abort(grpc.StatusCode.INTERNAL, f"decode node {self.node_id}: {out.error}")
                 yield node_pb2.DecodeOutput(
                     delta=common_pb2.TokenDelta(text=out.text_delta, token_ids=list(out.new_token_ids)),
                     finished=out.finished,
-                    finish_reason=out.finish_reason.value if out.finish_reason else ("abort" if finished else ""),
+                    finish_reason=out.finish_reason.value if out.finish_reason else "",
                     completion_tokens=out.num_output_tokens, num_cached_tokens=out.num_cached_tokens)
         finally:
             if not finished:  # cancelled: abort without awaiting

@@ -41,6 +41,7 @@ class RequestOutput:
     num_prompt_tokens: int
     num_cached_tokens: int
     num_output_tokens: int
+    error: str | None = None  # set when a failed engine step ended the request (EngineWorker)
 
 
 @dataclass(frozen=True, slots=True)

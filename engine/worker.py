@@ -2,7 +2,9 @@
 
 Everything that touches the engine runs on that thread: `call(fn)` queues `fn(engine)`
 between steps and returns a future; step outputs go to per-request sinks; `on_step` hooks
-run after every step (a prefill node ships finished KV blocks from one).
+run after every step (a prefill node ships finished KV blocks from one). A step that raises
+ends the requests it touched at once: each one's sink gets a finished output whose `error`
+says why (`_fail_step`), and the engine carries on with the next request.
 """
 from __future__ import annotations
 
@@ -14,11 +16,16 @@ from concurrent.futures import Future
 from typing import Callable, TypeVar
 
 from engine.engine import LLMEngine, RequestOutput
+from engine.request import FinishReason
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 Sink = Callable[[RequestOutput], None]
 StepHook = Callable[[LLMEngine, list[RequestOutput]], None]
+
+
+class StepFailed(Exception):
+    """A request was ended by a failed engine step (the text of `RequestOutput.error`)."""
 
 
 class EngineWorker:
@@ -30,6 +37,7 @@ class EngineWorker:
         self._stop = threading.Event()
         self.step_started_at = 0.0  # monotonic time the current/last step began
         self.steps = 0
+        self.step_failures = 0
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
@@ -87,6 +95,27 @@ class EngineWorker:
             except queue.Empty:
                 return
 
+    def _fail_step(self, error: Exception) -> None:
+        """A step raised: end every request it may have touched, at once, with the error.
+
+        The running requests (each holds blocks the failed step may have half written) are
+        aborted, which frees their blocks, and each one's sink gets a finished output carrying
+        `error`. Waiting requests hold no blocks and were not in the step: they stay queued,
+        unless nothing was running, in which case admitting them is what failed and they
+        end too, so a failure that repeats cannot spin the loop."""
+        reason = f"engine step failed: {type(error).__name__}: {error}"
+        sched = self.engine.scheduler
+        victims = list(sched.running) or list(sched.waiting)
+        log.error("%s; ending %d request(s): %s", reason, len(victims), ", ".join(r.request_id for r in victims),
+                  exc_info=error)
+        self.step_failures += 1
+        for req in victims:
+            self.engine.abort(req.request_id)
+            sink = self._sinks.pop(req.request_id, None)
+            if sink is not None:
+                sink(RequestOutput(req.request_id, (), "", True, FinishReason.ABORT, len(req.prompt_token_ids),
+                                   req.num_cached_tokens, len(req.output_token_ids), error=reason))
+
     def _loop(self) -> None:
         while not self._stop.is_set():
             self._run_commands(block=not self.engine.has_unfinished())
@@ -95,13 +124,8 @@ class EngineWorker:
             self.step_started_at = time.monotonic()
             try:
                 outputs = self.engine.step()
-            except Exception:
-                log.exception("engine step failed; aborting the running requests")
-                for req in list(self.engine.scheduler.running) + list(self.engine.scheduler.waiting):
-                    self.engine.abort(req.request_id)
-                    sink = self._sinks.pop(req.request_id, None)
-                    if sink is not None:
-                        sink(RequestOutput(req.request_id, (), "", True, None, 0, 0, 0))
+            except Exception as e:
+                self._fail_step(e)
                 continue
             self.steps += 1
             for out in outputs:

@@ -12,7 +12,9 @@ Lifecycle of one request (named after where it waits):
    cache) and the call answers with the first token and the timing.
 
 Cancellation (the conductor's call is cancelled) or a failed write aborts the request and
-frees its blocks; a failed write answers ABORTED naming the decode node.
+frees its blocks; a failed write answers ABORTED naming the decode node. An engine step that
+fails while the request is in it ends the call at once with INTERNAL "engine step failed: ..."
+(the worker has aborted the request and freed its blocks).
 
 KV-centric pulls: when the conductor names a `PrefixSource` (another prefill node caching a
 longer prefix), the node first pins those blocks there (`Pin`), reads them into blocks of its
@@ -33,7 +35,7 @@ import grpc
 from engine.engine import LLMEngine, RequestOutput
 from engine.errors import InvalidRequestError
 from engine.leases import BlockLeases
-from engine.worker import EngineWorker
+from engine.worker import EngineWorker, StepFailed
 from prefill_node.kv_events import KVEventLog
 from proto.convert import sampling_from_proto
 from proto.halfmoon.v1 import node_pb2, node_pb2_grpc
@@ -185,6 +187,11 @@ class PrefillService(node_pb2_grpc.PrefillNodeServicer):
 
         imported = False
 
+        def on_output(out: RequestOutput) -> None:  # engine thread; only a failed step's output matters here
+            if out.error:
+                failed = StepFailed(out.error)
+                loop.call_soon_threadsafe(lambda: job.done.done() or job.done.set_exception(failed))
+
         def add(eng: LLMEngine) -> None:
             nonlocal imported
             if pulled is not None:  # in the same engine call, so nothing can evict them first
@@ -192,9 +199,10 @@ class PrefillService(node_pb2_grpc.PrefillNodeServicer):
                 imported = True
             eng.add_request(rid, pparams, prompt_token_ids=prompt, hold_blocks=True)
             self._jobs[rid] = job
+            self.worker.set_sink(rid, on_output)
 
         try:
-            await self._engine(add, undo=lambda e, _: e.abort(rid))
+            await self._engine(add, undo=lambda e, _: (self.worker.set_sink(rid, None), e.abort(rid)))
         except InvalidRequestError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except asyncio.CancelledError:
@@ -209,6 +217,8 @@ class PrefillService(node_pb2_grpc.PrefillNodeServicer):
             if self.metrics:
                 self.metrics.observe_kv_transfer_failed()
             await context.abort(grpc.StatusCode.ABORTED, f"KV transfer to decode node {t.node_id} failed: {e}")
+        except StepFailed as e:  # the engine aborted it and freed its blocks: a server fault, not the client's
+            await context.abort(grpc.StatusCode.INTERNAL, str(e))
         finally:
             self._jobs.pop(rid, None)
             if ok:
@@ -216,7 +226,7 @@ class PrefillService(node_pb2_grpc.PrefillNodeServicer):
             else:  # cancelled or failed: do not await (a cancelled task must not block here)
                 for h in job.handles:
                     h.cancel()
-                self.worker.call(lambda e: e.abort(rid))
+                self.worker.call(lambda e: (self.worker.set_sink(rid, None), e.abort(rid)))
         computed_at = job.computed_at or acked_at
         started = job.started_at or job.arrived_at
         if self.metrics:
