@@ -44,14 +44,15 @@ def generate(
         _generate_remote(prompt, chat, params, address, timing)
 
 
-def _generate_remote(prompt: str, chat: bool, params, address: str, timing: bool) -> None:
+def _generate_remote(prompt: str, chat: bool, params, address: str, timing: bool,
+                     api_key: str | None = None) -> None:
     import grpc
 
     from cluster.client import Client, make_request
 
     req = make_request(chat=[("user", prompt)], params=params) if chat else make_request(prompt, params=params)
     final = None
-    with Client(address) as client:
+    with Client(address, api_key) as client:
         try:
             for msg in client.stream(req):
                 if msg.HasField("delta"):
@@ -122,6 +123,8 @@ def serve(
     ttft_slo: float | None = typer.Option(None, "--ttft-slo", help="TTFT SLO in seconds (default 30)."),
     tbt_slo: float | None = typer.Option(None, "--tbt-slo", help="TBT SLO in seconds (default 1)."),
     cost_model: str | None = typer.Option(None, "--cost-model", help="A `halfmoon profile` file."),
+    api_key: str | None = typer.Option(None, "--api-key", help="Clients must send this key (HTTP `Authorization: "
+                                       "Bearer`, gRPC `authorization` metadata); default: $HALFMOON_API_KEY, else none."),
     timeout: float = typer.Option(300.0, "--timeout", help="Seconds to wait for every node to register."),
     demo_prompt: str | None = typer.Option(None, "--demo-prompt",
                                            help="Once up, answer this chat prompt through the cluster."),
@@ -139,7 +142,8 @@ def serve(
     overrides = {"prefill.count": prefill, "decode.count": decode, "conductor.host": host, "prefill.host": host,
                  "decode.host": host, "conductor.grpc_port": port, "conductor.http_port": http_port,
                  "kv.num_blocks": num_blocks, "conductor.policy": policy, "conductor.admission": admission,
-                 "conductor.ttft_slo_s": ttft_slo, "conductor.tbt_slo_s": tbt_slo, "conductor.cost_model": cost_model}
+                 "conductor.ttft_slo_s": ttft_slo, "conductor.tbt_slo_s": tbt_slo, "conductor.cost_model": cost_model,
+                 "auth.api_key": api_key}
     config = _config(config_file, {k: v for k, v in overrides.items() if v is not None})
     typer.echo(f"starting conductor + {config.prefill.count} prefill + {config.decode.count} decode node(s) "
                f"({launcher}) ...")
@@ -158,7 +162,8 @@ def serve(
             from engine.sampling import SamplingParams
 
             typer.echo(f"> {demo_prompt}")
-            _generate_remote(demo_prompt, True, SamplingParams(max_tokens=64), cluster.grpc_address, True)
+            _generate_remote(demo_prompt, True, SamplingParams(max_tokens=64), cluster.grpc_address, True,
+                             config.auth.api_key)
         while not done.wait(2.0):
             problem = cluster.problem()
             if problem:

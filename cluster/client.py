@@ -1,11 +1,11 @@
 """A small synchronous gRPC client for the conductor (used by the CLI and tests)."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Iterator
 
-import grpc
-
+from conductor.auth import API_KEY_ENV, keyed_channel
 from engine.sampling import SamplingParams
 from proto.convert import sampling_to_proto
 from proto.halfmoon.v1 import admin_pb2, admin_pb2_grpc, generate_pb2, generate_pb2_grpc
@@ -33,9 +33,11 @@ def make_request(prompt: str | None = None, *, chat: list[tuple[str, str]] | Non
 
 
 class Client:
-    def __init__(self, address: str = "127.0.0.1:50051") -> None:
+    """`api_key`: sent with every call (None: $HALFMOON_API_KEY if set, else no key)."""
+
+    def __init__(self, address: str = "127.0.0.1:50051", api_key: str | None = None) -> None:
         self.address = address
-        self.channel = grpc.insecure_channel(address)
+        self.channel = keyed_channel(address, api_key if api_key is not None else os.environ.get(API_KEY_ENV))
         self.gen = generate_pb2_grpc.GenerationStub(self.channel)
         self.admin = admin_pb2_grpc.AdminStub(self.channel)
 

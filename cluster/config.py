@@ -234,6 +234,12 @@ class TransferConfig(_Section):
 class AuthConfig(_Section):
     """Secrets. Left unset, each comes from its environment variable when that is set."""
 
+    api_key: str | None = Field(
+        None, min_length=1, repr=False,
+        description="clients must send it (HTTP `Authorization: Bearer <key>`, gRPC `authorization` metadata); "
+        "unset: $HALFMOON_API_KEY, else no key (warned about when the conductor binds beyond loopback)",
+    )
+
     control_secret: str | None = Field(
         None, min_length=16, repr=False,
         description="shared secret nodes sign their control calls with; unset: $HALFMOON_CONTROL_SECRET, "

@@ -12,6 +12,7 @@ import grpc
 
 from cluster.node_main import NodeSpec, run_node
 from cluster.specs import free_port, local_address, new_secret
+from conductor.auth import keyed_channel
 from conductor.server import ConductorSpec, run_conductor
 
 
@@ -76,7 +77,7 @@ class LocalCluster:
         roles = {n.role for n in self.nodes if n.node_id in want}
         pair = "colocated" in roles or {"prefill", "decode"} <= roles
         deadline = time.monotonic() + timeout_s
-        with grpc.insecure_channel(self.address) as ch:
+        with keyed_channel(self.address, self.conductor.api_key) as ch:
             stub = admin_pb2_grpc.AdminStub(ch)
             health = health_pb2_grpc.HealthStub(ch)
             while True:

@@ -27,6 +27,7 @@ from cluster.config import ClusterConfig
 from cluster.metrics import ScrapeTarget, write_scrape_targets
 from cluster.ray_actors import ConductorActor, ConductorInfo, NodeActor, NodeInfo
 from cluster.specs import NodePlan, conductor_spec, node_plans, with_secrets
+from conductor.auth import keyed_channel
 from conductor.readiness import GENERATION_SERVICE
 from proto.halfmoon.v1 import admin_pb2, admin_pb2_grpc
 
@@ -166,7 +167,7 @@ class RayLauncher:
         names = {actor_name(p.node_id): p.node_id for p in plans}
         pending = {self._actors[name].info.remote(): name for name in names}
         infos: dict[str, NodeInfo] = {}
-        with grpc.insecure_channel(conductor.grpc_address) as channel:
+        with keyed_channel(conductor.grpc_address, self.config.auth.api_key) as channel:
             admin = admin_pb2_grpc.AdminStub(channel)
             health = health_pb2_grpc.HealthStub(channel)
             while True:
@@ -201,7 +202,7 @@ class RayLauncher:
         targets = []
         if deployment.http_url is not None:
             targets.append(ScrapeTarget(deployment.http_url.removeprefix("http://"), "conductor", "conductor"))
-        with grpc.insecure_channel(deployment.grpc_address) as channel:
+        with keyed_channel(deployment.grpc_address, self.config.auth.api_key) as channel:
             status = admin_pb2_grpc.AdminStub(channel).Status(admin_pb2.StatusRequest(), timeout=10)
         targets += [ScrapeTarget(n.metrics_address, n.node_id, n.role) for n in status.nodes if n.metrics_address]
         write_scrape_targets(path, targets)

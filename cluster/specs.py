@@ -12,7 +12,8 @@ depends on the machine a node lands on, the node's `NodePlan.resolve` settles it
 
 Secrets are settled once per cluster by `with_secrets`, before any spec is made: the
 control secret the conductor checks and every node signs with comes from the config, else
-`$HALFMOON_CONTROL_SECRET`, else is generated.
+`$HALFMOON_CONTROL_SECRET`, else is generated; the client API key from the config, else
+`$HALFMOON_API_KEY`, else there is none.
 
 How the config maps: prefill nodes compute `scheduler.prefill_chunk_size` tokens per step
 (their engine's step budget, so one chunk is one KV push); decode nodes batch up to
@@ -28,6 +29,7 @@ from dataclasses import dataclass, replace
 
 from cluster.config import DEFAULT_NUM_BLOCKS, ClusterConfig, NodeGroupConfig, RayActorOptions, Role, with_overrides
 from cluster.node_main import NodeSpec
+from conductor.auth import API_KEY_ENV
 from conductor.server import ConductorSpec
 
 WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})
@@ -41,8 +43,11 @@ def new_secret() -> str:
 
 
 def with_secrets(config: ClusterConfig) -> ClusterConfig:
-    """`config` with `auth.control_secret` settled: the config's, else $HALFMOON_CONTROL_SECRET,
-    else a new one. A launcher calls this once, so the conductor and its nodes share it."""
+    """`config` with `auth.control_secret` settled (the config's, else $HALFMOON_CONTROL_SECRET,
+    else a new one) and `auth.api_key` (the config's, else $HALFMOON_API_KEY, if set). A
+    launcher calls this once, so the conductor and its nodes share the secret."""
+    if config.auth.api_key is None and os.environ.get(API_KEY_ENV):
+        config = with_overrides(config, {"auth.api_key": os.environ[API_KEY_ENV]}, source=f"${API_KEY_ENV}")
     if config.auth.control_secret is not None:
         return config
     from_env = os.environ.get(CONTROL_SECRET_ENV)
@@ -65,6 +70,7 @@ def conductor_spec(config: ClusterConfig) -> ConductorSpec:
         control_host=c.control_host,
         control_port=c.control_port,
         control_secret=config.auth.control_secret,
+        api_key=config.auth.api_key,
         model=model_ref(config),
         block_size=config.kv.block_size,
         max_model_len=config.model.max_model_len,

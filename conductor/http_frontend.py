@@ -3,7 +3,9 @@
 Routes: `POST /v1/completions`, `POST /v1/chat/completions` (streamed as server-sent
 events ending in `data: [DONE]`, or whole), `GET /v1/models`, `GET /health` (liveness: 200
 while the process serves), `GET /ready` (readiness: 503 naming what is missing until a
-request could be served), `GET /metrics`.
+request could be served), `GET /metrics`. With an API key (`build_app(..., api_key=KEY)`),
+every `/v1/...` request must send `Authorization: Bearer KEY` (else 401 `invalid_api_key`);
+the health, readiness and metrics routes stay open.
 
 A streamed request waits for its first item before sending headers, so an admission
 rejection is still a real 429 (and bad input a 400), never an error inside a 200 stream.
@@ -33,6 +35,7 @@ from starlette.types import Send
 
 from cluster.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from cluster.metrics import HttpMetrics, exposition
+from conductor.auth import key_problem
 from conductor.frontend_api import Backend, Finished, GenerateRequest, RequestFailed, TokenChunk
 from conductor.http_errors import ApiError, api_error_from, not_found
 from conductor.http_responses import DONE, ChatShape, CompletionShape, ResponseShape, sse
@@ -147,6 +150,21 @@ def _error_response(err: ApiError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
 
+def _keyed(api_key: str | None, endpoint: Callable[[Request], Awaitable[Response]]):
+    """`endpoint`, answering 401 first unless the request carries `Authorization: Bearer <api_key>`."""
+    if api_key is None:
+        return endpoint
+
+    async def checked(request: Request) -> Response:
+        problem = key_problem(api_key, request.headers.get("authorization"))
+        if problem is not None:
+            raise ApiError(401, problem, "invalid_request_error", code="invalid_api_key",
+                           headers={"WWW-Authenticate": 'Bearer realm="halfmoon"'})
+        return await endpoint(request)
+
+    return checked
+
+
 class _Frontend:
     def __init__(self, backend: Backend, registry: CollectorRegistry, ready: Callable[[], str | None] | None,
                  max_body_bytes: int) -> None:
@@ -234,16 +252,16 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 def build_app(
     backend: Backend, registry: CollectorRegistry, *, ready: Callable[[], str | None] | None = None,
-    max_body_bytes: int = MAX_REQUEST_BYTES,
+    max_body_bytes: int = MAX_REQUEST_BYTES, api_key: str | None = None,
 ) -> Starlette:
     """The HTTP app. `ready`, if given, returns None when a request could be served, else
     why not: `/ready` answers 503 with that reason meanwhile. A request body over
     `max_body_bytes` is refused with 413."""
     fe = _Frontend(backend, registry, ready, max_body_bytes)
     routes = [
-        fe.route("/v1/completions", fe.completions, "POST"),
-        fe.route("/v1/chat/completions", fe.chat_completions, "POST"),
-        fe.route("/v1/models", fe.models, "GET"),
+        fe.route("/v1/completions", _keyed(api_key, fe.completions), "POST"),
+        fe.route("/v1/chat/completions", _keyed(api_key, fe.chat_completions), "POST"),
+        fe.route("/v1/models", _keyed(api_key, fe.models), "GET"),
         fe.route("/health", fe.health, "GET"),
         fe.route("/ready", fe.ready, "GET"),
         fe.route("/metrics", fe.metrics, "GET"),

@@ -6,9 +6,10 @@ serves; `halfmoon.v1.Generation` (and HTTP `/ready`) is readiness, SERVING only 
 request could be served (`conductor.readiness`).
 
 Listeners: the client port (`grpc_port`: Generation, Admin, health, reflection; `http_port`:
-the HTTP frontend) and the control port (`control_host:control_port`, loopback by default:
-ConductorControl only, every call signed with `control_secret`, see `conductor.auth`). A
-node that dials the client port to register finds no such service there."""
+the HTTP frontend; both behind `api_key` when one is set, health excepted) and the control
+port (`control_host:control_port`, loopback by default: ConductorControl only, every call
+signed with `control_secret`, see `conductor.auth`). A node that dials the client port to
+register finds no such service there."""
 from __future__ import annotations
 
 import asyncio
@@ -31,6 +32,7 @@ class ConductorSpec:
     control_host: str = "127.0.0.1"  # nodes' Register / Heartbeat listen here
     control_port: int = 0  # 0: a free port (`started` resolves with the one chosen)
     control_secret: str | None = field(default=None, repr=False)  # required: nodes sign with it
+    api_key: str | None = field(default=None, repr=False)  # clients must send it (None: no key)
     model: str = "smollm2-135m-instruct"
     block_size: int = 16
     max_model_len: int = 2048
@@ -66,7 +68,7 @@ async def serve_conductor(spec: ConductorSpec, stop: asyncio.Event | None = None
 
     from cluster.metrics import ConductorMetrics
     from conductor.cost_model import CostModel
-    from conductor.auth import ControlVerifier
+    from conductor.auth import ApiKeyInterceptor, ControlVerifier, exposure_warning
     from conductor.grpc_api import AdminService, ControlService, GenerationService
     from conductor.live import LiveConductor, LiveConfig, cpu_default_costs
     from conductor.readiness import LIVENESS_SERVICE, ReadinessPublisher
@@ -112,7 +114,8 @@ async def serve_conductor(spec: ConductorSpec, stop: asyncio.Event | None = None
                    spec.request_timeout_s),
         tokenizer, Scheduler(settings, costs), registry, metrics)
 
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    server = grpc.aio.server(options=SERVER_OPTIONS,
+                             interceptors=[ApiKeyInterceptor(spec.api_key)] if spec.api_key else [])
     generate_pb2_grpc.add_GenerationServicer_to_server(GenerationService(backend), server)
     admin_pb2_grpc.add_AdminServicer_to_server(AdminService(settings, registry, spec.model), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -140,11 +143,16 @@ async def serve_conductor(spec: ConductorSpec, stop: asyncio.Event | None = None
         from conductor.http_frontend import build_app
         from conductor.http_server import HttpServer
 
-        http = HttpServer(build_app(backend, metrics_registry, ready=readiness.reason), spec.host, spec.http_port)
+        app = build_app(backend, metrics_registry, ready=readiness.reason, api_key=spec.api_key)
+        http = HttpServer(app, spec.host, spec.http_port)
         http_task = asyncio.create_task(http.serve())
     log.info("conductor gRPC on %s:%d%s, control plane on %s:%d", spec.host, port,
              f", HTTP on {spec.host}:{spec.http_port}" if spec.http_port is not None else "",
              spec.control_host, control_port)
+    warning = exposure_warning(spec.host, spec.api_key)
+    if warning:
+        banner = "!" * 100
+        log.warning("%s\n%s\n%s", banner, warning, banner)
     if started is not None and not started.done():
         started.set_result(Listening(port, control_port))
     try:
