@@ -5,6 +5,9 @@ The whole cluster (conductor + 1 prefill + 1 decode node on the tiny model) runs
 of this process, so a fault can be injected into the nodes' `ModelRunner.run`: it raises
 once, in a step that holds a "poison" request (marked by its seed) together with an
 innocent one. The innocent request's steps are slowed so the poison joins them.
+
+The last test sends what used to fail a step (issue 11: temperature 1e-40 made the prefill
+step raise and hung the call) through a real 1P+1D cluster on the real model.
 """
 from __future__ import annotations
 
@@ -176,3 +179,28 @@ def test_decode_step_failure_fails_every_request_in_the_step_at_once(tiny_cluste
     assert failed_total(tiny_cluster) - failed0 == 2
     monkeypatch.undo()
     check_still_serving(tiny_cluster, tiny_model_dir)
+
+
+@pytest.mark.slow
+@pytest.mark.real_model
+def test_tiny_temperature_through_the_real_cluster_is_greedy():
+    from conftest import start_cluster
+
+    cluster = start_cluster(1, 1, settings={"ttft_slo_s": 600.0, "tbt_slo_s": 60.0})
+    try:
+        prompt = "The capital of France is"
+        with Client(cluster.address) as c:
+            greedy = c.generate(make_request(prompt, params=SamplingParams(max_tokens=16, ignore_eos=True)), timeout=120)
+            assert len(greedy.token_ids) == 16
+            # 1e-40 and 1.4e-45 are float32 subnormals on the wire: sampled, at the greedy limit
+            for temperature in (1e-40, 1.4e-45):
+                params = SamplingParams(max_tokens=16, temperature=temperature, seed=5, ignore_eos=True)
+                res = c.generate(make_request(prompt, params=params), timeout=120)
+                assert res.token_ids == greedy.token_ids and res.final.finish_reason == "length", temperature
+            with pytest.raises(grpc.RpcError) as e:  # 1e-320 is 0 as a float32: refused, naming top_p
+                c.generate(make_request(prompt, params=SamplingParams(temperature=1.0, top_p=1e-320)), timeout=60)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert re.match(r"(sampling\.)?top_p: must be in \(0, 1\]", e.value.details()), e.value.details()
+            assert {node: used for node, (used, _) in wait_idle(c).items()} == {"prefill-0": 0, "decode-0": 0}
+    finally:
+        cluster.stop()
