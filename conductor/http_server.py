@@ -34,9 +34,13 @@ class HttpServer:
     ) -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         try:
-            self._socket = socket.create_server((host, port), family=family)
+            listening = socket.create_server((host, port), family=family)
         except OSError as exc:
             raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+        # create_server leaves proto 0, which accepted sockets inherit; asyncio sets TCP_NODELAY
+        # only on sockets whose proto is IPPROTO_TCP, and without it every response waited
+        # ~40 ms for the client's delayed ACK (Nagle: headers and body are two writes)
+        self._socket = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP, fileno=listening.detach())
         self.host = host
         self.port: int = self._socket.getsockname()[1]
         config = uvicorn.Config(
