@@ -121,6 +121,17 @@ ADMISSION_INFO = MetricSpec(
 SETTINGS_CHANGES = MetricSpec(
     "halfmoon:settings_changes_total", _C, "Runtime changes of SLOs, policy or admission mode.",
 )
+REQUESTS_RETRIED = MetricSpec(
+    "halfmoon:requests_retried_total",
+    _C,
+    "Requests placed again after a node failed before any token reached the client, by the phase it failed in.",
+    ("phase",),
+)
+REQUESTS_MIGRATED = MetricSpec(
+    "halfmoon:requests_migrated_total",
+    _C,
+    "Requests whose decode node failed mid-stream, continued on another decode node.",
+)
 
 # --- every node -------------------------------------------------------------------------
 REQUESTS_RUNNING = MetricSpec("halfmoon:num_requests_running", _G, "Requests the node is computing.", _NODE)
@@ -146,6 +157,12 @@ RECOMPUTED_PREFILLS = MetricSpec(
 KV_LEASE_EXPIRED = MetricSpec(
     "halfmoon:kv_lease_expired_blocks_total", _C, "Reserved KV blocks freed because their lease ran out.", _NODE,
 )
+KV_BLOCKS_RECLAIMED = MetricSpec(
+    "halfmoon:kv_blocks_reclaimed_total",
+    _C,
+    "Leaked KV blocks (held by no live request, reservation or pin) the periodic block audit freed.",
+    _NODE,
+)
 
 # --- the HTTP frontend ------------------------------------------------------------------
 HTTP_REQUESTS = MetricSpec(
@@ -156,11 +173,12 @@ CONDUCTOR_METRICS = (
     TTFT, INTER_TOKEN_LATENCY, REQUEST_TBT, E2E_LATENCY, TTFT_QUEUE, TTFT_PREFILL, TTFT_KV_TRANSFER,
     TTFT_FIRST_DECODE, PROMPT_TOKENS, GENERATION_TOKENS, REQUEST_SUCCESS, REQUESTS_REJECTED,
     REQUESTS_FAILED, PREDICTION_ERROR, NODE_UP, SLO_SECONDS, ADMISSION_INFO, SETTINGS_CHANGES,
+    REQUESTS_RETRIED, REQUESTS_MIGRATED,
 )
 NODE_METRICS = (
     REQUESTS_RUNNING, REQUESTS_WAITING, KV_BLOCKS_USED, KV_BLOCKS_FREE, PREFIX_CACHE_QUERIES,
     PREFIX_CACHE_HITS, KV_TRANSFER_BYTES, KV_TRANSFER_SECONDS, KV_TRANSFER_FAILURES,
-    RECOMPUTED_PREFILLS, KV_LEASE_EXPIRED,
+    RECOMPUTED_PREFILLS, KV_LEASE_EXPIRED, KV_BLOCKS_RECLAIMED,
 )
 HTTP_METRICS = (HTTP_REQUESTS,)
 ALL_METRICS = CONDUCTOR_METRICS + NODE_METRICS + HTTP_METRICS
@@ -232,6 +250,8 @@ class ConductorMetrics:
         self._slo = _typed(r, SLO_SECONDS, Gauge)
         self._admission = _typed(r, ADMISSION_INFO, Gauge)
         self._settings_changes = _typed(r, SETTINGS_CHANGES, Counter)
+        self._retried = _typed(r, REQUESTS_RETRIED, Counter)
+        self._migrated = _typed(r, REQUESTS_MIGRATED, Counter)
         self._settings: tuple[str, str, float, float] | None = None
 
     def start_request(self, now: Callable[[], float] = time.monotonic) -> RequestClock:
@@ -262,6 +282,14 @@ class ConductorMetrics:
 
     def observe_failed(self, reason: str) -> None:
         self._failed.labels(reason).inc()
+
+    def observe_retried(self, phase: str) -> None:
+        """A node failed before the request's first token; it was placed again."""
+        self._retried.labels(phase).inc()
+
+    def observe_migrated(self) -> None:
+        """A decode node failed mid-stream; the request continues on another."""
+        self._migrated.inc()
 
     def observe_prediction(self, kind: PredictionKind, predicted_s: float, actual_s: float) -> None:
         if kind not in _PREDICTION_KINDS:
@@ -360,6 +388,11 @@ class NodeMetrics:
 
     def observe_lease_expired(self, blocks: int) -> None:
         self._series[KV_LEASE_EXPIRED.name].inc(blocks)
+
+    def observe_blocks_reclaimed(self, blocks: int) -> None:
+        if blocks < 0:
+            raise ValueError(f"blocks must be >= 0, got {blocks}")
+        self._series[KV_BLOCKS_RECLAIMED.name].inc(blocks)
 
     def close(self) -> None:
         """Drop this node's series (when it leaves a process that keeps the registry)."""

@@ -31,6 +31,7 @@ class NodeSpec:
     transfer_timeout_s: float = 30.0
     num_threads: int | None = None
     metrics_port: int = 0
+    block_audit_interval_s: float = 10.0  # reclaim KV blocks no live request, reservation or pin holds
     control_secret: str | None = field(default=None, repr=False)  # signs Register / Heartbeat
 
 
@@ -45,6 +46,7 @@ async def serve_node(spec: NodeSpec, stop: asyncio.Event | None = None) -> None:
 
     from cluster.metrics import MetricsServer, NodeMetrics
     from decode_node.service import DecodeService
+    from engine.audit import audit_periodically
     from engine.config import EngineConfig
     from engine.engine import LLMEngine
     from engine.kv_cache import kv_shape
@@ -97,6 +99,8 @@ async def serve_node(spec: NodeSpec, stop: asyncio.Event | None = None) -> None:
         raise ValueError(f"role must be 'prefill', 'decode' or 'colocated', got {spec.role!r}")
     port = server.add_insecure_port(f"{spec.host}:0")
     await server.start()
+    audit = asyncio.ensure_future(audit_periodically(  # one engine, one audit (colocated: both services)
+        worker, spec.block_audit_interval_s, spec.node_id, lambda r: metrics.observe_blocks_reclaimed(r.num_reclaimed)))
     address = f"{spec.host}:{port}"
     mc = engine.model_config
     layout = node_pb2.KVLayout(block_size=spec.block_size, block_bytes=engine.kv.block_bytes,
@@ -136,6 +140,7 @@ async def serve_node(spec: NodeSpec, stop: asyncio.Event | None = None) -> None:
             except asyncio.TimeoutError:
                 pass
     finally:
+        audit.cancel()
         await server.stop(grace=1.0)
         await channel.close()
         worker.stop()

@@ -16,6 +16,15 @@ Lifecycle of one request:
 Cancelling the `Decode` call aborts the request and frees its blocks. An engine step that
 fails while the request runs ends the stream at once with INTERNAL "decode node X: engine
 step failed: ..." (the worker has aborted it and freed its blocks).
+
+Request ids are the conductor's own (unique per request); a second `Reserve` or `Decode`
+for an id this node already holds or runs is refused with ALREADY_EXISTS. A migrated request
+(its first decode node failed mid-stream) arrives with `recompute=True` and the tokens it
+already generated in `resume_token_ids`: the node recomputes prompt + those and continues.
+
+Every reservation is recorded in the engine's block ledger inside the engine call that
+allocates or frees it (`engine/audit.py`), so the periodic block audit sees exactly which
+blocks are held and reclaims only leaked ones.
 """
 from __future__ import annotations
 
@@ -55,14 +64,23 @@ class DecodeService(node_pb2_grpc.DecodeNodeServicer):
 
     async def Reserve(self, request: node_pb2.ReserveRequest, context):
         rid = request.request_id
-        if rid in self._reserved:
-            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request_id {rid!r} already holds a reservation")
         if request.num_tokens <= 0:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "num_tokens must be > 0")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "num_tokens: must be > 0")
+
+        def reserve(e: LLMEngine) -> list[int] | None:  # check and record in one engine call
+            if _reservation(rid) in e.held or e.get_request(rid) is not None:
+                return None
+            got = e.reserve(request.num_tokens)
+            e.held.hold(_reservation(rid), got)
+            return got
+
         try:
-            blocks = await self._engine(lambda e: e.reserve(request.num_tokens), undo=lambda e, got: e.unreserve(got))
+            blocks = await self._engine(reserve, undo=lambda e, got: got is not None and _free_reservation(e, rid))
         except OutOfBlocksError as e:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"decode node {self.node_id}: {e}")
+        if blocks is None:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS,
+                                f"request_id: {rid!r} already holds a reservation or runs on {self.node_id}")
         self._reserved.grant(rid, blocks, request.lease_s)
         return node_pb2.ReserveResponse(target=node_pb2.KVTarget(
             node_id=self.node_id, transfer_descriptor=self.descriptor, region_id=self.region_id,
@@ -73,16 +91,17 @@ class DecodeService(node_pb2_grpc.DecodeNodeServicer):
         self.expired_leases += 1
         if self.metrics:
             self.metrics.observe_lease_expired(len(blocks))
-        self.worker.call(lambda e: e.unreserve(blocks))
+        self.worker.call(lambda e: _free_reservation(e, rid))
 
     async def Renew(self, request: node_pb2.RenewRequest, context):
         """Restart a reservation's lease (its prefill is still queued or running)."""
         return node_pb2.RenewResponse(found=self._reserved.renew(request.request_id, request.lease_s))
 
     async def Release(self, request: node_pb2.ReleaseRequest, context):
-        blocks = self._reserved.take(request.request_id)
+        rid = request.request_id
+        blocks = self._reserved.take(rid)
         if blocks is not None:
-            await self._engine(lambda e: e.unreserve(blocks))
+            await self._engine(lambda e: _free_reservation(e, rid))
         return node_pb2.ReleaseResponse(found=blocks is not None)
 
     async def Decode(self, request: node_pb2.DecodeRequest, context):
@@ -91,9 +110,16 @@ class DecodeService(node_pb2_grpc.DecodeNodeServicer):
             params = sampling_from_proto(request.sampling)
         except InvalidRequestError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        blocks = self._reserved.take(rid)
         prompt = list(request.prompt_token_ids)
+        resume = list(request.resume_token_ids)
         local_prefill = request.recompute or request.colocated
+        if resume and not local_prefill:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "resume_token_ids: a resumed request is recomputed here: set recompute or colocated")
+        leased = self._reserved.take(rid) is not None  # the lease stops; the ledger keeps the blocks until `start`
+        if not leased and not local_prefill:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"no reservation for {rid!r} on {self.node_id} (lease expired or released)")
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
 
@@ -102,36 +128,47 @@ class DecodeService(node_pb2_grpc.DecodeNodeServicer):
 
         started = False
 
-        def start(eng: LLMEngine) -> None:
+        def start(eng: LLMEngine) -> bool:
+            """Join the request (False: its id already runs here). The reservation passes from
+            the ledger to the request, or is freed, inside this one engine call."""
             nonlocal started
+            if eng.get_request(rid) is not None:
+                if leased:
+                    _free_reservation(eng, rid)
+                return False
             started = True
-            if local_prefill:
-                if blocks is not None:
-                    eng.unreserve(blocks)
-                self.worker.set_sink(rid, sink)
-                eng.add_request(rid, params, prompt_token_ids=prompt)
-                return
+            blocks = eng.held.take(_reservation(rid))
             self.worker.set_sink(rid, sink)
-            for out in eng.add_prefilled(rid, params, prompt, request.first_token, blocks, request.num_cached_tokens):
-                sink(out)
-                if out.finished:
-                    self.worker.set_sink(rid, None)
+            try:
+                if local_prefill:
+                    if blocks is not None:
+                        eng.unreserve(blocks)
+                    eng.add_request(rid, params, prompt_token_ids=prompt, resume_token_ids=resume)
+                    return True
+                for out in eng.add_prefilled(rid, params, prompt, request.first_token, blocks,
+                                             request.num_cached_tokens):
+                    sink(out)
+                    if out.finished:
+                        self.worker.set_sink(rid, None)
+            except InvalidRequestError:
+                self.worker.set_sink(rid, None)
+                if blocks is not None and not local_prefill:
+                    eng.unreserve(blocks)
+                raise
+            return True
 
-        if blocks is None and not local_prefill:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                f"no reservation for {rid!r} on {self.node_id} (lease expired or released)")
         try:
-            await self._engine(start, undo=lambda e, _: (self.worker.set_sink(rid, None), e.abort(rid)))
+            joined = await self._engine(start, undo=lambda e, ok: ok and (self.worker.set_sink(rid, None),
+                                                                          e.abort(rid)))
         except asyncio.CancelledError:
-            if blocks is not None:  # if `start` never ran, the reservation is still ours
-                self.worker.call(lambda e: None if started else e.unreserve(blocks))
+            if leased:  # if `start` never ran, the reservation is still ours
+                self.worker.call(lambda e: None if started else _free_reservation(e, rid))
             raise
         except InvalidRequestError as e:
-            self.worker.set_sink(rid, None)
-            if blocks is not None and not local_prefill:
-                await self._engine(lambda eng: eng.unreserve(blocks))
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        if request.recompute:
+        if not joined:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request_id: {rid!r} already runs on {self.node_id}")
+        if request.recompute and not resume:  # a migrated request's recompute is no failed transfer
             self.recomputed += 1
             if self.metrics:
                 self.metrics.observe_recomputed_prefill()
@@ -153,3 +190,15 @@ class DecodeService(node_pb2_grpc.DecodeNodeServicer):
             if not finished:  # cancelled: abort without awaiting
                 self.worker.set_sink(rid, None)
                 self.worker.call(lambda e: e.abort(rid))
+
+
+def _reservation(rid: str) -> tuple[str, str]:
+    return ("reservation", rid)
+
+
+def _free_reservation(eng: LLMEngine, rid: str) -> bool:
+    """Engine thread: free `rid`'s reserved blocks and drop their ledger entry."""
+    blocks = eng.held.take(_reservation(rid))
+    if blocks is not None:
+        eng.unreserve(blocks)
+    return blocks is not None

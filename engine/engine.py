@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from engine.audit import AuditReport, BlockLedger, audit_pool
 from engine.block_pool import BlockPool, KVEvent, block_hashes, hash_block
 from engine.config import EngineConfig, ModelConfig
 from engine.errors import InvalidRequestError, OutOfBlocksError
@@ -78,6 +79,7 @@ class LLMEngine:
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._preemptions = 0
         self._eos = set(loaded.config.eos_token_ids)
+        self.held = BlockLedger()  # blocks a node holds outside requests (reservations, pins): engine/audit.py
 
     # --- request intake ---------------------------------------------------------------
     def encode_prompt(self, prompt: str | None = None, messages: list[Message] | None = None,
@@ -112,15 +114,27 @@ class LLMEngine:
 
     def add_request(self, request_id: str, params: SamplingParams, *, prompt: str | None = None,
                     messages: list[Message] | None = None, prompt_token_ids: list[int] | None = None,
-                    hold_blocks: bool = False) -> Request:
+                    hold_blocks: bool = False, resume_token_ids: list[int] | None = None) -> Request:
+        """Queue a request. `resume_token_ids`: tokens it already generated elsewhere (a
+        migrated request): they are recomputed with the prompt, count towards `max_tokens`,
+        and their text is known to stop strings, so generation continues as if uninterrupted."""
         if request_id in self._requests:
             raise InvalidRequestError("request_id", f"{request_id!r} is already running")
         params.validate()
         ids = self.encode_prompt(prompt, messages, prompt_token_ids)
-        req = Request(request_id, ids, params, hold_blocks=hold_blocks,
+        resumed = list(resume_token_ids or ())
+        if resumed:
+            self.validate_prompt(ids + resumed, "resume_token_ids")
+            if len(resumed) >= params.max_tokens:
+                raise InvalidRequestError("resume_token_ids", f"{len(resumed)} tokens leave nothing of "
+                                                              f"max_tokens={params.max_tokens} to generate")
+        req = Request(request_id, ids, params, hold_blocks=hold_blocks, output_token_ids=resumed,
                       sampler=SamplerState.for_params(params))
+        detok = IncrementalDetokenizer(self.tokenizer)
+        for token in resumed:  # replay the detokenizer as the first engine ran it
+            req.text += detok.push([token])
         self._requests[request_id] = req
-        self._detok[request_id] = IncrementalDetokenizer(self.tokenizer)
+        self._detok[request_id] = detok
         self.scheduler.add(req)
         return req
 
@@ -262,6 +276,10 @@ class LLMEngine:
             self.scheduler.remove(req)
         self.scheduler.release(req)
         return True
+
+    def audit(self) -> AuditReport:
+        """Reclaim block references no live request and no `held` entry accounts for."""
+        return audit_pool(self.pool, [*(r.block_ids for r in self._requests.values()), *self.held])
 
     def stats(self) -> EngineStats:
         return EngineStats(len(self.scheduler.waiting), len(self.scheduler.running), self.pool.num_blocks,

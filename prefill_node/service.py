@@ -21,6 +21,11 @@ longer prefix), the node first pins those blocks there (`Pin`), reads them into 
 own through the transfer engine, publishes them in its prefix cache, unpins, and only then
 admits the request, which now finds the whole prefix cached. A pull that fails is reported
 in `pull_error` and the prefix is recomputed instead.
+
+Request ids are the conductor's own; a `Prefill` for an id this node already runs is refused
+with ALREADY_EXISTS (and a `Pin` of an existing pin id likewise). Pins and pull buffers are
+recorded in the engine's block ledger inside the engine call that takes or frees their
+blocks (`engine/audit.py`), so the periodic block audit reclaims only leaked blocks.
 """
 from __future__ import annotations
 
@@ -176,7 +181,7 @@ class PrefillService(node_pb2_grpc.PrefillNodeServicer):
         job = _Job(rid, len(prompt), t.region_id, list(t.block_ids[:need]), peer, loop, loop.create_future())
         # one sampled token, no stop rules: the decode node applies the request's own
         pparams = replace(params, max_tokens=1, stop=(), stop_token_ids=(), ignore_eos=True)
-        pulled: tuple[int, list[int]] | None = None
+        pulled: tuple[int, list[int], tuple[str, str]] | None = None
         pull_error, pull_s = "", 0.0
         if request.HasField("pull") and request.pull.num_blocks:
             t_pull = time.monotonic()
@@ -192,23 +197,29 @@ class PrefillService(node_pb2_grpc.PrefillNodeServicer):
                 failed = StepFailed(out.error)
                 loop.call_soon_threadsafe(lambda: job.done.done() or job.done.set_exception(failed))
 
-        def add(eng: LLMEngine) -> None:
+        def add(eng: LLMEngine) -> bool:
             nonlocal imported
             if pulled is not None:  # in the same engine call, so nothing can evict them first
-                eng.import_prefix(prompt, pulled[0], pulled[1])
+                blocks = eng.held.take(pulled[2])
+                eng.import_prefix(prompt, pulled[0], blocks)
                 imported = True
+            if rid in self._jobs or eng.get_request(rid) is not None:
+                return False
             eng.add_request(rid, pparams, prompt_token_ids=prompt, hold_blocks=True)
             self._jobs[rid] = job
             self.worker.set_sink(rid, on_output)
+            return True
 
         try:
-            await self._engine(add, undo=lambda e, _: (self.worker.set_sink(rid, None), e.abort(rid)))
+            added = await self._engine(add, undo=lambda e, ok: ok and (self.worker.set_sink(rid, None), e.abort(rid)))
         except InvalidRequestError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except asyncio.CancelledError:
             if pulled is not None:  # `add` never ran: the pulled blocks are still ours
-                self.worker.call(lambda e: None if imported else e.unreserve(pulled[1]))
+                self.worker.call(lambda e: None if imported else _free_held(e, pulled[2]))
             raise
+        if not added:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request_id: {rid!r} already runs on this node")
         ok = False
         try:
             acked_at = await job.done
@@ -238,9 +249,10 @@ class PrefillService(node_pb2_grpc.PrefillNodeServicer):
             pulled_tokens=len(pulled[1]) * self.block_size if pulled else 0, pull_s=pull_s, pull_error=pull_error)
 
     # --- KV-centric pulls ---------------------------------------------------------------
-    async def _pull(self, prompt: list[int], src: node_pb2.PrefixSource) -> tuple[tuple[int, list[int]] | None, str]:
+    async def _pull(self, prompt: list[int], src: node_pb2.PrefixSource
+                    ) -> tuple[tuple[int, list[int], tuple[str, str]] | None, str]:
         """Read the prefix blocks this node lacks from `src`; returns (first block, local
-        blocks holding them) to import, or None and the reason."""
+        blocks holding them, their ledger key) to import, or None and the reason."""
         bs, bb = self.block_size, self.block_bytes
         n = min(src.num_blocks, len(prompt) // bs)
         prefix = prompt[: n * bs]
@@ -251,6 +263,7 @@ class PrefillService(node_pb2_grpc.PrefillNodeServicer):
             return None, "this node has no transfer engine"
         stub = self._holder(src.address)
         pin_id = uuid.uuid4().hex
+        key = ("pull", pin_id)
         local: list[int] | None = None
         try:
             # the holder answers between two of its engine steps: allow for a long one
@@ -261,14 +274,14 @@ class PrefillService(node_pb2_grpc.PrefillNodeServicer):
                 return None, f"{src.node_id} no longer caches blocks {have}..{n - 1} of the prefix"
             if pin.block_bytes != bb:
                 return None, f"{src.node_id} has {pin.block_bytes}-byte blocks, this node {bb}"
-            local = await self._engine(lambda e: e.allocate_blocks(len(remote)),
-                                       undo=lambda e, got: got and e.unreserve(got))
+            local = await self._engine(lambda e: _allocate_held(e, key, len(remote)),
+                                       undo=lambda e, got: got and _free_held(e, key))
             if local is None:
                 return None, f"no {len(remote)} free blocks to pull into"
             peer = await self._peer(src.transfer_descriptor)
             entries = [(self.kv_region, lb * bb, pin.region_id, rb * bb, bb) for lb, rb in zip(local, remote)]
             await self.transfer.read(peer, entries, timeout=self.transfer_timeout_s)
-            done, local = (have, local), None
+            done, local = (have, local, key), None
             return done, ""
         except grpc.aio.AioRpcError as e:
             return None, f"pin on {src.node_id}: {e.code().name}: {e.details()}"
@@ -276,8 +289,7 @@ class PrefillService(node_pb2_grpc.PrefillNodeServicer):
             return None, f"reading from {src.node_id}: {e}"
         finally:
             if local is not None:
-                blocks = local
-                self.worker.call(lambda e: e.unreserve(blocks))
+                self.worker.call(lambda e: _free_held(e, key))
             asyncio.ensure_future(self._unpin(stub, pin_id))
 
     def _holder(self, address: str) -> node_pb2_grpc.PrefillNodeStub:
@@ -296,21 +308,30 @@ class PrefillService(node_pb2_grpc.PrefillNodeServicer):
     async def Pin(self, request: node_pb2.PinRequest, context):
         if self.transfer is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this node does not serve KV reads")
-        if request.pin_id in self._pins:
-            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"pin {request.pin_id!r} exists")
+        key = ("pin", request.pin_id)
         tokens = list(request.token_ids)
-        blocks = await self._engine(lambda e: e.pin_prefix(tokens), undo=lambda e, got: e.unpin(got))
+
+        def pin(e: LLMEngine) -> list[int] | None:  # check and record in one engine call
+            if key in e.held:
+                return None
+            got = e.pin_prefix(tokens)
+            e.held.hold(key, got)
+            return got
+
+        blocks = await self._engine(pin, undo=lambda e, got: got is not None and _unpin_held(e, key))
+        if blocks is None:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"pin_id: {request.pin_id!r} exists")
         self._pins.grant(request.pin_id, blocks, request.lease_s)
         return node_pb2.PinResponse(region_id=int(self.kv_region), block_ids=blocks, block_bytes=self.block_bytes)
 
     def _pin_expired(self, pin_id: str, blocks: list[int]) -> None:
         log.warning("pin %s expired; unpinning %d blocks", pin_id, len(blocks))
-        self.worker.call(lambda e: e.unpin(blocks))
+        self.worker.call(lambda e: _unpin_held(e, ("pin", pin_id)))
 
     async def Unpin(self, request: node_pb2.UnpinRequest, context):
         blocks = self._pins.take(request.pin_id)
         if blocks is not None:
-            await self._engine(lambda e: e.unpin(blocks))
+            await self._engine(lambda e: _unpin_held(e, ("pin", request.pin_id)))
         return node_pb2.UnpinResponse(found=blocks is not None)
 
     async def Abort(self, request: node_pb2.AbortRequest, context):
@@ -326,3 +347,23 @@ class PrefillService(node_pb2_grpc.PrefillNodeServicer):
                 yield await sub.queue.get()
         finally:
             self.events.unsubscribe(sub)
+
+
+# --- the block ledger (engine thread) ------------------------------------------------------
+def _allocate_held(eng: LLMEngine, key: tuple[str, str], n: int) -> list[int] | None:
+    got = eng.allocate_blocks(n)
+    if got is not None:
+        eng.held.hold(key, got)
+    return got
+
+
+def _free_held(eng: LLMEngine, key: tuple[str, str]) -> None:
+    blocks = eng.held.take(key)
+    if blocks is not None:
+        eng.unreserve(blocks)
+
+
+def _unpin_held(eng: LLMEngine, key: tuple[str, str]) -> None:
+    blocks = eng.held.take(key)
+    if blocks is not None:
+        eng.unpin(blocks)

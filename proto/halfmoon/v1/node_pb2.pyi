@@ -263,7 +263,7 @@ class RenewResponse(_message.Message):
     def __init__(self, found: _Optional[bool] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "sampling", "first_token", "num_cached_tokens", "recompute", "colocated", "kv_bytes", "kv_transfer_s")
+    __slots__ = ("request_id", "prompt_token_ids", "sampling", "first_token", "num_cached_tokens", "recompute", "colocated", "kv_bytes", "kv_transfer_s", "resume_token_ids")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
@@ -273,6 +273,7 @@ class DecodeRequest(_message.Message):
     COLOCATED_FIELD_NUMBER: _ClassVar[int]
     KV_BYTES_FIELD_NUMBER: _ClassVar[int]
     KV_TRANSFER_S_FIELD_NUMBER: _ClassVar[int]
+    RESUME_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: _common_pb2.SamplingParams
@@ -282,7 +283,8 @@ class DecodeRequest(_message.Message):
     colocated: bool
     kv_bytes: int
     kv_transfer_s: float
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., first_token: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ..., recompute: _Optional[bool] = ..., colocated: _Optional[bool] = ..., kv_bytes: _Optional[int] = ..., kv_transfer_s: _Optional[float] = ...) -> None: ...
+    resume_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., first_token: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ..., recompute: _Optional[bool] = ..., colocated: _Optional[bool] = ..., kv_bytes: _Optional[int] = ..., kv_transfer_s: _Optional[float] = ..., resume_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class DecodeOutput(_message.Message):
     __slots__ = ("delta", "finished", "finish_reason", "completion_tokens", "num_cached_tokens")
