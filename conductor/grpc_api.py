@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from dataclasses import replace
+from dataclasses import fields, replace
 
 import grpc
 
@@ -17,6 +17,7 @@ from conductor.frontend_api import (Backend, ChatMessage, Finished, GenerateRequ
 from conductor.registry import NodeRegistry
 from conductor.settings import ConductorSettings
 from engine.errors import InvalidRequestError
+from engine.sampling import SamplingParams
 from proto.convert import sampling_from_proto, unknown_field_numbers
 from proto.halfmoon.v1 import (admin_pb2, admin_pb2_grpc, common_pb2, generate_pb2, generate_pb2_grpc, node_pb2,
                                node_pb2_grpc)
@@ -41,16 +42,31 @@ def request_from_proto(msg: generate_pb2.GenerateRequest) -> GenerateRequest:
     )
 
 
+_SAMPLING_FIELDS = frozenset(f.name for f in fields(SamplingParams))
+
+
+def _grpc_field(name: str) -> str:
+    """A field as the intake names it (HTTP's names) -> its path in `GenerateRequest`."""
+    head = name.split(".")[0].split("[")[0]
+    if head in _SAMPLING_FIELDS:
+        return f"sampling.{name}"
+    if head == "messages":
+        return f"chat.{name}"
+    return "prompt_token_ids.ids" if name == "prompt_token_ids" else name
+
+
 class GenerationService(generate_pb2_grpc.GenerationServicer):
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
 
     async def Generate(self, request, context: grpc.aio.ServicerContext):
+        stream = None
         try:
             req = request_from_proto(request)
             if not req.request_id:
                 req = replace(req, request_id=uuid.uuid4().hex)
-            async for item in self.backend.generate(req):
+            stream = self.backend.generate(req)
+            async for item in stream:
                 if isinstance(item, Finished):
                     t = item.timing
                     yield generate_pb2.GenerateResponse(final=generate_pb2.Final(
@@ -66,7 +82,7 @@ class GenerationService(generate_pb2_grpc.GenerationServicer):
                     yield generate_pb2.GenerateResponse(delta=common_pb2.TokenDelta(
                         text=item.text, token_ids=list(item.token_ids)))
         except InvalidRequestError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{_grpc_field(e.field)}: {e.message}")
         except Rejected as e:
             context.set_trailing_metadata((("retry-after-s", f"{e.retry_after_s:.3f}"),))
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"rejected: {e.reason}")
@@ -74,6 +90,14 @@ class GenerationService(generate_pb2_grpc.GenerationServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         except RequestFailed as e:
             await context.abort(grpc.StatusCode.ABORTED, str(e))
+        except Exception:  # a bug: say so without a Python class name; the log has the rest
+            ref = uuid.uuid4().hex[:12]
+            log.exception("unexpected error in Generate (reference %s)", ref)
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error (reference {ref} in the conductor's log)")
+        finally:
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                await aclose()  # at once, not when collected: closing is how a request aborts
 
 
 class AdminService(admin_pb2_grpc.AdminServicer):

@@ -43,6 +43,7 @@ class ConductorSpec:
     on_transfer_failure: str = "recompute"
     kv_lease_s: float = 60.0
     request_timeout_s: float = 600.0
+    max_request_bytes: int = 4 * 2**20  # an HTTP body or gRPC message over this is refused (conductor.intake)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +71,7 @@ async def serve_conductor(spec: ConductorSpec, stop: asyncio.Event | None = None
     from conductor.cost_model import CostModel
     from conductor.auth import ApiKeyInterceptor, ControlVerifier, exposure_warning
     from conductor.grpc_api import AdminService, ControlService, GenerationService
+    from conductor.grpc_intake import RequestParsing, transport_options
     from conductor.live import LiveConductor, LiveConfig, cpu_default_costs
     from conductor.readiness import LIVENESS_SERVICE, ReadinessPublisher
     from conductor.registry import NodeRegistry
@@ -114,8 +116,9 @@ async def serve_conductor(spec: ConductorSpec, stop: asyncio.Event | None = None
                    spec.request_timeout_s),
         tokenizer, Scheduler(settings, costs), registry, metrics)
 
-    server = grpc.aio.server(options=SERVER_OPTIONS,
-                             interceptors=[ApiKeyInterceptor(spec.api_key)] if spec.api_key else [])
+    server = grpc.aio.server(options=(*SERVER_OPTIONS, *transport_options(spec.max_request_bytes)),
+                             interceptors=[*([ApiKeyInterceptor(spec.api_key)] if spec.api_key else []),
+                                           RequestParsing(spec.max_request_bytes)])
     generate_pb2_grpc.add_GenerationServicer_to_server(GenerationService(backend), server)
     admin_pb2_grpc.add_AdminServicer_to_server(AdminService(settings, registry, spec.model), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -143,7 +146,8 @@ async def serve_conductor(spec: ConductorSpec, stop: asyncio.Event | None = None
         from conductor.http_frontend import build_app
         from conductor.http_server import HttpServer
 
-        app = build_app(backend, metrics_registry, ready=readiness.reason, api_key=spec.api_key)
+        app = build_app(backend, metrics_registry, ready=readiness.reason, api_key=spec.api_key,
+                        max_body_bytes=spec.max_request_bytes)
         http = HttpServer(app, spec.host, spec.http_port)
         http_task = asyncio.create_task(http.serve())
     log.info("conductor gRPC on %s:%d%s, control plane on %s:%d", spec.host, port,
