@@ -5,6 +5,13 @@
     into the reserved blocks as it is computed; answers with the first token)
     -> decode node Decode (joins the batch, streams tokens) -> client
 
+The trip and its phases are `conductor.lifecycle`'s: every request gets the cluster's own
+id, and each placement of it (an `Attempt`) ends through one cleanup path (`_close`). A node
+that fails (unreachable, or out of rotation) before the first token reached the client gets
+the request placed again elsewhere (`max_retries`); a decode node that fails mid-stream gets
+it resumed on another decode node after the tokens streamed so far (`max_migrations`), so
+the client's stream goes on with no token missing or repeated.
+
 It implements the `Backend` protocol shared by the gRPC and HTTP front doors. The
 scheduler, policies and admission modes are the same objects the simulator drives; this
 module only keeps their `ClusterView` current (dispatches, completions, heartbeats).
@@ -26,6 +33,7 @@ from conductor.decision import Decision, LoadBasis, RejectReason, Rejection, Sta
 from conductor.intake import Intake, check_fits
 from conductor.frontend_api import (Finished, GenerateRequest, Rejected, RequestFailed, TokenChunk, Timing,
                                     Unavailable, Usage)
+from conductor.lifecycle import Attempt, NodeDown, NodeFailure, Phase, Trip, or_down
 from conductor.registry import NodeRecord, NodeRegistry
 from conductor.policies import decode_estimate
 from conductor.request import RequestInfo
@@ -60,27 +68,8 @@ class LiveConfig:
     kv_lease_s: float = 60.0
     request_timeout_s: float = 600.0
     control_timeout_s: float = 10.0
-
-
-class NodeDown(Exception):
-    pass
-
-
-async def _or_down(aw, rec: NodeRecord):
-    """Await `aw`, but fail fast with NodeDown if `rec` is marked down meanwhile."""
-    task = asyncio.ensure_future(aw)
-    down = asyncio.ensure_future(rec.down.wait())
-    try:
-        done, _ = await asyncio.wait({task, down}, return_when=asyncio.FIRST_COMPLETED)
-    except asyncio.CancelledError:
-        task.cancel()
-        raise
-    finally:
-        down.cancel()
-    if task in done:
-        return task.result()
-    task.cancel()
-    raise NodeDown(f"{rec.role} node {rec.node_id} stopped heartbeating")
+    max_retries: int = 3  # placements after a node failed before the first token (invisible to the client)
+    max_migrations: int = 3  # moves to another decode node after a failure mid-stream (0: fail instead)
 
 
 class LiveConductor:
@@ -104,46 +93,112 @@ class LiveConductor:
         view = self.registry.view
         check_fits(prepared, (d.kv_capacity_tokens for d in view.decode if d.healthy))
         ids, params = prepared.token_ids, prepared.sampling
-        rid = request.request_id or uuid.uuid4().hex
+        rid = uuid.uuid4().hex  # the cluster's own id; the client's request_id is only an attribute
         info = RequestInfo(rid, len(ids), prepared.block_hashes, params.max_tokens)
-        colocated = self.registry.colocated
-        decision = self.scheduler.decide(view, info, t0)
-        if colocated and decision.prefill is not None:
-            decision = self._same_node_decode(view, info, decision, t0)
-        self.decisions.append(decision)
-        del self.decisions[:-256]
-        if decision.prefill is not None:
-            pc = decision.prefill
-            log.info("%s: %d tokens -> prefill %s (cached %d blocks%s, queue %.3fs, predicted TTFT %.3fs), decode %s%s",
-                     rid, len(ids), pc.node, pc.cached_blocks,
-                     f", pull {pc.pulled_blocks} from {pc.pull_from}" if pc.pull_from else "", pc.queue_s, pc.ttft_s,
-                     decision.decode.node if decision.decode else "-",
-                     f"; rejected: {decision.rejection.detail}" if decision.rejection else "")
-        if not decision.admitted:
-            r = decision.rejection
-            if self.metrics:
-                self.metrics.observe_rejected(r.reason.value)
-            raise Rejected(f"{r.reason.value}: {r.detail}", r.retry_after_s)
-        if decision.prefill is None or decision.decode is None:
-            raise Unavailable("no live prefill or decode node")
+        trip = Trip(rid, request.request_id, ids, params, info, t0)
+        attempt = self._place(trip, t0, admit=True)
         try:
-            pre = self.registry.get(decision.prefill.node)
-            dec = self.registry.get(decision.decode.node)
-        except KeyError as e:
-            raise Unavailable(f"node {e} left the cluster") from None
-        if not (pre.up and dec.up):
-            raise Unavailable("the chosen node is down")
-        self._dispatched(pre, dec, info, decision, t0)
-        try:
-            async for item in self._run(rid, ids, params, pre, dec, decision, info, t0, colocated):
+            async for item in self._drive(trip, attempt):
                 if clock is not None:
                     if isinstance(item, TokenChunk):
                         clock.on_tokens(len(item.token_ids))
                     else:
                         clock.on_finished(item)
                 yield item
-        finally:
-            self._completed(pre, dec, rid)
+        except RequestFailed as e:
+            if self.metrics:
+                self.metrics.observe_failed(str(e).split(":")[0])
+            raise
+
+    async def _drive(self, trip: Trip, attempt: Attempt) -> AsyncIterator[TokenChunk | Finished]:
+        """Run attempts until one finishes: a node failure places the trip again."""
+        while True:
+            try:
+                async for item in self._run(trip, attempt):
+                    yield item
+                return
+            except NodeFailure as e:
+                failure = e
+            finally:
+                self._close(trip, attempt)
+            attempt = self._recover(trip, failure)  # the failed attempt no longer counts in the view
+
+    def _recover(self, trip: Trip, failure: NodeFailure) -> Attempt:
+        """The next attempt after `failure`: from scratch if the client has seen nothing yet,
+        else resumed on another decode node after the tokens streamed so far."""
+        now = self._clock()
+        cfg = self.cfg
+        if not trip.generated:
+            trip.retries += 1
+            if trip.retries > cfg.max_retries:
+                raise RequestFailed(f"{failure} (gave up after {cfg.max_retries} retries)")
+            attempt = self._place(trip, now, admit=False)
+            if attempt is None:
+                raise RequestFailed(f"{failure} (no other live node to retry on)")
+            log.warning("%s: %s while %s; retrying on %s -> %s", trip.label, failure, failure.phase.value,
+                        attempt.pre.node_id, attempt.dec.node_id)
+            if self.metrics:
+                self.metrics.observe_retried(failure.phase.value)
+            return attempt
+        trip.migrations += 1
+        if trip.migrations > cfg.max_migrations:
+            raise RequestFailed(f"{failure} (after {len(trip.generated)} tokens; "
+                                f"migration limit {cfg.max_migrations} reached)")
+        attempt = self._place_resumed(trip, now)
+        if attempt is None:
+            raise RequestFailed(f"{failure} (after {len(trip.generated)} tokens; no other live decode node)")
+        log.warning("%s: %s after %d tokens; migrating to %s", trip.label, failure, len(trip.generated),
+                    attempt.dec.node_id)
+        if self.metrics:
+            self.metrics.observe_migrated()
+        return attempt
+
+    # --- placement ----------------------------------------------------------------------
+    def _place(self, trip: Trip, now: float, *, admit: bool) -> Attempt | None:
+        """Choose nodes for the whole trip and count it in the view. On arrival (`admit`)
+        admission may reject it; a retry was admitted already and only needs live nodes
+        (None: there are none)."""
+        view, info = self.registry.view, trip.info
+        colocated = self.registry.colocated
+        decision = self.scheduler.decide(view, info, now)
+        if colocated and decision.prefill is not None:
+            decision = self._same_node_decode(view, info, decision, now)
+        self.decisions.append(decision)
+        del self.decisions[:-256]
+        if decision.prefill is not None:
+            pc = decision.prefill
+            log.info("%s: %d tokens -> prefill %s (cached %d blocks%s, queue %.3fs, predicted TTFT %.3fs), decode %s%s",
+                     trip.label, len(trip.token_ids), pc.node, pc.cached_blocks,
+                     f", pull {pc.pulled_blocks} from {pc.pull_from}" if pc.pull_from else "", pc.queue_s, pc.ttft_s,
+                     decision.decode.node if decision.decode else "-",
+                     f"; rejected: {decision.rejection.detail}" if decision.rejection and admit else "")
+        if admit and not decision.admitted:
+            r = decision.rejection
+            if self.metrics:
+                self.metrics.observe_rejected(r.reason.value)
+            raise Rejected(f"{r.reason.value}: {r.detail}", r.retry_after_s)
+        pre = self.registry.nodes.get(decision.prefill.node) if decision.prefill else None
+        dec = self.registry.nodes.get(decision.decode.node) if decision.decode else None
+        if pre is None or dec is None or not (pre.up and dec.up):
+            if admit:
+                raise Unavailable("no live prefill or decode node")
+            return None
+        self._dispatched(pre, dec, info, decision, now)
+        return Attempt(pre, dec, decision, colocated=colocated, prefill_pending=True)
+
+    def _place_resumed(self, trip: Trip, now: float) -> Attempt | None:
+        """A decode node to continue the trip on, recomputing prompt + tokens so far there."""
+        s = self.scheduler.settings.values
+        done = len(trip.generated)
+        info = replace(trip.info, input_tokens=trip.info.input_tokens + done,
+                       expected_output_tokens=trip.params.max_tokens - done)
+        choice = self.scheduler.policy(s.policy).choose_decode(self.registry.view, info, now, s, LoadBasis.CURRENT)
+        dec = self.registry.nodes.get(choice.node) if choice else None
+        if dec is None or not dec.up:
+            return None
+        dec.decode_view.residents[trip.rid] = DecodeResident(trip.rid, info.input_tokens, now,
+                                                             info.expected_output_tokens, running=True)
+        return Attempt(None, dec, colocated=self.registry.colocated)
 
     def _same_node_decode(self, view: ClusterView, info: RequestInfo, decision: Decision, now: float) -> Decision:
         """Colocated layout: decode where the prefill runs; admission judges that node."""
@@ -167,141 +222,165 @@ class LiveConductor:
         dv.residents[info.request_id] = DecodeResident(info.request_id, info.input_tokens, now + d.prefill.ttft_s,
                                                        info.expected_output_tokens)
 
-    def _prefill_done(self, pre: NodeRecord, dec: NodeRecord, info: RequestInfo) -> None:
-        pv = pre.prefill_view
+    def _prefill_done(self, trip: Trip, attempt: Attempt) -> None:
+        if not attempt.prefill_pending:
+            return
+        attempt.prefill_pending = False
+        pv = attempt.pre.prefill_view
         pv.queued_requests = max(0, pv.queued_requests - 1)
         if pv.queued_requests == 0:
             pv.busy_until_s = self._clock()
-        dv = dec.decode_view
+        dv = attempt.dec.decode_view
         dv.incoming = max(0, dv.incoming - 1)
-        dv.incoming_tokens = max(0, dv.incoming_tokens - info.input_tokens)
-        res = dv.residents.get(info.request_id)
+        dv.incoming_tokens = max(0, dv.incoming_tokens - trip.info.input_tokens)
+        res = dv.residents.get(trip.rid)
         if res is not None:
             res.running = True
             res.ready_at_s = self._clock()
 
-    def _completed(self, pre: NodeRecord, dec: NodeRecord, rid: str) -> None:
-        dec.decode_view.residents.pop(rid, None)
+    def _close(self, trip: Trip, attempt: Attempt) -> None:
+        """The one cleanup path of an attempt, whatever phase it ended in."""
+        if attempt.renewer is not None:
+            attempt.renewer.cancel()
+        self._prefill_done(trip, attempt)
+        if attempt.holds_reservation:  # never claimed: give the blocks back now, not at lease expiry
+            asyncio.ensure_future(self._release(attempt.dec, trip.rid))
+        if attempt.decode_call is not None and attempt.phase is not Phase.FINISHED:
+            attempt.decode_call.cancel()  # the decode node aborts the request and frees its blocks
+        attempt.dec.decode_view.residents.pop(trip.rid, None)
+        attempt.phase = Phase.FINISHED
 
-    async def _run(self, rid, ids, params, pre: NodeRecord, dec: NodeRecord, decision: Decision, info, t0,
-                   colocated: bool):
-        cfg = self.cfg
-        sp = sampling_to_proto(params)
-        reserved = False
-        prefill_pending = True
-        decode_call = None
-        renewer: asyncio.Future | None = None
-        try:
-            if colocated:
-                prefill_pending = False
-                self._prefill_done(pre, dec, info)
-                decode_call = dec.decode_stub.Decode(node_pb2.DecodeRequest(
-                    request_id=rid, prompt_token_ids=ids, sampling=sp, colocated=True), timeout=cfg.request_timeout_s)
-                async for item in self._stream(decode_call, rid, ids, pre, dec, None, t0, t0):
-                    yield item
-                decode_call = None
-                return
-            try:
-                resv = await _or_down(dec.decode_stub.Reserve(
-                    node_pb2.ReserveRequest(request_id=rid, num_tokens=len(ids), lease_s=cfg.kv_lease_s),
-                    timeout=cfg.control_timeout_s), dec)
-            except grpc.aio.AioRpcError as e:
-                if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                    if self.metrics:
-                        self.metrics.observe_rejected("decode_out_of_blocks")
-                    raise Rejected(f"decode_out_of_blocks: {e.details()}", 1.0) from None
-                raise RequestFailed(f"decode node {dec.node_id} could not reserve KV blocks: "
-                                    f"{e.code().name}: {e.details()}") from None
-            reserved = True
-            renewer = asyncio.ensure_future(self._keep_reserved(dec, rid))
-            recompute = False
-            presp = None
-            preq = node_pb2.PrefillRequest(request_id=rid, prompt_token_ids=ids, sampling=sp, target=resv.target)
-            holder = self.registry.nodes.get(decision.prefill.pull_from or "")
-            if holder is not None and holder.up:  # kv_centric: pull the prefix instead of recomputing it
-                preq.pull.CopyFrom(node_pb2.PrefixSource(
-                    node_id=holder.node_id, address=holder.address, transfer_descriptor=holder.descriptor,
-                    num_blocks=decision.prefill.cached_blocks + decision.prefill.pulled_blocks))
-            try:
-                presp = await _or_down(pre.prefill_stub.Prefill(preq, timeout=cfg.request_timeout_s), pre)
-            except grpc.aio.AioRpcError as e:
-                if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                    raise InvalidRequestError("prompt", e.details()) from None
-                if cfg.on_transfer_failure == "recompute" and e.code() in (
-                        grpc.StatusCode.ABORTED, grpc.StatusCode.UNAVAILABLE):
-                    log.warning("%s: prefill on %s failed (%s: %s); decode node recomputes", rid, pre.node_id,
-                                e.code().name, e.details())
-                    recompute = True
-                else:
-                    raise RequestFailed(f"prefill on {pre.node_id} failed: {e.code().name}: {e.details()}") from None
-            except NodeDown as e:
-                if cfg.on_transfer_failure != "recompute":
-                    raise RequestFailed(str(e)) from None
-                recompute = True
-            prefill_pending = False
-            renewer.cancel()
-            self._prefill_done(pre, dec, info)
-            t_kv = self._clock()
-            if self.metrics and presp is not None:
-                self.metrics.observe_prediction("ttft", decision.prefill.ttft_s, t_kv - t0)
-            if admission.judges_after_prefill(self.scheduler.settings.values.admission) and not recompute:
-                again = self.scheduler.decide_after_prefill(self.registry.view, info, t_kv, decision).rejection
-                if again is not None:
-                    if self.metrics:
-                        self.metrics.observe_rejected(again.reason.value)
-                    raise Rejected(f"{again.reason.value} (after prefill): {again.detail}", again.retry_after_s)
-            decode_call = dec.decode_stub.Decode(node_pb2.DecodeRequest(
-                request_id=rid, prompt_token_ids=ids, sampling=sp, first_token=presp.first_token if presp else 0,
-                num_cached_tokens=presp.num_cached_tokens if presp else 0, recompute=recompute,
-                kv_bytes=presp.kv_bytes if presp else 0, kv_transfer_s=presp.kv_transfer_s if presp else 0.0),
-                timeout=cfg.request_timeout_s)
-            reserved = False  # Decode claims (or, recomputing, frees) the reservation
-            async for item in self._stream(decode_call, rid, ids, pre, dec, presp, t0, t_kv):
+    # --- one attempt ----------------------------------------------------------------------
+    def _node_failure(self, rec: NodeRecord, phase: Phase, e: grpc.aio.AioRpcError, what: str,
+                      *, control: bool = False) -> NodeFailure | None:
+        """A NodeFailure if `e` says `rec` cannot be reached (the registry takes it out of
+        rotation); None if the node answered with an error of its own."""
+        if self.registry.rpc_failed(rec, e, control=control):
+            return NodeFailure(rec, phase, f"{what}: {e.code().name}: {e.details()}")
+        return None
+
+    async def _run(self, trip: Trip, attempt: Attempt) -> AsyncIterator[TokenChunk | Finished]:
+        cfg, rid, ids = self.cfg, trip.rid, trip.token_ids
+        sp = sampling_to_proto(trip.params)
+        pre, dec = attempt.pre, attempt.dec
+        if attempt.colocated or pre is None:  # the decode node computes the prompt (+ tokens so far) itself
+            self._prefill_done(trip, attempt)
+            attempt.decode_call = dec.decode_stub.Decode(node_pb2.DecodeRequest(
+                request_id=rid, prompt_token_ids=ids, sampling=sp, colocated=attempt.colocated,
+                recompute=not attempt.colocated, resume_token_ids=trip.generated), timeout=cfg.request_timeout_s)
+            attempt.enter(Phase.DECODING)
+            async for item in self._stream(trip, attempt, None, trip.t0 if pre else self._clock()):
                 yield item
-            decode_call = None
-        except (RequestFailed, Rejected) as e:
-            if self.metrics and isinstance(e, RequestFailed):
-                self.metrics.observe_failed(str(e).split(":")[0])
-            raise
-        finally:
-            if renewer is not None:
-                renewer.cancel()
-            if prefill_pending:
-                self._prefill_done(pre, dec, info)
-            if decode_call is not None:
-                decode_call.cancel()
-            if reserved and dec.up:  # never claimed: give the blocks back now, not at lease expiry
-                asyncio.ensure_future(self._release(dec, rid))
+            return
+        try:
+            resv = await or_down(dec.decode_stub.Reserve(
+                node_pb2.ReserveRequest(request_id=rid, num_tokens=len(ids), lease_s=cfg.kv_lease_s),
+                timeout=cfg.control_timeout_s), dec)
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                if self.metrics:
+                    self.metrics.observe_rejected("decode_out_of_blocks")
+                raise Rejected(f"decode_out_of_blocks: {e.details()}", 1.0) from None
+            what = f"decode node {dec.node_id} could not reserve KV blocks"
+            raise self._node_failure(dec, attempt.phase, e, what, control=True) or RequestFailed(
+                f"{what}: {e.code().name}: {e.details()}") from None
+        except NodeDown as e:
+            raise NodeFailure(dec, attempt.phase, str(e)) from None
+        attempt.enter(Phase.RESERVED)
+        attempt.renewer = asyncio.ensure_future(self._keep_reserved(dec, rid))
+        preq = node_pb2.PrefillRequest(request_id=rid, prompt_token_ids=ids, sampling=sp, target=resv.target)
+        holder = self.registry.nodes.get(attempt.decision.prefill.pull_from or "")
+        if holder is not None and holder.up:  # kv_centric: pull the prefix instead of recomputing it
+            preq.pull.CopyFrom(node_pb2.PrefixSource(
+                node_id=holder.node_id, address=holder.address, transfer_descriptor=holder.descriptor,
+                num_blocks=attempt.decision.prefill.cached_blocks + attempt.decision.prefill.pulled_blocks))
+        attempt.enter(Phase.PREFILLING)
+        presp = await self._prefill(trip, attempt, preq)
+        attempt.renewer.cancel()
+        attempt.renewer = None
+        self._prefill_done(trip, attempt)
+        t_kv = self._clock()
+        if self.metrics and presp is not None:
+            self.metrics.observe_prediction("ttft", attempt.decision.prefill.ttft_s, t_kv - trip.t0)
+        if admission.judges_after_prefill(self.scheduler.settings.values.admission) and presp is not None:
+            again = self.scheduler.decide_after_prefill(self.registry.view, trip.info, t_kv, attempt.decision).rejection
+            if again is not None:
+                if self.metrics:
+                    self.metrics.observe_rejected(again.reason.value)
+                raise Rejected(f"{again.reason.value} (after prefill): {again.detail}", again.retry_after_s)
+        attempt.decode_call = dec.decode_stub.Decode(node_pb2.DecodeRequest(
+            request_id=rid, prompt_token_ids=ids, sampling=sp, first_token=presp.first_token if presp else 0,
+            num_cached_tokens=presp.num_cached_tokens if presp else 0, recompute=presp is None,
+            kv_bytes=presp.kv_bytes if presp else 0, kv_transfer_s=presp.kv_transfer_s if presp else 0.0),
+            timeout=cfg.request_timeout_s)
+        attempt.enter(Phase.DECODING)  # Decode claims (or, recomputing, frees) the reservation
+        async for item in self._stream(trip, attempt, presp, t_kv):
+            yield item
 
-    async def _stream(self, decode_call, rid, ids, pre: NodeRecord, dec: NodeRecord, presp, t0: float, t_kv: float):
+    async def _prefill(self, trip: Trip, attempt: Attempt, preq) -> node_pb2.PrefillResponse | None:
+        """The prefill call; None when the decode node is to recompute the prompt instead
+        (`on_transfer_failure`: the KV transfer failed mid-way)."""
+        pre, dec = attempt.pre, attempt.dec
+        try:
+            return await or_down(pre.prefill_stub.Prefill(preq, timeout=self.cfg.request_timeout_s), pre, dec)
+        except NodeDown as e:
+            raise NodeFailure(e.node, Phase.PREFILLING, str(e)) from None
+        except grpc.aio.AioRpcError as e:
+            code = e.code()
+            if code == grpc.StatusCode.INVALID_ARGUMENT:
+                raise InvalidRequestError("prompt", e.details()) from None
+            failure = self._node_failure(pre, Phase.PREFILLING, e, f"prefill on {pre.node_id} failed")
+            if failure is not None:  # the prefill node is gone: nothing streamed yet, place it again
+                raise failure from None
+            if code != grpc.StatusCode.ABORTED:
+                raise RequestFailed(f"prefill on {pre.node_id} failed: {code.name}: {e.details()}") from None
+            # the KV transfer failed mid-way: a decode node that went away takes the request
+            # elsewhere; otherwise `on_transfer_failure` decides
+            if not dec.up or not await self.registry.probe(dec):
+                self.registry.mark_down(dec, f"KV transfer into it failed and it does not answer ({e.details()})",
+                                        probe=True)
+                raise NodeFailure(dec, Phase.PREFILLING, f"decode node {dec.node_id} went away during the KV "
+                                                         f"transfer: {e.details()}") from None
+            if self.cfg.on_transfer_failure != "recompute":
+                raise RequestFailed(f"prefill on {pre.node_id} failed: {code.name}: {e.details()}") from None
+            log.warning("%s: prefill on %s failed (%s: %s); decode node recomputes", trip.label, pre.node_id,
+                        code.name, e.details())
+            return None
+
+    async def _stream(self, trip: Trip, attempt: Attempt, presp, t_kv: float) -> AsyncIterator[TokenChunk | Finished]:
         """Relay the decode node's stream; end with `Finished` carrying the TTFT breakdown."""
-        first_at = None
-        it = decode_call.__aiter__()
+        dec = attempt.dec
+        it = attempt.decode_call.__aiter__()
         while True:
             try:
-                out = await _or_down(it.__anext__(), dec)
+                out = await or_down(it.__anext__(), dec)
             except StopAsyncIteration:
                 raise RequestFailed(f"decode node {dec.node_id} ended the stream early") from None
             except grpc.aio.AioRpcError as e:
-                raise RequestFailed(f"decode node {dec.node_id} failed: {e.code().name}: {e.details()}") from None
+                what = f"decode node {dec.node_id} failed"
+                raise self._node_failure(dec, Phase.DECODING, e, what) or RequestFailed(
+                    f"{what}: {e.code().name}: {e.details()}") from None
             except NodeDown as e:
-                raise RequestFailed(str(e)) from None
-            now = self._clock()
-            if first_at is None:
-                first_at = now
+                raise NodeFailure(dec, Phase.DECODING, str(e)) from None
+            if trip.first_at is None:  # the first token of the trip: its TTFT breakdown
+                now = self._clock()
+                trip.first_at = now
+                trip.prefill_node = attempt.pre.node_id if attempt.pre else dec.node_id
+                trip.cached_tokens = presp.num_cached_tokens if presp else out.num_cached_tokens
+                trip.queue_s = presp.queue_s if presp else 0.0
+                trip.prefill_s = presp.prefill_s if presp else now - t_kv  # colocated/recompute: all of it
+                trip.kv_transfer_s = presp.kv_transfer_s if presp else 0.0
+                trip.first_decode_s = now - t_kv if presp else 0.0
             if out.delta.token_ids or out.delta.text:
+                trip.generated.extend(out.delta.token_ids)
                 yield TokenChunk(out.delta.text, tuple(out.delta.token_ids))
             if out.finished:
-                timing = Timing(
-                    queue_s=presp.queue_s if presp else 0.0,
-                    prefill_s=presp.prefill_s if presp else first_at - t_kv,  # colocated/recompute: all of it
-                    kv_transfer_s=presp.kv_transfer_s if presp else 0.0,
-                    first_decode_s=first_at - t_kv if presp else 0.0,
-                    ttft_s=first_at - t0)
+                attempt.enter(Phase.FINISHED)
+                timing = Timing(queue_s=trip.queue_s, prefill_s=trip.prefill_s, kv_transfer_s=trip.kv_transfer_s,
+                                first_decode_s=trip.first_decode_s, ttft_s=trip.first_at - trip.t0)
                 yield Finished(out.finish_reason or "stop",
-                               Usage(len(ids), out.completion_tokens,
-                                     presp.num_cached_tokens if presp else out.num_cached_tokens),
-                               timing, pre.node_id, dec.node_id)
+                               Usage(len(trip.token_ids), out.completion_tokens, trip.cached_tokens),
+                               timing, trip.prefill_node, dec.node_id)
                 return
 
     async def _keep_reserved(self, dec: NodeRecord, rid: str) -> None:
@@ -314,6 +393,8 @@ class LiveConductor:
                 renewed = await dec.decode_stub.Renew(node_pb2.RenewRequest(request_id=rid, lease_s=lease),
                                                       timeout=self.cfg.control_timeout_s)
             except grpc.aio.AioRpcError as e:
+                if self.registry.rpc_failed(dec, e, control=True):
+                    return  # out of rotation: the prefill waiting on it ends (NodeDown)
                 log.info("renewing %s on %s failed (%s); retrying", rid, dec.node_id, e.code().name)
                 continue
             if not renewed.found:
@@ -324,4 +405,5 @@ class LiveConductor:
         try:
             await dec.decode_stub.Release(node_pb2.ReleaseRequest(request_id=rid), timeout=self.cfg.control_timeout_s)
         except grpc.aio.AioRpcError as e:
+            self.registry.rpc_failed(dec, e, control=True)
             log.info("release of %s on %s failed (%s); its lease will free it", rid, dec.node_id, e.code().name)

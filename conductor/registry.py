@@ -1,9 +1,15 @@
 """The conductor's live cluster view: nodes that registered, their last heartbeat, their
 gRPC stubs, and the scheduler's view records (`conductor.view`) kept up to date.
 
-A node that misses heartbeats for `heartbeat_timeout_s` is marked down: it leaves the
+A node is taken out of rotation (`mark_down`) at once when an RPC to it fails in a way
+that says it cannot be reached (`rpc_failed`: UNAVAILABLE, or a control call past its
+deadline), or when it misses heartbeats for `heartbeat_timeout_s`. Either way it leaves the
 policy's view (healthy=False) and its `down` event fires, which ends the requests waiting
-on it with an error instead of letting them hang.
+on it (they are retried or migrated elsewhere, or fail) instead of letting them hang.
+
+A node taken out by a failed RPC is probed (a cheap RPC that touches no engine, every
+`probe_interval_s`) and comes back into rotation as soon as it answers; its heartbeats are
+still accepted meanwhile. A node that stopped heartbeating must register again.
 """
 from __future__ import annotations
 
@@ -41,16 +47,20 @@ class NodeRecord:
     up: bool = True
     down: asyncio.Event = field(default_factory=asyncio.Event)
     events_task: asyncio.Task | None = None
+    probe_task: asyncio.Task | None = None  # while out of rotation after a failed RPC
+    down_reason: str = ""
     prefill_view: PrefillNodeView | None = None
     decode_view: DecodeNodeView | None = None
 
 
 class NodeRegistry:
     def __init__(self, block_size: int, heartbeat_interval_s: float = 1.0, heartbeat_timeout_s: float = 5.0,
-                 on_change=None) -> None:
+                 on_change=None, *, probe_interval_s: float = 0.5, probe_timeout_s: float = 1.0) -> None:
         self.block_size = block_size
         self.heartbeat_interval_s = heartbeat_interval_s
         self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.probe_interval_s = probe_interval_s
+        self.probe_timeout_s = probe_timeout_s
         self.nodes: dict[str, NodeRecord] = {}
         self.index = GlobalPrefixIndex()
         self.view = ClusterView(prefill=[], decode=[], index=self.index, block_tokens=block_size)
@@ -101,7 +111,7 @@ class NodeRegistry:
 
     def heartbeat(self, req: node_pb2.HeartbeatRequest) -> bool:
         rec = self.nodes.get(req.node_id)
-        if rec is None or not rec.up:
+        if rec is None or not (rec.up or rec.probe_task is not None):
             return False
         rec.last_seen = time.monotonic()
         rec.load = req.load
@@ -118,24 +128,77 @@ class NodeRegistry:
             await asyncio.sleep(min(self.heartbeat_interval_s, 0.5))
             now = time.monotonic()
             for rec in list(self.nodes.values()):
-                if rec.up and now - rec.last_seen > self.heartbeat_timeout_s:
-                    log.warning("node %s missed heartbeats for %.1fs: out of rotation", rec.node_id,
-                                now - rec.last_seen)
-                    self.mark_down(rec)
+                if (rec.up or rec.probe_task is not None) and now - rec.last_seen > self.heartbeat_timeout_s:
+                    self.mark_down(rec, f"missed heartbeats for {now - rec.last_seen:.1f}s")
 
-    def mark_down(self, rec: NodeRecord) -> None:
-        if not rec.up:
+    def mark_down(self, rec: NodeRecord, reason: str = "", *, probe: bool = False) -> None:
+        """Take `rec` out of rotation now and end what waits on it (`down` fires). With
+        `probe`, probe it and bring it back when it answers; without, stop any probing (it
+        has to register again)."""
+        if rec.up:
+            rec.up = False
+            rec.down_reason = reason
+            rec.down.set()
+            if rec.prefill_view is not None:
+                rec.prefill_view.healthy = False
+                self.index.remove_node(NodeId(rec.node_id))
+            if rec.decode_view is not None:
+                rec.decode_view.healthy = False
+            if rec.events_task:
+                rec.events_task.cancel()
+            log.warning("%s node %s out of rotation: %s", rec.role, rec.node_id, reason or "dropped")
+            self._on_change(rec, False)
+        if probe and rec.probe_task is None and self.nodes.get(rec.node_id) is rec:
+            rec.probe_task = asyncio.get_running_loop().create_task(self._probe_until_up(rec))
+        elif not probe and rec.probe_task is not None:
+            rec.probe_task.cancel()
+            rec.probe_task = None
+
+    def rpc_failed(self, rec: NodeRecord, error: grpc.aio.AioRpcError, *, control: bool = False) -> bool:
+        """Judge a failed RPC to `rec`: UNAVAILABLE (refused, reset: the node is gone or
+        unreachable), or DEADLINE_EXCEEDED on a `control` call (Reserve, Renew, Release: they
+        answer between two engine steps), takes it out of rotation at once and probes it.
+        True when it did (the request may then be retried on another node)."""
+        code = error.code()
+        if code == grpc.StatusCode.UNAVAILABLE or (control and code == grpc.StatusCode.DEADLINE_EXCEEDED):
+            self.mark_down(rec, f"{code.name}: {error.details()}", probe=True)
+            return True
+        return False
+
+    async def probe(self, rec: NodeRecord) -> bool:
+        """Does `rec` answer an RPC? (One that no engine step can delay: Renew or Unpin of an
+        id that does not exist.)"""
+        try:
+            if rec.decode_stub is not None:
+                await rec.decode_stub.Renew(node_pb2.RenewRequest(request_id=""), timeout=self.probe_timeout_s)
+            else:
+                await rec.prefill_stub.Unpin(node_pb2.UnpinRequest(pin_id=""), timeout=self.probe_timeout_s)
+        except grpc.aio.AioRpcError:
+            return False
+        return True
+
+    async def _probe_until_up(self, rec: NodeRecord) -> None:
+        await asyncio.sleep(self.probe_interval_s)
+        while not await self.probe(rec):
+            await asyncio.sleep(self.probe_interval_s)
+        rec.probe_task = None
+        if self.nodes.get(rec.node_id) is rec:
+            self.mark_up(rec)
+
+    def mark_up(self, rec: NodeRecord) -> None:
+        """Back into rotation (a probe answered)."""
+        if rec.up:
             return
-        rec.up = False
-        rec.down.set()
+        rec.up = True
+        rec.down = asyncio.Event()
+        rec.down_reason = ""
         if rec.prefill_view is not None:
-            rec.prefill_view.healthy = False
-            self.index.remove_node(NodeId(rec.node_id))
+            rec.prefill_view.healthy = True
+            rec.events_task = asyncio.get_running_loop().create_task(self._follow_kv_events(rec))
         if rec.decode_view is not None:
-            rec.decode_view.healthy = False
-        if rec.events_task:
-            rec.events_task.cancel()
-        self._on_change(rec, False)
+            rec.decode_view.healthy = True
+        log.info("%s node %s answers again: back in rotation", rec.role, rec.node_id)
+        self._on_change(rec, True)
 
     async def _drop(self, rec: NodeRecord) -> None:
         self.mark_down(rec)
@@ -166,7 +229,7 @@ class NodeRegistry:
                     elif ev.kind == node_pb2.KV_EVENT_REMOVED:
                         self.index.apply(BlockRemoved(node, ev.seq, hashes))
             except grpc.aio.AioRpcError as e:
-                if not rec.up:
+                if not rec.up or self.rpc_failed(rec, e):  # a killed prefill node leaves rotation at once
                     return
                 log.info("KV event stream from %s ended (%s); resubscribing", rec.node_id, e.code().name)
                 await asyncio.sleep(0.5)

@@ -44,6 +44,8 @@ class ConductorSpec:
     kv_lease_s: float = 60.0
     request_timeout_s: float = 600.0
     max_request_bytes: int = 4 * 2**20  # an HTTP body or gRPC message over this is refused (conductor.intake)
+    max_retries: int = 3  # placements after a node failed before the first token
+    max_migrations: int = 3  # moves to another decode node after one failed mid-stream
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +115,7 @@ async def serve_conductor(spec: ConductorSpec, stop: asyncio.Event | None = None
     tokenizer = Tokenizer(resolve_model_dir(spec.model))
     backend = LiveConductor(
         LiveConfig(spec.model, spec.max_model_len, spec.block_size, spec.on_transfer_failure, spec.kv_lease_s,
-                   spec.request_timeout_s),
+                   spec.request_timeout_s, max_retries=spec.max_retries, max_migrations=spec.max_migrations),
         tokenizer, Scheduler(settings, costs), registry, metrics)
 
     server = grpc.aio.server(options=(*SERVER_OPTIONS, *transport_options(spec.max_request_bytes)),

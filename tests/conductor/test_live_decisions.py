@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+from dataclasses import replace
 
 import pytest
 
@@ -122,9 +123,11 @@ def test_live_decision_equals_the_policy_objects_decision(tokenizer, policy, bus
 
     items = asyncio.run(run())
     assert isinstance(items[-1], Finished)
-    assert live.decisions[-1] == expected
-    assert ("prefill", expected.prefill.node, "r1") in log
-    assert ("reserve", expected.decode.node, "r1") in log and ("decode", expected.decode.node, "r1") in log
+    rid = log[0][2]  # the cluster's own id, on every node RPC; the client's "r1" is only echoed
+    assert rid != "r1" and {e[2] for e in log} == {rid}
+    assert live.decisions[-1] == replace(expected, request_id=rid)
+    assert ("prefill", expected.prefill.node, rid) in log
+    assert ("reserve", expected.decode.node, rid) in log and ("decode", expected.decode.node, rid) in log
     if policy == "cache_aware_local":
         # busy for 8 s: recomputing elsewhere wins; busy for 0.2 s: the local cached prefix wins
         assert expected.prefill.node == ("prefill-1" if busy_s == 8.0 else "prefill-0")

@@ -186,3 +186,44 @@ def test_a_second_decode_with_a_running_id_is_refused_and_the_first_streams_on(s
     assert sum(len(o.delta.token_ids) for o in outs) == 40
     assert on_engine(service, lambda e: e.pool.num_used) == 0
 
+
+# --- through the conductor: the client's request_id is only an attribute ------------------
+def test_concurrent_requests_sharing_a_client_id_all_succeed_and_leak_nothing(tiny_model_dir, in_process_cluster):
+    import threading
+    import time
+
+    from cluster.client import Client, make_request
+
+    prompts = [list(range(200 + 37 * i, 240 + 37 * i)) for i in range(6)]  # 40 tokens: 3 decode blocks each
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    local = LLMEngine(tiny_model_dir, EngineConfig(num_blocks=BLOCKS))
+    want = [local.generate([p], params)[0] for p in prompts]
+    cluster = in_process_cluster(1, 2, settings={"ttft_slo_s": 600.0, "tbt_slo_s": 60.0, "admission": "none"},
+                                 model=str(tiny_model_dir), max_model_len=1024)
+    results: dict[int, object] = {}
+    go = threading.Barrier(len(prompts))
+    with Client(cluster.address) as c:
+        def one(i: int) -> None:
+            go.wait()
+            try:
+                results[i] = c.generate(make_request(token_ids=prompts[i], params=params, request_id="same"),
+                                        timeout=120)
+            except Exception as e:  # recorded, asserted below
+                results[i] = e
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(150)
+        for i in range(len(prompts)):
+            r = results[i]
+            assert not isinstance(r, Exception), f"request {i}: {r!r}"
+            assert r.token_ids == want[i] and r.final.request_id == "same"
+        deadline = time.monotonic() + 30
+        while True:
+            used = {n.node_id: n.kv_blocks_used for n in c.status().nodes}
+            if all(v == 0 for v in used.values()) or time.monotonic() > deadline:
+                break
+            time.sleep(0.3)
+    assert len(used) == 3 and all(v == 0 for v in used.values()), used

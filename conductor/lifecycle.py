@@ -1,0 +1,134 @@
+"""One request's trip through the cluster as named phases (DESIGN.md §2).
+
+A `Trip` is the request as the client sees it: the cluster's own id, the client's id (an
+attribute only: echoed back and logged), the prompt, and every token already streamed. An
+`Attempt` is one placement of it on nodes and walks the phases
+
+    placed -> reserved -> prefilling -> decoding -> finished     (disaggregated)
+    placed -> decoding -> finished        (colocated, or resumed on a new decode node)
+
+`prefilling` covers the prefill node's compute and the KV transfer, which overlap in one
+call (each finished chunk is written into the reservation while the next one computes), so
+the conductor sees them as one phase. The phase says what the attempt holds: in `reserved`
+and `prefilling` the decode blocks are the conductor's to release; from `decoding` on the
+Decode call owns them (cancelling it frees them). The live conductor ends every attempt
+through one cleanup path (`LiveConductor._close`) that reads exactly this.
+
+When a node fails an attempt (`NodeFailure`; the registry has taken the node out of
+rotation), the trip goes on in a new attempt: from scratch if no token reached the client
+yet (a retry, invisible to the client), else resumed after the tokens streamed so far on
+another decode node (a migration), within the per-request limits.
+"""
+from __future__ import annotations
+
+import asyncio
+import enum
+from dataclasses import dataclass, field
+
+from conductor.decision import Decision
+from conductor.registry import NodeRecord
+from conductor.request import RequestInfo
+from engine.sampling import SamplingParams
+
+
+class Phase(str, enum.Enum):
+    PLACED = "placed"  # nodes chosen and counted in the view; nothing held on them yet
+    RESERVED = "reserved"  # decode blocks reserved under a lease the conductor renews
+    PREFILLING = "prefilling"  # the prefill node computes the prompt and writes its KV into the reservation
+    DECODING = "decoding"  # the decode node runs the request (its Decode call owns the blocks)
+    FINISHED = "finished"  # ended: finished, failed or cancelled, and cleaned up
+
+
+_NEXT = {
+    Phase.PLACED: {Phase.RESERVED, Phase.DECODING, Phase.FINISHED},
+    Phase.RESERVED: {Phase.PREFILLING, Phase.FINISHED},
+    Phase.PREFILLING: {Phase.DECODING, Phase.FINISHED},
+    Phase.DECODING: {Phase.FINISHED},
+    Phase.FINISHED: set(),
+}
+
+
+class NodeDown(Exception):
+    """A node the request waits on went out of rotation (`NodeRecord.down` fired)."""
+
+    def __init__(self, rec: NodeRecord) -> None:
+        super().__init__(f"{rec.role} node {rec.node_id} went out of rotation"
+                         + (f" ({rec.down_reason})" if rec.down_reason else ""))
+        self.node = rec
+
+
+class NodeFailure(Exception):
+    """`node` failed an attempt in `phase`; it is out of rotation, the trip may go on elsewhere."""
+
+    def __init__(self, node: NodeRecord, phase: Phase, detail: str) -> None:
+        super().__init__(detail)
+        self.node = node
+        self.phase = phase
+
+
+async def or_down(aw, *recs: NodeRecord):
+    """Await `aw`, but raise NodeDown as soon as one of `recs` goes out of rotation."""
+    task = asyncio.ensure_future(aw)
+    downs = {asyncio.ensure_future(r.down.wait()): r for r in recs}
+    try:
+        done, _ = await asyncio.wait({task, *downs}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        for d in downs:
+            d.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    raise NodeDown(next(r for d, r in downs.items() if d in done))
+
+
+@dataclass(eq=False)
+class Attempt:
+    """One placement: `pre` is None when the attempt resumes on a decode node alone."""
+
+    pre: NodeRecord | None
+    dec: NodeRecord
+    decision: Decision | None = None
+    colocated: bool = False
+    phase: Phase = Phase.PLACED
+    prefill_pending: bool = False  # the view counts this attempt's prefill as queued
+    renewer: asyncio.Future | None = None
+    decode_call: object | None = None
+
+    def enter(self, phase: Phase) -> None:
+        if phase not in _NEXT[self.phase]:
+            raise RuntimeError(f"lifecycle: {self.phase.value} -> {phase.value} is not a transition")
+        self.phase = phase
+
+    @property
+    def holds_reservation(self) -> bool:
+        """The decode blocks are the conductor's to release (Decode has not claimed them)."""
+        return self.phase in (Phase.RESERVED, Phase.PREFILLING)
+
+
+@dataclass(eq=False)
+class Trip:
+    rid: str  # the cluster's own id, unique per request: every node RPC carries it
+    client_id: str  # the client's id: only echoed back and logged
+    token_ids: list[int]
+    params: SamplingParams
+    info: RequestInfo
+    t0: float
+    generated: list[int] = field(default_factory=list)  # tokens streamed to the client so far
+    retries: int = 0
+    migrations: int = 0
+    # fixed when the first token streams: where the prompt was prefilled and how long it took
+    first_at: float | None = None
+    prefill_node: str = ""
+    cached_tokens: int = 0
+    queue_s: float = 0.0
+    prefill_s: float = 0.0
+    kv_transfer_s: float = 0.0
+    first_decode_s: float = 0.0
+
+    @property
+    def label(self) -> str:
+        """How logs name the request: its id, and the client's when it gave one."""
+        return f"{self.rid} (client id {self.client_id!r})" if self.client_id else self.rid
