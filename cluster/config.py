@@ -179,6 +179,8 @@ class ConductorConfig(_ActorResources):
     cost_model: Path | None = Field(None, description="a `halfmoon profile` file; None: the CPU default")
     heartbeat_interval_s: Seconds = 1.0
     heartbeat_timeout_s: Seconds = 5.0
+    max_request_bytes: int = Field(4 * 2**20, ge=1024, description="an HTTP body or gRPC message over this is "
+                                                                  "refused (413 / INVALID_ARGUMENT)")
     prometheus_targets_file: Path | None = Field(
         None, description="where the launcher writes node metrics addresses (Prometheus file_sd)"
     )
@@ -251,10 +253,6 @@ class FailureConfig(_Section):
     on_transfer_failure: Literal["recompute", "fail"] = "recompute"
     kv_lease_s: Seconds = Field(60.0, description="reserved decode blocks unused this long are freed")
     request_timeout_s: Seconds = 600.0
-    max_retries: int = Field(3, ge=0, description="times a request is placed again when a node fails before "
-                                                  "its first token (invisible to the client)")
-    max_migrations: int = Field(3, ge=0, description="times a request moves to another decode node when its "
-                                                     "decode node fails mid-stream (0: the request fails)")
 
 
 class RayConfig(_Section):

@@ -48,7 +48,8 @@ def test_a_4mb_prompt_is_tokenized_while_the_loop_keeps_running(tokenizer):
 
     prepared, worst_gap, took = asyncio.run(main())
     assert took > 0.5, "tokenizing 4 MB should take a while; the test measures nothing otherwise"
-    assert worst_gap < 0.4, f"the event loop stood still for {worst_gap:.2f}s while tokenizing"
+    # the old code held the loop (and the GIL) for all of it: ~2 s on a quiet machine
+    assert worst_gap < min(1.0, took / 4), f"the event loop stood still for {worst_gap:.2f}s of {took:.1f}s"
     assert prepared.token_ids[:40] == tokenizer.encode(PHRASE * 5)[:40]
     assert len(prepared.token_ids) == 10 * 88_889 + 1  # 10 tokens a phrase, the last " " one more
     assert prepared.block_hashes == tuple(block_hashes(prepared.token_ids, 16))
