@@ -253,6 +253,10 @@ class FailureConfig(_Section):
     on_transfer_failure: Literal["recompute", "fail"] = "recompute"
     kv_lease_s: Seconds = Field(60.0, description="reserved decode blocks unused this long are freed")
     request_timeout_s: Seconds = 600.0
+    max_retries: int = Field(3, ge=0, description="times a request is placed again when a node fails before "
+                                                  "its first token (invisible to the client)")
+    max_migrations: int = Field(3, ge=0, description="times a request moves to another decode node when its "
+                                                     "decode node fails mid-stream (0: the request fails)")
 
 
 class RayConfig(_Section):

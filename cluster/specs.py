@@ -90,6 +90,8 @@ def conductor_spec(config: ClusterConfig) -> ConductorSpec:
         on_transfer_failure=config.failure.on_transfer_failure,
         kv_lease_s=config.failure.kv_lease_s,
         request_timeout_s=config.failure.request_timeout_s,
+        max_retries=config.failure.max_retries,
+        max_migrations=config.failure.max_migrations,
     )
 
 
