@@ -5,7 +5,8 @@
   asks for, kept on loopback; the conductor and the nodes are Ray actors placed by those
   resources (`cluster.ray_launcher`). Stopping stops the actors, then Ray itself.
 - `start_processes`: one spawned OS process per server (`cluster.local.LocalCluster`);
-  Ray resources in the config are ignored.
+  Ray resources in the config are ignored. A conductor that dies is restarted (a few times)
+  and the nodes register with it again by themselves.
 
 Both return a `RunningCluster`: where to reach it, whether it is still healthy, and how
 to stop everything it started.
@@ -30,7 +31,7 @@ EMBEDDED_OBJECT_STORE_BYTES = 256 * 2**20  # halfmoon passes no large objects th
 class RunningCluster:
     grpc_address: str
     http_url: str | None
-    problem: Callable[[], str | None]  # None while the cluster is healthy, else what broke
+    problem: Callable[[], str | None]  # None while healthy (or repaired just now), else what broke
     stop: Callable[[], None]  # stops every process it started; safe to call twice
 
 
@@ -101,12 +102,9 @@ def start_processes(config: ClusterConfig, timeout_s: float = 300.0) -> RunningC
     conductor, nodes = build_specs(with_overrides(config, ports) if ports else config)
     cluster = LocalCluster(conductor, nodes).start(timeout_s)
 
-    def problem() -> str | None:
-        proc = cluster.procs["conductor"]
-        return None if proc.is_alive() else f"the conductor exited with code {proc.exitcode}"
-
     http = f"http://{local_address(conductor.host, conductor.http_port)}" if conductor.http_port else None
-    return RunningCluster(local_address(conductor.host, conductor.grpc_port), http, problem, cluster.stop)
+    return RunningCluster(local_address(conductor.host, conductor.grpc_port), http, cluster.revive_conductor,
+                          cluster.stop)
 
 
 LAUNCHERS: dict[str, Callable[[ClusterConfig, float], RunningCluster]] = {

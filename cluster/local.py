@@ -2,6 +2,7 @@
 processes on loopback (spawned, never forked). Used by `halfmoon serve` and the tests."""
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
 import os
 import signal
@@ -15,12 +16,15 @@ from cluster.specs import free_port, local_address, new_secret
 from conductor.auth import keyed_channel
 from conductor.server import ConductorSpec, run_conductor
 
+log = logging.getLogger("halfmoon.local")
+
 
 @dataclass
 class LocalCluster:
     conductor: ConductorSpec
     nodes: list[NodeSpec]
     procs: dict[str, mp.Process] = field(default_factory=dict)
+    conductor_restarts: list[float] = field(default_factory=list)  # when `revive_conductor` restarted it
 
     @classmethod
     def build(cls, num_prefill: int = 1, num_decode: int = 1, *, conductor: ConductorSpec | None = None,
@@ -46,10 +50,7 @@ class LocalCluster:
         return f"{self.conductor.host}:{self.conductor.grpc_port}"
 
     def start(self, timeout_s: float = 180.0) -> "LocalCluster":
-        ctx = mp.get_context("spawn")
-        p = ctx.Process(target=run_conductor, args=(self.conductor,), name="conductor", daemon=True)
-        p.start()
-        self.procs["conductor"] = p
+        self.start_conductor()
         for spec in self.nodes:
             self.start_node(spec)
         try:
@@ -58,6 +59,32 @@ class LocalCluster:
             self.stop()
             raise
         return self
+
+    def start_conductor(self) -> None:
+        """Start the conductor process (again, after `kill("conductor")`: same ports and secret,
+        so the running nodes find it and register again by themselves)."""
+        p = mp.get_context("spawn").Process(target=run_conductor, args=(self.conductor,), name="conductor",
+                                            daemon=True)
+        p.start()
+        self.procs["conductor"] = p
+
+    def revive_conductor(self, max_restarts: int = 3, window_s: float = 300.0) -> str | None:
+        """If the conductor process died, start it again and return None (the nodes register
+        again by themselves); after `max_restarts` restarts within `window_s`, leave it down
+        and say why."""
+        proc = self.procs["conductor"]
+        if proc.is_alive():
+            return None
+        now = time.monotonic()
+        self.conductor_restarts = [t for t in self.conductor_restarts if now - t < window_s]
+        if len(self.conductor_restarts) >= max_restarts:
+            return (f"the conductor exited with code {proc.exitcode} after {len(self.conductor_restarts)} "
+                    f"restarts in {window_s:.0f}s")
+        log.warning("the conductor exited with code %s; restarting it (the nodes register again by themselves)",
+                    proc.exitcode)
+        self.conductor_restarts.append(now)
+        self.start_conductor()
+        return None
 
     def start_node(self, spec: NodeSpec) -> None:
         p = mp.get_context("spawn").Process(target=run_node, args=(spec,), name=spec.node_id, daemon=True)

@@ -1,5 +1,11 @@
 """One prefill or decode node process: engine + worker thread + transfer engine + gRPC
-control service + /metrics, registered with the conductor and heartbeating to it."""
+control service + /metrics, registered with the conductor and heartbeating to it.
+
+Conductor restart: the calls the old conductor held break, which aborts their requests
+here; heartbeats keep trying (reconnecting within about a second) and the new conductor
+answers `known=False`, so the node frees the KV reservations nobody will claim now and
+registers again (a prefill node's KV-event subscription then starts with a snapshot, which
+rebuilds the conductor's prefix index)."""
 from __future__ import annotations
 
 import asyncio
@@ -12,6 +18,10 @@ import grpc
 from conductor.auth import sign_control
 
 log = logging.getLogger(__name__)
+
+# reach a restarted conductor within about a second, not after gRPC's default backoff (up to 120 s)
+RECONNECT_OPTIONS = (("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200),
+                     ("grpc.max_reconnect_backoff_ms", 1000))
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,12 +81,14 @@ async def serve_node(spec: NodeSpec, stop: asyncio.Event | None = None) -> None:
     metrics = NodeMetrics(registry, spec.node_id, spec.role)
     metrics_server = MetricsServer(registry, spec.host, spec.metrics_port)
     server = grpc.aio.server()
+    decode_service: DecodeService | None = None  # holds the reservations a lost conductor orphans
     if spec.role == "decode":
         shape = kv_shape(load_model(spec.model, progress=False).config, spec.num_blocks, spec.block_size)
         region, kv = transfer.allocate_tensor(shape)
         engine = LLMEngine(spec.model, cfg, kv_tensor=kv)
         worker = EngineWorker(engine, name=f"{spec.node_id}-engine")
-        service = DecodeService(worker, spec.node_id, region.id, transfer.descriptor().to_bytes(), metrics=metrics)
+        service = decode_service = DecodeService(worker, spec.node_id, region.id, transfer.descriptor().to_bytes(),
+                                                 metrics=metrics)
         node_pb2_grpc.add_DecodeNodeServicer_to_server(service, server)
         role = node_pb2.ROLE_DECODE
     elif spec.role == "prefill":
@@ -92,8 +104,8 @@ async def serve_node(spec: NodeSpec, stop: asyncio.Event | None = None) -> None:
         worker = EngineWorker(engine, name=f"{spec.node_id}-engine")
         service = PrefillService(worker, None, 0, metrics=metrics)  # its KV events feed the index
         node_pb2_grpc.add_PrefillNodeServicer_to_server(service, server)
-        node_pb2_grpc.add_DecodeNodeServicer_to_server(DecodeService(worker, spec.node_id, 0, b"", metrics=metrics),
-                                                       server)
+        decode_service = DecodeService(worker, spec.node_id, 0, b"", metrics=metrics)
+        node_pb2_grpc.add_DecodeNodeServicer_to_server(decode_service, server)
         role = node_pb2.ROLE_COLOCATED
     else:
         raise ValueError(f"role must be 'prefill', 'decode' or 'colocated', got {spec.role!r}")
@@ -110,9 +122,10 @@ async def serve_node(spec: NodeSpec, stop: asyncio.Event | None = None) -> None:
                                         transfer_descriptor=transfer.descriptor().to_bytes(),
                                         metrics_address=metrics_server.address)
     log.info("%s node %s serving on %s (metrics %s)", spec.role, spec.node_id, address, metrics_server.address)
-    channel = grpc.aio.insecure_channel(spec.conductor)
+    channel = grpc.aio.insecure_channel(spec.conductor, options=RECONNECT_OPTIONS)
     control = node_pb2_grpc.ConductorControlStub(channel)
     seen = (0, 0)
+    lost = False  # the last heartbeat got no answer
     try:
         interval = await _register(control, register, spec.control_secret, stop)
         while not stop.is_set():
@@ -131,10 +144,17 @@ async def serve_node(spec: NodeSpec, stop: asyncio.Event | None = None) -> None:
             try:
                 beat = node_pb2.HeartbeatRequest(node_id=spec.node_id, load=load)
                 resp = await control.Heartbeat(beat, timeout=5, metadata=_signed(spec.control_secret, "Heartbeat", beat))
-                if not resp.known:
+                if lost:
+                    log.info("the conductor at %s answers again", spec.conductor)
+                    lost = False
+                if not resp.known:  # it restarted, or took this node out and ended its requests
+                    _drop_orphans(decode_service)
                     interval = await _register(control, register, spec.control_secret, stop)
             except grpc.aio.AioRpcError as e:
-                log.warning("heartbeat to %s failed: %s", spec.conductor, e.code().name)
+                if not lost:  # once per outage; the streams it held broke, which aborted their requests
+                    log.warning("heartbeat to %s failed (%s); retrying every %.1fs", spec.conductor, e.code().name,
+                                interval)
+                lost = True
             try:
                 await asyncio.wait_for(stop.wait(), interval)
             except asyncio.TimeoutError:
@@ -146,6 +166,15 @@ async def serve_node(spec: NodeSpec, stop: asyncio.Event | None = None) -> None:
         worker.stop()
         transfer.close()
         metrics_server.close()
+
+
+def _drop_orphans(decode_service) -> None:
+    """The conductor does not know this node: its requests here were ended (a restarted
+    conductor never saw them), so their cancelled calls aborted them; free the KV
+    reservations nobody will claim now, before registering again."""
+    freed = decode_service.expire_reservations() if decode_service is not None else 0
+    log.warning("the conductor does not know this node (it restarted, or took the node out): "
+                "freed %d reserved blocks no request will claim; registering again", freed)
 
 
 def _signed(secret: str | None, method: str, request) -> tuple[tuple[str, str], ...]:

@@ -62,6 +62,12 @@ class DecodeService(node_pb2_grpc.DecodeNodeServicer):
     def num_reserved_blocks(self) -> int:
         return self._reserved.num_blocks
 
+    def expire_reservations(self) -> int:
+        """Free every reservation now: the conductor that made them no longer knows this node
+        (it restarted, or took the node out and failed its requests), so none will be
+        claimed. Returns how many blocks were freed."""
+        return self._reserved.expire_all()
+
     async def Reserve(self, request: node_pb2.ReserveRequest, context):
         rid = request.request_id
         if request.num_tokens <= 0:

@@ -36,6 +36,17 @@ class BlockLeases:
         self._held[key] = (entry[0], self._timer(key, lease_s))
         return True
 
+    def expire_all(self) -> int:
+        """Expire every lease now (`on_expire` for each, as if its time ran out); returns
+        how many blocks were held."""
+        n = 0
+        for key in list(self._held):
+            blocks, timer = self._held.pop(key)
+            timer.cancel()
+            n += len(blocks)
+            self._on_expire(key, blocks)
+        return n
+
     def take(self, key: str) -> list[int] | None:
         """The blocks held under `key`, no longer leased; None if not held."""
         entry = self._held.pop(key, None)
