@@ -28,7 +28,7 @@ import anyio
 from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Send
@@ -181,7 +181,7 @@ class _Frontend:
         async def handle(request: Request) -> Response:
             try:
                 response = await endpoint(request)
-            except ClientGone:
+            except (ClientGone, ClientDisconnect):  # gone while waiting, or while sending the body
                 response = Response(status_code=CLIENT_CLOSED)
             except Exception as exc:
                 response = _error_response(api_error_from(exc))

@@ -220,3 +220,22 @@ def test_the_limit_is_set_in_the_cluster_config():
     assert conductor_spec(ClusterConfig()).max_request_bytes == MAX_REQUEST_BYTES
     config = with_overrides(ClusterConfig(), {"conductor.max_request_bytes": 65536})
     assert conductor_spec(config).max_request_bytes == 65536
+
+
+def test_a_client_gone_while_sending_its_body_is_counted_as_499_not_500(caplog):
+    registry = CollectorRegistry()
+    server = serve_http(build_app(FakeBackend(registry), registry))
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b'Content-Length: 1000\r\n\r\n{"prompt"')
+            time.sleep(0.2)
+        deadline = time.monotonic() + 5
+        while registry.get_sample_value("halfmoon:http_requests_total",
+                                        {"route": "/v1/completions", "status": "499"}) is None:
+            assert time.monotonic() < deadline, "the abandoned request was never counted"
+            time.sleep(0.05)
+    finally:
+        server.stop()
+    assert registry.get_sample_value("halfmoon:http_requests_total", {"route": "/v1/completions", "status": "500"}) is None
+    assert "unexpected error" not in caplog.text
