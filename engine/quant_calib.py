@@ -90,9 +90,10 @@ def smooth_scales(act_max: torch.Tensor, weights: list[torch.Tensor], alpha: flo
     return torch.where(ok, s.clamp(1e-5, 1e5), torch.ones_like(s))
 
 
-def smooth_and_quantize(w: dict[str, torch.Tensor], stats: dict[tuple[int, str], torch.Tensor],
-                        num_layers: int, alpha: float = ALPHA) -> dict[str, torch.Tensor]:
-    """The w8a8 state dict: smoothed, then int8 codes + `<name>_scale` for every linear."""
+def smooth(w: dict[str, torch.Tensor], stats: dict[tuple[int, str], torch.Tensor], num_layers: int,
+           alpha: float = ALPHA) -> dict[str, torch.Tensor]:
+    """The fp32 state dict with SmoothQuant's scales folded in (the same function, up to
+    rounding: the tests check it)."""
     w = {k: v.float().clone() for k, v in w.items()}
     for i in range(num_layers):
         p = f"model.layers.{i}."
@@ -110,6 +111,11 @@ def smooth_and_quantize(w: dict[str, torch.Tensor], stats: dict[tuple[int, str],
         s = smooth_scales(stats[(i, "down")], [d], alpha)
         u /= s.unsqueeze(1)
         d *= s
+    return w
+
+
+def quantize_state(w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """int8 codes + `<name>_scale` for every linear and the embedding / LM head; the rest as is."""
     out: dict[str, torch.Tensor] = {}
     for name, t in w.items():
         if name.endswith("_proj.weight") or name in ("model.embed_tokens.weight", "lm_head.weight"):
@@ -152,7 +158,7 @@ def ensure_w8a8(model_dir: Path, *, n_seqs: int = CALIB_SEQS, seq_len: int = CAL
         (print if progress else log.info)(msg)
         cfg = ModelConfig.from_dir(model_dir)
         stats = collect_input_absmax(model_dir, n_seqs, seq_len)
-        state = smooth_and_quantize(_read_weights(model_dir, lambda n, t: {n: t}), stats, cfg.num_layers, alpha)
+        state = quantize_state(smooth(_read_weights(model_dir, lambda n, t: {n: t}), stats, cfg.num_layers, alpha))
         tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
