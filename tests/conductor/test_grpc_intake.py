@@ -218,3 +218,51 @@ def test_the_conductor_process_parses_requests_itself_and_limits_both_front_door
     assert results[1] == (grpc.StatusCode.INVALID_ARGUMENT, f"the request is {LIMIT + 4} bytes; the limit is {LIMIT}")
     assert results[2][0] == grpc.StatusCode.UNAUTHENTICATED  # the key is checked before anything is parsed
     assert r.status_code == 413
+
+
+def test_fuzzed_messages_get_ok_or_invalid_argument_only(tokenizer):
+    """400 seeded mutations (flipped, inserted, dropped bytes; cuts; splices) of valid
+    requests of each input kind: each is served or refused with INVALID_ARGUMENT."""
+    import random
+
+    rng = random.Random(20261101)
+    sampling = common_pb2.SamplingParams(max_tokens=2, temperature=0.5, top_p=0.9, top_k=40, seed=9,
+                                         stop=["\n"], stop_token_ids=[2])
+    seeds = [
+        generate_pb2.GenerateRequest(request_id="r-1", prompt="The capital of France is", sampling=sampling),
+        generate_pb2.GenerateRequest(chat=generate_pb2.ChatMessages(messages=[
+            generate_pb2.ChatMessage(role="system", content="Be brief."),
+            generate_pb2.ChatMessage(role="user", content="Hi \u00e9\U0001f600")]), sampling=sampling),
+        generate_pb2.GenerateRequest(prompt_token_ids=generate_pb2.TokenIds(ids=[1, 2, 3, 400]), sampling=sampling),
+    ]
+    raws = [m.SerializeToString() for m in seeds]
+
+    def mutate(raw: bytes) -> bytes:
+        data = bytearray(raw)
+        for _ in range(rng.randrange(1, 4)):
+            op = rng.randrange(5)
+            at = rng.randrange(len(data)) if data else 0
+            if op == 0 and data:
+                data[at] ^= 1 << rng.randrange(8)
+            elif op == 1:
+                data[at:at] = bytes([rng.choice([0x00, 0x7F, 0x80, 0xC3, 0xED, 0xFF, rng.randrange(256)])])
+            elif op == 2 and data:
+                del data[at]
+            elif op == 3:
+                data = data[:at]
+            else:
+                data[at:at] = rng.choice(raws)[: rng.randrange(1, 40)]
+        return bytes(data)
+
+    async def test(served: Served):
+        seen: dict[grpc.StatusCode, int] = {}
+        for n in range(400):
+            raw = mutate(rng.choice(raws))
+            code, details = await served.status_of(raw)
+            seen[code] = seen.get(code, 0) + 1
+            assert code in (grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT), (n, raw, code, details)
+            assert "<class" not in details and "Traceback" not in details, (n, raw, details)
+        return seen
+
+    seen = run(tokenizer, test)
+    assert seen.get(grpc.StatusCode.OK, 0) >= 10 and seen.get(grpc.StatusCode.INVALID_ARGUMENT, 0) >= 100, seen
