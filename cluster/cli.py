@@ -254,35 +254,27 @@ def down(
 
 
 @app.command()
-def status(address: str = typer.Option("127.0.0.1:50051", "--address")) -> None:
+def status(address: str = typer.Option("127.0.0.1:50051", "--address"),
+           as_json: bool = typer.Option(False, "--json", help="One JSON document (schema halfmoon.status/v1, "
+                                        "see cluster/status.py) instead of tables.")) -> None:
     """Show the cluster's nodes and the admission settings in force."""
+    import json
+
     import grpc
-    from rich.console import Console
-    from rich.table import Table
 
     from cluster.client import Client
+    from cluster.status import from_proto, print_tables
 
     with Client(address) as client:
         try:
-            st = client.status()
+            st = from_proto(address, client.status())
         except grpc.RpcError as e:
             typer.echo(f"error: {e.code().name}: {e.details()}", err=True)
             raise typer.Exit(1)
-    con = Console()
-    t = Table(title=f"halfmoon at {address} ({st.model})")
-    for col in ("node", "role", "address", "state", "running", "waiting", "KV used", "cache hit"):
-        t.add_column(col, justify="right" if col in ("running", "waiting", "KV used", "cache hit") else "left")
-    for n in sorted(st.nodes, key=lambda n: (n.role != "prefill", n.node_id)):
-        hit = f"{n.prefix_hits_tokens / n.prefix_queries_tokens:.1%}" if n.prefix_queries_tokens else "-"
-        t.add_row(n.node_id, n.role, n.address, n.state, str(n.running), str(n.waiting),
-                  f"{n.kv_blocks_used}/{n.kv_blocks_total}", hit)
-    con.print(t)
-    s = Table(title="admission settings")
-    s.add_column("setting")
-    s.add_column("value")
-    for x in st.settings:
-        s.add_row(x.name, x.value)
-    con.print(s)
+    if as_json:
+        typer.echo(json.dumps(st.to_json(), indent=2))
+    else:
+        print_tables(st)
 
 
 admin_app = typer.Typer(help="Read and change scheduling settings at runtime.", no_args_is_help=True)
@@ -292,6 +284,7 @@ app.add_typer(admin_app, name="admin")
 @admin_app.command("get")
 def admin_get(address: str = typer.Option("127.0.0.1:50051", "--address")) -> None:
     """Print the settings in force."""
+    import grpc
     from rich.console import Console
     from rich.table import Table
 
@@ -299,7 +292,11 @@ def admin_get(address: str = typer.Option("127.0.0.1:50051", "--address")) -> No
     from proto.halfmoon.v1 import admin_pb2
 
     with Client(address) as client:
-        res = client.admin.GetSettings(admin_pb2.GetSettingsRequest(), timeout=5)
+        try:
+            res = client.admin.GetSettings(admin_pb2.GetSettingsRequest(), timeout=5)
+        except grpc.RpcError as e:
+            typer.echo(f"error: {e.code().name}: {e.details()}", err=True)
+            raise typer.Exit(1)
     t = Table()
     for c in ("setting", "value", "meaning"):
         t.add_column(c)

@@ -1,0 +1,100 @@
+"""What `halfmoon status` shows: the conductor's Admin `Status` as typed rows, printed as
+tables (names and addresses always whole) or as one JSON document of a fixed schema.
+
+JSON (`--json`), schema "halfmoon.status/v1"; fields are only ever added:
+
+    {"schema": "halfmoon.status/v1", "conductor": "127.0.0.1:50051", "model": "...",
+     "nodes": [{"id": "prefill-0", "role": "prefill", "address": "127.0.0.1:40101",
+                "state": "up", "running": 0, "waiting": 0,
+                "kv_blocks_used": 3, "kv_blocks_total": 512,
+                "prefix_queries_tokens": 96, "prefix_hits_tokens": 32,
+                "prefix_hit_rate": 0.3333,          # null before any lookup
+                "heartbeat_age_s": 0.41, "metrics_address": "127.0.0.1:43127"}],
+     "settings": {"ttft_slo_s": "10", "policy": "kv_centric", ...}}
+
+Nodes come prefill first, then decode, each kind by id.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from proto.halfmoon.v1 import admin_pb2
+
+SCHEMA = "halfmoon.status/v1"
+
+
+@dataclass(frozen=True, slots=True)
+class NodeRow:
+    id: str
+    role: str
+    address: str
+    state: str
+    running: int
+    waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    prefix_queries_tokens: int
+    prefix_hits_tokens: int
+    prefix_hit_rate: float | None
+    heartbeat_age_s: float
+    metrics_address: str
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterStatus:
+    conductor: str
+    model: str
+    nodes: tuple[NodeRow, ...]
+    settings: dict[str, str]
+
+    def to_json(self) -> dict:
+        return {"schema": SCHEMA, "conductor": self.conductor, "model": self.model,
+                "nodes": [asdict(n) for n in self.nodes], "settings": dict(self.settings)}
+
+
+def from_proto(conductor: str, st: admin_pb2.StatusResponse) -> ClusterStatus:
+    nodes = tuple(
+        NodeRow(n.node_id, n.role, n.address, n.state, n.running, n.waiting, n.kv_blocks_used, n.kv_blocks_total,
+                n.prefix_queries_tokens, n.prefix_hits_tokens,
+                round(n.prefix_hits_tokens / n.prefix_queries_tokens, 4) if n.prefix_queries_tokens else None,
+                round(n.last_heartbeat_age_s, 3), n.metrics_address)
+        for n in sorted(st.nodes, key=lambda n: (n.role != "prefill", n.node_id)))
+    return ClusterStatus(conductor, st.model, nodes, {s.name: s.value for s in st.settings})
+
+
+def tables(status: ClusterStatus) -> list:
+    """The nodes table and the settings table (rich renderables)."""
+    from rich.table import Table
+
+    t = Table(title=f"halfmoon at {status.conductor} ({status.model})")
+    for col in ("node", "role", "address"):  # never cut: on a narrow terminal they fold instead
+        t.add_column(col, overflow="fold")
+    t.add_column("state")
+    for col in ("running", "waiting", "KV used", "cache hit", "heartbeat"):
+        t.add_column(col, justify="right", no_wrap=True)
+    for n in status.nodes:
+        hit = f"{n.prefix_hit_rate:.1%}" if n.prefix_hit_rate is not None else "-"
+        t.add_row(n.id, n.role, n.address, n.state, str(n.running), str(n.waiting),
+                  f"{n.kv_blocks_used}/{n.kv_blocks_total}", hit, f"{n.heartbeat_age_s:.1f}s ago")
+    s = Table(title="admission settings")
+    s.add_column("setting", overflow="fold")
+    s.add_column("value", overflow="fold")
+    for name, value in status.settings.items():
+        s.add_row(name, value)
+    return [t, s]
+
+
+def print_tables(status: ClusterStatus) -> None:
+    """On a terminal, fit its width (long cells fold onto more lines); otherwise (a pipe, a
+    file, a test) print every table as wide as its content, so each node is one whole line."""
+    from rich.console import Console
+    from rich.measure import Measurement
+
+    console = Console()
+    renderables = tables(status)
+    if not console.is_terminal:
+        wide = console.options.update(width=10_000)
+        need = max(Measurement.get(console, wide, r).maximum for r in renderables)
+        console = Console(width=max(need, console.width))
+    for r in renderables:
+        console.print(r)
