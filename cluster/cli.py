@@ -188,13 +188,14 @@ def _config(path: Path | None, overrides: dict[str, object]):
 
 
 def _connect_ray(address: str, namespace: str) -> None:
-    import ray
+    """Join the existing Ray cluster at `address` (`cluster.ray_connect`); exits 1 with the
+    reason within seconds when it cannot."""
+    from cluster.ray_connect import RayConnectError, connect
 
     try:
-        ray.init(address=address, namespace=namespace, log_to_driver=True)
-    except ConnectionError as e:
-        typer.echo(f"error: no Ray cluster at {address!r} ({e}); start one with `ray start --head`, "
-                   "pass --address HOST:PORT, or run `halfmoon serve` for a cluster of its own", err=True)
+        connect(address, namespace)
+    except RayConnectError as e:
+        typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1)
 
 

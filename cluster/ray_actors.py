@@ -25,6 +25,7 @@ import threading
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Coroutine
 
+from cluster.ray_connect import is_loopback
 from cluster.specs import WILDCARD_HOSTS, NodePlan, free_port
 from conductor.server import ConductorSpec
 
@@ -167,6 +168,11 @@ class _ServerActor:
         return self._server.stop(timeout_s)
 
 
+def _on(host: str, node_ip: str) -> str:
+    """`host`, with a wildcard bind narrowed to `node_ip`."""
+    return node_ip if host in WILDCARD_HOSTS else host
+
+
 class ConductorActor(_ServerActor):
     """`serve_conductor(spec)` inside a Ray actor. A `grpc_port` or `control_port` of 0
     listens on a free port (ask `info()`); an `http_port` of 0 is settled to a free port here first."""
@@ -176,13 +182,16 @@ class ConductorActor(_ServerActor):
 
         _setup_logging("conductor")
         self._place = _placement()
+        if is_loopback(self._place.node_ip):  # a loopback-only Ray node: so is every listener here
+            spec = replace(spec, host=_on(spec.host, self._place.node_ip),
+                           control_host=_on(spec.control_host, self._place.node_ip))
         if spec.http_port == 0:
             spec = replace(spec, http_port=free_port(spec.host))
         self.spec = spec
         super().__init__(ServerThread("conductor", lambda stop, started: serve_conductor(spec, stop, started)))
 
     def _advertised(self, host: str) -> str:
-        return self._place.node_ip if host in WILDCARD_HOSTS else host
+        return _on(host, self._place.node_ip)
 
     def info(self, timeout_s: float = 120.0) -> ConductorInfo:
         """Once the gRPC servers listen: where to reach them."""

@@ -1,4 +1,5 @@
-"""Helpers for the Ray tests: ports, polling, shared-memory segments, Prometheus text."""
+"""Helpers for the Ray tests: ports, polling, shared-memory segments, Prometheus text, and
+stopping exactly the processes a test started."""
 from __future__ import annotations
 
 import os
@@ -45,11 +46,54 @@ def metric(samples: dict, name: str, **labels: str) -> float:
     return sum(v for (n, ls), v in samples.items() if n == name and want <= set(ls))
 
 
+def session_processes(sid: int, marker: str | None = None) -> list:
+    """Live processes of the session `sid` (what a command started with `start_new_session`
+    spawned, daemons included: Ray's never leave their session), those whose command line
+    names `marker`, and the descendants of all of them."""
+    import psutil
+
+    roots = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if proc.pid == os.getpid():
+                continue
+            if os.getsid(proc.pid) == sid or (marker and any(marker in a for a in proc.info["cmdline"] or ())):
+                roots.append(proc)
+        except (psutil.Error, OSError):
+            pass
+    found = {p.pid: p for p in roots}
+    for root in roots:
+        try:
+            found.update({c.pid: c for c in root.children(recursive=True)})
+        except psutil.Error:
+            pass
+    return [p for p in found.values() if p.pid != os.getpid()]
+
+
+def stop_processes(procs: list, grace_s: float = 15.0) -> None:
+    """SIGTERM each of `procs`, then SIGKILL those still alive after `grace_s`."""
+    import psutil
+
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+
+
 class RayHead:
     """A `ray start --head` cluster of our own: loopback only, its own temp dir and ports.
 
-    `stop()` ends exactly its processes: those whose command line names its (unique) temp
-    dir, and their descendants (workers, agents, the job's driver) - never by name."""
+    `ray start` runs in a session of its own; `stop()` ends exactly that session's processes
+    (GCS, raylet, dashboard, Ray Client server, workers, the job's driver) and any naming the
+    (unique) temp dir - never by name."""
 
     def __init__(self, *, num_cpus: int, resources: dict[str, float], env: dict[str, str]) -> None:
         import json
@@ -59,6 +103,7 @@ class RayHead:
 
         self.temp_dir = tempfile.mkdtemp(prefix="hmray-", dir="/tmp")  # short: Ray's socket paths must fit
         self.env = env
+        self.sid: int | None = None
         self.gcs_address = f"127.0.0.1:{free_port()}"
         self.dashboard_url = f"http://127.0.0.1:{free_port()}"
         bin_dir = os.path.dirname(sys.executable)
@@ -70,48 +115,22 @@ class RayHead:
                 "--num-cpus", str(num_cpus), "--resources", json.dumps(resources),
                 "--object-store-memory", str(100 * 2**20), "--disable-usage-stats"]
         try:
-            out = subprocess.run(args, env=env, capture_output=True, text=True, timeout=180)
+            proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                    start_new_session=True)
+            self.sid = proc.pid
+            out, err = proc.communicate(timeout=180)
         except BaseException:
             self.stop()
             raise
-        if out.returncode != 0:
+        if proc.returncode != 0:
             self.stop()
-            raise RuntimeError(f"ray start failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
+            raise RuntimeError(f"ray start failed ({proc.returncode}):\n{out}\n{err}")
 
     def processes(self) -> list:
-        import psutil
-
-        roots = []
-        for proc in psutil.process_iter(["cmdline"]):
-            try:
-                if any(self.temp_dir in arg for arg in proc.info["cmdline"] or ()):
-                    roots.append(proc)
-            except psutil.Error:
-                pass
-        found = {p.pid: p for p in roots}
-        for root in roots:
-            try:
-                found.update({c.pid: c for c in root.children(recursive=True)})
-            except psutil.Error:
-                pass
-        return list(found.values())
+        return session_processes(self.sid if self.sid is not None else -1, self.temp_dir)
 
     def stop(self, grace_s: float = 15.0) -> None:
         import shutil
 
-        import psutil
-
-        procs = self.processes()
-        for p in procs:
-            try:
-                p.terminate()
-            except psutil.Error:
-                pass
-        _, alive = psutil.wait_procs(procs, timeout=grace_s)
-        for p in alive:
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
-        psutil.wait_procs(alive, timeout=5)
+        stop_processes(self.processes(), grace_s)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
