@@ -1,6 +1,6 @@
 """The chaos suite's own logic: rows counted from outcomes, the table and JSON, the block
 audit, the load's loop and its verdicts against in-process front doors over a fake
-backend, the conductor-view watch, the scenario runner with fakes;
+backend, the conductor-view watch, the scenario runner with fakes, the soak's figures;
 and one slow end-to-end scenario (kill -9 of a decode node under load, tiny model)."""
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from bench.chaos.cluster import RotationWatch, Sample, in_rotation, out_of_rotat
 from bench.chaos.load import ClosedLoop, LoadClient, LoadPlan, classify_http_error, make_prompts
 from bench.chaos.report import Audit, Outcome, Row, error_key, summarize, table, write_json
 from bench.chaos.scenarios import SCENARIOS, Options, Result, Scenario, SuiteState, run_scenario
+from bench.chaos.soak import summarize as soak_summarize
 from conductor.frontend_api import Finished, RequestFailed, TokenChunk, Unavailable, Usage
 
 REQUIRED = {"scenario", "requests", "completed", "failed_clean", "hung", "leaked_blocks", "detect_s"}
@@ -362,6 +363,25 @@ def test_cli_refuses_an_unknown_scenario(capsys):
 
     assert main(["--scenarios", "baseline,meteor-strike"]) == 2
     assert "unknown scenario(s) meteor-strike" in capsys.readouterr().err
+
+
+# --- the soak's figures -------------------------------------------------------------------------
+
+def test_soak_summary_windows_rss_growth_and_ttft_drift():
+    outcomes = [out(k, "completed", sent=100.0 + k, ttft=1.0 + (k >= 90) * 0.5) for k in range(120)]
+    outcomes.append(out(200, "hung", sent=150.0, error="no end within 300s"))
+    rss = {"conductor": [(100.0, 100), (130.0, 200), (220.0, 206)],
+           "decode-0": [(100.0, 500), (131.0, 1000), (220.0, 1100)]}
+    res = soak_summarize(outcomes, 100.0, 120.0, rss, Audit({"decode-0": 0}, 0.5), 1.0)
+    assert res.window_s == 30.0  # a quarter of a short run
+    assert res.rss_start == {"conductor": 200, "decode-0": 1000} and res.rss_end == {"conductor": 206,
+                                                                                      "decode-0": 1100}
+    assert res.rss_growth == pytest.approx({"conductor": 0.03, "decode-0": 0.10})
+    assert res.ttft_p99_first_s == pytest.approx(1.0) and res.ttft_p99_last_s == pytest.approx(1.5)
+    assert res.ttft_drift == pytest.approx(0.5)
+    assert (res.requests, res.completed, res.hung, res.leaked_blocks) == (121, 120, 1, 0)
+    assert res.verdicts() == {"rss_growth_below_5pct": False, "no_leaked_blocks": True,
+                              "ttft_p99_within_20pct": False, "nothing_failed_or_hung": False}
 
 
 # --- end to end ------------------------------------------------------------------------------------
