@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: venv serve generate test test-fast bench clean
+.PHONY: venv serve generate test test-fast test-tools bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -23,11 +23,15 @@ venv: $(STAMP)
 serve: $(STAMP)
 	$(BIN)/halfmoon serve --demo-prompt "What is the capital of France?"
 
-test: $(STAMP)
+test: $(STAMP) test-tools
 	$(BIN)/python -m pytest -q -ra
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) test-tools
 	$(BIN)/python -m pytest -q -ra -m "not slow"
+
+# Prometheus + promtool for the alert-rule tests (apt-get, as root); without them those skip.
+test-tools:
+	bash .ci/install-prometheus.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache
