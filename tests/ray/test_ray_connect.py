@@ -3,10 +3,12 @@ existing Ray cluster, and that they fail within seconds, saying why, when they c
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
 from concurrent import futures
+from pathlib import Path
 
 import grpc
 import pytest
@@ -124,3 +126,37 @@ def test_halfmoon_down_reaches_a_loopback_gcs_from_a_plain_shell(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "nothing of halfmoon runs in Ray namespace 'hm-none'" in out.stdout and took < 30, (took, out.stderr)
     assert f"Connecting to existing Ray cluster at address: {head.gcs_address}" in out.stderr
+
+
+FAKE_GCS_THEN_CONNECT = """
+import os, sys
+from concurrent import futures
+from pathlib import Path
+import grpc
+from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+from cluster.ray_connect import connect
+
+class ClusterIdOnly(gcs_service_pb2_grpc.NodeInfoGcsServiceServicer):
+    def GetClusterId(self, request, context):
+        return gcs_service_pb2.GetClusterIdReply(cluster_id=os.urandom(28))
+
+server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+gcs_service_pb2_grpc.add_NodeInfoGcsServiceServicer_to_server(ClusterIdOnly(), server)
+port = server.add_insecure_port("127.0.0.1:0")
+server.start()
+connect(f"127.0.0.1:{port}", "x", timeout_s=4)
+print("connected")
+"""
+
+
+def test_a_gcs_that_answers_but_never_lets_ray_join_ends_the_command_at_the_watchdog(tmp_path):
+    """The probe passes (GetClusterId answers) but every other GCS call fails, so `ray.init`
+    keeps retrying; the watchdog ends the process with exit 1 and says why."""
+    started = time.monotonic()
+    out = subprocess.run([sys.executable, "-c", FAKE_GCS_THEN_CONNECT], env=shell_env(HOME=str(tmp_path)),
+                         capture_output=True, text=True, timeout=90, cwd=Path(__file__).resolve().parents[2])
+    took = time.monotonic() - started
+    assert out.returncode == 1 and "connected" not in out.stdout, out.stderr[-2000:]
+    assert re.search(r"error: the Ray GCS at 127\.0\.0\.1:\d+ answered, but joining the cluster did not complete "
+                     r"within 4s; if it uses token authentication", out.stderr), out.stderr[-2000:]
+    assert 4 <= took < 30, took
