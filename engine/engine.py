@@ -22,11 +22,14 @@ from engine.config import EngineConfig, ModelConfig
 from engine.errors import InvalidRequestError, OutOfBlocksError
 from engine.kv_cache import KVCache
 from engine.loader import DEFAULT_MODEL, load_model
+from engine.logprobs import TokenLogprob
 from engine.model import LlamaModel
 from engine.model_runner import ModelRunner
-from engine.request import FinishReason, Request, RequestStatus
+from engine.request import FinishReason, Request, RequestStatus, sample_id
 from engine.sampling import SamplerState, SamplingParams
-from engine.scheduler import Scheduler
+from engine.scheduler import Scheduler, SchedulerOutput
+from engine.structured.backend import GrammarBackend, backend_for
+from engine.structured.matcher import GrammarState, MaskComputer
 from engine.tokenizer import IncrementalDetokenizer, Message, Tokenizer
 
 
@@ -43,6 +46,9 @@ class RequestOutput:
     num_cached_tokens: int
     num_output_tokens: int
     error: str | None = None  # set when a failed engine step ended the request (EngineWorker)
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per sampled new token, when the request asks for logprobs
+    index: int = 0  # which parallel sample (`n` > 1); `request_id` is `sample_id(id, index)`
+    num_forced_tokens: int = 0  # of `new_token_ids`, those the grammar forced (no model step of their own)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +61,8 @@ class EngineStats:
     prefix_queries_tokens: int
     prefix_hits_tokens: int
     num_preemptions: int
+    num_prefill_tokens: int = 0  # tokens computed in prefill chunks (prompts, recomputes, forced tokens)
+    num_forced_tokens: int = 0  # output tokens a grammar forced (fast-forward)
 
 
 class LLMEngine:
@@ -79,6 +87,10 @@ class LLMEngine:
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._preemptions = 0
         self._eos = set(loaded.config.eos_token_ids)
+        self._grammar: GrammarBackend | None = None  # built on the first constrained request (~0.5 s)
+        self.masks = MaskComputer(loaded.config.vocab_size)  # grammar masks, overlapped with the forward pass
+        self.num_prefill_tokens = 0
+        self.num_forced_tokens = 0
         self.held = BlockLedger()  # blocks a node holds outside requests (reservations, pins): engine/audit.py
 
     # --- request intake ---------------------------------------------------------------
@@ -112,6 +124,35 @@ class LLMEngine:
             raise InvalidRequestError(field, f"{len(ids)} tokens need {need} KV blocks; this node has "
                                              f"{self.config.num_blocks}")
 
+    @property
+    def grammar(self) -> GrammarBackend:
+        """The constrained-decoding backend for this model's tokenizer."""
+        if self._grammar is None:
+            mc = self.model_config
+            self._grammar = backend_for(self.model_dir / "tokenizer.json", mc.vocab_size, mc.eos_token_ids)
+        return self._grammar
+
+    def check_params(self, params: SamplingParams) -> None:
+        """`params.validate()`, and what needs the model: token ids in its vocabulary, a
+        constraint that compiles with its tokenizer."""
+        params.validate()
+        params.check_vocab(self.model_config.vocab_size)
+        if params.constraint is not None:
+            self.grammar.check(params.constraint)
+
+    def _sampler(self, params: SamplingParams, prompt: list[int], index: int = 0) -> SamplerState:
+        """Sample `index`'s sampler state; sample 0's also holds the states of samples 1..n-1
+        until their first tokens are drawn (from the row that draws sample 0's)."""
+        grammar = None
+        if params.constraint is not None:
+            grammar = GrammarState(self.grammar.matcher(params.constraint), self.model_config.vocab_size,
+                                   fast_forward=params.logprobs is None)
+        st = SamplerState.for_params(params, index, prompt=prompt, vocab_size=self.model_config.vocab_size,
+                                     grammar=grammar)
+        if index == 0 and params.n > 1:
+            st.forks = [self._sampler(params, prompt, i) for i in range(1, params.n)]
+        return st
+
     def add_request(self, request_id: str, params: SamplingParams, *, prompt: str | None = None,
                     messages: list[Message] | None = None, prompt_token_ids: list[int] | None = None,
                     hold_blocks: bool = False, resume_token_ids: list[int] | None = None) -> Request:
@@ -120,7 +161,7 @@ class LLMEngine:
         and their text is known to stop strings, so generation continues as if uninterrupted."""
         if request_id in self._requests:
             raise InvalidRequestError("request_id", f"{request_id!r} is already running")
-        params.validate()
+        self.check_params(params)
         ids = self.encode_prompt(prompt, messages, prompt_token_ids)
         resumed = list(resume_token_ids or ())
         if resumed:
@@ -128,11 +169,16 @@ class LLMEngine:
             if len(resumed) >= params.max_tokens:
                 raise InvalidRequestError("resume_token_ids", f"{len(resumed)} tokens leave nothing of "
                                                               f"max_tokens={params.max_tokens} to generate")
+            if params.n > 1:
+                raise InvalidRequestError("resume_token_ids", "a request with n > 1 parallel samples cannot resume")
         req = Request(request_id, ids, params, hold_blocks=hold_blocks, output_token_ids=resumed,
-                      sampler=SamplerState.for_params(params))
+                      sampler=self._sampler(params, ids))
         detok = IncrementalDetokenizer(self.tokenizer)
-        for token in resumed:  # replay the detokenizer as the first engine ran it
+        for i, token in enumerate(resumed):  # replay the detokenizer and the grammar as the first engine ran them
             req.text += detok.push([token])
+            if not req.sampler.accept(token):
+                raise InvalidRequestError(f"resume_token_ids[{i}]", f"the request's grammar does not allow token "
+                                                                    f"{token} here: {req.sampler.grammar.error}")
         self._requests[request_id] = req
         self._detok[request_id] = detok
         self.scheduler.add(req)
@@ -151,19 +197,28 @@ class LLMEngine:
         self.pool.free(blocks)
 
     def add_prefilled(self, request_id: str, params: SamplingParams, prompt_token_ids: list[int],
-                      first_token: int, block_ids: list[int], num_cached_tokens: int = 0) -> list[RequestOutput]:
+                      first_token: int | list[int], block_ids: list[int], num_cached_tokens: int = 0
+                      ) -> list[RequestOutput]:
         """Join a request whose prompt KV is already in `block_ids` (written by a prefill node);
-        `first_token` was sampled there. Returns the first token's output (it may finish)."""
+        `first_token` was sampled there (one per parallel sample when `params.n` > 1: the
+        samples share the prompt's blocks). A constrained request's grammar starts here and
+        takes the first token like any other, so it continues where the prefill node's left
+        off. Returns the first tokens' outputs (they may finish)."""
         if request_id in self._requests:
             raise InvalidRequestError("request_id", f"{request_id!r} is already running")
-        params.validate()
-        req = Request(request_id, list(prompt_token_ids), params, block_ids=list(block_ids),
-                      num_computed_tokens=len(prompt_token_ids), num_cached_tokens=num_cached_tokens,
-                      sampler=SamplerState.for_params(params))
+        self.check_params(params)
+        firsts = [first_token] if isinstance(first_token, int) else list(first_token)
+        if len(firsts) != params.n:
+            raise InvalidRequestError("first_tokens", f"{len(firsts)} first tokens for n={params.n} samples")
+        prompt = list(prompt_token_ids)
+        req = Request(request_id, prompt, params, block_ids=list(block_ids),
+                      num_computed_tokens=len(prompt), num_cached_tokens=num_cached_tokens,
+                      sampler=self._sampler(params, prompt))
         self._requests[request_id] = req
         self._detok[request_id] = IncrementalDetokenizer(self.tokenizer)
         self.scheduler.add_running(req)
-        return [self._append_token(req, first_token)]
+        req.sampler.fork_tokens = firsts[1:]
+        return self._append_sampled(req, firsts[0])
 
     def release(self, request_id: str) -> None:
         """Free the blocks of a finished `hold_blocks` request."""
@@ -212,14 +267,62 @@ class LLMEngine:
         self._preemptions += len(sched.preempted)
         if sched.empty:
             return []
+        self.masks.start([r.sampler.grammar for r in _sampled_by(sched) if r.sampler.grammar is not None])
         sampled = self.runner.run(sched)
         for chunk in sched.prefills:
             chunk.request.num_computed_tokens += chunk.num_tokens
+            self.num_prefill_tokens += chunk.num_tokens
         for req in sched.decodes:
             req.num_computed_tokens += 1
         for req in list(sched.decodes) + [c.request for c in sched.prefills]:
             self._cache_full_blocks(req)
-        return [self._append_token(req, tok) for req, tok in sampled.items()]
+        outputs: list[RequestOutput] = []
+        for req, tok in sampled.items():
+            outputs += self._append_sampled(req, tok)
+        return outputs
+
+    def _append_sampled(self, req: Request, token: int) -> list[RequestOutput]:
+        """`token` for `req`, and for its parallel samples (forked from it now, before its own
+        token may finish it) the first tokens drawn with it."""
+        children = self._fork(req) if req.sampler.fork_tokens else []
+        return [self._append_token(req, token)] + [self._append_token(c, t) for c, t in children]
+
+    def _fork(self, parent: Request) -> list[tuple[Request, int]]:
+        """Samples 1..n-1 of `parent`, whose prompt is computed: each shares the prompt's full
+        blocks (one more reference each) and gets a copy of the partial last block. A sample
+        that ends with its first token (max_tokens 1: a prefill node) takes no blocks; one for
+        which no block is free waits to be recomputed from the prefix cache."""
+        st = parent.sampler
+        forks, tokens = st.forks, st.fork_tokens
+        st.forks, st.fork_tokens = [], []
+        bs = self.config.block_size
+        n_prompt = len(parent.prompt_token_ids)
+        full = n_prompt // bs
+        out: list[tuple[Request, int]] = []
+        for fst, tok in zip(forks, tokens):
+            i = len(parent.children) + 1
+            child = Request(sample_id(parent.request_id, i), list(parent.prompt_token_ids), parent.params,
+                            arrival_time=parent.arrival_time, num_cached_tokens=parent.num_cached_tokens,
+                            sampler=fst, index=i)
+            parent.children.append(child)
+            self._requests[child.request_id] = child
+            self._detok[child.request_id] = IncrementalDetokenizer(self.tokenizer)
+            own = self.pool.allocate(len(parent.block_ids) - full) if parent.params.max_tokens > 1 else None
+            if own is not None:
+                shared = parent.block_ids[:full]
+                self.pool.touch(shared)
+                if n_prompt % bs:
+                    self.kv.tensor[own[0]].copy_(self.kv.tensor[parent.block_ids[full]])
+                child.block_ids = shared + own
+                child.block_hashes = list(parent.block_hashes[:full])
+                child.num_computed_tokens = n_prompt
+                self.scheduler.add_running(child)
+            elif parent.params.max_tokens > 1:
+                self.scheduler.add(child)  # no free block now: recomputed (its prompt blocks are cached)
+            else:
+                child.status = RequestStatus.RUNNING  # ends with its first token
+            out.append((child, tok))
+        return out
 
     def _cache_full_blocks(self, req: Request) -> None:
         bs = self.config.block_size
@@ -232,29 +335,56 @@ class LLMEngine:
             self.pool.cache_block(req.block_ids[i], h, toks[i * bs:(i + 1) * bs], parent)
 
     def _append_token(self, req: Request, token: int) -> RequestOutput:
-        req.output_token_ids.append(token)
-        p = req.params
+        """Add a sampled token (and the tokens the grammar then forces) and apply the stop rules."""
+        st, p = req.sampler, req.params
+        logprob = st.take_logprob()
+        new = [token]
+        allowed = st.accept(token)
+        grammar_end = st.grammar is not None and st.grammar.done
+        if allowed and st.grammar is not None and not grammar_end:
+            room = min(p.max_tokens - len(req.output_token_ids) - 1, self.max_model_len - req.num_tokens - 1)
+            forced = st.grammar.forced(room)
+            for t in forced:
+                if st.adjust is not None:
+                    st.adjust.accept(t)
+            new += forced
+            req.num_forced_tokens += len(forced)
+            self.num_forced_tokens += len(forced)
+            grammar_end = st.grammar.done
         reason: FinishReason | None = None
         delta = ""
-        is_stop_token = (token in self._eos and not p.ignore_eos) or token in p.stop_token_ids
-        if is_stop_token:
-            reason = FinishReason.STOP
-        else:
-            delta = self._detok[req.request_id].push([token])
-            if p.stop and delta:
-                text = req.text + delta
+        kept: list[int] = []
+        for t in new:
+            req.output_token_ids.append(t)
+            kept.append(t)
+            if (t in self._eos and not p.ignore_eos) or t in p.stop_token_ids:
+                reason = FinishReason.STOP
+                break
+            piece = self._detok[req.request_id].push([t])
+            if p.stop and piece:
+                text = req.text + piece
                 cut = min((i for i in (text.find(s, max(0, len(req.text) - len(s) + 1)) for s in p.stop) if i >= 0),
                           default=-1)
                 if cut >= 0:
-                    delta = text[:cut][len(req.text):]
+                    piece = text[:cut][len(req.text):]
                     reason = FinishReason.STOP
-            req.text += delta
+            req.text += piece
+            delta += piece
+            if reason is not None:
+                break
+        if not allowed:  # a token the grammar refuses (a handoff that skipped the grammar): end it
+            req.error = f"the request's grammar refused token {token}: {st.grammar.error}"
+            reason = FinishReason.ABORT
+        elif reason is None and grammar_end:
+            reason = FinishReason.STOP  # the grammar is complete: nothing more may follow
         if reason is None and (len(req.output_token_ids) >= p.max_tokens or req.num_tokens >= self.max_model_len):
             reason = FinishReason.LENGTH
         if reason is not None:
             self._finish(req, reason)
-        return RequestOutput(req.request_id, (token,), delta, reason is not None, reason,
-                             len(req.prompt_token_ids), req.num_cached_tokens, len(req.output_token_ids))
+        return RequestOutput(req.request_id, tuple(kept), delta, reason is not None, reason,
+                             len(req.prompt_token_ids), req.num_cached_tokens, len(req.output_token_ids),
+                             error=req.error, logprobs=(logprob,) if logprob is not None else (), index=req.index,
+                             num_forced_tokens=len(kept) - 1 if len(new) > 1 else 0)
 
     def _finish(self, req: Request, reason: FinishReason) -> None:
         req.status = RequestStatus.FINISHED
@@ -265,10 +395,13 @@ class LLMEngine:
             self._detok.pop(req.request_id, None)
 
     def abort(self, request_id: str) -> bool:
-        """Stop a request and free its blocks (including held ones). False if unknown."""
+        """Stop a request and free its blocks (including held ones), and its parallel samples'.
+        False if unknown."""
         req = self._requests.pop(request_id, None)
         if req is None:
             return False
+        for child in req.children:
+            self.abort(child.request_id)
         self._detok.pop(request_id, None)
         if not req.finished:
             req.status = RequestStatus.FINISHED
@@ -284,7 +417,7 @@ class LLMEngine:
     def stats(self) -> EngineStats:
         return EngineStats(len(self.scheduler.waiting), len(self.scheduler.running), self.pool.num_blocks,
                            self.pool.num_free, self.pool.num_cached, self.pool.prefix_queries,
-                           self.pool.prefix_hits, self._preemptions)
+                           self.pool.prefix_hits, self._preemptions, self.num_prefill_tokens, self.num_forced_tokens)
 
     def add_kv_listener(self, fn) -> None:
         self.pool.add_listener(fn)
@@ -302,3 +435,8 @@ class LLMEngine:
                 if o.request_id in out:
                     out[o.request_id].extend(o.new_token_ids)
         return [out[r] for r in ids]
+
+
+def _sampled_by(sched: SchedulerOutput) -> list[Request]:
+    """The requests a step will sample a token for: its decodes and the prefills it completes."""
+    return list(sched.decodes) + [c.request for c in sched.prefills if c.completes]

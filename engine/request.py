@@ -20,6 +20,11 @@ class FinishReason(str, enum.Enum):
     ABORT = "abort"  # cancelled by the caller
 
 
+def sample_id(request_id: str, index: int) -> str:
+    """The engine's id of parallel sample `index` of `request_id` (sample 0 keeps the id)."""
+    return request_id if index == 0 else f"{request_id}#{index}"
+
+
 @dataclass(eq=False)
 class Request:
     request_id: str
@@ -37,6 +42,10 @@ class Request:
     sampler: SamplerState = field(default_factory=SamplerState)
     text: str = ""  # generated text so far (stop strings are checked against it)
     num_preemptions: int = 0
+    index: int = 0  # which of the request's `n` parallel samples this is (0: the one given the id)
+    children: list["Request"] = field(default_factory=list)  # samples 1..n-1, once forked (`sample_id`)
+    num_forced_tokens: int = 0  # output tokens the grammar forced (fast-forward: no model step of their own)
+    error: str | None = None  # why the engine ended it, when it did so on its own (a grammar failure)
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -1,4 +1,12 @@
-"""Sampling parameters (validated) and the sampler that turns logits into token ids."""
+"""Sampling parameters (validated) and the sampler that turns logits into token ids.
+
+A row of logits becomes a token in this order (vLLM's): its log-softmax is kept first when
+the request asks for logprobs (`engine.logprobs`: raw, before anything below); then the
+grammar mask (`engine.structured`), logit_bias and the penalties (`engine.penalties`), the
+temperature, top-k, top-p, and the draw. A request asking none of these extras takes the
+plain path, unchanged. `n` > 1 parallel samples draw their first tokens from the same row
+(one prompt computation), each with its own generator (seed + index when seeded).
+"""
 from __future__ import annotations
 
 import struct
@@ -7,6 +15,9 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.errors import InvalidRequestError
+from engine.logprobs import MAX_TOP_LOGPROBS, TokenLogprob, log_softmax, token_logprob
+from engine.penalties import LogitAdjustments
+from engine.structured.constraint import Constraint
 
 
 # Bounds every layer checks (`SamplingParams.validate`), chosen so that every accepted value
@@ -17,6 +28,11 @@ from engine.errors import InvalidRequestError
 # uniform to within a few percent, so a larger value (1e30, inf) is a client's mistake, not a
 # setting. OpenAI's limit of 2 is stricter than some clients send; vLLM sets none.
 MAX_TEMPERATURE = 100.0
+MAX_N = 128  # parallel samples per request the engine takes; front doors set a lower limit of their own
+MAX_PENALTY = 2.0  # presence / frequency penalties in [-2, 2] (OpenAI's range)
+MAX_REPETITION_PENALTY = 10.0
+MAX_LOGIT_BIAS = 100.0  # |bias| (OpenAI's range)
+MAX_LOGIT_BIAS_ENTRIES = 4096
 INT32_MAX = 2**31 - 1
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
@@ -63,6 +79,13 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    n: int = 1  # parallel samples of the same prompt
+    logprobs: int | None = None  # None: off; k: each token's logprob and the top k (0 <= k <= 20)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # 1 = off
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) pairs
+    constraint: Constraint | None = None  # structured output (JSON, regex, choice, grammar)
 
     def validate(self) -> None:
         """Raise `InvalidRequestError` naming the first bad field; never anything else,
@@ -95,25 +118,110 @@ class SamplingParams:
             _int_in("stop_token_ids", tid, 0, INT32_MAX, f"token ids in [0, {INT32_MAX}]")
         if not isinstance(self.ignore_eos, bool):
             raise InvalidRequestError("ignore_eos", f"must be true or false, got {show_value(self.ignore_eos)}")
+        _int_in("n", self.n, 1, MAX_N, f"an integer in [1, {MAX_N}]")
+        if self.logprobs is not None:
+            _int_in("logprobs", self.logprobs, 0, MAX_TOP_LOGPROBS,
+                    f"an integer in [0, {MAX_TOP_LOGPROBS}] (how many top alternatives), or unset")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not _is_real(v) or not -MAX_PENALTY <= v <= MAX_PENALTY:
+                raise InvalidRequestError(name, f"must be a number in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], "
+                                                f"got {show_value(v)}")
+        r = self.repetition_penalty
+        if not _is_real(r) or not 0 < r <= MAX_REPETITION_PENALTY:
+            raise InvalidRequestError("repetition_penalty", f"must be in (0, {MAX_REPETITION_PENALTY:g}] "
+                                                            f"(1 disables it), got {show_value(r)}")
+        self._validate_logit_bias()
+        if self.constraint is not None:
+            if not isinstance(self.constraint, Constraint):
+                raise InvalidRequestError("constraint", f"must be a Constraint, got {show_value(self.constraint)}")
+            self.constraint.validate("constraint")
+
+    def _validate_logit_bias(self) -> None:
+        bias = self.logit_bias
+        if not isinstance(bias, (tuple, list)):
+            raise InvalidRequestError("logit_bias", f"must be (token id, bias) pairs, got {show_value(bias)}")
+        if len(bias) > MAX_LOGIT_BIAS_ENTRIES:
+            raise InvalidRequestError("logit_bias", f"{len(bias)} entries; the limit is {MAX_LOGIT_BIAS_ENTRIES}")
+        seen: set[int] = set()
+        for entry in bias:
+            if not isinstance(entry, (tuple, list)) or len(entry) != 2:
+                raise InvalidRequestError("logit_bias", f"entries must be (token id, bias) pairs, got {show_value(entry)}")
+            tid, value = entry
+            _int_in("logit_bias", tid, 0, INT32_MAX, f"keyed by token ids in [0, {INT32_MAX}]")
+            if tid in seen:
+                raise InvalidRequestError("logit_bias", f"token id {tid} is given twice")
+            seen.add(tid)
+            if not _is_real(value) or not -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS:
+                raise InvalidRequestError(f"logit_bias.{tid}", f"must be a number in [-{MAX_LOGIT_BIAS:g}, "
+                                                               f"{MAX_LOGIT_BIAS:g}], got {show_value(value)}")
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """The token ids this request names exist in a vocabulary of `vocab_size`."""
+        bad = next((t for t, _ in self.logit_bias if t >= vocab_size), None)
+        if bad is not None:
+            raise InvalidRequestError("logit_bias", f"token id {bad} outside [0, {vocab_size})")
+
+    @property
+    def plain(self) -> bool:
+        """None of the extras (logprobs, penalties, bias, constraint, n > 1): the fast path."""
+        return (self.n == 1 and self.logprobs is None and self.constraint is None and not self.logit_bias
+                and self.presence_penalty == 0 and self.frequency_penalty == 0 and self.repetition_penalty == 1)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
 
+def _seed_for(seed: int, index: int) -> int:
+    """Sample `index`'s seed: `seed + index`, wrapped into int64."""
+    return (seed + index - INT64_MIN) % 2**64 + INT64_MIN
+
+
 @dataclass(slots=True)
 class SamplerState:
-    """Per-request random state (one generator per seeded request)."""
+    """Per-request sampling state: its random generator, and when the request asks for them,
+    its grammar position, its penalty counts, the logprob of the token just sampled, and the
+    states of its parallel samples until their first tokens are drawn (`forks`)."""
 
     generator: torch.Generator | None = field(default=None)
+    grammar: "GrammarState | None" = None  # engine.structured.matcher
+    adjust: LogitAdjustments | None = None
+    logprobs: int | None = None  # None: off; else how many top alternatives to report
+    forks: list["SamplerState"] = field(default_factory=list)
+    fork_tokens: list[int] = field(default_factory=list)
+    logprob: TokenLogprob | None = None  # of the token sampled last (set by `sample`)
 
     @classmethod
-    def for_params(cls, params: SamplingParams) -> "SamplerState":
-        if params.greedy:
-            return cls(None)
-        gen = torch.Generator()
-        gen.manual_seed(params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
-        return cls(gen)
+    def for_params(cls, params: SamplingParams, index: int = 0, *, prompt: list[int] | tuple[int, ...] = (),
+                   vocab_size: int = 0, grammar=None) -> "SamplerState":
+        gen = None
+        if not params.greedy:
+            gen = torch.Generator()
+            seed = _seed_for(params.seed, index) if params.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
+            gen.manual_seed(seed)
+        adjust = None
+        if not params.plain:
+            adjust = LogitAdjustments.create(vocab_size, presence=params.presence_penalty,
+                                             frequency=params.frequency_penalty,
+                                             repetition=params.repetition_penalty, logit_bias=params.logit_bias,
+                                             prompt=prompt)
+        return cls(gen, grammar, adjust, params.logprobs)
+
+    @property
+    def plain(self) -> bool:
+        return self.grammar is None and self.adjust is None and self.logprobs is None and not self.forks
+
+    def accept(self, token: int) -> bool:
+        """`token` joined the output: count it and advance the grammar. False if the grammar
+        does not allow it (`grammar.error` says why)."""
+        if self.adjust is not None:
+            self.adjust.accept(token)
+        return self.grammar.consume(token) if self.grammar is not None else True
+
+    def take_logprob(self) -> TokenLogprob | None:
+        lp, self.logprob = self.logprob, None
+        return lp
 
 
 def _finite_logits(logits: torch.Tensor) -> torch.Tensor:
@@ -127,32 +235,75 @@ def _finite_logits(logits: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isneginf(x).all(-1, keepdim=True), 0.0, x)
 
 
+def _finite_row(row: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
+    """`_finite_logits` for one row, keeping to the tokens the grammar allows."""
+    if not bool(torch.isnan(row).any() or torch.isposinf(row).any() or torch.isneginf(row).all()):
+        return row
+    row = _finite_logits(row.unsqueeze(0))[0]
+    if allowed is not None and bool(allowed.any()):
+        row = row.masked_fill(~allowed, float("-inf"))
+    return row
+
+
+def _draw(row: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> int:
+    """One token from a float64 row whose maximum is finite."""
+    if p.greedy:
+        return int(torch.argmax(row).item())
+    row = (row - row.max()) / p.temperature
+    if 0 < p.top_k < row.numel():
+        kth = torch.topk(row, p.top_k).values[-1]
+        row = row.masked_fill(row < kth, float("-inf"))
+    probs = torch.softmax(row, dim=-1)
+    if p.top_p < 1.0:
+        sorted_p, idx = torch.sort(probs, descending=True)
+        cum = torch.cumsum(sorted_p, dim=-1)
+        # keep the smallest set whose mass reaches top_p (always keep the first)
+        drop = (cum - sorted_p) >= p.top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(0, idx, sorted_p)
+    return int(torch.multinomial(probs, 1, generator=gen).item())
+
+
+def _sample_row(raw: torch.Tensor, p: SamplingParams, st: SamplerState) -> int:
+    """A request with extras: logprobs (raw), grammar mask, bias and penalties, then the draw;
+    its parallel samples' first tokens come from the same processed row."""
+    lsm = log_softmax(raw) if st.logprobs is not None else None
+    row = raw.to("cpu", torch.float64)
+    allowed = st.grammar.take_mask() if st.grammar is not None else None
+    if allowed is not None:
+        row = row.masked_fill(~allowed, float("-inf"))
+    if st.adjust is not None:
+        row = st.adjust.apply(row)
+    row = _finite_row(row, allowed)
+    token = _draw(row, p, st.generator)
+    if lsm is not None:
+        st.logprob = token_logprob(lsm, token, st.logprobs)
+    if st.forks:
+        st.fork_tokens = []
+        for fork in st.forks:
+            t = _draw(row, p, fork.generator)
+            st.fork_tokens.append(t)
+            if lsm is not None:
+                fork.logprob = token_logprob(lsm, t, fork.logprobs)
+    return token
+
+
 def sample(logits: torch.Tensor, params: list[SamplingParams], states: list[SamplerState]) -> list[int]:
     """Pick one token per row of `logits` ([batch, vocab]). Safe for every value
     `SamplingParams.validate` accepts and for any logits, inf and NaN included: the row's
     maximum is subtracted before dividing by the temperature (every scaled logit is <= 0, the
     best is 0, so nothing overflows however small the temperature) and the sampled rows are
     computed in float64, so the probabilities are finite and sum to at least 1."""
+    raw = logits
     if not bool(torch.isfinite(logits).all()):
         logits = _finite_logits(logits)
     out: list[int] = []
     greedy_ids = torch.argmax(logits, dim=-1).tolist()
     for i, (p, st) in enumerate(zip(params, states)):
-        if p.greedy:
+        if not st.plain:
+            out.append(_sample_row(raw[i], p, st))
+        elif p.greedy:
             out.append(greedy_ids[i])
-            continue
-        row = logits[i].to("cpu", torch.float64)
-        row = (row - row.max()) / p.temperature
-        if 0 < p.top_k < row.numel():
-            kth = torch.topk(row, p.top_k).values[-1]
-            row = row.masked_fill(row < kth, float("-inf"))
-        probs = torch.softmax(row, dim=-1)
-        if p.top_p < 1.0:
-            sorted_p, idx = torch.sort(probs, descending=True)
-            cum = torch.cumsum(sorted_p, dim=-1)
-            # keep the smallest set whose mass reaches top_p (always keep the first)
-            drop = (cum - sorted_p) >= p.top_p
-            sorted_p = sorted_p.masked_fill(drop, 0.0)
-            probs = torch.zeros_like(probs).scatter_(0, idx, sorted_p)
-        out.append(int(torch.multinomial(probs, 1, generator=st.generator).item()))
+        else:
+            out.append(_draw(logits[i].to("cpu", torch.float64), p, st.generator))
     return out

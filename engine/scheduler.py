@@ -79,12 +79,15 @@ class Scheduler:
                 continue  # req itself was preempted
             out.decodes.append(req)
             budget -= 1
-        # 2. running prefills continue
-        for req in self.running:
+        # 2. running prefills continue (also tokens a grammar forced after a sampled one:
+        # they are fed together, and may need a block more)
+        for req in list(self.running):
             if budget == 0:
                 break
-            if req.is_decoding or req in out.preempted:
+            if req.is_decoding or req.status is not RequestStatus.RUNNING or req in out.preempted:
                 continue
+            if not self._grow(req, out):
+                continue  # req itself was preempted
             n = min(req.num_uncomputed, budget)
             out.prefills.append(ScheduledChunk(req, n))
             budget -= n
