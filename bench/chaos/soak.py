@@ -82,6 +82,9 @@ def trace_requests(plan: SoakPlan):
     records = load_trace(plan.trace)
     span_s = (records[-1].timestamp_ms - records[0].timestamp_ms) / 1000.0
     speedup = plan.rate / (len(records) / span_s)
+    for _ in range(3):  # the trace's start is not as busy as its average: match the window's own rate
+        window = select_window(records, TraceWindow(0.0, plan.minutes * 60.0 * speedup))
+        speedup = plan.rate / (len(window.records) / (window.length_s or span_s))
     window = select_window(records, TraceWindow(0.0, plan.minutes * 60.0 * speedup))
     scale = ScaleConfig(block_tokens=16, output_scale=0.1, max_output_tokens=64, max_input_tokens=1024,
                         speedup=speedup, spread_ms=3000.0)
