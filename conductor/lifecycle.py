@@ -86,8 +86,11 @@ async def or_down(aw, *recs: NodeRecord):
 
 @dataclass(eq=False)
 class Attempt:
-    """One placement: `pre` is None when the attempt resumes on a decode node alone."""
+    """One placement: `pre` is None when the attempt resumes on a decode node alone. `rid`
+    is the id its node RPCs carry: the trip's id, suffixed from the second attempt on, so
+    nothing an earlier attempt left behind (a Release or abort still on its way) can meet it."""
 
+    rid: str
     pre: NodeRecord | None
     dec: NodeRecord
     decision: Decision | None = None
@@ -119,6 +122,7 @@ class Trip:
     generated: list[int] = field(default_factory=list)  # tokens streamed to the client so far
     retries: int = 0
     migrations: int = 0
+    attempts: int = 0
     # fixed when the first token streams: where the prompt was prefilled and how long it took
     first_at: float | None = None
     prefill_node: str = ""
@@ -127,6 +131,11 @@ class Trip:
     prefill_s: float = 0.0
     kv_transfer_s: float = 0.0
     first_decode_s: float = 0.0
+
+    def attempt_id(self) -> str:
+        """The node-level id of the next attempt."""
+        self.attempts += 1
+        return self.rid if self.attempts == 1 else f"{self.rid}.{self.attempts}"
 
     @property
     def label(self) -> str:

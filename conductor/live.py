@@ -135,7 +135,7 @@ class LiveConductor:
             attempt = self._place(trip, now, admit=False)
             if attempt is None:
                 raise RequestFailed(f"{failure} (no other live node to retry on)")
-            log.warning("%s: %s while %s; retrying on %s -> %s", trip.label, failure, failure.phase.value,
+            log.warning("%s: %s (phase %s); retrying on %s -> %s", trip.label, failure, failure.phase.value,
                         attempt.pre.node_id, attempt.dec.node_id)
             if self.metrics:
                 self.metrics.observe_retried(failure.phase.value)
@@ -184,7 +184,7 @@ class LiveConductor:
                 raise Unavailable("no live prefill or decode node")
             return None
         self._dispatched(pre, dec, info, decision, now)
-        return Attempt(pre, dec, decision, colocated=colocated, prefill_pending=True)
+        return Attempt(trip.attempt_id(), pre, dec, decision, colocated=colocated, prefill_pending=True)
 
     def _place_resumed(self, trip: Trip, now: float) -> Attempt | None:
         """A decode node to continue the trip on, recomputing prompt + tokens so far there."""
@@ -198,7 +198,7 @@ class LiveConductor:
             return None
         dec.decode_view.residents[trip.rid] = DecodeResident(trip.rid, info.input_tokens, now,
                                                              info.expected_output_tokens, running=True)
-        return Attempt(None, dec, colocated=self.registry.colocated)
+        return Attempt(trip.attempt_id(), None, dec, colocated=self.registry.colocated)
 
     def _same_node_decode(self, view: ClusterView, info: RequestInfo, decision: Decision, now: float) -> Decision:
         """Colocated layout: decode where the prefill runs; admission judges that node."""
@@ -244,7 +244,7 @@ class LiveConductor:
             attempt.renewer.cancel()
         self._prefill_done(trip, attempt)
         if attempt.holds_reservation:  # never claimed: give the blocks back now, not at lease expiry
-            asyncio.ensure_future(self._release(attempt.dec, trip.rid))
+            asyncio.ensure_future(self._release(attempt.dec, attempt.rid))
         if attempt.decode_call is not None and attempt.phase is not Phase.FINISHED:
             attempt.decode_call.cancel()  # the decode node aborts the request and frees its blocks
         attempt.dec.decode_view.residents.pop(trip.rid, None)
@@ -260,7 +260,7 @@ class LiveConductor:
         return None
 
     async def _run(self, trip: Trip, attempt: Attempt) -> AsyncIterator[TokenChunk | Finished]:
-        cfg, rid, ids = self.cfg, trip.rid, trip.token_ids
+        cfg, rid, ids = self.cfg, attempt.rid, trip.token_ids
         sp = sampling_to_proto(trip.params)
         pre, dec = attempt.pre, attempt.dec
         if attempt.colocated or pre is None:  # the decode node computes the prompt (+ tokens so far) itself

@@ -150,9 +150,10 @@ class NodeRegistry:
             self._on_change(rec, False)
         if probe and rec.probe_task is None and self.nodes.get(rec.node_id) is rec:
             rec.probe_task = asyncio.get_running_loop().create_task(self._probe_until_up(rec))
-        elif not probe and rec.probe_task is not None:
+        elif not probe and rec.probe_task is not None:  # it was out already: now it is lost
             rec.probe_task.cancel()
             rec.probe_task = None
+            log.warning("%s node %s: %s; it must register again", rec.role, rec.node_id, reason or "dropped")
 
     def rpc_failed(self, rec: NodeRecord, error: grpc.aio.AioRpcError, *, control: bool = False) -> bool:
         """Judge a failed RPC to `rec`: UNAVAILABLE (refused, reset: the node is gone or

@@ -66,6 +66,14 @@ class Stream:
         self.cancelled = True
 
 
+class Silent:
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        await asyncio.Event().wait()
+
+
 class FakeNode:
     """Both node stubs, scripted: `dead` makes every call UNAVAILABLE; `reserve_error` /
     `prefill_error` fail those once; `die_after` streams that many tokens, then dies."""
@@ -78,6 +86,7 @@ class FakeNode:
         self.decode_error: grpc.aio.AioRpcError | None = None
         self.die_after: int | None = None
         self.decodes: list[node_pb2.DecodeRequest] = []
+        self.reserved: set[str] = set()
 
     def _check(self):
         if self.dead:
@@ -89,6 +98,9 @@ class FakeNode:
         if self.reserve_error is not None:
             e, self.reserve_error = self.reserve_error, None
             raise e
+        if req.request_id in self.reserved:  # as a decode node refuses it
+            raise rpc_error(grpc.StatusCode.ALREADY_EXISTS, f"request_id: {req.request_id!r} already holds a reservation")
+        self.reserved.add(req.request_id)
         return node_pb2.ReserveResponse(target=node_pb2.KVTarget(node_id=self.name, block_ids=[1, 2, 3, 4, 5]))
 
     async def Renew(self, req, timeout=None):
@@ -98,23 +110,30 @@ class FakeNode:
     async def Release(self, req, timeout=None):
         self.log.append(("release", self.name))
         self._check()
+        await asyncio.sleep(0.05)  # on its way over the network while the conductor goes on
+        self.reserved.discard(req.request_id)
         return node_pb2.ReleaseResponse(found=True)
 
     async def Unpin(self, req, timeout=None):
         self._check()
         return node_pb2.UnpinResponse(found=False)
 
+    def KVEvents(self, req, timeout=None):  # subscribed again when the node comes back: no events
+        return Silent()
+
     async def Prefill(self, req, timeout=None):
         self.log.append(("prefill", self.name))
         self._check()
         if self.prefill_error is not None:
             e, self.prefill_error = self.prefill_error, None
+            self.dead = e.code() == grpc.StatusCode.UNAVAILABLE  # the connection broke: it was killed
             raise e
         return node_pb2.PrefillResponse(first_token=next_token(list(req.prompt_token_ids)))
 
     def Decode(self, req, timeout=None):
         self.log.append(("decode", self.name))
         self.decodes.append(req)
+        self.reserved.discard(req.request_id)  # claimed
         if self.dead:
             return Stream([], rpc_error(grpc.StatusCode.UNAVAILABLE, "connection refused"))
         seq = list(req.prompt_token_ids) + list(req.resume_token_ids)
@@ -205,7 +224,8 @@ def test_decode_node_dying_mid_stream_migrates_and_the_stream_is_unbroken(tokeni
     (resumed,) = c.fakes["decode-1"].decodes
     assert list(resumed.resume_token_ids) == undisturbed()[:5] and resumed.recompute
     assert list(resumed.prompt_token_ids) == list(PROMPT) and resumed.sampling.max_tokens == MAX_TOKENS
-    assert resumed.request_id == c.fakes["decode-0"].decodes[0].request_id != "client-7"
+    first_id = c.fakes["decode-0"].decodes[0].request_id  # the cluster's id; each attempt its own
+    assert resumed.request_id == f"{first_id}.2" and "client-7" not in first_id
     assert not c.reg.nodes["decode-0"].up and ("decode-0", False) in c.changes
     assert c.metric("halfmoon:requests_migrated_total") == 1
     assert c.metric("halfmoon:requests_retried_total", phase="decoding") == 0
@@ -232,14 +252,21 @@ def test_reserve_on_a_dead_node_takes_it_out_of_rotation_and_retries_invisibly(t
 def test_a_dead_prefill_node_is_left_and_the_request_placed_again(tokenizer):
     c = Cluster(tokenizer)
     c.fakes["prefill-0"].prefill_error = rpc_error(grpc.StatusCode.UNAVAILABLE, "Socket closed")
-    c.fakes["prefill-0"].dead = False
 
-    items = asyncio.run(c.generate())
+    async def run():
+        items = await c.generate()
+        await asyncio.sleep(0.1)  # the first attempt's Release lands
+        return items
+
+    items = asyncio.run(run())
     assert tokens_of(items) == undisturbed() and items[-1].prefill_node == "prefill-1"
     assert not c.reg.nodes["prefill-0"].up
-    # the first attempt's reservation went back before the retry reserved again
+    # the first attempt's reservation goes back while the retry reserves again on the same
+    # node, under an id of its own
     assert c.log[:4] == [("reserve", "decode-0"), ("prefill", "prefill-0"), ("release", "decode-0"),
                          ("reserve", "decode-0")]
+    (decode,) = c.fakes["decode-0"].decodes
+    assert decode.request_id.endswith(".2") and c.fakes["decode-0"].reserved == set()
     assert c.metric("halfmoon:requests_retried_total", phase="prefilling") == 1
 
 

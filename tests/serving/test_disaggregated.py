@@ -188,18 +188,23 @@ def test_kv_centric_pulls_a_busy_nodes_prefix_and_output_is_unchanged(cluster_2p
     assert res.final.usage.cached_tokens >= 16 * shared_blocks  # pulled blocks count as cached
 
 
-def test_killed_decode_node_fails_its_request_and_leaks_nothing(cluster_2p2d):
-    """Runs last in this module: it SIGKILLs a decode node that is running requests."""
+def test_killed_decode_node_migrates_its_requests_and_leaks_nothing(cluster_2p2d):
+    """Runs last in this module: it SIGKILLs a decode node that is running requests; they
+    continue on the other decode node (migration) with all their tokens."""
     with Client(cluster_2p2d.address) as c:
         errors: list[grpc.RpcError] = []
+        counts: list[int] = []
         started = threading.Event()
 
         def long_request(i: int) -> None:
+            n = 0
             try:
                 for msg in c.stream(make_request(f"Request {i}: tell a very long story.",
                                                  params=SamplingParams(max_tokens=300, ignore_eos=True)), timeout=90):
                     if msg.HasField("delta"):
+                        n += len(msg.delta.token_ids)
                         started.set()
+                counts.append(n)
             except grpc.RpcError as e:
                 errors.append(e)
 
@@ -216,11 +221,11 @@ def test_killed_decode_node_fails_its_request_and_leaks_nothing(cluster_2p2d):
         for t in threads:
             t.join(90)
         assert all(not t.is_alive() for t in threads)
-        on_victim = [e for e in errors if victim in (e.details() or "")]
-        assert on_victim, f"no error names {victim}: {[(e.code(), e.details()) for e in errors]}"
-        assert all(e.code() in (grpc.StatusCode.ABORTED, grpc.StatusCode.UNAVAILABLE) for e in on_victim)
-        # the others either finished or (on a very slow machine) ended at their deadline: none hangs
-        assert all(e in on_victim or e.code() == grpc.StatusCode.DEADLINE_EXCEEDED for e in errors)
+        # every stream finished with all its tokens or (on a very slow machine) ended at its
+        # deadline: none failed with the node, none hangs
+        assert all(e.code() == grpc.StatusCode.DEADLINE_EXCEEDED for e in errors), \
+            [(e.code(), e.details()) for e in errors]
+        assert len(counts) + len(errors) == 4 and all(n == 300 for n in counts), counts
         assert time.monotonic() - t0 < 120
         # the surviving nodes hold no blocks once the rest finish; the victim leaves rotation
         assert wait_for(lambda: all(v == 0 for v in used_blocks(c).values()), timeout=60), used_blocks(c)
