@@ -133,8 +133,9 @@ class NodeRegistry:
 
     def mark_down(self, rec: NodeRecord, reason: str = "", *, probe: bool = False) -> None:
         """Take `rec` out of rotation now and end what waits on it (`down` fires). With
-        `probe`, probe it and bring it back when it answers; without, stop any probing (it
-        has to register again)."""
+        `probe`, probe it and bring it back when it answers (unless it was lost already: it
+        stopped heartbeating, so it has to register again); without, stop any probing."""
+        was_up = rec.up
         if rec.up:
             rec.up = False
             rec.down_reason = reason
@@ -148,7 +149,7 @@ class NodeRegistry:
                 rec.events_task.cancel()
             log.warning("%s node %s out of rotation: %s", rec.role, rec.node_id, reason or "dropped")
             self._on_change(rec, False)
-        if probe and rec.probe_task is None and self.nodes.get(rec.node_id) is rec:
+        if probe and was_up and self.nodes.get(rec.node_id) is rec:
             rec.probe_task = asyncio.get_running_loop().create_task(self._probe_until_up(rec))
         elif not probe and rec.probe_task is not None:  # it was out already: now it is lost
             rec.probe_task.cancel()

@@ -359,3 +359,19 @@ def test_migrations_and_retries_are_bounded(tokenizer):
                                             r"\(no other live node to retry on\)"):
         asyncio.run(lone.generate())
     assert lone.metric("halfmoon:requests_retried_total", phase="placed") == 0
+
+
+def test_a_node_lost_to_the_heartbeat_watchdog_is_not_probed_back_in(tokenizer):
+    c = Cluster(tokenizer)
+
+    async def run():
+        rec = c.reg.nodes["decode-0"]
+        c.reg.mark_down(rec, "missed heartbeats for 5.2s")  # as the watchdog does
+        failed = c.reg.rpc_failed(rec, rpc_error(grpc.StatusCode.UNAVAILABLE, "connection refused"))
+        await asyncio.sleep(0.2)  # a probe would have answered by now (the fake is alive)
+        return rec, failed
+
+    rec, failed = asyncio.run(run())
+    assert failed and not rec.up and rec.probe_task is None
+    assert not c.reg.heartbeat(node_pb2.HeartbeatRequest(node_id="decode-0", load=node_pb2.NodeLoad()))  # re-register
+    assert c.changes == [("decode-0", False)]
