@@ -21,7 +21,8 @@ from conductor.modes import AdmissionMode, PolicyName
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 HALFMOON_CONFIGS = ["local.yaml", "2p2d.yaml", "colocated.yaml", "gpu-cluster.yaml"]
-OTHER_YAML = ["ray-cluster.yaml", "prometheus.yml", "kuberay/raycluster.yaml", "kuberay/rayjob.yaml", "kuberay/podmonitor.yaml"]
+OTHER_YAML = ["ray-cluster.yaml", "prometheus.yml", "kuberay/raycluster.yaml", "kuberay/rayjob.yaml", "kuberay/podmonitor.yaml",
+              "prometheus/alerts.yml", "prometheus/alerts_test.yml"]
 
 
 def test_default_is_one_prefill_one_decode_on_loopback():
