@@ -31,16 +31,20 @@ KV_EVENT_REMOVED: KVEventKind
 KV_EVENT_CLEARED: KVEventKind
 
 class KVLayout(_message.Message):
-    __slots__ = ("block_size", "block_bytes", "total_blocks", "model")
+    __slots__ = ("block_size", "block_bytes", "total_blocks", "model", "kv_dtype", "dtype")
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     BLOCK_BYTES_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    KV_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
     block_size: int
     block_bytes: int
     total_blocks: int
     model: str
-    def __init__(self, block_size: _Optional[int] = ..., block_bytes: _Optional[int] = ..., total_blocks: _Optional[int] = ..., model: _Optional[str] = ...) -> None: ...
+    kv_dtype: str
+    dtype: str
+    def __init__(self, block_size: _Optional[int] = ..., block_bytes: _Optional[int] = ..., total_blocks: _Optional[int] = ..., model: _Optional[str] = ..., kv_dtype: _Optional[str] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class NodeLoad(_message.Message):
     __slots__ = ("waiting", "running", "queued_prefill_tokens", "free_blocks", "tokens_in_flight", "prefix_queries_tokens", "prefix_hits_tokens", "kv_event_seq")
