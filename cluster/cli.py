@@ -118,6 +118,8 @@ def serve(
     port: int | None = typer.Option(None, "--port", help="The conductor's gRPC port (default 50051)."),
     http_port: int | None = typer.Option(None, "--http-port", help="OpenAI-compatible HTTP port and /metrics (default 8000)."),
     num_blocks: int | None = typer.Option(None, "--num-blocks", help="KV blocks per node (default 512)."),
+    dtype: str | None = typer.Option(None, "--dtype", help="Model dtype: float32, bfloat16, w8a8 or fp8 "
+                                     "(default auto: float32 on CPU, bfloat16 on GPU)."),
     policy: str | None = typer.Option(None, "--policy", help="Routing policy (default kv_centric)."),
     admission: str | None = typer.Option(None, "--admission", help="Admission mode (default early)."),
     ttft_slo: float | None = typer.Option(None, "--ttft-slo", help="TTFT SLO in seconds (default 30)."),
@@ -141,7 +143,7 @@ def serve(
         raise typer.Exit(2)
     overrides = {"prefill.count": prefill, "decode.count": decode, "conductor.host": host, "prefill.host": host,
                  "decode.host": host, "conductor.grpc_port": port, "conductor.http_port": http_port,
-                 "kv.num_blocks": num_blocks, "conductor.policy": policy, "conductor.admission": admission,
+                 "kv.num_blocks": num_blocks, "model.dtype": dtype, "conductor.policy": policy, "conductor.admission": admission,
                  "conductor.ttft_slo_s": ttft_slo, "conductor.tbt_slo_s": tbt_slo, "conductor.cost_model": cost_model,
                  "auth.api_key": api_key}
     config = _config(config_file, {k: v for k, v in overrides.items() if v is not None})
@@ -328,6 +330,14 @@ def admin_set(assignments: list[str] = typer.Argument(..., help="NAME=VALUE pair
             typer.echo(f"error: {e.code().name}: {e.details()}", err=True)
             raise typer.Exit(1)
     typer.echo("changed: " + (", ".join(res.changed) or "nothing (values already in force)"))
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def quantize(ctx: typer.Context) -> None:
+    """Calibrate and cache the w8a8 (SmoothQuant) model ahead of serving it (try `--help`)."""
+    from engine.quant_calib import main as quantize_main
+
+    raise typer.Exit(quantize_main(list(ctx.args)) or 0)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

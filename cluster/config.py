@@ -99,7 +99,7 @@ class _ActorResources(_Section):
 class ModelConfig(_Section):
     name: str = Field("smollm2-135m-instruct", min_length=1)
     path: Path | None = Field(None, description="a Hugging Face Llama-family directory; None loads `name`")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "w8a8", "fp8"] = "auto"  # engine/quant.py
     max_model_len: int = Field(2048, ge=1, description="longest prompt + output, in tokens")
 
     def resolve_dtype(self, has_gpu: bool) -> str:

@@ -36,6 +36,7 @@ class NodeSpec:
     max_num_batched_tokens: int = 512
     max_num_seqs: int = 32
     max_model_len: int = 2048
+    dtype: str = "float32"  # model dtype (engine/quant.py): float32 | bfloat16 | w8a8 | fp8
     transport: str = "auto"
     transfer_token: str | None = None
     transfer_timeout_s: float = 30.0
@@ -75,7 +76,7 @@ async def serve_node(spec: NodeSpec, stop: asyncio.Event | None = None) -> None:
             pass
     cfg = EngineConfig(block_size=spec.block_size, num_blocks=spec.num_blocks,
                        max_num_batched_tokens=spec.max_num_batched_tokens, max_num_seqs=spec.max_num_seqs,
-                       max_model_len=spec.max_model_len, num_threads=spec.num_threads)
+                       max_model_len=spec.max_model_len, num_threads=spec.num_threads, dtype=spec.dtype)
     transfer = TransferEngine(spec.node_id, host=spec.host, token=spec.transfer_token, transport=spec.transport)
     registry = CollectorRegistry()
     metrics = NodeMetrics(registry, spec.node_id, spec.role)
@@ -84,7 +85,7 @@ async def serve_node(spec: NodeSpec, stop: asyncio.Event | None = None) -> None:
     decode_service: DecodeService | None = None  # holds the reservations a lost conductor orphans
     if spec.role == "decode":
         shape = kv_shape(load_model(spec.model, progress=False).config, spec.num_blocks, spec.block_size)
-        region, kv = transfer.allocate_tensor(shape)
+        region, kv = transfer.allocate_tensor(shape, dtype=cfg.kv_torch_dtype)
         engine = LLMEngine(spec.model, cfg, kv_tensor=kv)
         worker = EngineWorker(engine, name=f"{spec.node_id}-engine")
         service = decode_service = DecodeService(worker, spec.node_id, region.id, transfer.descriptor().to_bytes(),
@@ -117,7 +118,8 @@ async def serve_node(spec: NodeSpec, stop: asyncio.Event | None = None) -> None:
     mc = engine.model_config
     layout = node_pb2.KVLayout(block_size=spec.block_size, block_bytes=engine.kv.block_bytes,
                                total_blocks=spec.num_blocks,
-                               model=f"{mc.num_layers}x{mc.hidden_size}/{mc.num_kv_heads}x{mc.head_dim}/{mc.vocab_size}")
+                               model=f"{mc.num_layers}x{mc.hidden_size}/{mc.num_kv_heads}x{mc.head_dim}/{mc.vocab_size}",
+                               kv_dtype=engine.kv.dtype_name, dtype=spec.dtype)
     register = node_pb2.RegisterRequest(node_id=spec.node_id, role=role, address=address, layout=layout,
                                         transfer_descriptor=transfer.descriptor().to_bytes(),
                                         metrics_address=metrics_server.address)

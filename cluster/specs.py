@@ -113,14 +113,15 @@ class NodePlan:
         if spec.host in WILDCARD_HOSTS:
             spec = replace(spec, host=host_address)
         if self.kv_memory_gb is not None:
-            per_block = kv_bytes_per_block(spec.model, spec.block_size)
+            per_block = kv_bytes_per_block(spec.model, spec.block_size, spec.dtype)
             blocks = max(1, int(self.kv_memory_gb * 2**30) // per_block)
             spec = replace(spec, num_blocks=blocks)
         return spec
 
 
-def kv_bytes_per_block(model: str, block_size: int) -> int:
-    """Bytes of one KV block of `model` in the engine's KV cache (float32 K and V, all layers)."""
+def kv_bytes_per_block(model: str, block_size: int, dtype: str = "float32") -> int:
+    """Bytes of one KV block of `model` in the engine's KV cache (K and V, all layers, in the KV
+    dtype that model dtype `dtype` keeps)."""
     import torch
 
     from engine.config import ModelConfig
@@ -131,7 +132,9 @@ def kv_bytes_per_block(model: str, block_size: int) -> int:
     elements = 1
     for n in shape:
         elements *= n
-    return elements * torch.empty((), dtype=torch.float32).element_size()
+    from engine.config import EngineConfig
+
+    return elements * torch.empty((), dtype=EngineConfig(dtype=dtype).kv_torch_dtype).element_size()
 
 
 def _threads(group: NodeGroupConfig) -> int:
@@ -162,6 +165,7 @@ def node_plans(config: ClusterConfig, control_address: str) -> list[NodePlan]:
                 max_num_batched_tokens=s.prefill_chunk_size if node_role == "prefill" else s.max_num_batched_tokens,
                 max_num_seqs=s.max_num_seqs,
                 max_model_len=config.model.max_model_len,
+                dtype=config.model.resolve_dtype(has_gpu=group.num_gpus > 0),
                 transport=config.transfer.transport,
                 transfer_token=config.transfer.token,
                 transfer_timeout_s=config.transfer.timeout_s,
@@ -197,4 +201,3 @@ def build_specs(config: ClusterConfig) -> tuple[ConductorSpec, list[NodeSpec]]:
         conductor = replace(conductor, control_port=free_port(conductor.control_host))
     address = local_address(conductor.control_host, conductor.control_port)
     return conductor, [plan.resolve(LOOPBACK) for plan in node_plans(config, address)]
-

@@ -83,6 +83,13 @@ class NodeRegistry:
             raise ValueError(f"role: unknown role {req.role}")
         if req.layout.block_size != self.block_size:
             raise ValueError(f"layout.block_size: node uses {req.layout.block_size}, cluster uses {self.block_size}")
+        kv_dtype = req.layout.kv_dtype or "float32"  # (nodes from before the field: float32)
+        for other in self.nodes.values():
+            if other.node_id != req.node_id and other.up and (other.layout.kv_dtype or "float32") != kv_dtype:
+                raise ValueError(f"layout.kv_dtype: node {req.node_id} keeps its KV cache in {kv_dtype}, "
+                                 f"{other.node_id} in {other.layout.kv_dtype or 'float32'}: prefill and decode "
+                                 f"nodes exchange KV blocks as they are, so every node must use one KV dtype "
+                                 f"(model.dtype float32 -> float32, bfloat16 / w8a8 / fp8 -> bfloat16)")
         for other in self.nodes.values():
             if other.node_id != req.node_id and other.up and other.layout.block_bytes != req.layout.block_bytes:
                 raise ValueError(f"layout.block_bytes: {req.layout.block_bytes} differs from {other.node_id}'s "
