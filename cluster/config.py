@@ -26,6 +26,8 @@ from conductor.errors import InvalidSetting
 from conductor.modes import AdmissionMode, PolicyName, parse_admission, parse_policy
 from conductor.settings import SettingsValues
 
+_DEFAULTS = SettingsValues()  # the conductor's scheduling defaults: one place (conductor/settings.py)
+
 Port = Annotated[int, Field(ge=0, le=65535, description="0 picks a free port")]
 Seconds = Annotated[float, Field(gt=0)]
 Role = Literal["prefill", "decode"]
@@ -169,13 +171,16 @@ class ConductorConfig(_ActorResources):
         "on other machines (then 0.0.0.0 or an inside address); calls are signed with auth.control_secret",
     )
     control_port: Port = Field(0, description="0: a free port, told to the nodes by the launcher")
-    policy: PolicyName = Field(PolicyName.KV_CENTRIC, description="a `conductor.modes.PolicyName` (or alias)")
-    admission: AdmissionMode = Field(AdmissionMode.EARLY, description="a `conductor.modes.AdmissionMode` (or alias)")
-    ttft_slo_s: Seconds = 30.0
-    tbt_slo_s: Seconds = 1.0
-    prefill_reject_threshold: float = Field(1.0, gt=0, description="reject when predicted TTFT > this x TTFT SLO")
-    decode_reject_threshold: float = Field(1.0, gt=0, description="reject when predicted decode load > this")
-    typical_output_tokens: int = Field(256, ge=1, description="assumed output length (predictive admission)")
+    policy: PolicyName = Field(_DEFAULTS.policy, description="a `conductor.modes.PolicyName` (or alias)")
+    admission: AdmissionMode = Field(_DEFAULTS.admission, description="a `conductor.modes.AdmissionMode` (or alias)")
+    ttft_slo_s: Seconds = _DEFAULTS.ttft_slo_s
+    tbt_slo_s: Seconds = _DEFAULTS.tbt_slo_s
+    prefill_reject_threshold: float = Field(_DEFAULTS.prefill_reject_threshold, gt=0,
+                                            description="reject when predicted TTFT > this x TTFT SLO")
+    decode_reject_threshold: float = Field(_DEFAULTS.decode_reject_threshold, gt=0,
+                                           description="reject when predicted decode load > this")
+    typical_output_tokens: int = Field(_DEFAULTS.typical_output_tokens, ge=1,
+                                       description="assumed output length (predictive admission)")
     cost_model: Path | None = Field(None, description="a `halfmoon profile` file; None: the CPU default")
     heartbeat_interval_s: Seconds = 1.0
     heartbeat_timeout_s: Seconds = 5.0

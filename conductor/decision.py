@@ -12,6 +12,7 @@ class RejectReason(StrEnum):
     PREFILL_OVERLOADED = "prefill_overloaded"  # predicted TTFT above its threshold
     DECODE_OVERLOADED = "decode_overloaded"  # decode load now above its threshold
     DECODE_OVERLOADED_PROJECTED = "decode_overloaded_projected"  # ... at the end of this prefill
+    DECODE_OUT_OF_BLOCKS = "decode_out_of_blocks"  # the decode node could not reserve the prompt's KV
     NO_PREFILL_NODE = "no_prefill_node"
     NO_DECODE_NODE = "no_decode_node"
 

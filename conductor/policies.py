@@ -28,7 +28,7 @@ from __future__ import annotations
 import heapq
 import random as _random
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 from conductor.cost_model import CostModel
 from conductor.decision import DecodeChoice, LoadBasis, PrefillChoice
@@ -40,6 +40,12 @@ from conductor.view import ClusterView, DecodeNodeView, PrefillNodeView
 # Predictive decode choice projects the load of at most this many nodes (those with the
 # lowest current load): O(nodes) plus O(residents of K nodes) per decision.
 PROJECTION_CANDIDATES = 16
+# Above this many nodes of a role, a view kept by `ClusterState` is searched through its
+# `LoadIndex` instead of node by node: prefill candidates are the nodes caching a prefix of
+# the request plus the least busy one (every other node is no better: it has no prefix and
+# more queue); decode candidates are the `DECODE_CANDIDATES` nodes of lowest committed load.
+SCAN_LIMIT = 64
+DECODE_CANDIDATES = 16
 
 
 def decode_estimate(
@@ -52,35 +58,44 @@ def decode_estimate(
 ) -> DecodeChoice:
     """Predicted step time and KV use of `node` once `request` joins it.
 
+    KV use counts what the node holds (`reserved_tokens` of its batch, and
+    `pending_kv_tokens` set aside for the requests not in it yet), plus this request's
+    prompt and output; COMMITTED also the outputs the requests still in prefill will add.
     PROJECTED to `at_s`: every resident whose (predicted) start is before `at_s` and that,
     lasting a typical decode (its expected output × today's step time), is still decoding
-    then — Mooncake's prediction-based early rejection.
+    then — Mooncake's prediction-based early rejection; residents not started by then hold
+    what is reserved for them. KV use is never below what the node holds now: the request's
+    own KV is reserved on dispatch, not when its prefill ends.
     """
     n = request.input_tokens
     out = request.expected_output_tokens or settings.typical_output_tokens
     if basis is not LoadBasis.PROJECTED:
         batch = node.running + node.waiting + 1
         tokens = node.tokens_in_flight + node.waiting_tokens + n
-        reserved = node.reserved_tokens + node.waiting_tokens + n + out
+        reserved = node.reserved_tokens + node.pending_kv_tokens + n + out
         if basis is LoadBasis.COMMITTED:
             batch += node.incoming
             tokens += node.incoming_tokens
-            reserved += node.incoming_tokens + node.incoming * out
+            reserved += node.incoming * out
     else:
         step = costs.decode_step_s(node.running if node.running > 0 else 1, node.tokens_in_flight)
         typical = settings.typical_output_tokens
         batch, tokens, reserved = 1, n, n + out
         for r in node.residents.values():
             start = r.ready_at_s
-            if start > at_s:
-                continue
             r_out = r.expected_output_tokens or typical
+            if start > at_s:
+                reserved += r.prompt_tokens + r_out
+                continue
             generated = (at_s - start) / step if step > 0 else float(r_out)
             if generated >= r_out:
                 continue
             batch += 1
             tokens += r.prompt_tokens + int(generated)
             reserved += r.prompt_tokens + r_out
+        now_reserved = node.reserved_tokens + node.pending_kv_tokens + n + out
+        if now_reserved > reserved:  # its KV is reserved on dispatch: what is held now must fit too
+            reserved = now_reserved
     return DecodeChoice(
         node=node.node_id,
         predicted_tbt_s=costs.decode_step_s(batch, tokens),
@@ -90,28 +105,46 @@ def decode_estimate(
     )
 
 
+def committed_load_key(settings: SettingsValues, costs: CostModel) -> Callable[[DecodeNodeView], float]:
+    """A decode node's committed load before any new request: the order `LoadIndex` keeps
+    decode nodes in on a large cluster (the candidates a decision then scores exactly)."""
+    m = costs.decode
+    s_1, s_b, s_t = m.s_1, m.s_b, m.s_t
+    inv_slo = 1.0 / settings.tbt_slo_s
+    out = settings.typical_output_tokens
+
+    def key(d: DecodeNodeView) -> float:
+        tbt = (s_1 + s_b * (d.running + d.waiting + d.incoming)
+               + s_t * (d.tokens_in_flight + d.waiting_tokens + d.incoming_tokens)) * inv_slo
+        cap = d.kv_capacity_tokens
+        kv = (d.reserved_tokens + d.pending_kv_tokens + d.incoming * out) / cap if cap > 0 else float("inf")
+        return tbt if tbt > kv else kv
+
+    return key
+
+
 def _loads(
-    nodes: list[DecodeNodeView], request: RequestInfo, settings: SettingsValues, costs: CostModel, committed: bool
+    nodes, request: RequestInfo, settings: SettingsValues, costs: CostModel, committed: bool
 ) -> list[tuple[float, int, DecodeNodeView]]:
-    """(load, position, node) for every healthy decode node: `decode_estimate(...).load()`
-    on the CURRENT or COMMITTED basis, inlined because it runs for every node on every
-    decision."""
+    """(load, position, node) for every healthy decode node of `nodes` ((position, node)
+    pairs): `decode_estimate(...).load()` on the CURRENT or COMMITTED basis, inlined because
+    it runs for every node on every decision."""
     n = request.input_tokens
     out = request.expected_output_tokens or settings.typical_output_tokens
     m = costs.decode
     s_1, s_b, s_t = m.s_1, m.s_b, m.s_t
     inv_slo = 1.0 / settings.tbt_slo_s
     loads = []
-    for i, d in enumerate(nodes):
+    for i, d in nodes:
         if not d.healthy:
             continue
         batch = d.running + d.waiting + 1
         tokens = d.tokens_in_flight + d.waiting_tokens + n
-        reserved = d.reserved_tokens + d.waiting_tokens + n + out
+        reserved = d.reserved_tokens + d.pending_kv_tokens + n + out
         if committed:
             batch += d.incoming
             tokens += d.incoming_tokens
-            reserved += d.incoming_tokens + d.incoming * out
+            reserved += d.incoming * out
         tbt = s_1 + s_b * batch + s_t * tokens
         tbt_load = (tbt if tbt > 0.0 else 0.0) * inv_slo
         cap = d.kv_capacity_tokens
@@ -146,7 +179,7 @@ class Policy(ABC):
         """
         costs = self.costs
         committed = basis is not LoadBasis.CURRENT
-        loads = _loads(view.decode, request, settings, costs, committed)
+        loads = _loads(_decode_candidates(view, settings, costs), request, settings, costs, committed)
         if not loads:
             return None
         if basis is not LoadBasis.PROJECTED:
@@ -259,13 +292,56 @@ class LeastLoadedPolicy(Policy):
 
     def choose_prefill(self, view, request, now_s):
         best: PrefillNodeView | None = None
-        best_busy = 0.0
-        for node in view.prefill:
-            if node.healthy and (best is None or node.busy_until_s < best_busy):
-                best, best_busy = node, node.busy_until_s
+        if view.loads is not None and len(view.prefill) > SCAN_LIMIT:
+            least = view.loads.least_busy_prefill()
+            best = least[1] if least is not None else None
+        else:
+            best_busy = 0.0
+            for node in view.prefill:
+                if node.healthy and (best is None or node.busy_until_s < best_busy):
+                    best, best_busy = node, node.busy_until_s
         if best is None:
             return None
         return self._estimate(view, request, best, now_s, self._match(view, request).get(best.node_id, 0))
+
+
+def _decode_candidates(view: ClusterView, settings: SettingsValues, costs: CostModel):
+    """(position, node) pairs a decode choice scores: every node, or on a large cluster with
+    a `LoadIndex` the `DECODE_CANDIDATES` of lowest committed load."""
+    loads = view.loads
+    if loads is None or len(view.decode) <= SCAN_LIMIT:
+        return enumerate(view.decode)
+    stamp = (settings, costs)
+    if loads.decode_key_stamp != stamp:
+        loads.set_decode_key(committed_load_key(settings, costs), view.decode, stamp)
+    return loads.decode_candidates(DECODE_CANDIDATES)
+
+
+def _prefill_candidates(view: ClusterView, match: dict):
+    """(position, node) pairs a prefill choice need look at: every healthy node, or on a
+    large cluster with a `LoadIndex` the healthy nodes caching a prefix plus the least busy."""
+    loads = view.loads
+    if loads is None or len(view.prefill) <= SCAN_LIMIT:
+        return [(i, p) for i, p in enumerate(view.prefill) if p.healthy]
+    by_id = loads.prefill_by_id
+    out = []
+    for node_id in match:
+        entry = by_id.get(node_id)
+        if entry is not None and entry[1].healthy:
+            out.append(entry)
+    least = loads.least_busy_prefill()
+    if least is not None and least[1].node_id not in match:
+        out.append(least)
+    return out
+
+
+def _first_holder(view: ClusterView, match: dict, depth: int) -> NodeId:
+    """The first healthy node in view order that caches `depth` blocks of the request."""
+    loads = view.loads
+    if loads is None or len(view.prefill) <= SCAN_LIMIT:
+        return next(p.node_id for p in view.prefill if p.healthy and match.get(p.node_id, 0) == depth)
+    by_id = loads.prefill_by_id
+    return min((by_id[n][0], n) for n, d in match.items() if d == depth and n in by_id and by_id[n][1].healthy)[1]
 
 
 def _least_busy_by_depth(
@@ -276,13 +352,11 @@ def _least_busy_by_depth(
     least busy of each depth can win: the per-node loop stays this small."""
     groups: dict[int, tuple[float, int, PrefillNodeView]] = {}
     get = match.get
-    for i, node in enumerate(view.prefill):
-        if not node.healthy:
-            continue
+    for i, node in _prefill_candidates(view, match):
         depth = get(node.node_id, 0)
         busy = node.busy_until_s
         best = groups.get(depth)
-        if best is None or busy < best[0]:
+        if best is None or busy < best[0] or (busy == best[0] and i < best[1]):
             groups[depth] = (busy, i, node)
     return groups
 
@@ -322,7 +396,7 @@ class KvCentricPolicy(Policy):
         top_depth = max(groups)
         top_node = None
         if top_depth > 0:  # the source: first healthy node in view order with the longest prefix
-            top_node = next(p.node_id for p in view.prefill if p.healthy and match.get(p.node_id, 0) == top_depth)
+            top_node = _first_holder(view, match, top_depth)
         top_tokens = _reusable(top_depth, bt, n)
         top_prefill = costs.prefill_s(n, top_tokens)
         best_key, best_node, best_depth, best_pull = None, None, 0, False
@@ -349,11 +423,9 @@ class LongestPrefixPolicy(Policy):
     def choose_prefill(self, view, request, now_s):
         match = self._match(view, request)
         best: PrefillNodeView | None = None
-        best_key = (0, 0.0)
-        for node in view.prefill:
-            if not node.healthy:
-                continue
-            key = (-match.get(node.node_id, 0), node.busy_until_s)
+        best_key = (0, 0.0, 0)
+        for i, node in _prefill_candidates(view, match):
+            key = (-match.get(node.node_id, 0), node.busy_until_s, i)
             if best is None or key < best_key:
                 best, best_key = node, key
         if best is None:

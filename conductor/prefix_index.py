@@ -101,6 +101,11 @@ class GlobalPrefixIndex:
         """Nodes that lost events since their last resync: their entries may be inexact."""
         return frozenset(self._stale)
 
+    def mark_stale(self, node: NodeId) -> None:
+        """The node published events this index never got (its heartbeat says so): its
+        entries may be inexact until the next `resync`."""
+        self._stale.add(node)
+
     def next_seq(self, node: NodeId) -> int:
         return self._next_seq.get(node, 0)
 

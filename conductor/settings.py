@@ -30,7 +30,7 @@ log = logging.getLogger("halfmoon.conductor.settings")
 @dataclass(frozen=True, slots=True)
 class SettingsValues:
     ttft_slo_s: float = 30.0
-    tbt_slo_s: float = 0.1
+    tbt_slo_s: float = 1.0  # the one default (cluster/config.py reads it); GPU-class clusters set ~0.1
     prefill_reject_threshold: float = 1.0
     decode_reject_threshold: float = 1.0
     admission: AdmissionMode = AdmissionMode.EARLY

@@ -1,16 +1,18 @@
 """The cluster as the scheduler sees it: one record per node, plus the global prefix index.
 
-The live conductor keeps these records up to date from node heartbeats and from its own
-dispatch decisions; the simulator updates the same records from its simulated instances.
-Records are mutable on purpose (updated in place, no per-decision copies); policies only
-read them.
+`conductor.cluster_state.ClusterState` is the only writer of these records: the live
+conductor and the simulator feed it the same events (dispatches, prefills done, decode
+joins, finishes, heartbeats, nodes up and down) and it keeps the records current. Records
+are mutable on purpose (updated in place, no per-decision copies); policies only read them.
+A test may still build a view by hand.
 
 Times are seconds on the conductor's clock (`now_s` passed to every decision).
 """
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass, field
-from typing import Mapping, Protocol, Sequence
+from typing import Callable, Mapping, Protocol, Sequence
 
 from conductor.request import BlockHash, NodeId
 
@@ -24,9 +26,9 @@ class PrefillNodeView:
     """A prefill node's queue, as predicted work.
 
     `busy_until_s` is when the node is predicted to finish everything it has been given:
-    the conductor adds each dispatched request's predicted service time, and a heartbeat
-    (queued work the node reports) corrects it. Queue time for a new request is
-    `max(0, busy_until_s - now_s)`.
+    each dispatch adds its predicted service time, a prefill that ends resets it to the end
+    plus what is still queued, and a heartbeat (the uncomputed tokens the node reports)
+    corrects it. Queue time for a new request is `max(0, busy_until_s - now_s)`.
     """
 
     node_id: NodeId
@@ -59,11 +61,17 @@ class DecodeNodeView:
     """A decode node's batch and KV memory.
 
     `running` / `tokens_in_flight`: the batch and the KV it holds now (drives step time).
-    `reserved_tokens`: KV reserved for the running batch, including room for its outputs.
-    `waiting` / `waiting_tokens`: requests whose prefill is done but that wait for room.
+    `reserved_tokens`: KV held by the requests in the batch (prompt + tokens so far); the
+    reservations of requests not in the batch yet are counted below, never here too.
+    `waiting` / `waiting_tokens`: requests whose prefill is done and that are not in the
+    batch yet (their KV is landing, or they wait in the node's queue); their KV is reserved.
     `incoming` / `incoming_tokens`: requests assigned here whose prefill is not done yet
-    (the conductor counts them itself; a heartbeat cannot know them).
+    (the conductor counts them itself; a heartbeat cannot know them); KV for their prompts
+    is reserved here before their prefill starts.
+    `pending_kv_tokens`: KV set aside here for the requests not in the batch yet (incoming
+    and waiting): what their reservations hold (the prompt until one is made).
     `residents`: every request assigned here and not finished, for predictive admission.
+    KV in use = reserved_tokens + pending_kv_tokens.
     """
 
     node_id: NodeId
@@ -77,13 +85,122 @@ class DecodeNodeView:
     incoming_tokens: int = 0
     healthy: bool = True
     residents: dict[str, DecodeResident] = field(default_factory=dict)
+    pending_kv_tokens: int = 0
+
+
+class LoadIndex:
+    """Orderings of the nodes kept as they change, so a decision on a large cluster need not
+    visit every node: the least busy healthy prefill node, and decode nodes by a load key.
+
+    `ClusterState` tells it about every change (`changed_prefill` / `changed_decode`); both
+    orderings are lazy heaps: an entry is stale when its node changed since (its version),
+    left, or is unhealthy, and stale entries are dropped when they surface. The decode key is
+    set by whoever knows the costs and SLOs (`set_decode_key`); without one, no decode order
+    is kept. Positions are view order, for ties.
+    """
+
+    __slots__ = ("_pheap", "_ppos", "_pver", "_dheap", "_dpos", "_dver", "_dkey", "decode_key_stamp", "prefill_by_id")
+
+    def __init__(self) -> None:
+        self._pheap: list = []  # (busy_until_s, position, version, view)
+        self._ppos: dict[int, int] = {}  # id(view) -> position
+        self._pver: dict[int, int] = {}
+        self._dheap: list = []  # (key, position, version, view)
+        self._dpos: dict[int, int] = {}
+        self._dver: dict[int, int] = {}
+        self._dkey: Callable[[DecodeNodeView], float] | None = None
+        self.decode_key_stamp: object = None  # what the decode key was made from (settings, costs)
+        self.prefill_by_id: dict[NodeId, tuple[int, PrefillNodeView]] = {}
+
+    def add_prefill(self, view: PrefillNodeView, position: int) -> None:
+        self._ppos[id(view)] = position
+        self.prefill_by_id[view.node_id] = (position, view)
+        self.changed_prefill(view)
+
+    def add_decode(self, view: DecodeNodeView, position: int) -> None:
+        self._dpos[id(view)] = position
+        self.changed_decode(view)
+
+    def changed_prefill(self, view: PrefillNodeView) -> None:
+        key = id(view)
+        version = self._pver[key] = self._pver.get(key, 0) + 1
+        heap = self._pheap
+        heapq.heappush(heap, (view.busy_until_s, self._ppos[key], version, view))
+        if len(heap) > 4 * len(self._ppos) + 64:
+            self._pheap = [e for e in heap if self._pver[id(e[3])] == e[2]]
+            heapq.heapify(self._pheap)
+
+    def changed_decode(self, view: DecodeNodeView) -> None:
+        fn = self._dkey
+        key = id(view)
+        version = self._dver[key] = self._dver.get(key, 0) + 1
+        if fn is None:
+            return
+        heap = self._dheap
+        heapq.heappush(heap, (fn(view), self._dpos[key], version, view))
+        if len(heap) > 4 * len(self._dpos) + 64:
+            self._dheap = [e for e in heap if self._dver[id(e[3])] == e[2]]
+            heapq.heapify(self._dheap)
+
+    def rebuild(self, view: ClusterView) -> None:
+        """After nodes left: positions are view order again."""
+        self._ppos = {id(p): i for i, p in enumerate(view.prefill)}
+        self.prefill_by_id = {p.node_id: (i, p) for i, p in enumerate(view.prefill)}
+        self._dpos = {id(d): i for i, d in enumerate(view.decode)}
+        self._pver = {k: self._pver.get(k, 0) for k in self._ppos}
+        self._dver = {k: self._dver.get(k, 0) for k in self._dpos}
+        self._pheap, self._dheap = [], []
+        for p in view.prefill:
+            self.changed_prefill(p)
+        for d in view.decode:
+            self.changed_decode(d)
+
+    def least_busy_prefill(self) -> tuple[int, PrefillNodeView] | None:
+        """(position, node) of the healthy prefill node with the earliest `busy_until_s`."""
+        heap, ver = self._pheap, self._pver
+        while heap:
+            _, pos, version, view = heap[0]
+            if ver.get(id(view)) == version and view.healthy:
+                return pos, view
+            heapq.heappop(heap)
+        return None
+
+    @property
+    def has_decode_key(self) -> bool:
+        return self._dkey is not None
+
+    def set_decode_key(self, fn: Callable[[DecodeNodeView], float] | None, decode: Sequence[DecodeNodeView],
+                       stamp: object = None) -> None:
+        """Order decode nodes by `fn(view)` (lower is better) from now on."""
+        self._dkey = fn
+        self.decode_key_stamp = stamp
+        self._dheap = []
+        for d in decode:
+            self.changed_decode(d)
+
+    def decode_candidates(self, k: int) -> list[tuple[int, DecodeNodeView]]:
+        """Up to `k` (position, node) of healthy decode nodes with the lowest keys."""
+        heap, ver = self._dheap, self._dver
+        out: list = []
+        taken: list = []
+        while heap and len(out) < k:
+            entry = heapq.heappop(heap)
+            view = entry[3]
+            if ver.get(id(view)) == entry[2] and view.healthy:
+                out.append((entry[1], view))
+                taken.append(entry)
+        for entry in taken:
+            heapq.heappush(heap, entry)
+        return out
 
 
 @dataclass(slots=True)
 class ClusterView:
-    """Everything a policy may look at. `block_tokens`: tokens per indexed KV block."""
+    """Everything a policy may look at. `block_tokens`: tokens per indexed KV block.
+    `loads`: orderings for large clusters (None in a hand-built view: policies scan)."""
 
     prefill: list[PrefillNodeView]
     decode: list[DecodeNodeView]
     index: PrefixLookup
     block_tokens: int
+    loads: LoadIndex | None = None

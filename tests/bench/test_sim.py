@@ -6,14 +6,15 @@ step 10 ms + 1 ms per sequence + 1 µs per token in flight; blocks of 512 tokens
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 
 import pytest
 
 from bench.sim import main
-from bench.sim_cluster import SimConfig, SimRequest, simulate
-from bench.sim_events import EventKind, Outcome, RequestEvent, check_event_log
-from bench.sim_metrics import ROW_KEYS, summarize
+from bench.sim.cluster import SimConfig, SimRequest, simulate
+from bench.sim.events import EventKind, Outcome, RequestEvent, check_event_log
+from bench.sim.metrics import ROW_KEYS, summarize
 from conductor.cost_model import CostModel, DecodeModel, PrefillModel, TransferModel
 from conductor.decision import RejectReason, Stage
 from conductor.modes import AdmissionMode, PolicyName
@@ -52,7 +53,9 @@ def test_one_request_end_to_end_timing():
     assert s.ttft_mean_s == pytest.approx(1.1264)
     assert s.tbt_p99_s == pytest.approx(step1 + 0.99 * (step2 - step1))
     assert s.slo_attainment == 1.0
-    assert run.decode[0].view.residents == {} and run.decode[0].view.reserved_tokens == 0
+    d0 = run.state.decode_view("d0")
+    assert d0.residents == {} and (d0.reserved_tokens, d0.running, d0.tokens_in_flight) == (0, 0, 0)
+    assert len(run.state) == 0  # the cluster state holds nothing once every request finished
 
 
 def test_a_later_turn_reuses_the_cached_prefix():
@@ -104,13 +107,19 @@ def test_kv_centric_pulls_a_busy_nodes_prefix_and_replicates_it():
     assert local.index.holders(100) == {"p0", "p1"}
 
 
-def test_a_full_decode_node_makes_the_next_request_wait_for_room():
-    trace = [req(0, 0.0, (1, 2), out=976), req(1, 0.5, (3, 4), out=10)]  # 2,000 + 1,034 > 3,000 tokens
+def test_a_full_decode_node_rejects_the_next_request_before_its_prefill():
+    # As the live decode node's Reserve: KV is reserved on dispatch (prompt + answer here),
+    # and a request that does not fit is rejected before any prefill work is spent.
+    trace = [req(0, 0.0, (1, 2), out=976), req(1, 0.5, (3, 4), out=10), req(2, 20.0, (5, 6), out=10)]
     run = simulate(trace, cfg(prefill_nodes=2, decode_kv_tokens=3000), COSTS)
-    first, second = run.states
-    assert second.prefill_end_s == pytest.approx(1.524)
-    assert second.first_token_s == pytest.approx(first.finish_s + 0.1024)
+    first, second, third = run.states
+    assert first.outcome is Outcome.COMPLETED and third.outcome is Outcome.COMPLETED  # room again at t = 20
+    assert second.outcome is Outcome.REJECTED and not second.rejected_after_prefill
+    assert (second.rejection.reason, second.rejection.stage) == (RejectReason.DECODE_OUT_OF_BLOCKS, Stage.ARRIVAL)
+    assert "d0: 1034 tokens of KV do not fit in 1000 free" in second.rejection.detail
+    assert math.isnan(second.prefill_start_s)
     assert check_event_log(run) == []
+    assert len(run.state) == 0 and run.state.prefill_view("p1").queued_requests == 0
 
 
 def test_a_prompt_that_can_never_fit_the_decode_node_fails_with_a_reason():
@@ -193,15 +202,24 @@ def test_cli_compares_admission_modes(tmp_path):
     assert main(["--limit", "300", "--speedup", "4", "--decode", "1", "--compare-admission", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())
     assert [r["admission"] for r in rows] == ["none", "per_stage", "early", "predictive"]
-    assert rows[0]["rejected"] == 0
+    # `none` never rejects on a prediction; a decode node out of KV still refuses the
+    # reservation (as live), and 8 prefill nodes at 4x fill one decode node's KV
+    assert set(rows[0]["rejections_by_reason"]) == {"decode_out_of_blocks"}
+    assert {"decode_overloaded", "prefill_overloaded"} <= set(rows[2]["rejections_by_reason"])
     assert rows[2]["rejected_after_prefill"] == rows[3]["rejected_after_prefill"] == 0
 
 
 def test_cli_runs_the_smallest_cluster(tmp_path):
     out = tmp_path / "one.json"
+    assert main(["--prefill", "1", "--decode", "1", "--limit", "60", "--json", str(out), "--check"]) == 0
+    row = json.loads(out.read_text())[0]
+    assert (row["prefill_nodes"], row["decode_nodes"], row["completed"], row["rejected"]) == (1, 1, 60, 0)
+    # 200 requests overload one prefill node: those queued behind it hold decode KV reserved
+    # for them (as live), and the decode node refuses reservations once they fill it
     assert main(["--prefill", "1", "--decode", "1", "--limit", "200", "--json", str(out), "--check"]) == 0
     row = json.loads(out.read_text())[0]
-    assert (row["prefill_nodes"], row["decode_nodes"], row["completed"], row["rejected"]) == (1, 1, 200, 0)
+    assert row["completed"] + row["rejected"] == 200
+    assert row["rejected"] > 0 and set(row["rejections_by_reason"]) == {"decode_out_of_blocks"}
 
 
 def test_cli_refuses_bad_input_with_a_message(capsys, tmp_path):
@@ -220,3 +238,48 @@ def test_cli_loads_another_cost_model(tmp_path):
     assert main(["--limit", "50", "--json", str(out)]) == 0
     gpu = json.loads(out.read_text())[0]
     assert fast["ttft_mean_s"] != gpu["ttft_mean_s"]
+
+
+def test_the_simulator_writes_the_view_only_through_the_cluster_state():
+    """Record every call the simulation makes into its ClusterState, replay them into a fresh
+    one: the two views are equal field by field (nothing else wrote to the view)."""
+    from dataclasses import asdict
+
+    from bench.sim.cluster import Simulation
+    from conductor.cluster_state import ClusterState
+
+    calls = []
+    methods = ("add_prefill", "add_decode", "dispatched", "reserved", "prefill_started", "prefill_done",
+               "decode_joined", "finished", "heartbeat_prefill", "heartbeat_decode", "kv_event")
+
+    class Recording(ClusterState):
+        pass
+
+    for name in methods:
+        def recorded(self, *args, _name=name, **kwargs):
+            calls.append((_name, args, kwargs))
+            return getattr(ClusterState, _name)(self, *args, **kwargs)
+        setattr(Recording, name, recorded)
+
+    trace = [req(i, 0.3 * i, (i % 3 + 1, 100 + i), out=5 + i) for i in range(12)]
+    import bench.sim.cluster as sim_cluster
+
+    original = sim_cluster.ClusterState
+    sim_cluster.ClusterState = Recording
+    try:
+        sim = Simulation(trace, cfg(prefill_nodes=2, decode_nodes=2, heartbeat_interval_s=0.5), COSTS)
+        views = []
+        while sim._heap or sim._next_arrival < len(trace):  # one event at a time, then a snapshot
+            sim.run_until(math.inf, until=lambda: True)
+            views.append((len(calls), asdict(sim.view.decode[0]), asdict(sim.view.prefill[1])))
+    finally:
+        sim_cluster.ClusterState = original
+    assert {name for name, _, _ in calls} == set(methods)
+    replay = ClusterState(cfg().block_tokens)
+    done = 0
+    for upto, decode0, prefill1 in views:
+        for name, args, kwargs in calls[done:upto]:
+            getattr(replay, name)(*args, **kwargs)
+        done = upto
+        assert asdict(replay.view.decode[0]) == decode0 and asdict(replay.view.prefill[1]) == prefill1
+    assert replay.index.snapshot() == sim.state.index.snapshot()

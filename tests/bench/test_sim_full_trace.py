@@ -6,7 +6,10 @@ per_stage when overloaded.
 Load: 8 prefill + 8 decode instances of the GPU-class default at the trace's own speed keep
 prefill ~54-84% busy (DESIGN.md §4). Overload: this trace's short answers make decode ~10x
 cheaper than prefill, so 8 decode instances never saturate; the admission comparison uses
-8 prefill + 2 decode instances at 3x speed, where both stages are over capacity.
+8 prefill + 2 decode instances at 3x speed, where both stages are over capacity. A decode
+node reserves KV on dispatch (as live), so with the default 1.3 M tokens the prompts queued
+for prefill fill its KV first and every mode rejects on KV held *now*; with 4 M tokens the
+batch's step time binds, which is what the prediction-based mode foresees.
 """
 from __future__ import annotations
 
@@ -14,11 +17,11 @@ import time
 
 import pytest
 
-from bench.sim import DEFAULT_TRACE
-from bench.sim_cluster import SimConfig, simulate
-from bench.sim_events import check_event_log
-from bench.sim_metrics import summarize
-from bench.sim_trace import load_sim_requests, repeat_fraction
+from bench.sim.trace import DEFAULT_TRACE
+from bench.sim.cluster import SimConfig, simulate
+from bench.sim.events import check_event_log
+from bench.sim.metrics import summarize
+from bench.sim.trace import load_sim_requests, repeat_fraction
 from conductor.cost_model import gpu_class_default
 from conductor.modes import AdmissionMode, PolicyName
 
@@ -77,7 +80,7 @@ def test_kv_centric_hit_rate_approaches_the_traces_repeat_fraction_with_ample_ca
 
 def test_overload_rejections_order_as_mooncake_reports():
     requests = load_sim_requests(DEFAULT_TRACE, speedup=3.0)
-    runs = {m: run(requests, speedup=3.0, decode_nodes=2, admission=m)
+    runs = {m: run(requests, speedup=3.0, decode_nodes=2, admission=m, decode_kv_tokens=4_000_000)
             for m in (AdmissionMode.PER_STAGE, AdmissionMode.EARLY, AdmissionMode.PREDICTIVE)}
     rejected = {m: s.rejected for m, (_, s) in runs.items()}
     assert rejected[AdmissionMode.PREDICTIVE] < rejected[AdmissionMode.EARLY] < rejected[AdmissionMode.PER_STAGE], rejected

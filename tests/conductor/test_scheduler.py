@@ -157,3 +157,11 @@ def test_decisions_do_not_touch_the_view():
     for mode in AdmissionMode:
         scheduler(mode).decide(v, request(), NOW)
     assert (v.prefill[0].busy_until_s, v.decode[0].running, len(v.decode[0].residents)) == before
+
+
+def test_the_cluster_config_starts_with_the_conductors_own_defaults():
+    """Before: the TBT SLO default was 0.1 s here and 1.0 s in the cluster config."""
+    from cluster.config import ClusterConfig
+
+    assert ClusterConfig().conductor.settings() == SettingsValues()
+    assert SettingsValues().tbt_slo_s == 1.0

@@ -18,7 +18,7 @@ def make() -> ConductorSettings:
 
 def test_defaults():
     v = SettingsValues()
-    assert (v.ttft_slo_s, v.tbt_slo_s, v.prefill_reject_threshold, v.decode_reject_threshold) == (30.0, 0.1, 1.0, 1.0)
+    assert (v.ttft_slo_s, v.tbt_slo_s, v.prefill_reject_threshold, v.decode_reject_threshold) == (30.0, 1.0, 1.0, 1.0)
     assert (v.admission, v.policy, v.typical_output_tokens) == (AdmissionMode.EARLY, PolicyName.KV_CENTRIC, 256)
 
 
@@ -87,7 +87,7 @@ def test_changes_are_logged_and_announced(caplog):
     with caplog.at_level(logging.INFO, logger="halfmoon.conductor.settings"):
         change = s.set("tbt_slo_s", 0.2, actor="sre")
     assert seen == [change]
-    assert "setting tbt_slo_s changed 0.1 -> 0.2 by sre" in caplog.text
+    assert "setting tbt_slo_s changed 1 -> 0.2 by sre" in caplog.text
 
 
 def test_describe_lists_every_setting_with_its_value():
@@ -95,7 +95,7 @@ def test_describe_lists_every_setting_with_its_value():
     s.set("admission", "per_stage")
     rows = {i.name: i.value for i in s.describe()}
     assert rows == {
-        "ttft_slo_s": "30", "tbt_slo_s": "0.1", "prefill_reject_threshold": "1", "decode_reject_threshold": "1",
+        "ttft_slo_s": "30", "tbt_slo_s": "1", "prefill_reject_threshold": "1", "decode_reject_threshold": "1",
         "admission": "per_stage", "policy": "kv_centric", "typical_output_tokens": "256",
     }
     assert s.get("admission") is AdmissionMode.PER_STAGE

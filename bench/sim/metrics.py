@@ -14,8 +14,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from bench.sim_cluster import SimRun
-from bench.sim_events import Outcome
+from bench.sim.cluster import SimRun
+from bench.sim.events import Outcome
 from conductor.predictions import Quantity
 
 TBT_WORST_FRACTION = 0.1
@@ -67,13 +67,42 @@ def _pct(values: np.ndarray, q: float) -> float:
     return float(np.percentile(values, q)) if values.size else math.nan
 
 
+def weighted_percentile(values: np.ndarray, weights: np.ndarray, q: float) -> float:
+    """`np.percentile(np.repeat(values, weights), q)` (linear interpolation) without
+    building the repeated array: `weights` are whole counts."""
+    keep = weights > 0
+    values, weights = values[keep], weights[keep]
+    if not values.size:
+        return math.nan
+    order = np.argsort(values, kind="stable")
+    v, w = values[order], np.cumsum(weights[order])
+    pos = q / 100.0 * (w[-1] - 1)
+    lo, hi = math.floor(pos), math.ceil(pos)
+    v_lo = v[np.searchsorted(w, lo, side="right")]
+    v_hi = v[np.searchsorted(w, hi, side="right")]
+    return float(v_lo + (v_hi - v_lo) * (pos - lo))
+
+
+def request_tbt(first_gap: float, durations: np.ndarray, join: int, finish: int) -> float:
+    """Mean of a request's longest 10% of token gaps (at least one): its first gap (KV landed
+    -> end of the step it joined) and the steps after that one until it finished."""
+    gaps = durations[join + 1 : finish]
+    count = gaps.size + 1
+    worst = max(1, math.ceil(TBT_WORST_FRACTION * count - 1e-9))
+    if worst == 1:
+        top = gaps.max() if gaps.size else first_gap
+        return float(top if top > first_gap else first_gap)
+    all_gaps = np.append(gaps, first_gap)
+    return float(np.partition(all_gaps, count - worst)[count - worst:].mean())
+
+
 def summarize(run: SimRun, *, speedup: float, wall_s: float) -> SimSummary:
     cfg = run.config
     ttft_slo, tbt_slo = cfg.ttft_slo_s, cfg.tbt_slo_s
-    ends = [np.asarray(d.step_ends, dtype=np.float64) for d in run.decode]
-    durations = [np.asarray(d.step_durations, dtype=np.float64) for d in run.decode]
+    arrays = {id(d): d.step_arrays() for d in run.decode}
     ttfts: list[float] = []
-    gap_parts: list[np.ndarray] = []
+    first_gaps: list[float] = []
+    joins_at: dict[int, np.ndarray] = {id(d): np.zeros(arrays[id(d)][0].size, dtype=np.int64) for d in run.decode}
     met = completed = rejected = after_prefill = failed = 0
     hit_blocks = prefilled_blocks = 0
     reasons: dict[str, int] = {}
@@ -95,15 +124,22 @@ def summarize(run: SimRun, *, speedup: float, wall_s: float) -> SimSummary:
         ttfts.append(ttft)
         tbt = 0.0
         if st.join_step >= 0:
-            node_ends, node_durations = ends[st.decode_node], durations[st.decode_node]
-            first_gap = node_ends[st.join_step] - st.first_token_s
-            gaps = np.concatenate(([first_gap], node_durations[st.join_step + 1 : st.finish_step]))
-            gap_parts.append(gaps)
-            worst = max(1, math.ceil(TBT_WORST_FRACTION * gaps.size - 1e-9))
-            tbt = float(np.partition(gaps, gaps.size - worst)[gaps.size - worst :].mean())
+            ends, durations, _ = arrays[id(st.decode)]
+            first_gap = float(ends[st.join_step]) - st.first_token_s
+            first_gaps.append(first_gap)
+            joins_at[id(st.decode)][st.join_step] += 1
+            tbt = request_tbt(first_gap, durations, st.join_step, st.finish_step)
         met += ttft <= ttft_slo and tbt <= tbt_slo
+    # Every gap of every request, pooled: a step's duration is a gap of each request in its
+    # batch except those that joined at it (theirs is their first gap).
+    values = [np.asarray(first_gaps, dtype=np.float64)]
+    weights = [np.ones(len(first_gaps), dtype=np.int64)]
+    for d in run.decode:
+        _, durations, batch = arrays[id(d)]
+        values.append(durations)
+        weights.append(batch - joins_at[id(d)])
+    gap_values, gap_weights = np.concatenate(values), np.concatenate(weights)
     ttft_arr = np.asarray(ttfts, dtype=np.float64)
-    all_gaps = np.concatenate(gap_parts) if gap_parts else np.zeros(0)
     requests = len(run.states)
     span = run.span_s if run.span_s > 0 else math.nan
     return SimSummary(
@@ -116,8 +152,8 @@ def summarize(run: SimRun, *, speedup: float, wall_s: float) -> SimSummary:
         ttft_mean_s=float(ttft_arr.mean()) if ttft_arr.size else math.nan,
         ttft_p90_s=_pct(ttft_arr, 90),
         ttft_p99_s=_pct(ttft_arr, 99),
-        tbt_p90_s=_pct(all_gaps, 90),
-        tbt_p99_s=_pct(all_gaps, 99),
+        tbt_p90_s=weighted_percentile(gap_values, gap_weights, 90),
+        tbt_p99_s=weighted_percentile(gap_values, gap_weights, 99),
         slo_attainment=met / requests if requests else math.nan,
         goodput_rps=met / span,
         prefix_hit_rate=hit_blocks / prefilled_blocks if prefilled_blocks else 0.0,

@@ -19,15 +19,13 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from bench.sim_cluster import DEFAULT_CACHE_BLOCKS, DEFAULT_DECODE_KV_TOKENS, SimConfig, simulate
-from bench.sim_events import check_event_log
-from bench.sim_metrics import SimSummary, summarize
-from bench.sim_trace import load_sim_requests, repeat_fraction
+from bench.sim.cluster import DEFAULT_CACHE_BLOCKS, DEFAULT_DECODE_KV_TOKENS, SimConfig, simulate
+from bench.sim.events import check_event_log
+from bench.sim.metrics import SimSummary, summarize
+from bench.sim.trace import DEFAULT_TRACE, load_sim_requests, repeat_fraction
 from conductor.cost_model import CostModel, gpu_class_default
 from conductor.errors import ConductorError
 from conductor.modes import AdmissionMode, PolicyName, parse_admission, parse_policy
-
-DEFAULT_TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "conversation_trace.jsonl"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,7 +129,7 @@ def _main(args: argparse.Namespace) -> int:
         f"cache {args.cache_blocks} blocks/instance, SLO TTFT {args.ttft_slo:g} s / TBT {args.tbt_slo * 1000:g} ms, "
         f"repeat fraction {repeat_fraction(requests):.1%}"
     )
-    from bench.sim_report import print_table, write_json, write_plot
+    from bench.sim.report import print_table, write_json, write_plot
 
     print_table(summaries, title)
     if args.json:

@@ -9,7 +9,7 @@ from typing import Sequence
 from rich.console import Console
 from rich.table import Table
 
-from bench.sim_metrics import SimSummary
+from bench.sim.metrics import SimSummary
 
 
 def _num(value: float, fmt: str) -> str:

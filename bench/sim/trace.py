@@ -8,7 +8,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from bench.replay.trace import TraceRecord, load_trace
-from bench.sim_cluster import SimRequest
+from bench.sim.cluster import SimRequest
+
+# Mooncake's released conversation trace, beside the checkout (DESIGN.md §5).
+DEFAULT_TRACE = Path(__file__).resolve().parents[3] / "shared" / "traces" / "conversation_trace.jsonl"
 
 
 def to_sim_requests(records: list[TraceRecord], *, speedup: float = 1.0, limit: int | None = None) -> list[SimRequest]:

@@ -12,7 +12,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from bench.sim_cluster import SimRun
+    from bench.sim.cluster import SimRun
 
 
 class EventKind(StrEnum):
