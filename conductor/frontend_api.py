@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Protocol
 
+from engine.logprobs import TokenLogprob
 from engine.sampling import SamplingParams
 
 
@@ -41,6 +42,9 @@ class TokenChunk:
 
     text: str
     token_ids: tuple[int, ...]
+    index: int = 0  # which parallel sample (sampling.n > 1)
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token id, when sampling.logprobs is set
+    finish_reason: str | None = None  # n > 1: set on each sample's last chunk (which may carry no tokens)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,12 +66,20 @@ class Timing:
 
 
 @dataclass(frozen=True, slots=True)
+class SampleEnd:
+    index: int
+    finish_reason: str
+    completion_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
 class Finished:
-    finish_reason: str  # "stop" | "length" | "abort"
-    usage: Usage
+    finish_reason: str  # "stop" | "length" | "abort" (sample 0's when n > 1)
+    usage: Usage  # completion_tokens: all samples together
     timing: Timing = field(default_factory=Timing)
     prefill_node: str = ""  # where the request ran (empty when not disaggregated)
     decode_node: str = ""
+    samples: tuple[SampleEnd, ...] = ()  # every sample's end, in index order (n > 1)
 
 
 class Rejected(Exception):

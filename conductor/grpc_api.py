@@ -13,12 +13,12 @@ import grpc
 from conductor.auth import ControlVerifier
 from conductor.errors import InvalidSetting
 from conductor.frontend_api import (Backend, ChatMessage, Finished, GenerateRequest, Rejected, RequestFailed,
-                                    Unavailable)
+                                    SampleEnd, Unavailable)
 from conductor.registry import NodeRegistry
 from conductor.settings import ConductorSettings
 from engine.errors import InvalidRequestError
 from engine.sampling import SamplingParams
-from proto.convert import sampling_from_proto, unknown_field_numbers
+from proto.convert import logprob_to_proto, sampling_from_proto, unknown_field_numbers
 from proto.halfmoon.v1 import (admin_pb2, admin_pb2_grpc, common_pb2, generate_pb2, generate_pb2_grpc, node_pb2,
                                node_pb2_grpc)
 
@@ -55,6 +55,13 @@ def _grpc_field(name: str) -> str:
     return "prompt_token_ids.ids" if name == "prompt_token_ids" else name
 
 
+def _sample_ends(item: Finished) -> list[generate_pb2.SampleEnd]:
+    """Every sample's end (one for n == 1)."""
+    ends = item.samples or (SampleEnd(0, item.finish_reason, item.usage.completion_tokens),)
+    return [generate_pb2.SampleEnd(index=e.index, finish_reason=e.finish_reason, completion_tokens=e.completion_tokens)
+            for e in ends]
+
+
 class GenerationService(generate_pb2_grpc.GenerationServicer):
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
@@ -77,10 +84,13 @@ class GenerationService(generate_pb2_grpc.GenerationServicer):
                         timing=common_pb2.Timing(queue_s=t.queue_s, prefill_s=t.prefill_s,
                                                  kv_transfer_s=t.kv_transfer_s, first_decode_s=t.first_decode_s,
                                                  ttft_s=t.ttft_s),
-                        prefill_node=item.prefill_node, decode_node=item.decode_node))
+                        prefill_node=item.prefill_node, decode_node=item.decode_node,
+                        samples=_sample_ends(item)))
                 else:
                     yield generate_pb2.GenerateResponse(delta=common_pb2.TokenDelta(
-                        text=item.text, token_ids=list(item.token_ids)))
+                        text=item.text, token_ids=list(item.token_ids), index=item.index,
+                        logprobs=[logprob_to_proto(lp) for lp in item.logprobs],
+                        finish_reason=item.finish_reason or ""))
         except InvalidRequestError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{_grpc_field(e.field)}: {e.message}")
         except Rejected as e:

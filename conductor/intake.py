@@ -9,7 +9,10 @@ hashing are plain Python, which yields the GIL every few milliseconds and only e
 input bounded first (the front doors' byte limit, then the character cap below).
 
 What is refused (`InvalidRequestError` naming the field), cheapest check first:
-- sampling fields outside `SamplingParams.validate`'s rules;
+- sampling fields outside `SamplingParams.validate`'s rules; `n` over this front door's
+  limit (`max_n`); logit_bias token ids outside the vocabulary;
+- a constraint that does not compile with the model's tokenizer, or whose language is empty
+  (a regex that matches nothing), named where the client gave it;
 - not exactly one of prompt / messages / prompt_token_ids, or an empty one;
 - text that is not valid Unicode (a lone surrogate);
 - text longer than the context could hold however it tokenizes (`max_prompt_chars`:
@@ -35,12 +38,14 @@ from conductor.request import BlockHash
 from engine.block_pool import block_hashes
 from engine.errors import InvalidRequestError
 from engine.sampling import SamplingParams
+from engine.structured.backend import GrammarBackend, backend_for
 from engine.tokenizer import Message, Tokenizer
 
 T = TypeVar("T")
 
 MAX_REQUEST_BYTES = 4 * 2**20  # the front doors' default limit on one request (HTTP body, gRPC message)
 INLINE_MAX = 16_384  # characters (or bytes, or token ids) handled on the loop: ~a few ms
+MAX_N = 16  # parallel samples per request, by default
 _THREADS = min(4, os.cpu_count() or 1)
 _pool: ThreadPoolExecutor | None = None
 
@@ -81,26 +86,41 @@ def _valid_text(field: str, text: str) -> None:
 
 
 class Intake:
-    def __init__(self, tokenizer: Tokenizer, max_model_len: int, block_size: int) -> None:
+    def __init__(self, tokenizer: Tokenizer, max_model_len: int, block_size: int, max_n: int = MAX_N) -> None:
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
         self.block_size = block_size
+        self.max_n = max_n
+        self._grammar: GrammarBackend | None = None
         self.vocab_size = tokenizer.vocab_size
         per_token = tokenizer.max_token_chars
         self.max_prompt_chars: int | None = None if per_token is None else max_model_len * per_token
 
     async def prepare(self, req: GenerateRequest) -> Prepared:
-        return await off_loop(_input_size(req), self.prepare_now, req)
+        c = req.sampling.constraint  # compiling a grammar takes ~1 ms, more for a big schema
+        return await off_loop(_input_size(req) + (INLINE_MAX if c is not None else 0), self.prepare_now, req)
 
     def prepare_now(self, req: GenerateRequest) -> Prepared:
         """`prepare`, in the calling thread."""
         req.sampling.validate()
+        self.check_sampling(req.sampling)
         ids = self.encode(req)
         room = self.max_model_len - len(ids)
         sampling = req.sampling
         if sampling.max_tokens > room:
             sampling = replace(sampling, max_tokens=room)
         return Prepared(ids, tuple(block_hashes(ids, self.block_size)), sampling)
+
+    def check_sampling(self, sampling: SamplingParams) -> None:
+        """What `validate` cannot know alone: this front door's `n` limit, the vocabulary, and
+        whether the constraint compiles with the model's tokenizer."""
+        if sampling.n > self.max_n:
+            raise InvalidRequestError("n", f"at most {self.max_n} parallel samples per request, got {sampling.n}")
+        sampling.check_vocab(self.vocab_size)
+        if sampling.constraint is not None:
+            if self._grammar is None:
+                self._grammar = backend_for(self.tokenizer.path, self.vocab_size, ())
+            self._grammar.check(sampling.constraint)
 
     def encode(self, req: GenerateRequest) -> list[int]:
         """The prompt's token ids, checked against the vocabulary and the context."""

@@ -31,8 +31,8 @@ from conductor import admission
 from conductor.cost_model import CostModel, DecodeModel, PrefillModel, TransferModel
 from conductor.decision import Decision, LoadBasis, RejectReason, Rejection, Stage
 from conductor.intake import Intake, check_fits
-from conductor.frontend_api import (Finished, GenerateRequest, Rejected, RequestFailed, TokenChunk, Timing,
-                                    Unavailable, Usage)
+from conductor.frontend_api import (Finished, GenerateRequest, Rejected, RequestFailed, SampleEnd, TokenChunk,
+                                    Timing, Unavailable, Usage)
 from conductor.lifecycle import Attempt, NodeDown, NodeFailure, Phase, Trip, or_down
 from conductor.registry import NodeRecord, NodeRegistry
 from conductor.policies import decode_estimate
@@ -41,7 +41,7 @@ from conductor.scheduler import Scheduler
 from conductor.view import ClusterView, DecodeResident
 from engine.errors import InvalidRequestError
 from engine.tokenizer import Tokenizer
-from proto.convert import sampling_to_proto
+from proto.convert import logprob_from_proto, sampling_to_proto
 from proto.halfmoon.v1 import node_pb2
 
 log = logging.getLogger("halfmoon.conductor")
@@ -70,6 +70,7 @@ class LiveConfig:
     control_timeout_s: float = 10.0
     max_retries: int = 3  # placements after a node failed before the first token (invisible to the client)
     max_migrations: int = 3  # moves to another decode node after a failure mid-stream (0: fail instead)
+    max_n: int = 16  # parallel samples (sampling.n) one request may ask for
 
 
 class LiveConductor:
@@ -82,7 +83,7 @@ class LiveConductor:
         self.registry = registry
         self.metrics = metrics
         self.decisions: list[Decision] = []  # recent decisions, for status and tests
-        self.intake = Intake(tokenizer, cfg.max_model_len, cfg.block_size)
+        self.intake = Intake(tokenizer, cfg.max_model_len, cfg.block_size, max_n=cfg.max_n)
         self._clock = clock  # the scheduler's notion of now (tests pin it)
 
     # --- the request ------------------------------------------------------------------
@@ -140,6 +141,9 @@ class LiveConductor:
             if self.metrics:
                 self.metrics.observe_retried(failure.phase.value)
             return attempt
+        if trip.params.n > 1:  # the samples' streams cannot be resumed together on another node
+            raise RequestFailed(f"{failure} (after {len(trip.generated)} tokens of n={trip.params.n} parallel "
+                                "samples, which are not migrated)")
         trip.migrations += 1
         if trip.migrations > cfg.max_migrations:
             raise RequestFailed(f"{failure} (after {len(trip.generated)} tokens; "
@@ -310,6 +314,7 @@ class LiveConductor:
                 raise Rejected(f"{again.reason.value} (after prefill): {again.detail}", again.retry_after_s)
         attempt.decode_call = dec.decode_stub.Decode(node_pb2.DecodeRequest(
             request_id=rid, prompt_token_ids=ids, sampling=sp, first_token=presp.first_token if presp else 0,
+            first_tokens=presp.first_tokens if presp else (), first_logprobs=presp.first_logprobs if presp else (),
             num_cached_tokens=presp.num_cached_tokens if presp else 0, recompute=presp is None,
             kv_bytes=presp.kv_bytes if presp else 0, kv_transfer_s=presp.kv_transfer_s if presp else 0.0),
             timeout=cfg.request_timeout_s)
@@ -348,9 +353,12 @@ class LiveConductor:
             return None
 
     async def _stream(self, trip: Trip, attempt: Attempt, presp, t_kv: float) -> AsyncIterator[TokenChunk | Finished]:
-        """Relay the decode node's stream; end with `Finished` carrying the TTFT breakdown."""
+        """Relay the decode node's stream; end with `Finished` carrying the TTFT breakdown
+        (once every parallel sample has finished, when sampling.n > 1)."""
         dec = attempt.dec
         it = attempt.decode_call.__aiter__()
+        n = trip.params.n
+        ends: dict[int, SampleEnd] = {}
         while True:
             try:
                 out = await or_down(it.__anext__(), dec)
@@ -371,16 +379,23 @@ class LiveConductor:
                 trip.prefill_s = presp.prefill_s if presp else now - t_kv  # colocated/recompute: all of it
                 trip.kv_transfer_s = presp.kv_transfer_s if presp else 0.0
                 trip.first_decode_s = now - t_kv if presp else 0.0
-            if out.delta.token_ids or out.delta.text:
-                trip.generated.extend(out.delta.token_ids)
-                yield TokenChunk(out.delta.text, tuple(out.delta.token_ids))
+            sample_done = n > 1 and out.finished
+            if out.delta.token_ids or out.delta.text or sample_done:
+                trip.generated.extend(out.delta.token_ids)  # n > 1: every sample's (such a trip never resumes)
+                yield TokenChunk(out.delta.text, tuple(out.delta.token_ids), out.index,
+                                 tuple(logprob_from_proto(lp) for lp in out.delta.logprobs),
+                                 (out.finish_reason or "stop") if sample_done else None)
             if out.finished:
+                ends[out.index] = SampleEnd(out.index, out.finish_reason or "stop", out.completion_tokens)
+            if len(ends) == n:
                 attempt.enter(Phase.FINISHED)
                 timing = Timing(queue_s=trip.queue_s, prefill_s=trip.prefill_s, kv_transfer_s=trip.kv_transfer_s,
                                 first_decode_s=trip.first_decode_s, ttft_s=trip.first_at - trip.t0)
-                yield Finished(out.finish_reason or "stop",
-                               Usage(len(trip.token_ids), out.completion_tokens, trip.cached_tokens),
-                               timing, trip.prefill_node, dec.node_id)
+                samples = tuple(ends[i] for i in sorted(ends))
+                yield Finished(samples[0].finish_reason,
+                               Usage(len(trip.token_ids), sum(e.completion_tokens for e in samples),
+                                     trip.cached_tokens),
+                               timing, trip.prefill_node, dec.node_id, samples if n > 1 else ())
                 return
 
     async def _keep_reserved(self, dec: NodeRecord, rid: str) -> None:

@@ -36,8 +36,9 @@ import grpc
 from engine.engine import LLMEngine, RequestOutput
 from engine.errors import InvalidRequestError, OutOfBlocksError
 from engine.leases import BlockLeases
+from engine.request import sample_id
 from engine.worker import EngineWorker
-from proto.convert import sampling_from_proto
+from proto.convert import logprob_from_proto, logprob_to_proto, sampling_from_proto
 from proto.halfmoon.v1 import common_pb2, node_pb2, node_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -128,9 +129,16 @@ class DecodeService(node_pb2_grpc.DecodeNodeServicer):
                                 f"no reservation for {rid!r} on {self.node_id} (lease expired or released)")
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        samples = [sample_id(rid, i) for i in range(params.n)]  # n > 1: parallel samples, each its own engine id
+        firsts = list(request.first_tokens) or [request.first_token]
+        first_logprobs = [logprob_from_proto(lp) for lp in request.first_logprobs] or None
 
         def sink(out: RequestOutput) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, out)
+
+        def set_sinks(fn) -> None:
+            for sid in samples:
+                self.worker.set_sink(sid, fn)
 
         started = False
 
@@ -144,28 +152,29 @@ class DecodeService(node_pb2_grpc.DecodeNodeServicer):
                 return False
             started = True
             blocks = eng.held.take(_reservation(rid))
-            self.worker.set_sink(rid, sink)
+            set_sinks(sink)
             try:
                 if local_prefill:
                     if blocks is not None:
                         eng.unreserve(blocks)
                     eng.add_request(rid, params, prompt_token_ids=prompt, resume_token_ids=resume)
                     return True
-                for out in eng.add_prefilled(rid, params, prompt, request.first_token, blocks,
-                                             request.num_cached_tokens):
+                # the first tokens were sampled by the prefill node (under the request's grammar, if
+                # any): the engine rebuilds the grammar here and advances it by each of them
+                for out in eng.add_prefilled(rid, params, prompt, firsts, blocks, request.num_cached_tokens,
+                                             first_logprobs=first_logprobs):
                     sink(out)
                     if out.finished:
-                        self.worker.set_sink(rid, None)
+                        self.worker.set_sink(out.request_id, None)
             except InvalidRequestError:
-                self.worker.set_sink(rid, None)
+                set_sinks(None)
                 if blocks is not None and not local_prefill:
                     eng.unreserve(blocks)
                 raise
             return True
 
         try:
-            joined = await self._engine(start, undo=lambda e, ok: ok and (self.worker.set_sink(rid, None),
-                                                                          e.abort(rid)))
+            joined = await self._engine(start, undo=lambda e, ok: ok and (set_sinks(None), e.abort(rid)))
         except asyncio.CancelledError:
             if leased:  # if `start` never ran, the reservation is still ours
                 self.worker.call(lambda e: None if started else _free_reservation(e, rid))
@@ -180,21 +189,26 @@ class DecodeService(node_pb2_grpc.DecodeNodeServicer):
                 self.metrics.observe_recomputed_prefill()
         elif not local_prefill and self.metrics:  # the prompt's KV arrived from the prefill node
             self.metrics.observe_kv_transfer(request.kv_bytes, request.kv_transfer_s)
+        running = set(samples)  # the stream ends when every sample has finished
         finished = False
         try:
             while not finished:
                 out = await queue.get()
-                finished = out.finished
-                if out.error:  # a failed engine step ended it (and freed its blocks): a server fault
+                if out.finished:
+                    running.discard(out.request_id)
+                finished = not running
+                if out.error:  # a failed engine step (or a refused grammar token) ended it and freed its blocks
                     await context.abort(grpc.StatusCode.INTERNAL, f"decode node {self.node_id}: {out.error}")
                 yield node_pb2.DecodeOutput(
-                    delta=common_pb2.TokenDelta(text=out.text_delta, token_ids=list(out.new_token_ids)),
+                    delta=common_pb2.TokenDelta(text=out.text_delta, token_ids=list(out.new_token_ids),
+                                                logprobs=[logprob_to_proto(lp) for lp in out.logprobs]),
                     finished=out.finished,
                     finish_reason=out.finish_reason.value if out.finish_reason else "",
-                    completion_tokens=out.num_output_tokens, num_cached_tokens=out.num_cached_tokens)
+                    completion_tokens=out.num_output_tokens, num_cached_tokens=out.num_cached_tokens,
+                    index=out.index, forced_tokens=out.num_forced_tokens)
         finally:
-            if not finished:  # cancelled: abort without awaiting
-                self.worker.set_sink(rid, None)
+            if not finished:  # cancelled: abort without awaiting (every sample with it)
+                set_sinks(None)
                 self.worker.call(lambda e: e.abort(rid))
 
 

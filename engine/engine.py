@@ -30,6 +30,7 @@ from engine.sampling import SamplerState, SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.structured.backend import GrammarBackend, backend_for
 from engine.structured.matcher import GrammarState, MaskComputer
+from engine.tiers import TierConfig, TierManager
 from engine.tokenizer import IncrementalDetokenizer, Message, Tokenizer
 
 
@@ -67,7 +68,8 @@ class EngineStats:
 
 class LLMEngine:
     def __init__(self, model: str | os.PathLike = DEFAULT_MODEL, config: EngineConfig | None = None,
-                 *, kv_tensor: torch.Tensor | None = None, progress: bool = False) -> None:
+                 *, kv_tensor: torch.Tensor | None = None, tiers: TierConfig | None = None,
+                 progress: bool = False) -> None:
         self.config = config or EngineConfig()
         self.config.validate()
         if self.config.num_threads:
@@ -91,7 +93,11 @@ class LLMEngine:
         self.masks = MaskComputer(loaded.config.vocab_size)  # grammar masks, overlapped with the forward pass
         self.num_prefill_tokens = 0
         self.num_forced_tokens = 0
+        self._groups: dict[str, list[Request]] = {}  # n > 1: sample 0's id -> every sample, until all end
         self.held = BlockLedger()  # blocks a node holds outside requests (reservations, pins): engine/audit.py
+        self.tiers: TierManager | None = None  # host / disk / cluster tiers under the KV region (engine/tiers)
+        if tiers is not None and tiers.enabled:
+            TierManager.attach(self, tiers)
 
     # --- request intake ---------------------------------------------------------------
     def encode_prompt(self, prompt: str | None = None, messages: list[Message] | None = None,
@@ -181,7 +187,8 @@ class LLMEngine:
                                                                     f"{token} here: {req.sampler.grammar.error}")
         self._requests[request_id] = req
         self._detok[request_id] = detok
-        self.scheduler.add(req)
+        if self.tiers is None or not self.tiers.park(req):  # parked: its lower-tier blocks load first
+            self.scheduler.add(req)
         return req
 
     # --- disaggregation hooks ------------------------------------------------------------
@@ -197,13 +204,14 @@ class LLMEngine:
         self.pool.free(blocks)
 
     def add_prefilled(self, request_id: str, params: SamplingParams, prompt_token_ids: list[int],
-                      first_token: int | list[int], block_ids: list[int], num_cached_tokens: int = 0
-                      ) -> list[RequestOutput]:
+                      first_token: int | list[int], block_ids: list[int], num_cached_tokens: int = 0,
+                      first_logprobs: list[TokenLogprob] | None = None) -> list[RequestOutput]:
         """Join a request whose prompt KV is already in `block_ids` (written by a prefill node);
         `first_token` was sampled there (one per parallel sample when `params.n` > 1: the
         samples share the prompt's blocks). A constrained request's grammar starts here and
         takes the first token like any other, so it continues where the prefill node's left
-        off. Returns the first tokens' outputs (they may finish)."""
+        off. `first_logprobs`: theirs, computed there, when asked for. Returns the first
+        tokens' outputs (they may finish)."""
         if request_id in self._requests:
             raise InvalidRequestError("request_id", f"{request_id!r} is already running")
         self.check_params(params)
@@ -218,6 +226,9 @@ class LLMEngine:
         self._detok[request_id] = IncrementalDetokenizer(self.tokenizer)
         self.scheduler.add_running(req)
         req.sampler.fork_tokens = firsts[1:]
+        if first_logprobs:
+            for st, lp in zip([req.sampler, *req.sampler.forks], first_logprobs):
+                st.logprob = lp
         return self._append_sampled(req, firsts[0])
 
     def release(self, request_id: str) -> None:
@@ -260,9 +271,12 @@ class LLMEngine:
 
     # --- stepping ---------------------------------------------------------------------
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or (self.tiers is not None and self.tiers.num_parked > 0)
 
     def step(self) -> list[RequestOutput]:
+        if self.tiers is not None:  # parked requests whose blocks are now in the host pool join the queue
+            for req in self.tiers.take_ready(wait=not self.scheduler.has_work()):
+                self.scheduler.add(req)
         sched = self.scheduler.schedule()
         self._preemptions += len(sched.preempted)
         if sched.empty:
@@ -303,8 +317,9 @@ class LLMEngine:
             i = len(parent.children) + 1
             child = Request(sample_id(parent.request_id, i), list(parent.prompt_token_ids), parent.params,
                             arrival_time=parent.arrival_time, num_cached_tokens=parent.num_cached_tokens,
-                            sampler=fst, index=i)
+                            sampler=fst, index=i, parent_id=parent.request_id)
             parent.children.append(child)
+            self._groups.setdefault(parent.request_id, [parent]).append(child)
             self._requests[child.request_id] = child
             self._detok[child.request_id] = IncrementalDetokenizer(self.tokenizer)
             own = self.pool.allocate(len(parent.block_ids) - full) if parent.params.max_tokens > 1 else None
@@ -345,8 +360,7 @@ class LLMEngine:
             room = min(p.max_tokens - len(req.output_token_ids) - 1, self.max_model_len - req.num_tokens - 1)
             forced = st.grammar.forced(room)
             for t in forced:
-                if st.adjust is not None:
-                    st.adjust.accept(t)
+                st.accept_forced(t)
             new += forced
             req.num_forced_tokens += len(forced)
             self.num_forced_tokens += len(forced)
@@ -389,6 +403,11 @@ class LLMEngine:
     def _finish(self, req: Request, reason: FinishReason) -> None:
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
+        group = req.parent_id or req.request_id
+        if group in self._groups and all(r.finished for r in self._groups[group]):
+            del self._groups[group]
+        if self.tiers is not None:
+            self.tiers.write_back(req)  # decode write-back: its KV to the cluster store (when configured)
         self.scheduler.remove(req)
         if not req.hold_blocks:
             self._requests.pop(req.request_id, None)
@@ -397,17 +416,22 @@ class LLMEngine:
     def abort(self, request_id: str) -> bool:
         """Stop a request and free its blocks (including held ones), and its parallel samples'.
         False if unknown."""
+        if self.tiers is not None:
+            self.tiers.cancel(request_id)
         req = self._requests.pop(request_id, None)
+        group = self._groups.pop(request_id, [])  # its samples, also those running after it finished
+        for sample in group[1:]:
+            self.abort(sample.request_id)
         if req is None:
-            return False
-        for child in req.children:
-            self.abort(child.request_id)
+            return bool(group)
         self._detok.pop(request_id, None)
         if not req.finished:
             req.status = RequestStatus.FINISHED
             req.finish_reason = FinishReason.ABORT
             self.scheduler.remove(req)
         self.scheduler.release(req)
+        if req.parent_id in self._groups and all(r.finished for r in self._groups[req.parent_id]):
+            del self._groups[req.parent_id]
         return True
 
     def audit(self) -> AuditReport:
@@ -415,7 +439,8 @@ class LLMEngine:
         return audit_pool(self.pool, [*(r.block_ids for r in self._requests.values()), *self.held])
 
     def stats(self) -> EngineStats:
-        return EngineStats(len(self.scheduler.waiting), len(self.scheduler.running), self.pool.num_blocks,
+        parked = self.tiers.num_parked if self.tiers is not None else 0
+        return EngineStats(len(self.scheduler.waiting) + parked, len(self.scheduler.running), self.pool.num_blocks,
                            self.pool.num_free, self.pool.num_cached, self.pool.prefix_queries,
                            self.pool.prefix_hits, self._preemptions, self.num_prefill_tokens, self.num_forced_tokens)
 

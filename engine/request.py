@@ -44,6 +44,7 @@ class Request:
     num_preemptions: int = 0
     index: int = 0  # which of the request's `n` parallel samples this is (0: the one given the id)
     children: list["Request"] = field(default_factory=list)  # samples 1..n-1, once forked (`sample_id`)
+    parent_id: str | None = None  # a sample 1..n-1: the id of sample 0
     num_forced_tokens: int = 0  # output tokens the grammar forced (fast-forward: no model step of their own)
     error: str | None = None  # why the engine ended it, when it did so on its own (a grammar failure)
 

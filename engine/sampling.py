@@ -6,6 +6,11 @@ grammar mask (`engine.structured`), logit_bias and the penalties (`engine.penalt
 temperature, top-k, top-p, and the draw. A request asking none of these extras takes the
 plain path, unchanged. `n` > 1 parallel samples draw their first tokens from the same row
 (one prompt computation), each with its own generator (seed + index when seeded).
+
+The draw for output position k is made with the generator seeded from (seed, k)
+(`SamplerState.generator_for_draw`), not from a stream that runs on: a node that takes over
+a request after k tokens (the decode node after the prefill node's first token, a migrated
+request, tokens a grammar forced without a draw) draws what one engine alone would have.
 """
 from __future__ import annotations
 
@@ -135,7 +140,7 @@ class SamplingParams:
         if self.constraint is not None:
             if not isinstance(self.constraint, Constraint):
                 raise InvalidRequestError("constraint", f"must be a Constraint, got {show_value(self.constraint)}")
-            self.constraint.validate("constraint")
+            self.constraint.validate(self.constraint.field_name)
 
     def _validate_logit_bias(self) -> None:
         bias = self.logit_bias
@@ -178,6 +183,17 @@ def _seed_for(seed: int, index: int) -> int:
     return (seed + index - INT64_MIN) % 2**64 + INT64_MIN
 
 
+_M64 = 2**64 - 1
+
+
+def _mix(seed: int, position: int) -> int:
+    """splitmix64 of (seed, position): the generator seed of one draw, in [0, 2**64)."""
+    z = (seed + (position + 1) * 0x9E3779B97F4A7C15) & _M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return z ^ (z >> 31)
+
+
 @dataclass(slots=True)
 class SamplerState:
     """Per-request sampling state: its random generator, and when the request asks for them,
@@ -185,6 +201,9 @@ class SamplerState:
     states of its parallel samples until their first tokens are drawn (`forks`)."""
 
     generator: torch.Generator | None = field(default=None)
+    seed: int = 0  # of a sampled request (its own, or drawn at random)
+    position: int = 0  # output tokens so far: the next draw is for this position
+    redraws: int = 0  # draws made at this position (the engine makes one; a direct caller may make more)
     grammar: "GrammarState | None" = None  # engine.structured.matcher
     adjust: LogitAdjustments | None = None
     logprobs: int | None = None  # None: off; else how many top alternatives to report
@@ -195,18 +214,17 @@ class SamplerState:
     @classmethod
     def for_params(cls, params: SamplingParams, index: int = 0, *, prompt: list[int] | tuple[int, ...] = (),
                    vocab_size: int = 0, grammar=None) -> "SamplerState":
-        gen = None
+        gen, seed = None, 0
         if not params.greedy:
             gen = torch.Generator()
             seed = _seed_for(params.seed, index) if params.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
-            gen.manual_seed(seed)
         adjust = None
         if not params.plain:
             adjust = LogitAdjustments.create(vocab_size, presence=params.presence_penalty,
                                              frequency=params.frequency_penalty,
                                              repetition=params.repetition_penalty, logit_bias=params.logit_bias,
                                              prompt=prompt)
-        return cls(gen, grammar, adjust, params.logprobs)
+        return cls(gen, seed, 0, 0, grammar, adjust, params.logprobs)
 
     @property
     def plain(self) -> bool:
@@ -215,9 +233,25 @@ class SamplerState:
     def accept(self, token: int) -> bool:
         """`token` joined the output: count it and advance the grammar. False if the grammar
         does not allow it (`grammar.error` says why)."""
+        self.position += 1
+        self.redraws = 0
         if self.adjust is not None:
             self.adjust.accept(token)
         return self.grammar.consume(token) if self.grammar is not None else True
+
+    def accept_forced(self, token: int) -> None:
+        """`token` joined the output as the grammar forced it (the grammar has consumed it)."""
+        self.position += 1
+        self.redraws = 0
+        if self.adjust is not None:
+            self.adjust.accept(token)
+
+    def generator_for_draw(self) -> torch.Generator | None:
+        """The generator for the draw at `position` (None when greedy)."""
+        if self.generator is not None:
+            self.generator.manual_seed(_mix(self.seed ^ (self.redraws * 0xD1B54A32D192ED03 & _M64), self.position))
+            self.redraws += 1
+        return self.generator
 
     def take_logprob(self) -> TokenLogprob | None:
         lp, self.logprob = self.logprob, None
@@ -275,13 +309,13 @@ def _sample_row(raw: torch.Tensor, p: SamplingParams, st: SamplerState) -> int:
     if st.adjust is not None:
         row = st.adjust.apply(row)
     row = _finite_row(row, allowed)
-    token = _draw(row, p, st.generator)
+    token = _draw(row, p, st.generator_for_draw())
     if lsm is not None:
         st.logprob = token_logprob(lsm, token, st.logprobs)
     if st.forks:
         st.fork_tokens = []
         for fork in st.forks:
-            t = _draw(row, p, fork.generator)
+            t = _draw(row, p, fork.generator_for_draw())
             st.fork_tokens.append(t)
             if lsm is not None:
                 fork.logprob = token_logprob(lsm, t, fork.logprobs)
@@ -305,5 +339,5 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], states: list[Samp
         elif p.greedy:
             out.append(greedy_ids[i])
         else:
-            out.append(_draw(logits[i].to("cpu", torch.float64), p, st.generator))
+            out.append(_draw(logits[i].to("cpu", torch.float64), p, st.generator_for_draw()))
     return out

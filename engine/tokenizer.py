@@ -28,6 +28,7 @@ class Tokenizer:
         if not path.is_file():
             raise ModelLoadError(f"{path} not found")
         self._tok = _HFTokenizer.from_file(str(path))
+        self.path = path  # tokenizer.json (the constrained-decoding backend builds its own from it)
         cfg_path = model_dir / "tokenizer_config.json"
         cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
         template = cfg.get("chat_template")

@@ -42,7 +42,7 @@ from engine.errors import InvalidRequestError
 from engine.leases import BlockLeases
 from engine.worker import EngineWorker, StepFailed
 from prefill_node.kv_events import KVEventLog
-from proto.convert import sampling_from_proto
+from proto.convert import logprob_to_proto, sampling_from_proto
 from proto.halfmoon.v1 import node_pb2, node_pb2_grpc
 from transfer_engine import PeerDescriptor, Region, TransferEngine, TransferError, TransferHandle
 
@@ -64,6 +64,8 @@ class _Job:
     sent_blocks: int = 0
     bytes_sent: int = 0
     first_token: int | None = None
+    first_tokens: list[int] = field(default_factory=list)  # every parallel sample's (n > 1), first_token first
+    first_logprobs: list = field(default_factory=list)  # their TokenLogprobs, when asked for
     cached_tokens: int = 0
     handles: list[TransferHandle] = field(default_factory=list)
 
@@ -107,6 +109,10 @@ class PrefillService(node_pb2_grpc.PrefillNodeServicer):
                 self._ship(job, req.block_ids, job.sent_blocks, full)
             if req.finished:
                 job.first_token = req.output_token_ids[0]
+                samples = [req, *req.children]  # n > 1: the samples forked when the first tokens were drawn
+                job.first_tokens = [r.output_token_ids[0] for r in samples]
+                drawn = {o.request_id: o.logprobs for o in outputs if o.logprobs}
+                job.first_logprobs = [drawn[r.request_id][0] for r in samples if r.request_id in drawn]
                 job.computed_at = time.monotonic()
                 job.loop.call_soon_threadsafe(lambda j=job: asyncio.ensure_future(self._complete(j)))
 
@@ -179,7 +185,8 @@ class PrefillService(node_pb2_grpc.PrefillNodeServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"cannot reach decode node {t.node_id}: {e}")
         loop = asyncio.get_running_loop()
         job = _Job(rid, len(prompt), t.region_id, list(t.block_ids[:need]), peer, loop, loop.create_future())
-        # one sampled token, no stop rules: the decode node applies the request's own
+        # one sampled token (per parallel sample), no stop rules: the decode node applies the
+        # request's own. A constrained request's first token is sampled under its grammar here.
         pparams = replace(params, max_tokens=1, stop=(), stop_token_ids=(), ignore_eos=True)
         pulled: tuple[int, list[int], tuple[str, str]] | None = None
         pull_error, pull_s = "", 0.0
@@ -243,7 +250,8 @@ class PrefillService(node_pb2_grpc.PrefillNodeServicer):
         if self.metrics:
             self.metrics.observe_kv_transfer(job.bytes_sent, acked_at - started)
         return node_pb2.PrefillResponse(
-            first_token=job.first_token, num_cached_tokens=job.cached_tokens,
+            first_token=job.first_token, first_tokens=job.first_tokens,
+            first_logprobs=[logprob_to_proto(lp) for lp in job.first_logprobs], num_cached_tokens=job.cached_tokens,
             queue_s=max(0.0, started - job.arrived_at), prefill_s=max(0.0, computed_at - started),
             kv_transfer_s=max(0.0, acked_at - computed_at), kv_bytes=job.bytes_sent,
             pulled_tokens=len(pulled[1]) * self.block_size if pulled else 0, pull_s=pull_s, pull_error=pull_error)

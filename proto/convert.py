@@ -2,8 +2,43 @@
 from __future__ import annotations
 
 from engine.errors import InvalidRequestError
+from engine.logprobs import TokenLogprob
 from engine.sampling import SamplingParams, show_value
+from engine.structured import Constraint
 from proto.halfmoon.v1 import common_pb2
+
+
+def constraint_from_proto(msg: common_pb2.SamplingParams) -> Constraint | None:
+    kind = msg.WhichOneof("constraint")
+    if kind is None:
+        return None
+    if kind == "json_object":
+        return Constraint("json_object", source="sampling.json_object")
+    if kind == "json_schema":
+        return Constraint("json_schema", msg.json_schema.schema, strict=msg.json_schema.strict,
+                          source="sampling.json_schema.schema")
+    if kind == "choice":
+        return Constraint("choice", choices=tuple(msg.choice.choices), source="sampling.choice.choices")
+    return Constraint(kind, getattr(msg, kind), source=f"sampling.{kind}")  # regex | grammar
+
+
+def _constraint_to_proto(c: Constraint, msg: common_pb2.SamplingParams) -> None:
+    try:
+        if c.kind == "json_object":
+            msg.json_object.SetInParent()
+        elif c.kind == "json_schema":
+            msg.json_schema.schema = c.spec
+            msg.json_schema.strict = c.strict
+        elif c.kind == "choice":
+            msg.choice.choices.extend(c.choices)
+        elif c.kind in ("regex", "grammar"):
+            setattr(msg, c.kind, c.spec)
+        else:
+            raise InvalidRequestError("sampling.constraint", f"unknown kind {show_value(c.kind)}")
+    except (TypeError, ValueError) as e:
+        if isinstance(e, InvalidRequestError):
+            raise
+        raise InvalidRequestError("sampling.constraint", "cannot be sent: its text must be valid Unicode") from None
 
 
 def sampling_from_proto(msg: common_pb2.SamplingParams, *, validate: bool = True) -> SamplingParams:
@@ -17,6 +52,14 @@ def sampling_from_proto(msg: common_pb2.SamplingParams, *, validate: bool = True
         stop=tuple(msg.stop),
         stop_token_ids=tuple(msg.stop_token_ids),
         ignore_eos=msg.ignore_eos,
+        n=msg.n if msg.HasField("n") else defaults.n,
+        logprobs=msg.logprobs if msg.HasField("logprobs") else None,
+        presence_penalty=msg.presence_penalty if msg.HasField("presence_penalty") else defaults.presence_penalty,
+        frequency_penalty=msg.frequency_penalty if msg.HasField("frequency_penalty") else defaults.frequency_penalty,
+        repetition_penalty=(msg.repetition_penalty if msg.HasField("repetition_penalty")
+                            else defaults.repetition_penalty),
+        logit_bias=tuple(sorted(msg.logit_bias.items())),
+        constraint=constraint_from_proto(msg),
     )
     if validate:
         try:
@@ -36,6 +79,13 @@ def sampling_to_proto(p: SamplingParams) -> common_pb2.SamplingParams:
                ("top_k", p.top_k), ("ignore_eos", p.ignore_eos)]
     if p.seed is not None:
         scalars.append(("seed", p.seed))
+    if p.n != 1:
+        scalars.append(("n", p.n))
+    if p.logprobs is not None:
+        scalars.append(("logprobs", p.logprobs))
+    for name, neutral in (("presence_penalty", 0), ("frequency_penalty", 0), ("repetition_penalty", 1)):
+        if getattr(p, name) != neutral:
+            scalars.append((name, getattr(p, name)))
     for name, value in scalars:
         try:
             setattr(msg, name, value)
@@ -50,11 +100,30 @@ def sampling_to_proto(p: SamplingParams) -> common_pb2.SamplingParams:
         except (TypeError, ValueError, OverflowError):  # UnicodeEncodeError is a ValueError
             raise InvalidRequestError(f"sampling.{name}", f"cannot be sent as a list of {_WIRE_TYPES[name]}, "
                                                           f"got {show_value(values)}") from None
+    try:
+        for tid, bias in p.logit_bias:
+            msg.logit_bias[tid] = bias
+    except (TypeError, ValueError, OverflowError):
+        raise InvalidRequestError("sampling.logit_bias", f"cannot be sent as int32 -> float pairs, "
+                                                         f"got {show_value(p.logit_bias)}") from None
+    if p.constraint is not None:
+        _constraint_to_proto(p.constraint, msg)
     return msg
 
 
 _WIRE_TYPES = {"max_tokens": "int32", "temperature": "float", "top_p": "float", "top_k": "int32",
-               "ignore_eos": "bool", "seed": "int64", "stop": "UTF-8 strings", "stop_token_ids": "int32"}
+               "ignore_eos": "bool", "seed": "int64", "stop": "UTF-8 strings", "stop_token_ids": "int32",
+               "n": "int32", "logprobs": "int32", "presence_penalty": "float", "frequency_penalty": "float",
+               "repetition_penalty": "float"}
+
+
+def logprob_to_proto(lp: TokenLogprob) -> common_pb2.TokenLogprob:
+    return common_pb2.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob,
+                                   top=[common_pb2.TopLogprob(token_id=t, logprob=v) for t, v in lp.top])
+
+
+def logprob_from_proto(msg: common_pb2.TokenLogprob) -> TokenLogprob:
+    return TokenLogprob(msg.token_id, msg.logprob, tuple((t.token_id, t.logprob) for t in msg.top))
 
 
 def unknown_field_numbers(msg) -> list[str]:

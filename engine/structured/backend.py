@@ -59,9 +59,10 @@ class GrammarBackend:
         self._checked: OrderedDict[Constraint, str] = OrderedDict()  # constraint -> its grammar, known good
         self._lock = threading.Lock()
 
-    def check(self, c: Constraint, field: str = "constraint") -> str:
+    def check(self, c: Constraint, field: str | None = None) -> str:
         """The grammar of `c`, known to compile and to accept some output; else
-        `InvalidRequestError` naming `field`."""
+        `InvalidRequestError` naming `field` (default: where the client gave it)."""
+        field = field or c.field_name
         with self._lock:
             grammar = self._checked.get(c)
             if grammar is not None:
@@ -82,7 +83,7 @@ class GrammarBackend:
                 self._checked.popitem(last=False)
         return grammar
 
-    def matcher(self, c: Constraint, field: str = "constraint") -> llg.LLMatcher:
+    def matcher(self, c: Constraint, field: str | None = None) -> llg.LLMatcher:
         """A fresh matcher for one request (checks `c` first)."""
         return llg.LLMatcher(self.tokenizer, self.check(c, field), log_level=0, limits=_limits())
 

@@ -17,7 +17,7 @@ it such keywords are ignored (best effort) and the rest is still enforced.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from engine.errors import InvalidRequestError
 
@@ -32,10 +32,18 @@ class Constraint:
     spec: str = ""
     choices: tuple[str, ...] = ()
     strict: bool = False
+    # the client's name for where this came from (e.g. "response_format.json_schema.schema"), for
+    # error messages; not part of what the constraint is, and not sent between nodes
+    source: str = field(default="", compare=False)
 
     @classmethod
-    def json_schema(cls, schema: dict | bool | str, strict: bool = False) -> "Constraint":
-        return cls("json_schema", schema if isinstance(schema, str) else json.dumps(schema), strict=strict)
+    def json_schema(cls, schema: dict | bool | str, strict: bool = False, source: str = "") -> "Constraint":
+        return cls("json_schema", schema if isinstance(schema, str) else json.dumps(schema), strict=strict,
+                   source=source)
+
+    @property
+    def field_name(self) -> str:
+        return self.source or "constraint"
 
     def validate(self, field: str = "constraint") -> None:
         """Shape only (types, sizes, a schema that is JSON); whether it compiles is the

@@ -3,6 +3,7 @@ computation over HF's logits, and n > 1 parallel samples (tiny random-weight mod
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import jsonschema
 import pytest
@@ -182,3 +183,14 @@ def test_abort_ends_every_sample(eng):
     with pytest.raises(InvalidRequestError) as e:
         eng.add_request("x", SamplingParams(n=0), prompt_token_ids=PROMPT)
     assert e.value.field == "n"
+
+
+def test_abort_after_sample_0_finished_still_ends_the_others(eng):
+    p = SamplingParams(max_tokens=40, ignore_eos=True, temperature=5.0, seed=8, n=3)
+    first = tokens(run(eng, replace(p, max_tokens=1))["r"])[0]
+    eng.add_request("ab", replace(p, stop_token_ids=(first,)), prompt_token_ids=PROMPT)
+    outs = eng.step()
+    assert [o.finished for o in outs] == [True, False, False]  # sample 0 stopped on its first token
+    assert eng.get_request("ab") is None and eng.get_request(sample_id("ab", 1)) is not None
+    assert eng.abort("ab")
+    assert not eng.has_unfinished() and eng.pool.num_used == 0 and not eng._groups

@@ -24,19 +24,33 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eproto/halfmoon/v1/common.proto\x12\x0bhalfmoon.v1\"\xf4\x01\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"-\n\nTokenDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"k\n\x06Timing\x12\x0f\n\x07queue_s\x18\x01 \x01(\x01\x12\x11\n\tprefill_s\x18\x02 \x01(\x01\x12\x15\n\rkv_transfer_s\x18\x03 \x01(\x01\x12\x16\n\x0e\x66irst_decode_s\x18\x04 \x01(\x01\x12\x0e\n\x06ttft_s\x18\x05 \x01(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eproto/halfmoon/v1/common.proto\x12\x0bhalfmoon.v1\"\xfb\x05\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x0e\n\x01n\x18\t \x01(\x05H\x06\x88\x01\x01\x12\x15\n\x08logprobs\x18\n \x01(\x05H\x07\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x0b \x01(\x02H\x08\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0c \x01(\x02H\t\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\r \x01(\x02H\n\x88\x01\x01\x12>\n\nlogit_bias\x18\x0e \x03(\x0b\x32*.halfmoon.v1.SamplingParams.LogitBiasEntry\x12.\n\x0bjson_object\x18\x0f \x01(\x0b\x32\x17.halfmoon.v1.JsonObjectH\x00\x12.\n\x0bjson_schema\x18\x10 \x01(\x0b\x32\x17.halfmoon.v1.JsonSchemaH\x00\x12\x0f\n\x05regex\x18\x11 \x01(\tH\x00\x12%\n\x06\x63hoice\x18\x12 \x01(\x0b\x32\x13.halfmoon.v1.ChoiceH\x00\x12\x11\n\x07grammar\x18\x13 \x01(\tH\x00\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0c\n\nconstraintB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x04\n\x02_nB\x0b\n\t_logprobsB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penalty\"\x0c\n\nJsonObject\",\n\nJsonSchema\x12\x0e\n\x06schema\x18\x01 \x01(\t\x12\x0e\n\x06strict\x18\x02 \x01(\x08\"\x19\n\x06\x43hoice\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"W\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12$\n\x03top\x18\x03 \x03(\x0b\x32\x17.halfmoon.v1.TopLogprob\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"\x80\x01\n\nTokenDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\r\n\x05index\x18\x03 \x01(\r\x12+\n\x08logprobs\x18\x04 \x03(\x0b\x32\x19.halfmoon.v1.TokenLogprob\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"k\n\x06Timing\x12\x0f\n\x07queue_s\x18\x01 \x01(\x01\x12\x11\n\tprefill_s\x18\x02 \x01(\x01\x12\x15\n\rkv_transfer_s\x18\x03 \x01(\x01\x12\x16\n\x0e\x66irst_decode_s\x18\x04 \x01(\x01\x12\x0e\n\x06ttft_s\x18\x05 \x01(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'proto.halfmoon.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
   _globals['_SAMPLINGPARAMS']._serialized_start=48
-  _globals['_SAMPLINGPARAMS']._serialized_end=292
-  _globals['_TOKENDELTA']._serialized_start=294
-  _globals['_TOKENDELTA']._serialized_end=339
-  _globals['_USAGE']._serialized_start=341
-  _globals['_USAGE']._serialized_end=421
-  _globals['_TIMING']._serialized_start=423
-  _globals['_TIMING']._serialized_end=530
+  _globals['_SAMPLINGPARAMS']._serialized_end=811
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=604
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=652
+  _globals['_JSONOBJECT']._serialized_start=813
+  _globals['_JSONOBJECT']._serialized_end=825
+  _globals['_JSONSCHEMA']._serialized_start=827
+  _globals['_JSONSCHEMA']._serialized_end=871
+  _globals['_CHOICE']._serialized_start=873
+  _globals['_CHOICE']._serialized_end=898
+  _globals['_TOKENLOGPROB']._serialized_start=900
+  _globals['_TOKENLOGPROB']._serialized_end=987
+  _globals['_TOPLOGPROB']._serialized_start=989
+  _globals['_TOPLOGPROB']._serialized_end=1036
+  _globals['_TOKENDELTA']._serialized_start=1039
+  _globals['_TOKENDELTA']._serialized_end=1167
+  _globals['_USAGE']._serialized_start=1169
+  _globals['_USAGE']._serialized_end=1249
+  _globals['_TIMING']._serialized_start=1251
+  _globals['_TIMING']._serialized_end=1358
 # @@protoc_insertion_point(module_scope)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from proto.halfmoon.v1 import common_pb2 as proto_dot_halfmoon_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n proto/halfmoon/v1/generate.proto\x12\x0bhalfmoon.v1\x1a\x1eproto/halfmoon/v1/common.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\":\n\x0c\x43hatMessages\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.halfmoon.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xcd\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12)\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x19.halfmoon.v1.ChatMessagesH\x00\x12\x31\n\x10prompt_token_ids\x18\x04 \x01(\x0b\x32\x15.halfmoon.v1.TokenIdsH\x00\x12-\n\x08sampling\x18\x05 \x01(\x0b\x32\x1b.halfmoon.v1.SamplingParamsB\x07\n\x05input\"i\n\x10GenerateResponse\x12(\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x17.halfmoon.v1.TokenDeltaH\x00\x12#\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x12.halfmoon.v1.FinalH\x00\x42\x06\n\x04kind\"\xa5\x01\n\x05\x46inal\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12!\n\x05usage\x18\x03 \x01(\x0b\x32\x12.halfmoon.v1.Usage\x12#\n\x06timing\x18\x04 \x01(\x0b\x32\x13.halfmoon.v1.Timing\x12\x14\n\x0cprefill_node\x18\x05 \x01(\t\x12\x13\n\x0b\x64\x65\x63ode_node\x18\x06 \x01(\t2W\n\nGeneration\x12I\n\x08Generate\x12\x1c.halfmoon.v1.GenerateRequest\x1a\x1d.halfmoon.v1.GenerateResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n proto/halfmoon/v1/generate.proto\x12\x0bhalfmoon.v1\x1a\x1eproto/halfmoon/v1/common.proto\"{\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12)\n\ntool_calls\x18\x03 \x03(\x0b\x32\x15.halfmoon.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\x12\x0c\n\x04name\x18\x05 \x01(\t\"=\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x12\n\nparameters\x18\x03 \x01(\t\":\n\nToolChoice\x12\x0e\n\x04mode\x18\x01 \x01(\tH\x00\x12\x12\n\x08\x66unction\x18\x02 \x01(\tH\x00\x42\x08\n\x06\x63hoice\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\":\n\x0c\x43hatMessages\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.halfmoon.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\x9d\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12)\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x19.halfmoon.v1.ChatMessagesH\x00\x12\x31\n\x10prompt_token_ids\x18\x04 \x01(\x0b\x32\x15.halfmoon.v1.TokenIdsH\x00\x12-\n\x08sampling\x18\x05 \x01(\x0b\x32\x1b.halfmoon.v1.SamplingParams\x12 \n\x05tools\x18\x06 \x03(\x0b\x32\x11.halfmoon.v1.Tool\x12,\n\x0btool_choice\x18\x07 \x01(\x0b\x32\x17.halfmoon.v1.ToolChoiceB\x07\n\x05input\"i\n\x10GenerateResponse\x12(\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x17.halfmoon.v1.TokenDeltaH\x00\x12#\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x12.halfmoon.v1.FinalH\x00\x42\x06\n\x04kind\"\xce\x01\n\x05\x46inal\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12!\n\x05usage\x18\x03 \x01(\x0b\x32\x12.halfmoon.v1.Usage\x12#\n\x06timing\x18\x04 \x01(\x0b\x32\x13.halfmoon.v1.Timing\x12\x14\n\x0cprefill_node\x18\x05 \x01(\t\x12\x13\n\x0b\x64\x65\x63ode_node\x18\x06 \x01(\t\x12\'\n\x07samples\x18\x07 \x03(\x0b\x32\x16.halfmoon.v1.SampleEnd\"\x88\x01\n\tSampleEnd\x12\r\n\x05index\x18\x01 \x01(\r\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\r\x12)\n\ntool_calls\x18\x04 \x03(\x0b\x32\x15.halfmoon.v1.ToolCall\x12\x0f\n\x07\x63ontent\x18\x05 \x01(\t2W\n\nGeneration\x12I\n\x08Generate\x12\x1c.halfmoon.v1.GenerateRequest\x1a\x1d.halfmoon.v1.GenerateResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,17 +33,25 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'proto.halfmoon.v1.generate_
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CHATMESSAGE']._serialized_start=81
-  _globals['_CHATMESSAGE']._serialized_end=125
-  _globals['_CHATMESSAGES']._serialized_start=127
-  _globals['_CHATMESSAGES']._serialized_end=185
-  _globals['_TOKENIDS']._serialized_start=187
-  _globals['_TOKENIDS']._serialized_end=210
-  _globals['_GENERATEREQUEST']._serialized_start=213
-  _globals['_GENERATEREQUEST']._serialized_end=418
-  _globals['_GENERATERESPONSE']._serialized_start=420
-  _globals['_GENERATERESPONSE']._serialized_end=525
-  _globals['_FINAL']._serialized_start=528
-  _globals['_FINAL']._serialized_end=693
-  _globals['_GENERATION']._serialized_start=695
-  _globals['_GENERATION']._serialized_end=782
+  _globals['_CHATMESSAGE']._serialized_end=204
+  _globals['_TOOL']._serialized_start=206
+  _globals['_TOOL']._serialized_end=267
+  _globals['_TOOLCHOICE']._serialized_start=269
+  _globals['_TOOLCHOICE']._serialized_end=327
+  _globals['_TOOLCALL']._serialized_start=329
+  _globals['_TOOLCALL']._serialized_end=384
+  _globals['_CHATMESSAGES']._serialized_start=386
+  _globals['_CHATMESSAGES']._serialized_end=444
+  _globals['_TOKENIDS']._serialized_start=446
+  _globals['_TOKENIDS']._serialized_end=469
+  _globals['_GENERATEREQUEST']._serialized_start=472
+  _globals['_GENERATEREQUEST']._serialized_end=757
+  _globals['_GENERATERESPONSE']._serialized_start=759
+  _globals['_GENERATERESPONSE']._serialized_end=864
+  _globals['_FINAL']._serialized_start=867
+  _globals['_FINAL']._serialized_end=1073
+  _globals['_SAMPLEEND']._serialized_start=1076
+  _globals['_SAMPLEEND']._serialized_end=1212
+  _globals['_GENERATION']._serialized_start=1214
+  _globals['_GENERATION']._serialized_end=1301
 # @@protoc_insertion_point(module_scope)
