@@ -11,6 +11,11 @@ The free queue is in LRU order: `free()` appends at the tail, `allocate()` pops 
 A full block's key is `hash(parent_key, its token ids)` (xxhash64), so equal keys mean equal
 prefixes; the block's token ids are kept and compared on lookup to rule out collisions.
 Listeners see every hash stored or removed (the conductor's global index is built from them).
+
+Tiers below the device (`engine/tiers`) attach as `tiers`: they see every cached block just
+before eviction reuses it (`on_evict`: demotion), every newly cached block (`on_cache`), and
+fill an admitted request's fresh blocks with the chain's next blocks they hold (`load_prefix`:
+promotion).
 """
 from __future__ import annotations
 
@@ -51,6 +56,7 @@ class KVEvent:
     kind: str
     block_hashes: tuple[int, ...]
     parent_hash: int | None = None
+    tier: str = "device"  # device | host | disk | cluster (engine/tiers)
 
 
 class BlockPool:
@@ -63,6 +69,7 @@ class BlockPool:
         self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self._cached: dict[BlockHash, int] = {}
         self._listeners: list[Callable[[KVEvent], None]] = []
+        self.tiers = None  # engine.tiers.TierManager, when tiers below the device are attached
         self.prefix_queries = 0  # tokens looked up
         self.prefix_hits = 0  # tokens found cached
 
@@ -124,6 +131,17 @@ class BlockPool:
         self._tokens[block] = tuple(token_ids)
         self._cached[h] = block
         self._emit(KVEvent("stored", (h,), parent))
+        if self.tiers is not None:
+            self.tiers.on_cache(block, h, token_ids)
+
+    def load_prefix(self, request_id: str, hashes: Sequence[BlockHash], token_ids: Sequence[int],
+                    cached: Sequence[int], new: Sequence[int], limit: int) -> int:
+        """After `cached` (the device's blocks of the chain `hashes`) and `new` were taken for
+        a request: fill the leading `new` blocks with the chain's next blocks from the tiers
+        below, publish them, and return how many (at most `limit` - len(cached))."""
+        if self.tiers is None:
+            return 0
+        return self.tiers.fill(request_id, hashes, token_ids, cached, new, limit)
 
     # --- allocation ------------------------------------------------------------------
     def allocate(self, n: int) -> list[BlockId] | None:
@@ -136,6 +154,8 @@ class BlockPool:
             b, _ = self._free.popitem(last=False)
             h = self._hash[b]
             if h is not None:
+                if self.tiers is not None:
+                    self.tiers.on_evict(b, h, self._tokens[b])  # demote before the block is reused
                 del self._cached[h]
                 self._hash[b] = None
                 self._tokens[b] = None

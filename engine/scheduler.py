@@ -116,10 +116,12 @@ class Scheduler:
         if new is None:
             self.pool.free(cached)
             return False
-        hit = len(cached) * bs
+        # the tiers below the device (engine/tiers) fill the chain's next blocks they hold
+        loaded = self.pool.load_prefix(req.request_id, hashes, tokens, cached, new, (len(tokens) - 1) // bs)
+        hit = (len(cached) + loaded) * bs
         self.pool.record_lookup(len(tokens), hit)
         req.block_ids = list(cached) + new
-        req.block_hashes = list(hashes[: len(cached)])
+        req.block_hashes = list(hashes[: len(cached) + loaded])
         req.num_computed_tokens = hit
         if req.num_preemptions == 0:
             req.num_cached_tokens = hit
