@@ -27,7 +27,6 @@ import argparse
 import asyncio
 import json
 import random
-import re
 import struct
 import sys
 import threading
@@ -37,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from bench.chaos.report import Outcome
+from bench.chaos.report import Outcome, names_exception_class
 
 HTTP_CATEGORIES = {  # category -> weight
     "malformed_json": 10, "extreme_numbers": 14, "deep_nesting": 4, "bad_utf8": 10, "wrong_content_type": 6,
@@ -50,7 +49,6 @@ GRPC_CATEGORIES = {
 CATEGORIES = {**HTTP_CATEGORIES, **GRPC_CATEGORIES}
 GENERATE = "/halfmoon.v1.Generation/Generate"
 MAX_MODEL_LEN = 2048
-CLASS_NAME = re.compile(r"\b[A-Z][A-Za-z]*(Error|Exception)\b")
 
 
 @dataclass(frozen=True, slots=True)
@@ -593,7 +591,7 @@ class _Sender:
         r.outcomes.append(Outcome(-1 - case.index, case.api, now, now, status,
                                   "" if status == "completed" else f"{case.category}: {answer}"))
         r.by_category[case.category][status] += 1
-        if CLASS_NAME.search(answer):
+        if names_exception_class(answer):
             r.class_names += 1
         if not shaped:
             r.unshaped += 1
@@ -620,7 +618,7 @@ class _Sender:
         except httpx.TimeoutException:
             return "hung", "HTTP timeout", True
         except (httpx.HTTPError, UnicodeError) as e:
-            return "failed_unclean", f"no HTTP answer: {type(e).__name__}: {e}", True
+            return "failed_unclean", f"no HTTP answer: {e or 'the connection closed'}", True
 
     async def _grpc(self, case: Case) -> tuple[str, str, bool]:
         grpc = self.grpc

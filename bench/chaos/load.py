@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import grpc
 import httpx
 
-from bench.chaos.report import Outcome
+from bench.chaos.report import Outcome, names_exception_class
 from proto.halfmoon.v1 import common_pb2, generate_pb2, generate_pb2_grpc
 
 UNCLEAN_GRPC = (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
@@ -100,6 +100,8 @@ class LoadClient:
                     status, error = await self._http_stream(prompt, max_tokens, tokens, first)
         except TimeoutError:
             status, error = "hung", f"no end within {self.timeout_s:g}s ({len(tokens)} tokens so far)"
+        if status == "failed_clean" and names_exception_class(error):
+            status = "failed_unclean"  # a clean status around a leaked internal error
         return Outcome(index, api, t0, time.monotonic(), status, error, tuple(tokens),
                        first[0] - t0 if first else None)
 
@@ -159,7 +161,7 @@ class LoadClient:
         except httpx.TimeoutException as e:
             return "hung", f"HTTP: {e!r}"
         except httpx.HTTPError as e:  # refused or dropped connection: the client knows at once
-            return "failed_clean", f"HTTP: {type(e).__name__}: {e}"
+            return "failed_clean", f"HTTP connection failed: {e or 'closed'}"
 
 
 class ClosedLoop:

@@ -9,7 +9,8 @@ Every request ends one way (`Outcome.status`):
   OpenAI-shaped body that is not an internal error, a refused or dropped connection while
   the conductor was down);
 - `failed_unclean`: it failed with gRPC INTERNAL / UNKNOWN, or an HTTP 5xx that is not a
-  named failure (what a client can only read as a server bug);
+  named failure, or with a message naming a Python exception class whatever the status
+  (what a client can only read as a server bug);
 - `hung`: no end within the client's timeout.
 
 A row's required keys are `scenario, requests, completed, failed_clean, hung,
@@ -21,12 +22,19 @@ fault-free run, how long a faulted part took to be back in rotation, the commone
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
 STATUSES = ("completed", "failed_clean", "failed_unclean", "hung")
+EXCEPTION_CLASS = re.compile(r"<class '|\b[A-Z][A-Za-z]*(Error|Exception)\b|Traceback \(most recent")
+
+
+def names_exception_class(message: str) -> bool:
+    """Whether a server's message leaks an exception class (`<class 'TypeError'>`, `KeyError`)."""
+    return EXCEPTION_CLASS.search(message) is not None
 
 
 @dataclass(frozen=True, slots=True)

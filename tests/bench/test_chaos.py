@@ -14,7 +14,8 @@ import pytest
 from bench.chaos.audit import audit_blocks, parse_gauge
 from bench.chaos.cluster import RotationWatch, Sample, in_rotation, out_of_rotation
 from bench.chaos.load import ClosedLoop, LoadClient, LoadPlan, classify_http_error, make_prompts
-from bench.chaos.report import Audit, Outcome, Row, error_key, summarize, table, write_json
+from bench.chaos.report import (Audit, Outcome, Row, error_key, names_exception_class, summarize, table,
+                                 write_json)
 from bench.chaos.scenarios import SCENARIOS, Options, Result, Scenario, SuiteState, run_scenario
 from bench.chaos.soak import summarize as soak_summarize
 from conductor.frontend_api import Finished, RequestFailed, TokenChunk, Unavailable, Usage
@@ -62,6 +63,15 @@ def test_a_clean_row_is_ok_and_an_unreachable_node_makes_leaks_unknown():
     assert summarize("y", [], None).leaked_blocks is None
     with pytest.raises(ValueError, match="status must be one of"):
         out(0, "exploded")
+
+
+@pytest.mark.parametrize("message,named", [
+    ("Exception deserializing request!", False), ("ABORTED: decode node decode-0 failed: UNAVAILABLE", False),
+    ("ValueError: Exceeds the limit", True), ("internal error: RecursionError", True),
+    ("decode node decode-1 failed: UNKNOWN: Unexpected <class 'TypeError'>: f() got an unexpected keyword", True),
+    ("Traceback (most recent call last):", True)])
+def test_messages_naming_an_exception_class_are_spotted(message, named):
+    assert names_exception_class(message) is named
 
 
 def test_error_key_folds_runs_of_digits():
@@ -207,7 +217,7 @@ def test_closed_loop_stops_on_the_event_and_backs_off_after_failures():
 
 class FakeBackend:
     """Answers by the first prompt token: 1 completes, 2 fails named, 3 unavailable, 4 raises
-    something unexpected, 5 never answers."""
+    something unexpected, 5 never answers, 6 fails naming an exception class."""
 
     model_name = "fake-model"
 
@@ -223,6 +233,8 @@ class FakeBackend:
             raise Unavailable("no live decode node")
         elif first == 4:
             raise ZeroDivisionError("oops")
+        elif first == 6:
+            raise RequestFailed("decode node decode-0 failed: UNKNOWN: Unexpected <class 'TypeError'>: boom")
         else:
             await asyncio.sleep(3600)
             yield TokenChunk("", ())
@@ -260,20 +272,21 @@ def test_load_client_verdicts_against_real_front_doors_over_a_fake_backend(api):
         server, http, task, gaddr, haddr = await _serve_fake()
         client = LoadClient(gaddr, haddr, timeout_s=1.0)
         try:
-            return [await client.one(k, (k, 7, 7), 2, api) for k in (1, 2, 3, 4, 5)]
+            return [await client.one(k, (k, 7, 7), 2, api) for k in (1, 2, 3, 4, 5, 6)]
         finally:
             await client.close()
             await http.shutdown()
             task.cancel()
             await server.stop(0)
 
-    done, failed, unavailable, unexpected, silent = asyncio.run(go())
+    done, failed, unavailable, unexpected, silent, leaky = asyncio.run(go())
     assert done.status == "completed" and done.tokens == (11, 12) and done.ttft_s is not None
     assert failed.status == "failed_clean" and "decode node decode-0 failed" in failed.error
     assert unavailable.status == "failed_clean" and "no live decode node" in unavailable.error
     assert unexpected.status == "failed_unclean"  # gRPC UNKNOWN / HTTP 500 internal_error
     assert silent.status == "hung" and silent.error == "no end within 1s (0 tokens so far)"
     assert silent.ended_s - silent.sent_s < 5
+    assert leaky.status == "failed_unclean" and "<class 'TypeError'>" in leaky.error  # ABORTED / 500 around a bug
 
 
 # --- the conductor's view over time -----------------------------------------------------------------
