@@ -5,17 +5,17 @@ dtype      layer linears (q/k/v, o, gate/up, down)  LM head and embedding  KV (a
 =========  =======================================  =====================  ===========
 float32    fp32                                     fp32                   float32
 bfloat16   bf16 weights, inputs rounded to bf16     bf16                   bfloat16
-w8a8       int8 per output channel x int8 per       int8 per row (tied:    bfloat16
-           token (dynamic), SmoothQuant-smoothed    one table; lookup
-                                                    dequantizes the row)
+w8a8       int8 per output channel x int8 per       bf16                   bfloat16
+           token (dynamic), SmoothQuant-smoothed
 fp8        E4M3 per output channel x E4M3 per       bf16                   bfloat16
            token (dynamic); emulated by upcast
 =========  =======================================  =====================  ===========
 
 Everything between the linears -- the residual stream, RMSNorm, RoPE, softmax, SiLU, the
-matmul accumulators -- is fp32 in every dtype; the dtype names what is *stored* (weights,
-KV) and what a linear multiplies. A linear's output is fp32 (the bf16 and fp8 prefill
-GEMMs round it to bf16 first: oneDNN's bf16 GEMM has no fp32 output on CPU).
+matmul accumulators and outputs -- is fp32 in every dtype; the dtype names what is *stored*
+(weights, KV) and what a linear multiplies. (The torch reference of bf16, which is also the
+GPU path, rounds the GEMM output to bf16 as torch's bf16 GEMMs do; the CPU kernels keep it
+fp32, since rounding logits to bf16 flips near-ties.)
 
 fp8: no CPU here multiplies E4M3 natively; weights and activations are E4M3 values and
 their products are computed exactly in fp32 after an upcast (`engine/csrc/qgemm.cpp` and
@@ -51,7 +51,7 @@ class Recipe:
 RECIPES = {
     "float32": Recipe("float32", "f32", "f32", "float32"),
     "bfloat16": Recipe("bfloat16", "bf16", "bf16", "bfloat16"),
-    "w8a8": Recipe("w8a8", "int8", "int8", "bfloat16"),
+    "w8a8": Recipe("w8a8", "int8", "bf16", "bfloat16"),  # (int8 LM head: see engine/quant_calib.py)
     "fp8": Recipe("fp8", "fp8", "bf16", "bfloat16"),
 }
 

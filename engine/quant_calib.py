@@ -12,8 +12,11 @@
    (gate/up), and into the rows of up_proj for down_proj (silu(g) * (u / s) = (silu(g) * u) / s).
    o_proj is not smoothed (its input comes from attention; folding into v_proj would also
    change what the KV cache holds).
-3. Quantization: every layer linear and the (tied) embedding / LM head to int8 per output
-   row (`engine.quant.quantize_int8_rows`); norms stay fp32.
+3. Quantization: every layer linear to int8 per output row (`engine.quant.quantize_int8_rows`);
+   the (tied) embedding / LM head to bfloat16 and the norms stay fp32. (An int8 LM head, per
+   row with per-token activations, saves 28 MB a decode step but measured 91.6% top-1
+   agreement with fp32 against 94.1% in bfloat16, bench.quality on 4 x 512 fortune tokens;
+   alpha 0.5 beat 0.65 and 0.8 there.)
 
 The result is an HF-style directory under ``$HALFMOON_CACHE/models/<model>-w8a8-<key>``
 (`<key>` hashes the source weights and this recipe), written atomically and under a file lock
@@ -39,7 +42,7 @@ from engine.quant import quantize_int8_rows
 
 log = logging.getLogger(__name__)
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2  # 2: LM head / embedding in bfloat16 (was int8)
 ALPHA = 0.5
 CALIB_SEQS = 16
 CALIB_LEN = 512
@@ -115,11 +118,14 @@ def smooth(w: dict[str, torch.Tensor], stats: dict[tuple[int, str], torch.Tensor
 
 
 def quantize_state(w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """int8 codes + `<name>_scale` for every linear and the embedding / LM head; the rest as is."""
+    """int8 codes + `<name>_scale` for every layer linear, the embedding / LM head in bfloat16,
+    the rest as is."""
     out: dict[str, torch.Tensor] = {}
     for name, t in w.items():
-        if name.endswith("_proj.weight") or name in ("model.embed_tokens.weight", "lm_head.weight"):
+        if name.endswith("_proj.weight"):
             out[name], out[name + "_scale"] = quantize_int8_rows(t)
+        elif name in ("model.embed_tokens.weight", "lm_head.weight"):
+            out[name] = t.to(torch.bfloat16)
         else:
             out[name] = t
     return out
@@ -169,7 +175,7 @@ def ensure_w8a8(model_dir: Path, *, n_seqs: int = CALIB_SEQS, seq_len: int = CAL
             "weights": "int8 per output channel (symmetric, absmax / 127); activations int8 per token, dynamic",
             "smoothquant": {"alpha": alpha, "folded": {"qkv": "input_layernorm", "gate_up": "post_attention_layernorm",
                                                        "down": "up_proj rows"}, "not_smoothed": ["o_proj"]},
-            "lm_head_and_embedding": "int8 per row; tied models share one table, the embedding lookup dequantizes rows",
+            "lm_head_and_embedding": "bfloat16 (tied models share one table)",
             "calibration": {"source": CALIB_SOURCE, "sequences": n_seqs, "tokens_per_sequence": seq_len},
             "seconds": round(time.perf_counter() - t0, 1)}, indent=2))
         (tmp / ".complete").write_text("ok\n")

@@ -81,8 +81,8 @@ def test_fp8_linear_matches_reference(ck, M, N, K):
     x = rand(M, K, seed=M)
     ref = lin.reference(x)
     got = ck.fp8_linear(x, lin.weight.view(torch.uint8), lin.scale)
-    # skinny: the same exact products, summed in another order; M > 64: oneDNN's bf16 output rounding
-    tol = 1e-5 if M <= 64 else 2 ** -7
+    # the same exact products, summed in another order
+    tol = 1e-5
     assert (got - ref).abs().max().item() < tol * ref.abs().max().item()
 
 
@@ -174,7 +174,7 @@ def test_tiny_model_fused_path_matches_torch_path(tiny_model_dir, monkeypatch, d
         monkeypatch.delenv(cpu_kernels.DISABLE_ENV)
         cpu_kernels.reset()
     assert fused.shape == ref.shape == (T, eng.model_config.vocab_size)
-    tol = {"float32": 1e-4, "bfloat16": 3e-2, "fp8": 3e-2}[dtype]  # bf16: the prefill GEMM output rounding
+    tol = {"float32": 1e-4, "bfloat16": 3e-2, "fp8": 1e-3}[dtype]  # bf16: the reference rounds GEMM outputs to bf16
     assert (fused - ref).abs().max().item() < tol * ref.abs().max().item()
 
 
@@ -238,7 +238,8 @@ def test_w8a8_is_calibrated_once_then_loaded_from_the_cache(tiny_model_dir, tmp_
     info = json.loads((qdir / "quantization.json").read_text())
     assert info["smoothquant"]["alpha"] == 0.5 and info["calibration"]["sequences"] == quant_calib.CALIB_SEQS
     model = eng.runner.model
-    assert {q.form for q in model.linears()} == {"int8"} and model.lm_head.weight is model.embed.weight
+    assert {q.form for q in model.linears()[:-1]} == {"int8"} and model.lm_head.form == "bf16"
+    assert model.lm_head.weight is model.embed.weight  # tied: one table
     assert eng.kv.tensor.dtype == torch.bfloat16
     first = eng.generate([list(range(100, 140))], params)
 
