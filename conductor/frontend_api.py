@@ -13,10 +13,13 @@ and maps the typed errors below to its own status codes:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Protocol
+from typing import TYPE_CHECKING, AsyncIterator, Protocol
 
 from engine.logprobs import TokenLogprob
 from engine.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from conductor.tools import ToolUse
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +37,9 @@ class GenerateRequest:
     prompt: str | None = None
     messages: tuple[ChatMessage, ...] | None = None
     prompt_token_ids: tuple[int, ...] | None = None
+    # the chat's tools (`conductor.tools`): already rendered into `messages` (and, for a forced
+    # call, into `sampling.constraint`); the front door parses the output's calls with it
+    tool_use: "ToolUse | None" = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,10 +12,11 @@ import grpc
 
 from conductor.auth import ControlVerifier
 from conductor.errors import InvalidSetting
-from conductor.frontend_api import (Backend, ChatMessage, Finished, GenerateRequest, Rejected, RequestFailed,
+from conductor.frontend_api import (Backend, Finished, GenerateRequest, Rejected, RequestFailed,
                                     SampleEnd, Unavailable)
 from conductor.registry import NodeRegistry
 from conductor.settings import ConductorSettings
+from conductor.tools import HistoryMessage, ToolCall, ToolSpec, call_constraint, check_tools, parse_calls, render
 from engine.errors import InvalidRequestError
 from engine.sampling import SamplingParams
 from proto.convert import logprob_to_proto, sampling_from_proto, unknown_field_numbers
@@ -33,13 +34,52 @@ def request_from_proto(msg: generate_pb2.GenerateRequest) -> GenerateRequest:
     kind = msg.WhichOneof("input")
     if kind is None:
         raise InvalidRequestError("prompt", "give one of prompt, chat, prompt_token_ids")
+    use, messages = None, None
+    if kind == "chat":
+        use, messages, params = _chat_with_tools(msg, params)
+    elif msg.tools or msg.HasField("tool_choice"):
+        raise InvalidRequestError("tools", "tools are for chat requests")
     return GenerateRequest(
         request_id=msg.request_id,
         sampling=params,
         prompt=msg.prompt if kind == "prompt" else None,
-        messages=tuple(ChatMessage(m.role, m.content) for m in msg.chat.messages) if kind == "chat" else None,
+        messages=messages,
         prompt_token_ids=tuple(msg.prompt_token_ids.ids) if kind == "prompt_token_ids" else None,
+        tool_use=use,
     )
+
+
+_ROLES = ("system", "user", "assistant", "tool")
+
+
+def _chat_with_tools(msg: generate_pb2.GenerateRequest, params: SamplingParams):
+    """The chat's turns rendered for the template (tool turns, assistant calls, offered tools)
+    and, for a required or named call, the constraint on the output (`conductor.tools`)."""
+    history = []
+    for i, m in enumerate(msg.chat.messages):
+        if m.role not in _ROLES:
+            raise InvalidRequestError(f"chat.messages[{i}].role", f"must be one of {', '.join(_ROLES)}, got {m.role!r}")
+        if m.role == "tool" and not m.tool_call_id:
+            raise InvalidRequestError(f"chat.messages[{i}].tool_call_id", "is required in a tool message")
+        if m.tool_calls and m.role != "assistant":
+            raise InvalidRequestError(f"chat.messages[{i}].tool_calls", "only an assistant message calls tools")
+        history.append(HistoryMessage(m.role, m.content, tuple(ToolCall(c.id, c.name, c.arguments)
+                                                                for c in m.tool_calls),
+                                      m.tool_call_id or None, m.name or None))
+    use = None
+    if msg.tools or msg.HasField("tool_choice"):
+        specs = tuple(ToolSpec(t.name, t.description, t.parameters or '{"type": "object", "properties": {}}')
+                      for t in msg.tools)
+        choice = msg.tool_choice.WhichOneof("choice")
+        use = check_tools(specs, msg.tool_choice.mode if choice == "mode" else None,
+                          msg.tool_choice.function if choice == "function" else None, field="tool_choice")
+        forced = call_constraint(use)
+        if forced is not None:
+            if params.constraint is not None:
+                raise InvalidRequestError("tool_choice", f"{params.constraint.source} and a required tool call "
+                                                         "cannot both constrain the output")
+            params = replace(params, constraint=forced)
+    return use, render(history, use), params
 
 
 _SAMPLING_FIELDS = frozenset(f.name for f in fields(SamplingParams))
@@ -55,11 +95,21 @@ def _grpc_field(name: str) -> str:
     return "prompt_token_ids.ids" if name == "prompt_token_ids" else name
 
 
-def _sample_ends(item: Finished) -> list[generate_pb2.SampleEnd]:
-    """Every sample's end (one for n == 1)."""
+def _sample_ends(item: Finished, texts: dict[int, str], req: GenerateRequest) -> list[generate_pb2.SampleEnd]:
+    """Every sample's end (one for n == 1), with the tool calls parsed from its text."""
     ends = item.samples or (SampleEnd(0, item.finish_reason, item.usage.completion_tokens),)
-    return [generate_pb2.SampleEnd(index=e.index, finish_reason=e.finish_reason, completion_tokens=e.completion_tokens)
-            for e in ends]
+    out = []
+    for e in ends:
+        end = generate_pb2.SampleEnd(index=e.index, finish_reason=e.finish_reason, completion_tokens=e.completion_tokens)
+        use = req.tool_use
+        if use is not None and use.offered:
+            content, calls = parse_calls(texts.get(e.index, ""), use)
+            end.content = content or ""
+            end.tool_calls.extend(generate_pb2.ToolCall(id=c.id, name=c.name, arguments=c.arguments) for c in calls)
+            if calls and e.finish_reason == "stop":
+                end.finish_reason = "tool_calls"
+        out.append(end)
+    return out
 
 
 class GenerationService(generate_pb2_grpc.GenerationServicer):
@@ -73,6 +123,7 @@ class GenerationService(generate_pb2_grpc.GenerationServicer):
             if not req.request_id:
                 req = replace(req, request_id=uuid.uuid4().hex)
             stream = self.backend.generate(req)
+            texts: dict[int, str] = {}  # each sample's text, for its tool calls
             async for item in stream:
                 if isinstance(item, Finished):
                     t = item.timing
@@ -85,8 +136,9 @@ class GenerationService(generate_pb2_grpc.GenerationServicer):
                                                  kv_transfer_s=t.kv_transfer_s, first_decode_s=t.first_decode_s,
                                                  ttft_s=t.ttft_s),
                         prefill_node=item.prefill_node, decode_node=item.decode_node,
-                        samples=_sample_ends(item)))
+                        samples=_sample_ends(item, texts, req)))
                 else:
+                    texts[item.index] = texts.get(item.index, "") + item.text
                     yield generate_pb2.GenerateResponse(delta=common_pb2.TokenDelta(
                         text=item.text, token_ids=list(item.token_ids), index=item.index,
                         logprobs=[logprob_to_proto(lp) for lp in item.logprobs],

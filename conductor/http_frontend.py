@@ -1,7 +1,9 @@
 """The conductor's OpenAI-compatible HTTP front door, over the `Backend` protocol.
 
 Routes: `POST /v1/completions`, `POST /v1/chat/completions` (streamed as server-sent
-events ending in `data: [DONE]`, or whole), `GET /v1/models`, `GET /health` (liveness: 200
+events ending in `data: [DONE]`, or whole; one choice per parallel sample, with tool calls
+and logprobs as `conductor.http_choices` lays out), `GET /v1/models`, `GET /v1/models/{id}`
+(404 `model_not_found` for another id), `GET /health` (liveness: 200
 while the process serves), `GET /ready` (readiness: 503 naming what is missing until a
 request could be served), `GET /metrics`. With an API key (`build_app(..., api_key=KEY)`),
 every `/v1/...` request must send `Authorization: Bearer KEY` (else 401 `invalid_api_key`);
@@ -38,7 +40,8 @@ from cluster.metrics import HttpMetrics, exposition
 from conductor.auth import key_problem
 from conductor.frontend_api import Backend, Finished, GenerateRequest, RequestFailed, TokenChunk
 from conductor.http_errors import ApiError, api_error_from, not_found
-from conductor.http_responses import DONE, ChatShape, CompletionShape, ResponseShape, sse
+from conductor.http_choices import Choices
+from conductor.http_responses import ChatShape, CompletionShape, ResponseShape
 from conductor.http_schema import ChatCompletionBody, CompletionBody, read_request
 from conductor.http_server import HttpServer, serve_http
 from conductor.intake import MAX_REQUEST_BYTES
@@ -92,39 +95,13 @@ async def _aclose(stream: AsyncIterator[Item]) -> None:
             await aclose()
 
 
-async def _collect(stream: AsyncIterator[Item]) -> tuple[str, tuple[int, ...], Finished]:
-    parts: list[str] = []
-    ids: list[int] = []
-    async for item in stream:
-        if isinstance(item, Finished):
-            return "".join(parts), tuple(ids), item
-        parts.append(item.text)
-        ids.extend(item.token_ids)
-    raise RequestFailed("the backend's stream ended without a Finished")
-
-
-async def _events(stream: AsyncIterator[Item], first: Item, shape: ResponseShape) -> AsyncIterator[bytes]:
-    """The SSE body: chunks as they come, the finish reason, usage if asked, then [DONE]."""
+async def _events(stream: AsyncIterator[Item], first: Item, choices: Choices) -> AsyncIterator[bytes]:
+    """The SSE body (`Choices.events`), closing the backend's stream however it ends."""
     try:
-        opening = shape.opening()
-        if opening is not None:
-            yield sse(opening)
-        item = first
-        while not isinstance(item, Finished):
-            if item.text or (shape.return_token_ids and item.token_ids):
-                yield sse(shape.delta(item.text, item.token_ids))
-            try:
-                item = await anext(stream)
-            except StopAsyncIteration:
-                raise RequestFailed("the backend's stream ended without a Finished") from None
-        yield sse(shape.closing(item.finish_reason))
-        if shape.include_usage:
-            yield sse(shape.usage_chunk(item.usage))
-    except Exception as exc:  # headers are sent: the error travels as an event
-        yield sse(api_error_from(exc).body())
+        async for event in choices.events(stream, first):
+            yield event
     finally:
         await _aclose(stream)
-    yield DONE
 
 
 class _EventStream(StreamingResponse):
@@ -206,26 +183,41 @@ class _Frontend:
         if body.model is not None and body.model != model:
             message = f"the model {body.model!r} does not exist; this server serves {model!r}"
             raise not_found(message, param="model", code="model_not_found")
+        token_bytes = getattr(self.backend, "token_bytes", None) or (lambda t: str(t).encode())
         shape = shape_type(f"{shape_type.id_prefix}-{uuid.uuid4().hex}", int(time.time()), model, body.include_usage,
-                           body.return_token_ids)
+                           body.return_token_ids, token_bytes)
+        echo = ""
+        if getattr(body, "echo", False):  # completions: the prompt's text first
+            echo = req.prompt if req.prompt is not None else b"".join(
+                map(token_bytes, req.prompt_token_ids or ())).decode("utf-8", errors="replace")
+        choices = Choices(shape, req.sampling.n, logprobs=req.sampling.logprobs is not None, tools=req.tool_use,
+                          echo=echo)
         stream = self.backend.generate(replace(req, request_id=shape.id))
         handed_over = False
         try:
             if body.stream:
                 first = await _unless_disconnected(request, lambda: anext(stream))
                 handed_over = True  # from here on the response body closes the stream
-                return _EventStream(_events(stream, first, shape))
-            text, ids, finished = await _unless_disconnected(request, lambda: _collect(stream))
-            return JSONResponse(shape.full(text, finished, ids))
+                return _EventStream(_events(stream, first, choices))
+            return JSONResponse(await _unless_disconnected(request, lambda: choices.collect(stream)))
         except StopAsyncIteration:
             raise RequestFailed("the backend's stream ended without a Finished") from None
         finally:
             if not handed_over:
                 await _aclose(stream)
 
+    def _card(self) -> dict:
+        return {"id": self.backend.model_name, "object": "model", "created": self.started, "owned_by": "halfmoon"}
+
     async def models(self, request: Request) -> Response:
-        card = {"id": self.backend.model_name, "object": "model", "created": self.started, "owned_by": "halfmoon"}
-        return JSONResponse({"object": "list", "data": [card]})
+        return JSONResponse({"object": "list", "data": [self._card()]})
+
+    async def model(self, request: Request) -> Response:
+        wanted = request.path_params["model_id"]
+        if wanted != self.backend.model_name:
+            raise not_found(f"the model {wanted!r} does not exist; this server serves {self.backend.model_name!r}",
+                            param="model", code="model_not_found")
+        return JSONResponse(self._card())
 
     async def health(self, request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -262,6 +254,7 @@ def build_app(
         fe.route("/v1/completions", _keyed(api_key, fe.completions), "POST"),
         fe.route("/v1/chat/completions", _keyed(api_key, fe.chat_completions), "POST"),
         fe.route("/v1/models", _keyed(api_key, fe.models), "GET"),
+        fe.route("/v1/models/{model_id:path}", _keyed(api_key, fe.model), "GET"),
         fe.route("/health", fe.health, "GET"),
         fe.route("/ready", fe.ready, "GET"),
         fe.route("/metrics", fe.metrics, "GET"),

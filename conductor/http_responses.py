@@ -2,16 +2,21 @@
 
 A `ResponseShape` knows one endpoint's JSON: the whole response, and the chunks of a
 stream (an optional opening chunk, one per text delta, a closing chunk with the finish
-reason, an optional usage chunk). The frontend drives both endpoints with one loop.
+reason, an optional usage chunk). The frontend drives both endpoints with one loop
+(`conductor.http_choices`). Every chunk and choice names its `index` (n > 1 parallel
+samples), and carries the endpoint's `logprobs` object when asked for.
 """
 from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
 
-from conductor.frontend_api import Finished, Usage
+from conductor.frontend_api import Usage
+from conductor.openai_extras import chat_logprobs, completion_logprobs
+from conductor.tools import ToolCall
+from engine.logprobs import TokenLogprob
 
 DONE = b"data: [DONE]\n\n"
 
@@ -37,6 +42,7 @@ class ResponseShape(ABC):
     model: str
     include_usage: bool = False  # stream_options.include_usage
     return_token_ids: bool = False  # extension: choices carry the generated token ids
+    token_bytes: Callable[[int], bytes] = field(default=lambda t: str(t).encode())  # a token id's bytes
 
     def _envelope(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -60,8 +66,8 @@ class ResponseShape(ABC):
     chunk_object: ClassVar[str]
 
     @abstractmethod
-    def opening(self) -> dict[str, Any] | None:
-        """The chunk that starts a stream, if the endpoint has one."""
+    def opening(self, index: int = 0) -> dict[str, Any] | None:
+        """The chunk that starts choice `index`'s stream, if the endpoint has one."""
 
     def _ids(self, choice: dict[str, Any], token_ids: tuple[int, ...]) -> dict[str, Any]:
         if self.return_token_ids:
@@ -69,15 +75,24 @@ class ResponseShape(ABC):
         return choice
 
     @abstractmethod
-    def delta(self, text: str, token_ids: tuple[int, ...] = ()) -> dict[str, Any]:
-        """A chunk carrying newly generated text (and its tokens)."""
+    def delta(self, text: str, token_ids: tuple[int, ...] = (), index: int = 0,
+              logprobs: list[TokenLogprob] | None = None, offset: int = 0) -> dict[str, Any]:
+        """A chunk carrying newly generated text (its tokens, their logprobs; `offset`: where
+        the text starts in the choice's whole text)."""
 
     @abstractmethod
-    def closing(self, finish_reason: str) -> dict[str, Any]:
-        """The chunk that carries the finish reason."""
+    def closing(self, finish_reason: str, index: int = 0) -> dict[str, Any]:
+        """The chunk that carries a choice's finish reason."""
 
     @abstractmethod
-    def full(self, text: str, finished: Finished, token_ids: tuple[int, ...] = ()) -> dict[str, Any]:
+    def choice(self, index: int, text: str, finish_reason: str, token_ids: tuple[int, ...] = (),
+               logprobs: list[TokenLogprob] | None = None, tool_calls: list[ToolCall] | None = None
+               ) -> dict[str, Any]:
+        """One whole choice of a non-streamed response (`tool_calls`: the calls parsed out of
+        it, `text` then being the content left)."""
+
+    @abstractmethod
+    def full(self, choices: list[dict[str, Any]], usage: Usage) -> dict[str, Any]:
         """The whole (non-streamed) response."""
 
 
@@ -86,26 +101,35 @@ class CompletionShape(ResponseShape):
     id_prefix = "cmpl"
     chunk_object = "text_completion"
 
-    def _choice(self, text: str, finish_reason: str | None) -> dict[str, Any]:
-        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    def _choice(self, text: str, finish_reason: str | None, index: int = 0,
+                logprobs: list[TokenLogprob] | None = None, offset: int = 0) -> dict[str, Any]:
+        lp = completion_logprobs(logprobs, self.token_bytes, offset) if logprobs is not None else None
+        return {"index": index, "text": text, "logprobs": lp, "finish_reason": finish_reason}
 
-    def opening(self) -> dict[str, Any] | None:
+    def opening(self, index: int = 0) -> dict[str, Any] | None:
         return None
 
-    def delta(self, text: str, token_ids: tuple[int, ...] = ()) -> dict[str, Any]:
-        return self._envelope(self.chunk_object, [self._ids(self._choice(text, None), token_ids)])
+    def delta(self, text: str, token_ids: tuple[int, ...] = (), index: int = 0,
+              logprobs: list[TokenLogprob] | None = None, offset: int = 0) -> dict[str, Any]:
+        return self._envelope(self.chunk_object, [self._ids(self._choice(text, None, index, logprobs, offset),
+                                                            token_ids)])
 
-    def closing(self, finish_reason: str) -> dict[str, Any]:
-        return self._envelope(self.chunk_object, [self._ids(self._choice("", finish_reason), ())])
+    def closing(self, finish_reason: str, index: int = 0) -> dict[str, Any]:
+        return self._envelope(self.chunk_object, [self._ids(self._choice("", finish_reason, index), ())])
 
-    def full(self, text: str, finished: Finished, token_ids: tuple[int, ...] = ()) -> dict[str, Any]:
+    def choice(self, index: int, text: str, finish_reason: str, token_ids: tuple[int, ...] = (),
+               logprobs: list[TokenLogprob] | None = None, tool_calls: list[ToolCall] | None = None,
+               offset: int = 0) -> dict[str, Any]:
+        return self._ids(self._choice(text, finish_reason, index, logprobs, offset), token_ids)
+
+    def full(self, choices: list[dict[str, Any]], usage: Usage) -> dict[str, Any]:
         return {
             "id": self.id,
             "object": "text_completion",
             "created": self.created,
             "model": self.model,
-            "choices": [self._ids(self._choice(text, finished.finish_reason), token_ids)],
-            "usage": usage_body(finished.usage),
+            "choices": choices,
+            "usage": usage_body(usage),
         }
 
 
@@ -114,34 +138,51 @@ class ChatShape(ResponseShape):
     id_prefix = "chatcmpl"
     chunk_object = "chat.completion.chunk"
 
-    def _chunk(self, delta: dict[str, Any], finish_reason: str | None,
-               token_ids: tuple[int, ...] | None = None) -> dict[str, Any]:
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    def _chunk(self, delta: dict[str, Any], finish_reason: str | None, token_ids: tuple[int, ...] | None = None,
+               index: int = 0, logprobs: list[TokenLogprob] | None = None) -> dict[str, Any]:
+        lp = chat_logprobs(logprobs, self.token_bytes) if logprobs is not None else None
+        choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}
         if token_ids is not None:
             self._ids(choice, token_ids)
         return self._envelope(self.chunk_object, [choice])
 
-    def opening(self) -> dict[str, Any] | None:
-        return self._chunk({"role": "assistant", "content": ""}, None)
+    def opening(self, index: int = 0) -> dict[str, Any] | None:
+        return self._chunk({"role": "assistant", "content": ""}, None, index=index)
 
-    def delta(self, text: str, token_ids: tuple[int, ...] = ()) -> dict[str, Any]:
-        return self._chunk({"content": text}, None, token_ids)
+    def delta(self, text: str, token_ids: tuple[int, ...] = (), index: int = 0,
+              logprobs: list[TokenLogprob] | None = None, offset: int = 0) -> dict[str, Any]:
+        return self._chunk({"content": text}, None, token_ids, index, logprobs)
 
-    def closing(self, finish_reason: str) -> dict[str, Any]:
-        return self._chunk({}, finish_reason, ())
+    def tool_calls_delta(self, index: int, calls: list[tuple[int, ToolCall]]) -> dict[str, Any]:
+        """Completed calls of choice `index` (each with its position among the choice's calls)."""
+        return self._chunk({"tool_calls": [{"index": i, "id": c.id, "type": "function",
+                                            "function": {"name": c.name, "arguments": c.arguments}}
+                                           for i, c in calls]}, None, index=index)
 
-    def full(self, text: str, finished: Finished, token_ids: tuple[int, ...] = ()) -> dict[str, Any]:
+    def closing(self, finish_reason: str, index: int = 0) -> dict[str, Any]:
+        return self._chunk({}, finish_reason, (), index)
+
+    def choice(self, index: int, text: str, finish_reason: str, token_ids: tuple[int, ...] = (),
+               logprobs: list[TokenLogprob] | None = None, tool_calls: list[ToolCall] | None = None,
+               offset: int = 0) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": text if text or not tool_calls else None}
+        if tool_calls:
+            message["tool_calls"] = [{"id": c.id, "type": "function",
+                                      "function": {"name": c.name, "arguments": c.arguments}} for c in tool_calls]
         choice = {
-            "index": 0,
-            "message": {"role": "assistant", "content": text},
-            "logprobs": None,
-            "finish_reason": finished.finish_reason,
+            "index": index,
+            "message": message,
+            "logprobs": chat_logprobs(logprobs, self.token_bytes) if logprobs is not None else None,
+            "finish_reason": finish_reason,
         }
+        return self._ids(choice, token_ids)
+
+    def full(self, choices: list[dict[str, Any]], usage: Usage) -> dict[str, Any]:
         return {
             "id": self.id,
             "object": "chat.completion",
             "created": self.created,
             "model": self.model,
-            "choices": [self._ids(choice, token_ids)],
-            "usage": usage_body(finished.usage),
+            "choices": choices,
+            "usage": usage_body(usage),
         }

@@ -3,12 +3,16 @@ their mapping onto the conductor's `GenerateRequest`.
 
 Absent sampling fields take `SamplingParams`' defaults (greedy, its max_tokens), so an HTTP
 request and a gRPC request with the same fields generate the same text. Extensions beyond
-OpenAI: `top_k`, `ignore_eos`, `stop_token_ids`, and `return_token_ids` (as in vLLM: each
-choice, and each streamed chunk, also carries the generated `token_ids`; a stream then
-sends a chunk for every step that generated tokens, even one whose text is still empty).
-OpenAI fields halfmoon does not implement (n > 1, logprobs, echo, penalties, tools, ...)
-are refused with a 400 naming the field when set to anything but their neutral value;
-unknown fields and wrong types are refused too.
+OpenAI: `top_k`, `ignore_eos`, `stop_token_ids`, `repetition_penalty`, vLLM's
+`structured_outputs` / `guided_*` constraints (`conductor.openai_extras`), and
+`return_token_ids` (as in vLLM: each choice, and each streamed chunk, also carries the
+generated `token_ids`; a stream then sends a chunk for every step that generated tokens, even
+one whose text is still empty). `n`, `logprobs` (completions: the top k, up to 20; chat:
+`logprobs` + `top_logprobs`), the penalties, `logit_bias`, `response_format`, `tools` /
+`tool_choice` and tool turns (`conductor.tools`) and `echo` (completions; not with logprobs)
+are served. OpenAI fields halfmoon does not implement (`best_of` > 1, `suffix`) are refused
+with a 400 naming the field when set to anything but their neutral value; unknown fields and
+wrong types are refused too.
 
 Reading a body (`read_request`) is bounded and strict before any of that: the content type
 must be `application/json` (charset utf-8 if given; anything else is 415, so a web page's
@@ -28,9 +32,11 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
 from starlette.requests import Request
 
-from conductor.frontend_api import ChatMessage, GenerateRequest
+from conductor.frontend_api import GenerateRequest
 from conductor.http_errors import invalid_request, payload_too_large, unsupported_media_type
 from conductor.intake import off_loop
+from conductor.openai_extras import StructuredFields, ToolBody, ToolCallBody, ToolChoiceBody, history_calls, tool_use
+from conductor.tools import HistoryMessage, call_constraint, render
 from engine.errors import InvalidRequestError
 from engine.sampling import SamplingParams
 
@@ -107,17 +113,11 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
-class _GenerateBody(_Body):
+class _GenerateBody(StructuredFields):
     """Fields both endpoints share."""
 
     # OpenAI fields halfmoon accepts only unset (null) or at a neutral value.
-    NEUTRAL: ClassVar[dict[str, tuple[Any, ...]]] = {
-        "n": (1,),
-        "logprobs": (False,),
-        "presence_penalty": (0, 0.0),
-        "frequency_penalty": (0, 0.0),
-        "logit_bias": ({},),
-    }
+    NEUTRAL: ClassVar[dict[str, tuple[Any, ...]]] = {}
 
     model: str | None = None
     max_tokens: int | None = None
@@ -132,11 +132,11 @@ class _GenerateBody(_Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None  # an end-user id; accepted and not used
-    n: Any = None
-    logprobs: Any = None
-    presence_penalty: Any = None
-    frequency_penalty: Any = None
-    logit_bias: Any = None
+    n: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
 
     def check_supported(self) -> None:
         for name, neutral in self.NEUTRAL.items():
@@ -146,7 +146,11 @@ class _GenerateBody(_Body):
         if self.stream_options is not None and not self.stream:
             raise InvalidRequestError("stream_options", "is only allowed when stream is true")
 
-    def sampling_params(self, max_tokens: int | None) -> SamplingParams:
+    def logprobs_k(self) -> int | None:
+        """How many top alternatives each token's logprob comes with (None: no logprobs)."""
+        return None
+
+    def sampling_params(self, max_tokens: int | None, constraint=None) -> SamplingParams:
         given = {
             "max_tokens": max_tokens,
             "temperature": self.temperature,
@@ -154,14 +158,29 @@ class _GenerateBody(_Body):
             "top_k": self.top_k,
             "seed": self.seed,
             "ignore_eos": self.ignore_eos,
+            "n": self.n,
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+            "repetition_penalty": self.repetition_penalty,
         }
         params = SamplingParams(
             **{k: v for k, v in given.items() if v is not None},
             stop=tuple(self.stop),
             stop_token_ids=tuple(self.stop_token_ids),
+            logprobs=self.logprobs_k(),
+            logit_bias=self._logit_bias(),
+            constraint=constraint if constraint is not None else self.constraint(),
         )
         params.validate()
         return params
+
+    def _logit_bias(self) -> tuple[tuple[int, float], ...]:
+        pairs = []
+        for key, value in (self.logit_bias or {}).items():
+            if not key.isdigit() or len(key) > 10:
+                raise InvalidRequestError(f"logit_bias.{key[:20]}", "keys must be token ids (decimal strings)")
+            pairs.append((int(key), value))
+        return tuple(sorted(pairs))
 
     @property
     def include_usage(self) -> bool:
@@ -171,18 +190,23 @@ class _GenerateBody(_Body):
 class CompletionBody(_GenerateBody):
     NEUTRAL: ClassVar[dict[str, tuple[Any, ...]]] = {
         **_GenerateBody.NEUTRAL,
-        "echo": (False,),
         "best_of": (1,),
         "suffix": ("",),
     }
 
     prompt: Prompt
-    echo: Any = None
+    echo: bool = False  # the prompt's text comes first in the output
+    logprobs: int | None = None  # the top k alternatives of each token (0: only the token's own)
     best_of: Any = None
     suffix: Any = None
 
+    def logprobs_k(self) -> int | None:
+        return self.logprobs
+
     def to_request(self, request_id: str) -> GenerateRequest:
         self.check_supported()
+        if self.echo and self.logprobs is not None:
+            raise InvalidRequestError("echo", "echo with logprobs is not supported (prompt logprobs are not computed)")
         sampling = self.sampling_params(self.max_tokens)
         if isinstance(self.prompt, str):
             return GenerateRequest(request_id, sampling, prompt=self.prompt)
@@ -190,46 +214,69 @@ class CompletionBody(_GenerateBody):
 
 
 class ChatMessageBody(_Body):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Content
-    name: str | None = None  # accepted and not used
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Content = ""
+    name: str | None = None  # a tool turn's function name; accepted and not used on other turns
+    tool_calls: list[ToolCallBody] | None = None  # an assistant turn that called tools
+    tool_call_id: str | None = None  # a tool turn: the call it answers
 
 
 class ChatCompletionBody(_GenerateBody):
-    NEUTRAL: ClassVar[dict[str, tuple[Any, ...]]] = {
-        **_GenerateBody.NEUTRAL,
-        "top_logprobs": (0,),
-        "tools": ([],),
-        "tool_choice": ("none",),
-        "parallel_tool_calls": (True, False),  # meaningless without tools
-        "response_format": ({"type": "text"},),
-    }
-
     messages: list[ChatMessageBody]
     max_completion_tokens: int | None = None  # OpenAI's newer name; wins over max_tokens
-    top_logprobs: Any = None
-    tools: Any = None
-    tool_choice: Any = None
-    parallel_tool_calls: Any = None
-    response_format: Any = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    tools: list[ToolBody] | None = None
+    tool_choice: Any = None  # "auto" | "none" | "required" | {"type": "function", "function": {"name": ...}}
+    parallel_tool_calls: bool | None = None  # auto: any number of calls; required / named: one
+
+    def logprobs_k(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidRequestError("top_logprobs", "needs logprobs: true")
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def _tool_choice(self) -> str | ToolChoiceBody | None:
+        tc = self.tool_choice
+        if tc is None or isinstance(tc, str):
+            return tc
+        if isinstance(tc, dict):
+            try:
+                return ToolChoiceBody.model_validate(tc)
+            except ValidationError:
+                pass
+        raise InvalidRequestError("tool_choice", 'must be "auto", "none", "required" or '
+                                                 '{"type": "function", "function": {"name": ...}}')
+
+    def _history(self) -> list[HistoryMessage]:
+        out = []
+        for i, m in enumerate(self.messages):
+            if m.role == "tool" and not m.tool_call_id:
+                raise InvalidRequestError(f"messages[{i}].tool_call_id", "is required in a tool message")
+            if m.tool_calls is not None and m.role != "assistant":
+                raise InvalidRequestError(f"messages[{i}].tool_calls", "only an assistant message calls tools")
+            # "developer" is OpenAI's newer name for the system role
+            role = "system" if m.role == "developer" else m.role
+            out.append(HistoryMessage(role, m.content, history_calls(m.tool_calls), m.tool_call_id, m.name))
+        return out
 
     def to_request(self, request_id: str) -> GenerateRequest:
         self.check_supported()
         if not self.messages:
             raise InvalidRequestError("messages", "must contain at least one message")
+        use = tool_use(self.tools, self._tool_choice())
+        constraint = call_constraint(use) if use is not None else None
+        if constraint is not None and self.constraint() is not None:
+            raise InvalidRequestError("tool_choice", f"{self.constraint().source} and a required tool call "
+                                                     "cannot both constrain the output")
         newer = self.max_completion_tokens is not None
         try:
-            sampling = self.sampling_params(self.max_completion_tokens if newer else self.max_tokens)
+            sampling = self.sampling_params(self.max_completion_tokens if newer else self.max_tokens, constraint)
         except InvalidRequestError as e:
             if newer and e.field == "max_tokens":
                 raise InvalidRequestError("max_completion_tokens", e.message) from None
             raise
-        messages = tuple(
-            # "developer" is OpenAI's newer name for the system role
-            ChatMessage("system" if m.role == "developer" else m.role, m.content)
-            for m in self.messages
-        )
-        return GenerateRequest(request_id, sampling, messages=messages)
+        messages = render(self._history(), use)
+        return GenerateRequest(request_id, sampling, messages=messages, tool_use=use)
 
 
 def _param(loc: tuple[int | str, ...]) -> str:

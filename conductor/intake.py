@@ -118,9 +118,17 @@ class Intake:
             raise InvalidRequestError("n", f"at most {self.max_n} parallel samples per request, got {sampling.n}")
         sampling.check_vocab(self.vocab_size)
         if sampling.constraint is not None:
-            if self._grammar is None:
-                self._grammar = backend_for(self.tokenizer.path, self.vocab_size, ())
-            self._grammar.check(sampling.constraint)
+            self.grammar().check(sampling.constraint)
+
+    def grammar(self) -> GrammarBackend:
+        """The constrained-decoding backend for the model's tokenizer (built on first use)."""
+        if self._grammar is None:
+            self._grammar = backend_for(self.tokenizer.path, self.vocab_size, ())
+        return self._grammar
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """A token's own bytes (a byte-level token may hold part of a UTF-8 character)."""
+        return self.grammar().tokenizer.decode_bytes([token_id])
 
     def encode(self, req: GenerateRequest) -> list[int]:
         """The prompt's token ids, checked against the vocabulary and the context."""

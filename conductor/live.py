@@ -86,6 +86,10 @@ class LiveConductor:
         self.intake = Intake(tokenizer, cfg.max_model_len, cfg.block_size, max_n=cfg.max_n)
         self._clock = clock  # the scheduler's notion of now (tests pin it)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """A token's bytes (the HTTP front door's logprobs name tokens by them)."""
+        return self.intake.token_bytes(token_id)
+
     # --- the request ------------------------------------------------------------------
     async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenChunk | Finished]:
         t0 = self._clock()

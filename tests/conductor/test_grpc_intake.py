@@ -167,8 +167,8 @@ def f32(x: float) -> bytes:
                                                   "got -5"),
     (field(4, field(1, varint(7) + varint(2**64 - 1))), "prompt_token_ids.ids: token id -1 outside [0, 49152)"),
     (field(4, field(1, varint(49152))), "prompt_token_ids.ids: token id 49152 outside [0, 49152)"),
-    (field(3, field(1, field(1, b"tool") + field(2, b"x"))), "chat.messages[0].role: must be one of "
-                                                              "('system', 'user', 'assistant'), got 'tool'"),
+    (field(3, field(1, field(1, b"function") + field(2, b"x"))), "chat.messages[0].role: must be one of "
+                                                                  "system, user, assistant, tool, got 'function'"),
     (field(2, b"x" * (2048 * 81 + 1)), "prompt: 165889 characters cannot fit the context window of 2048 tokens "
                                         "(at most 165888 characters would)"),
     (b"", "prompt: give one of prompt, chat, prompt_token_ids"),

@@ -121,7 +121,7 @@ def test_bad_value_is_400_naming_the_field(client, backend):
     [
         ({"prompt": "x", "bogus": 1}, "bogus"),
         ({"prompt": "x", "max_tokens": "many"}, "max_tokens"),
-        ({"prompt": "x", "n": 2}, "n"),
+        ({"prompt": "x", "n": 0}, "n"),
         ({"prompt": ["a", "b"]}, "prompt"),
         ({}, "prompt"),
     ],
@@ -135,7 +135,7 @@ def test_bad_completion_bodies(url, backend, body, param):
 
 
 def test_bad_chat_message_names_its_index(url):
-    r = post(url, "/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}, {"role": "tool", "content": "b"}]})
+    r = post(url, "/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}, {"role": "function", "content": "b"}]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages[1].role"
 
 

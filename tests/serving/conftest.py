@@ -42,8 +42,9 @@ class InProcessCluster:
         from cluster.node_main import NodeSpec
         from conductor.server import ConductorSpec
 
-        spec = ConductorSpec(grpc_port=free_port(), http_port=None, settings=settings or {},
-                             heartbeat_interval_s=0.5, heartbeat_timeout_s=5.0, **conductor_kw)
+        spec = ConductorSpec(grpc_port=free_port(), http_port=conductor_kw.pop("http_port", None),
+                             settings=settings or {}, heartbeat_interval_s=0.5, heartbeat_timeout_s=5.0,
+                             **conductor_kw)
         node = NodeSpec(role="prefill", node_id="", conductor="", num_blocks=num_blocks, num_threads=1)
         self.local = LocalCluster.build(num_prefill, num_decode, conductor=spec, node=node)
         self._loop = None
