@@ -84,6 +84,7 @@ class Row:
     settle_s: float | None = None
     errors: dict[str, int] = field(default_factory=dict)  # commonest error messages, counted
     notes: str = ""
+    details: dict = field(default_factory=dict)  # what a scenario adds (the fuzzer's breakdown)
 
     def ok(self) -> bool:
         """No hang, no unclean failure, no leak, no wrong answer."""
@@ -107,7 +108,8 @@ def error_key(message: str, limit: int = 120) -> str:
 
 def summarize(scenario: str, outcomes: Sequence[Outcome], audit: Audit | None, *, fault_at: float | None = None,
               detect_s: float | None = None, recover_s: float | None = None,
-              reference: dict[int, tuple[int, ...]] | None = None, notes: str = "", top_errors: int = 4) -> Row:
+              reference: dict[int, tuple[int, ...]] | None = None, notes: str = "", top_errors: int = 4,
+              details: dict | None = None) -> Row:
     counts = Counter(o.status for o in outcomes)
     failed = [o for o in outcomes if o.status != "completed"]
     mismatched = None
@@ -123,7 +125,7 @@ def summarize(scenario: str, outcomes: Sequence[Outcome], audit: Audit | None, *
         failed_after_fault=0 if fault_at is None else sum(1 for o in failed if o.sent_s >= fault_at),
         mismatched=mismatched, recover_s=recover_s, settle_s=None if audit is None else audit.settle_s,
         errors=dict(errors.most_common(top_errors)),
-        notes="; ".join(x for x in (notes, _audit_note(audit)) if x))
+        notes="; ".join(x for x in (notes, _audit_note(audit)) if x), details=details or {})
 
 
 def _audit_note(audit: Audit | None) -> str:

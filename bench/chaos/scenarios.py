@@ -70,7 +70,7 @@ class Result:
     recover_s: float | None = None
     lost: tuple[str, ...] = ()  # nodes that are not back: left out of the audit
     notes: str = ""
-    extra: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # goes to the row's `details`
 
 
 Body = Callable[[ChaosCluster, Options, SuiteState], Awaitable[Result]]
@@ -282,7 +282,7 @@ def run_scenario(sc: Scenario, opts: Options, state: SuiteState, log: Callable[[
     if sc.name == "fuzz" and state.reference is not None:  # the canary is the comparable part
         reference = state.reference
     row = summarize(sc.name, result.outcomes, blocks, fault_at=result.fault_at, detect_s=result.detect_s,
-                    recover_s=result.recover_s, reference=reference, notes=result.notes)
+                    recover_s=result.recover_s, reference=reference, notes=result.notes, details=result.extra)
     log(f"[{sc.name}] done in {time.monotonic() - t0:.0f}s: {row.completed}/{row.requests} completed, "
         f"{row.failed_clean} failed clean, {row.failed_unclean} unclean, {row.hung} hung, "
         f"{row.leaked_blocks} leaked")

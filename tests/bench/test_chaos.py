@@ -339,7 +339,8 @@ def test_run_scenario_sets_the_reference_audits_survivors_only_and_reports_harne
 
     async def faulty(cluster, opts, state):
         return Result([out(0, "completed", 5.0, tokens=(1, 2)), out(1, "completed", 6.0, tokens=(3, 5)),
-                       out(0, "failed_clean", 7.0, "ABORTED")], fault_at=4.0, detect_s=0.2, lost=("decode-0",))
+                       out(0, "failed_clean", 7.0, "ABORTED")], fault_at=4.0, detect_s=0.2, lost=("decode-0",),
+                      extra={"fuzz": {"inputs": 3}})
 
     async def broken(cluster, opts, state):
         raise RuntimeError("the harness tripped")
@@ -352,7 +353,7 @@ def test_run_scenario_sets_the_reference_audits_survivors_only_and_reports_harne
     row = run_scenario(Scenario("kill-decode", faulty), opts, state, logs.append, make_cluster=make, audit=audit)
     assert audited[-1] == {"prefill-0": "p0", "decode-1": "d1-new"}  # the lost node is not audited
     assert (row.requests, row.completed, row.failed_clean, row.failed_after_fault, row.mismatched) == (3, 2, 1, 1, 1)
-    assert row.detect_s == 0.2 and row.leaked_blocks == 0
+    assert row.detect_s == 0.2 and row.leaked_blocks == 0 and row.details == {"fuzz": {"inputs": 3}}
     row = run_scenario(Scenario("x", broken), opts, state, logs.append, make_cluster=make, audit=audit)
     assert row.notes == "harness error: RuntimeError: the harness tripped" and made[-1].stopped and not row.ok()
 
