@@ -127,6 +127,17 @@ def serve(
     cost_model: str | None = typer.Option(None, "--cost-model", help="A `halfmoon profile` file."),
     api_key: str | None = typer.Option(None, "--api-key", help="Clients must send this key (HTTP `Authorization: "
                                        "Bearer`, gRPC `authorization` metadata); default: $HALFMOON_API_KEY, else none."),
+    kv_host_gb: float | None = typer.Option(None, "--kv-host-gb", help="Host DRAM KV tier per node, GiB "
+                                            "(default 1; 0 turns every tier off)."),
+    kv_disk_gb: float | None = typer.Option(None, "--kv-disk-gb", help="Disk KV tier per node, GiB (default 4; 0: off)."),
+    kv_disk_dir: str | None = typer.Option(None, "--kv-disk-dir", help="Where the disk tier keeps its files "
+                                           "(default $HALFMOON_CACHE/kv)."),
+    kv_store: bool | None = typer.Option(None, "--kv-store/--no-kv-store", help="The cluster KV tier on Mooncake "
+                                         "Store (default on; a master is started beside the conductor)."),
+    kv_store_master: str | None = typer.Option(None, "--kv-store-master", help="host:port of a running "
+                                               "mooncake_master instead of starting one."),
+    kv_policy: str | None = typer.Option(None, "--kv-policy", help="write_back (default), write_through or "
+                                         "write_through_selective."),
     timeout: float = typer.Option(300.0, "--timeout", help="Seconds to wait for every node to register."),
     demo_prompt: str | None = typer.Option(None, "--demo-prompt",
                                            help="Once up, answer this chat prompt through the cluster."),
@@ -145,7 +156,12 @@ def serve(
                  "decode.host": host, "conductor.grpc_port": port, "conductor.http_port": http_port,
                  "kv.num_blocks": num_blocks, "model.dtype": dtype, "conductor.policy": policy, "conductor.admission": admission,
                  "conductor.ttft_slo_s": ttft_slo, "conductor.tbt_slo_s": tbt_slo, "conductor.cost_model": cost_model,
-                 "auth.api_key": api_key}
+                 "auth.api_key": api_key, "kv_tiers.host_gb": kv_host_gb, "kv_tiers.disk_gb": kv_disk_gb,
+                 "kv_tiers.disk_dir": kv_disk_dir, "kv_tiers.store": kv_store, "kv_tiers.store_master": kv_store_master,
+                 "kv_tiers.policy": kv_policy}
+    if kv_host_gb == 0:  # no host tier: nothing can sit under it either, unless asked for explicitly
+        overrides["kv_tiers.disk_gb"] = kv_disk_gb if kv_disk_gb is not None else 0.0
+        overrides["kv_tiers.store"] = kv_store if kv_store is not None else False
     config = _config(config_file, {k: v for k, v in overrides.items() if v is not None})
     typer.echo(f"starting conductor + {config.prefill.count} prefill + {config.decode.count} decode node(s) "
                f"({launcher}) ...")

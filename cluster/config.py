@@ -264,6 +264,55 @@ class FailureConfig(_Section):
                                                      "decode node fails mid-stream (0: the request fails)")
 
 
+class KVTiersConfig(_Section):
+    """The KV tiers under each node's device region (engine/tiers): host DRAM, local disk and
+    the cluster store on Mooncake Store. Sized for one machine with a few nodes; 0 GB turns a
+    tier off, and `host_gb: 0` turns every tier off (the host pool stages the others)."""
+
+    host_gb: float = Field(1.0, ge=0, description="preallocated host DRAM tier per node, GiB")
+    disk_gb: float = Field(4.0, ge=0, description="local disk tier per node (one checksummed file per block), GiB")
+    disk_dir: Path | None = Field(None, description="where nodes keep disk-tier files (a folder per node); "
+                                                    "None: $HALFMOON_CACHE/kv")
+    store: bool = Field(True, description="the cluster tier on Mooncake Store, shared by every node")
+    store_master: str | None = Field(
+        None, description="host:port of a running mooncake_master every node reaches; None: the launcher "
+        "starts one beside the conductor (loopback; `halfmoon up` then runs without the store)")
+    store_metadata: str | None = Field(None, description="the master's HTTP metadata URL; None: "
+                                                         "http://<master host>:<master port + 1>/metadata")
+    store_gb: float = Field(1.0, gt=0, description="memory the store keeper beside a launcher-started master "
+                                                   "mounts into the store, GiB")
+    node_segment_gb: float = Field(0.0, ge=0, description="host memory each node also mounts into the store, "
+                                                          "GiB (0: nodes are clients only)")
+    policy: Literal["write_back", "write_through", "write_through_selective"] = Field(
+        "write_back", description="when device blocks are copied down (engine/tiers/policy.py says why "
+        "write_back is the default)")
+    selective_hits: int = Field(2, ge=1, description="write_through_selective: copy a block down at this many hits")
+    decode_write_back: bool = Field(True, description="a request finished on a decode node puts its prompt + "
+                                                      "answer KV to the store, so the next turn hits it anywhere")
+
+    @field_validator("store_master")
+    @classmethod
+    def _host_port(cls, value: str | None) -> str | None:
+        if value is not None:
+            host, _, port = value.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"must be host:port, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _host_stages(self) -> KVTiersConfig:
+        if self.host_gb == 0 and (self.disk_gb > 0 or self.store):
+            raise FieldProblem("host_gb", "must be > 0 when disk_gb > 0 or store is on: the host tier stages their "
+                                          "blocks (set disk_gb: 0 and store: false to run without tiers)")
+        return self
+
+    def metadata_url(self) -> str | None:
+        if self.store_metadata is not None or self.store_master is None:
+            return self.store_metadata
+        host, _, port = self.store_master.rpartition(":")
+        return f"http://{host}:{int(port) + 1}/metadata"
+
+
 class RayConfig(_Section):
     address: str | None = Field(
         None, description='the cluster `halfmoon up`/`down` join: GCS "host:port" or "auto" (None: auto); '
@@ -281,6 +330,7 @@ class ClusterConfig(_Section):
     prefill: NodeGroupConfig = NodeGroupConfig()
     decode: NodeGroupConfig = NodeGroupConfig()
     kv: KVConfig = KVConfig()
+    kv_tiers: KVTiersConfig = KVTiersConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     conductor: ConductorConfig = ConductorConfig()
     transfer: TransferConfig = TransferConfig()

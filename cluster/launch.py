@@ -66,6 +66,7 @@ def start_embedded_ray(config: ClusterConfig, timeout_s: float = 300.0) -> Runni
 
     from cluster.ray_launcher import DeployError, RayLauncher, resource_shortfall
 
+    config, store = _start_store(config)
     ray.init(**embedded_ray_options(config))
     launcher = RayLauncher(config)
     try:
@@ -76,6 +77,8 @@ def start_embedded_ray(config: ClusterConfig, timeout_s: float = 300.0) -> Runni
         deployment = launcher.start(timeout_s)
     except BaseException:
         ray.shutdown()
+        if store is not None:
+            store.stop()
         raise
 
     def problem() -> str | None:
@@ -89,8 +92,21 @@ def start_embedded_ray(config: ClusterConfig, timeout_s: float = 300.0) -> Runni
         if ray.is_initialized():
             launcher.stop()
             ray.shutdown()
+        if store is not None:
+            store.stop()
 
     return RunningCluster(deployment.grpc_address, deployment.http_url, problem, stop)
+
+
+def _start_store(config: ClusterConfig):
+    """The Mooncake master (and its store keeper) beside the conductor, on loopback, when the
+    cluster KV tier is on and no master is configured: (config pointing at it, the master)."""
+    from cluster.kv_tiers import embedded_store
+
+    config, store = embedded_store(config)
+    if store is not None:
+        store.start()
+    return config, store
 
 
 def start_processes(config: ClusterConfig, timeout_s: float = 300.0) -> RunningCluster:
@@ -99,12 +115,22 @@ def start_processes(config: ClusterConfig, timeout_s: float = 300.0) -> RunningC
 
     c = config.conductor
     ports = {f"conductor.{name}": free_port(c.host) for name in ("grpc_port", "http_port") if getattr(c, name) == 0}
-    conductor, nodes = build_specs(with_overrides(config, ports) if ports else config)
-    cluster = LocalCluster(conductor, nodes).start(timeout_s)
+    config, store = _start_store(config)
+    try:
+        conductor, nodes = build_specs(with_overrides(config, ports) if ports else config)
+        cluster = LocalCluster(conductor, nodes).start(timeout_s)
+    except BaseException:
+        if store is not None:
+            store.stop()
+        raise
+
+    def stop() -> None:
+        cluster.stop()
+        if store is not None:
+            store.stop()
 
     http = f"http://{local_address(conductor.host, conductor.http_port)}" if conductor.http_port else None
-    return RunningCluster(local_address(conductor.host, conductor.grpc_port), http, cluster.revive_conductor,
-                          cluster.stop)
+    return RunningCluster(local_address(conductor.host, conductor.grpc_port), http, cluster.revive_conductor, stop)
 
 
 LAUNCHERS: dict[str, Callable[[ClusterConfig, float], RunningCluster]] = {

@@ -164,6 +164,34 @@ KV_BLOCKS_RECLAIMED = MetricSpec(
     _NODE,
 )
 
+# --- every node's KV tiers (engine/tiers) --------------------------------------------------
+TIER_LOAD_BUCKETS = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)  # = engine/tiers/stats.py
+KV_TIER_HITS = MetricSpec(
+    "halfmoon:kv_tier_hit_tokens_total", _C,
+    "Prompt tokens served at admission from each KV tier (device, host, disk, cluster).", _NODE + ("tier",),
+)
+KV_TIER_MOVED = MetricSpec(
+    "halfmoon:kv_tier_moved_bytes_total", _C, "KV bytes moved between tiers (src -> dst).", _NODE + ("src", "dst"),
+)
+KV_TIER_LOAD = MetricSpec(
+    "halfmoon:kv_tier_load_seconds", _H,
+    "Time to load KV from a tier: one block from disk or the store, one request's blocks from host.",
+    _NODE + ("tier",), buckets=TIER_LOAD_BUCKETS,
+)
+KV_TIER_USED = MetricSpec("halfmoon:kv_tier_blocks_used", _G, "Blocks held in a KV tier (host, disk).",
+                          _NODE + ("tier",))
+KV_TIER_CAPACITY = MetricSpec("halfmoon:kv_tier_blocks_capacity", _G, "Blocks a KV tier can hold (host, disk).",
+                              _NODE + ("tier",))
+KV_STORE_PUT_FAILURES = MetricSpec(
+    "halfmoon:kv_store_put_failures_total", _C,
+    "Block puts the cluster store refused or failed, or that were dropped for a full write queue.", _NODE,
+)
+KV_TIER_CORRUPT = MetricSpec(
+    "halfmoon:kv_tier_corrupt_blocks_total", _C,
+    "Disk or store blocks refused by their checksum (recomputed instead).", _NODE,
+)
+KV_STORE_UP = MetricSpec("halfmoon:kv_store_up", _G, "1 while the node's cluster KV tier is connected.", _NODE)
+
 # --- the HTTP frontend ------------------------------------------------------------------
 HTTP_REQUESTS = MetricSpec(
     "halfmoon:http_requests_total", _C, "HTTP responses by route and status.", ("route", "status"),
@@ -180,8 +208,12 @@ NODE_METRICS = (
     PREFIX_CACHE_HITS, KV_TRANSFER_BYTES, KV_TRANSFER_SECONDS, KV_TRANSFER_FAILURES,
     RECOMPUTED_PREFILLS, KV_LEASE_EXPIRED, KV_BLOCKS_RECLAIMED,
 )
+TIER_METRICS = (  # node metrics with a tier (or src/dst) label; NodeMetrics records them
+    KV_TIER_HITS, KV_TIER_MOVED, KV_TIER_LOAD, KV_TIER_USED, KV_TIER_CAPACITY, KV_STORE_PUT_FAILURES,
+    KV_TIER_CORRUPT, KV_STORE_UP,
+)
 HTTP_METRICS = (HTTP_REQUESTS,)
-ALL_METRICS = CONDUCTOR_METRICS + NODE_METRICS + HTTP_METRICS
+ALL_METRICS = CONDUCTOR_METRICS + NODE_METRICS + TIER_METRICS + HTTP_METRICS
 
 Metric = Counter | Gauge | Histogram
 # One set of metric objects per registry, so several recorders (say, two nodes in one
@@ -361,6 +393,9 @@ class NodeMetrics:
         self.node, self.role = node, role
         self._metrics = {spec.name: _metric(registry, spec) for spec in NODE_METRICS}
         self._series = {name: m.labels(node, role) for name, m in self._metrics.items()}
+        self._tier = {spec.name: _metric(registry, spec) for spec in TIER_METRICS}
+        self._tier_labels: set[tuple[str, tuple[str, ...]]] = set()
+        self._tier_seen: dict[tuple[str, tuple[str, ...]], float] = {}
 
     def set_load(self, *, running: int, waiting: int, kv_blocks_used: int, kv_blocks_free: int) -> None:
         self._series[REQUESTS_RUNNING.name].set(running)
@@ -394,10 +429,44 @@ class NodeMetrics:
             raise ValueError(f"blocks must be >= 0, got {blocks}")
         self._series[KV_BLOCKS_RECLAIMED.name].inc(blocks)
 
+    def _tier_series(self, spec: MetricSpec, *extra: str):
+        self._tier_labels.add((spec.name, extra))
+        return self._tier[spec.name].labels(self.node, self.role, *extra)
+
+    def _tier_count(self, spec: MetricSpec, total: float, *extra: str) -> None:
+        """Counters from the tiers' running totals: add what is new since the last snapshot."""
+        key = (spec.name, extra)
+        delta = total - self._tier_seen.get(key, 0)
+        if delta > 0:
+            self._tier_series(spec, *extra).inc(delta)
+        self._tier_seen[key] = max(total, self._tier_seen.get(key, 0))
+
+    def observe_tiers(self, stats) -> None:
+        """A snapshot of the node's KV tiers (`engine.tiers.TierStats`): hits, bytes moved,
+        failures, occupancy and the store's state."""
+        for tier, tokens in stats.hit_tokens.items():
+            self._tier_count(KV_TIER_HITS, tokens, tier)
+        for path, nbytes in stats.bytes_moved.items():
+            src, _, dst = path.partition("->")
+            self._tier_count(KV_TIER_MOVED, nbytes, src, dst)
+        ev = stats.events
+        self._tier_count(KV_STORE_PUT_FAILURES, ev.get("put_failures", 0) + ev.get("put_dropped", 0))
+        self._tier_count(KV_TIER_CORRUPT, ev.get("corrupt_blocks", 0))
+        for tier, use in stats.use.items():
+            self._tier_series(KV_TIER_USED, tier).set(use.used_blocks)
+            self._tier_series(KV_TIER_CAPACITY, tier).set(use.capacity_blocks)
+        self._tier_series(KV_STORE_UP).set(1 if stats.store_state == "up" else 0)
+
+    def observe_tier_load(self, tier: str, seconds: float) -> None:
+        """One load from `tier` (called by the tiers' threads as it happens)."""
+        self._tier_series(KV_TIER_LOAD, tier).observe(_seconds(seconds))
+
     def close(self) -> None:
         """Drop this node's series (when it leaves a process that keeps the registry)."""
         for metric in self._metrics.values():
             _remove(metric, self.node, self.role)
+        for name, extra in self._tier_labels:
+            _remove(self._tier[name], self.node, self.role, *extra)
 
 
 class HttpMetrics:

@@ -12,10 +12,14 @@ import asyncio
 import logging
 import signal
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import grpc
 
 from conductor.auth import sign_control
+
+if TYPE_CHECKING:
+    from engine.tiers.config import TierConfig
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +48,7 @@ class NodeSpec:
     metrics_port: int = 0
     block_audit_interval_s: float = 10.0  # reclaim KV blocks no live request, reservation or pin holds
     control_secret: str | None = field(default=None, repr=False)  # signs Register / Heartbeat
+    kv_tiers: TierConfig | None = None  # host / disk / cluster KV tiers under the device region (engine/tiers)
 
 
 def run_node(spec: NodeSpec) -> None:
@@ -86,14 +91,14 @@ async def serve_node(spec: NodeSpec, stop: asyncio.Event | None = None) -> None:
     if spec.role == "decode":
         shape = kv_shape(load_model(spec.model, progress=False).config, spec.num_blocks, spec.block_size)
         region, kv = transfer.allocate_tensor(shape, dtype=cfg.kv_torch_dtype)
-        engine = LLMEngine(spec.model, cfg, kv_tensor=kv)
+        engine = LLMEngine(spec.model, cfg, kv_tensor=kv, tiers=spec.kv_tiers)
         worker = EngineWorker(engine, name=f"{spec.node_id}-engine")
         service = decode_service = DecodeService(worker, spec.node_id, region.id, transfer.descriptor().to_bytes(),
                                                  metrics=metrics)
         node_pb2_grpc.add_DecodeNodeServicer_to_server(service, server)
         role = node_pb2.ROLE_DECODE
     elif spec.role == "prefill":
-        engine = LLMEngine(spec.model, cfg)
+        engine = LLMEngine(spec.model, cfg, tiers=spec.kv_tiers)
         region = transfer.register(engine.kv.tensor)
         worker = EngineWorker(engine, name=f"{spec.node_id}-engine")
         service = PrefillService(worker, transfer, region.id, transfer_timeout_s=spec.transfer_timeout_s,
@@ -101,7 +106,7 @@ async def serve_node(spec: NodeSpec, stop: asyncio.Event | None = None) -> None:
         node_pb2_grpc.add_PrefillNodeServicer_to_server(service, server)
         role = node_pb2.ROLE_PREFILL
     elif spec.role == "colocated":  # one engine, prefill and decode: the baseline layout
-        engine = LLMEngine(spec.model, cfg)
+        engine = LLMEngine(spec.model, cfg, tiers=spec.kv_tiers)
         worker = EngineWorker(engine, name=f"{spec.node_id}-engine")
         service = PrefillService(worker, None, 0, metrics=metrics)  # its KV events feed the index
         node_pb2_grpc.add_PrefillNodeServicer_to_server(service, server)
@@ -110,6 +115,9 @@ async def serve_node(spec: NodeSpec, stop: asyncio.Event | None = None) -> None:
         role = node_pb2.ROLE_COLOCATED
     else:
         raise ValueError(f"role must be 'prefill', 'decode' or 'colocated', got {spec.role!r}")
+    if engine.tiers is not None:  # the host tier is registered memory too (peers may read it)
+        transfer.register(engine.tiers.host.tensor)
+        engine.tiers.rec.on_latency = metrics.observe_tier_load
     port = server.add_insecure_port(f"{spec.host}:0")
     await server.start()
     audit = asyncio.ensure_future(audit_periodically(  # one engine, one audit (colocated: both services)
@@ -136,6 +144,8 @@ async def serve_node(spec: NodeSpec, stop: asyncio.Event | None = None) -> None:
                              kv_blocks_used=st.num_blocks_total - st.num_blocks_free, kv_blocks_free=st.num_blocks_free)
             metrics.observe_prefix_lookup(st.prefix_queries_tokens - seen[0], st.prefix_hits_tokens - seen[1])
             seen = (st.prefix_queries_tokens, st.prefix_hits_tokens)
+            if engine.tiers is not None:
+                metrics.observe_tiers(engine.tiers.stats())
             load = node_pb2.NodeLoad(
                 waiting=st.num_waiting, running=st.num_running,
                 queued_prefill_tokens=getattr(service, "queued_prefill_tokens", 0),
@@ -166,6 +176,8 @@ async def serve_node(spec: NodeSpec, stop: asyncio.Event | None = None) -> None:
         await server.stop(grace=1.0)
         await channel.close()
         worker.stop()
+        if engine.tiers is not None:
+            engine.tiers.close()
         transfer.close()
         metrics_server.close()
 

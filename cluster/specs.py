@@ -28,6 +28,7 @@ import socket
 from dataclasses import dataclass, replace
 
 from cluster.config import DEFAULT_NUM_BLOCKS, ClusterConfig, NodeGroupConfig, RayActorOptions, Role, with_overrides
+from cluster.kv_tiers import node_tiers
 from cluster.node_main import NodeSpec
 from conductor.auth import API_KEY_ENV
 from conductor.server import ConductorSpec
@@ -172,6 +173,7 @@ def node_plans(config: ClusterConfig, control_address: str) -> list[NodePlan]:
                 num_threads=_threads(group),
                 metrics_port=group.metrics_port,
                 control_secret=config.auth.control_secret,
+                kv_tiers=node_tiers(config, node_role, f"{node_role}-{i}"),
             )
             plans.append(NodePlan(spec, group.ray_options(), config.kv.kv_memory_gb))
     return plans

@@ -9,7 +9,8 @@ do the rest. Mooncake's `setup` retries for about 90 s when the master is not th
 most) and fails at once with a clear message otherwise.
 
 `MooncakeMaster` runs the `mooncake_master` binary the wheel ships, bound to loopback (RPC,
-HTTP metadata server, metrics), and stops it by its PID.
+HTTP metadata server, metrics), with a store keeper beside it (`engine/tiers/keeper.py`)
+that mounts `keeper_gb` of memory into the store, and stops both by their PIDs.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import logging
 import os
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -129,8 +131,10 @@ class MooncakeMaster:
     metrics_port: int
     host: str = "127.0.0.1"
     lease_ms: int = 200  # how long a read keeps an object from eviction
+    keeper_gb: float = 0.0  # memory the keeper beside the master mounts into the store (0: no keeper)
     log_path: Path | None = None
     proc: subprocess.Popen | None = None
+    keeper: subprocess.Popen | None = None
 
     @property
     def address(self) -> str:
@@ -167,14 +171,49 @@ class MooncakeMaster:
                 self.stop()
                 raise StoreUnavailable(f"mooncake_master did not answer on {self.address} within {timeout:.0f} s")
             time.sleep(0.1)
+        if self.keeper_gb > 0:
+            try:
+                self._start_keeper(deadline)
+            except BaseException:
+                self.stop()
+                raise
         return self
 
-    def stop(self, timeout: float = 5.0) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
+    def _start_keeper(self, deadline: float) -> None:
+        import selectors
+
+        args = [sys.executable, "-m", "engine.tiers.keeper", "--master", self.address, "--metadata",
+                self.metadata_url, "--segment-gb", str(self.keeper_gb), "--host", self.host]
+        err = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout)
+            self.keeper = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL)
+        finally:
+            if self.log_path:
+                err.close()
+        sel = selectors.DefaultSelector()
+        sel.register(self.keeper.stdout, selectors.EVENT_READ)
+        line = b""
+        while not line.endswith(b"\n"):
+            left = deadline - time.monotonic()
+            if left <= 0 or not sel.select(left):
+                raise StoreUnavailable(f"the store keeper did not mount its {self.keeper_gb:g} GiB in time")
+            chunk = self.keeper.stdout.read1(256)
+            if not chunk:
+                break
+            line += chunk
+        sel.close()
+        if line.strip() != b"ready":
+            raise StoreUnavailable(f"the store keeper failed: {line.decode(errors='replace').strip() or 'exited'}")
+
+    def stop(self, timeout: float = 5.0) -> None:
+        for p in (self.keeper, self.proc):  # the keeper first: it unmounts from a live master
+            if p is None or p.poll() is not None:
+                continue
+            p.terminate()
+            try:
+                p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(timeout)
+        if self.keeper is not None and self.keeper.stdout is not None:
+            self.keeper.stdout.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Callable
 
 TIERS = ("device", "host", "disk", "cluster")
 LOAD_TIERS = ("host", "disk", "cluster")  # where a block is loaded from (into the device or host)
@@ -48,6 +49,7 @@ class Recorder:
         self.moved: Counter[str] = Counter()
         self.events: Counter[str] = Counter()
         self._lat: dict[str, list] = {t: [[0] * (len(LATENCY_BUCKETS) + 1), 0.0, 0] for t in LOAD_TIERS}
+        self.on_latency: Callable[[str, float], None] | None = None  # e.g. a Prometheus histogram's observe
 
     def hit(self, tier: str, tokens: int) -> None:
         if tokens:
@@ -69,6 +71,8 @@ class Recorder:
             h[0][i] += 1
             h[1] += seconds
             h[2] += 1
+        if self.on_latency is not None:
+            self.on_latency(tier, seconds)
 
     def snapshot(self, use: dict[str, TierUse], store_state: str, store_reason: str) -> TierStats:
         with self._lock:

@@ -1,0 +1,76 @@
+"""From the config's `kv_tiers` section to what nodes and launchers run.
+
+- `node_tiers(config, role, node_id)`: the engine's `TierConfig` for one node (its own disk
+  folder, decode write-back on decode nodes), or None when the tiers are off;
+- `embedded_store(config)`: when the store is on and no master is configured, a
+  `MooncakeMaster` (with its store keeper) on free loopback ports for the launcher to start
+  beside the conductor, and the config pointing the nodes at it. Where the wheel cannot
+  load, the cluster tier is switched off with a logged reason instead.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from typing import TYPE_CHECKING
+
+from cluster.config import ClusterConfig, with_overrides
+
+if TYPE_CHECKING:
+    from engine.tiers.config import TierConfig
+
+log = logging.getLogger("halfmoon.kv_tiers")
+
+
+def node_tiers(config: ClusterConfig, role: str, node_id: str) -> TierConfig | None:
+    t = config.kv_tiers
+    if t.host_gb <= 0:
+        return None
+    from engine.loader import cache_root
+    from engine.tiers.config import TierConfig
+
+    store = t.store and t.store_master is not None
+    if t.store and not store:
+        log.warning("%s: kv_tiers.store is on but no master is set or started (kv_tiers.store_master): "
+                    "the cluster KV tier is off", node_id)
+    disk_dir = Path(t.disk_dir) if t.disk_dir is not None else cache_root() / "kv"
+    return TierConfig(
+        host_gib=t.host_gb, disk_gib=t.disk_gb, disk_dir=str(disk_dir / node_id), store=store,
+        store_master=t.store_master or TierConfig().store_master,
+        store_metadata=t.metadata_url() or TierConfig().store_metadata,
+        store_segment_gib=t.node_segment_gb, policy=t.policy, selective_hits=t.selective_hits,
+        write_back_on_finish=t.decode_write_back and role in ("decode", "colocated"),
+    )
+
+
+def embedded_store(config: ClusterConfig, log_dir: Path | None = None):
+    """(config, master): `master` is a not-yet-started `MooncakeMaster` the launcher must
+    start before the nodes and stop after them, or None when there is nothing to start."""
+    t = config.kv_tiers
+    if not t.store or t.store_master is not None or t.host_gb <= 0:
+        return config, None
+    from cluster.specs import free_port
+    from engine.tiers.mooncake_store import MooncakeMaster, store_unavailable_reason
+
+    reason = store_unavailable_reason()
+    if reason is not None:
+        log.warning("%s", reason)
+        return with_overrides(config, {"kv_tiers.store": False}, source="kv_tiers"), None
+    rpc = free_port()
+    meta = rpc + 1 if _free(rpc + 1) else free_port()
+    master = MooncakeMaster(rpc, meta, free_port(), keeper_gb=t.store_gb,
+                            log_path=(log_dir / "mooncake_master.log") if log_dir else None)
+    config = with_overrides(config, {"kv_tiers.store_master": master.address,
+                                     "kv_tiers.store_metadata": master.metadata_url}, source="kv_tiers")
+    return config, master
+
+
+def _free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
