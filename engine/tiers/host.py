@@ -39,7 +39,8 @@ class HostPool:
             raise ValueError(f"the host tier needs at least one slot, got {num_slots}")
         self.num_slots = num_slots
         self.record_bytes = record_bytes
-        self.tensor = torch.zeros((num_slots, record_bytes), dtype=torch.uint8, pin_memory=pin_memory)
+        self.tensor = torch.empty((num_slots, record_bytes), dtype=torch.uint8, pin_memory=pin_memory)
+        self.tensor.zero_()  # touch every page now, not on the engine thread's first demotions
         self.array: np.ndarray = self.tensor.numpy()
         self._lock = threading.Lock()
         self._index: OrderedDict[int, int] = OrderedDict()  # hash -> slot, least recently used first

@@ -26,6 +26,7 @@ and no request fails or waits past its prefetch timeout because of a tier.
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 import queue
 import threading
@@ -177,6 +178,15 @@ class TierManager:
     def _payload(self, slot: int) -> torch.Tensor:
         return self.host.tensor[slot, : self.block_bytes]
 
+    @staticmethod
+    def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
+        """One block's bytes: a plain memmove between CPU tensors (one thread, no torch
+        intra-op pool to wake on a busy machine), torch's copy when a GPU is involved."""
+        if dst.is_cuda or src.is_cuda:
+            dst.copy_(src, non_blocking=False)
+        else:
+            ctypes.memmove(dst.data_ptr(), src.data_ptr(), src.numel() * src.element_size())
+
     # --- device -> host ---------------------------------------------------------------
     def on_evict(self, block: int, h: int, tokens: Sequence[int]) -> None:
         """`BlockPool.allocate` is about to reuse cached `block` (engine thread)."""
@@ -216,7 +226,7 @@ class TierManager:
         slot, victim = got
         if victim is not None:
             self._demote(slot, victim)
-        self._payload(slot).copy_(self._device(block))
+        self._copy(self._payload(slot), self._device(block))
         seal(self.host.array[slot], self.block_bytes, h, tokens)
         self.rec.move("device", "host", self.block_bytes)
         if not self.host.publish(slot, h, tokens, pin=True):
@@ -461,7 +471,7 @@ class TierManager:
                 if slot is None:
                     break
                 try:
-                    self._device(new[n]).copy_(self._payload(slot))
+                    self._copy(self._device(new[n]), self._payload(slot))
                 finally:
                     self.host.unpin(slot)
                 self.pool.cache_block(new[n], h, toks, hashes[j - 1] if j else None)

@@ -1,0 +1,488 @@
+"""The KV tiers' gain, live on 1P+1D: the prefill node's device tier is sized below the
+working set, and each tier configuration replays the same workloads over a sweep of rates.
+
+    halfmoon bench tiers --json out/tiers.json            # the full sweep (tens of minutes)
+    halfmoon bench tiers --json out/tiers.json --quick    # two rates, short windows
+
+Tier configurations (`--tiers`): `device` (no tiers), `host`, `host+disk`,
+`host+disk+store` (a Mooncake master and store keeper started beside the conductor; the
+decode node writes every finished turn's prompt + answer KV back to the store). The host
+pool is sized to hold about half the working set and the disk tier all of it, so each tier
+adds something.
+
+Workloads (`--workloads`):
+* `trace`: Mooncake's conversation trace through `bench.replay`, scaled as in
+  `bench.layouts` (16-token blocks, outputs x0.1 capped at 64, inputs cut at 1024, bursts
+  spread over 3 s). Every rate maps the trace's hash ids with a fresh seed, so no run hits
+  an earlier run's blocks.
+* `chat`: multi-turn conversations, closed loop per conversation: a few long system
+  prompts shared by every conversation, each turn's prompt is the whole history (system,
+  earlier user turns and the answers the cluster gave) plus a new user message. Its
+  repeat fraction (prompt tokens in whole blocks an unbounded cache would hold) is reported.
+
+Rows (`--json`): per workload, tiers and rate `{"workload", "tiers", "rate_rps",
+"hit_rate", "ttft_p50_s", "ttft_p99_s", "tbt_p99_s", "goodput_rps", ...}`; per workload
+and tiers `{"workload", "tiers", "effective_capacity_rps"}` (highest rate with >= 90% of
+requests meeting both SLOs); and `{"micro": ...}`: per-tier load bandwidth against a plain
+memcpy measured in the same run, and a host-tier block's load time against recomputing
+its 16 tokens with the real model. SLOs are `--ttft-x` / `--tbt-x` times the unloaded
+TTFT / TBT of a typical request measured on the `device` configuration first, unless given.
+Plots go to `--plot-dir` (default docs/results/).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ctypes
+import json
+import math
+import random
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+TRACE = Path(__file__).resolve().parents[1].parent / "shared" / "traces" / "conversation_trace.jsonl"
+TIER_SETS = ("device", "host", "host+disk", "host+disk+store")
+BLOCK = 16
+
+
+@dataclass(frozen=True, slots=True)
+class ChatWorkload:
+    systems: int = 4  # distinct long system prompts, shared by all conversations
+    system_tokens: int = 384
+    turns: int = 3
+    user_tokens: int = 32
+    answer_tokens: int = 24
+    think_s: float = 1.0  # between an answer and the next turn
+
+    def working_set_blocks(self, conversations: int) -> int:
+        per_conv = self.turns * (self.user_tokens + self.answer_tokens)
+        return (self.systems * self.system_tokens + conversations * per_conv) // BLOCK
+
+
+# --- cluster ---------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Sizes:
+    device_blocks: int  # the prefill node's device tier
+    host_blocks: int
+    disk_blocks: int
+    store_gb: float
+
+
+def tier_config(name: str, sizes: Sizes, record: int, master, disk_dir: Path):
+    from engine.tiers import TierConfig
+
+    if name == "device":
+        return None
+    gib = lambda blocks: blocks * record / (1 << 30)  # noqa: E731
+    cfg = TierConfig(host_gib=gib(sizes.host_blocks), disk_dir=str(disk_dir))
+    if "disk" in name:
+        cfg = replace(cfg, disk_gib=gib(sizes.disk_blocks))
+    if "store" in name:
+        cfg = replace(cfg, store=True, store_master=master.address, store_metadata=master.metadata_url,
+                      store_segment_gib=0.0)
+    return cfg
+
+
+def start_cluster(name: str, sizes: Sizes, record: int, threads: int, work: Path):
+    """(cluster, master or None) for tier configuration `name`."""
+    from cluster.local import LocalCluster
+    from cluster.node_main import NodeSpec
+    from cluster.specs import free_port
+    from conductor.server import ConductorSpec
+    from engine.tiers.mooncake_store import MooncakeMaster
+
+    master = None
+    if "store" in name:
+        master = MooncakeMaster(free_port(), free_port(), free_port(), keeper_gb=sizes.store_gb,
+                                log_path=work / "mooncake_master.log").start()
+    spec = ConductorSpec(grpc_port=free_port(), http_port=None, settings={"admission": "none"},
+                         heartbeat_interval_s=0.5)
+    node = NodeSpec(role="prefill", node_id="", conductor="", num_threads=threads, max_num_batched_tokens=256)
+    cluster = LocalCluster.build(1, 1, conductor=spec, node=node)
+    nodes = []
+    for n in cluster.nodes:
+        tiers = tier_config(name, sizes, record, master, work / name / n.node_id)
+        if tiers is not None and n.role == "decode":
+            tiers = replace(tiers, write_back_on_finish=tiers.store)
+        nodes.append(replace(n, kv_tiers=tiers, num_blocks=sizes.device_blocks if n.role == "prefill" else 1024))
+    cluster.nodes = nodes
+    try:
+        cluster.start()
+    except BaseException:
+        if master is not None:
+            master.stop()
+        raise
+    return cluster, master
+
+
+# --- the chat workload (closed loop per conversation) ------------------------------------------
+@dataclass
+class Record:
+    prompt_tokens: int
+    repeat_tokens: int  # prompt tokens (whole blocks) an unbounded cache would hold
+    outcome: str = "failed"  # completed | rejected | failed
+    ttft_s: float | None = None
+    gaps: list[float] | None = None
+    cached_tokens: int = 0
+
+
+async def run_chat(address: str, wl: ChatWorkload, rate_rps: float, duration_s: float, seed: int,
+                   timeout_s: float) -> tuple[list[Record], float]:
+    """Conversations arrive (Poisson) at rate_rps / turns for `duration_s` seconds; returns
+    every turn's record and the arrival window."""
+    import grpc
+
+    from proto.halfmoon.v1 import common_pb2, generate_pb2, generate_pb2_grpc
+
+    rng = random.Random(seed)
+    tok = lambda n: [rng.randrange(200, 40000) for _ in range(n)]  # noqa: E731
+    systems = [tok(wl.system_tokens) for _ in range(wl.systems)]
+    seen_systems: set[int] = set()
+    records: list[Record] = []
+    channel = grpc.aio.insecure_channel(address)
+    stub = generate_pb2_grpc.GenerationStub(channel)
+
+    async def one(ids: list[int], repeat: int) -> tuple[Record, list[int]]:
+        rec = Record(len(ids), repeat)
+        req = generate_pb2.GenerateRequest(prompt_token_ids=generate_pb2.TokenIds(ids=ids),
+                                           sampling=common_pb2.SamplingParams(max_tokens=wl.answer_tokens,
+                                                                              temperature=0.0, ignore_eos=True))
+        out: list[int] = []
+        times: list[float] = []
+        t0 = time.perf_counter()
+        try:
+            async for msg in stub.Generate(req, timeout=timeout_s):
+                if msg.HasField("delta") and msg.delta.token_ids:
+                    times += [time.perf_counter()] * len(msg.delta.token_ids)
+                    out += list(msg.delta.token_ids)
+                elif msg.HasField("final"):
+                    rec.cached_tokens = msg.final.usage.cached_tokens
+            rec.outcome = "completed"
+        except grpc.aio.AioRpcError as e:
+            rec.outcome = "rejected" if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED else "failed"
+        if times:
+            rec.ttft_s = times[0] - t0
+            rec.gaps = [b - a for a, b in zip(times, times[1:])]
+        return rec, out
+
+    async def conversation(k: int, start: float) -> None:
+        await asyncio.sleep(start)
+        s = k % wl.systems
+        history = list(systems[s])
+        known = (wl.system_tokens // BLOCK) * BLOCK if s in seen_systems else 0
+        seen_systems.add(s)
+        for _ in range(wl.turns):
+            ids = history + tok(wl.user_tokens)
+            rec, out = await one(ids, known)
+            records.append(rec)
+            if rec.outcome != "completed":
+                return
+            history = ids + out
+            known = (len(history) - 1) // BLOCK * BLOCK  # computed by this turn: what the next may reuse
+            await asyncio.sleep(wl.think_s)
+
+    starts, t = [], rng.expovariate(rate_rps / wl.turns)
+    while t < duration_s:
+        starts.append(t)
+        t += rng.expovariate(rate_rps / wl.turns)
+    try:
+        await asyncio.gather(*(conversation(k, s) for k, s in enumerate(starts)))
+    finally:
+        await channel.close()
+    return records, duration_s
+
+
+def chat_row(records: list[Record], window_s: float, slo: tuple[float, float]) -> dict:
+    from bench.replay.metrics import mooncake_tbt, percentile
+
+    done = [r for r in records if r.outcome == "completed"]
+    met = sum(1 for r in done if r.ttft_s is not None and r.ttft_s <= slo[0]
+              and (mooncake_tbt(r.gaps or []) or 0.0) <= slo[1])
+    gaps = [g for r in done for g in (r.gaps or [])]
+    ttfts = [r.ttft_s for r in done if r.ttft_s is not None]
+    prompt = sum(r.prompt_tokens for r in done)
+    return {
+        "rate_rps": len(records) / window_s,
+        "hit_rate": sum(r.cached_tokens for r in done) / prompt if prompt else None,
+        "repeat_fraction": sum(r.repeat_tokens for r in done) / prompt if prompt else None,
+        "ttft_p50_s": percentile(ttfts, 50) if ttfts else None,
+        "ttft_p99_s": percentile(ttfts, 99) if ttfts else None,
+        "tbt_p99_s": percentile(gaps, 99) if gaps else None,
+        "goodput_rps": met / window_s,
+        "slo_attainment": met / len(records) if records else 0.0,
+        "requests": len(records), "completed": len(done),
+        "rejected": sum(r.outcome == "rejected" for r in records),
+        "failed": sum(r.outcome == "failed" for r in records),
+    }
+
+
+# --- the trace workload (bench.replay) ----------------------------------------------------------
+def run_trace(address: str, name: str, rates: list[float], requests: int, slo: tuple[float, float],
+              out: Path, trace: Path) -> list[dict]:
+    """`requests` of the trace's opening window at each rate (its own rate is ~3.4 req/s)."""
+    from bench.replay import main as replay_main
+
+    path = out / f"trace-{name}.json"
+    replay_main(["--trace", str(trace), "--target", f"grpc://{address}", "--label", name,
+                 "--rates", ",".join(f"{r:g}" for r in rates), "--duration", f"{requests / 3.4 * 1.5:.1f}",
+                 "--max-requests", str(requests),
+                 "--block-tokens", str(BLOCK), "--output-scale", "0.1", "--max-output-tokens", "64",
+                 "--max-input-tokens", "1024", "--spread-ms", "3000", "--request-timeout", "300",
+                 "--ttft-slo", f"{slo[0]:.4f}", "--tbt-slo", f"{slo[1]:.4f}", "--cooldown", "2",
+                 "--json", str(path)])
+    doc = json.loads(path.read_text())
+    rows = []
+    for run in doc["runs"]:
+        s = run["summary"]
+        rows.append({"rate_rps": s["request_rate"], "hit_rate": s.get("prefix_hit_rate"),
+                     "repeat_fraction": s.get("ideal_block_hit_rate"),
+                     "ttft_p50_s": (s.get("ttft") or {}).get("p50"), "ttft_p99_s": (s.get("ttft") or {}).get("p99"),
+                     "tbt_p99_s": (s.get("tbt_gaps") or {}).get("p99"), "goodput_rps": s.get("goodput"),
+                     "slo_attainment": s["slo_attainment"], "requests": s["requests"], "completed": s["completed"],
+                     "rejected": s["rejected"], "failed": s["failed"]})
+    return rows
+
+
+def capacity(rows: list[dict]) -> float | None:
+    from bench.replay.sweep import SweepPoint, effective_capacity
+
+    return effective_capacity([SweepPoint(0.0, r["rate_rps"], r["slo_attainment"]) for r in rows]).request_rate
+
+
+# --- unloaded latency and the micro-benchmark --------------------------------------------------
+def unloaded(address: str, prompt_tokens: int, output_tokens: int, n: int = 3) -> tuple[float, float]:
+    from bench.layouts import unloaded as layouts_unloaded
+
+    return layouts_unloaded(address, prompt_tokens, output_tokens, n)
+
+
+def micro(model: str, blocks: int, work: Path) -> dict:
+    """Per-tier load bandwidth of this machine against memcpy, and a host-tier block's load
+    against recomputing its tokens (the real model, in this process)."""
+    import numpy as np
+    import torch
+
+    from engine.config import EngineConfig
+    from engine.engine import LLMEngine
+    from engine.sampling import SamplingParams
+    from engine.tiers import FakeStore, TierConfig, TierManager
+    from engine.tiers.mooncake_store import MooncakeMaster, MooncakeStoreBackend, store_unavailable_reason
+
+    eng = LLMEngine(model, EngineConfig(num_blocks=blocks + 8))
+    bb = eng.kv.block_bytes
+    rng = torch.Generator().manual_seed(0)
+    eng.kv.tensor.copy_(torch.randn(eng.kv.tensor.shape, generator=rng, dtype=torch.float32).to(eng.kv.tensor.dtype))
+    out: dict = {"block_bytes": bb, "blocks": blocks}
+
+    def gbps(nbytes: float, seconds: float) -> float:
+        return nbytes / seconds / 1e9
+
+    src, dst = eng.kv.tensor[:blocks].clone(), eng.kv.tensor[:blocks].clone()
+    t0 = time.perf_counter()
+    for _ in range(3):  # the same bytes as the tiers move, one block at a time, between touched pages
+        for i in range(blocks):
+            ctypes.memmove(dst[i].data_ptr(), src[i].data_ptr(), bb)
+    out["memcpy_gbps"] = gbps(3 * blocks * bb, time.perf_counter() - t0)
+
+    master = None
+    store = FakeStore()
+    connect = lambda: store  # noqa: E731
+    if store_unavailable_reason() is None:
+        from cluster.specs import free_port
+
+        master = MooncakeMaster(free_port(), free_port(), free_port(), keeper_gb=max(0.25, 2 * blocks * bb / 2**30),
+                                log_path=work / "micro_master.log").start()
+        connect = lambda: MooncakeStoreBackend.connect(local_host="127.0.0.1", master=master.address,  # noqa: E731
+                                                       metadata=master.metadata_url, segment_bytes=0)
+    out["store_backend"] = "mooncake" if master is not None else "fake (Mooncake Store does not load here)"
+    rb = None
+    try:
+        tiers = TierManager.attach(eng, TierConfig(host_gib=2 * blocks * (bb + 4096) / 2**30,
+                                                   disk_gib=2 * blocks * (bb + 4096) / 2**30,
+                                                   disk_dir=str(work / "micro-disk"), store=True), store=connect)
+        rb = tiers.record_bytes
+        hashes = list(range(1, blocks + 1))
+        toks = [(h,) * BLOCK for h in hashes]
+        for b, (h, t) in enumerate(zip(hashes, toks)):  # device -> host (and the store's put)
+            tiers._copy_down(b, h, t)
+        assert tiers.flush(120)
+        slots = [tiers.host.pin(h) for h in hashes]
+        t0 = time.perf_counter()
+        for b, s in enumerate(slots):  # host -> device: the promotion copy `fill` makes
+            tiers._copy(tiers._device(b), tiers._payload(s))
+        host_s = time.perf_counter() - t0
+        for s in slots:
+            tiers.host.unpin(s)
+        out["host_to_device_gbps"] = gbps(blocks * bb, host_s)
+        out["host_block_load_s"] = host_s / blocks
+        tiers.spill_host()
+        assert tiers.flush(120)
+        buf = np.empty(rb, dtype=np.uint8)
+        t0 = time.perf_counter()
+        for h, t in zip(hashes, toks):  # disk -> host, checksum checked (page cache warm)
+            assert tiers.disk.read_into(h, t, buf) is None
+        out["disk_to_host_gbps"] = gbps(blocks * rb, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        region = np.empty((blocks, rb), dtype=np.uint8)
+        ok = 0
+        if tiers.cluster is not None and tiers.cluster.backend() is not None:
+            tiers.cluster.backend().register(region.ctypes.data, region.nbytes)
+            t0 = time.perf_counter()
+            for i, h in enumerate(hashes):  # store -> host, one block a call
+                ok += tiers.cluster.get_into([h], [region.ctypes.data + i * rb], rb)[0]
+            out["store_to_host_gbps"] = gbps(ok * rb, time.perf_counter() - t0)
+            out["store_blocks_read"] = ok
+        tiers.close()
+    finally:
+        if master is not None:
+            master.stop()
+    # recompute: prefill a long prompt with no cache hit, per 16-token block
+    eng.tiers = None
+    eng.pool.tiers = None
+    prompt = list(range(1000, 1000 + 32 * BLOCK))
+    eng.generate([prompt[:64]], SamplingParams(max_tokens=1))  # warm-up
+    eng.pool.reset_prefix_cache()
+    t0 = time.perf_counter()
+    eng.generate([prompt], SamplingParams(max_tokens=1))
+    out["recompute_block_s"] = (time.perf_counter() - t0) / 32
+    out["recompute_over_host_load"] = out["recompute_block_s"] / out["host_block_load_s"]
+    return out
+
+
+# --- plots -----------------------------------------------------------------------------------
+def plot(rows: list[dict], plot_dir: Path) -> list[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for wl in sorted({r["workload"] for r in rows if "rate_rps" in r}):
+        fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+        for tiers in TIER_SETS:
+            pts = sorted((r["rate_rps"], r["goodput_rps"] or 0.0, r["ttft_p50_s"] or math.nan) for r in rows
+                         if r.get("workload") == wl and r.get("tiers") == tiers and "rate_rps" in r)
+            if pts:
+                a.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=tiers)
+                b.plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=tiers)
+        a.set(xlabel="offered requests/s", ylabel="goodput (requests/s meeting both SLOs)", title=f"{wl}: goodput")
+        b.set(xlabel="offered requests/s", ylabel="TTFT p50 (s)", title=f"{wl}: TTFT p50", yscale="log")
+        a.legend()
+        fig.tight_layout()
+        path = plot_dir / f"tiers_{wl}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+# --- main ----------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="halfmoon bench tiers", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", type=Path, required=True, help="write the rows here")
+    ap.add_argument("--quick", action="store_true", help="two rates, short windows, a smaller chat workload")
+    ap.add_argument("--tiers", default=",".join(TIER_SETS))
+    ap.add_argument("--workloads", default="chat,trace")
+    ap.add_argument("--rates", help="comma-separated request rates (default 0.1..0.8 req/s; quick: 0.3,0.6)")
+    ap.add_argument("--requests", type=int, help="requests per rate and workload (default 60; quick: 16)")
+    ap.add_argument("--trace", type=Path, default=TRACE)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per node")
+    ap.add_argument("--device-blocks", type=int, help="the prefill node's device tier (default: a third of the "
+                                                        "chat working set)")
+    ap.add_argument("--ttft-x", type=float, default=5.0)
+    ap.add_argument("--tbt-x", type=float, default=3.0)
+    ap.add_argument("--ttft-slo", type=float)
+    ap.add_argument("--tbt-slo", type=float)
+    ap.add_argument("--skip-micro", action="store_true")
+    ap.add_argument("--plot-dir", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "results")
+    args = ap.parse_args(argv)
+
+    from engine.config import EngineConfig, ModelConfig
+    from engine.loader import resolve_model_dir
+    from engine.tiers.record import record_bytes
+
+    model = "smollm2-135m-instruct"
+    mc = ModelConfig.from_dir(resolve_model_dir(model, progress=False))
+    block_bytes = mc.kv_bytes_per_token(4) * BLOCK
+    record = record_bytes(block_bytes, BLOCK)
+    wl = ChatWorkload(systems=3, system_tokens=256, turns=3, user_tokens=24, answer_tokens=16, think_s=0.5) \
+        if args.quick else ChatWorkload()
+    rates = [float(x) for x in args.rates.split(",")] if args.rates else ([0.3, 0.6] if args.quick else
+                                                                          [0.1, 0.2, 0.3, 0.5, 0.8])
+    requests = args.requests or (16 if args.quick else 60)
+    ws = wl.working_set_blocks(requests // wl.turns + 1)
+    sizes = Sizes(device_blocks=args.device_blocks or max(64, ws // 3), host_blocks=max(32, ws // 2),
+                  disk_blocks=2 * ws + 512, store_gb=max(0.25, 2 * ws * record / 2**30))
+    work = Path(tempfile.mkdtemp(prefix="halfmoon-bench-tiers-"))
+    rows: list[dict] = [{"config": {"sizes": asdict(sizes), "chat": asdict(wl), "rates": rates,
+                                    "requests_per_rate": requests, "quick": args.quick, "working_set_blocks": ws,
+                                    "record_bytes": record}}]
+    print(f"chat working set ~{ws} blocks; prefill device {sizes.device_blocks}, host {sizes.host_blocks}, "
+          f"disk {sizes.disk_blocks} blocks; rates {rates}; {requests} requests per rate; work dir {work}", flush=True)
+    slo: tuple[float, float] | None = (args.ttft_slo, args.tbt_slo) if args.ttft_slo and args.tbt_slo else None
+
+    def save() -> None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(rows, indent=1) + "\n")
+
+    if not args.skip_micro:
+        m = micro(model, 64, work)
+        rows.append({"micro": m})
+        print("micro: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in m.items()),
+              flush=True)
+        save()
+    workloads = args.workloads.split(",")
+    for name in args.tiers.split(","):
+        if name not in TIER_SETS:
+            raise SystemExit(f"--tiers: unknown tier set {name!r}; choose from {', '.join(TIER_SETS)}")
+        print(f"== {name}: starting 1P+1D", flush=True)
+        cluster, master = start_cluster(name, sizes, record, args.threads, work)
+        try:
+            if slo is None:
+                ttft0, tbt0 = unloaded(cluster.address, wl.system_tokens + wl.user_tokens, wl.answer_tokens)
+                slo = (args.ttft_x * ttft0, args.tbt_x * tbt0)
+                rows[0]["config"]["slo"] = {"ttft_s": slo[0], "tbt_s": slo[1], "unloaded_ttft_s": ttft0,
+                                            "unloaded_tbt_s": tbt0}
+                print(f"SLOs: TTFT <= {slo[0]:.2f} s, TBT <= {slo[1] * 1e3:.0f} ms "
+                      f"(unloaded {ttft0:.2f} s / {tbt0 * 1e3:.0f} ms)", flush=True)
+            for workload in workloads:
+                if workload == "chat":
+                    got = []
+                    for i, rate in enumerate(rates):
+                        recs, window = asyncio.run(run_chat(cluster.address, wl, rate, requests / rate,
+                                                            seed=1000 * i + 7, timeout_s=300))
+                        got.append(chat_row(recs, window, slo))
+                        time.sleep(2)
+                elif workload == "trace":
+                    got = run_trace(cluster.address, name, rates, requests, slo, work, args.trace)
+                else:
+                    raise SystemExit(f"--workloads: unknown workload {workload!r} (chat, trace)")
+                for r in got:
+                    row = {"workload": workload, "tiers": name, **r}
+                    rows.append(row)
+                    print(f"{workload:6} {name:16} {r['rate_rps']:.2f} req/s: hit {r['hit_rate'] or 0:.0%} "
+                          f"(repeat {r.get('repeat_fraction') or 0:.0%}), TTFT p50 {r['ttft_p50_s'] or 0:.2f} s "
+                          f"p99 {r['ttft_p99_s'] or 0:.2f} s, TBT p99 {(r['tbt_p99_s'] or 0) * 1e3:.0f} ms, "
+                          f"goodput {r['goodput_rps'] or 0:.2f}/s ({r['slo_attainment']:.0%} met)", flush=True)
+                cap = capacity(got)
+                rows.append({"workload": workload, "tiers": name, "effective_capacity_rps": cap})
+                save()
+        finally:
+            cluster.stop()
+            if master is not None:
+                master.stop()
+    for path in plot(rows, args.plot_dir):
+        print(f"wrote {path}")
+    save()
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
