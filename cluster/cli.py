@@ -120,7 +120,7 @@ def serve(
     num_blocks: int | None = typer.Option(None, "--num-blocks", help="KV blocks per node (default 512)."),
     dtype: str | None = typer.Option(None, "--dtype", help="Model dtype: float32, bfloat16, w8a8 or fp8 "
                                      "(default auto: float32 on CPU, bfloat16 on GPU)."),
-    policy: str | None = typer.Option(None, "--policy", help="Routing policy (default kv_centric)."),
+    policy: str | None = typer.Option(None, "--policy", help="Routing policy (default cost_aware)."),
     admission: str | None = typer.Option(None, "--admission", help="Admission mode (default early)."),
     ttft_slo: float | None = typer.Option(None, "--ttft-slo", help="TTFT SLO in seconds (default 30)."),
     tbt_slo: float | None = typer.Option(None, "--tbt-slo", help="TBT SLO in seconds (default 1)."),

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from conductor.decision import Decision
 from conductor.errors import ConductorError
 from conductor.lifecycle import Phase
-from conductor.prefix_index import ApplyStatus, GlobalPrefixIndex
+from conductor.prefix_index import ApplyStatus, GlobalPrefixIndex, PendingPrefixes
 from conductor.request import NodeId, RequestInfo
 from conductor.view import ClusterView, DecodeNodeView, DecodeResident, LoadIndex, PrefillNodeView
 
@@ -77,6 +77,7 @@ class Tracked:
     service_s: float  # predicted prefill service (0 without a prefill)
     uncached_tokens: int  # prompt tokens the prefill computes
     dispatched_at_s: float
+    block_hashes: tuple = ()  # the prompt's blocks, pending on its prefill node until done
     phase: Phase = Phase.PLACED
     prefill_pending: bool = False  # counted in its prefill node's queue
     in_transfer: bool = False  # prefill done, not joined: counted in the decode node's waiting
@@ -115,7 +116,9 @@ class ClusterState:
                  heartbeat_lag_s: float = 0.0) -> None:
         self.index = index if index is not None else GlobalPrefixIndex()
         self.loads = LoadIndex()
-        self.view = ClusterView(prefill=[], decode=[], index=self.index, block_tokens=block_tokens, loads=self.loads)
+        self.pending = PendingPrefixes()
+        self.view = ClusterView(prefill=[], decode=[], index=self.index, block_tokens=block_tokens, loads=self.loads,
+                                pending=self.pending)
         self.heartbeat_lag_s = heartbeat_lag_s
         self._prefill: dict[NodeId, _PrefillBook] = {}
         self._decode: dict[NodeId, _DecodeBook] = {}
@@ -177,6 +180,7 @@ class ClusterState:
         if book is not None:
             self.view.prefill.remove(book.view)
             self.index.remove_node(node)
+            self.pending.forget(node)
         dbook = self._decode.pop(node, None)
         if dbook is not None:
             self.view.decode.remove(dbook.view)
@@ -220,8 +224,10 @@ class ClusterState:
             raise LifecycleError(f"request {rid} is already placed")
         pbook, dbook = self._pbook(pc.node), self._dbook(dc.node)
         t = Tracked(rid, pc.node, dc.node, info.input_tokens, info.expected_output_tokens, pc.service_s,
-                    info.input_tokens - pc.reused_tokens, now_s, prefill_pending=True)
+                    info.input_tokens - pc.reused_tokens, now_s, info.block_hashes, prefill_pending=True)
         self._requests[rid] = t
+        if info.block_hashes:
+            self.pending.add(pc.node, info.block_hashes)
         pbook.pending[rid] = t
         pbook.pending_s += pc.service_s
         pv = pbook.view
@@ -352,6 +358,8 @@ class ClusterState:
 
     def _leave_prefill(self, t: Tracked, now_s: float, *, done: bool) -> None:
         t.prefill_pending = False
+        if t.block_hashes:
+            self.pending.discard(t.prefill, t.block_hashes)  # type: ignore[arg-type]
         book = self._prefill.get(t.prefill)  # type: ignore[arg-type]
         if book is None:
             return

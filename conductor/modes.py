@@ -18,6 +18,7 @@ class PolicyName(StrEnum):
     CACHE_AWARE_LOCAL = "cache_aware_local"  # min predicted TTFT using each node's own cache
     KV_CENTRIC = "kv_centric"  # cache_aware_local + pulling a longer prefix from a peer
     LONGEST_PREFIX = "longest_prefix"  # longest cached prefix, whatever the queues
+    COST_AWARE = "cost_aware"  # kv_centric's TTFT + the work a choice costs the cluster, weighed by its backlog
 
 
 class AdmissionMode(StrEnum):

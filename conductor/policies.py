@@ -159,6 +159,7 @@ class Policy(ABC):
     def __init__(self, costs: CostModel, seed: int = 0) -> None:
         self.costs = costs
         self._rng = _random.Random(seed)
+        self.settings: SettingsValues | None = None  # the snapshot of this decision (the scheduler sets it)
 
     @abstractmethod
     def choose_prefill(self, view: ClusterView, request: RequestInfo, now_s: float) -> PrefillChoice | None:
@@ -344,6 +345,13 @@ def _first_holder(view: ClusterView, match: dict, depth: int) -> NodeId:
     return min((by_id[n][0], n) for n, d in match.items() if d == depth and n in by_id and by_id[n][1].healthy)[1]
 
 
+def _first_holder_or_none(view: ClusterView, match: dict, depth: int) -> NodeId | None:
+    try:
+        return _first_holder(view, match, depth)
+    except (StopIteration, ValueError):
+        return None
+
+
 def _least_busy_by_depth(
     view: ClusterView, match: dict
 ) -> dict[int, tuple[float, int, PrefillNodeView]]:
@@ -433,9 +441,145 @@ class LongestPrefixPolicy(Policy):
         return self._estimate(view, request, best, now_s, -best_key[0])
 
 
+class CostAwarePolicy(Policy):
+    """kv_centric's predicted TTFT plus what the choice costs the rest of the cluster.
+
+    Per candidate node (the least busy node of each cached-prefix depth, as kv_centric, with
+    the same choice between its own prefix and pulling the longest one). A node's prefix
+    counts what its queued prefills will have cached by the time this one starts
+    (`view.pending`: a session's next turn finds its previous turn where that one queued,
+    before any KV event says so); only computed blocks can be pulled.
+
+        score = queue + service + weight × (service − least service over candidates)
+
+    `service − least service` is work the cluster does only because the request did not go
+    where its prefix is (tokens recomputed, or pulled): every request queued behind it waits
+    that much longer. `weight` is how many requests that is: the cluster's backlog (mean
+    queued seconds per healthy prefill node) over the typical service time (a running mean),
+    at most `MAX_WEIGHT`. An idle cluster gives 0 (kv_centric: the lowest TTFT wins, hot
+    prefixes spread); a backlogged one keeps requests where their prefix is unless the queue
+    there outweighs the extra work.
+    """
+
+    name = PolicyName.COST_AWARE
+    MAX_WEIGHT = 16.0
+    LATE_QUEUE_SLOS = 4.0  # a queue already past the TTFT SLO takes late requests up to this many SLOs
+    PREFER_FITS = True
+    LATE_ROUTING = True
+    LATE_BACKLOG_SLOS = 0.5
+    SERVICE_EWMA = 0.02  # weight of each decision in the running mean service time
+
+    def __init__(self, costs: CostModel, seed: int = 0) -> None:
+        super().__init__(costs, seed)
+        self._typical_service_s = 0.0
+
+    def choose_prefill(self, view, request, now_s):
+        cached = self._match(view, request)
+        match = cached
+        if view.pending is not None and request.block_hashes:
+            pending = view.pending.longest_prefix(request.block_hashes)
+            if pending:
+                match = dict(cached)
+                for node_id, depth in pending.items():
+                    if depth > match.get(node_id, 0):
+                        match[node_id] = depth
+        groups = _least_busy_by_depth(view, match)
+        if not groups:
+            return None
+        n, bt, costs = request.input_tokens, view.block_tokens, self.costs
+        top_depth = max(cached.values(), default=0)  # what can be pulled: computed blocks only
+        top_tokens = _reusable(top_depth, bt, n)
+        top_prefill = costs.prefill_s(n, top_tokens)
+        options = []
+        least = float("inf")
+        for depth, (busy, i, node) in groups.items():
+            p = _reusable(depth, bt, n)
+            service = costs.local_load_s(p) + costs.prefill_s(n, p)
+            pull = False
+            if depth < top_depth and top_depth > 0 and _first_holder_or_none(view, cached, top_depth) is not None:
+                pull_service = costs.local_load_s(p) + costs.network_s(top_tokens - p) + top_prefill
+                if pull_service < service:
+                    service, pull = pull_service, True
+            options.append((service, busy, i, node, depth, pull))
+            if service < least:
+                least = service
+        typical = self._typical_service_s
+        typical = least if typical == 0.0 else typical + self.SERVICE_EWMA * (least - typical)
+        self._typical_service_s = typical
+        backlog = _backlog_s(view, now_s)
+        weight = backlog / typical if typical > 0.0 else 0.0
+        if weight > self.MAX_WEIGHT:
+            weight = self.MAX_WEIGHT
+        slo = self.settings.ttft_slo_s if self.settings is not None else float("inf")
+        send = costs.network_s(n)
+        fits = [o for o in options if (o[1] - now_s if o[1] > now_s else 0.0) + o[0] + send <= slo]
+        if fits:
+            if self.PREFER_FITS:
+                options = fits
+        elif self.LATE_ROUTING and (least + send <= slo or backlog > self.LATE_BACKLOG_SLOS * slo):
+            # queues make it miss its TTFT SLO wherever it goes (an idle node would not): go
+            # where those queued behind it miss theirs anyway
+            late = self._late_options(view, match, request, now_s, slo - send, self.LATE_QUEUE_SLOS * slo,
+                                      top_depth, top_tokens, top_prefill)
+            if late:
+                options = late
+        best_key, best = None, None
+        for option in options:
+            service, busy, i = option[0], option[1], option[2]
+            queue = busy - now_s if busy > now_s else 0.0
+            key = (queue + service + weight * (service - least), busy, i)
+            if best_key is None or key < best_key:
+                best_key, best = key, option
+        _, _, _, node, depth, pull = best
+        if pull:
+            return self._estimate(view, request, node, now_s, depth, _first_holder(view, cached, top_depth),
+                                  top_depth - depth)
+        return self._estimate(view, request, node, now_s, depth)
+
+
+    def _late_options(self, view, match, request, now_s, queue_limit_s, queue_cap_s, top_depth, top_tokens,
+                      top_prefill):
+        """Options on the healthy nodes whose queue alone passes `queue_limit_s` but not
+        `queue_cap_s` (the least busy of each prefix depth among them)."""
+        groups: dict[int, tuple[float, int, PrefillNodeView]] = {}
+        limit, cap = now_s + queue_limit_s, now_s + queue_cap_s
+        for i, node in enumerate(view.prefill):
+            busy = node.busy_until_s
+            if not node.healthy or busy <= limit or busy > cap:
+                continue
+            depth = match.get(node.node_id, 0)
+            best = groups.get(depth)
+            if best is None or busy < best[0]:
+                groups[depth] = (busy, i, node)
+        n, bt, costs = request.input_tokens, view.block_tokens, self.costs
+        out = []
+        for depth, (busy, i, node) in groups.items():
+            p = _reusable(depth, bt, n)
+            service = costs.local_load_s(p) + costs.prefill_s(n, p)
+            pull = False
+            if depth < top_depth:
+                pull_service = costs.local_load_s(p) + costs.network_s(top_tokens - p) + top_prefill
+                if pull_service < service:
+                    service, pull = pull_service, True
+            out.append((service, busy, i, node, depth, pull))
+        return out
+
+
+def _backlog_s(view: ClusterView, now_s: float) -> float:
+    """Mean predicted queue (seconds) over the healthy prefill nodes."""
+    total, count = 0.0, 0
+    for p in view.prefill:
+        if p.healthy:
+            count += 1
+            if p.busy_until_s > now_s:
+                total += p.busy_until_s - now_s
+    return total / count if count else 0.0
+
+
 POLICIES: dict[PolicyName, type[Policy]] = {
     cls.name: cls
-    for cls in (RandomPolicy, RoundRobinPolicy, LeastLoadedPolicy, CacheAwareLocalPolicy, KvCentricPolicy, LongestPrefixPolicy)
+    for cls in (RandomPolicy, RoundRobinPolicy, LeastLoadedPolicy, CacheAwareLocalPolicy, KvCentricPolicy,
+                LongestPrefixPolicy, CostAwarePolicy)
 }
 
 

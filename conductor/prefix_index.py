@@ -201,3 +201,54 @@ class GlobalPrefixIndex:
     def snapshot(self) -> Mapping[NodeId, frozenset[int]]:
         """Node -> blocks it caches (a copy; for tests and debugging)."""
         return {n: frozenset(b) for n, b in self._blocks_of.items() if b}
+
+
+class PendingPrefixes:
+    """Blocks that queued prefills will cache: node -> the prompt blocks of the requests
+    dispatched to it and not done yet, counted (two queued requests may share a block).
+
+    A prefill node serves its queue in order, so a request placed behind them finds these
+    blocks cached when it starts: as good as cached for a placement on that node (nothing
+    to pull from it yet). `longest_prefix` answers as the global index does.
+    """
+
+    def __init__(self) -> None:
+        self._index = GlobalPrefixIndex()
+        self._counts: dict[NodeId, dict[int, int]] = {}
+
+    def add(self, node: NodeId, block_hashes: Sequence[BlockHash]) -> None:
+        counts = self._counts.setdefault(node, {})
+        new = []
+        for h in block_hashes:
+            c = counts.get(h, 0)
+            counts[h] = c + 1
+            if c == 0:
+                new.append(h)
+        if new:
+            self._index.store(node, new)
+
+    def discard(self, node: NodeId, block_hashes: Sequence[BlockHash]) -> None:
+        counts = self._counts.get(node)
+        if not counts:
+            return
+        gone = []
+        for h in block_hashes:
+            c = counts.get(h, 0)
+            if c <= 1:
+                if c == 1:
+                    del counts[h]
+                    gone.append(h)
+            else:
+                counts[h] = c - 1
+        if gone:
+            self._index.remove(node, gone)
+
+    def forget(self, node: NodeId) -> None:
+        self._counts.pop(node, None)
+        self._index.remove_node(node)
+
+    def longest_prefix(self, block_hashes: Sequence[BlockHash]) -> dict[NodeId, int]:
+        return self._index.longest_prefix(block_hashes)
+
+    def blocks_on(self, node: NodeId) -> int:
+        return len(self._counts.get(node, ()))

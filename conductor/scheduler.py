@@ -54,6 +54,7 @@ class Scheduler:
         """Route and admit `request` on arrival: a (prefill, decode) pair, or a rejection."""
         s = self.settings.values
         policy = self.policy(s.policy)
+        policy.settings = s
         prefill = policy.choose_prefill(view, request, now_s)
         if prefill is None:
             return Decision(

@@ -34,7 +34,7 @@ class SettingsValues:
     prefill_reject_threshold: float = 1.0
     decode_reject_threshold: float = 1.0
     admission: AdmissionMode = AdmissionMode.EARLY
-    policy: PolicyName = PolicyName.KV_CENTRIC
+    policy: PolicyName = PolicyName.COST_AWARE
     typical_output_tokens: int = 256
 
     def __post_init__(self) -> None:

@@ -197,10 +197,13 @@ class LoadIndex:
 @dataclass(slots=True)
 class ClusterView:
     """Everything a policy may look at. `block_tokens`: tokens per indexed KV block.
-    `loads`: orderings for large clusters (None in a hand-built view: policies scan)."""
+    `loads`: orderings for large clusters (None in a hand-built view: policies scan).
+    `pending`: the prompt blocks of the prefills queued on each node (they will be cached
+    there before anything placed behind them starts), None when not tracked."""
 
     prefill: list[PrefillNodeView]
     decode: list[DecodeNodeView]
     index: PrefixLookup
     block_tokens: int
     loads: LoadIndex | None = None
+    pending: PrefixLookup | None = None

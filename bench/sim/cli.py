@@ -1,7 +1,7 @@
 """`halfmoon bench sim`: replay a Mooncake-format trace through the conductor's own policy and
 admission objects on a simulated cluster, and compare policies or admission modes.
 
-    halfmoon bench sim --trace FILE --prefill 8 --decode 8 --policy kv_centric \\
+    halfmoon bench sim --trace FILE --prefill 8 --decode 8 --policy cost_aware \\
         --admission none --speedup 1 --json out/sim.json
     halfmoon bench sim --compare                 # every policy, side by side
     halfmoon bench sim --compare admission       # every admission mode (also --compare-admission)
@@ -26,6 +26,7 @@ from bench.sim.trace import DEFAULT_TRACE, load_sim_requests, repeat_fraction
 from conductor.cost_model import CostModel, gpu_class_default
 from conductor.errors import ConductorError
 from conductor.modes import AdmissionMode, PolicyName, parse_admission, parse_policy
+from conductor.settings import SettingsValues
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trace", type=Path, default=DEFAULT_TRACE, help="Mooncake-format JSONL trace (default: %(default)s)")
     p.add_argument("--prefill", type=int, default=8, help="prefill instances (default 8)")
     p.add_argument("--decode", type=int, default=8, help="decode instances (default 8)")
-    p.add_argument("--policy", default=PolicyName.KV_CENTRIC.value, help="routing policy (default kv_centric)")
+    p.add_argument("--policy", default=str(SettingsValues().policy), help="routing policy (default: %(default)s)")
     p.add_argument("--admission", default=AdmissionMode.NONE.value, help="admission mode (default none)")
     p.add_argument("--speedup", type=float, default=1.0, help="divide every arrival time by this (default 1)")
     p.add_argument("--compare", nargs="?", const="policies", choices=("policies", "admission"),

@@ -61,7 +61,7 @@ class SimRequest:
 class SimConfig:
     prefill_nodes: int = 8
     decode_nodes: int = 8
-    policy: PolicyName = PolicyName.KV_CENTRIC
+    policy: PolicyName = SettingsValues().policy  # the conductor's default
     admission: AdmissionMode = AdmissionMode.NONE
     cache_blocks: int = DEFAULT_CACHE_BLOCKS  # per prefill instance
     decode_kv_tokens: int = DEFAULT_DECODE_KV_TOKENS  # per decode instance

@@ -73,10 +73,10 @@ class AgentShape:
     output_mean: float = 160.0  # log-normal, 8 .. 1,500 tokens
     turn_gap_s: float = 6.0  # between a session's turns (log-normal mean)
     session_rate: float = 0.3  # sessions/s outside bursts
-    burst_factor: float = 6.0  # sessions arrive this much faster in a burst
+    burst_factor: float = 4.0  # sessions arrive this much faster in a burst
     calm_s: float = 120.0  # mean length of a calm spell
-    burst_s: float = 25.0  # mean length of a burst
-    max_input_tokens: int = 120_000
+    burst_s: float = 20.0  # mean length of a burst
+    max_input_tokens: int = 48_000  # a session ends when its context would pass this
 
 
 def tool_agent(requests: int, seed: int = 0, shape: AgentShape = AgentShape()) -> list[TraceRecord]:

@@ -30,7 +30,7 @@ def test_default_is_one_prefill_one_decode_on_loopback():
     assert (c.prefill.count, c.decode.count, c.layout) == (1, 1, "disaggregated")
     assert c.conductor.host == "127.0.0.1" and c.prefill.host == "127.0.0.1"
     assert (c.conductor.grpc_port, c.conductor.http_port) == (50051, 8000)
-    assert (c.conductor.policy, c.conductor.admission) == ("kv_centric", "early")
+    assert (c.conductor.policy, c.conductor.admission) == ("cost_aware", "early")
     assert c.kv.block_size == 16 and c.model.name == "smollm2-135m-instruct"
     assert c.ray.address is None and c.ray.namespace == "halfmoon"
     assert c.required_resources() == {"CPU": 3.0, "GPU": 0.0}
@@ -168,7 +168,7 @@ def test_policy_and_admission_are_parsed_by_the_schedulers_functions():
     assert (c.policy, c.admission) == (PolicyName.CACHE_AWARE_LOCAL, AdmissionMode.PER_STAGE)
     message = problems("conductor: {policy: fastest}")["conductor.policy"]
     assert "fastest" in message and all(p.value in message for p in PolicyName)
-    assert yaml.safe_load(ClusterConfig().to_yaml())["conductor"]["policy"] == "kv_centric"
+    assert yaml.safe_load(ClusterConfig().to_yaml())["conductor"]["policy"] == "cost_aware"
 
 
 def test_colocated_layout_keeps_general_node_counts():

@@ -170,3 +170,95 @@ def test_projected_decode_choice_drops_residents_that_will_have_finished():
     assert projected.node == "d0" and projected.projected
     assert projected.predicted_tbt_s == pytest.approx(0.010 + 0.001 + 0.001)  # only this request
     assert policy.choose_decode(v, request(), NOW, s, LoadBasis.CURRENT).node == "d1"
+
+
+# -- cost_aware: TTFT plus what the choice costs the rest of the cluster ---------------------------
+
+def cost_aware(v, req=None, network: float = 1e7, slo: float | None = None, now: float = NOW):
+    policy = make_policy(PolicyName.COST_AWARE, costs(network))
+    if slo is not None:
+        policy.settings = SettingsValues(ttft_slo_s=slo)
+    return policy.choose_prefill(v, req or request(), now)
+
+
+def test_cost_aware_on_a_quiet_cluster_decides_as_kv_centric():
+    # backlog 0.25 s over a typical service of 0.2 s: weight 1.25 on the 0.08 s the pull adds
+    v = busy_cache_vs_idle(0.5)
+    c = cost_aware(v)
+    assert (c.node, c.pull_from, c.pulled_blocks) == ("p1", "p0", 8)
+    assert c == choose(PolicyName.KV_CENTRIC, v)
+
+
+def test_cost_aware_keeps_a_backlogged_clusters_request_where_its_prefix_is():
+    # p0 caches 800 of 1,000 tokens behind a 3 s queue; p1 has 2 s of queue and nothing cached;
+    # pulling at 0.5 MB/s costs more than recomputing. kv_centric: p1 (2 + 1.0 s < 3 + 0.2 s).
+    # cost_aware: a backlog of 3.25 s per node is 16 typical services: the 0.8 s recomputed on p1
+    # delays everyone queued behind it (p1: 2 + 1.0 + 16 x 0.8 = 15.8 s against 3.2 s)
+    v = view({"p0": NOW + 3.0, "p1": NOW + 2.0, "p2": NOW + 4.0, "p3": NOW + 4.0}, cached={"p0": 8})
+    assert choose(PolicyName.KV_CENTRIC, v, network=5e5).node == "p1"
+    c = cost_aware(v, network=5e5)
+    assert (c.node, c.cached_blocks, c.queue_s) == ("p0", 8, pytest.approx(3.0))
+
+
+def test_cost_aware_finds_a_sessions_previous_turn_where_it_is_queued():
+    """The previous turn (8 blocks) is queued on p1, not computed yet: no KV event has told
+    the index; p1 will have cached it by the time this turn starts there."""
+    from conductor.prefix_index import PendingPrefixes
+
+    v = view({"p0": NOW - 1.0, "p1": NOW + 1.0})
+    v.pending = PendingPrefixes()
+    v.pending.add(NodeId("p1"), request(blocks=8).block_hashes)
+    assert choose(PolicyName.KV_CENTRIC, v).node == "p0"  # recomputes 1,000 tokens on the idle node
+    c = cost_aware(v)
+    assert (c.node, c.cached_blocks, c.reused_tokens, c.pull_from) == ("p1", 8, 800, None)
+
+
+def test_cost_aware_sends_a_request_late_everywhere_to_a_queue_already_late():
+    # TTFT SLO 2 s; 1,000 uncached tokens take 1.0 s + 0.1 s to send: no node makes it in time.
+    # p1's queue (3 s) is already past the SLO: those behind it miss theirs anyway; p0 (1.5 s)
+    # can still take requests that fit, so this one goes to p1.
+    v = view({"p0": NOW + 1.5, "p1": NOW + 3.0})
+    assert choose(PolicyName.KV_CENTRIC, v).node == "p0"
+    assert cost_aware(v, slo=2.0).node == "p1"
+    assert cost_aware(v, slo=10.0).node == "p0"  # it fits on p0: the lowest score wins
+
+
+def test_cost_aware_routes_a_request_too_big_for_the_slo_normally_on_a_quiet_cluster():
+    # 3,000 tokens take 3.0 s even on an idle node (SLO 2 s): it is late by its size, not by
+    # the queues, and the backlog (0.83 s per node) is small: it goes to an idle node
+    v = view({"p0": NOW - 1.0, "p1": NOW + 2.5, "p2": NOW - 2.0})
+    c = cost_aware(v, req=request(blocks=30), slo=2.0)
+    assert (c.node, c.queue_s) == ("p2", 0.0)
+
+
+def test_large_clusters_search_their_load_index_and_choose_as_a_full_scan():
+    """Above SCAN_LIMIT nodes a ClusterState's view is searched through its LoadIndex (the
+    prefix holders plus the least busy node); every policy chooses as if it scanned them all."""
+    import random
+    from dataclasses import replace as dc_replace
+
+    from conductor.cluster_state import ClusterState
+    from conductor.decision import Decision, DecodeChoice, PrefillChoice
+    from conductor.modes import AdmissionMode
+    from sched_fixtures import chain
+
+    rng = random.Random(5)
+    state = ClusterState(BLOCK)
+    for i in range(200):
+        state.add_prefill(NodeId(f"p{i}"))
+    state.add_decode(NodeId("d0"), 1_000_000)
+    for k in range(400):  # queued work of random size on random nodes
+        node = NodeId(f"p{rng.randrange(200)}")
+        pc = PrefillChoice(node, 0, None, 0, 0, 0.0, 0.0, 0.0, rng.uniform(0.1, 3.0), 0.1)
+        dc = DecodeChoice(NodeId("d0"), 0.02, 0.01, 0.0, LoadBasis.COMMITTED)
+        state.dispatched(request(rid=f"q{k}", start=10_000 + 50 * k), Decision(f"q{k}", PolicyName.KV_CENTRIC,
+                         AdmissionMode.NONE, 0.0, pc, dc), rng.uniform(0.0, 5.0))
+    for k in range(30):  # prefixes of 12 chains cached on a few nodes each
+        state.index.store(NodeId(f"p{rng.randrange(200)}"), chain(rng.randint(1, 12), start=1 + 100 * (k % 12)))
+    scan = dc_replace(state.view, loads=None)
+    for name in (PolicyName.KV_CENTRIC, PolicyName.CACHE_AWARE_LOCAL, PolicyName.LONGEST_PREFIX,
+                 PolicyName.LEAST_LOADED, PolicyName.COST_AWARE):
+        fast, full = make_policy(name, costs()), make_policy(name, costs())
+        for j in range(60):
+            req = request(blocks=12, rid=f"r{j}", start=1 + 100 * (j % 12))
+            assert fast.choose_prefill(state.view, req, 4.0) == full.choose_prefill(scan, req, 4.0), (name, j)

@@ -19,7 +19,7 @@ def make() -> ConductorSettings:
 def test_defaults():
     v = SettingsValues()
     assert (v.ttft_slo_s, v.tbt_slo_s, v.prefill_reject_threshold, v.decode_reject_threshold) == (30.0, 1.0, 1.0, 1.0)
-    assert (v.admission, v.policy, v.typical_output_tokens) == (AdmissionMode.EARLY, PolicyName.KV_CENTRIC, 256)
+    assert (v.admission, v.policy, v.typical_output_tokens) == (AdmissionMode.EARLY, PolicyName.COST_AWARE, 256)
 
 
 def test_text_values_are_parsed_to_their_types():
@@ -70,13 +70,13 @@ def test_an_update_applies_all_or_nothing():
     assert err.value.name == "tbt_slo_s"
     assert s.values == SettingsValues() and s.changes == ()
     done = s.update({"ttft_slo_s": 10, "policy": "random"}, actor="cli")
-    assert [(c.name, c.old, c.new) for c in done] == [("ttft_slo_s", "30", "10"), ("policy", "kv_centric", "random")]
+    assert [(c.name, c.old, c.new) for c in done] == [("ttft_slo_s", "30", "10"), ("policy", "cost_aware", "random")]
     assert s.changes == tuple(done)
 
 
 def test_setting_the_value_in_force_is_not_a_change():
     s = make()
-    assert s.set("policy", "kv_centric") is None
+    assert s.set("policy", "cost_aware") is None
     assert s.changes == ()
 
 
@@ -96,7 +96,7 @@ def test_describe_lists_every_setting_with_its_value():
     rows = {i.name: i.value for i in s.describe()}
     assert rows == {
         "ttft_slo_s": "30", "tbt_slo_s": "1", "prefill_reject_threshold": "1", "decode_reject_threshold": "1",
-        "admission": "per_stage", "policy": "kv_centric", "typical_output_tokens": "256",
+        "admission": "per_stage", "policy": "cost_aware", "typical_output_tokens": "256",
     }
     assert s.get("admission") is AdmissionMode.PER_STAGE
     with pytest.raises(InvalidSetting):

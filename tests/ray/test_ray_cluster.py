@@ -166,7 +166,7 @@ def test_conductor_and_node_metrics_move_when_requests_run(deployed):
     assert moved("halfmoon:inter_token_latency_seconds_count") == 7
     assert metric(after_conductor, "halfmoon:node_up", node="prefill-0", role="prefill") == 1
     assert metric(after_conductor, "halfmoon:node_up", node="decode-0", role="decode") == 1
-    assert metric(after_conductor, "halfmoon:admission_info", policy="kv_centric", admission="early") == 1
+    assert metric(after_conductor, "halfmoon:admission_info", policy="cost_aware", admission="early") == 1
 
     def node_moved(node: str, name: str) -> float:  # nodes publish some values at each heartbeat
         return wait_for(lambda: metric(scrape(nodes[node]), name) - metric(before[node], name), timeout_s=10)

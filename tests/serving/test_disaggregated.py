@@ -160,7 +160,7 @@ def test_admission_rejects_before_any_prefill_work_when_saturated(cluster_2p2d):
             c.set_settings({"ttft_slo_s": "-1", "policy": "random"})
         assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         values = {s.name: s.value for s in c.status().settings}
-        assert values["policy"] == "kv_centric" and float(values["ttft_slo_s"]) == 600
+        assert values["policy"] == "cost_aware" and float(values["ttft_slo_s"]) == 600
 
 
 def test_kv_centric_pulls_a_busy_nodes_prefix_and_output_is_unchanged(cluster_2p2d, local_engine):
