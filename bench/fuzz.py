@@ -49,6 +49,7 @@ GRPC_CATEGORIES = {
 CATEGORIES = {**HTTP_CATEGORIES, **GRPC_CATEGORIES}
 GENERATE = "/halfmoon.v1.Generation/Generate"
 MAX_MODEL_LEN = 2048
+LONG_TIMEOUT_S = 120.0  # inputs that are slow by nature: huge bodies, context-filling prompts
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,16 +236,19 @@ class _Gen:
             body.pop("messages", None)
             return Case(i, "extreme_numbers", "http", f"prompt=[{value[:20]}]",
                         self.with_raw(body, "prompt", f"[1, {value}]"))
+        timeout_s = 30.0
         if key in ("max_tokens", "max_completion_tokens") and value in ("9007199254740993", "2147483648") \
                 and self.rng.random() < 0.5:
             # beyond the context window with a prompt that fills it: capped or refused, never run long
+            # (a 2,044-token prefill takes ~13 s on two loaded CPU cores: allow for a queue)
             body.pop("messages", None)
             body["prompt"] = self.ids(MAX_MODEL_LEN - 4, MAX_MODEL_LEN - 4)
             value = str(self.rng.choice([8192, 2**31 - 1]))
+            timeout_s = LONG_TIMEOUT_S
         if key == "max_tokens" and value == "1" + "0" * 100:
             value = BIG_DIGITS
         return Case(i, "extreme_numbers", "http", f"{key}={value[:20]}", self.with_raw(body, key, value),
-                    path=self.path_for(body))
+                    path=self.path_for(body), timeout_s=timeout_s)
 
     def deep_nesting(self, i: int) -> Case:
         depth = self.rng.choice([64, 500, 1000, 5000, 100_000])
@@ -308,7 +312,7 @@ class _Gen:
         else:
             body["padding"] = "z" * size
         return Case(i, "huge_body", "http", f"{kind} {size >> 10} KiB", json.dumps(body).encode(),
-                    path=self.path_for(body), timeout_s=120.0)
+                    path=self.path_for(body), timeout_s=LONG_TIMEOUT_S)
 
     def duplicate_ids(self, i: int) -> Case:
         body = self.small_body() | {"user": f"dup-{self.rng.randrange(1000)}"}
@@ -377,11 +381,12 @@ class _Gen:
         r = self.rng
         fld = r.choice(["max_tokens", "temperature", "top_p", "top_k", "seed", "stop_token_ids", "prompt_token_ids",
                         "empty_input", "empty_ids", "long_request_id", "many_stops", "nul_stop"])
-        s, kw, what = None, {}, fld
+        s, kw, what, timeout_s = None, {}, fld, 30.0
         if fld == "max_tokens":
             v = r.choice([-2**31, -1, 0, 2**40, 2**63, 8192, 2**31 - 1])
             if v in (8192, 2**31 - 1):  # with a prompt that fills the context: capped or refused, never long
                 kw["token_ids"] = self.ids(MAX_MODEL_LEN - 4, MAX_MODEL_LEN - 4)
+                timeout_s = LONG_TIMEOUT_S
             s, what = pb_int(1, v) + pb_float(2, 0.0), f"max_tokens={v}"
         elif fld in ("temperature", "top_p"):
             v = r.choice([float("nan"), float("inf"), float("-inf"), 1e-40, 1e-45, 1e30, 3.4e38, -0.0, -1.0, 0.0,
@@ -409,7 +414,7 @@ class _Gen:
             s = sampling(stops=b"".join(pb_bytes(6, b"x") for _ in range(r.choice([100, 10_000]))))
         else:
             s = sampling(stop=pb_bytes(6, b"\x00"))
-        return Case(i, "proto_extreme", "grpc", what, generate_request(sampling_bytes=s, **kw))
+        return Case(i, "proto_extreme", "grpc", what, generate_request(sampling_bytes=s, **kw), timeout_s=timeout_s)
 
     def proto_bad_utf8(self, i: int) -> Case:
         bad = self.rng.choice(BAD_BYTES)
@@ -442,7 +447,7 @@ class _Gen:
         else:
             raw, what = generate_request(token_ids=_many_ids(size // 3, self.rng.randrange(49152))), \
                 f"{size // 3} token ids"
-        return Case(i, "proto_huge", "grpc", what, raw, timeout_s=120.0)
+        return Case(i, "proto_huge", "grpc", what, raw, timeout_s=LONG_TIMEOUT_S)
 
     def proto_duplicate_ids(self, i: int) -> Case:
         n = self.rng.randint(2, 5)

@@ -55,6 +55,9 @@ def test_the_categories_hold_what_they_promise(many):
     extreme = b"".join(c.body for c in _bodies("extreme_numbers"))
     for token in (b"1e400", b"9" * 4301, b"NaN", b"1e-320", b"18446744073709551616", b"-9223372036854775809"):
         assert token in extreme, token
+    filling = [c for c in _bodies("extreme_numbers") if c.body.count(b",") > 2000]  # context-filling prompts
+    filling += [c for c in _bodies("proto_extreme") if c.what in ("max_tokens=8192", "max_tokens=2147483647")]
+    assert filling and all(c.timeout_s >= 120 for c in filling)  # a 2,044-token prefill is slow, not hung
     bad = _bodies("bad_utf8")
     raw = [c for c in bad if "raw" in c.what]
     assert raw and all(_undecodable(c.body) for c in raw)
