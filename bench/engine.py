@@ -1,9 +1,11 @@
-"""Engine benchmark: halfmoon vs Hugging Face transformers (and llama.cpp where installed).
+"""Engine benchmark: halfmoon in every model dtype vs Hugging Face transformers (fp32, SDPA
+attention) and llama.cpp (the same GGUF, Q4_1) where `llama-cpp-python` is installed.
 
-Same prompts, same dtype (fp32), same thread count, one run. Each system runs in its own
-spawned worker process (so peak RSS is per system); the parent drives the workers in turn,
+Same prompts, same thread count, one run. Each system (each halfmoon dtype too) runs in its
+own spawned worker process, so peak RSS is per system; the parent drives the workers in turn,
 one timed operation at a time, alternating which goes first -- they never compute at the same
-time, and on a shared machine both see the same background load.
+time, and on a shared machine all see the same background load. Every row names its
+`dtype` and the weight memory its forward reads (`weight_mb`).
 
 What is timed, the same way for every system:
 
@@ -17,6 +19,9 @@ What is timed, the same way for every system:
   B * steps / (sum of step times).
 
     python -m bench.engine --json out/engine.json          # or: halfmoon bench engine ...
+
+`targets` in the JSON: halfmoon w8a8 vs llama.cpp (decode b1, prefill), each halfmoon dtype vs
+hf-sdpa fp32 (decode b8 / b32) and bfloat16 vs halfmoon float32 (decode b1).
 """
 from __future__ import annotations
 
@@ -33,14 +38,19 @@ from pathlib import Path
 PROMPT_LEN = 512
 
 
+HALFMOON_DTYPES = ("float32", "bfloat16", "w8a8", "fp8")
+
+
 @dataclass(frozen=True, slots=True)
 class Row:
     system: str
+    dtype: str  # halfmoon: its model dtype; hf: float32; llama.cpp: the GGUF's Q4_1
     phase: str  # "prefill" | "decode"
     batch: int
     tokens_per_s: float  # prefill: 512 / median prompt time; decode: batch / median step time
     mean_tokens_per_s: float  # prefill: over the summed prompt times; decode: over the summed step times
     peak_rss_mb: float
+    weight_mb: float  # weights the forward reads (halfmoon: the engine's; hf: its parameters; llama.cpp: the GGUF)
 
 
 def _prompts(batch: int, vocab: int = 49152, seed: int = 0) -> list[list[int]]:
@@ -72,9 +82,9 @@ def _rss_mb() -> float:
 
 # --- workers: each answers the parent's commands over a pipe -------------------------------
 # ("prefill", i) -> seconds; ("decode_start", batch, steps) -> None; ("step",) -> seconds;
-# ("decode_end",) -> None; ("rss",) -> MB; ("quit",) -> exits.
+# ("decode_end",) -> None; ("rss",) -> MB; ("weights",) -> MB; ("quit",) -> exits.
 
-def _answer(conn, prefill, decode_start, step, decode_end) -> None:
+def _answer(conn, prefill, decode_start, step, decode_end, weight_mb: float) -> None:
     """The command loop of a system whose decode steps this process drives one at a time:
     `prefill(i)` and `step()` return their own timing, in seconds."""
     conn.send(None)  # loaded and warmed up
@@ -92,11 +102,14 @@ def _answer(conn, prefill, decode_start, step, decode_end) -> None:
             conn.send(None)
         elif cmd[0] == "rss":
             conn.send(_rss_mb())
+        elif cmd[0] == "weights":
+            conn.send(weight_mb)
         else:
             return
 
 
-def _serve_halfmoon(conn, threads: int, max_batch: int, new_tokens: int, prefill_repeats: int) -> None:
+def _serve_halfmoon(conn, threads: int, max_batch: int, new_tokens: int, prefill_repeats: int,
+                    dtype: str = "float32") -> None:
     import torch
 
     from engine.config import EngineConfig
@@ -107,7 +120,7 @@ def _serve_halfmoon(conn, threads: int, max_batch: int, new_tokens: int, prefill
     max_tokens = new_tokens + max_batch + 2  # nobody finishes inside the timed steps
     blocks = (max_batch + prefill_repeats) * (-(-(PROMPT_LEN + max_tokens + 1) // 16)) + 8
     eng = LLMEngine(config=EngineConfig(num_blocks=blocks, max_num_batched_tokens=PROMPT_LEN,
-                                        max_num_seqs=max(max_batch, 1)))
+                                        max_num_seqs=max(max_batch, 1), dtype=dtype))
     eng.generate([_prompts(1, seed=99)[0][:64]], SamplingParams(max_tokens=2))  # warm-up
     batch = 0
 
@@ -137,7 +150,7 @@ def _serve_halfmoon(conn, threads: int, max_batch: int, new_tokens: int, prefill
         for i in range(batch):
             eng.abort(f"b{i}")
 
-    _answer(conn, prefill, decode_start, step, decode_end)
+    _answer(conn, prefill, decode_start, step, decode_end, eng.runner.model.weight_bytes / 1e6)
 
 
 def _serve_hf(conn, threads: int, max_batch: int, new_tokens: int, prefill_repeats: int, attn: str) -> None:
@@ -183,6 +196,8 @@ def _serve_hf(conn, threads: int, max_batch: int, new_tokens: int, prefill_repea
                 conn.send(None)  # for decode_end
             elif cmd[0] == "rss":
                 conn.send(_rss_mb())
+            elif cmd[0] == "weights":
+                conn.send(sum(p.numel() * p.element_size() for p in model.parameters()) / 1e6)
             else:
                 return
 
@@ -211,13 +226,13 @@ def _serve_llamacpp(conn, threads: int, max_batch: int, new_tokens: int, prefill
         llm.eval([llm.sample(temp=0.0)])
         return time.perf_counter() - t0
 
-    _answer(conn, prefill, decode_start, step, lambda: None)
+    _answer(conn, prefill, decode_start, step, lambda: None, gguf_path().stat().st_size / 1e6)
 
 
 def _worker(system: str, conn, *args) -> None:
     try:
-        if system == "halfmoon":
-            _serve_halfmoon(conn, *args)
+        if system.startswith("halfmoon/"):
+            _serve_halfmoon(conn, *args, system.split("/", 1)[1])
         elif system in ("hf", "hf-sdpa"):
             _serve_hf(conn, *args, "sdpa" if system == "hf-sdpa" else "eager")
         elif system == "llama.cpp":
@@ -226,6 +241,11 @@ def _worker(system: str, conn, *args) -> None:
             raise ValueError(f"unknown system {system!r}")
     except Exception as e:  # reported to the parent, which prints it and drops the system
         conn.send(RuntimeError(f"{type(e).__name__}: {e}"))
+
+
+def system_dtype(system: str) -> str:
+    """A worker's dtype: halfmoon/<dtype>, hf and hf-sdpa in float32, llama.cpp the GGUF's Q4_1."""
+    return system.split("/", 1)[1] if "/" in system else "Q4_1" if system == "llama.cpp" else "float32"
 
 
 class Worker:
@@ -281,18 +301,38 @@ def run_batch(systems: list[str], batch: int, new_tokens: int, threads: int, pre
         for w in workers:
             w.call("decode_end")
         rss = {w.system: w.call("rss") for w in workers}
+        weights = {w.system: w.call("weights") for w in workers}
     finally:
         for w in workers:
             w.close()
     rows = []
     for w in workers:
         p, d = prefill[w.system], steps[w.system]
+        name, dtype = w.system.split("/", 1)[0], system_dtype(w.system)
         if p:
-            rows.append(Row(w.system, "prefill", 1, PROMPT_LEN / statistics.median(p),
-                            PROMPT_LEN * len(p) / sum(p), rss[w.system]))
-        rows.append(Row(w.system, "decode", batch, batch / statistics.median(d), batch * len(d) / sum(d),
-                        rss[w.system]))
+            rows.append(Row(name, dtype, "prefill", 1, PROMPT_LEN / statistics.median(p),
+                            PROMPT_LEN * len(p) / sum(p), rss[w.system], weights[w.system]))
+        rows.append(Row(name, dtype, "decode", batch, batch / statistics.median(d), batch * len(d) / sum(d),
+                        rss[w.system], weights[w.system]))
     return rows
+
+
+def targets(rows: list[Row]) -> dict[str, float]:
+    """The issue's ratios, from rows measured side by side (missing systems are left out)."""
+    by = {(r.system, r.dtype, r.phase, r.batch): r.tokens_per_s for r in rows}
+    out = {}
+
+    def ratio(key: str, a, b) -> None:
+        if a in by and b in by:
+            out[key] = round(by[a] / by[b], 3)
+
+    ratio("w8a8_decode_b1_vs_llama.cpp", ("halfmoon", "w8a8", "decode", 1), ("llama.cpp", "Q4_1", "decode", 1))
+    ratio("w8a8_prefill_vs_llama.cpp", ("halfmoon", "w8a8", "prefill", 1), ("llama.cpp", "Q4_1", "prefill", 1))
+    for dtype in HALFMOON_DTYPES:
+        for b in sorted({r.batch for r in rows if r.batch > 1}):
+            ratio(f"{dtype}_decode_b{b}_vs_hf-sdpa", ("halfmoon", dtype, "decode", b), ("hf-sdpa", "float32", "decode", b))
+    ratio("bfloat16_decode_b1_vs_float32", ("halfmoon", "bfloat16", "decode", 1), ("halfmoon", "float32", "decode", 1))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -303,15 +343,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new-tokens", type=int, default=32, help="decode steps timed per batch")
     ap.add_argument("--prefill-repeats", type=int, default=5, help="prompts prefilled alone (in the batch-1 run)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--systems", default="halfmoon,hf,llama.cpp",
-                    help="of halfmoon, hf (eager attention: the baseline), hf-sdpa, llama.cpp")
+    ap.add_argument("--systems", default="halfmoon,hf-sdpa,llama.cpp",
+                    help="of halfmoon (one worker per --dtypes), hf (eager attention), hf-sdpa, llama.cpp "
+                         "(skipped with a note when llama-cpp-python is not installed)")
+    ap.add_argument("--dtypes", default=",".join(HALFMOON_DTYPES), help="halfmoon's model dtypes")
     args = ap.parse_args(argv)
 
     from rich.console import Console
     from rich.table import Table
 
     batches = [int(b) for b in args.batches.split(",")]
-    systems = args.systems.split(",")
+    systems = [x for s in args.systems.split(",")
+               for x in ([f"halfmoon/{d}" for d in args.dtypes.split(",")] if s == "halfmoon" else [s])]
     rows: list[Row] = []
     console = Console()
     load_before = machine_load()
@@ -321,28 +364,36 @@ def main(argv: list[str] | None = None) -> int:
             rows.extend(run_batch(here, b, args.new_tokens, args.threads, args.prefill_repeats,
                                   log=lambda m: console.print(f"[yellow]{m}")))
 
-    base = {(r.phase, r.batch): r for r in rows if r.system == "hf"}
-    table = Table(title=f"engine throughput ({PROMPT_LEN}-token prompts, fp32, {args.threads} threads)")
-    for col in ("system", "phase", "batch", "tokens/s", "x HF", "mean tok/s", "x HF (mean)", "peak RSS MB"):
-        table.add_column(col, justify="right" if col not in ("system", "phase") else "left")
+    base_name = "hf" if any(r.system == "hf" for r in rows) else "hf-sdpa"
+    base = {(r.phase, r.batch): r for r in rows if r.system == base_name}
+    table = Table(title=f"engine throughput ({PROMPT_LEN}-token prompts, {args.threads} threads)")
+    for col in ("system", "dtype", "phase", "batch", "tokens/s", f"x {base_name}", "mean tok/s",
+                f"x {base_name} (mean)", "weights MB", "peak RSS MB"):
+        table.add_column(col, justify="right" if col not in ("system", "dtype", "phase") else "left")
     ratios, mean_ratios = {}, {}
     for r in rows:
         ref = base.get((r.phase, r.batch))
         ratio = r.tokens_per_s / ref.tokens_per_s if ref else None
         mean_ratio = r.mean_tokens_per_s / ref.mean_tokens_per_s if ref else None
         if r.system == "halfmoon" and ref:
-            ratios[f"{r.phase}_b{r.batch}"] = round(ratio, 3)
-            mean_ratios[f"{r.phase}_b{r.batch}"] = round(mean_ratio, 3)
-        table.add_row(r.system, r.phase, str(r.batch), f"{r.tokens_per_s:.1f}", f"{ratio:.2f}" if ref else "-",
-                      f"{r.mean_tokens_per_s:.1f}", f"{mean_ratio:.2f}" if ref else "-", f"{r.peak_rss_mb:.0f}")
+            key = f"{r.phase}_b{r.batch}" if r.dtype == "float32" else f"{r.dtype}_{r.phase}_b{r.batch}"
+            ratios[key] = round(ratio, 3)
+            mean_ratios[key] = round(mean_ratio, 3)
+        table.add_row(r.system, r.dtype, r.phase, str(r.batch), f"{r.tokens_per_s:.1f}", f"{ratio:.2f}" if ref else "-",
+                      f"{r.mean_tokens_per_s:.1f}", f"{mean_ratio:.2f}" if ref else "-", f"{r.weight_mb:.0f}",
+                      f"{r.peak_rss_mb:.0f}")
     load_after = machine_load()
     console.print(table)
+    goals = targets(rows)
+    if goals:
+        console.print("targets: " + ", ".join(f"{k} {v:.2f}x" for k, v in goals.items()))
     console.print("machine load before / after: " + ", ".join(
         f"{k} {load_before[k]:.1f} / {load_after.get(k, float('nan')):.1f}" for k in load_before))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"rows": [asdict(r) for r in rows], "halfmoon_vs_hf": ratios,
-                                         "halfmoon_vs_hf_mean": mean_ratios, "prompt_len": PROMPT_LEN,
+        args.json.write_text(json.dumps({"rows": [asdict(r) for r in rows], f"halfmoon_vs_{base_name}": ratios,
+                                         f"halfmoon_vs_{base_name}_mean": mean_ratios, "targets": goals,
+                                         "prompt_len": PROMPT_LEN,
                                          "threads": args.threads, "new_tokens": args.new_tokens,
                                          "prefill_repeats": args.prefill_repeats,
                                          "machine_load": {"before": load_before, "after": load_after}}, indent=2))
