@@ -411,13 +411,14 @@ def main(argv: list[str] | None = None) -> int:
     mc = ModelConfig.from_dir(resolve_model_dir(model, progress=False))
     block_bytes = mc.kv_bytes_per_token(4) * BLOCK
     record = record_bytes(block_bytes, BLOCK)
-    wl = ChatWorkload(systems=3, system_tokens=256, turns=3, user_tokens=24, answer_tokens=16, think_s=0.5) \
+    wl = ChatWorkload(systems=4, system_tokens=384, turns=3, user_tokens=24, answer_tokens=16, think_s=0.5) \
         if args.quick else ChatWorkload()
     rates = [float(x) for x in args.rates.split(",")] if args.rates else ([0.3, 0.6] if args.quick else
                                                                           [0.1, 0.2, 0.3, 0.5, 0.8])
     requests = args.requests or (16 if args.quick else 60)
     ws = wl.working_set_blocks(requests // wl.turns + 1)
-    sizes = Sizes(device_blocks=args.device_blocks or max(64, ws // 3), host_blocks=max(32, ws // 2),
+    # (a 1024-token trace prompt needs 65 device blocks)
+    sizes = Sizes(device_blocks=args.device_blocks or max(72, ws // 3), host_blocks=max(32, ws // 2),
                   disk_blocks=2 * ws + 512, store_gb=max(0.25, 2 * ws * record / 2**30))
     work = Path(tempfile.mkdtemp(prefix="halfmoon-bench-tiers-"))
     rows: list[dict] = [{"config": {"sizes": asdict(sizes), "chat": asdict(wl), "rates": rates,

@@ -74,3 +74,23 @@ def _free(port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+def tier_use(engine, stats=None) -> list:
+    """The heartbeat's view of a node's tiers (`common_pb2.KVTierUse` per tier): the device
+    region (cached blocks of all blocks) and the tiers under it; empty without tiers."""
+    from proto.halfmoon.v1 import common_pb2
+
+    if engine.tiers is None:
+        return []
+    stats = stats or engine.tiers.stats()
+    out = [common_pb2.KVTierUse(tier="device", used_blocks=engine.pool.num_cached,
+                                capacity_blocks=engine.pool.num_blocks, hit_tokens=stats.hit_tokens["device"])]
+    for tier in ("host", "disk"):
+        if tier in stats.use:
+            u = stats.use[tier]
+            out.append(common_pb2.KVTierUse(tier=tier, used_blocks=u.used_blocks, capacity_blocks=u.capacity_blocks,
+                                            hit_tokens=stats.hit_tokens[tier]))
+    if stats.store_state != "off":
+        out.append(common_pb2.KVTierUse(tier="cluster", hit_tokens=stats.hit_tokens["cluster"]))
+    return out

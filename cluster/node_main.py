@@ -60,6 +60,7 @@ def run_node(spec: NodeSpec) -> None:
 async def serve_node(spec: NodeSpec, stop: asyncio.Event | None = None) -> None:
     from prometheus_client import CollectorRegistry
 
+    from cluster.kv_tiers import tier_use
     from cluster.metrics import MetricsServer, NodeMetrics
     from decode_node.service import DecodeService
     from engine.audit import audit_periodically
@@ -144,15 +145,17 @@ async def serve_node(spec: NodeSpec, stop: asyncio.Event | None = None) -> None:
                              kv_blocks_used=st.num_blocks_total - st.num_blocks_free, kv_blocks_free=st.num_blocks_free)
             metrics.observe_prefix_lookup(st.prefix_queries_tokens - seen[0], st.prefix_hits_tokens - seen[1])
             seen = (st.prefix_queries_tokens, st.prefix_hits_tokens)
-            if engine.tiers is not None:
-                metrics.observe_tiers(engine.tiers.stats())
+            tier_stats = engine.tiers.stats() if engine.tiers is not None else None
+            if tier_stats is not None:
+                metrics.observe_tiers(tier_stats)
             load = node_pb2.NodeLoad(
                 waiting=st.num_waiting, running=st.num_running,
                 queued_prefill_tokens=getattr(service, "queued_prefill_tokens", 0),
                 free_blocks=st.num_blocks_free,
                 tokens_in_flight=sum(r.num_tokens for r in list(engine.scheduler.running)),
                 prefix_queries_tokens=st.prefix_queries_tokens, prefix_hits_tokens=st.prefix_hits_tokens,
-                kv_event_seq=getattr(getattr(service, "events", None), "seq", 0))
+                kv_event_seq=getattr(getattr(service, "events", None), "seq", 0),
+                tiers=tier_use(engine, tier_stats) if tier_stats is not None else [])
             try:
                 beat = node_pb2.HeartbeatRequest(node_id=spec.node_id, load=load)
                 resp = await control.Heartbeat(beat, timeout=5, metadata=_signed(spec.control_secret, "Heartbeat", beat))

@@ -9,8 +9,13 @@ JSON (`--json`), schema "halfmoon.status/v1"; fields are only ever added:
                 "kv_blocks_used": 3, "kv_blocks_total": 512,
                 "prefix_queries_tokens": 96, "prefix_hits_tokens": 32,
                 "prefix_hit_rate": 0.3333,          # null before any lookup
-                "heartbeat_age_s": 0.41, "metrics_address": "127.0.0.1:43127"}],
+                "heartbeat_age_s": 0.41, "metrics_address": "127.0.0.1:43127",
+                "tiers": [{"tier": "host", "used_blocks": 40, "capacity_blocks": 1450,   # only on nodes
+                           "hit_tokens": 64, "hit_rate": 0.2133}, ...]}],               # with KV tiers
      "settings": {"ttft_slo_s": "10", "policy": "kv_centric", ...}}
+
+A node's `tiers` (device, host, disk, cluster) give each tier's use and the share of the
+node's looked-up prompt tokens it served (`hit_rate`, null before any lookup).
 
 Nodes come prefill first, then decode, each kind by id.
 """
@@ -38,6 +43,16 @@ class NodeRow:
     prefix_hit_rate: float | None
     heartbeat_age_s: float
     metrics_address: str
+    tiers: tuple[TierRow, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class TierRow:
+    tier: str
+    used_blocks: int
+    capacity_blocks: int
+    hit_tokens: int
+    hit_rate: float | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,8 +63,14 @@ class ClusterStatus:
     settings: dict[str, str]
 
     def to_json(self) -> dict:
+        nodes = []
+        for n in self.nodes:
+            row = asdict(n)
+            if not n.tiers:
+                del row["tiers"]
+            nodes.append(row)
         return {"schema": SCHEMA, "conductor": self.conductor, "model": self.model,
-                "nodes": [asdict(n) for n in self.nodes], "settings": dict(self.settings)}
+                "nodes": nodes, "settings": dict(self.settings)}
 
 
 def from_proto(conductor: str, st: admin_pb2.StatusResponse) -> ClusterStatus:
@@ -57,13 +78,17 @@ def from_proto(conductor: str, st: admin_pb2.StatusResponse) -> ClusterStatus:
         NodeRow(n.node_id, n.role, n.address, n.state, n.running, n.waiting, n.kv_blocks_used, n.kv_blocks_total,
                 n.prefix_queries_tokens, n.prefix_hits_tokens,
                 round(n.prefix_hits_tokens / n.prefix_queries_tokens, 4) if n.prefix_queries_tokens else None,
-                round(n.last_heartbeat_age_s, 3), n.metrics_address)
+                round(n.last_heartbeat_age_s, 3), n.metrics_address,
+                tuple(TierRow(t.tier, t.used_blocks, t.capacity_blocks, t.hit_tokens,
+                              round(t.hit_tokens / n.prefix_queries_tokens, 4) if n.prefix_queries_tokens else None)
+                      for t in n.tiers))
         for n in sorted(st.nodes, key=lambda n: (n.role != "prefill", n.node_id)))
     return ClusterStatus(conductor, st.model, nodes, {s.name: s.value for s in st.settings})
 
 
 def tables(status: ClusterStatus) -> list:
-    """The nodes table and the settings table (rich renderables)."""
+    """The nodes table, the KV tiers table (when a node has tiers) and the settings table
+    (rich renderables)."""
     from rich.table import Table
 
     t = Table(title=f"halfmoon at {status.conductor} ({status.model})")
@@ -76,12 +101,25 @@ def tables(status: ClusterStatus) -> list:
         hit = f"{n.prefix_hit_rate:.1%}" if n.prefix_hit_rate is not None else "-"
         t.add_row(n.id, n.role, n.address, n.state, str(n.running), str(n.waiting),
                   f"{n.kv_blocks_used}/{n.kv_blocks_total}", hit, f"{n.heartbeat_age_s:.1f}s ago")
+    out = [t]
+    if any(n.tiers for n in status.nodes):
+        k = Table(title="KV tiers (use, and the share of looked-up prompt tokens each served)")
+        k.add_column("node", overflow="fold")
+        k.add_column("tier")
+        for col in ("blocks used", "hit tokens", "hit rate"):
+            k.add_column(col, justify="right", no_wrap=True)
+        for n in status.nodes:
+            for i, tr in enumerate(n.tiers):
+                used = f"{tr.used_blocks}/{tr.capacity_blocks}" if tr.capacity_blocks else "-"
+                k.add_row(n.id if i == 0 else "", tr.tier, used, str(tr.hit_tokens),
+                          f"{tr.hit_rate:.1%}" if tr.hit_rate is not None else "-")
+        out.append(k)
     s = Table(title="admission settings")
     s.add_column("setting", overflow="fold")
     s.add_column("value", overflow="fold")
     for name, value in status.settings.items():
         s.add_row(name, value)
-    return [t, s]
+    return [*out, s]
 
 
 def print_tables(status: ClusterStatus) -> None:

@@ -9,6 +9,8 @@ so a prediction and the thing it predicts come from the same formulas:
                            b = requests in the running batch, T = KV tokens they hold
     network_s(k)         = k · kv_bytes_per_token / network_bytes_per_s
     local_load_s(k)      = k · kv_bytes_per_token / host_to_device_bytes_per_s
+    tier_load_s(t, k)    = k · kv_bytes_per_token / tier_bytes_per_s[t] (+ local_load_s(k) below host)
+                           t = host | disk | cluster: a prefix hit on a tier under the device
 
 `fit_prefill` / `fit_decode` fit the coefficients by least squares from profiling
 samples; `CostModel.save` / `CostModel.load` keep a model as JSON (what `halfmoon profile`
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -68,6 +70,9 @@ class TransferModel:
     kv_bytes_per_token: float
     network_bytes_per_s: float
     host_to_device_bytes_per_s: float | None = None
+    # KV tiers under the device (engine/tiers): bytes/s a block loads at from each into host
+    # memory ("host" is the host -> device copy itself); a tier left out cannot be loaded from
+    tier_bytes_per_s: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +114,10 @@ class CostModel:
             raise CostModelError("transfer: kv_bytes_per_token and network_bytes_per_s must be > 0")
         if t.host_to_device_bytes_per_s is not None and not t.host_to_device_bytes_per_s > 0:
             raise CostModelError("transfer: host_to_device_bytes_per_s must be > 0 or null")
+        for tier, rate in t.tier_bytes_per_s.items():
+            if tier not in ("host", "disk", "cluster") or not rate > 0:
+                raise CostModelError(f"transfer.tier_bytes_per_s: {tier!r} must be host, disk or cluster "
+                                     f"with a rate > 0, got {rate}")
         values = [*asdict(self.prefill).values(), *asdict(self.decode).values()]
         if not all(math.isfinite(v) for v in values):
             raise CostModelError("prefill/decode coefficients must be finite numbers")
@@ -128,6 +137,19 @@ class CostModel:
         """Seconds to bring `tokens` tokens of a locally cached prefix onto the device."""
         h2d = self.transfer.host_to_device_bytes_per_s
         return 0.0 if h2d is None else tokens * self.transfer.kv_bytes_per_token / h2d
+
+    def tier_load_s(self, tier: str, tokens: int) -> float:
+        """Seconds to bring `tokens` tokens of a prefix from KV tier `tier` (host, disk,
+        cluster) onto the device: disk and cluster blocks are staged in host memory first.
+        Infinite for a tier the model has no figure for (score the hit as a miss)."""
+        t = self.transfer
+        if tier == "host":
+            rate = t.tier_bytes_per_s.get("host", t.host_to_device_bytes_per_s)
+            return 0.0 if rate is None else tokens * t.kv_bytes_per_token / rate
+        rate = t.tier_bytes_per_s.get(tier)
+        if rate is None:
+            return math.inf
+        return tokens * t.kv_bytes_per_token / rate + self.tier_load_s("host", tokens)
 
     # -- persistence -------------------------------------------------------------------
     def to_dict(self) -> dict[str, object]:
@@ -256,6 +278,7 @@ UTILIZATION = 0.5  # fraction of peak FLOPs we assume prefill achieves
 KV_BYTES_PER_TOKEN = LAYERS * 2 * (HIDDEN // 8) * 2  # l · (K,V) · d/gqa · 2 B = 320 KiB
 NIC_BYTES_PER_S = 800e9 / 8  # 800 Gbps RDMA per node, line rate
 HOST_TO_DEVICE_BYTES_PER_S = 128e9  # PCIe host-to-device per node, line rate
+NVME_BYTES_PER_S = 7e9  # one PCIe 4.0 x4 NVMe SSD, sequential read (vendor data sheets: ~7 GB/s)
 PARAMS = 70.6e9  # LLaMA3-70B parameters (bf16: 2 B each)
 HBM_BYTES_PER_S = 2.039e12  # per A800 80GB SXM GPU
 MEMORY_UTILIZATION = 0.5  # fraction of HBM bandwidth a decode step achieves (TP all-reduce, launch gaps)
@@ -283,6 +306,9 @@ def gpu_class_default() -> CostModel:
             kv_bytes_per_token=KV_BYTES_PER_TOKEN,
             network_bytes_per_s=NIC_BYTES_PER_S,
             host_to_device_bytes_per_s=HOST_TO_DEVICE_BYTES_PER_S,
+            # the cluster store (Mooncake Store) reads peers' DRAM over the same 800 Gbps RDMA NIC
+            tier_bytes_per_s={"host": HOST_TO_DEVICE_BYTES_PER_S, "disk": NVME_BYTES_PER_S,
+                              "cluster": NIC_BYTES_PER_S},
         ),
         description=(
             "GPU-class default: LLaMA3-70B on 8xA800 (Mooncake FAST'25 Eq. 1, Table 1); "

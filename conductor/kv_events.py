@@ -23,6 +23,7 @@ class BlockStored:
     seq: int
     block_hashes: tuple[BlockHash, ...]
     parent_hash: BlockHash | None = None
+    tier: str = "device"  # device | host | disk (the node's) | cluster (put to the store by it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +33,7 @@ class BlockRemoved:
     node: NodeId
     seq: int
     block_hashes: tuple[BlockHash, ...]
+    tier: str = "device"
 
 
 @dataclass(frozen=True, slots=True)

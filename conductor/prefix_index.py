@@ -7,6 +7,13 @@ not O(nodes × prefix length). Most blocks live on a single node, so a holder is
 bare `NodeId` until a second node caches the same block (then a `set`), which keeps a
 million indexed blocks in about 150 MB.
 
+Tiers: events tagged with a tier below the device (`host`, `disk`: the node's own;
+`cluster`: blocks the node put to the cluster store, which every node reads) go to one
+index per tier (`tiers`), of the same shape; cluster blocks are held by `STORE_NODE`, not by
+the node that put them (they outlive it), and the store evicts without telling, so those
+entries are hints a node checks before loading. `lower_tier_run` says how far a request's
+chain continues below a node's device blocks, tier by tier.
+
 Sequence numbers: events from a node must arrive as 0, 1, 2, ... An event older than
 expected is a duplicate and is ignored. An event newer than expected means some were lost:
 it is still applied (stores and removals are each safe on their own), the node is marked
@@ -22,6 +29,10 @@ from conductor.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KvE
 from conductor.request import BlockHash, NodeId
 
 
+STORE_NODE = NodeId("cluster-store")  # the holder of every block in the cluster tier
+LOWER_TIERS = ("host", "disk", "cluster")
+
+
 class ApplyStatus(Enum):
     APPLIED = "applied"
     DUPLICATE = "duplicate"  # seq older than expected: ignored
@@ -35,6 +46,33 @@ class GlobalPrefixIndex:
         self._next_seq: dict[NodeId, int] = {}
         self._stale: set[NodeId] = set()
         self.gaps_detected = 0
+        self.tiers: dict[str, GlobalPrefixIndex] = {}  # host / disk / cluster, fed by tier-tagged events
+
+    def tier(self, name: str) -> "GlobalPrefixIndex":
+        """The index of one tier below the device (created empty on first use)."""
+        if name not in LOWER_TIERS:
+            raise IndexSyncError(f"unknown KV tier {name!r}")
+        idx = self.tiers.get(name)
+        if idx is None:
+            idx = self.tiers[name] = GlobalPrefixIndex()
+        return idx
+
+    def lower_tier_run(self, node: NodeId, block_hashes: Sequence[BlockHash], start: int) -> dict[str, int]:
+        """From block `start` of the chain (where `node`'s device blocks end), how many
+        consecutive blocks `node` holds in its host and disk tiers or the cluster store has,
+        by tier (a block in several counts for the fastest: host, then disk, then cluster)."""
+        out: dict[str, int] = {}
+        sources = [(t, self.tiers[t]._holders, STORE_NODE if t == "cluster" else node)
+                   for t in LOWER_TIERS if t in self.tiers]
+        for h in block_hashes[start:]:
+            for name, holders, who in sources:
+                held = holders.get(h)
+                if held is not None and (held == who or (type(held) is set and who in held)):
+                    out[name] = out.get(name, 0) + 1
+                    break
+            else:
+                break
+        return out
 
     # -- queries -----------------------------------------------------------------------
     def longest_prefix(self, block_hashes: Sequence[BlockHash]) -> dict[NodeId, int]:
@@ -130,10 +168,12 @@ class GlobalPrefixIndex:
             self._stale.add(node)
             self.gaps_detected += 1
         self._next_seq[node] = event.seq + 1
+        tier = getattr(event, "tier", "device")
+        target, holder = (self, node) if tier == "device" else (self.tier(tier), STORE_NODE if tier == "cluster" else node)
         if type(event) is BlockStored:
-            self.store(node, event.block_hashes)
+            target.store(holder, event.block_hashes)
         elif type(event) is BlockRemoved:
-            self.remove(node, event.block_hashes)
+            target.remove(holder, event.block_hashes)
         elif type(event) is AllBlocksCleared:
             self.clear_node(node)
         else:
@@ -180,9 +220,14 @@ class GlobalPrefixIndex:
                 del holders[h]
 
     def clear_node(self, node: NodeId) -> None:
+        """Forget what `node` holds: its device blocks and its own lower tiers (the cluster
+        store's blocks are not the node's)."""
         mine = self._blocks_of.get(node)
         if mine:
             self.remove(node, list(mine))
+        for name, idx in self.tiers.items():
+            if name != "cluster":
+                idx.clear_node(node)
 
     def remove_node(self, node: NodeId) -> None:
         """Forget a node entirely (it died or left): its blocks and its sequence state."""
@@ -190,6 +235,9 @@ class GlobalPrefixIndex:
         self._blocks_of.pop(node, None)
         self._next_seq.pop(node, None)
         self._stale.discard(node)
+        for name, idx in self.tiers.items():
+            if name != "cluster":
+                idx.remove_node(node)
 
     def resync(self, node: NodeId, block_hashes: Iterable[BlockHash], next_seq: int) -> None:
         """Replace what the index holds for `node` with a snapshot taken at `next_seq`."""

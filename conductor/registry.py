@@ -225,18 +225,22 @@ class NodeRegistry:
             try:
                 call = rec.prefill_stub.KVEvents(node_pb2.KVEventsRequest(subscriber="conductor"))
                 snapshot_seq = None
+                snapshot_of = None  # the last snapshot's seq: its lower-tier parts follow it with that seq
                 async for ev in call:
                     if ev.kind == node_pb2.KV_EVENT_CLEARED:
                         snapshot_seq = ev.seq
                         continue
                     hashes = tuple(BlockHash(h) for h in ev.block_hashes)
+                    tier = ev.tier or "device"
                     if snapshot_seq is not None:  # the snapshot's STORED event
                         self.index.resync(node, hashes, snapshot_seq + 1)
-                        snapshot_seq = None
+                        snapshot_of, snapshot_seq = snapshot_seq, None
+                    elif tier != "device" and ev.seq == snapshot_of:  # a tier's part of the snapshot
+                        self.index.tier(tier).store(node, hashes)
                     elif ev.kind == node_pb2.KV_EVENT_STORED:
-                        self.index.apply(BlockStored(node, ev.seq, hashes))
+                        self.index.apply(BlockStored(node, ev.seq, hashes, tier=tier))
                     elif ev.kind == node_pb2.KV_EVENT_REMOVED:
-                        self.index.apply(BlockRemoved(node, ev.seq, hashes))
+                        self.index.apply(BlockRemoved(node, ev.seq, hashes, tier=tier))
             except grpc.aio.AioRpcError as e:
                 if not rec.up or self.rpc_failed(rec, e):  # a killed prefill node leaves rotation at once
                     return

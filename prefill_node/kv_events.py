@@ -1,5 +1,7 @@
 """The prefill node's KV event log: block hashes stored in / removed from its prefix cache,
 numbered without gaps, fanned out to subscribers (the conductor's global prefix index).
+Events of the KV tiers under the device region (engine/tiers: host, disk, and blocks this
+node put to the cluster store) share the numbering and carry their tier.
 
 Events are produced on the engine thread (block pool listener); subscribers are asyncio
 queues fed with `call_soon_threadsafe`. A new subscriber first gets a snapshot taken on the
@@ -34,7 +36,8 @@ class KVEventLog:
         """Block pool listener (engine thread)."""
         with self._lock:
             self.seq += 1
-            msg = node_pb2.KVEvent(seq=self.seq, kind=_KINDS[event.kind], block_hashes=list(event.block_hashes))
+            msg = node_pb2.KVEvent(seq=self.seq, kind=_KINDS[event.kind], block_hashes=list(event.block_hashes),
+                                   tier="" if event.tier == "device" else event.tier)
             for s in self._subs:
                 s.loop.call_soon_threadsafe(s.queue.put_nowait, msg)
 
@@ -45,6 +48,13 @@ class KVEventLog:
             snap = [node_pb2.KVEvent(seq=self.seq, kind=node_pb2.KV_EVENT_CLEARED),
                     node_pb2.KVEvent(seq=self.seq, kind=node_pb2.KV_EVENT_STORED,
                                      block_hashes=engine.pool.cached_hashes())]
+            tiers = engine.tiers
+            if tiers is not None:  # then each tier below, as part of the snapshot (same seq)
+                snap.append(node_pb2.KVEvent(seq=self.seq, kind=node_pb2.KV_EVENT_STORED,
+                                             block_hashes=tiers.host.hashes(), tier="host"))
+                if tiers.disk is not None:
+                    snap.append(node_pb2.KVEvent(seq=self.seq, kind=node_pb2.KV_EVENT_STORED,
+                                                 block_hashes=tiers.disk.hashes(), tier="disk"))
             for m in snap:
                 loop.call_soon_threadsafe(sub.queue.put_nowait, m)
             self._subs.append(sub)

@@ -83,6 +83,8 @@ class PrefillService(node_pb2_grpc.PrefillNodeServicer):
         self.block_bytes = eng.kv.block_bytes
         self.events = KVEventLog()
         eng.add_kv_listener(self.events.on_event)
+        if eng.tiers is not None:  # host / disk / store events, tagged with their tier (engine/tiers)
+            eng.tiers.add_listener(self.events.on_event)
         self._jobs: dict[str, _Job] = {}
         self._peers: dict[bytes, object] = {}
         self._pins = BlockLeases(self._pin_expired)

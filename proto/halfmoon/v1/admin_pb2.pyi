@@ -1,3 +1,4 @@
+from proto.halfmoon.v1 import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -7,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class NodeStatus(_message.Message):
-    __slots__ = ("node_id", "role", "address", "state", "running", "waiting", "kv_blocks_used", "kv_blocks_total", "prefix_queries_tokens", "prefix_hits_tokens", "last_heartbeat_age_s", "metrics_address")
+    __slots__ = ("node_id", "role", "address", "state", "running", "waiting", "kv_blocks_used", "kv_blocks_total", "prefix_queries_tokens", "prefix_hits_tokens", "last_heartbeat_age_s", "metrics_address", "tiers")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -20,6 +21,7 @@ class NodeStatus(_message.Message):
     PREFIX_HITS_TOKENS_FIELD_NUMBER: _ClassVar[int]
     LAST_HEARTBEAT_AGE_S_FIELD_NUMBER: _ClassVar[int]
     METRICS_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    TIERS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     role: str
     address: str
@@ -32,7 +34,8 @@ class NodeStatus(_message.Message):
     prefix_hits_tokens: int
     last_heartbeat_age_s: float
     metrics_address: str
-    def __init__(self, node_id: _Optional[str] = ..., role: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[str] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., prefix_queries_tokens: _Optional[int] = ..., prefix_hits_tokens: _Optional[int] = ..., last_heartbeat_age_s: _Optional[float] = ..., metrics_address: _Optional[str] = ...) -> None: ...
+    tiers: _containers.RepeatedCompositeFieldContainer[_common_pb2.KVTierUse]
+    def __init__(self, node_id: _Optional[str] = ..., role: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[str] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., prefix_queries_tokens: _Optional[int] = ..., prefix_hits_tokens: _Optional[int] = ..., last_heartbeat_age_s: _Optional[float] = ..., metrics_address: _Optional[str] = ..., tiers: _Optional[_Iterable[_Union[_common_pb2.KVTierUse, _Mapping]]] = ...) -> None: ...
 
 class Setting(_message.Message):
     __slots__ = ("name", "value", "description")

@@ -128,3 +128,15 @@ class Timing(_message.Message):
     first_decode_s: float
     ttft_s: float
     def __init__(self, queue_s: _Optional[float] = ..., prefill_s: _Optional[float] = ..., kv_transfer_s: _Optional[float] = ..., first_decode_s: _Optional[float] = ..., ttft_s: _Optional[float] = ...) -> None: ...
+
+class KVTierUse(_message.Message):
+    __slots__ = ("tier", "used_blocks", "capacity_blocks", "hit_tokens")
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    USED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    tier: str
+    used_blocks: int
+    capacity_blocks: int
+    hit_tokens: int
+    def __init__(self, tier: _Optional[str] = ..., used_blocks: _Optional[int] = ..., capacity_blocks: _Optional[int] = ..., hit_tokens: _Optional[int] = ...) -> None: ...

@@ -47,7 +47,7 @@ class KVLayout(_message.Message):
     def __init__(self, block_size: _Optional[int] = ..., block_bytes: _Optional[int] = ..., total_blocks: _Optional[int] = ..., model: _Optional[str] = ..., kv_dtype: _Optional[str] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class NodeLoad(_message.Message):
-    __slots__ = ("waiting", "running", "queued_prefill_tokens", "free_blocks", "tokens_in_flight", "prefix_queries_tokens", "prefix_hits_tokens", "kv_event_seq")
+    __slots__ = ("waiting", "running", "queued_prefill_tokens", "free_blocks", "tokens_in_flight", "prefix_queries_tokens", "prefix_hits_tokens", "kv_event_seq", "tiers")
     WAITING_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     QUEUED_PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -56,6 +56,7 @@ class NodeLoad(_message.Message):
     PREFIX_QUERIES_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PREFIX_HITS_TOKENS_FIELD_NUMBER: _ClassVar[int]
     KV_EVENT_SEQ_FIELD_NUMBER: _ClassVar[int]
+    TIERS_FIELD_NUMBER: _ClassVar[int]
     waiting: int
     running: int
     queued_prefill_tokens: int
@@ -64,7 +65,8 @@ class NodeLoad(_message.Message):
     prefix_queries_tokens: int
     prefix_hits_tokens: int
     kv_event_seq: int
-    def __init__(self, waiting: _Optional[int] = ..., running: _Optional[int] = ..., queued_prefill_tokens: _Optional[int] = ..., free_blocks: _Optional[int] = ..., tokens_in_flight: _Optional[int] = ..., prefix_queries_tokens: _Optional[int] = ..., prefix_hits_tokens: _Optional[int] = ..., kv_event_seq: _Optional[int] = ...) -> None: ...
+    tiers: _containers.RepeatedCompositeFieldContainer[_common_pb2.KVTierUse]
+    def __init__(self, waiting: _Optional[int] = ..., running: _Optional[int] = ..., queued_prefill_tokens: _Optional[int] = ..., free_blocks: _Optional[int] = ..., tokens_in_flight: _Optional[int] = ..., prefix_queries_tokens: _Optional[int] = ..., prefix_hits_tokens: _Optional[int] = ..., kv_event_seq: _Optional[int] = ..., tiers: _Optional[_Iterable[_Union[_common_pb2.KVTierUse, _Mapping]]] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
     __slots__ = ("node_id", "role", "address", "layout", "transfer_descriptor", "metrics_address")
@@ -213,14 +215,16 @@ class AbortResponse(_message.Message):
     def __init__(self, found: _Optional[bool] = ...) -> None: ...
 
 class KVEvent(_message.Message):
-    __slots__ = ("seq", "kind", "block_hashes")
+    __slots__ = ("seq", "kind", "block_hashes", "tier")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
     seq: int
     kind: KVEventKind
     block_hashes: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, seq: _Optional[int] = ..., kind: _Optional[_Union[KVEventKind, str]] = ..., block_hashes: _Optional[_Iterable[int]] = ...) -> None: ...
+    tier: str
+    def __init__(self, seq: _Optional[int] = ..., kind: _Optional[_Union[KVEventKind, str]] = ..., block_hashes: _Optional[_Iterable[int]] = ..., tier: _Optional[str] = ...) -> None: ...
 
 class KVEventsRequest(_message.Message):
     __slots__ = ("subscriber",)
