@@ -58,7 +58,7 @@ def _gather(cache: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     if cache.is_cuda:
         from engine import triton_kernels as tk
         if tk.AVAILABLE:
-            return tk.paged_kv_gather(cache, table).transpose(-3, -2)
+            return tk.paged_kv_gather(cache, table).float().transpose(-3, -2)  # (fp32 math for any KV dtype)
     nblocks, bs, kvh, hd = cache.shape
     # Each block's rows are contiguous inside the strided per-layer view: select them as
     # flat rows (index_select on 2-D is a straight row copy, much faster than 4-D indexing).
