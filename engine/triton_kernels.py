@@ -5,7 +5,8 @@ through explicit strides -- the view is strided inside the 6-D region of `engine
 `engine/attention.py` calls these only for CUDA tensors; on CPU their logic is checked under
 ``TRITON_INTERPRET=1`` (tests/engine/test_triton_kernels.py).
 
-- `paged_kv_scatter`: this step's K/V rows into their (block, offset) slots.
+- `paged_kv_scatter`: this step's K/V rows into their (block, offset) slots (fp32 rows into a
+  bfloat16 cache round to nearest even, as the torch path does).
 - `paged_kv_gather`: a block table into a contiguous ``[..., n * block_size, kv_heads, head_dim]``.
 - `paged_decode_attention`: one query token per sequence attending over its blocks
   (online softmax), each program serving one KV head's group of query heads.
@@ -39,10 +40,18 @@ def _check_cache(cache: torch.Tensor) -> None:
 if AVAILABLE:
 
     @triton.jit
+    def _bf16_rne(x):
+        """float32 -> bfloat16, round to nearest even (bit arithmetic: the same under the interpreter)."""
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+    @triton.jit
     def _scatter_kernel(kc_ptr, vc_ptr, k_ptr, v_ptr, blk_ptr, off_ptr,
                         c_sb, c_so, c_sh, c_sd, vc_sb, vc_so, vc_sh, vc_sd,
                         k_st, k_sh, k_sd, v_st, v_sh, v_sd,
-                        HEAD_DIM: tl.constexpr, ROW: tl.constexpr, ROW_P: tl.constexpr):
+                        HEAD_DIM: tl.constexpr, ROW: tl.constexpr, ROW_P: tl.constexpr,
+                        TO_BF16: tl.constexpr):
         t = tl.program_id(0)
         blk = tl.load(blk_ptr + t).to(tl.int64)
         off = tl.load(off_ptr + t).to(tl.int64)
@@ -53,6 +62,9 @@ if AVAILABLE:
         t64 = t.to(tl.int64)
         kr = tl.load(k_ptr + t64 * k_st + h * k_sh + d * k_sd, mask=live)
         vr = tl.load(v_ptr + t64 * v_st + h * v_sh + d * v_sd, mask=live)
+        if TO_BF16:  # fp32 K/V into a bfloat16 cache: round to nearest even as torch's .to() (a store truncates)
+            kr = _bf16_rne(kr)
+            vr = _bf16_rne(vr)
         tl.store(kc_ptr + blk * c_sb + off * c_so + h * c_sh + d * c_sd, kr, mask=live)
         tl.store(vc_ptr + blk * vc_sb + off * vc_so + h * vc_sh + d * vc_sd, vr, mask=live)
 
@@ -137,7 +149,8 @@ def paged_kv_scatter(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tens
     row = kvh * hd
     _scatter_kernel[(n,)](k_cache, v_cache, k, v, blocks, offsets,
                           *k_cache.stride(), *v_cache.stride(), *k.stride(), *v.stride(),
-                          HEAD_DIM=hd, ROW=row, ROW_P=triton.next_power_of_2(row))
+                          HEAD_DIM=hd, ROW=row, ROW_P=triton.next_power_of_2(row),
+                          TO_BF16=k.dtype == torch.float32 and k_cache.dtype == torch.bfloat16)
 
 
 def paged_kv_gather(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:

@@ -249,3 +249,47 @@ def test_w8a8_is_calibrated_once_then_loaded_from_the_cache(tiny_model_dir, tmp_
     monkeypatch.setattr(quant_calib, "collect_input_absmax", no_calibration)
     again = LLMEngine(tiny_model_dir, EngineConfig(num_blocks=32, dtype="w8a8"))
     assert again.generate([list(range(100, 140))], params) == first
+
+
+_TRITON_BF16_CHECK = r'''
+import torch
+from engine import triton_kernels as tk
+from engine.attention import AttentionMetadata, DecodeGroup, paged_attention
+g = torch.Generator().manual_seed(0)
+region = torch.randn(12, 2, 2, 16, 3, 64, generator=g).bfloat16()
+tables, lengths = [[7, 2, 0], [11, 0, 5], [4, 0, 0]], [20, 40, 1]
+blocks = torch.tensor([t[(n - 1) // 16] for t, n in zip(tables, lengths)])
+offsets = torch.tensor([(n - 1) % 16 for n in lengths])
+table_t = torch.tensor(tables)
+mask = (torch.arange(48)[None, :] < torch.tensor(lengths)[:, None])[:, None, None, :]
+meta = AttentionMetadata(blocks, offsets, DecodeGroup(3, table_t, mask), [])
+q = torch.randn(3, 9, 64, generator=g)
+k, v = torch.randn(3, 3, 64, generator=g), torch.randn(3, 3, 64, generator=g)
+ref_kv, got_kv = region.clone(), region.clone()
+ref = paged_attention(q, k, v, ref_kv[:, 1, 0], ref_kv[:, 1, 1], meta, 0.125)  # the torch path
+kc, vc = got_kv[:, 1, 0], got_kv[:, 1, 1]
+tk.paged_kv_scatter(kc, vc, k, v, blocks, offsets)
+got = tk.paged_decode_attention(q, kc, vc, table_t, torch.tensor(lengths), 0.125)
+assert torch.equal(got_kv, ref_kv), "scatter into a bfloat16 cache differs from the torch path's rounding"
+assert got.dtype == torch.float32 and torch.allclose(got, ref, atol=1e-5, rtol=1e-5), (got - ref).abs().max()
+print("TRITON-BF16-OK")
+'''
+
+
+def test_triton_kernels_take_a_bfloat16_kv_cache():
+    """The GPU path's scatter and decode attention with a bfloat16 cache and fp32 queries, under
+    TRITON_INTERPRET=1 in a child process (triton reads it at import)."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "HALFMOON_DISABLE_CPU_KERNELS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, "-c", _TRITON_BF16_CHECK], cwd=repo, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert "TRITON-BF16-OK" in proc.stdout, proc.stdout + proc.stderr
