@@ -339,8 +339,7 @@ def micro(model: str, blocks: int, work: Path) -> dict:
         if master is not None:
             master.stop()
     # recompute: prefill a long prompt with no cache hit, per 16-token block
-    eng.tiers = None
-    eng.pool.tiers = None
+    eng.tiers = None  # closed above: the pool is detached already
     prompt = list(range(1000, 1000 + 32 * BLOCK))
     eng.generate([prompt[:64]], SamplingParams(max_tokens=1))  # warm-up
     eng.pool.reset_prefix_cache()

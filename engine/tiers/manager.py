@@ -298,7 +298,7 @@ class TierManager:
         """A finished request's full computed blocks (prompt and answer) go to the cluster
         store, so the conversation's next turn finds them from any node (engine thread,
         before the request's blocks are freed)."""
-        if self.cluster is None or not self.config.write_back_on_finish or not self.cluster.ready:
+        if self.cluster is None or not self.config.write_back_on_finish or not self.cluster.ready or self._closed:
             return
         bs = self.block_size
         tokens = request.all_token_ids
@@ -320,7 +320,7 @@ class TierManager:
         bs = self.block_size
         tokens = request.all_token_ids
         limit = (len(tokens) - 1) // bs
-        if limit <= 0:
+        if limit <= 0 or self._closed:
             return False
         hashes = block_hashes(tokens[: limit * bs], bs)
         start = len(self.pool.match_prefix(hashes, tokens))
@@ -526,9 +526,13 @@ class TierManager:
         return out
 
     def close(self) -> None:
+        """Stop the I/O threads (after what is queued) and detach from the block pool: the
+        engine goes on without tiers."""
         if self._closed:
             return
         self._closed = True
+        if self.pool.tiers is self:
+            self.pool.tiers = None
         for q in (self._writes, self._loads, self._loads):
             q.put(None)
         for t in self._threads:

@@ -1,0 +1,66 @@
+"""`halfmoon bench tiers`: the tier sets it starts, the rows it computes from a run's
+requests (hit rate, repeat fraction, SLO attainment, goodput) and the capacity verdict."""
+from __future__ import annotations
+
+
+import pytest
+
+from bench.tiers import ChatWorkload, Record, Sizes, capacity, chat_row, tier_config
+
+
+class Master:
+    address = "127.0.0.1:7000"
+    metadata_url = "http://127.0.0.1:7001/metadata"
+
+
+def test_tier_sets_map_to_tier_configs(tmp_path):
+    sizes = Sizes(device_blocks=72, host_blocks=100, disk_blocks=300, store_gb=1.0)
+    rb = 1 << 20
+    assert tier_config("device", sizes, rb, None, tmp_path) is None
+    host = tier_config("host", sizes, rb, None, tmp_path)
+    assert host.host_gib == pytest.approx(100 / 1024) and host.disk_gib == 0 and not host.store
+    disk = tier_config("host+disk", sizes, rb, None, tmp_path)
+    assert disk.disk_gib == pytest.approx(300 / 1024) and not disk.store and disk.disk_dir == str(tmp_path)
+    store = tier_config("host+disk+store", sizes, rb, Master(), tmp_path)
+    assert store.store and store.store_master == Master.address and store.store_segment_gib == 0.0
+
+
+def test_chat_rows_count_hits_repeats_slos_and_goodput():
+    ok = dict(outcome="completed", gaps=[0.01] * 9)
+    recs = [Record(100, 0, ttft_s=0.5, cached_tokens=0, **ok),  # a first turn: nothing to reuse
+            Record(200, 96, ttft_s=0.2, cached_tokens=96, **ok),  # reuses turn 1
+            Record(300, 192, ttft_s=9.0, cached_tokens=176, **ok),  # late: misses the TTFT SLO
+            Record(50, 0, outcome="rejected")]
+    row = chat_row(recs, window_s=10.0, slo=(1.0, 0.05))
+    assert row["rate_rps"] == pytest.approx(0.4)
+    assert row["hit_rate"] == pytest.approx(272 / 600) and row["repeat_fraction"] == pytest.approx(288 / 600)
+    assert row["goodput_rps"] == pytest.approx(0.2) and row["slo_attainment"] == pytest.approx(0.5)
+    assert (row["completed"], row["rejected"], row["failed"]) == (3, 1, 0)
+    assert row["ttft_p50_s"] == pytest.approx(0.5) and row["tbt_p99_s"] == pytest.approx(0.01)
+    slow = [Record(100, 0, outcome="completed", ttft_s=0.1, gaps=[0.01] * 9 + [0.5], cached_tokens=0)]
+    assert chat_row(slow, 1.0, (1.0, 0.05))["goodput_rps"] == 0.0  # the Mooncake TBT (longest 10%) misses
+
+
+def test_capacity_is_the_highest_rate_meeting_the_slos_for_90_percent():
+    rows = [{"rate_rps": 0.2, "slo_attainment": 1.0}, {"rate_rps": 0.4, "slo_attainment": 0.92},
+            {"rate_rps": 0.8, "slo_attainment": 0.5}]
+    assert capacity(rows) == 0.4
+    assert capacity([{"rate_rps": 0.2, "slo_attainment": 0.3}]) is None
+
+
+def test_chat_working_set_counts_every_conversation_and_the_system_prompts():
+    wl = ChatWorkload(systems=2, system_tokens=160, turns=2, user_tokens=8, answer_tokens=8)
+    assert wl.working_set_blocks(10) == (2 * 160 + 10 * 2 * 16) // 16
+
+
+def test_the_benchmark_parses_its_flags_and_documents_its_rows(capsys):
+    from bench.tiers import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "--quick" in out and "effective_capacity_rps" in out and "host+disk+store" in out
+    with pytest.raises(SystemExit) as e:
+        main(["--quick"])  # --json is required
+    assert e.value.code == 2 and "--json" in capsys.readouterr().err
