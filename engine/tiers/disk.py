@@ -10,11 +10,15 @@ Capacity counts committed files plus writes in flight, so the directory never ho
 than `capacity` blocks. At start the directory is scanned: complete-sized files are indexed
 (oldest first by modification time, trimmed to capacity), leftovers are removed, so the
 tier survives a node restart. The directory should belong to one model and KV layout: the
-tier manager puts it under a fingerprint of both.
+tier manager puts it under a fingerprint of both. One process owns a directory at a time
+(an flock on ``.lock``): a second one (two clusters on one machine with the same node
+names) gets a private ``<dir>-<pid>`` instead, deleted when it closes.
 """
 from __future__ import annotations
 
+import fcntl
 import os
+import shutil
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -33,8 +37,7 @@ class DiskTier:
     def __init__(self, directory: Path, capacity: int, record_bytes: int, block_bytes: int) -> None:
         if capacity <= 0:
             raise ValueError(f"the disk tier needs room for at least one block, got {capacity}")
-        self.dir = Path(directory)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir, self._lock_fd, self._private = self._claim(Path(directory))
         self.capacity = capacity
         self.record_bytes = record_bytes
         self.block_bytes = block_bytes
@@ -46,6 +49,26 @@ class DiskTier:
         self.write_errors = 0
         self.evicted: list[int] = []  # hashes dropped for room since the last `take_evicted()`
         self._scan()
+
+    @staticmethod
+    def _claim(directory: Path) -> tuple[Path, int, bool]:
+        for path, private in ((directory, False), (directory.with_name(f"{directory.name}-{os.getpid()}"), True)):
+            path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return path, fd, private
+            except OSError:
+                os.close(fd)
+        raise RuntimeError(f"cannot lock a disk-tier directory at {directory}")
+
+    def close(self) -> None:
+        """Release the directory (and delete it if it was a private one)."""
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+            if self._private:
+                shutil.rmtree(self.dir, ignore_errors=True)
 
     def _scan(self) -> None:
         found = []

@@ -539,6 +539,8 @@ class TierManager:
             t.join(10)
         if self.cluster is not None:
             self.cluster.close()
+        if self.disk is not None:
+            self.disk.close()
 
     def _submit(self, q: queue.Queue, fn: Callable, *args) -> None:
         with self._idle:

@@ -96,9 +96,11 @@ def test_disk_write_read_capacity_and_restart(tmp_path):
     assert not disk.path_of(2).exists()
     assert disk.read_into(2, None, out) == "not on disk"
     assert disk.problems() == [] and disk.high_water == 2
+    disk.close()
     again = DiskTier(tmp_path, 2, RB, BB)  # a restarted node finds its blocks
     assert sorted(again.hashes()) == [1, 3]
     assert again.read_into(3, (1, 2, 3, 4), out) is None
+    again.close()
     smaller = DiskTier(tmp_path, 1, RB, BB)  # a smaller tier keeps the newest
     assert smaller.num_cached == 1 and smaller.problems() == []
 
@@ -133,7 +135,7 @@ def test_disk_scan_drops_wrong_sized_files_and_leftovers(tmp_path):
     (tmp_path / "00000000000000cc.kv").write_bytes(filled(0xCC).tobytes())
     disk = DiskTier(tmp_path, 4, RB, BB)
     assert disk.hashes() == [0xCC]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["00000000000000cc.kv"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "00000000000000cc.kv"]
 
 
 # --- store fake and cluster tier -------------------------------------------------------
@@ -208,3 +210,20 @@ def test_sizes_in_gib_become_whole_records():
     assert blocks_in(1.0, 1 << 20) == 1024
     assert blocks_in(0.0, 1 << 20) == 0
     assert TierConfig(host_gib=0.5).enabled and not TierConfig().enabled
+
+
+def test_one_process_owns_a_disk_directory_a_second_gets_a_private_one(tmp_path):
+    import os
+
+    first = DiskTier(tmp_path / "kv", 4, RB, BB)
+    assert first.reserve(1) and first.write(1, filled(1))
+    second = DiskTier(tmp_path / "kv", 4, RB, BB)  # e.g. another cluster's node of the same name
+    assert second.dir == tmp_path / f"kv-{os.getpid()}" and second.num_cached == 0
+    assert second.reserve(1) and second.write(1, filled(1))
+    second.close()
+    assert not second.dir.exists()  # a private directory goes with its owner
+    assert first.hashes() == [1] and first.problems() == []
+    first.close()
+    again = DiskTier(tmp_path / "kv", 4, RB, BB)  # released: the next owner finds the blocks
+    assert again.dir == tmp_path / "kv" and again.hashes() == [1]
+    again.close()
