@@ -14,7 +14,8 @@ a seeded order (each category at least once, then by weight):
 - gRPC: random and mangled protobuf bytes, extreme values in every sampling field, bad
   UTF-8 in every string field, unknown fields, huge messages, duplicate request ids.
 
-Every call is bounded by a timeout. A verdict per input (`bench.chaos.report.Outcome`):
+Every call is bounded by a timeout (`--timeout`, 60 s; 180 s for inputs slow by nature:
+huge bodies, prompts that fill the context). A verdict per input (`bench.chaos.report.Outcome`):
 `completed` (2xx / OK), `failed_clean` (4xx, or a gRPC status other than INTERNAL /
 UNKNOWN), `failed_unclean` (any 5xx, an error event inside a 200 stream that is a server
 error, INTERNAL, UNKNOWN, or no answer at all), `hung` (timeout). Meanwhile /health and the
@@ -49,7 +50,6 @@ GRPC_CATEGORIES = {
 CATEGORIES = {**HTTP_CATEGORIES, **GRPC_CATEGORIES}
 GENERATE = "/halfmoon.v1.Generation/Generate"
 MAX_MODEL_LEN = 2048
-LONG_TIMEOUT_S = 120.0  # inputs that are slow by nature: huge bodies, context-filling prompts
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +63,7 @@ class Case:
     path: str = "/v1/completions"
     headers: tuple[tuple[str, str], ...] = (("content-type", "application/json"),)
     copies: int = 1  # sent this many times at once (duplicate ids)
-    timeout_s: float = 30.0
+    slow: bool = False  # slow by nature (huge body, context-filling prompt): the longer timeout
 
 
 # --- protobuf wire format, by hand (for bytes the generated classes refuse to build) ----
@@ -236,7 +236,7 @@ class _Gen:
             body.pop("messages", None)
             return Case(i, "extreme_numbers", "http", f"prompt=[{value[:20]}]",
                         self.with_raw(body, "prompt", f"[1, {value}]"))
-        timeout_s = 30.0
+        slow = False
         if key in ("max_tokens", "max_completion_tokens") and value in ("9007199254740993", "2147483648") \
                 and self.rng.random() < 0.5:
             # beyond the context window with a prompt that fills it: capped or refused, never run long
@@ -244,11 +244,11 @@ class _Gen:
             body.pop("messages", None)
             body["prompt"] = self.ids(MAX_MODEL_LEN - 4, MAX_MODEL_LEN - 4)
             value = str(self.rng.choice([8192, 2**31 - 1]))
-            timeout_s = LONG_TIMEOUT_S
+            slow = True
         if key == "max_tokens" and value == "1" + "0" * 100:
             value = BIG_DIGITS
         return Case(i, "extreme_numbers", "http", f"{key}={value[:20]}", self.with_raw(body, key, value),
-                    path=self.path_for(body), timeout_s=timeout_s)
+                    path=self.path_for(body), slow=slow)
 
     def deep_nesting(self, i: int) -> Case:
         depth = self.rng.choice([64, 500, 1000, 5000, 100_000])
@@ -312,7 +312,7 @@ class _Gen:
         else:
             body["padding"] = "z" * size
         return Case(i, "huge_body", "http", f"{kind} {size >> 10} KiB", json.dumps(body).encode(),
-                    path=self.path_for(body), timeout_s=LONG_TIMEOUT_S)
+                    path=self.path_for(body), slow=True)
 
     def duplicate_ids(self, i: int) -> Case:
         body = self.small_body() | {"user": f"dup-{self.rng.randrange(1000)}"}
@@ -381,12 +381,12 @@ class _Gen:
         r = self.rng
         fld = r.choice(["max_tokens", "temperature", "top_p", "top_k", "seed", "stop_token_ids", "prompt_token_ids",
                         "empty_input", "empty_ids", "long_request_id", "many_stops", "nul_stop"])
-        s, kw, what, timeout_s = None, {}, fld, 30.0
+        s, kw, what, slow = None, {}, fld, False
         if fld == "max_tokens":
             v = r.choice([-2**31, -1, 0, 2**40, 2**63, 8192, 2**31 - 1])
             if v in (8192, 2**31 - 1):  # with a prompt that fills the context: capped or refused, never long
                 kw["token_ids"] = self.ids(MAX_MODEL_LEN - 4, MAX_MODEL_LEN - 4)
-                timeout_s = LONG_TIMEOUT_S
+                slow = True
             s, what = pb_int(1, v) + pb_float(2, 0.0), f"max_tokens={v}"
         elif fld in ("temperature", "top_p"):
             v = r.choice([float("nan"), float("inf"), float("-inf"), 1e-40, 1e-45, 1e30, 3.4e38, -0.0, -1.0, 0.0,
@@ -414,7 +414,7 @@ class _Gen:
             s = sampling(stops=b"".join(pb_bytes(6, b"x") for _ in range(r.choice([100, 10_000]))))
         else:
             s = sampling(stop=pb_bytes(6, b"\x00"))
-        return Case(i, "proto_extreme", "grpc", what, generate_request(sampling_bytes=s, **kw), timeout_s=timeout_s)
+        return Case(i, "proto_extreme", "grpc", what, generate_request(sampling_bytes=s, **kw), slow=slow)
 
     def proto_bad_utf8(self, i: int) -> Case:
         bad = self.rng.choice(BAD_BYTES)
@@ -447,7 +447,7 @@ class _Gen:
         else:
             raw, what = generate_request(token_ids=_many_ids(size // 3, self.rng.randrange(49152))), \
                 f"{size // 3} token ids"
-        return Case(i, "proto_huge", "grpc", what, raw, timeout_s=LONG_TIMEOUT_S)
+        return Case(i, "proto_huge", "grpc", what, raw, slow=True)
 
     def proto_duplicate_ids(self, i: int) -> Case:
         n = self.rng.randint(2, 5)
@@ -498,6 +498,8 @@ class FuzzConfig:
     count: int = 5000
     seed: int = 0
     concurrency: int = 8
+    timeout_s: float = 60.0  # an input not answered by then is `hung`
+    slow_timeout_s: float = 180.0  # for inputs slow by nature (a 2,044-token prefill takes ~13 s on 2 loaded cores)
     health_every_s: float = 0.25
     health_limit_s: float = 2.0
 
@@ -575,7 +577,8 @@ class _Sender:
         self.httpx = httpx
         self.cfg = cfg
         self.report = report
-        self.http = httpx.AsyncClient(base_url=f"http://{cfg.http_address}", timeout=httpx.Timeout(130.0, connect=5.0),
+        self.http = httpx.AsyncClient(base_url=f"http://{cfg.http_address}",
+                                      timeout=httpx.Timeout(cfg.slow_timeout_s + 10, connect=5.0),
                                       limits=httpx.Limits(max_connections=None, max_keepalive_connections=32))
         self.channel = grpc.aio.insecure_channel(cfg.grpc_address, options=[
             ("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)])
@@ -604,13 +607,14 @@ class _Sender:
             r.examples[case.category].append(f"#{case.index} {case.what} -> {answer}")
 
     async def _one(self, case: Case, copy: int) -> tuple[str, str, bool]:
+        timeout_s = self.cfg.slow_timeout_s if case.slow else self.cfg.timeout_s
         try:
-            async with asyncio.timeout(case.timeout_s):
+            async with asyncio.timeout(timeout_s):
                 if case.api == "http":
                     return await self._http(case)
-                return await self._grpc(case)
+                return await self._grpc(case, timeout_s)
         except TimeoutError:
-            return "hung", f"no answer within {case.timeout_s:g}s", True
+            return "hung", f"no answer within {timeout_s:g}s", True
 
     async def _http(self, case: Case) -> tuple[str, str, bool]:
         httpx = self.httpx
@@ -625,9 +629,9 @@ class _Sender:
         except (httpx.HTTPError, UnicodeError) as e:
             return "failed_unclean", f"no HTTP answer: {e or 'the connection closed'}", True
 
-    async def _grpc(self, case: Case) -> tuple[str, str, bool]:
+    async def _grpc(self, case: Case, timeout_s: float) -> tuple[str, str, bool]:
         grpc = self.grpc
-        call = self.generate(case.body, timeout=case.timeout_s + 5)
+        call = self.generate(case.body, timeout=timeout_s + 5)
         try:
             async for _ in call:
                 pass
@@ -728,6 +732,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--count", type=int, default=5000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--timeout", type=float, default=60.0, help="seconds before an input counts as hung")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     done = [0]
@@ -737,8 +742,8 @@ def main(argv: list[str] | None = None) -> int:
         if done[0] % 500 == 0:
             print(f"{done[0]}/{args.count} inputs", file=sys.stderr)
 
-    report = asyncio.run(run_fuzz(FuzzConfig(args.grpc, args.http, args.count, args.seed, args.concurrency),
-                                  progress))
+    report = asyncio.run(run_fuzz(FuzzConfig(args.grpc, args.http, args.count, args.seed, args.concurrency,
+                                             timeout_s=args.timeout, slow_timeout_s=3 * args.timeout), progress))
     print(report.summary_line())
     for category, counts in sorted(report.by_category.items()):
         print(f"  {category:22s} " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))

@@ -59,9 +59,13 @@ class ChaosCluster:
         return [n.node_id for n in self.local.nodes]
 
     def start(self) -> ChaosCluster:
-        with self._env():
-            self.local.start(self.plan.start_timeout_s)
-        self.refresh_metrics()
+        try:
+            with self._env():
+                self.local.start(self.plan.start_timeout_s)  # stops what it started if it fails
+            self.refresh_metrics()
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def stop(self) -> None:

@@ -13,13 +13,13 @@ import grpc
 import pytest
 from google.protobuf.message import DecodeError
 
-from bench.fuzz import (CATEGORIES, GENERATE, GRPC_CATEGORIES, HTTP_CATEGORIES, FuzzConfig, _http_verdict, cases,
-                        generate_request, pb_bytes, pb_float, pb_int, run_fuzz, sampling)
+from bench.fuzz import (CATEGORIES, GRPC_CATEGORIES, HTTP_CATEGORIES, Case, FuzzConfig, FuzzReport, _http_verdict,
+                        _Sender, cases, generate_request, pb_bytes, pb_float, pb_int, run_fuzz, sampling)
 from proto.halfmoon.v1 import generate_pb2
 
 
 def fingerprint(case) -> tuple:
-    return (case.index, case.category, case.api, case.method, case.path, case.headers, case.copies,
+    return (case.index, case.category, case.api, case.method, case.path, case.headers, case.copies, case.slow,
             hashlib.sha256(case.body).hexdigest())
 
 
@@ -57,7 +57,9 @@ def test_the_categories_hold_what_they_promise(many):
         assert token in extreme, token
     filling = [c for c in _bodies("extreme_numbers") if c.body.count(b",") > 2000]  # context-filling prompts
     filling += [c for c in _bodies("proto_extreme") if c.what in ("max_tokens=8192", "max_tokens=2147483647")]
-    assert filling and all(c.timeout_s >= 120 for c in filling)  # a 2,044-token prefill is slow, not hung
+    assert filling and all(c.slow for c in filling)  # a 2,044-token prefill is slow, not hung
+    assert all(c.slow for c in _bodies("huge_body") + _bodies("proto_huge"))
+    assert not any(c.slow for c in _bodies("valid") + _bodies("malformed_json"))
     bad = _bodies("bad_utf8")
     raw = [c for c in bad if "raw" in c.what]
     assert raw and all(_undecodable(c.body) for c in raw)
@@ -138,6 +140,8 @@ async def _fake_servers():
             return JSONResponse({"object": "list", "data": [{"id": "fake-model"}]})
         if request.url.path == "/health":
             return JSONResponse({"status": "ok"})
+        if b"zzz" in body:  # never answers
+            await asyncio.sleep(3600)
         if b"1e400" in body:  # the fake's one "bug"
             return JSONResponse({"error": {"message": "overflow", "type": "server_error"}}, status_code=500)
         return JSONResponse({"error": {"message": "no", "type": "invalid_request_error"}}, status_code=400)
@@ -150,9 +154,11 @@ async def _fake_servers():
 
     async def generate(raw, context):
         try:
-            generate_pb2.GenerateRequest.FromString(raw)
+            msg = generate_pb2.GenerateRequest.FromString(raw)
         except DecodeError:
             await context.abort(grpc.StatusCode.INTERNAL, "Exception deserializing request!")
+        if msg.prompt == "zzz":
+            await asyncio.sleep(3600)
         yield b""
 
     handler = grpc.method_handlers_generic_handler("halfmoon.v1.Generation", {
@@ -203,3 +209,29 @@ def test_a_run_counts_exactly_what_the_servers_answer():
     doc = report.to_json()
     assert doc["failed_unclean"] == unclean and doc["inputs"] == sends
     assert all(len(v) <= 5 for v in doc["examples"].values())
+
+
+def test_an_unanswered_input_is_hung_after_the_timeout_and_a_slow_one_gets_longer():
+    async def go():
+        http, task, server, gaddr, haddr = await _fake_servers()
+        report = FuzzReport()
+        sender = _Sender(FuzzConfig(gaddr, haddr, timeout_s=0.3, slow_timeout_s=0.6), report)
+        t0 = asyncio.get_running_loop().time()
+        try:
+            await asyncio.gather(
+                sender.send(Case(0, "valid", "grpc", "sleepy", generate_request(prompt=b"zzz"))),
+                sender.send(Case(1, "valid", "http", "sleepy", b'{"prompt": "zzz"}')),
+                sender.send(Case(2, "huge_body", "http", "sleepy and slow", b'{"prompt": "zzz"}', slow=True, copies=2)))
+            return report, asyncio.get_running_loop().time() - t0
+        finally:
+            await sender.close()
+            await http.shutdown()
+            task.cancel()
+            await server.stop(0)
+
+    report, took = asyncio.run(go())
+    assert [o.status for o in report.outcomes] == ["hung"] * 4
+    assert sorted(o.error for o in report.outcomes) == ["huge_body: no answer within 0.6s"] * 2 + [
+        "valid: no answer within 0.3s"] * 2
+    assert took < 5
+    assert sorted(report.examples["valid"]) == ["#0 sleepy -> no answer within 0.3s", "#1 sleepy -> no answer within 0.3s"]
