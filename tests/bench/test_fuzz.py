@@ -234,4 +234,5 @@ def test_an_unanswered_input_is_hung_after_the_timeout_and_a_slow_one_gets_longe
     assert sorted(o.error for o in report.outcomes) == ["huge_body: no answer within 0.6s"] * 2 + [
         "valid: no answer within 0.3s"] * 2
     assert took < 5
-    assert sorted(report.examples["valid"]) == ["#0 sleepy -> no answer within 0.3s", "#1 sleepy -> no answer within 0.3s"]
+    assert sorted(report.examples["valid"]) == ["#0 sleepy -> no answer within 0.3s",
+                                                "#1 sleepy -> no answer within 0.3s"]
