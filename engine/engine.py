@@ -398,7 +398,7 @@ class LLMEngine:
         return RequestOutput(req.request_id, tuple(kept), delta, reason is not None, reason,
                              len(req.prompt_token_ids), req.num_cached_tokens, len(req.output_token_ids),
                              error=req.error, logprobs=(logprob,) if logprob is not None else (), index=req.index,
-                             num_forced_tokens=len(kept) - 1 if len(new) > 1 else 0)
+                             num_forced_tokens=len(kept) - 1)
 
     def _finish(self, req: Request, reason: FinishReason) -> None:
         req.status = RequestStatus.FINISHED

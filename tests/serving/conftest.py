@@ -104,10 +104,10 @@ def in_process_cluster():
     stopped when the test ends."""
     started: list[InProcessCluster] = []
 
-    def start(*args, **kw) -> InProcessCluster:
+    def start(*args, start_timeout_s: float = 120.0, **kw) -> InProcessCluster:
         cluster = InProcessCluster(*args, **kw)
         started.append(cluster)
-        return cluster.start()
+        return cluster.start(start_timeout_s)
 
     yield start
     for cluster in started:

@@ -153,3 +153,40 @@ def test_a_bad_constraint_is_refused_before_any_prefill_work(tiny_model_dir, in_
             assert e.value.details().startswith(message), e.value.details()
         time.sleep(1.2)
         assert [n.prefix_queries_tokens for n in c.status().nodes] == before
+
+
+def test_grpc_tool_choice_required_gives_a_declared_call_with_valid_arguments(tiny_model_dir, in_process_cluster):
+    from proto.convert import sampling_to_proto
+    from proto.halfmoon.v1 import generate_pb2
+
+    params = {"get_weather": {"type": "object", "additionalProperties": False, "required": ["city", "unit"],
+                              "properties": {"city": {"enum": ["Paris", "Oslo"]}, "unit": {"enum": ["c", "f"]}}},
+              "add": {"type": "object", "additionalProperties": False, "required": ["a", "b"],
+                      "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99},
+                                     "b": {"type": "integer", "minimum": 0, "maximum": 99}}}}
+    cluster = in_process_cluster(1, 1, settings=SETTINGS, model=str(tiny_model_dir), max_model_len=1024)
+    with Client(cluster.address) as c:
+        for seed, choice in ((1, generate_pb2.ToolChoice(mode="required")), (2, generate_pb2.ToolChoice(mode="required")),
+                             (3, generate_pb2.ToolChoice(function="add"))):
+            req = generate_pb2.GenerateRequest(
+                chat=generate_pb2.ChatMessages(messages=[
+                    generate_pb2.ChatMessage(role="user", content="Weather in Paris?"),
+                    generate_pb2.ChatMessage(role="assistant", tool_calls=[generate_pb2.ToolCall(
+                        id="call_0", name="get_weather", arguments='{"city": "Oslo", "unit": "c"}')]),
+                    generate_pb2.ChatMessage(role="tool", tool_call_id="call_0", content='{"temp": 3}'),
+                    generate_pb2.ChatMessage(role="user", content="And now?")]),
+                sampling=sampling_to_proto(SamplingParams(max_tokens=60, temperature=1.0, seed=seed)),
+                tools=[generate_pb2.Tool(name=n, parameters=json.dumps(p)) for n, p in params.items()],
+                tool_choice=choice)
+            res = c.generate(req, timeout=120)
+            (end,) = res.final.samples
+            assert end.finish_reason == "tool_calls", (res.text, end)
+            (call,) = end.tool_calls
+            assert call.id.startswith("call_") and (choice.function in ("", call.name))
+            jsonschema.validate(json.loads(call.arguments), params[call.name])
+        with pytest.raises(grpc.RpcError) as e:
+            c.generate(generate_pb2.GenerateRequest(
+                chat=generate_pb2.ChatMessages(messages=[generate_pb2.ChatMessage(role="user", content="x")]),
+                tools=[generate_pb2.Tool(name="add", parameters="{}")], tool_choice=generate_pb2.ToolChoice(function="sub")))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert e.value.details().startswith("tool_choice.function.name: 'sub' is not one of the declared tools")
