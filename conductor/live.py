@@ -45,6 +45,9 @@ from proto.convert import logprob_from_proto, sampling_to_proto
 from proto.halfmoon.v1 import node_pb2
 
 log = logging.getLogger("halfmoon.conductor")
+# Rejections that say the cluster has no node for the request, not that it is overloaded:
+# UNAVAILABLE / 503 (retry when nodes are back), not RESOURCE_EXHAUSTED / 429.
+NO_NODE = frozenset({RejectReason.NO_PREFILL_NODE, RejectReason.NO_DECODE_NODE})
 
 
 def cpu_default_costs() -> CostModel:
@@ -184,6 +187,8 @@ class LiveConductor:
             r = decision.rejection
             if self.metrics:
                 self.metrics.observe_rejected(r.reason.value)
+            if r.reason in NO_NODE:  # nothing to serve it (e.g. a restarted conductor before the nodes rejoin)
+                raise Unavailable(f"{r.reason.value}: {r.detail}")
             raise Rejected(f"{r.reason.value}: {r.detail}", r.retry_after_s)
         pre = self.registry.nodes.get(decision.prefill.node) if decision.prefill else None
         dec = self.registry.nodes.get(decision.decode.node) if decision.decode else None

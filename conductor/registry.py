@@ -131,9 +131,20 @@ class NodeRegistry:
         return True
 
     async def _watch(self) -> None:
+        tick = min(self.heartbeat_interval_s, 0.5)
+        last = time.monotonic()
         while True:
-            await asyncio.sleep(min(self.heartbeat_interval_s, 0.5))
+            await asyncio.sleep(tick)
             now = time.monotonic()
+            stalled = now - last - tick
+            last = now
+            if stalled > tick:
+                # The conductor itself did not run (SIGSTOP, a stalled loop): heartbeats sent
+                # meanwhile are still unread, so the gap is ours, not the nodes'.
+                log.warning("conductor stalled for %.1fs: not counting it against node heartbeats", stalled)
+                for rec in self.nodes.values():
+                    rec.last_seen += stalled
+                continue
             for rec in list(self.nodes.values()):
                 if (rec.up or rec.probe_task is not None) and now - rec.last_seen > self.heartbeat_timeout_s:
                     self.mark_down(rec, f"missed heartbeats for {now - rec.last_seen:.1f}s")

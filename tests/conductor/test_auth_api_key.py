@@ -79,7 +79,7 @@ def test_grpc_needs_the_key_for_generation_and_admin_not_for_health():
             # past the key check: the request is judged on its merits (no node has registered)
             with pytest.raises(grpc.RpcError) as err:
                 client.generate(make_request("hi"), timeout=10)
-            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
             assert "no healthy prefill node" in err.value.details()
 
 
