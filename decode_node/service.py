@@ -107,8 +107,8 @@ class DecodeService(node_pb2_grpc.DecodeNodeServicer):
     async def Release(self, request: node_pb2.ReleaseRequest, context):
         rid = request.request_id
         blocks = self._reserved.take(rid)
-        if blocks is not None:
-            await self._engine(lambda e: _free_reservation(e, rid))
+        if blocks is not None:  # no lease is left to free them: this must run even if the call is cancelled
+            await asyncio.shield(asyncio.wrap_future(self.worker.call(lambda e: _free_reservation(e, rid))))
         return node_pb2.ReleaseResponse(found=blocks is not None)
 
     async def Decode(self, request: node_pb2.DecodeRequest, context):

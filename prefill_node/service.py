@@ -241,8 +241,8 @@ class PrefillService(node_pb2_grpc.PrefillNodeServicer):
             await context.abort(grpc.StatusCode.INTERNAL, str(e))
         finally:
             self._jobs.pop(rid, None)
-            if ok:
-                await self._engine(lambda e: e.release(rid))
+            if ok:  # must run even if the call is cancelled now (e.g. the conductor's connection died)
+                await _settle(self.worker, lambda e: e.release(rid))
             else:  # cancelled or failed: do not await (a cancelled task must not block here)
                 for h in job.handles:
                     h.cancel()
@@ -340,8 +340,8 @@ class PrefillService(node_pb2_grpc.PrefillNodeServicer):
 
     async def Unpin(self, request: node_pb2.UnpinRequest, context):
         blocks = self._pins.take(request.pin_id)
-        if blocks is not None:
-            await self._engine(lambda e: _unpin_held(e, ("pin", request.pin_id)))
+        if blocks is not None:  # no lease is left to free them: this must run even if the call is cancelled
+            await _settle(self.worker, lambda e: _unpin_held(e, ("pin", request.pin_id)))
         return node_pb2.UnpinResponse(found=blocks is not None)
 
     async def Abort(self, request: node_pb2.AbortRequest, context):
@@ -357,6 +357,13 @@ class PrefillService(node_pb2_grpc.PrefillNodeServicer):
                 yield await sub.queue.get()
         finally:
             self.events.unsubscribe(sub)
+
+
+async def _settle(worker: EngineWorker, fn) -> None:
+    """Run `fn` (a cleanup that frees blocks) on the engine thread and wait for it; cancelling
+    the waiting task (a call whose client went away) does not stop `fn`, unlike `worker.run`,
+    which drops a queued `fn` when its awaiter is cancelled."""
+    await asyncio.shield(asyncio.wrap_future(worker.call(fn)))
 
 
 # --- the block ledger (engine thread) ------------------------------------------------------
