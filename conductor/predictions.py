@@ -1,11 +1,15 @@
-"""Predictions logged next to what happened, so their error is visible in metrics.
+"""Predictions logged next to what happened, so their error is visible in metrics, and a
+calibration learned from them.
 
 The conductor records, per request, what it predicted (queue, prefill, TTFT, TBT) and later
 what was measured; `summary()` gives the error per quantity. Bounded (`max_records`) so a
-live conductor can keep it forever.
+live conductor can keep it forever. `Calibration` keeps a running ratio of measured to
+predicted per quantity, which admission multiplies its predictions by before it judges
+them: a cluster that runs faster than its cost model says stops being over-rejected.
 """
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass
 from enum import StrEnum
@@ -65,3 +69,36 @@ class PredictionLog:
             p90_abs_error_s=float(np.percentile(np.abs(err), 90)),
             mean_rel_error=float(rel.mean()),
         )
+
+
+class Calibration:
+    """Running measured/predicted ratio per quantity (a geometric mean, exponentially
+    weighted: each observation weighs `alpha`), applied once `min_samples` were seen and
+    kept within [`low`, `high`]. 1.0 before that, and for a quantity never observed."""
+
+    def __init__(self, alpha: float = 0.05, min_samples: int = 20, low: float = 0.5, high: float = 2.0) -> None:
+        if not 0.0 < alpha <= 1.0 or min_samples < 1 or not 0.0 < low <= 1.0 <= high:
+            raise ValueError("calibration: need 0 < alpha <= 1, min_samples >= 1 and 0 < low <= 1 <= high")
+        self.alpha, self.min_samples, self.low, self.high = alpha, min_samples, low, high
+        self._log_ratio: dict[Quantity, float] = {}
+        self._count: dict[Quantity, int] = {}
+
+    def observe(self, quantity: Quantity, predicted_s: float, actual_s: float) -> None:
+        if not (predicted_s > 0.0 and actual_s > 0.0) or not (math.isfinite(predicted_s) and math.isfinite(actual_s)):
+            return
+        r = math.log(actual_s / predicted_s)
+        n = self._count.get(quantity, 0) + 1
+        self._count[quantity] = n
+        prev = self._log_ratio.get(quantity)
+        # the plain mean while there are few samples, then the exponential one
+        w = max(self.alpha, 1.0 / n)
+        self._log_ratio[quantity] = r if prev is None else prev + w * (r - prev)
+
+    def factor(self, quantity: Quantity) -> float:
+        if self._count.get(quantity, 0) < self.min_samples:
+            return 1.0
+        f = math.exp(self._log_ratio[quantity])
+        return self.low if f < self.low else self.high if f > self.high else f
+
+    def samples(self, quantity: Quantity) -> int:
+        return self._count.get(quantity, 0)

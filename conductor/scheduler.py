@@ -11,7 +11,8 @@ The live conductor and the simulator call it the same way:
     ... unless decision.rejection (per_stage only): KV goes to decision.decode.node ...
 
 The policy and mode are looked up in the settings on every call, so a runtime change takes
-effect on the next request.
+effect on the next request. `calibration` learns measured/predicted TTFT and TBT from what
+the adapter observes (`calibration.observe`); admission judges calibrated predictions.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from conductor.cost_model import CostModel
 from conductor.decision import Decision, LoadBasis, RejectReason, Rejection, Stage
 from conductor.modes import PolicyName
 from conductor.policies import POLICIES, Policy, decode_estimate
+from conductor.predictions import Calibration, Quantity
 from conductor.request import RequestInfo
 from conductor.settings import ConductorSettings
 from conductor.view import ClusterView
@@ -33,6 +35,9 @@ class Scheduler:
         self._costs = costs
         self._seed = seed
         self._policies: dict[PolicyName, Policy] = {}
+        # measured / predicted TTFT and TBT, fed by the adapter (what the cluster observed);
+        # admission multiplies its predictions by these before judging them
+        self.calibration = Calibration()
 
     @property
     def costs(self) -> CostModel:
@@ -69,7 +74,13 @@ class Scheduler:
                 request.request_id, s.policy, s.admission, now_s, prefill, None,
                 Rejection(RejectReason.NO_DECODE_NODE, Stage.ARRIVAL, "no healthy decode node", 5.0),
             )
-        rejection = admission.check_arrival(s, prefill, decode)
+        judged = admission.judged_basis(s.admission)
+        if judged is not basis and judged is not LoadBasis.COMMITTED:  # early: the chosen node as it is now
+            node = next(d for d in view.decode if d.node_id == decode.node)
+            decode = decode_estimate(node, request, now_s, judged, s, self._costs)
+        cal = self.calibration
+        rejection = admission.check_arrival(s, prefill, decode, ttft_factor=cal.factor(Quantity.TTFT),
+                                            tbt_factor=cal.factor(Quantity.TBT))
         return Decision(request.request_id, s.policy, s.admission, now_s, prefill, decode, rejection)
 
     def decide_after_prefill(
@@ -92,4 +103,5 @@ class Scheduler:
                 return replace(decision, decided_at_s=now_s, rejection=rejection)
         else:
             decode = decode_estimate(node, request, now_s, LoadBasis.CURRENT, s, self._costs)
-        return replace(decision, decided_at_s=now_s, decode=decode, rejection=admission.check_after_prefill(s, decode))
+        rejection = admission.check_after_prefill(s, decode, tbt_factor=self.calibration.factor(Quantity.TBT))
+        return replace(decision, decided_at_s=now_s, decode=decode, rejection=rejection)

@@ -103,50 +103,50 @@ class LoadIndex:
 
     def __init__(self) -> None:
         self._pheap: list = []  # (busy_until_s, position, version, view)
-        self._ppos: dict[int, int] = {}  # id(view) -> position
-        self._pver: dict[int, int] = {}
+        self._ppos: dict[NodeId, int] = {}  # node -> position
+        self._pver: dict[NodeId, int] = {}
         self._dheap: list = []  # (key, position, version, view)
-        self._dpos: dict[int, int] = {}
-        self._dver: dict[int, int] = {}
+        self._dpos: dict[NodeId, int] = {}
+        self._dver: dict[NodeId, int] = {}
         self._dkey: Callable[[DecodeNodeView], float] | None = None
         self.decode_key_stamp: object = None  # what the decode key was made from (settings, costs)
         self.prefill_by_id: dict[NodeId, tuple[int, PrefillNodeView]] = {}
 
     def add_prefill(self, view: PrefillNodeView, position: int) -> None:
-        self._ppos[id(view)] = position
+        self._ppos[view.node_id] = position
         self.prefill_by_id[view.node_id] = (position, view)
         self.changed_prefill(view)
 
     def add_decode(self, view: DecodeNodeView, position: int) -> None:
-        self._dpos[id(view)] = position
+        self._dpos[view.node_id] = position
         self.changed_decode(view)
 
     def changed_prefill(self, view: PrefillNodeView) -> None:
-        key = id(view)
+        key = view.node_id
         version = self._pver[key] = self._pver.get(key, 0) + 1
         heap = self._pheap
         heapq.heappush(heap, (view.busy_until_s, self._ppos[key], version, view))
         if len(heap) > 4 * len(self._ppos) + 64:
-            self._pheap = [e for e in heap if self._pver[id(e[3])] == e[2]]
+            self._pheap = [e for e in heap if self._pver.get(e[3].node_id) == e[2]]
             heapq.heapify(self._pheap)
 
     def changed_decode(self, view: DecodeNodeView) -> None:
         fn = self._dkey
-        key = id(view)
+        key = view.node_id
         version = self._dver[key] = self._dver.get(key, 0) + 1
         if fn is None:
             return
         heap = self._dheap
         heapq.heappush(heap, (fn(view), self._dpos[key], version, view))
         if len(heap) > 4 * len(self._dpos) + 64:
-            self._dheap = [e for e in heap if self._dver[id(e[3])] == e[2]]
+            self._dheap = [e for e in heap if self._dver.get(e[3].node_id) == e[2]]
             heapq.heapify(self._dheap)
 
     def rebuild(self, view: ClusterView) -> None:
         """After nodes left: positions are view order again."""
-        self._ppos = {id(p): i for i, p in enumerate(view.prefill)}
+        self._ppos = {p.node_id: i for i, p in enumerate(view.prefill)}
         self.prefill_by_id = {p.node_id: (i, p) for i, p in enumerate(view.prefill)}
-        self._dpos = {id(d): i for i, d in enumerate(view.decode)}
+        self._dpos = {d.node_id: i for i, d in enumerate(view.decode)}
         self._pver = {k: self._pver.get(k, 0) for k in self._ppos}
         self._dver = {k: self._dver.get(k, 0) for k in self._dpos}
         self._pheap, self._dheap = [], []
@@ -160,7 +160,7 @@ class LoadIndex:
         heap, ver = self._pheap, self._pver
         while heap:
             _, pos, version, view = heap[0]
-            if ver.get(id(view)) == version and view.healthy:
+            if ver.get(view.node_id) == version and view.healthy:
                 return pos, view
             heapq.heappop(heap)
         return None
@@ -186,7 +186,7 @@ class LoadIndex:
         while heap and len(out) < k:
             entry = heapq.heappop(heap)
             view = entry[3]
-            if ver.get(id(view)) == entry[2] and view.healthy:
+            if ver.get(view.node_id) == entry[2] and view.healthy:
                 out.append((entry[1], view))
                 taken.append(entry)
         for entry in taken:

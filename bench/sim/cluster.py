@@ -24,10 +24,12 @@ cost model. Every request leaves a trail in `events` (`bench.sim.events` checks 
 """
 from __future__ import annotations
 
+import bisect
+import copy
 import heapq
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from bench.sim.events import EventKind, Outcome, RequestEvent
 from bench.sim.nodes import PrefillJob, SimDecode, SimPrefill
@@ -125,6 +127,18 @@ class RequestState:
         self.join_step = -1
         self.finish_step = -1
 
+    def __deepcopy__(self, memo: dict) -> RequestState:
+        """Its request, info and decisions are immutable (shared); its nodes are copied."""
+        new = RequestState.__new__(RequestState)
+        memo[id(self)] = new
+        for name in RequestState.__slots__:
+            setattr(new, name, getattr(self, name))
+        if self.prefill is not None:
+            new.prefill = copy.deepcopy(self.prefill, memo)
+        if self.decode is not None:
+            new.decode = copy.deepcopy(self.decode, memo)
+        return new
+
     @property
     def prefill_node(self) -> str:
         return self.prefill.node_id if self.prefill is not None else ""
@@ -170,10 +184,11 @@ class Simulation:
         self.decode_by_id: dict[str, SimDecode] = {}
         self.all_prefill: list[SimPrefill] = []
         self.all_decode: list[SimDecode] = []
-        for i in range(config.prefill_nodes):
-            self.add_prefill(f"p{i}")
-        for i in range(config.decode_nodes):
-            self.add_decode(f"d{i}")
+        prefill_ids, decode_ids = self.initial_nodes()
+        for node_id in prefill_ids:
+            self.add_prefill(node_id)
+        for node_id in decode_ids:
+            self.add_decode(node_id)
         self.requests = requests
         self.states = [RequestState(r, RequestInfo(str(r.index), r.input_tokens, r.block_hashes, r.output_tokens))  # type: ignore[arg-type]
                        for r in requests]
@@ -185,10 +200,16 @@ class Simulation:
         self._next_arrival = 0
         self._in_flight = 0  # admitted and not ended
         self._max_kv = config.decode_kv_tokens
+        self.forced: dict[int, Decision] = {}  # request index -> the decision to use (a counterfactual)
         if config.heartbeat_interval_s > 0 and requests:
             self._push(requests[0].arrival_s + config.heartbeat_interval_s, _HEARTBEAT, None)
 
     # -- nodes -------------------------------------------------------------------------------
+    def initial_nodes(self) -> tuple[list[str], list[str]]:
+        """Ids of the prefill and decode instances the run starts with."""
+        c = self.config
+        return [f"p{i}" for i in range(c.prefill_nodes)], [f"d{i}" for i in range(c.decode_nodes)]
+
     def add_prefill(self, node_id: str) -> SimPrefill:
         node = SimPrefill(node_id, self.config.cache_blocks)
         self.prefill_by_id[node_id] = node
@@ -289,8 +310,38 @@ class Simulation:
         self._place(st, decision, t)
 
     def admit(self, st: RequestState, t: float) -> Decision:
-        """The scheduler's verdict on arrival (a counterfactual run overrides it)."""
+        """The scheduler's verdict on arrival, unless `forced` says otherwise."""
+        forced = self.forced.get(st.req.index)
+        if forced is not None:
+            return forced
         return self.scheduler.decide(self.view, st.info, t)
+
+    def fork(self, horizon_s: float, *, from_index: int | None = None) -> Simulation:
+        """An independent copy of the simulation as it is now, with the arrivals of the next
+        `horizon_s` seconds only (from request `from_index` on: the one arriving now, say),
+        and no event trail or prediction log: what a counterfactual continues from."""
+        first = self._next_arrival if from_index is None else from_index
+        cls = type(self)
+        new = cls.__new__(cls)
+        memo: dict[int, object] = {id(self.costs): self.costs}
+        for st in self.states:  # immutable: shared
+            memo[id(st.req)] = st.req
+            memo[id(st.info)] = st.info
+        new.now = self.now
+        new.settings = ConductorSettings(self.settings.values, clock=lambda: new.now)
+        memo[id(self.settings)] = new.settings
+        memo[id(self.events)] = []
+        memo[id(self.predictions)] = PredictionLog(max_records=None)
+        arrivals = [st.req.arrival_s for st in self.states]
+        end = bisect.bisect_right(arrivals, self.now + horizon_s, lo=first)
+        for key, value in self.__dict__.items():
+            if key not in ("states", "requests", "settings", "now"):
+                setattr(new, key, copy.deepcopy(value, memo))
+        new.states = [copy.deepcopy(st, memo) for st in self.states[first:end]]
+        new.requests = [st.req for st in new.states]
+        new._next_arrival = 0
+        new.config = replace(self.config, record_events=False)
+        return new
 
     def _place(self, st: RequestState, decision: Decision, t: float) -> None:
         pc, dc = decision.prefill, decision.decode
@@ -410,7 +461,9 @@ class Simulation:
         st.first_token_s = t
         self._log(t, st, EventKind.FIRST_TOKEN)
         if st.decision is not None and st.decision.prefill is not None:
-            self.predictions.record(st.info.request_id, Quantity.TTFT, st.decision.prefill.ttft_s, t - st.req.arrival_s)
+            predicted = st.decision.prefill.ttft_s
+            self.predictions.record(st.info.request_id, Quantity.TTFT, predicted, t - st.req.arrival_s)
+            self.scheduler.calibration.observe(Quantity.TTFT, predicted, t - st.req.arrival_s)
         self.state.decode_joined(st.info.request_id, t)
         if st.req.output_tokens <= 1:
             self._finish(dec, st, t)
@@ -439,6 +492,7 @@ class Simulation:
         if out > 1 and st.decision is not None and st.decision.decode is not None:
             mean_gap = (t - st.first_token_s) / (out - 1)
             self.predictions.record(st.info.request_id, Quantity.TBT, st.decision.decode.predicted_tbt_s, mean_gap)
+            self.scheduler.calibration.observe(Quantity.TBT, st.decision.decode.predicted_tbt_s, mean_gap)
         self._log(t, st, EventKind.COMPLETED)
         self.completed(st, t)
         if dec.residents == 0:

@@ -1,14 +1,20 @@
-"""Issue 13's policy evaluation: every routing policy on every workload at several loads.
+"""Issue 13's evaluations: every routing policy, and every admission mode, on every workload
+at several loads.
 
     python -m bench.sim.compare policies --json out/policies.json        # the full grid
     python -m bench.sim.compare policies --workloads tool_agent --loads 0.5,1.0 --requests 3000
+    python -m bench.sim.compare admission --json out/admission.json      # with counterfactuals
 
 Cells: {conversation trace, tool_agent, uniform, shifting} x {loads as fractions of the
 cluster's capacity (`bench.sim.load`: perfect-reuse prefill work or decode work, whichever
-binds)}, on 8P+8D of the GPU-class cost model, admission `none` (routing alone). Per cell it
-prints every policy's mean TTFT and goodput and the default policy's ratio to the best of
-the others (target: TTFT <= 1.05x, goodput >= 0.95x), writes every row as JSON and a PNG of
-the ratios.
+binds)}, on 8P+8D of the GPU-class cost model.
+
+`policies`: admission `none` (routing alone); per cell every policy's mean TTFT and goodput
+and the default policy's ratio to the best of the others (target: TTFT <= 1.05x, goodput
+>= 0.95x). `admission`: the default policy under every admission mode; per cell each mode's
+goodput, the default mode's ratio to `none` (targets: >= 1 everywhere, >= 5 at 2x
+overload) and the precision of its rejections, each judged by a counterfactual run
+(`bench.sim.counterfactual`; target >= 90%). Both write every row as JSON and a PNG.
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ from pathlib import Path
 from typing import Sequence
 
 from bench.sim.cluster import SimConfig, SimRequest, simulate
+from bench.sim.counterfactual import CounterfactualSimulation, Precision
 from bench.sim.load import offered_load
 from bench.sim.metrics import SimSummary, summarize
 from bench.sim.trace import DEFAULT_TRACE, load_sim_requests, to_sim_requests
@@ -32,8 +39,11 @@ from conductor.settings import SettingsValues
 
 WORKLOADS = ("conversation", "tool_agent", "uniform", "shifting")
 LOADS = (0.5, 0.8, 1.1, 1.5)
+ADMISSION_LOADS = (0.5, 0.8, 1.1, 1.5, 2.0)
 DEFAULT_POLICY = SettingsValues().policy
+DEFAULT_ADMISSION = SettingsValues().admission
 TTFT_TARGET, GOODPUT_TARGET = 1.05, 0.95
+OVERLOAD, OVERLOAD_GAIN, PRECISION_TARGET = 2.0, 5.0, 0.9
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,32 +164,146 @@ def write_plot(cells: Sequence[Cell], default: str, path: Path) -> None:
     plt.close(fig)
 
 
+# -- admission ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class AdmissionCell:
+    workload: str
+    load: float
+    speedup: float
+    rows: tuple[SimSummary, ...]
+    precision: tuple[Precision, ...]  # per row
+    reference: SimSummary | None = None  # `none` under the reference policy (Mooncake's kv_centric)
+
+    def row(self, mode: str) -> tuple[SimSummary, Precision]:
+        i = next(i for i, r in enumerate(self.rows) if r.admission == mode)
+        return self.rows[i], self.precision[i]
+
+
+def run_admission_cell(workload: str, load: float, requests: list[SimRequest], config: SimConfig, costs: CostModel,
+                       modes: Sequence[AdmissionMode], sample: int, reference: PolicyName | None = None) -> AdmissionCell:
+    scaled, speedup = at_load(requests, load, config, costs)
+    typical = max(1, round(sum(r.output_tokens for r in scaled) / len(scaled)))
+    ref = None
+    if reference is not None:
+        started = time.perf_counter()
+        run = simulate(scaled, replace(config, policy=reference, admission=AdmissionMode.NONE,
+                                       typical_output_tokens=typical), costs)
+        ref = summarize(run, speedup=speedup, wall_s=time.perf_counter() - started)
+    rows, precision = [], []
+    for mode in modes:
+        started = time.perf_counter()
+        sim = CounterfactualSimulation(scaled, replace(config, admission=mode, typical_output_tokens=typical), costs,
+                                       sample=sample)
+        run = sim.run()
+        rows.append(summarize(run, speedup=speedup, wall_s=time.perf_counter() - started))
+        precision.append(sim.precision())
+    return AdmissionCell(workload, load, speedup, tuple(rows), tuple(precision), ref)
+
+
+def admission_verdict(cell: AdmissionCell, default: str) -> dict[str, float]:
+    d, p = cell.row(default)
+    none, _ = cell.row(AdmissionMode.NONE.value)
+    gain = d.goodput_rps / none.goodput_rps if none.goodput_rps > 0 else math.inf
+    ref = cell.reference
+    ref_gain = (d.goodput_rps / ref.goodput_rps if ref.goodput_rps > 0 else math.inf) if ref else math.nan
+    return {"goodput_vs_none": gain, "goodput_vs_reference_none": ref_gain, "precision": p.precision,
+            "precision_low95": p.wilson_low(), "rejections": p.rejections, "judged": p.judged}
+
+
+def print_admission(cells: Sequence[AdmissionCell], default: str, out=None) -> int:
+    out = out or sys.stdout
+    modes = [r.admission for r in cells[0].rows]
+    print(f"goodput req/s per admission mode (policy {cells[0].rows[0].policy}); default = {default}; "
+          "precision = rejections that would have missed an SLO (judged / rejected by admission)", file=out)
+    ref = cells[0].reference
+    ref_head = f" | none/{ref.policy[:10]:<10} x" if ref is not None else ""
+    print(f"{'workload':<13}{'load':>5}{'speed':>7} | " + " ".join(f"{m:>11}" for m in modes)
+          + " | vs none  precision (judged/rejected)" + ref_head, file=out)
+    misses = 0
+    for c in cells:
+        v = admission_verdict(c, default)
+        ok = v["goodput_vs_none"] >= 1.0 and (c.load < OVERLOAD or v["goodput_vs_none"] >= OVERLOAD_GAIN)
+        ok = ok and (v["judged"] == 0 or v["precision"] >= PRECISION_TARGET)
+        misses += not ok
+        vals = " ".join(f"{c.row(m)[0].goodput_rps:>11.2f}" for m in modes)
+        prec = "-" if not v["judged"] else f"{v['precision']:.3f}"
+        ref_col = (f" | {c.reference.goodput_rps:>10.2f} {v['goodput_vs_reference_none']:>6.1f}"
+                   if c.reference is not None else "")
+        print(f"{c.workload:<13}{c.load:>5.2f}{c.speedup:>7.2f} | {vals} | {v['goodput_vs_none']:>7.3f}  {prec:>9} "
+              f"({v['judged']}/{v['rejections']}){ref_col}{'' if ok else '  MISS'}", file=out)
+    return misses
+
+
+def write_admission_json(cells: Sequence[AdmissionCell], default: str, path: Path) -> None:
+    data = [{"workload": c.workload, "load": c.load, "speedup": c.speedup, **admission_verdict(c, default),
+             "rows": [{**_clean(asdict(r)), "precision": _clean(p.precision), "judged": p.judged,
+                       "judged_right": p.right, "admission_rejections": p.rejections}
+                      for r, p in zip(c.rows, c.precision)],
+             "reference_none": _clean(asdict(c.reference)) if c.reference else None} for c in cells]
+    path.write_text(json.dumps(_clean(data), indent=2) + "\n", encoding="utf-8")
+
+
+def write_admission_plot(cells: Sequence[AdmissionCell], default: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for w in dict.fromkeys(c.workload for c in cells):
+        row = [c for c in cells if c.workload == w]
+        axes[0].plot([c.load for c in row], [admission_verdict(c, default)["goodput_vs_none"] for c in row],
+                     marker="o", label=w)
+        axes[1].plot([c.load for c in row], [admission_verdict(c, default)["precision"] for c in row],
+                     marker="o", label=w)
+    axes[0].axhline(1.0, color="red", ls="--")
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel(f"goodput: {default} / none")
+    axes[1].axhline(PRECISION_TARGET, color="red", ls="--")
+    axes[1].set_ylabel("rejection precision (counterfactual)")
+    for ax in axes:
+        ax.set_xlabel("offered load (fraction of 8P+8D capacity)")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.sim.compare", description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=("policies",))
+    p.add_argument("what", choices=("policies", "admission"))
     p.add_argument("--workloads", default=",".join(WORKLOADS))
-    p.add_argument("--loads", default=",".join(f"{x:g}" for x in LOADS))
+    p.add_argument("--loads", help=f"fractions of capacity (default {','.join(map(str, LOADS))}; admission: "
+                                   f"{','.join(map(str, ADMISSION_LOADS))})")
     p.add_argument("--policies", help="comma-separated (default: every policy)")
-    p.add_argument("--default", default=str(DEFAULT_POLICY), help="the policy judged against the others")
+    p.add_argument("--default", help="the policy (policies) or admission mode (admission) judged")
+    p.add_argument("--admissions", help="comma-separated admission modes (default: every mode but per_stage)")
+    p.add_argument("--sample", type=int, default=1, help="admission: judge every n-th rejection (default 1: all)")
+    p.add_argument("--reference", default=PolicyName.KV_CENTRIC.value,
+                   help="admission: also run `none` under this policy, for reference ('' for none)")
     p.add_argument("--requests", type=int, default=12_000, help="requests per workload (default 12,000)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--prefill", type=int, default=8)
     p.add_argument("--decode", type=int, default=8)
-    p.add_argument("--admission", default=AdmissionMode.NONE.value)
+    p.add_argument("--admission", default=AdmissionMode.NONE.value, help="policies: the admission mode")
     p.add_argument("--json", type=Path)
     p.add_argument("--plot", type=Path, help="default: next to --json")
     args = p.parse_args(argv)
     costs = gpu_class_default()
+    config = SimConfig(prefill_nodes=args.prefill, decode_nodes=args.decode, admission=parse_admission(args.admission))
+    started = time.perf_counter()
+    if args.what == "admission":
+        return _admission(args, config, costs, started)
     policies = [parse_policy(x) for x in args.policies.split(",")] if args.policies else list(PolicyName)
-    default = str(parse_policy(args.default))
+    default = str(parse_policy(args.default or str(DEFAULT_POLICY)))
     if default not in policies:
         policies.append(PolicyName(default))
-    config = SimConfig(prefill_nodes=args.prefill, decode_nodes=args.decode, admission=parse_admission(args.admission))
+    loads = [float(x) for x in (args.loads.split(",") if args.loads else LOADS)]
     cells = []
-    started = time.perf_counter()
     for workload in args.workloads.split(","):
         requests = base_requests(workload, args.requests, args.seed)
-        for load in (float(x) for x in args.loads.split(",")):
+        for load in loads:
             cells.append(run_cell(workload, load, requests, config, costs, policies))
             print(f"  {workload} at load {load:g}: done ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
     misses = print_cells(cells, default)
@@ -188,6 +312,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         write_json(cells, default, args.json)
         write_plot(cells, default, args.plot or args.json.with_suffix(".png"))
+    return 0
+
+
+def _admission(args, config: SimConfig, costs: CostModel, started: float) -> int:
+    default = str(parse_admission(args.default or str(DEFAULT_ADMISSION)))
+    modes = ([parse_admission(x) for x in args.admissions.split(",")] if args.admissions
+             else [m for m in AdmissionMode if m is not AdmissionMode.PER_STAGE])
+    for needed in (AdmissionMode.NONE, AdmissionMode(default)):
+        if needed not in modes:
+            modes.append(needed)
+    config = replace(config, policy=DEFAULT_POLICY)
+    loads = [float(x) for x in (args.loads.split(",") if args.loads else ADMISSION_LOADS)]
+    cells = []
+    for workload in args.workloads.split(","):
+        requests = base_requests(workload, args.requests, args.seed)
+        for load in loads:
+            cells.append(run_admission_cell(workload, load, requests, config, costs, modes, args.sample,
+                                            parse_policy(args.reference) if args.reference else None))
+            print(f"  {workload} at load {load:g}: done ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
+    misses = print_admission(cells, default)
+    print(f"{len(cells) - misses}/{len(cells)} cells meet every target; {time.perf_counter() - started:.0f} s")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        write_admission_json(cells, default, args.json)
+        write_admission_plot(cells, default, args.plot or args.json.with_suffix(".png"))
     return 0
 
 

@@ -17,6 +17,7 @@ they do to `conductor.cluster_state.ClusterState`, as the live conductor reports
 """
 from __future__ import annotations
 
+import copy
 import heapq
 import math
 from array import array
@@ -34,6 +35,11 @@ class PrefillJob:
         self.state = state
         self.predicted_service_s = predicted_service_s
 
+    def __deepcopy__(self, memo: dict) -> PrefillJob:
+        new = PrefillJob(copy.deepcopy(self.state, memo), self.predicted_service_s)
+        memo[id(self)] = new
+        return new
+
 
 class SimPrefill:
     __slots__ = ("node_id", "capacity", "cache", "queue", "running", "run_start_s", "run_end_s", "run_uncached",
@@ -50,6 +56,18 @@ class SimPrefill:
         self.run_uncached = 0  # prompt tokens the running prefill computes
         self.queued_tokens = 0  # prompt tokens of the queued jobs (not started)
         self.seq = 0  # next KV event number
+
+    def __deepcopy__(self, memo: dict) -> SimPrefill:
+        new = SimPrefill.__new__(SimPrefill)
+        memo[id(self)] = new
+        for name in SimPrefill.__slots__:
+            value = getattr(self, name)
+            if name == "cache":
+                value = OrderedDict(value)  # block hashes: nothing inside to copy
+            elif name in ("queue", "running"):
+                value = copy.deepcopy(value, memo)
+            setattr(new, name, value)
+        return new
 
     def depth(self, hashes, limit: int | None = None) -> int:
         """Leading blocks of `hashes` cached here, touched in the LRU (children first, so a
@@ -125,6 +143,18 @@ class SimDecode:
         self.s_a = array("d")
         self.s_T0 = array("d")
         self.s_b = array("q")
+
+    def __deepcopy__(self, memo: dict) -> SimDecode:
+        new = SimDecode.__new__(SimDecode)
+        memo[id(self)] = new
+        for name in SimDecode.__slots__:
+            value = getattr(self, name)
+            if name.startswith("s_"):
+                value = array(value.typecode, value)
+            elif name in ("pending", "finishing"):
+                value = copy.deepcopy(value, memo)
+            setattr(new, name, value)
+        return new
 
     # -- time within the current segment -----------------------------------------------------
     def boundary(self, j: int) -> float:

@@ -242,3 +242,21 @@ def test_node_events_take_nodes_out_of_choice_and_removal_ends_their_requests():
     assert s.index.blocks_on(NodeId("p1")) == 0
     with pytest.raises(LifecycleError, match="node p1 is not in the view"):
         s.node_down(NodeId("p1"))
+
+
+def test_a_queued_prefills_blocks_are_pending_on_its_node_until_it_is_done():
+    s = state(prefill=("p0", "p1"))
+    place(s, "a", 500, 0.5, now=0.0, node="p1")  # chain(5) from block 1
+    place(s, "b", 300, 0.3, now=0.0, node="p1")  # chain(3): shares blocks 1-3 with a
+    assert s.pending.longest_prefix(chain(5)) == {NodeId("p1"): 5}
+    assert s.pending.blocks_on(NodeId("p1")) == 5
+    for rid in ("a", "b"):
+        s.reserved(rid, 100)
+        s.prefill_started(rid, 0.0)
+    s.prefill_done("a", 0.5)  # b still holds blocks 1-3
+    assert s.pending.longest_prefix(chain(5)) == {NodeId("p1"): 3}
+    s.finished("b", 0.6)  # cancelled in the queue: its blocks are no longer on their way
+    assert s.pending.longest_prefix(chain(5)) == {} and s.pending.blocks_on(NodeId("p1")) == 0
+    place(s, "c", 500, 0.5, now=1.0, node="p1")
+    s.remove_node(NodeId("p1"))
+    assert s.pending.longest_prefix(chain(5)) == {}

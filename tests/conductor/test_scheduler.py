@@ -144,8 +144,9 @@ def test_runtime_changes_apply_to_the_next_decision():
     sched.settings.set("policy", "kv_centric")
     d = sched.decide(v, request(), NOW)
     assert (d.policy, d.prefill.node, d.prefill.pull_from) == (PolicyName.KV_CENTRIC, "p1", "p0")
-    # Tighten the TTFT SLO below the 0.38 s prediction: the same request is now refused.
+    # Tighten the TTFT SLO below the 0.38 s prediction: the same request, queued, is now refused
     sched.settings.set("ttft_slo_s", "0.3")
+    v.prefill[1].busy_until_s = NOW + 0.5
     assert sched.decide(v, request(), NOW).rejection.reason is RejectReason.PREFILL_OVERLOADED
     sched.settings.set("admission", "none")
     assert sched.decide(v, request(), NOW).admitted
@@ -165,3 +166,51 @@ def test_the_cluster_config_starts_with_the_conductors_own_defaults():
 
     assert ClusterConfig().conductor.settings() == SettingsValues()
     assert SettingsValues().tbt_slo_s == 1.0
+
+
+def test_a_request_too_big_for_the_ttft_slo_is_not_rejected_unless_its_node_is_backlogged():
+    """Before: a 3,000-token prompt (3 s of prefill, TTFT SLO 2 s) was rejected as
+    `prefill_overloaded` on an idle cluster; rejecting it loses the prefix it would cache."""
+    big = request(blocks=30)
+    d = scheduler(AdmissionMode.EARLY).decide(view({"p0": NOW - 1.0}), big, NOW)
+    assert d.admitted and d.prefill.ttft_s == pytest.approx(3.3)
+    d = scheduler(AdmissionMode.EARLY).decide(view({"p0": NOW + 0.9}), big, NOW)
+    assert d.admitted  # 0.9 s of queue: not more than half the limit
+    d = scheduler(AdmissionMode.EARLY).decide(view({"p0": NOW + 1.1}), big, NOW)
+    assert d.rejection.reason is RejectReason.PREFILL_OVERLOADED and "queue 1.1 s" in d.rejection.detail
+
+
+def test_calibration_learns_measured_over_predicted_and_applies_it_only_when_sure():
+    from conductor.predictions import Calibration, Quantity
+
+    cal = Calibration(alpha=0.1, min_samples=5, low=0.5, high=2.0)
+    for _ in range(4):
+        cal.observe(Quantity.TTFT, 2.0, 1.0)
+    assert cal.factor(Quantity.TTFT) == 1.0  # too few samples yet
+    cal.observe(Quantity.TTFT, 2.0, 1.0)
+    assert cal.factor(Quantity.TTFT) == pytest.approx(0.5)
+    cal.observe(Quantity.TTFT, 0.0, 1.0)  # nothing to learn from
+    cal.observe(Quantity.TTFT, 1.0, float("nan"))
+    assert cal.samples(Quantity.TTFT) == 5
+    for _ in range(200):
+        cal.observe(Quantity.TTFT, 1.0, 10.0)  # ten times slower than predicted: bounded
+    assert cal.factor(Quantity.TTFT) == 2.0 and cal.factor(Quantity.TBT) == 1.0
+    with pytest.raises(ValueError):
+        Calibration(alpha=0.0)
+
+
+def test_admission_judges_calibrated_predictions():
+    """A cluster that runs twice as fast as its cost model: the predicted 2.6 s TTFT (SLO
+    2 s, 1.5 s of it queue) is 1.3 s once calibrated, and the request is admitted."""
+    from conductor.predictions import Quantity
+
+    sched = scheduler(AdmissionMode.EARLY)
+    v = view({"p0": NOW + 1.5})
+    assert sched.decide(v, request(), NOW).rejection.reason is RejectReason.PREFILL_OVERLOADED
+    for _ in range(30):
+        sched.calibration.observe(Quantity.TTFT, 2.0, 1.0)
+    assert sched.decide(v, request(), NOW).admitted
+    for _ in range(300):
+        sched.calibration.observe(Quantity.TTFT, 1.0, 1.25)  # now slower than predicted
+    d = sched.decide(view({"p0": NOW + 1.2}), request(), NOW)  # 2.3 s predicted, 2.9 s calibrated
+    assert d.rejection.reason is RejectReason.PREFILL_OVERLOADED and "calibrated x1.25" in d.rejection.detail
