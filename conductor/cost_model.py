@@ -129,6 +129,18 @@ class CostModel:
     def decode_step_s(self, batch: int, tokens: int) -> float:
         return self.decode.step_seconds(batch, tokens)
 
+    def decode_tokens_per_s(self, context_tokens: float, tbt_slo_s: float, kv_capacity_tokens: int,
+                            slo_fraction: float = 0.8) -> float:
+        """Tokens/s one decode node generates for requests of `context_tokens` each, at the
+        largest batch whose step stays within `slo_fraction` × the TBT SLO and whose KV fits."""
+        m = self.decode
+        per_seq = m.s_b + m.s_t * context_tokens
+        budget = slo_fraction * tbt_slo_s - m.s_1
+        batch = budget / per_seq if per_seq > 0 else float("inf")
+        batch = min(batch, kv_capacity_tokens / max(1.0, context_tokens))
+        batch = max(1.0, batch)
+        return batch / self.decode_step_s(int(batch), int(batch * context_tokens))
+
     def network_s(self, tokens: int) -> float:
         """Seconds to send `tokens` tokens of KV between two nodes."""
         return tokens * self.transfer.kv_bytes_per_token / self.transfer.network_bytes_per_s

@@ -29,19 +29,6 @@ class OfferedLoad:
         return max(self.prefill_node_s_per_s / prefill_nodes, self.decode_node_s_per_s / decode_nodes)
 
 
-def decode_tokens_per_s(costs: CostModel, context_tokens: float, tbt_slo_s: float, kv_capacity_tokens: int,
-                        slo_fraction: float = 0.8) -> float:
-    """Tokens/s one decode node generates for requests of `context_tokens` each at the
-    largest batch within `slo_fraction` × TBT SLO and its KV."""
-    m = costs.decode
-    per_seq = m.s_b + m.s_t * context_tokens
-    budget = slo_fraction * tbt_slo_s - m.s_1
-    batch = budget / per_seq if per_seq > 0 else float("inf")
-    batch = min(batch, kv_capacity_tokens / max(1.0, context_tokens))
-    batch = max(1.0, batch)
-    return batch / costs.decode_step_s(int(batch), int(batch * context_tokens))
-
-
 def offered_load(requests: Sequence[SimRequest], costs: CostModel, *, block_tokens: int, tbt_slo_s: float,
                  kv_capacity_tokens: int) -> OfferedLoad:
     if len(requests) < 2:
@@ -66,5 +53,5 @@ def offered_load(requests: Sequence[SimRequest], costs: CostModel, *, block_toke
         out_tokens += r.output_tokens
         weighted_context += r.output_tokens * (n + r.output_tokens / 2.0)
     context = weighted_context / out_tokens if out_tokens else 1.0
-    rate = decode_tokens_per_s(costs, context, tbt_slo_s, kv_capacity_tokens)
+    rate = costs.decode_tokens_per_s(context, tbt_slo_s, kv_capacity_tokens)
     return OfferedLoad(ideal / span, none / span, out_tokens / rate / span)

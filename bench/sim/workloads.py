@@ -156,11 +156,15 @@ class ShiftingShape:
     decode_heavy_rate: float = 40.0  # requests/s when it is all decode-heavy
     period_s: float = 600.0  # one full swing of the mix
     shared_prefix_blocks: int = 4  # a system prompt every request opens with (some reuse)
+    sharpness: float = 0.0  # 0: a cosine swing; > 0: flatter plateaus at each end, steeper turns
 
 
 def prefill_heavy_share(t_s: float, shape: ShiftingShape) -> float:
     """Share of prefill-heavy requests at `t_s`: 1 at the start, 0 half a period later."""
-    return 0.5 + 0.5 * math.cos(2.0 * math.pi * t_s / shape.period_s)
+    c = math.cos(2.0 * math.pi * t_s / shape.period_s)
+    if shape.sharpness > 0:
+        c = math.tanh(shape.sharpness * c) / math.tanh(shape.sharpness)
+    return 0.5 + 0.5 * c
 
 
 def shifting(requests: int, seed: int = 0, shape: ShiftingShape = ShiftingShape()) -> list[TraceRecord]:
