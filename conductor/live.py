@@ -48,6 +48,10 @@ log = logging.getLogger("halfmoon.conductor")
 # Rejections that say the cluster has no node for the request, not that it is overloaded:
 # UNAVAILABLE / 503 (retry when nodes are back), not RESOURCE_EXHAUSTED / 429.
 NO_NODE = frozenset({RejectReason.NO_PREFILL_NODE, RejectReason.NO_DECODE_NODE})
+# Reserve answers that mean the node holds nothing for the request.
+RESERVE_REFUSALS = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ALREADY_EXISTS,
+                              grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION,
+                              grpc.StatusCode.UNAUTHENTICATED})
 
 
 def cpu_default_costs() -> CostModel:
@@ -290,6 +294,10 @@ class LiveConductor:
                 node_pb2.ReserveRequest(request_id=rid, num_tokens=len(ids), lease_s=cfg.kv_lease_s),
                 timeout=cfg.control_timeout_s), dec)
         except grpc.aio.AioRpcError as e:
+            if e.code() not in RESERVE_REFUSALS and dec.up:
+                # the node may have granted it after we stopped waiting (a deadline, a node
+                # that answers late): give it back now rather than at lease expiry
+                asyncio.ensure_future(self._release(dec, rid))
             if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                 if self.metrics:
                     self.metrics.observe_rejected("decode_out_of_blocks")
@@ -299,6 +307,10 @@ class LiveConductor:
                 f"{what}: {e.code().name}: {e.details()}") from None
         except NodeDown as e:
             raise NodeFailure(dec, attempt.phase, str(e)) from None
+        except asyncio.CancelledError:  # the client left while Reserve was in flight
+            if dec.up:
+                asyncio.ensure_future(self._release(dec, rid))
+            raise
         attempt.enter(Phase.RESERVED)
         attempt.renewer = asyncio.ensure_future(self._keep_reserved(dec, rid))
         preq = node_pb2.PrefillRequest(request_id=rid, prompt_token_ids=ids, sampling=sp, target=resv.target)

@@ -375,3 +375,30 @@ def test_a_node_lost_to_the_heartbeat_watchdog_is_not_probed_back_in(tokenizer):
     assert failed and not rec.up and rec.probe_task is None
     assert not c.reg.heartbeat(node_pb2.HeartbeatRequest(node_id="decode-0", load=node_pb2.NodeLoad()))  # re-register
     assert c.changes == [("decode-0", False)]
+
+
+def test_a_reserve_that_timed_out_is_released_at_once_not_left_to_its_lease(tokenizer):
+    """The node granted the reservation but answered after the conductor's deadline (a
+    stalled conductor, a loaded node): the conductor must give those blocks back now, not
+    leave them held until the 60 s lease runs out (issue 11 chaos: stop-conductor)."""
+    c = Cluster(tokenizer)
+    slow = c.fakes["decode-0"]
+    granted: list[str] = []
+
+    async def late_reserve(req, timeout=None):
+        slow.log.append(("reserve", slow.name))
+        slow.reserved.add(req.request_id)  # granted on the node...
+        granted.append(req.request_id)
+        raise rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")  # ...answered too late
+
+    slow.Reserve = late_reserve
+
+    async def run():
+        items = await c.generate()
+        await asyncio.sleep(0.2)  # the best-effort Release lands
+        return items
+
+    items = asyncio.run(run())
+    assert tokens_of(items) == undisturbed()
+    assert granted and ("release", "decode-0") in c.log
+    assert slow.reserved == set(), f"reservation(s) {slow.reserved} left to their lease"
