@@ -69,10 +69,11 @@ def quantize_int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 per row: q = round(x * 127 / absmax) in [-127, 127], scale = absmax / 127.
 
     The float operations (one multiply by 127 / absmax, round half to even) are the ones the
-    C++ kernel does, so both give the same codes bit for bit."""
+    C++ kernel does, so both give the same codes bit for bit. (`127.0 / t` would not do: torch
+    computes a scalar over a tensor as reciprocal(t) * 127, two roundings.)"""
     x = x.float()
     amax = x.abs().amax(dim=-1)
-    inv = torch.where(amax > 0, INT8_MAX / amax, torch.zeros_like(amax))
+    inv = torch.where(amax > 0, torch.full_like(amax, INT8_MAX) / amax, torch.zeros_like(amax))  # (a true division)
     q = torch.round(x * inv.unsqueeze(-1)).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
     return q, amax / INT8_MAX
 
@@ -81,7 +82,7 @@ def quantize_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """E4M3 per row: q = e4m3(x * 448 / absmax) (round to nearest even), scale = absmax / 448."""
     x = x.float()
     amax = x.abs().amax(dim=-1)
-    inv = torch.where(amax > 0, FP8_MAX / amax, torch.zeros_like(amax))
+    inv = torch.where(amax > 0, torch.full_like(amax, FP8_MAX) / amax, torch.zeros_like(amax))  # (a true division)
     q = (x * inv.unsqueeze(-1)).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     return q, amax / FP8_MAX
 

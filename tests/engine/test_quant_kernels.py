@@ -174,7 +174,8 @@ def test_tiny_model_fused_path_matches_torch_path(tiny_model_dir, monkeypatch, d
         monkeypatch.delenv(cpu_kernels.DISABLE_ENV)
         cpu_kernels.reset()
     assert fused.shape == ref.shape == (T, eng.model_config.vocab_size)
-    tol = {"float32": 1e-4, "bfloat16": 3e-2, "fp8": 1e-3}[dtype]  # bf16: the reference rounds GEMM outputs to bf16
+    # bf16: the reference rounds GEMM outputs to bf16; fp8: fp32 differences upstream flip a few E4M3 codes
+    tol = {"float32": 1e-4, "bfloat16": 3e-2, "fp8": 3e-2}[dtype]
     assert (fused - ref).abs().max().item() < tol * ref.abs().max().item()
 
 
