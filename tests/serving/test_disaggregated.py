@@ -81,15 +81,15 @@ def test_shared_prefix_routes_to_the_node_holding_it_and_distinct_prompts_spread
         assert len(used) == 4 and set(used) == {"prefill-0", "prefill-1"}
 
 
-@pytest.mark.parametrize("req, field", [
+@pytest.mark.parametrize("req, field", [  # fields named by their path in halfmoon.v1.GenerateRequest
     (make_request(""), "prompt"),
-    (make_request("x" * 1, params=SamplingParams(max_tokens=0)), "max_tokens"),
-    (make_request("hi", params=SamplingParams(temperature=-1.0)), "temperature"),
-    (make_request("hi", params=SamplingParams(top_p=0.0)), "top_p"),
-    (make_request("hi", params=SamplingParams(top_p=1.5)), "top_p"),
-    (make_request(token_ids=list(range(100, 2200))), "prompt"),
-    (make_request(token_ids=[5, 10**7]), "prompt_token_ids"),
-    (make_request(chat=[("wizard", "hi")]), "messages[0].role"),
+    (make_request("x" * 1, params=SamplingParams(max_tokens=0)), "sampling.max_tokens"),
+    (make_request("hi", params=SamplingParams(temperature=-1.0)), "sampling.temperature"),
+    (make_request("hi", params=SamplingParams(top_p=0.0)), "sampling.top_p"),
+    (make_request("hi", params=SamplingParams(top_p=1.5)), "sampling.top_p"),
+    (make_request(token_ids=list(range(100, 2200))), "prompt_token_ids.ids"),
+    (make_request(token_ids=[5, 10**7]), "prompt_token_ids.ids"),
+    (make_request(chat=[("wizard", "hi")]), "chat.messages[0].role"),
 ])
 def test_bad_requests_are_invalid_argument_naming_the_field(cluster_2p2d, req, field):
     with Client(cluster_2p2d.address) as c:
