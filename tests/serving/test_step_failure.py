@@ -20,6 +20,7 @@ import grpc
 import pytest
 
 from cluster.client import Client, make_request
+from conftest import start_cluster  # tests/serving/conftest.py: at import time, while it is the conftest being collected
 from engine.config import EngineConfig
 from engine.engine import LLMEngine
 from engine.model_runner import ModelRunner
@@ -184,8 +185,6 @@ def test_decode_step_failure_fails_every_request_in_the_step_at_once(tiny_cluste
 @pytest.mark.slow
 @pytest.mark.real_model
 def test_tiny_temperature_through_the_real_cluster_is_greedy():
-    from conftest import start_cluster
-
     cluster = start_cluster(1, 1, settings={"ttft_slo_s": 600.0, "tbt_slo_s": 60.0})
     try:
         prompt = "The capital of France is"
