@@ -200,8 +200,7 @@ def _qlinear(w: dict[str, torch.Tensor], name: str) -> QLinear:
 
 def _fused_linear(ck, a: torch.Tensor, lin: QLinear, skinny: bool) -> torch.Tensor:
     """`lin.reference(a)` through the C++ kernels where they cover the form and shape
-    (engine/csrc/gemm.cpp for fp32, qgemm.cpp for the others; oneDNN's bf16 GEMM for bf16
-    prefill chunks)."""
+    (engine/csrc/gemm.cpp for fp32, qgemm.cpp for the others)."""
     M, K = a.shape
     if lin.form == "f32":
         if skinny and M <= SKINNY_MAX_ROWS:
@@ -213,7 +212,7 @@ def _fused_linear(ck, a: torch.Tensor, lin: QLinear, skinny: bool) -> torch.Tens
         return ck.int8_linear(a, lin.weight, lin.scale, lin.row_sums)
     if lin.form == "fp8":
         return ck.fp8_linear(a, lin.weight.view(torch.uint8), lin.scale)
-    return ck.bf16_linear(a, lin.weight) if M <= SKINNY_MAX_ROWS else lin.reference(a)
+    return ck.bf16_linear(a, lin.weight)
 
 
 def _sampling_rows(meta: AttentionMetadata, logits_indices: torch.Tensor, T: int) -> AttentionMetadata | None:

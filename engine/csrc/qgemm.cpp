@@ -13,8 +13,11 @@
 //   are exact in bfloat16, so the weights are upcast through a 128-entry table and multiplied
 //   by VDPBF16PS: an emulation of an FP8 GEMM with fp32 accumulation (no CPU here has FP8 math).
 //
-// The small-M kernels read each weight row once, in place (4 rows x up to 3 tokens per tile);
-// threads split the weight rows. K must be a multiple of 64 (int8) or 32 (bf16, fp8).
+// The tiled kernels read each weight row once, in place (4 rows x up to 3 tokens per tile, the
+// tile's rows staying in L1 while the token rows stream by); threads split the weight rows.
+// bf16 and fp8 use them at every M (their output stays fp32: oneDNN's bf16 GEMM would round it
+// to bf16, which flips near-tied logits); int8 beyond 64 rows goes to oneDNN (exact int32).
+// K must be a multiple of 64 (int8) or 32 (bf16, fp8).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -28,7 +31,7 @@
 
 namespace {
 
-constexpr int64_t kSkinnyMaxRows = 64;  // beyond: the blocked GEMM path
+constexpr int64_t kSkinnyMaxRows = 64;  // int8 beyond: oneDNN's blocked GEMM
 
 void check_x(const torch::Tensor& x, const torch::Tensor& w, c10::ScalarType wtype, const char* wname) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "x [M, K] and w [N, K] expected");
@@ -303,7 +306,7 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor ws, to
 }
 
 // x [M, K] float32 @ (w [N, K] E4M3 codes (uint8) * ws[:, None])^T with x quantized per row to
-// E4M3 -> [M, N] float32. M > 64: the weight is upcast to bfloat16 once and oneDNN multiplies.
+// E4M3 -> [M, N] float32 (any M).
 torch::Tensor fp8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor ws) {
   check_x(x, w, torch::kUInt8, "uint8 (E4M3 codes)");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
@@ -319,20 +322,6 @@ torch::Tensor fp8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor ws) {
   const E4M3Upcast up;
   auto out = torch::empty({M, N}, x.options());
   float* op = out.data_ptr<float>();
-  if (M > kSkinnyMaxRows) {
-    auto wb = torch::empty({N, K}, x.options().dtype(torch::kBFloat16));
-    auto* wbp = reinterpret_cast<uint16_t*>(wb.data_ptr());
-    at::parallel_for(0, N, 64, [&](int64_t b, int64_t e) {
-      for (int64_t i = b * K; i < e * K; i += 32) _mm512_storeu_si512(wbp + i, up(wp + i));
-    });
-    const auto acc = at::linear(xq, wb).to(torch::kFloat32);
-    const float* ap = acc.data_ptr<float>();
-    at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
-      for (int64_t m = b; m < e; ++m)
-        for (int64_t n = 0; n < N; ++n) op[m * N + n] = ap[m * N + n] * xs[m] * wsp[n];
-    });
-    return out;
-  }
   skinny_drive<float>(M, N, K, [&](int64_t n0, int nr, int64_t m0, int mr, float (*vals)[4]) {
     dispatch_tile(nr, mr, [&](auto nr_c, auto mr_c) {
       constexpr int NR = decltype(nr_c)::value, MR = decltype(mr_c)::value;
