@@ -410,6 +410,11 @@ class ClusterState:
         `fallback_s_per_token` each."""
         book = self._pbook(node)
         pv = book.view
+        if not book.pending and queued_prefill_tokens == 0:  # idle, as this object thinks: nothing to correct
+            if pv.busy_until_s > now_s:
+                pv.busy_until_s = now_s
+                self.loads.changed_prefill(pv)
+            return self._check_events(book, node, kv_event_seq)
         cutoff = now_s - self.heartbeat_lag_s
         seen_s = recent_s = 0.0
         seen_uncached = behind_tokens = 0
@@ -441,6 +446,9 @@ class ClusterState:
         if left + recent_s > 0.0 or pv.busy_until_s > now_s:  # an idle node keeps when it went idle (ties)
             pv.busy_until_s = now_s + left + recent_s
             self.loads.changed_prefill(pv)
+        return self._check_events(book, node, kv_event_seq)
+
+    def _check_events(self, book: _PrefillBook, node: NodeId, kv_event_seq: int | None) -> bool:
         resync = False
         if kv_event_seq is not None:
             expected = self.index.next_seq(node)

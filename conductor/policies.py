@@ -45,7 +45,7 @@ PROJECTION_CANDIDATES = 16
 # the request plus the least busy one (every other node is no better: it has no prefix and
 # more queue); decode candidates are the `DECODE_CANDIDATES` nodes of lowest committed load.
 SCAN_LIMIT = 64
-DECODE_CANDIDATES = 16
+DECODE_CANDIDATES = 4
 
 
 def decode_estimate(
@@ -567,6 +567,8 @@ class CostAwarePolicy(Policy):
 
 def _backlog_s(view: ClusterView, now_s: float) -> float:
     """Mean predicted queue (seconds) over the healthy prefill nodes."""
+    if view.loads is not None and len(view.prefill) > SCAN_LIMIT:
+        return view.loads.backlog_s(now_s)
     total, count = 0.0, 0
     for p in view.prefill:
         if p.healthy:

@@ -189,16 +189,18 @@ class GlobalPrefixIndex:
         mine = self._blocks_of.get(node)
         if mine is None:
             mine = self._blocks_of[node] = set()
-        for h in block_hashes:
-            if h in mine:
-                continue
-            mine.add(h)
-            held = holders.get(h)
+        new = [h for h in block_hashes if h not in mine]
+        if not new:
+            return
+        mine.update(new)
+        get = holders.get
+        for h in new:
+            held = get(h)
             if held is None:
                 holders[h] = node
             elif type(held) is set:
                 held.add(node)
-            else:
+            elif held != node:  # (a chain naming one block twice lists it twice in `new`)
                 holders[h] = {held, node}  # type: ignore[arg-type]
 
     def remove(self, node: NodeId, block_hashes: Iterable[BlockHash]) -> None:
@@ -265,13 +267,12 @@ class PendingPrefixes:
         self._counts: dict[NodeId, dict[int, int]] = {}
 
     def add(self, node: NodeId, block_hashes: Sequence[BlockHash]) -> None:
-        counts = self._counts.setdefault(node, {})
-        new = []
+        counts = self._counts.get(node)
+        if counts is None:
+            counts = self._counts[node] = {}
+        new = [h for h in block_hashes if h not in counts]
         for h in block_hashes:
-            c = counts.get(h, 0)
-            counts[h] = c + 1
-            if c == 0:
-                new.append(h)
+            counts[h] = counts.get(h, 0) + 1
         if new:
             self._index.store(node, new)
 
@@ -280,14 +281,14 @@ class PendingPrefixes:
         if not counts:
             return
         gone = []
+        get = counts.get
         for h in block_hashes:
-            c = counts.get(h, 0)
-            if c <= 1:
-                if c == 1:
-                    del counts[h]
-                    gone.append(h)
-            else:
+            c = get(h, 0)
+            if c > 1:
                 counts[h] = c - 1
+            elif c == 1:
+                del counts[h]
+                gone.append(h)
         if gone:
             self._index.remove(node, gone)
 

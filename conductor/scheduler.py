@@ -76,7 +76,8 @@ class Scheduler:
             )
         judged = admission.judged_basis(s.admission)
         if judged is not basis and judged is not LoadBasis.COMMITTED:  # early: the chosen node as it is now
-            node = next(d for d in view.decode if d.node_id == decode.node)
+            found = view.loads.decode_by_id.get(decode.node) if view.loads is not None else None
+            node = found[1] if found is not None else next(d for d in view.decode if d.node_id == decode.node)
             decode = decode_estimate(node, request, now_s, judged, s, self._costs)
         cal = self.calibration
         rejection = admission.check_arrival(s, prefill, decode, ttft_factor=cal.factor(Quantity.TTFT),

@@ -99,7 +99,8 @@ class LoadIndex:
     is kept. Positions are view order, for ties.
     """
 
-    __slots__ = ("_pheap", "_ppos", "_pver", "_dheap", "_dpos", "_dver", "_dkey", "decode_key_stamp", "prefill_by_id")
+    __slots__ = ("_pheap", "_ppos", "_pver", "_dheap", "_dpos", "_dver", "_dkey", "decode_key_stamp", "prefill_by_id",
+                 "decode_by_id", "_busy", "_busy_sum", "_busy_heap", "_busy_now", "_healthy", "_dirty")
 
     def __init__(self) -> None:
         self._pheap: list = []  # (busy_until_s, position, version, view)
@@ -111,6 +112,14 @@ class LoadIndex:
         self._dkey: Callable[[DecodeNodeView], float] | None = None
         self.decode_key_stamp: object = None  # what the decode key was made from (settings, costs)
         self.prefill_by_id: dict[NodeId, tuple[int, PrefillNodeView]] = {}
+        self.decode_by_id: dict[NodeId, tuple[int, DecodeNodeView]] = {}
+        # the backlog: healthy prefill nodes still busy at `_busy_now`, their busy_until_s summed
+        self._busy: dict[NodeId, float] = {}
+        self._busy_sum = 0.0
+        self._busy_heap: list = []  # (busy_until_s, version, node) of `_busy`, lazily
+        self._busy_now = -float("inf")
+        self._healthy: dict[NodeId, bool] = {}
+        self._dirty: dict[NodeId, DecodeNodeView] = {}  # decode nodes changed since the last query
 
     def add_prefill(self, view: PrefillNodeView, position: int) -> None:
         self._ppos[view.node_id] = position
@@ -119,27 +128,67 @@ class LoadIndex:
 
     def add_decode(self, view: DecodeNodeView, position: int) -> None:
         self._dpos[view.node_id] = position
+        self.decode_by_id[view.node_id] = (position, view)
         self.changed_decode(view)
 
     def changed_prefill(self, view: PrefillNodeView) -> None:
         key = view.node_id
         version = self._pver[key] = self._pver.get(key, 0) + 1
         heap = self._pheap
-        heapq.heappush(heap, (view.busy_until_s, self._ppos[key], version, view))
+        busy = view.busy_until_s
+        heapq.heappush(heap, (busy, self._ppos[key], version, view))
         if len(heap) > 4 * len(self._ppos) + 64:
             self._pheap = [e for e in heap if self._pver.get(e[3].node_id) == e[2]]
             heapq.heapify(self._pheap)
+        self._healthy[key] = view.healthy
+        old = self._busy.pop(key, None)
+        if old is not None:
+            self._busy_sum -= old
+        if view.healthy and busy > self._busy_now:
+            self._busy[key] = busy
+            self._busy_sum += busy
+            heapq.heappush(self._busy_heap, (busy, version, key))
+            if len(self._busy_heap) > 4 * len(self._ppos) + 64:
+                self._busy_heap = [(b, self._pver[n], n) for n, b in self._busy.items()]
+                heapq.heapify(self._busy_heap)
+
+    def backlog_s(self, now_s: float) -> float:
+        """Mean predicted queue (seconds) over the healthy prefill nodes at `now_s`."""
+        healthy = sum(self._healthy.values())
+        if not healthy:
+            return 0.0
+        busy = self._busy
+        if now_s < self._busy_now:  # asked about the past: add it up node by node
+            views = (v for _, v in self.prefill_by_id.values() if v.healthy and v.busy_until_s > now_s)
+            return sum(v.busy_until_s - now_s for v in views) / healthy
+        heap, ver = self._busy_heap, self._pver
+        while heap and heap[0][0] <= now_s:
+            b, version, node = heapq.heappop(heap)
+            if ver.get(node) == version and busy.get(node) == b:
+                del busy[node]
+                self._busy_sum -= b
+        self._busy_now = now_s
+        if not busy:
+            self._busy_sum = 0.0  # no float drift across an idle period
+            return 0.0
+        total = self._busy_sum - len(busy) * now_s
+        return total / healthy if total > 0.0 else 0.0
 
     def changed_decode(self, view: DecodeNodeView) -> None:
-        fn = self._dkey
-        key = view.node_id
-        version = self._dver[key] = self._dver.get(key, 0) + 1
-        if fn is None:
-            return
-        heap = self._dheap
-        heapq.heappush(heap, (fn(view), self._dpos[key], version, view))
-        if len(heap) > 4 * len(self._dpos) + 64:
-            self._dheap = [e for e in heap if self._dver.get(e[3].node_id) == e[2]]
+        """Noted now, ordered at the next query (a node changes several times between two)."""
+        if self._dkey is not None:
+            self._dirty[view.node_id] = view
+
+    def _reorder_decode(self) -> None:
+        fn, heap, ver, pos = self._dkey, self._dheap, self._dver, self._dpos
+        for key, view in self._dirty.items():
+            if key not in pos:
+                continue
+            version = ver[key] = ver.get(key, 0) + 1
+            heapq.heappush(heap, (fn(view), pos[key], version, view))  # type: ignore[misc]
+        self._dirty.clear()
+        if len(heap) > 4 * len(pos) + 64:
+            self._dheap = [e for e in heap if ver.get(e[3].node_id) == e[2]]
             heapq.heapify(self._dheap)
 
     def rebuild(self, view: ClusterView) -> None:
@@ -147,9 +196,11 @@ class LoadIndex:
         self._ppos = {p.node_id: i for i, p in enumerate(view.prefill)}
         self.prefill_by_id = {p.node_id: (i, p) for i, p in enumerate(view.prefill)}
         self._dpos = {d.node_id: i for i, d in enumerate(view.decode)}
+        self.decode_by_id = {d.node_id: (i, d) for i, d in enumerate(view.decode)}
+        self._busy, self._busy_sum, self._busy_heap, self._healthy = {}, 0.0, [], {}
         self._pver = {k: self._pver.get(k, 0) for k in self._ppos}
         self._dver = {k: self._dver.get(k, 0) for k in self._dpos}
-        self._pheap, self._dheap = [], []
+        self._pheap, self._dheap, self._dirty = [], [], {}
         for p in view.prefill:
             self.changed_prefill(p)
         for d in view.decode:
@@ -175,11 +226,15 @@ class LoadIndex:
         self._dkey = fn
         self.decode_key_stamp = stamp
         self._dheap = []
-        for d in decode:
-            self.changed_decode(d)
+        self._dirty = {}
+        if fn is not None:
+            for d in decode:
+                self._dirty[d.node_id] = d
 
     def decode_candidates(self, k: int) -> list[tuple[int, DecodeNodeView]]:
         """Up to `k` (position, node) of healthy decode nodes with the lowest keys."""
+        if self._dirty:
+            self._reorder_decode()
         heap, ver = self._dheap, self._dver
         out: list = []
         taken: list = []

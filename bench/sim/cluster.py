@@ -79,6 +79,7 @@ class SimConfig:
     service_noise: float = 0.0
     heartbeat_interval_s: float = 1.0  # every node reports its load this often (0: never)
     record_events: bool = True  # keep every request's trail (off for very large runs)
+    max_prediction_records: int | None = None  # per quantity (None: all; bound it for very large runs)
 
     def __post_init__(self) -> None:
         if self.prefill_nodes < 1 or self.decode_nodes < 1:
@@ -193,7 +194,7 @@ class Simulation:
         self.states = [RequestState(r, RequestInfo(str(r.index), r.input_tokens, r.block_hashes, r.output_tokens))  # type: ignore[arg-type]
                        for r in requests]
         self.events: list[RequestEvent] = []
-        self.predictions = PredictionLog(max_records=None)
+        self.predictions = PredictionLog(max_records=config.max_prediction_records)
         self._heap: list[tuple[float, int, int, object]] = []
         self._noise = random.Random(config.seed + 1)
         self._seq = 0
@@ -503,12 +504,12 @@ class Simulation:
 
     # -- heartbeats ------------------------------------------------------------------------------
     def _heartbeat(self, t: float) -> None:
-        state = self.state
-        for node_id, node in self.prefill_by_id.items():
-            state.heartbeat_prefill(NodeId(node_id), node.uncomputed_tokens(t), t, kv_event_seq=node.seq - 1)
+        prefill_beat, decode_beat = self.state.heartbeat_prefill, self.state.heartbeat_decode
+        for node_id, node in self.prefill_by_id.items():  # ids are NodeIds already
+            prefill_beat(node_id, node.uncomputed_tokens(t), t, kv_event_seq=node.seq - 1)  # type: ignore[arg-type]
         for node_id, dec in self.decode_by_id.items():
-            state.heartbeat_decode(NodeId(node_id), running=dec.batch, waiting=len(dec.pending),
-                                   tokens_in_flight=dec.tokens_at(t), used_tokens=dec.committed, now_s=t)
+            decode_beat(node_id, running=dec.batch, waiting=len(dec.pending),  # type: ignore[arg-type]
+                        tokens_in_flight=dec.tokens_at(t), used_tokens=dec.committed, now_s=t)
         if self._next_arrival < len(self.states) or self._in_flight > 0:
             self._push(t + self.config.heartbeat_interval_s, _HEARTBEAT, None)
 

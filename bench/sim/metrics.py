@@ -67,20 +67,72 @@ def _pct(values: np.ndarray, q: float) -> float:
     return float(np.percentile(values, q)) if values.size else math.nan
 
 
-def weighted_percentile(values: np.ndarray, weights: np.ndarray, q: float) -> float:
-    """`np.percentile(np.repeat(values, weights), q)` (linear interpolation) without
-    building the repeated array: `weights` are whole counts."""
-    keep = weights > 0
-    values, weights = values[keep], weights[keep]
-    if not values.size:
-        return math.nan
-    order = np.argsort(values, kind="stable")
-    v, w = values[order], np.cumsum(weights[order])
-    pos = q / 100.0 * (w[-1] - 1)
-    lo, hi = math.floor(pos), math.ceil(pos)
-    v_lo = v[np.searchsorted(w, lo, side="right")]
-    v_hi = v[np.searchsorted(w, hi, side="right")]
-    return float(v_lo + (v_hi - v_lo) * (pos - lo))
+def pooled_gap_percentiles(run: SimRun, on_node: dict[int, list], first_gaps: np.ndarray,
+                           qs: tuple[float, ...]) -> tuple[float, ...]:
+    """Percentiles (np.percentile's linear interpolation) of every gap of every completed
+    request pooled, computed from the decode nodes' segments without one array per step.
+
+    Step `i` of a segment lasts `a + s_t·(T0 + b·i)` and is a gap of each of its `b` requests
+    except those that joined at that step (a segment starts at every join; theirs is their
+    first gap, counted in `first_gaps`). The gap of rank r is the least x with at least r+1
+    gaps <= x, found by bisection on x (count(x) is O(1) per segment)."""
+    a_, t0_, b_, k_, j_, st_ = [], [], [], [], [], []
+    for d in run.decode:
+        if not len(d.s_k):
+            continue
+        step0 = np.frombuffer(d.s_step0, dtype=np.int64)
+        joins = np.zeros(step0.size, dtype=np.int64)
+        if on_node[id(d)]:
+            np.add.at(joins, np.searchsorted(step0, [st.join_step for st in on_node[id(d)]]), 1)
+        a_.append(np.frombuffer(d.s_a, dtype=np.float64))
+        t0_.append(np.frombuffer(d.s_T0, dtype=np.float64))
+        b_.append(np.frombuffer(d.s_b, dtype=np.int64).astype(np.float64))
+        k_.append(np.frombuffer(d.s_k, dtype=np.int64).astype(np.float64))
+        j_.append(joins.astype(np.float64))
+        st_.append(np.full(step0.size, d.model.s_t))
+    if not a_ and not first_gaps.size:
+        return tuple(math.nan for _ in qs)
+    cat = (lambda xs: np.concatenate(xs) if xs else np.zeros(0))  # noqa: E731
+    a, t0, b, k, j, s_t = cat(a_), cat(t0_), cat(b_), cat(k_), cat(j_), cat(st_)
+    base = a + s_t * t0  # the first step's duration
+    slope = s_t * b
+    last = base + slope * (k - 1)
+    total = float((b * k - j).sum()) + first_gaps.size
+    if total <= 0:
+        return tuple(math.nan for _ in qs)
+    flat = slope <= 0.0
+
+    def count(x: float) -> float:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            n = np.where(flat, np.where(base <= x, k, 0.0), np.floor((x - base) / np.where(flat, 1.0, slope)) + 1.0)
+        n = np.clip(n, 0.0, k)
+        return float((b * n - j * (n >= 1)).sum()) + float((first_gaps <= x).sum())
+
+    lo_all = min(float(base.min()) if base.size else math.inf, float(first_gaps.min()) if first_gaps.size else math.inf)
+    hi_all = max(float(last.max()) if last.size else -math.inf, float(first_gaps.max()) if first_gaps.size else -math.inf)
+
+    def value_at(rank: int) -> float:
+        lo, hi = lo_all, hi_all
+        if count(lo) >= rank + 1:
+            return lo
+        for _ in range(100):
+            mid = 0.5 * (lo + hi)
+            if mid <= lo or mid >= hi:
+                break
+            if count(mid) >= rank + 1:
+                hi = mid
+            else:
+                lo = mid
+        return hi
+
+    out = []
+    for q in qs:
+        pos = q / 100.0 * (total - 1)
+        r_lo, r_hi = math.floor(pos), math.ceil(pos)
+        v_lo = value_at(r_lo)
+        v_hi = v_lo if r_hi == r_lo else value_at(r_hi)
+        out.append(v_lo + (v_hi - v_lo) * (pos - r_lo))
+    return tuple(out)
 
 
 def request_tbt(first_gap: float, durations: np.ndarray, join: int, finish: int) -> float:
@@ -97,13 +149,15 @@ def request_tbt(first_gap: float, durations: np.ndarray, join: int, finish: int)
 
 
 def summarize(run: SimRun, *, speedup: float, wall_s: float) -> SimSummary:
+    """The run's numbers. Decode nodes are taken one at a time (their step times rebuilt,
+    their requests' TBT computed, the arrays dropped), so memory stays O(requests + segments)
+    however many steps the nodes ran."""
     cfg = run.config
     ttft_slo, tbt_slo = cfg.ttft_slo_s, cfg.tbt_slo_s
-    arrays = {id(d): d.step_arrays() for d in run.decode}
     ttfts: list[float] = []
-    first_gaps: list[float] = []
-    joins_at: dict[int, np.ndarray] = {id(d): np.zeros(arrays[id(d)][0].size, dtype=np.int64) for d in run.decode}
-    met = completed = rejected = after_prefill = failed = 0
+    met_ttft: dict[int, bool] = {}  # request index -> TTFT met (completed requests)
+    on_node: dict[int, list] = {id(d): [] for d in run.decode}
+    completed = rejected = after_prefill = failed = 0
     hit_blocks = prefilled_blocks = 0
     reasons: dict[str, int] = {}
     for st in run.states:
@@ -122,23 +176,23 @@ def summarize(run: SimRun, *, speedup: float, wall_s: float) -> SimSummary:
         completed += 1
         ttft = st.first_token_s - st.req.arrival_s
         ttfts.append(ttft)
-        tbt = 0.0
+        met_ttft[st.req.index] = ttft <= ttft_slo
         if st.join_step >= 0:
-            ends, durations, _ = arrays[id(st.decode)]
+            on_node[id(st.decode)].append(st)
+    met = sum(met_ttft.values())  # requests that never joined a batch have no gap: TBT met
+    first_gaps: list[float] = []
+    for d in run.decode:
+        states = on_node[id(d)]
+        if not states:
+            continue
+        ends, durations, _ = d.step_arrays()
+        for st in states:
             first_gap = float(ends[st.join_step]) - st.first_token_s
             first_gaps.append(first_gap)
-            joins_at[id(st.decode)][st.join_step] += 1
-            tbt = request_tbt(first_gap, durations, st.join_step, st.finish_step)
-        met += ttft <= ttft_slo and tbt <= tbt_slo
-    # Every gap of every request, pooled: a step's duration is a gap of each request in its
-    # batch except those that joined at it (theirs is their first gap).
-    values = [np.asarray(first_gaps, dtype=np.float64)]
-    weights = [np.ones(len(first_gaps), dtype=np.int64)]
-    for d in run.decode:
-        _, durations, batch = arrays[id(d)]
-        values.append(durations)
-        weights.append(batch - joins_at[id(d)])
-    gap_values, gap_weights = np.concatenate(values), np.concatenate(weights)
+            if met_ttft[st.req.index] and request_tbt(first_gap, durations, st.join_step, st.finish_step) > tbt_slo:
+                met -= 1
+        del ends, durations
+    tbt_p90, tbt_p99 = pooled_gap_percentiles(run, on_node, np.asarray(first_gaps, dtype=np.float64), (90.0, 99.0))
     ttft_arr = np.asarray(ttfts, dtype=np.float64)
     requests = len(run.states)
     span = run.span_s if run.span_s > 0 else math.nan
@@ -152,8 +206,8 @@ def summarize(run: SimRun, *, speedup: float, wall_s: float) -> SimSummary:
         ttft_mean_s=float(ttft_arr.mean()) if ttft_arr.size else math.nan,
         ttft_p90_s=_pct(ttft_arr, 90),
         ttft_p99_s=_pct(ttft_arr, 99),
-        tbt_p90_s=weighted_percentile(gap_values, gap_weights, 90),
-        tbt_p99_s=weighted_percentile(gap_values, gap_weights, 99),
+        tbt_p90_s=tbt_p90,
+        tbt_p99_s=tbt_p99,
         slo_attainment=met / requests if requests else math.nan,
         goodput_rps=met / span,
         prefix_hit_rate=hit_blocks / prefilled_blocks if prefilled_blocks else 0.0,

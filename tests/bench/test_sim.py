@@ -284,3 +284,23 @@ def test_the_simulator_writes_the_view_only_through_the_cluster_state():
         done = upto
         assert asdict(replay.view.decode[0]) == decode0 and asdict(replay.view.prefill[1]) == prefill1
     assert replay.index.snapshot() == sim.state.index.snapshot()
+
+
+def test_pooled_tbt_percentiles_equal_numpys_over_every_gap():
+    """The summary pools gaps from segments (no array per step); the same numbers as
+    np.percentile over every gap of every completed request, listed one by one."""
+    import numpy as np
+
+    trace = [req(i, 0.05 * i, (i + 1,), out=3 + (7 * i) % 40, tokens=200 + (37 * i) % 900) for i in range(150)]
+    run = simulate(trace, cfg(prefill_nodes=3, decode_nodes=2), COSTS)
+    gaps = []
+    arrays = {id(d): d.step_arrays() for d in run.decode}
+    for st in run.states:
+        if st.outcome is Outcome.COMPLETED and st.join_step >= 0:
+            ends, durations, _ = arrays[id(st.decode)]
+            gaps.append(ends[st.join_step] - st.first_token_s)
+            gaps.extend(durations[st.join_step + 1 : st.finish_step])
+    s = summarize(run, speedup=1.0, wall_s=0.0)
+    assert len(gaps) > 2000
+    assert s.tbt_p90_s == pytest.approx(float(np.percentile(gaps, 90)), rel=1e-9)
+    assert s.tbt_p99_s == pytest.approx(float(np.percentile(gaps, 99)), rel=1e-9)

@@ -260,3 +260,25 @@ def test_a_queued_prefills_blocks_are_pending_on_its_node_until_it_is_done():
     place(s, "c", 500, 0.5, now=1.0, node="p1")
     s.remove_node(NodeId("p1"))
     assert s.pending.longest_prefix(chain(5)) == {}
+
+
+def test_the_load_index_backlog_is_the_mean_queue_of_the_healthy_prefill_nodes():
+    import random
+
+    rng = random.Random(3)
+    s = state(prefill=tuple(f"p{i}" for i in range(80)))
+    now = 0.0
+    for k in range(600):
+        now += rng.uniform(0.0, 0.05)
+        node = f"p{rng.randrange(80)}"
+        place(s, f"r{k}", 500, rng.uniform(0.05, 1.0), now=now, node=node)
+        if k % 7 == 0:
+            s.node_down(NodeId(f"p{rng.randrange(80)}"))
+        if k % 11 == 0:
+            s.node_up(NodeId(f"p{rng.randrange(80)}"))
+        healthy = [p for p in s.view.prefill if p.healthy]
+        want = sum(max(0.0, p.busy_until_s - now) for p in healthy) / len(healthy)
+        assert s.loads.backlog_s(now) == pytest.approx(want, abs=1e-9)
+    assert s.loads.backlog_s(now - 1.0) == pytest.approx(
+        sum(max(0.0, p.busy_until_s - now + 1.0) for p in s.view.prefill if p.healthy)
+        / sum(p.healthy for p in s.view.prefill))
