@@ -14,6 +14,9 @@ only `kv_centric` moves KV between prefill nodes.
 | `kv_centric`        | as above, or pull the cluster's longest matching prefix first when    |
 |                     | pull + prefill beats recomputing (the pulled blocks replicate there)  |
 | `longest_prefix`    | longest cached prefix, whatever the queues (ties: least queued work)  |
+| `cost_aware`        | kv_centric's TTFT + the work the choice costs everyone queued behind  |
+| (the default)       | it, prefixes of queued prefills counted where they queue; a request   |
+|                     | late everywhere goes to a queue already late (`CostAwarePolicy`)      |
 
 Decode choice: the node with the lowest predicted load (TBT against its SLO, or KV memory
 use) once this request joins, counting what the admission mode looks at (`LoadBasis`):
