@@ -145,6 +145,15 @@ def settled_prefix_queries(client: Client) -> dict[str, int]:
 
 def test_admission_rejects_before_any_prefill_work_when_saturated(cluster_2p2d):
     with Client(cluster_2p2d.address) as c:
+        # Both prefill nodes busy with a long prompt each: a request that would now wait
+        # behind a queue is the one admission refuses (one late only by its own size on an
+        # idle node is admitted: a late answer beats a refusal when the cluster has room).
+        busy = [threading.Thread(target=c.generate, args=(make_request(f"Busy {i}: the long history of Rome. " * 160,
+                                                                    params=SamplingParams(max_tokens=1)),))
+                for i in range(2)]
+        for t in busy:
+            t.start()
+        time.sleep(1.5)  # both dispatched and counted by their nodes
         before = settled_prefix_queries(c)
         c.set_settings({"ttft_slo_s": "0.05"})
         try:
@@ -156,6 +165,8 @@ def test_admission_rejects_before_any_prefill_work_when_saturated(cluster_2p2d):
             assert prefix_queries(c) == before
         finally:
             c.set_settings({"ttft_slo_s": "600"})
+            for t in busy:
+                t.join(180)
         with pytest.raises(grpc.RpcError) as bad:
             c.set_settings({"ttft_slo_s": "-1", "policy": "random"})
         assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
