@@ -93,6 +93,7 @@ class LLMEngine:
         self.masks = MaskComputer(loaded.config.vocab_size)  # grammar masks, overlapped with the forward pass
         self.num_prefill_tokens = 0
         self.num_forced_tokens = 0
+        self.fast_forward = True  # take the tokens a grammar forces without a model step each (benchmarks turn it off)
         self._groups: dict[str, list[Request]] = {}  # n > 1: sample 0's id -> every sample, until all end
         self.held = BlockLedger()  # blocks a node holds outside requests (reservations, pins): engine/audit.py
         self.tiers: TierManager | None = None  # host / disk / cluster tiers under the KV region (engine/tiers)
@@ -152,7 +153,7 @@ class LLMEngine:
         grammar = None
         if params.constraint is not None:
             grammar = GrammarState(self.grammar.matcher(params.constraint), self.model_config.vocab_size,
-                                   fast_forward=params.logprobs is None)
+                                   fast_forward=self.fast_forward and params.logprobs is None)
         st = SamplerState.for_params(params, index, prompt=prompt, vocab_size=self.model_config.vocab_size,
                                      grammar=grammar)
         if index == 0 and params.n > 1:

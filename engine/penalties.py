@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
+import numpy as np
 
 
 @dataclass(slots=True)
@@ -20,10 +20,10 @@ class LogitAdjustments:
     presence: float = 0.0
     frequency: float = 0.0
     repetition: float = 1.0
-    bias_ids: torch.Tensor | None = None  # long [k]
-    bias_values: torch.Tensor | None = None  # float64 [k]
-    counts: torch.Tensor | None = None  # float64 [vocab]: output token counts (presence / frequency)
-    seen: torch.Tensor | None = None  # bool [vocab]: prompt and output tokens (repetition)
+    bias_ids: np.ndarray | None = None  # int64 [k]
+    bias_values: np.ndarray | None = None  # float64 [k]
+    counts: np.ndarray | None = None  # float64 [vocab]: output token counts (presence / frequency)
+    seen: np.ndarray | None = None  # bool [vocab]: prompt and output tokens (repetition)
 
     @classmethod
     def create(cls, vocab_size: int, *, presence: float = 0.0, frequency: float = 0.0, repetition: float = 1.0,
@@ -34,20 +34,20 @@ class LogitAdjustments:
             return None
         adj = cls(vocab_size, float(presence), float(frequency), float(repetition))
         if logit_bias:
-            adj.bias_ids = torch.tensor([t for t, _ in logit_bias], dtype=torch.long)
-            adj.bias_values = torch.tensor([float(v) for _, v in logit_bias], dtype=torch.float64)
+            adj.bias_ids = np.array([t for t, _ in logit_bias], dtype=np.int64)
+            adj.bias_values = np.array([float(v) for _, v in logit_bias], dtype=np.float64)
         if presence or frequency:
-            adj.counts = torch.zeros(vocab_size, dtype=torch.float64)
+            adj.counts = np.zeros(vocab_size, dtype=np.float64)
         if repetition != 1:
-            adj.seen = torch.zeros(vocab_size, dtype=torch.bool)
+            adj.seen = np.zeros(vocab_size, dtype=bool)
             if prompt:
-                adj.seen[torch.tensor(list(prompt), dtype=torch.long)] = True
+                adj.seen[np.array(list(prompt), dtype=np.int64)] = True
         return adj
 
     def copy(self) -> "LogitAdjustments":
         return LogitAdjustments(self.vocab_size, self.presence, self.frequency, self.repetition, self.bias_ids,
-                                self.bias_values, None if self.counts is None else self.counts.clone(),
-                                None if self.seen is None else self.seen.clone())
+                                self.bias_values, None if self.counts is None else self.counts.copy(),
+                                None if self.seen is None else self.seen.copy())
 
     def accept(self, token: int) -> None:
         """`token` joined the output."""
@@ -58,17 +58,18 @@ class LogitAdjustments:
         if self.seen is not None:
             self.seen[token] = True
 
-    def apply(self, row: torch.Tensor) -> torch.Tensor:
-        """The adjusted row (float64, a new tensor)."""
-        row = row.to(torch.float64, copy=True)
-        n = min(row.numel(), self.vocab_size)
+    def apply(self, row: np.ndarray) -> np.ndarray:
+        """The adjusted row (float64, a new array)."""
+        row = np.array(row, dtype=np.float64)
+        n = min(row.size, self.vocab_size)
         if self.bias_ids is not None:
-            row.index_add_(0, self.bias_ids, self.bias_values)
+            np.add.at(row, self.bias_ids, self.bias_values)
         if self.seen is not None:
             part = row[:n]
-            penalized = torch.where(part > 0, part / self.repetition, part * self.repetition)
-            row[:n] = torch.where(self.seen[:n], penalized, part)
+            with np.errstate(invalid="ignore"):
+                penalized = np.where(part > 0, part / self.repetition, part * self.repetition)
+            row[:n] = np.where(self.seen[:n], penalized, part)
         if self.counts is not None:
             c = self.counts[:n]
-            row[:n] -= self.frequency * c + self.presence * (c > 0).to(torch.float64)
+            row[:n] -= self.frequency * c + self.presence * (c > 0)
         return row

@@ -9,24 +9,28 @@ each mask, waiting only for what the overlap did not hide.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import llguidance as llg
+import numpy as np
 import torch
 
-_SHIFTS = torch.arange(32, dtype=torch.int32)
+assert sys.byteorder == "little"  # `unpack` reads the int32 words' bytes in memory order
 
 
 def words_for(vocab_size: int) -> int:
     return (vocab_size + 31) // 32
 
 
-def unpack(words: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """A bitmask (int32 words, bit j of word i = token 32 i + j) as a bool vector."""
-    return ((words.unsqueeze(-1) >> _SHIFTS) & 1).view(-1)[:vocab_size].bool()
+def unpack(words: torch.Tensor, vocab_size: int) -> np.ndarray:
+    """A bitmask (int32 words, bit j of word i = token 32 i + j) as a bool vector, in numpy:
+    ~10 us for a 49k vocabulary, where torch's elementwise ops on it (shift, and, to bool)
+    went to its thread pool and took milliseconds each on a loaded machine."""
+    return np.unpackbits(words.numpy().view(np.uint8), bitorder="little")[:vocab_size].astype(bool)
 
 
 class GrammarState:
@@ -69,7 +73,7 @@ class GrammarState:
     def set_pending(self, future: Future, buffer: torch.Tensor, row: int) -> None:
         self._pending = (future, buffer, row)
 
-    def take_mask(self) -> torch.Tensor:
+    def take_mask(self) -> np.ndarray:
         """The tokens allowed next, as a bool vector over the vocabulary."""
         pending, self._pending = self._pending, None
         if pending is not None:

@@ -6,6 +6,7 @@ import json
 from dataclasses import replace
 
 import jsonschema
+import numpy as np
 import pytest
 import torch
 
@@ -115,7 +116,7 @@ def test_adjustments_unit():
     adj = LogitAdjustments.create(4, presence=0.5, frequency=0.25, repetition=2.0, logit_bias=((3, 1.0),), prompt=[0])
     for t in (1, 1, 2):
         adj.accept(t)
-    row = adj.apply(torch.tensor([2.0, 1.0, -1.0, 0.5]))
+    row = adj.apply(np.array([2.0, 1.0, -1.0, 0.5]))
     # bias: [2, 1, -1, 1.5]; repetition over {0, 1, 2}: [1, 0.5, -2, 1.5]; counts {1: 2, 2: 1}
     assert row.tolist() == [1.0, 0.5 - 0.5 - 0.5, -2.0 - 0.25 - 0.5, 1.5]
 

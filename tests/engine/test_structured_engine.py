@@ -186,3 +186,24 @@ def test_resume_replays_the_grammar(eng):
         eng.add_request("res2", SamplingParams(max_tokens=80, constraint=c), prompt_token_ids=PROMPT,
                         resume_token_ids=eng.tokenizer.encode("nope"))
     assert e.value.field == "resume_token_ids[0]"
+
+
+def test_mask_unpack_is_exact_and_cheap():
+    import statistics
+    import time
+
+    import torch
+
+    from engine.structured.matcher import unpack
+
+    g = torch.Generator().manual_seed(0)
+    words = torch.randint(-2**31, 2**31 - 1, (1536,), dtype=torch.int32, generator=g)
+    got = unpack(words, 49150)
+    want = [bool((int(words[i // 32]) >> (i % 32)) & 1) for i in range(49150)]
+    assert got.dtype == bool and got.tolist() == want
+    times = []
+    for _ in range(21):
+        t = time.perf_counter()
+        unpack(words, 49152)
+        times.append(time.perf_counter() - t)
+    assert statistics.median(times) < 2e-3  # once 8-23 ms a row (torch's int32 `& 1`), now ~10 us
