@@ -26,7 +26,7 @@ from engine.sampling import SamplingParams
 
 pytestmark = pytest.mark.slow
 
-MAX_TOKENS = 160
+MAX_TOKENS = 480  # ~1 s a request on a quiet machine: longer than a heartbeat, so a busy node is still busy when killed
 PARAMS = SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True)
 CONCURRENCY = 6
 
@@ -61,7 +61,7 @@ def cluster(untied_tiny_model):
     from conductor.server import ConductorSpec
 
     spec = ConductorSpec(grpc_port=free_port(), http_port=free_port(), model=str(untied_tiny_model),
-                         max_model_len=1024, heartbeat_interval_s=0.5, heartbeat_timeout_s=30.0,
+                         max_model_len=1024, heartbeat_interval_s=0.1, heartbeat_timeout_s=30.0,
                          settings={"ttft_slo_s": 600.0, "tbt_slo_s": 60.0, "admission": "none"})
     node = NodeSpec(role="prefill", node_id="", conductor="", num_blocks=512, num_threads=1)
     c = LocalCluster.build(2, 2, conductor=spec, node=node).start()
