@@ -18,6 +18,12 @@ only `kv_centric` moves KV between prefill nodes.
 | (the default)       | it, prefixes of queued prefills counted where they queue; a request   |
 |                     | late everywhere goes to a queue already late (`CostAwarePolicy`)      |
 
+Lower KV tiers: a node reuses what its host and disk tiers and the cluster store hold right
+after its device prefix (the engine loads it at admission), so every estimate counts that run
+as cached at its load time (`CostModel.tier_load_s`; a tier the cost model has no rate for
+ends the run: recomputed), and the cache-aware policies compare nodes by it: a host-tier hit
+beats recomputing, a device hit beats a host hit, and the store's blocks count on any node.
+
 Decode choice: the node with the lowest predicted load (TBT against its SLO, or KV memory
 use) once this request joins, counting what the admission mode looks at (`LoadBasis`):
 the node as it is now, plus the requests assigned to it still in prefill, or projected to
@@ -29,6 +35,7 @@ a given seed.
 from __future__ import annotations
 
 import heapq
+import math
 import random as _random
 from abc import ABC, abstractmethod
 from typing import Callable, ClassVar
@@ -214,10 +221,16 @@ class Policy(ABC):
         pull_from: NodeId | None = None,
         pulled_blocks: int = 0,
     ) -> PrefillChoice:
+        """The choice of `node`; without a pull, the node's lower-tier run after its
+        `cached_blocks` counts as reused (`reused_tokens`) at its load time (in `load_s`)."""
         n = request.input_tokens
-        local = _reusable(cached_blocks, view.block_tokens, n)
-        reused = _reusable(cached_blocks + pulled_blocks, view.block_tokens, n)
         costs = self.costs
+        tier_blocks, tier_s = 0, 0.0
+        if pull_from is None:
+            tier_blocks, tier_s = LowerTiers(view, request, costs).run(node.node_id, cached_blocks)
+        local = _reusable(cached_blocks, view.block_tokens, n)
+        near = _reusable(cached_blocks + tier_blocks, view.block_tokens, n)  # on the node, any tier
+        reused = _reusable(cached_blocks + tier_blocks + pulled_blocks, view.block_tokens, n)
         return PrefillChoice(
             node=node.node_id,
             cached_blocks=cached_blocks,
@@ -225,8 +238,8 @@ class Policy(ABC):
             pulled_blocks=pulled_blocks,
             reused_tokens=reused,
             queue_s=node.queue_s(now_s),
-            load_s=costs.local_load_s(local),
-            pull_s=costs.network_s(reused - local),
+            load_s=costs.local_load_s(local) + tier_s,
+            pull_s=costs.network_s(reused - near),
             prefill_s=costs.prefill_s(n, reused),
             kv_send_s=costs.network_s(n),
         )
@@ -242,6 +255,42 @@ def _reusable(blocks: int, block_tokens: int, input_tokens: int) -> int:
     """Prompt tokens a cached prefix of `blocks` blocks saves (the last token is always computed)."""
     tokens = blocks * block_tokens
     return tokens if tokens < input_tokens else input_tokens - 1
+
+
+class LowerTiers:
+    """One decision's view of the KV tiers under the device: how many blocks of the request's
+    chain a node can load from its host and disk tiers or the cluster store right after its
+    device prefix, and in how many seconds (`CostModel.tier_load_s`, block by block, up to the
+    first block of a tier the cost model has no rate for). Off (every run 0) when the view's
+    index knows no lower tier (a hand-built lookup, or tiers off on every node)."""
+
+    __slots__ = ("on", "_index", "_hashes", "_block_s")
+
+    def __init__(self, view: ClusterView, request: RequestInfo, costs: CostModel) -> None:
+        index = view.index
+        self.on = bool(request.block_hashes) and bool(getattr(index, "tiers", None))
+        self._index = index
+        self._hashes = request.block_hashes
+        bt = view.block_tokens
+        self._block_s = {t: costs.tier_load_s(t, bt) for t in ("host", "disk", "cluster")} if self.on else {}
+
+    def run(self, node: NodeId, depth: int) -> tuple[int, float]:
+        """(blocks, load seconds) of `node`'s lower-tier run from block `depth` of the chain."""
+        if not self.on:
+            return 0, 0.0
+        blocks, seconds = 0, 0.0
+        block_s = self._block_s
+        for tier in self._index.lower_tier_chain(node, self._hashes, depth):
+            s = block_s[tier]
+            if s == math.inf:
+                break
+            blocks += 1
+            seconds += s
+        return blocks, seconds
+
+    def holders(self) -> set[NodeId]:
+        """Nodes whose own host or disk tier holds the chain's first block."""
+        return self._index.tier_holders(self._hashes) if self.on else set()
 
 
 def _healthy(view: ClusterView) -> list[PrefillNodeView]:
@@ -321,15 +370,19 @@ def _decode_candidates(view: ClusterView, settings: SettingsValues, costs: CostM
     return loads.decode_candidates(DECODE_CANDIDATES)
 
 
-def _prefill_candidates(view: ClusterView, match: dict):
+def _prefill_candidates(view: ClusterView, match: dict, tiers: LowerTiers | None = None):
     """(position, node) pairs a prefill choice need look at: every healthy node, or on a
-    large cluster with a `LoadIndex` the healthy nodes caching a prefix plus the least busy."""
+    large cluster with a `LoadIndex` the healthy nodes caching a prefix (on the device or in
+    their own lower tiers) plus the least busy (the store's blocks are as near to it)."""
     loads = view.loads
     if loads is None or len(view.prefill) <= SCAN_LIMIT:
         return [(i, p) for i, p in enumerate(view.prefill) if p.healthy]
     by_id = loads.prefill_by_id
     out = []
-    for node_id in match:
+    ids = match.keys()
+    if tiers is not None and tiers.on:
+        ids = set(ids) | tiers.holders()
+    for node_id in ids:
         entry = by_id.get(node_id)
         if entry is not None and entry[1].healthy:
             out.append(entry)
@@ -356,19 +409,22 @@ def _first_holder_or_none(view: ClusterView, match: dict, depth: int) -> NodeId 
 
 
 def _least_busy_by_depth(
-    view: ClusterView, match: dict
-) -> dict[int, tuple[float, int, PrefillNodeView]]:
-    """Depth of cached prefix -> (busy_until_s, position, node) of the least busy healthy
-    node with that depth. Nodes with equal depth cost the same to prefill on, so only the
-    least busy of each depth can win: the per-node loop stays this small."""
-    groups: dict[int, tuple[float, int, PrefillNodeView]] = {}
+    view: ClusterView, match: dict, tiers: LowerTiers | None = None
+) -> dict[tuple[int, int, float], tuple[float, int, PrefillNodeView]]:
+    """(depth of cached prefix, blocks of the lower-tier run after it, the run's load
+    seconds) -> (busy_until_s, position, node) of the least busy healthy node with that
+    prefix. Nodes with equal prefixes cost the same to prefill on, so only the least busy of
+    each can win: the per-node loop stays this small."""
+    groups: dict[tuple[int, int, float], tuple[float, int, PrefillNodeView]] = {}
     get = match.get
-    for i, node in _prefill_candidates(view, match):
+    on = tiers is not None and tiers.on
+    for i, node in _prefill_candidates(view, match, tiers):
         depth = get(node.node_id, 0)
+        key = (depth, *tiers.run(node.node_id, depth)) if on else (depth, 0, 0.0)  # type: ignore[union-attr]
         busy = node.busy_until_s
-        best = groups.get(depth)
+        best = groups.get(key)
         if best is None or busy < best[0] or (busy == best[0] and i < best[1]):
-            groups[depth] = (busy, i, node)
+            groups[key] = (busy, i, node)
     return groups
 
 
@@ -378,15 +434,15 @@ class CacheAwareLocalPolicy(Policy):
     name = PolicyName.CACHE_AWARE_LOCAL
 
     def choose_prefill(self, view, request, now_s):
-        groups = _least_busy_by_depth(view, self._match(view, request))
+        groups = _least_busy_by_depth(view, self._match(view, request), LowerTiers(view, request, self.costs))
         if not groups:
             return None
         n, bt, costs = request.input_tokens, view.block_tokens, self.costs
         best_key, best_node, best_depth = None, None, 0
-        for depth, (busy, i, node) in groups.items():
-            p = _reusable(depth, bt, n)
+        for (depth, extra, extra_s), (busy, i, node) in groups.items():
+            p = _reusable(depth + extra, bt, n)
             queue = busy - now_s if busy > now_s else 0.0
-            key = (queue + costs.local_load_s(p) + costs.prefill_s(n, p), busy, i)
+            key = (queue + costs.local_load_s(_reusable(depth, bt, n)) + extra_s + costs.prefill_s(n, p), busy, i)
             if best_key is None or key < best_key:
                 best_key, best_node, best_depth = key, node, depth
         return self._estimate(view, request, best_node, now_s, best_depth)
@@ -400,22 +456,22 @@ class KvCentricPolicy(Policy):
 
     def choose_prefill(self, view, request, now_s):
         match = self._match(view, request)
-        groups = _least_busy_by_depth(view, match)
+        groups = _least_busy_by_depth(view, match, LowerTiers(view, request, self.costs))
         if not groups:
             return None
         n, bt, costs = request.input_tokens, view.block_tokens, self.costs
-        top_depth = max(groups)
+        top_depth = max(key[0] for key in groups)
         top_node = None
         if top_depth > 0:  # the source: first healthy node in view order with the longest prefix
             top_node = _first_holder(view, match, top_depth)
         top_tokens = _reusable(top_depth, bt, n)
         top_prefill = costs.prefill_s(n, top_tokens)
         best_key, best_node, best_depth, best_pull = None, None, 0, False
-        for depth, (busy, i, node) in groups.items():
+        for (depth, extra, extra_s), (busy, i, node) in groups.items():
             p = _reusable(depth, bt, n)
-            cost = costs.local_load_s(p) + costs.prefill_s(n, p)
+            cost = costs.local_load_s(p) + extra_s + costs.prefill_s(n, _reusable(depth + extra, bt, n))
             pull = False
-            if depth < top_depth:
+            if depth + extra < top_depth:  # (a pull fetches the blocks its lower tiers hold too)
                 pull_cost = costs.local_load_s(p) + costs.network_s(top_tokens - p) + top_prefill
                 if pull_cost < cost:
                     cost, pull = pull_cost, True
@@ -486,7 +542,8 @@ class CostAwarePolicy(Policy):
                 for node_id, depth in pending.items():
                     if depth > match.get(node_id, 0):
                         match[node_id] = depth
-        groups = _least_busy_by_depth(view, match)
+        tiers = LowerTiers(view, request, self.costs)
+        groups = _least_busy_by_depth(view, match, tiers)
         if not groups:
             return None
         n, bt, costs = request.input_tokens, view.block_tokens, self.costs
@@ -495,11 +552,12 @@ class CostAwarePolicy(Policy):
         top_prefill = costs.prefill_s(n, top_tokens)
         options = []
         least = float("inf")
-        for depth, (busy, i, node) in groups.items():
+        for (depth, extra, extra_s), (busy, i, node) in groups.items():
             p = _reusable(depth, bt, n)
-            service = costs.local_load_s(p) + costs.prefill_s(n, p)
+            service = costs.local_load_s(p) + extra_s + costs.prefill_s(n, _reusable(depth + extra, bt, n))
             pull = False
-            if depth < top_depth and top_depth > 0 and _first_holder_or_none(view, cached, top_depth) is not None:
+            if (depth + extra < top_depth and top_depth > 0
+                    and _first_holder_or_none(view, cached, top_depth) is not None):
                 pull_service = costs.local_load_s(p) + costs.network_s(top_tokens - p) + top_prefill
                 if pull_service < service:
                     service, pull = pull_service, True
@@ -523,7 +581,7 @@ class CostAwarePolicy(Policy):
             # queues make it miss its TTFT SLO wherever it goes (an idle node would not): go
             # where those queued behind it miss theirs anyway
             late = self._late_options(view, match, request, now_s, slo - send, self.LATE_QUEUE_SLOS * slo,
-                                      top_depth, top_tokens, top_prefill)
+                                      top_depth, top_tokens, top_prefill, tiers)
             if late:
                 options = late
         best_key, best = None, None
@@ -541,26 +599,27 @@ class CostAwarePolicy(Policy):
 
 
     def _late_options(self, view, match, request, now_s, queue_limit_s, queue_cap_s, top_depth, top_tokens,
-                      top_prefill):
+                      top_prefill, tiers):
         """Options on the healthy nodes whose queue alone passes `queue_limit_s` but not
-        `queue_cap_s` (the least busy of each prefix depth among them)."""
-        groups: dict[int, tuple[float, int, PrefillNodeView]] = {}
+        `queue_cap_s` (the least busy of each prefix among them)."""
+        groups: dict[tuple[int, int, float], tuple[float, int, PrefillNodeView]] = {}
         limit, cap = now_s + queue_limit_s, now_s + queue_cap_s
         for i, node in enumerate(view.prefill):
             busy = node.busy_until_s
             if not node.healthy or busy <= limit or busy > cap:
                 continue
             depth = match.get(node.node_id, 0)
-            best = groups.get(depth)
+            key = (depth, *tiers.run(node.node_id, depth)) if tiers.on else (depth, 0, 0.0)
+            best = groups.get(key)
             if best is None or busy < best[0]:
-                groups[depth] = (busy, i, node)
+                groups[key] = (busy, i, node)
         n, bt, costs = request.input_tokens, view.block_tokens, self.costs
         out = []
-        for depth, (busy, i, node) in groups.items():
+        for (depth, extra, extra_s), (busy, i, node) in groups.items():
             p = _reusable(depth, bt, n)
-            service = costs.local_load_s(p) + costs.prefill_s(n, p)
+            service = costs.local_load_s(p) + extra_s + costs.prefill_s(n, _reusable(depth + extra, bt, n))
             pull = False
-            if depth < top_depth:
+            if depth + extra < top_depth:
                 pull_service = costs.local_load_s(p) + costs.network_s(top_tokens - p) + top_prefill
                 if pull_service < service:
                     service, pull = pull_service, True

@@ -62,16 +62,39 @@ class GlobalPrefixIndex:
         consecutive blocks `node` holds in its host and disk tiers or the cluster store has,
         by tier (a block in several counts for the fastest: host, then disk, then cluster)."""
         out: dict[str, int] = {}
+        for name in self.lower_tier_chain(node, block_hashes, start):
+            out[name] = out.get(name, 0) + 1
+        return out
+
+    def lower_tier_chain(self, node: NodeId, block_hashes: Sequence[BlockHash], start: int) -> list[str]:
+        """The tier each block of the chain from block `start` loads from on `node`, in chain
+        order, up to the first block no tier holds (`lower_tier_run` counts it by tier)."""
+        out: list[str] = []
+        if not self.tiers:
+            return out
         sources = [(t, self.tiers[t]._holders, STORE_NODE if t == "cluster" else node)
                    for t in LOWER_TIERS if t in self.tiers]
-        for h in block_hashes[start:]:
+        for i in range(start, len(block_hashes)):
+            h = block_hashes[i]
             for name, holders, who in sources:
                 held = holders.get(h)
                 if held is not None and (held == who or (type(held) is set and who in held)):
-                    out[name] = out.get(name, 0) + 1
+                    out.append(name)
                     break
             else:
                 break
+        return out
+
+    def tier_holders(self, block_hashes: Sequence[BlockHash]) -> set[NodeId]:
+        """Nodes whose own host or disk tier holds the chain's first block (they may serve
+        the request from there though their device holds none of it)."""
+        out: set[NodeId] = set()
+        if not block_hashes:
+            return out
+        for name in ("host", "disk"):
+            idx = self.tiers.get(name)
+            if idx is not None:
+                out |= idx.holders(block_hashes[0])
         return out
 
     # -- queries -----------------------------------------------------------------------
