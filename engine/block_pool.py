@@ -66,6 +66,7 @@ class BlockPool:
         self._ref = [0] * num_blocks
         self._hash: list[BlockHash | None] = [None] * num_blocks
         self._tokens: list[tuple[int, ...] | None] = [None] * num_blocks
+        self._parent: list[int | None] = [None] * num_blocks  # a cached block's parent hash
         self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self._cached: dict[BlockHash, int] = {}
         self._listeners: list[Callable[[KVEvent], None]] = []
@@ -100,6 +101,17 @@ class BlockPool:
     def cached_hashes(self) -> list[int]:
         return list(self._cached)
 
+    def cached_block(self, h: int) -> tuple[int, tuple[int, ...], int | None] | None:
+        """(block, token ids, parent hash) of the device block cached as `h`, or None."""
+        b = self._cached.get(h)  # type: ignore[call-overload]
+        if b is None:
+            return None
+        return b, self._tokens[b], self._parent[b]  # type: ignore[return-value]
+
+    def parent_of(self, block: int) -> int | None:
+        """The parent hash of cached `block` (None for a prompt's first block, or not cached)."""
+        return self._parent[block]
+
     # --- prefix cache ----------------------------------------------------------------
     def match_prefix(self, hashes: Sequence[BlockHash], token_ids: Sequence[int]) -> list[BlockId]:
         """Cached blocks holding the longest prefix of `hashes`; does not take references."""
@@ -129,6 +141,7 @@ class BlockPool:
             return
         self._hash[block] = h
         self._tokens[block] = tuple(token_ids)
+        self._parent[block] = parent
         self._cached[h] = block
         self._emit(KVEvent("stored", (h,), parent))
         if self.tiers is not None:
@@ -159,6 +172,7 @@ class BlockPool:
                 del self._cached[h]
                 self._hash[b] = None
                 self._tokens[b] = None
+                self._parent[b] = None
                 evicted.append(h)
             self._ref[b] = 1
             out.append(BlockId(b))
@@ -183,6 +197,7 @@ class BlockPool:
             b = self._cached.pop(h)
             self._hash[b] = None
             self._tokens[b] = None
+            self._parent[b] = None
         if dropped:
             self._emit(KVEvent("removed", tuple(dropped)))
         return len(dropped)

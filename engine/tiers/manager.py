@@ -19,8 +19,13 @@ Attached to an engine's block pool (`BlockPool.tiers`), it is called at four poi
   in the prefix cache (promotion); the request computes only what no tier held.
 
 Every block that enters the host pool from the device is also put to the cluster store
-(queued for the writer thread, from its pinned host slot), and a finished request's blocks
-go there too when `write_back_on_finish` is set (`write_back`, decode nodes). Store puts,
+(queued for the writer thread, from its pinned host slot) together with its ancestors: the
+device evicts a chain tail first, and a block is usable from the store only when every block
+before it is there too, so the ancestors still on the device are copied down with it (up to
+the first one the host pool already holds, which went down with its own ancestors) and put
+where the store lacks them (`ancestor_puts`; `ancestor_missing` when one is in no tier here).
+A finished request's blocks go there too when `write_back_on_finish` is set (`write_back`,
+decode nodes). Store puts,
 disk writes and loads are best-effort: a failure is counted, the block is recomputed later,
 and no request fails or waits past its prefetch timeout because of a tier.
 """
@@ -233,12 +238,44 @@ class TierManager:
             return self._copy_down(block, h, tokens, put=put)  # a loader published it meanwhile
         self._emit("stored", (h,), "host")
         if put and self.cluster is not None:
-            self._queue_put([h], [slot])
+            hashes, slots = self._ancestors(block)
+            self._queue_put(hashes + [h], slots + [slot], only_missing=bool(hashes))
             return None
         if put:
             self.host.unpin(slot)
             return None
         return slot
+
+    def _ancestors(self, block: int) -> tuple[list[int], list[int]]:
+        """The chain before device `block` as pinned host slots, root first, for a put: each
+        ancestor still on the device is copied down; the walk ends at the root, at one the
+        host pool holds already (included: the store may have dropped it), or where a block
+        is in neither (counted) or no host slot is free."""
+        hashes: list[int] = []
+        slots: list[int] = []
+        parent = self.pool.parent_of(block)
+        while parent is not None:
+            slot = self.host.pin(parent)
+            if slot is not None:
+                hashes.append(parent)
+                slots.append(slot)
+                break
+            found = self.pool.cached_block(parent)
+            if found is None:
+                self.rec.count("ancestor_missing")
+                break
+            b, toks, grand = found
+            slot = self._copy_down(b, parent, toks, put=False)
+            if slot is None:
+                break
+            hashes.append(parent)
+            slots.append(slot)
+            parent = grand
+        if hashes:
+            self.rec.count("ancestor_puts", len(hashes))
+        hashes.reverse()
+        slots.reverse()
+        return hashes, slots
 
     def _demote(self, slot: int, victim: Victim) -> None:
         """The host pool gave up `slot`'s block (still intact in it): to disk, best-effort."""
