@@ -387,20 +387,23 @@ class Simulation:
             if local < target and source is not None:
                 pulled = max(0, source.depth(hashes, target) - local)
         bt, costs = self.config.block_tokens, self.costs
+        extra, extra_s = (0, 0.0) if pulled else self.lower_tier_hit(node, hashes, local, n)
         p_local = min(local * bt, n - 1)
-        p_total = min((local + pulled) * bt, n - 1)
-        service = costs.local_load_s(p_local) + costs.network_s(p_total - p_local) + costs.prefill_s(n, p_total)
+        p_near = min((local + extra) * bt, n - 1)  # on the node: device, then its lower tiers
+        p_total = min((local + extra + pulled) * bt, n - 1)
+        service = (costs.local_load_s(p_local) + extra_s + costs.network_s(p_total - p_near)
+                   + costs.prefill_s(n, p_total))
         sigma = self.config.service_noise
         if sigma:
             service *= self._noise.lognormvariate(-0.5 * sigma * sigma, sigma)
         st.prefill_start_s = t
         st.service_s = service
-        st.hit_blocks = local + pulled
+        st.hit_blocks = local + extra + pulled
         node.running = job
         node.run_start_s = t
         node.run_end_s = t + service
         node.run_uncached = n - p_total
-        self._log(t, st, EventKind.PREFILL_STARTED, f"{node.node_id} local={local} pulled={pulled}")
+        self._log(t, st, EventKind.PREFILL_STARTED, f"{node.node_id} local={local} tiers={extra} pulled={pulled}")
         self._push(t + service, _PREFILL_DONE, node)
 
     def _prefill_done(self, node: SimPrefill, t: float) -> None:
@@ -443,8 +446,14 @@ class Simulation:
     def decode_idle(self, node: SimDecode, t: float) -> None:
         """`node` may have nothing left to do (a hook for the elastic planner)."""
 
-    def _cache_prompt(self, node: SimPrefill, hashes: tuple[int, ...]) -> None:
-        """Cache every block of the prompt and publish what changed to the global index."""
+    def lower_tier_hit(self, node: SimPrefill, hashes, start: int, input_tokens: int) -> tuple[int, float]:
+        """(blocks, load seconds) of the chain after `node`'s `start` device blocks that the
+        tiers under the device hold (none here; `bench.sim.tiers` models them)."""
+        return 0, 0.0
+
+    def _cache_prompt(self, node: SimPrefill, hashes: tuple[int, ...]) -> list:
+        """Cache every block of the prompt and publish what changed to the global index;
+        returns the blocks the device evicted (`bench.sim.tiers` demotes them)."""
         new, evicted = node.store(hashes)
         node_id = NodeId(node.node_id)
         if new:
@@ -453,6 +462,7 @@ class Simulation:
         if evicted:
             self.state.kv_event(BlockRemoved(node_id, node.seq, tuple(evicted)))
             node.seq += 1
+        return evicted
 
     # -- decode --------------------------------------------------------------------------------
     def _kv_arrived(self, st: RequestState, t: float) -> None:
