@@ -17,8 +17,9 @@ conductor's own phases; `TRANSITIONS` is the same table):
     finished    -> FINISHED     from any phase: the one cleanup path (whatever the request still
                                 counts in, it stops counting there)
 
-A request that needs no prefill node (colocated, or resumed on a new decode node) is
-`placed_on_decode` and goes PLACED -> DECODING.
+A request resumed on a new decode node (no prefill node) is `placed_on_decode` and goes
+PLACED -> DECODING; a colocated one is dispatched (its node's prefill queue counts it) and
+goes PLACED -> DECODING too: `decode_joined` ends its prefill, which the node ran itself.
 
 What each view field means (DESIGN.md §2; `conductor.view` documents the records):
 
@@ -161,10 +162,13 @@ class ClusterState:
         self.loads.add_decode(view, len(self.view.decode) - 1)
         return view
 
-    def node_down(self, node: NodeId) -> None:
+    def node_down(self, node: NodeId, *, forget_cache: bool = False) -> None:
         """Out of rotation (failed, draining): policies stop choosing it. A prefill node's
-        cache leaves the index only when it is `remove_node`d or its cache is cleared."""
+        cache leaves the index when it is `remove_node`d, or here with `forget_cache` (the
+        adapter stops following its KV events; a snapshot brings them back with it)."""
         self._set_healthy(node, False)
+        if forget_cache and node in self._prefill:
+            self.index.remove_node(node)
 
     def node_up(self, node: NodeId) -> None:
         self._set_healthy(node, True)
@@ -292,14 +296,21 @@ class ClusterState:
         self.loads.changed_decode(dv)
 
     def decode_joined(self, request_id: str, now_s: float) -> None:
-        """The request is in its decode node's running batch (its first token is out)."""
+        """The request is in its decode node's running batch (its first token is out). A
+        request dispatched and never reserved (colocated: the decode node computes the prompt
+        itself) leaves its prefill queue and its decode node's incoming count here."""
         t = self._get(request_id)
-        if t.prefill_pending:
+        colocated = t.prefill_pending and t.phase is Phase.PLACED
+        if t.prefill_pending and not colocated:
             raise LifecycleError(f"request {request_id}: decode_joined before its prefill is done")
         self._move(request_id, Phase.DECODING)
         book = self._decode[t.decode]
         dv = book.view
         n = t.input_tokens
+        if colocated:
+            self._leave_prefill(t, now_s, done=True)
+            dv.incoming -= 1
+            dv.incoming_tokens -= n
         if t.in_transfer:
             t.in_transfer = False
             book.transferring -= 1
@@ -481,3 +492,12 @@ class ClusterState:
     def kv_event(self, event) -> ApplyStatus:
         """A KV event from a prefill node, into the global prefix index."""
         return self.index.apply(event)
+
+    def kv_snapshot(self, node: NodeId, block_hashes, next_seq: int, *, tier: str = "device") -> None:
+        """A prefill node's whole cache on `tier`, as a new KV-event subscription begins: it
+        replaces what the index holds for the node (the device tier's snapshot comes first
+        and resets its sequence to `next_seq`; a lower tier's part only adds its blocks)."""
+        if tier == "device":
+            self.index.resync(node, block_hashes, next_seq)
+        else:
+            self.index.tier(tier).store(node, block_hashes)

@@ -24,11 +24,14 @@ from __future__ import annotations
 import asyncio
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from conductor.decision import Decision
-from conductor.registry import NodeRecord
 from conductor.request import RequestInfo
 from engine.sampling import SamplingParams
+
+if TYPE_CHECKING:  # the registry feeds the cluster state, which uses these phases
+    from conductor.registry import NodeRecord
 
 
 class Phase(str, enum.Enum):
@@ -96,7 +99,7 @@ class Attempt:
     decision: Decision | None = None
     colocated: bool = False
     phase: Phase = Phase.PLACED
-    prefill_pending: bool = False  # the view counts this attempt's prefill as queued
+    streamed_before: int = 0  # tokens the trip had streamed when this attempt began
     renewer: asyncio.Future | None = None
     decode_call: object | None = None
 

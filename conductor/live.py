@@ -13,8 +13,11 @@ it resumed on another decode node after the tokens streamed so far (`max_migrati
 the client's stream goes on with no token missing or repeated.
 
 It implements the `Backend` protocol shared by the gRPC and HTTP front doors. The
-scheduler, policies and admission modes are the same objects the simulator drives; this
-module only keeps their `ClusterView` current (dispatches, completions, heartbeats).
+scheduler, policies and admission modes are the same objects the simulator drives, and so is
+the cluster state they read (`registry.state`, a `conductor.cluster_state.ClusterState`):
+this module reports each attempt's transitions to it (dispatched, reserved, prefill started
+and done, joined its decode batch, finished) exactly where the simulator reports its own,
+and writes no view field itself.
 """
 from __future__ import annotations
 
@@ -36,9 +39,10 @@ from conductor.frontend_api import (Finished, GenerateRequest, Rejected, Request
 from conductor.lifecycle import Attempt, NodeDown, NodeFailure, Phase, Trip, or_down
 from conductor.registry import NodeRecord, NodeRegistry
 from conductor.policies import decode_estimate
+from conductor.predictions import Quantity
 from conductor.request import RequestInfo
 from conductor.scheduler import Scheduler
-from conductor.view import ClusterView, DecodeResident
+from conductor.view import ClusterView
 from engine.errors import InvalidRequestError
 from engine.tokenizer import Tokenizer
 from proto.convert import logprob_from_proto, sampling_to_proto
@@ -95,6 +99,9 @@ class LiveConductor:
         self.decisions: list[Decision] = []  # recent decisions, for status and tests
         self.intake = Intake(tokenizer, cfg.max_model_len, cfg.block_size, max_n=cfg.max_n)
         self._clock = clock  # the scheduler's notion of now (tests pin it)
+        self.state = registry.state  # the one writer of the view
+        registry.clock = clock  # heartbeats reach the view on the same clock
+        registry.prefill_s_per_token = scheduler.costs.prefill_s(1024) / 1024
 
     def token_bytes(self, token_id: int) -> bytes:
         """A token's bytes (the HTTP front door's logprobs name tokens by them)."""
@@ -203,8 +210,9 @@ class LiveConductor:
             if admit:
                 raise Unavailable("no live prefill or decode node")
             return None
-        self._dispatched(pre, dec, info, decision, now)
-        return Attempt(trip.attempt_id(), pre, dec, decision, colocated=colocated, prefill_pending=True)
+        rid = trip.attempt_id()
+        self.state.dispatched(replace(info, request_id=rid), decision, now)
+        return Attempt(rid, pre, dec, decision, colocated=colocated, streamed_before=len(trip.generated))
 
     def _place_resumed(self, trip: Trip, now: float) -> Attempt | None:
         """A decode node to continue the trip on, recomputing prompt + tokens so far there."""
@@ -216,9 +224,9 @@ class LiveConductor:
         dec = self.registry.nodes.get(choice.node) if choice else None
         if dec is None or not dec.up:
             return None
-        dec.decode_view.residents[trip.rid] = DecodeResident(trip.rid, info.input_tokens, now,
-                                                             info.expected_output_tokens, running=True)
-        return Attempt(trip.attempt_id(), None, dec, colocated=self.registry.colocated)
+        rid = trip.attempt_id()
+        self.state.placed_on_decode(replace(info, request_id=rid), choice.node, now)
+        return Attempt(rid, None, dec, colocated=self.registry.colocated, streamed_before=done)
 
     def _same_node_decode(self, view: ClusterView, info: RequestInfo, decision: Decision, now: float) -> Decision:
         """Colocated layout: decode where the prefill runs; admission judges that node."""
@@ -232,42 +240,22 @@ class LiveConductor:
         dec = decode_estimate(node, info, at, basis, s, self.scheduler.costs)
         return replace(decision, decode=dec, rejection=admission.check_arrival(s, decision.prefill, dec))
 
-    def _dispatched(self, pre: NodeRecord, dec: NodeRecord, info: RequestInfo, d: Decision, now: float) -> None:
-        pv = pre.prefill_view
-        pv.busy_until_s = max(pv.busy_until_s, now) + d.prefill.service_s
-        pv.queued_requests += 1
-        dv = dec.decode_view
-        dv.incoming += 1
-        dv.incoming_tokens += info.input_tokens
-        dv.residents[info.request_id] = DecodeResident(info.request_id, info.input_tokens, now + d.prefill.ttft_s,
-                                                       info.expected_output_tokens)
-
-    def _prefill_done(self, trip: Trip, attempt: Attempt) -> None:
-        if not attempt.prefill_pending:
-            return
-        attempt.prefill_pending = False
-        pv = attempt.pre.prefill_view
-        pv.queued_requests = max(0, pv.queued_requests - 1)
-        if pv.queued_requests == 0:
-            pv.busy_until_s = self._clock()
-        dv = attempt.dec.decode_view
-        dv.incoming = max(0, dv.incoming - 1)
-        dv.incoming_tokens = max(0, dv.incoming_tokens - trip.info.input_tokens)
-        res = dv.residents.get(trip.rid)
-        if res is not None:
-            res.running = True
-            res.ready_at_s = self._clock()
+    def _tracked(self, attempt: Attempt) -> bool:
+        """Does the cluster state still count `attempt`? (Not once a node it was on has been
+        dropped from the view: that ended it there, and its trip ends on the node's `down`.)"""
+        return self.state.request(attempt.rid) is not None
 
     def _close(self, trip: Trip, attempt: Attempt) -> None:
         """The one cleanup path of an attempt, whatever phase it ended in."""
         if attempt.renewer is not None:
             attempt.renewer.cancel()
-        self._prefill_done(trip, attempt)
         if attempt.holds_reservation:  # never claimed: give the blocks back now, not at lease expiry
             asyncio.ensure_future(self._release(attempt.dec, attempt.rid))
         if attempt.decode_call is not None and attempt.phase is not Phase.FINISHED:
             attempt.decode_call.cancel()  # the decode node aborts the request and frees its blocks
-        attempt.dec.decode_view.residents.pop(trip.rid, None)
+        if self._tracked(attempt):  # the first token came from the prefill; the rest were generated there
+            streamed = len(trip.generated) - attempt.streamed_before
+            self.state.finished(attempt.rid, self._clock(), generated_tokens=max(0, streamed - 1))
         attempt.phase = Phase.FINISHED
 
     # --- one attempt ----------------------------------------------------------------------
@@ -284,7 +272,6 @@ class LiveConductor:
         sp = sampling_to_proto(trip.params)
         pre, dec = attempt.pre, attempt.dec
         if attempt.colocated or pre is None:  # the decode node computes the prompt (+ tokens so far) itself
-            self._prefill_done(trip, attempt)
             attempt.decode_call = dec.decode_stub.Decode(node_pb2.DecodeRequest(
                 request_id=rid, prompt_token_ids=ids, sampling=sp, colocated=attempt.colocated,
                 recompute=not attempt.colocated, resume_token_ids=trip.generated), timeout=cfg.request_timeout_s)
@@ -315,6 +302,8 @@ class LiveConductor:
                 asyncio.ensure_future(self._release(dec, rid))
             raise
         attempt.enter(Phase.RESERVED)
+        if self._tracked(attempt):
+            self.state.reserved(rid, len(resv.target.block_ids) * cfg.block_size)
         attempt.renewer = asyncio.ensure_future(self._keep_reserved(dec, rid))
         preq = node_pb2.PrefillRequest(request_id=rid, prompt_token_ids=ids, sampling=sp, target=resv.target)
         holder = self.registry.nodes.get(attempt.decision.prefill.pull_from or "")
@@ -323,19 +312,24 @@ class LiveConductor:
                 node_id=holder.node_id, address=holder.address, transfer_descriptor=holder.descriptor,
                 num_blocks=attempt.decision.prefill.cached_blocks + attempt.decision.prefill.pulled_blocks))
         attempt.enter(Phase.PREFILLING)
+        if self._tracked(attempt):
+            self.state.prefill_started(rid, self._clock())
         presp = await self._prefill(trip, attempt, preq)
         attempt.renewer.cancel()
         attempt.renewer = None
-        self._prefill_done(trip, attempt)
         t_kv = self._clock()
         if self.metrics and presp is not None:
             self.metrics.observe_prediction("ttft", attempt.decision.prefill.ttft_s, t_kv - trip.t0)
+        again = None
         if admission.judges_after_prefill(self.scheduler.settings.values.admission) and presp is not None:
+            # judged before the request counts as landing on its decode node (as the simulator does)
             again = self.scheduler.decide_after_prefill(self.registry.view, trip.info, t_kv, attempt.decision).rejection
-            if again is not None:
-                if self.metrics:
-                    self.metrics.observe_rejected(again.reason.value)
-                raise Rejected(f"{again.reason.value} (after prefill): {again.detail}", again.retry_after_s)
+        if self._tracked(attempt):
+            self.state.prefill_done(rid, t_kv)
+        if again is not None:
+            if self.metrics:
+                self.metrics.observe_rejected(again.reason.value)
+            raise Rejected(f"{again.reason.value} (after prefill): {again.detail}", again.retry_after_s)
         attempt.decode_call = dec.decode_stub.Decode(node_pb2.DecodeRequest(
             request_id=rid, prompt_token_ids=ids, sampling=sp, first_token=presp.first_token if presp else 0,
             first_tokens=presp.first_tokens if presp else (), first_logprobs=presp.first_logprobs if presp else (),
@@ -383,6 +377,7 @@ class LiveConductor:
         it = attempt.decode_call.__aiter__()
         n = trip.params.n
         ends: dict[int, SampleEnd] = {}
+        joined = False
         while True:
             try:
                 out = await or_down(it.__anext__(), dec)
@@ -394,8 +389,14 @@ class LiveConductor:
                     f"{what}: {e.code().name}: {e.details()}") from None
             except NodeDown as e:
                 raise NodeFailure(dec, Phase.DECODING, str(e)) from None
+            if not joined:  # the attempt's first output: it is in the decode node's batch
+                joined = True
+                if self._tracked(attempt):
+                    self.state.decode_joined(attempt.rid, self._clock())
             if trip.first_at is None:  # the first token of the trip: its TTFT breakdown
                 now = self._clock()
+                if attempt.decision is not None and attempt.decision.prefill is not None:
+                    self.scheduler.calibration.observe(Quantity.TTFT, attempt.decision.prefill.ttft_s, now - trip.t0)
                 trip.first_at = now
                 trip.prefill_node = attempt.pre.node_id if attempt.pre else dec.node_id
                 trip.cached_tokens = presp.num_cached_tokens if presp else out.num_cached_tokens
@@ -413,6 +414,10 @@ class LiveConductor:
                 ends[out.index] = SampleEnd(out.index, out.finish_reason or "stop", out.completion_tokens)
             if len(ends) == n:
                 attempt.enter(Phase.FINISHED)
+                out_tokens = len(trip.generated) - attempt.streamed_before
+                if attempt.decision is not None and attempt.decision.decode is not None and out_tokens > 1 and n == 1:
+                    mean_gap = (self._clock() - trip.first_at) / (out_tokens - 1)
+                    self.scheduler.calibration.observe(Quantity.TBT, attempt.decision.decode.predicted_tbt_s, mean_gap)
                 timing = Timing(queue_s=trip.queue_s, prefill_s=trip.prefill_s, kv_transfer_s=trip.kv_transfer_s,
                                 first_decode_s=trip.first_decode_s, ttft_s=trip.first_at - trip.t0)
                 samples = tuple(ends[i] for i in sorted(ends))

@@ -1,5 +1,8 @@
-"""The conductor's live cluster view: nodes that registered, their last heartbeat, their
-gRPC stubs, and the scheduler's view records (`conductor.view`) kept up to date.
+"""The conductor's live nodes: those that registered, their last heartbeat, their gRPC
+stubs, and the adapter that turns what they report into `ClusterState` events (register ->
+add_prefill / add_decode, heartbeat -> heartbeat_prefill / heartbeat_decode, out of and back
+into rotation -> node_down / node_up, dropped -> remove_node, KV events -> the index). The
+registry writes no view field itself: `state` is the only writer, as in the simulator.
 
 A node is taken out of rotation (`mark_down`) at once when an RPC to it fails in a way
 that says it cannot be reached (`rpc_failed`: UNAVAILABLE, or a control call past its
@@ -20,10 +23,10 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from conductor.cluster_state import ClusterState
 from conductor.kv_events import BlockRemoved, BlockStored
-from conductor.prefix_index import GlobalPrefixIndex
 from conductor.request import BlockHash, NodeId
-from conductor.view import ClusterView, DecodeNodeView, PrefillNodeView
+from conductor.view import DecodeNodeView, PrefillNodeView
 from proto.halfmoon.v1 import node_pb2, node_pb2_grpc
 
 log = logging.getLogger("halfmoon.conductor.registry")
@@ -54,16 +57,27 @@ class NodeRecord:
 
 
 class NodeRegistry:
+    """`clock`: the scheduler's notion of now, for the view (the live conductor's clock);
+    heartbeat deadlines use the monotonic clock. `heartbeat_lag_s`: requests dispatched this
+    recently may not be in a node's reported queue yet. `prefill_s_per_token`: what a queued
+    prompt token nobody told this conductor about costs (the live conductor sets it from its
+    cost model)."""
+
     def __init__(self, block_size: int, heartbeat_interval_s: float = 1.0, heartbeat_timeout_s: float = 5.0,
-                 on_change=None, *, probe_interval_s: float = 0.5, probe_timeout_s: float = 1.0) -> None:
+                 on_change=None, *, probe_interval_s: float = 0.5, probe_timeout_s: float = 1.0,
+                 clock=time.monotonic, heartbeat_lag_s: float = 0.05) -> None:
         self.block_size = block_size
         self.heartbeat_interval_s = heartbeat_interval_s
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.probe_interval_s = probe_interval_s
         self.probe_timeout_s = probe_timeout_s
         self.nodes: dict[str, NodeRecord] = {}
-        self.index = GlobalPrefixIndex()
-        self.view = ClusterView(prefill=[], decode=[], index=self.index, block_tokens=block_size)
+        self.state = ClusterState(block_size, heartbeat_lag_s=heartbeat_lag_s)
+        self.index = self.state.index
+        self.view = self.state.view
+        self.clock = clock
+        self.prefill_s_per_token = 0.0
+        self.resyncs = 0  # KV event subscriptions restarted because a heartbeat found the index behind
         self._on_change = on_change or (lambda node, up: None)
         self._watchdog: asyncio.Task | None = None
 
@@ -103,17 +117,22 @@ class NodeRegistry:
                          node_pb2_grpc.PrefillNodeStub(channel) if does_prefill else None,
                          node_pb2_grpc.DecodeNodeStub(channel) if does_decode else None,
                          descriptor=req.transfer_descriptor)
-        nid = NodeId(req.node_id)
-        if does_prefill:
-            rec.prefill_view = PrefillNodeView(nid)
-            self.view.prefill.append(rec.prefill_view)
-            rec.events_task = asyncio.get_running_loop().create_task(self._follow_kv_events(rec))
-        if does_decode:
-            rec.decode_view = DecodeNodeView(nid, kv_capacity_tokens=req.layout.total_blocks * req.layout.block_size)
-            self.view.decode.append(rec.decode_view)
-        self.nodes[req.node_id] = rec
+        self.add(rec)
         log.info("node %s (%s) registered at %s", req.node_id, role, req.address)
         self._on_change(rec, True)
+        return rec
+
+    def add(self, rec: NodeRecord, *, follow_events: bool = True) -> NodeRecord:
+        """Put `rec` in rotation: its views enter the cluster state (a prefill node's KV
+        events are followed into the index unless `follow_events` is off)."""
+        nid = NodeId(rec.node_id)
+        if rec.role in ("prefill", "colocated"):
+            rec.prefill_view = self.state.add_prefill(nid)
+            if follow_events:
+                rec.events_task = asyncio.get_running_loop().create_task(self._follow_kv_events(rec))
+        if rec.role in ("decode", "colocated"):
+            rec.decode_view = self.state.add_decode(nid, rec.layout.total_blocks * rec.layout.block_size)
+        self.nodes[rec.node_id] = rec
         return rec
 
     def heartbeat(self, req: node_pb2.HeartbeatRequest) -> bool:
@@ -121,13 +140,21 @@ class NodeRegistry:
         if rec is None or not (rec.up or rec.probe_task is not None):
             return False
         rec.last_seen = time.monotonic()
-        rec.load = req.load
+        ld = rec.load = req.load
+        now, nid = self.clock(), NodeId(rec.node_id)
+        if rec.role == "prefill":  # (a colocated node's prompts run inside its Decode calls: no queue to report)
+            behind = self.state.heartbeat_prefill(nid, ld.queued_prefill_tokens, now, ld.kv_event_seq,
+                                                  fallback_s_per_token=self.prefill_s_per_token)
+            if behind and rec.up and rec.events_task is not None:  # events were lost: subscribe again (a snapshot)
+                log.warning("prefill node %s published KV event %d, the index has %d: resubscribing", rec.node_id,
+                            ld.kv_event_seq, self.index.next_seq(nid) - 1)
+                self.resyncs += 1
+                rec.events_task.cancel()
+                rec.events_task = asyncio.get_running_loop().create_task(self._follow_kv_events(rec))
         if rec.decode_view is not None:
-            dv = rec.decode_view
-            dv.running = req.load.running
-            dv.waiting = req.load.waiting
-            dv.tokens_in_flight = req.load.tokens_in_flight
-            dv.reserved_tokens = (rec.layout.total_blocks - req.load.free_blocks) * rec.layout.block_size
+            used = (rec.layout.total_blocks - ld.free_blocks) * rec.layout.block_size
+            self.state.heartbeat_decode(nid, running=ld.running, waiting=ld.waiting,
+                                        tokens_in_flight=ld.tokens_in_flight, used_tokens=used, now_s=now)
         return True
 
     async def _watch(self) -> None:
@@ -158,11 +185,8 @@ class NodeRegistry:
             rec.up = False
             rec.down_reason = reason
             rec.down.set()
-            if rec.prefill_view is not None:
-                rec.prefill_view.healthy = False
-                self.index.remove_node(NodeId(rec.node_id))
-            if rec.decode_view is not None:
-                rec.decode_view.healthy = False
+            if rec.prefill_view is not None or rec.decode_view is not None:
+                self.state.node_down(NodeId(rec.node_id), forget_cache=True)
             if rec.events_task:
                 rec.events_task.cancel()
             log.warning("%s node %s out of rotation: %s", rec.role, rec.node_id, reason or "dropped")
@@ -212,22 +236,20 @@ class NodeRegistry:
         rec.up = True
         rec.down = asyncio.Event()
         rec.down_reason = ""
+        if rec.prefill_view is not None or rec.decode_view is not None:
+            self.state.node_up(NodeId(rec.node_id))
         if rec.prefill_view is not None:
-            rec.prefill_view.healthy = True
             rec.events_task = asyncio.get_running_loop().create_task(self._follow_kv_events(rec))
-        if rec.decode_view is not None:
-            rec.decode_view.healthy = True
         log.info("%s node %s answers again: back in rotation", rec.role, rec.node_id)
         self._on_change(rec, True)
 
     async def _drop(self, rec: NodeRecord) -> None:
         self.mark_down(rec)
-        if rec.prefill_view in self.view.prefill:
-            self.view.prefill.remove(rec.prefill_view)
-        if rec.decode_view in self.view.decode:
-            self.view.decode.remove(rec.decode_view)
+        if self.nodes.get(rec.node_id) is rec and (rec.prefill_view is not None or rec.decode_view is not None):
+            self.state.remove_node(NodeId(rec.node_id))  # its requests stop counting (their trips end on `down`)
         self.nodes.pop(rec.node_id, None)
-        await rec.channel.close()
+        if rec.channel is not None:
+            await rec.channel.close()
 
     # --- KV events -> global prefix index ---------------------------------------------
     async def _follow_kv_events(self, rec: NodeRecord) -> None:
@@ -244,14 +266,14 @@ class NodeRegistry:
                     hashes = tuple(BlockHash(h) for h in ev.block_hashes)
                     tier = ev.tier or "device"
                     if snapshot_seq is not None:  # the snapshot's STORED event
-                        self.index.resync(node, hashes, snapshot_seq + 1)
+                        self.state.kv_snapshot(node, hashes, snapshot_seq + 1)
                         snapshot_of, snapshot_seq = snapshot_seq, None
                     elif tier != "device" and ev.seq == snapshot_of:  # a tier's part of the snapshot
-                        self.index.tier(tier).store(node, hashes)
+                        self.state.kv_snapshot(node, hashes, ev.seq, tier=tier)
                     elif ev.kind == node_pb2.KV_EVENT_STORED:
-                        self.index.apply(BlockStored(node, ev.seq, hashes, tier=tier))
+                        self.state.kv_event(BlockStored(node, ev.seq, hashes, tier=tier))
                     elif ev.kind == node_pb2.KV_EVENT_REMOVED:
-                        self.index.apply(BlockRemoved(node, ev.seq, hashes, tier=tier))
+                        self.state.kv_event(BlockRemoved(node, ev.seq, hashes, tier=tier))
             except grpc.aio.AioRpcError as e:
                 if not rec.up or self.rpc_failed(rec, e):  # a killed prefill node leaves rotation at once
                     return

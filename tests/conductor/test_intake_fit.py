@@ -17,10 +17,8 @@ from conductor.grpc_api import GenerationService
 from conductor.http_frontend import build_app, serve_http
 from conductor.live import LiveConductor, LiveConfig, cpu_default_costs
 from conductor.registry import NodeRecord, NodeRegistry
-from conductor.request import NodeId
 from conductor.scheduler import Scheduler
 from conductor.settings import ConductorSettings, SettingsValues
-from conductor.view import DecodeNodeView, PrefillNodeView
 from engine.tokenizer import Tokenizer
 from proto.halfmoon.v1 import common_pb2, generate_pb2, generate_pb2_grpc, node_pb2
 
@@ -81,13 +79,7 @@ def conductor(tokenizer: Tokenizer, decode_blocks: int) -> tuple[LiveConductor, 
         layout = node_pb2.KVLayout(block_size=16, block_bytes=46080 * 16, total_blocks=decode_blocks)
         rec = NodeRecord(node_id, role, "fake", layout, "", None, Prefill() if role == "prefill" else None,
                          decode if role == "decode" else None)
-        if role == "prefill":
-            rec.prefill_view = PrefillNodeView(NodeId(node_id))
-            reg.view.prefill.append(rec.prefill_view)
-        else:
-            rec.decode_view = DecodeNodeView(NodeId(node_id), kv_capacity_tokens=16 * decode_blocks)
-            reg.view.decode.append(rec.decode_view)
-        reg.nodes[node_id] = rec
+        reg.add(rec, follow_events=False)
     settings = ConductorSettings(SettingsValues(admission="early"))
     live = LiveConductor(LiveConfig("m", CONTEXT, 16), tokenizer, Scheduler(settings, cpu_default_costs()), reg)
     return live, decode

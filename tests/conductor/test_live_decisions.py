@@ -18,7 +18,6 @@ from conductor.registry import NodeRecord, NodeRegistry
 from conductor.request import NodeId
 from conductor.scheduler import Scheduler
 from conductor.settings import ConductorSettings, SettingsValues
-from conductor.view import DecodeNodeView, PrefillNodeView
 from engine.block_pool import block_hashes
 from engine.sampling import SamplingParams
 from engine.tokenizer import Tokenizer
@@ -77,14 +76,7 @@ def add_node(reg: NodeRegistry, node_id: str, role: str, log) -> NodeRecord:
     rec = NodeRecord(node_id, role, "fake", layout, "", None,
                      FakePrefill(log, node_id) if role == "prefill" else None,
                      FakeDecode(log, node_id) if role == "decode" else None)
-    if role == "prefill":
-        rec.prefill_view = PrefillNodeView(NodeId(node_id))
-        reg.view.prefill.append(rec.prefill_view)
-    else:
-        rec.decode_view = DecodeNodeView(NodeId(node_id), kv_capacity_tokens=16 * 1024)
-        reg.view.decode.append(rec.decode_view)
-    reg.nodes[node_id] = rec
-    return rec
+    return reg.add(rec, follow_events=False)
 
 
 @pytest.fixture(scope="module")

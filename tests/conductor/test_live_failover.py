@@ -19,10 +19,8 @@ from cluster.metrics import ConductorMetrics
 from conductor.frontend_api import Finished, GenerateRequest, RequestFailed, TokenChunk
 from conductor.live import LiveConductor, LiveConfig, cpu_default_costs
 from conductor.registry import NodeRecord, NodeRegistry
-from conductor.request import NodeId
 from conductor.scheduler import Scheduler
 from conductor.settings import ConductorSettings, SettingsValues
-from conductor.view import DecodeNodeView, PrefillNodeView
 from engine.sampling import SamplingParams
 from engine.tokenizer import Tokenizer
 from proto.halfmoon.v1 import common_pb2, node_pb2
@@ -183,14 +181,7 @@ class Cluster:
         layout = node_pb2.KVLayout(block_size=16, block_bytes=46080 * 16, total_blocks=1024)
         rec = NodeRecord(node_id, role, "fake", layout, "", None, fake if role == "prefill" else None,
                          fake if role == "decode" else None)
-        if role == "prefill":
-            rec.prefill_view = PrefillNodeView(NodeId(node_id))
-            self.reg.view.prefill.append(rec.prefill_view)
-        else:
-            rec.decode_view = DecodeNodeView(NodeId(node_id), kv_capacity_tokens=16 * 1024)
-            self.reg.view.decode.append(rec.decode_view)
-        self.reg.nodes[node_id] = rec
-        return rec
+        return self.reg.add(rec, follow_events=False)
 
     async def generate(self, max_tokens=MAX_TOKENS):
         req = GenerateRequest("client-7", SamplingParams(max_tokens=max_tokens), prompt_token_ids=PROMPT)
