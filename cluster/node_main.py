@@ -65,12 +65,13 @@ async def serve_node(spec: NodeSpec, stop: asyncio.Event | None = None) -> None:
     from decode_node.service import DecodeService
     from engine.audit import audit_periodically
     from engine.config import EngineConfig
+    from engine import gpu_stats
     from engine.engine import LLMEngine
     from engine.kv_cache import kv_shape
     from engine.loader import load_model
     from engine.worker import EngineWorker
     from prefill_node.service import PrefillService
-    from proto.halfmoon.v1 import node_pb2, node_pb2_grpc
+    from proto.halfmoon.v1 import common_pb2, node_pb2, node_pb2_grpc
     from transfer_engine import TransferEngine
 
     stop = stop or asyncio.Event()
@@ -136,6 +137,7 @@ async def serve_node(spec: NodeSpec, stop: asyncio.Event | None = None) -> None:
     channel = grpc.aio.insecure_channel(spec.conductor, options=RECONNECT_OPTIONS)
     control = node_pb2_grpc.ConductorControlStub(channel)
     seen = (0, 0)
+    gpu_index = gpu_stats.device_index(engine.kv.tensor.device)  # None on CPU: no GPU stats
     lost = False  # the last heartbeat got no answer
     try:
         interval = await _register(control, register, spec.control_secret, stop)
@@ -156,6 +158,11 @@ async def serve_node(spec: NodeSpec, stop: asyncio.Event | None = None) -> None:
                 prefix_queries_tokens=st.prefix_queries_tokens, prefix_hits_tokens=st.prefix_hits_tokens,
                 kv_event_seq=getattr(getattr(service, "events", None), "seq", 0),
                 tiers=tier_use(engine, tier_stats) if tier_stats is not None else [])
+            gpu = gpu_stats.read(gpu_index) if gpu_index is not None else None
+            if gpu is not None:
+                load.gpu.CopyFrom(common_pb2.GPUUse(
+                    index=gpu.index, name=gpu.name, memory_used_bytes=gpu.memory_used_bytes,
+                    memory_total_bytes=gpu.memory_total_bytes, utilization_pct=gpu.utilization_pct))
             try:
                 beat = node_pb2.HeartbeatRequest(node_id=spec.node_id, load=load)
                 resp = await control.Heartbeat(beat, timeout=5, metadata=_signed(spec.control_secret, "Heartbeat", beat))

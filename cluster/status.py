@@ -11,11 +11,14 @@ JSON (`--json`), schema "halfmoon.status/v1"; fields are only ever added:
                 "prefix_hit_rate": 0.3333,          # null before any lookup
                 "heartbeat_age_s": 0.41, "metrics_address": "127.0.0.1:43127",
                 "tiers": [{"tier": "host", "used_blocks": 40, "capacity_blocks": 1450,   # only on nodes
-                           "hit_tokens": 64, "hit_rate": 0.2133}, ...]}],               # with KV tiers
+                           "hit_tokens": 64, "hit_rate": 0.2133}, ...],                 # with KV tiers
+                "gpu": {"index": 0, "name": "NVIDIA H100", "memory_used_bytes": ...,      # only on GPU
+                        "memory_total_bytes": ..., "utilization_pct": 37.0}}],           # nodes
      "settings": {"ttft_slo_s": "10", "policy": "kv_centric", ...}}
 
 A node's `tiers` (device, host, disk, cluster) give each tier's use and the share of the
-node's looked-up prompt tokens it served (`hit_rate`, null before any lookup).
+node's looked-up prompt tokens it served (`hit_rate`, null before any lookup). A node on a GPU
+reports its memory and utilization (NVML, engine/gpu_stats.py); the table then shows them.
 
 Nodes come prefill first, then decode, each kind by id.
 """
@@ -44,6 +47,16 @@ class NodeRow:
     heartbeat_age_s: float
     metrics_address: str
     tiers: tuple[TierRow, ...] = ()
+    gpu: GPURow | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GPURow:
+    index: int
+    name: str
+    memory_used_bytes: int
+    memory_total_bytes: int
+    utilization_pct: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +81,8 @@ class ClusterStatus:
             row = asdict(n)
             if not n.tiers:
                 del row["tiers"]
+            if n.gpu is None:
+                del row["gpu"]
             nodes.append(row)
         return {"schema": SCHEMA, "conductor": self.conductor, "model": self.model,
                 "nodes": nodes, "settings": dict(self.settings)}
@@ -81,7 +96,9 @@ def from_proto(conductor: str, st: admin_pb2.StatusResponse) -> ClusterStatus:
                 round(n.last_heartbeat_age_s, 3), n.metrics_address,
                 tuple(TierRow(t.tier, t.used_blocks, t.capacity_blocks, t.hit_tokens,
                               round(t.hit_tokens / n.prefix_queries_tokens, 4) if n.prefix_queries_tokens else None)
-                      for t in n.tiers))
+                      for t in n.tiers),
+                GPURow(n.gpu.index, n.gpu.name, n.gpu.memory_used_bytes, n.gpu.memory_total_bytes,
+                       round(n.gpu.utilization_pct, 1)) if n.HasField("gpu") else None)
         for n in sorted(st.nodes, key=lambda n: (n.role != "prefill", n.node_id)))
     return ClusterStatus(conductor, st.model, nodes, {s.name: s.value for s in st.settings})
 
@@ -95,12 +112,18 @@ def tables(status: ClusterStatus) -> list:
     for col in ("node", "role", "address"):  # never cut: on a narrow terminal they fold instead
         t.add_column(col, overflow="fold")
     t.add_column("state")
-    for col in ("running", "waiting", "KV used", "cache hit", "heartbeat"):
+    gpus = any(n.gpu is not None for n in status.nodes)
+    for col in ("running", "waiting", "KV used", "cache hit", "heartbeat", *(("GPU memory", "GPU util") if gpus else ())):
         t.add_column(col, justify="right", no_wrap=True)
     for n in status.nodes:
         hit = f"{n.prefix_hit_rate:.1%}" if n.prefix_hit_rate is not None else "-"
+        gpu = []
+        if gpus:
+            g = n.gpu
+            gpu = (["-", "-"] if g is None else
+                   [f"{g.memory_used_bytes / 2**30:.1f}/{g.memory_total_bytes / 2**30:.1f} GiB", f"{g.utilization_pct:.0f}%"])
         t.add_row(n.id, n.role, n.address, n.state, str(n.running), str(n.waiting),
-                  f"{n.kv_blocks_used}/{n.kv_blocks_total}", hit, f"{n.heartbeat_age_s:.1f}s ago")
+                  f"{n.kv_blocks_used}/{n.kv_blocks_total}", hit, f"{n.heartbeat_age_s:.1f}s ago", *gpu)
     out = [t]
     if any(n.tiers for n in status.nodes):
         k = Table(title="KV tiers (use, and the share of looked-up prompt tokens each served)")

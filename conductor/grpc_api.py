@@ -182,7 +182,8 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                 running=ld.running, waiting=ld.waiting, kv_blocks_used=rec.layout.total_blocks - ld.free_blocks,
                 kv_blocks_total=rec.layout.total_blocks, prefix_queries_tokens=ld.prefix_queries_tokens,
                 prefix_hits_tokens=ld.prefix_hits_tokens, last_heartbeat_age_s=now - rec.last_seen,
-                metrics_address=rec.metrics_address, tiers=list(ld.tiers)))
+                metrics_address=rec.metrics_address, tiers=list(ld.tiers),
+                gpu=ld.gpu if ld.HasField("gpu") else None))
         return admin_pb2.StatusResponse(nodes=nodes, settings=self._settings(), model=self.model_name)
 
     async def GetSettings(self, request, context):

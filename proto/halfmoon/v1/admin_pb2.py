@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from proto.halfmoon.v1 import common_pb2 as proto_dot_halfmoon_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dproto/halfmoon/v1/admin.proto\x12\x0bhalfmoon.v1\x1a\x1eproto/halfmoon/v1/common.proto\"\xb7\x02\n\nNodeStatus\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\r\n\x05state\x18\x04 \x01(\t\x12\x0f\n\x07running\x18\x05 \x01(\r\x12\x0f\n\x07waiting\x18\x06 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x07 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x08 \x01(\r\x12\x1d\n\x15prefix_queries_tokens\x18\t \x01(\x04\x12\x1a\n\x12prefix_hits_tokens\x18\n \x01(\x04\x12\x1c\n\x14last_heartbeat_age_s\x18\x0b \x01(\x01\x12\x17\n\x0fmetrics_address\x18\x0c \x01(\t\x12%\n\x05tiers\x18\r \x03(\x0b\x32\x16.halfmoon.v1.KVTierUse\";\n\x07Setting\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\"\x0f\n\rStatusRequest\"o\n\x0eStatusResponse\x12&\n\x05nodes\x18\x01 \x03(\x0b\x32\x17.halfmoon.v1.NodeStatus\x12&\n\x08settings\x18\x02 \x03(\x0b\x32\x14.halfmoon.v1.Setting\x12\r\n\x05model\x18\x03 \x01(\t\"\x14\n\x12GetSettingsRequest\"=\n\x13GetSettingsResponse\x12&\n\x08settings\x18\x01 \x03(\x0b\x32\x14.halfmoon.v1.Setting\"\x8f\x01\n\x12SetSettingsRequest\x12;\n\x06values\x18\x01 \x03(\x0b\x32+.halfmoon.v1.SetSettingsRequest.ValuesEntry\x12\r\n\x05\x61\x63tor\x18\x02 \x01(\t\x1a-\n\x0bValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"N\n\x13SetSettingsResponse\x12&\n\x08settings\x18\x01 \x03(\x0b\x32\x14.halfmoon.v1.Setting\x12\x0f\n\x07\x63hanged\x18\x02 \x03(\t2\xee\x01\n\x05\x41\x64min\x12\x41\n\x06Status\x12\x1a.halfmoon.v1.StatusRequest\x1a\x1b.halfmoon.v1.StatusResponse\x12P\n\x0bGetSettings\x12\x1f.halfmoon.v1.GetSettingsRequest\x1a .halfmoon.v1.GetSettingsResponse\x12P\n\x0bSetSettings\x12\x1f.halfmoon.v1.SetSettingsRequest\x1a .halfmoon.v1.SetSettingsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dproto/halfmoon/v1/admin.proto\x12\x0bhalfmoon.v1\x1a\x1eproto/halfmoon/v1/common.proto\"\xd9\x02\n\nNodeStatus\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\r\n\x05state\x18\x04 \x01(\t\x12\x0f\n\x07running\x18\x05 \x01(\r\x12\x0f\n\x07waiting\x18\x06 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x07 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x08 \x01(\r\x12\x1d\n\x15prefix_queries_tokens\x18\t \x01(\x04\x12\x1a\n\x12prefix_hits_tokens\x18\n \x01(\x04\x12\x1c\n\x14last_heartbeat_age_s\x18\x0b \x01(\x01\x12\x17\n\x0fmetrics_address\x18\x0c \x01(\t\x12%\n\x05tiers\x18\r \x03(\x0b\x32\x16.halfmoon.v1.KVTierUse\x12 \n\x03gpu\x18\x0e \x01(\x0b\x32\x13.halfmoon.v1.GPUUse\";\n\x07Setting\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\"\x0f\n\rStatusRequest\"o\n\x0eStatusResponse\x12&\n\x05nodes\x18\x01 \x03(\x0b\x32\x17.halfmoon.v1.NodeStatus\x12&\n\x08settings\x18\x02 \x03(\x0b\x32\x14.halfmoon.v1.Setting\x12\r\n\x05model\x18\x03 \x01(\t\"\x14\n\x12GetSettingsRequest\"=\n\x13GetSettingsResponse\x12&\n\x08settings\x18\x01 \x03(\x0b\x32\x14.halfmoon.v1.Setting\"\x8f\x01\n\x12SetSettingsRequest\x12;\n\x06values\x18\x01 \x03(\x0b\x32+.halfmoon.v1.SetSettingsRequest.ValuesEntry\x12\r\n\x05\x61\x63tor\x18\x02 \x01(\t\x1a-\n\x0bValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"N\n\x13SetSettingsResponse\x12&\n\x08settings\x18\x01 \x03(\x0b\x32\x14.halfmoon.v1.Setting\x12\x0f\n\x07\x63hanged\x18\x02 \x03(\t2\xee\x01\n\x05\x41\x64min\x12\x41\n\x06Status\x12\x1a.halfmoon.v1.StatusRequest\x1a\x1b.halfmoon.v1.StatusResponse\x12P\n\x0bGetSettings\x12\x1f.halfmoon.v1.GetSettingsRequest\x1a .halfmoon.v1.GetSettingsResponse\x12P\n\x0bSetSettings\x12\x1f.halfmoon.v1.SetSettingsRequest\x1a .halfmoon.v1.SetSettingsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,23 +35,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SETSETTINGSREQUEST_VALUESENTRY']._loaded_options = None
   _globals['_SETSETTINGSREQUEST_VALUESENTRY']._serialized_options = b'8\001'
   _globals['_NODESTATUS']._serialized_start=79
-  _globals['_NODESTATUS']._serialized_end=390
-  _globals['_SETTING']._serialized_start=392
-  _globals['_SETTING']._serialized_end=451
-  _globals['_STATUSREQUEST']._serialized_start=453
-  _globals['_STATUSREQUEST']._serialized_end=468
-  _globals['_STATUSRESPONSE']._serialized_start=470
-  _globals['_STATUSRESPONSE']._serialized_end=581
-  _globals['_GETSETTINGSREQUEST']._serialized_start=583
-  _globals['_GETSETTINGSREQUEST']._serialized_end=603
-  _globals['_GETSETTINGSRESPONSE']._serialized_start=605
-  _globals['_GETSETTINGSRESPONSE']._serialized_end=666
-  _globals['_SETSETTINGSREQUEST']._serialized_start=669
-  _globals['_SETSETTINGSREQUEST']._serialized_end=812
-  _globals['_SETSETTINGSREQUEST_VALUESENTRY']._serialized_start=767
-  _globals['_SETSETTINGSREQUEST_VALUESENTRY']._serialized_end=812
-  _globals['_SETSETTINGSRESPONSE']._serialized_start=814
-  _globals['_SETSETTINGSRESPONSE']._serialized_end=892
-  _globals['_ADMIN']._serialized_start=895
-  _globals['_ADMIN']._serialized_end=1133
+  _globals['_NODESTATUS']._serialized_end=424
+  _globals['_SETTING']._serialized_start=426
+  _globals['_SETTING']._serialized_end=485
+  _globals['_STATUSREQUEST']._serialized_start=487
+  _globals['_STATUSREQUEST']._serialized_end=502
+  _globals['_STATUSRESPONSE']._serialized_start=504
+  _globals['_STATUSRESPONSE']._serialized_end=615
+  _globals['_GETSETTINGSREQUEST']._serialized_start=617
+  _globals['_GETSETTINGSREQUEST']._serialized_end=637
+  _globals['_GETSETTINGSRESPONSE']._serialized_start=639
+  _globals['_GETSETTINGSRESPONSE']._serialized_end=700
+  _globals['_SETSETTINGSREQUEST']._serialized_start=703
+  _globals['_SETSETTINGSREQUEST']._serialized_end=846
+  _globals['_SETSETTINGSREQUEST_VALUESENTRY']._serialized_start=801
+  _globals['_SETSETTINGSREQUEST_VALUESENTRY']._serialized_end=846
+  _globals['_SETSETTINGSRESPONSE']._serialized_start=848
+  _globals['_SETSETTINGSRESPONSE']._serialized_end=926
+  _globals['_ADMIN']._serialized_start=929
+  _globals['_ADMIN']._serialized_end=1167
 # @@protoc_insertion_point(module_scope)

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class NodeStatus(_message.Message):
-    __slots__ = ("node_id", "role", "address", "state", "running", "waiting", "kv_blocks_used", "kv_blocks_total", "prefix_queries_tokens", "prefix_hits_tokens", "last_heartbeat_age_s", "metrics_address", "tiers")
+    __slots__ = ("node_id", "role", "address", "state", "running", "waiting", "kv_blocks_used", "kv_blocks_total", "prefix_queries_tokens", "prefix_hits_tokens", "last_heartbeat_age_s", "metrics_address", "tiers", "gpu")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -22,6 +22,7 @@ class NodeStatus(_message.Message):
     LAST_HEARTBEAT_AGE_S_FIELD_NUMBER: _ClassVar[int]
     METRICS_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     TIERS_FIELD_NUMBER: _ClassVar[int]
+    GPU_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     role: str
     address: str
@@ -35,7 +36,8 @@ class NodeStatus(_message.Message):
     last_heartbeat_age_s: float
     metrics_address: str
     tiers: _containers.RepeatedCompositeFieldContainer[_common_pb2.KVTierUse]
-    def __init__(self, node_id: _Optional[str] = ..., role: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[str] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., prefix_queries_tokens: _Optional[int] = ..., prefix_hits_tokens: _Optional[int] = ..., last_heartbeat_age_s: _Optional[float] = ..., metrics_address: _Optional[str] = ..., tiers: _Optional[_Iterable[_Union[_common_pb2.KVTierUse, _Mapping]]] = ...) -> None: ...
+    gpu: _common_pb2.GPUUse
+    def __init__(self, node_id: _Optional[str] = ..., role: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[str] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., prefix_queries_tokens: _Optional[int] = ..., prefix_hits_tokens: _Optional[int] = ..., last_heartbeat_age_s: _Optional[float] = ..., metrics_address: _Optional[str] = ..., tiers: _Optional[_Iterable[_Union[_common_pb2.KVTierUse, _Mapping]]] = ..., gpu: _Optional[_Union[_common_pb2.GPUUse, _Mapping]] = ...) -> None: ...
 
 class Setting(_message.Message):
     __slots__ = ("name", "value", "description")

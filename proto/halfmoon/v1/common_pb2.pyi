@@ -140,3 +140,17 @@ class KVTierUse(_message.Message):
     capacity_blocks: int
     hit_tokens: int
     def __init__(self, tier: _Optional[str] = ..., used_blocks: _Optional[int] = ..., capacity_blocks: _Optional[int] = ..., hit_tokens: _Optional[int] = ...) -> None: ...
+
+class GPUUse(_message.Message):
+    __slots__ = ("index", "name", "memory_used_bytes", "memory_total_bytes", "utilization_pct")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    UTILIZATION_PCT_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    name: str
+    memory_used_bytes: int
+    memory_total_bytes: int
+    utilization_pct: float
+    def __init__(self, index: _Optional[int] = ..., name: _Optional[str] = ..., memory_used_bytes: _Optional[int] = ..., memory_total_bytes: _Optional[int] = ..., utilization_pct: _Optional[float] = ...) -> None: ...

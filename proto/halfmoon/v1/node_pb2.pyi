@@ -47,7 +47,7 @@ class KVLayout(_message.Message):
     def __init__(self, block_size: _Optional[int] = ..., block_bytes: _Optional[int] = ..., total_blocks: _Optional[int] = ..., model: _Optional[str] = ..., kv_dtype: _Optional[str] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class NodeLoad(_message.Message):
-    __slots__ = ("waiting", "running", "queued_prefill_tokens", "free_blocks", "tokens_in_flight", "prefix_queries_tokens", "prefix_hits_tokens", "kv_event_seq", "tiers")
+    __slots__ = ("waiting", "running", "queued_prefill_tokens", "free_blocks", "tokens_in_flight", "prefix_queries_tokens", "prefix_hits_tokens", "kv_event_seq", "tiers", "gpu")
     WAITING_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     QUEUED_PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -57,6 +57,7 @@ class NodeLoad(_message.Message):
     PREFIX_HITS_TOKENS_FIELD_NUMBER: _ClassVar[int]
     KV_EVENT_SEQ_FIELD_NUMBER: _ClassVar[int]
     TIERS_FIELD_NUMBER: _ClassVar[int]
+    GPU_FIELD_NUMBER: _ClassVar[int]
     waiting: int
     running: int
     queued_prefill_tokens: int
@@ -66,7 +67,8 @@ class NodeLoad(_message.Message):
     prefix_hits_tokens: int
     kv_event_seq: int
     tiers: _containers.RepeatedCompositeFieldContainer[_common_pb2.KVTierUse]
-    def __init__(self, waiting: _Optional[int] = ..., running: _Optional[int] = ..., queued_prefill_tokens: _Optional[int] = ..., free_blocks: _Optional[int] = ..., tokens_in_flight: _Optional[int] = ..., prefix_queries_tokens: _Optional[int] = ..., prefix_hits_tokens: _Optional[int] = ..., kv_event_seq: _Optional[int] = ..., tiers: _Optional[_Iterable[_Union[_common_pb2.KVTierUse, _Mapping]]] = ...) -> None: ...
+    gpu: _common_pb2.GPUUse
+    def __init__(self, waiting: _Optional[int] = ..., running: _Optional[int] = ..., queued_prefill_tokens: _Optional[int] = ..., free_blocks: _Optional[int] = ..., tokens_in_flight: _Optional[int] = ..., prefix_queries_tokens: _Optional[int] = ..., prefix_hits_tokens: _Optional[int] = ..., kv_event_seq: _Optional[int] = ..., tiers: _Optional[_Iterable[_Union[_common_pb2.KVTierUse, _Mapping]]] = ..., gpu: _Optional[_Union[_common_pb2.GPUUse, _Mapping]] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
     __slots__ = ("node_id", "role", "address", "layout", "transfer_descriptor", "metrics_address")
