@@ -1,7 +1,8 @@
 """The `halfmoon` command line."""
 from __future__ import annotations
 
-import importlib
+import importlib.util
+import subprocess
 import sys
 import uuid
 from pathlib import Path
@@ -356,25 +357,31 @@ def quantize(ctx: typer.Context) -> None:
     raise typer.Exit(quantize_main(list(ctx.args)) or 0)
 
 
+def _run_bench(name: str, args: list[str]) -> int:
+    """Run the program `bench.NAME` (its `main(argv)`) in a process of its own: benchmarks use
+    every package and none imports them, this CLI included (DESIGN.md §1)."""
+    spec = importlib.util.find_spec("bench")  # finds the package without importing it
+    where = Path(spec.submodule_search_locations[0]) if spec and spec.submodule_search_locations else None
+    if where is None or not ((where / f"{name}.py").is_file() or (where / name / "__init__.py").is_file()):
+        typer.echo(f"error: no benchmark named {name!r}", err=True)
+        return 2
+    code = f"import sys, importlib; sys.exit(importlib.import_module('bench.{name}').main(sys.argv[1:]) or 0)"
+    return subprocess.call([sys.executable, "-c", code, *args])
+
+
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def profile(ctx: typer.Context) -> None:
     """Profile the engine on this machine and write a cost-model file (try `--help`)."""
-    from bench.profile import main as profile_main
-
-    raise typer.Exit(profile_main(list(ctx.args)) or 0)
+    raise typer.Exit(_run_bench("profile", list(ctx.args)))
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def bench(ctx: typer.Context, name: str = typer.Argument(..., help="engine | transfer | sim | replay | ...")) -> None:
     """Run the benchmark `bench/NAME.py` (extra arguments go to it; try `--help`)."""
-    try:
-        mod = importlib.import_module(f"bench.{name}")
-    except ModuleNotFoundError as e:
-        if e.name in (f"bench.{name}", "bench"):
-            typer.echo(f"error: no benchmark named {name!r}", err=True)
-            raise typer.Exit(2)
-        raise
-    raise typer.Exit(mod.main(list(ctx.args)) or 0)
+    if not name.isidentifier():
+        typer.echo(f"error: no benchmark named {name!r}", err=True)
+        raise typer.Exit(2)
+    raise typer.Exit(_run_bench(name, list(ctx.args)))
 
 
 def main() -> None:

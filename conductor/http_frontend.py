@@ -35,8 +35,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Send
 
-from cluster.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from cluster.metrics import HttpMetrics, exposition
+from conductor.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from conductor.metrics import HttpMetrics, exposition
 from conductor.auth import key_problem
 from conductor.frontend_api import Backend, Finished, GenerateRequest, RequestFailed, TokenChunk
 from conductor.http_errors import ApiError, api_error_from, not_found

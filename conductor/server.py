@@ -69,7 +69,7 @@ async def serve_conductor(spec: ConductorSpec, stop: asyncio.Event | None = None
                           started: asyncio.Future | None = None) -> None:
     from prometheus_client import CollectorRegistry
 
-    from cluster.metrics import ConductorMetrics
+    from conductor.metrics import ConductorMetrics
     from conductor.cost_model import CostModel
     from conductor.auth import ApiKeyInterceptor, ControlVerifier, exposure_warning
     from conductor.grpc_api import AdminService, ControlService, GenerationService

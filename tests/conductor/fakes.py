@@ -9,7 +9,7 @@ from typing import AsyncIterator
 
 from prometheus_client import CollectorRegistry
 
-from cluster.metrics import ConductorMetrics
+from conductor.metrics import ConductorMetrics
 from conductor.frontend_api import Finished, GenerateRequest, Rejected, Timing, TokenChunk, Usage
 
 

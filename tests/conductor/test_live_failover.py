@@ -15,7 +15,7 @@ import grpc
 import pytest
 from prometheus_client import CollectorRegistry
 
-from cluster.metrics import ConductorMetrics
+from conductor.metrics import ConductorMetrics
 from conductor.frontend_api import Finished, GenerateRequest, RequestFailed, TokenChunk
 from conductor.live import LiveConductor, LiveConfig, cpu_default_costs
 from conductor.registry import NodeRecord, NodeRegistry
