@@ -93,9 +93,15 @@ class PrefillService(node_pb2_grpc.PrefillNodeServicer):
         worker.add_hook(self._after_step)
 
     # --- engine thread -----------------------------------------------------------------
-    def _after_step(self, engine: LLMEngine, outputs: list[RequestOutput]) -> None:
+    def _count_queued(self, engine: LLMEngine) -> None:
+        """The uncomputed prompt tokens heartbeats report: after every step, and when a request
+        is added (else a prompt added during a long step is missing from the report until the
+        step ends, and the conductor reads the node as idle)."""
         self.queued_prefill_tokens = sum(r.num_uncomputed for r in engine.scheduler.waiting) + sum(
             r.num_uncomputed for r in engine.scheduler.running)
+
+    def _after_step(self, engine: LLMEngine, outputs: list[RequestOutput]) -> None:
+        self._count_queued(engine)
         for job in list(self._jobs.values()):
             req = engine.get_request(job.request_id)
             if req is None or job.first_token is not None:
@@ -217,6 +223,7 @@ class PrefillService(node_pb2_grpc.PrefillNodeServicer):
             eng.add_request(rid, pparams, prompt_token_ids=prompt, hold_blocks=True)
             self._jobs[rid] = job
             self.worker.set_sink(rid, on_output)
+            self._count_queued(eng)
             return True
 
         try:
