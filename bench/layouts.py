@@ -9,7 +9,8 @@ within a TTFT SLO of a few unloaded TTFTs on one prefill core).
 
 For each layout in turn (never both at once, so they get the same two cores): start the
 cluster (`1p1d`: one prefill + one decode node; `2co`: two colocated nodes; one thread
-per node either way), measure unloaded single-request TTFT and TBT, replay the sweep with
+per node either way; ``--dtype`` sets the nodes' model dtype, float32 by default), measure
+unloaded single-request TTFT and TBT, replay the sweep with
 `bench.replay` through gRPC, stop the cluster. SLOs are `--ttft-x` / `--tbt-x` times the
 unloaded values of the first layout, unless given in seconds. Writes each layout's
 replay JSON, a summary JSON, a comparison table and overlaid plots.
@@ -26,7 +27,7 @@ TRACE = Path(__file__).resolve().parents[1].parent / "shared" / "traces" / "conv
 LAYOUTS = {"1p1d": (1, 1, 0), "2co": (0, 0, 2)}
 
 
-def _start(layout: str, threads: int):
+def _start(layout: str, threads: int, dtype: str = "float32"):
     from cluster.local import LocalCluster
     from cluster.node_main import NodeSpec
     from cluster.specs import free_port
@@ -36,7 +37,7 @@ def _start(layout: str, threads: int):
     spec = ConductorSpec(grpc_port=free_port(), http_port=None, settings={"admission": "none"},
                          heartbeat_interval_s=0.5)
     node = NodeSpec(role="prefill", node_id="", conductor="", num_blocks=2048, num_threads=threads,
-                    max_num_batched_tokens=256)
+                    max_num_batched_tokens=256, dtype=dtype)
     return LocalCluster.build(p, d, conductor=spec, node=node, colocated=co).start()
 
 
@@ -76,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-output-tokens", type=int, default=64)
     ap.add_argument("--max-input-tokens", type=int, default=1024)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per node")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "w8a8", "fp8"],
+                    help="the nodes' model dtype (engine/quant.py)")
     ap.add_argument("--spread-ms", type=float, default=3000.0,
                     help="spread requests sharing a trace timestamp over this many trace ms (the trace "
                          "rounds timestamps to 3 s; 0 replays each burst as one instant)")
@@ -106,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     summary: dict = {"layouts": {}, "args": {k: str(v) for k, v in vars(args).items()}}
     for layout in layouts:
         con.print(f"[bold]starting {layout}[/bold]")
-        cluster = _start(layout, args.threads)
+        cluster = _start(layout, args.threads, args.dtype)
         try:
             ttft0, tbt0 = unloaded(cluster.address, 376, 34)  # the scaled trace's mean request
             con.print(f"{layout}: unloaded TTFT {ttft0 * 1e3:.0f} ms, TBT {tbt0 * 1e3:.1f} ms")

@@ -8,6 +8,12 @@ Prompts are distinct random token ids (no prefix-cache hits) of exactly `--promp
 decoding is greedy with EOS ignored, so every answer has exactly `--output-tokens` tokens.
 Reports TTFT p50/p99 with the conductor's breakdown (queue, prefill, KV transfer, first
 decode step), TBT p50/p99 over all token gaps, and output tokens/s.
+
+With ``--dtype`` (float32, bfloat16, w8a8, fp8) it starts its own local cluster instead
+(``--prefill`` + ``--decode`` nodes in that model dtype, one process each, admission off) and
+stops it afterwards; ``--address`` is then ignored:
+
+    python -m bench.serve --dtype w8a8 --requests 64 --concurrency 8 --json out/serve_w8a8.json
 """
 from __future__ import annotations
 
@@ -105,7 +111,35 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt-tokens", type=int, default=256)
     ap.add_argument("--output-tokens", type=int, default=64)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "w8a8", "fp8"],
+                    help="start a local cluster with nodes in this model dtype (else use --address)")
+    ap.add_argument("--prefill", type=int, default=1, help="with --dtype: prefill nodes")
+    ap.add_argument("--decode", type=int, default=1, help="with --dtype: decode nodes")
+    ap.add_argument("--threads", type=int, default=1, help="with --dtype: torch threads per node")
     args = ap.parse_args(argv)
+    if args.dtype is None:
+        return _measure(args, args.address)
+    cluster = start_cluster(args.dtype, args.prefill, args.decode, args.threads)
+    try:
+        return _measure(args, cluster.address)
+    finally:
+        cluster.stop()
+
+
+def start_cluster(dtype: str, prefill: int, decode: int, threads: int):
+    """A local cluster (`cluster.local.LocalCluster`) whose nodes run the model in `dtype`."""
+    from cluster.local import LocalCluster
+    from cluster.node_main import NodeSpec
+    from cluster.specs import free_port
+    from conductor.server import ConductorSpec
+
+    spec = ConductorSpec(grpc_port=free_port(), http_port=None, settings={"admission": "none"},
+                         heartbeat_interval_s=0.5)
+    node = NodeSpec(role="prefill", node_id="", conductor="", num_blocks=2048, num_threads=threads, dtype=dtype)
+    return LocalCluster.build(prefill, decode, conductor=spec, node=node).start()
+
+
+def _measure(args, address: str) -> int:
 
     from rich.console import Console
     from rich.progress import Progress
@@ -114,12 +148,12 @@ def main(argv: list[str] | None = None) -> int:
     con = Console()
     with Progress(console=con) as prog:
         task = prog.add_task("requests", total=args.requests)
-        res, wall = run(args.address, args.requests, args.concurrency, args.prompt_tokens, args.output_tokens,
+        res, wall = run(address, args.requests, args.concurrency, args.prompt_tokens, args.output_tokens,
                         progress=lambda: prog.advance(task))
     s = res.samples
     gaps = [g for x in s for g in x.gaps_s]
     summary = {
-        "requests": args.requests, "completed": len(s), "errors": len(res.errors),
+        "requests": args.requests, "completed": len(s), "errors": len(res.errors), "dtype": args.dtype,
         "concurrency": args.concurrency, "prompt_tokens": args.prompt_tokens, "output_tokens": args.output_tokens,
         "wall_s": wall, "output_tokens_per_s": sum(x.tokens for x in s) / wall,
         "ttft_p50_s": _pct([x.ttft_s for x in s], 50), "ttft_p99_s": _pct([x.ttft_s for x in s], 99),
@@ -131,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
                                  for k in ("queue_s", "prefill_s", "kv_transfer_s", "first_decode_s", "server_ttft_s")},
     }
     t = Table(title=f"closed loop: {args.requests} requests, concurrency {args.concurrency}, "
-                    f"{args.prompt_tokens}+{args.output_tokens} tokens")
+                    f"{args.prompt_tokens}+{args.output_tokens} tokens"
+                    + (f", {args.prefill}P+{args.decode}D in {args.dtype}" if args.dtype else ""))
     t.add_column("metric")
     t.add_column("p50", justify="right")
     t.add_column("p99", justify="right")
