@@ -276,7 +276,7 @@ class KVTiersConfig(_Section):
     store: bool = Field(True, description="the cluster tier on Mooncake Store, shared by every node")
     store_master: str | None = Field(
         None, description="host:port of a running mooncake_master every node reaches; None: the launcher "
-        "starts one beside the conductor (loopback; `halfmoon up` then runs without the store)")
+        "starts one beside the conductor (loopback; `halfmoon up`: an actor on the conductor's Ray node)")
     store_metadata: str | None = Field(None, description="the master's HTTP metadata URL; None: "
                                                          "http://<master host>:<master port + 1>/metadata")
     store_gb: float = Field(1.0, gt=0, description="memory the store keeper beside a launcher-started master "

@@ -217,3 +217,58 @@ class NodeActor(_ServerActor):
 
     def info(self) -> NodeInfo:
         return NodeInfo(self._place, self.spec.node_id, self.spec.role, self.spec.host)
+
+
+@dataclass(frozen=True, slots=True)
+class StoreInfo:
+    """The Mooncake master of the cluster KV tier, as its actor started it: `address` and
+    `metadata_url` for the nodes, or `reason` why there is none (the tier is then off)."""
+
+    placement: Placement
+    address: str | None
+    metadata_url: str | None
+    reason: str = ""
+
+
+class StoreMasterActor:
+    """`mooncake_master` (and the store keeper that mounts `keeper_gb` GiB into it) as child
+    processes of a Ray actor beside the conductor, listening on its Ray node's address (free
+    ports). Where the wheel cannot load or the master does not start, `info()` says why and
+    nothing runs. `stop()` (and SIGTERM, through atexit) stops both processes."""
+
+    def __init__(self, keeper_gb: float) -> None:
+        from engine.tiers.mooncake_store import MooncakeMaster, StoreUnavailable, store_unavailable_reason
+
+        _setup_logging("store-master")
+        self._place = _placement()
+        self.master = None
+        self.reason = store_unavailable_reason() or ""
+        if self.reason:
+            return
+        host = self._place.node_ip
+        master = MooncakeMaster(free_port(host), free_port(host), free_port(host), host=host, keeper_gb=keeper_gb)
+        try:
+            self.master = master.start()
+        except StoreUnavailable as exc:
+            self.reason = str(exc)
+            return
+        atexit.register(self.stop)
+
+    def info(self) -> StoreInfo:
+        m = self.master
+        return StoreInfo(self._place, m.address if m else None, m.metadata_url if m else None, self.reason)
+
+    def check(self) -> None:
+        """Raise if the master (or its keeper) exited (Ray re-raises it at the caller)."""
+        m = self.master
+        if m is None:
+            return
+        for what, proc in (("mooncake_master", m.proc), ("the store keeper", m.keeper)):
+            if proc is not None and proc.poll() is not None:
+                raise ServerExited(f"{what} exited with code {proc.returncode}")
+
+    def stop(self, timeout_s: float = 15.0) -> bool:
+        if self.master is not None:
+            self.master.stop(min(timeout_s, 5.0))
+            self.master = None
+        return True

@@ -2,7 +2,9 @@
 
 Order: the conductor actor first (placed by `conductor.num_cpus/num_gpus/resources`); its
 gRPC address is read back from the actor, since it may listen on port 0 or on a machine
-chosen by Ray. Then one actor per node, placed by its group's resources (e.g.
+chosen by Ray. With the cluster KV tier on and no master configured (`halfmoon up`; the
+embedded launcher starts its own first), the Mooncake master actor `halfmoon-store-master`
+next, on the conductor's Ray node, and the nodes are pointed at it. Then one actor per node, placed by its group's resources (e.g.
 `{"prefill": 1}`), each told the conductor's address. The deployment is ready once every
 node has registered at the conductor (Admin `Status`) and the conductor reports itself
 ready (gRPC health of `halfmoon.v1.Generation`). Actors are named
@@ -23,9 +25,9 @@ from typing import TYPE_CHECKING
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cluster.config import ClusterConfig
+from cluster.config import ClusterConfig, with_overrides
 from cluster.metrics import ScrapeTarget, write_scrape_targets
-from cluster.ray_actors import ConductorActor, ConductorInfo, NodeActor, NodeInfo
+from cluster.ray_actors import ConductorActor, ConductorInfo, NodeActor, NodeInfo, StoreInfo, StoreMasterActor
 from cluster.specs import NodePlan, conductor_spec, node_plans, with_secrets
 from conductor.auth import keyed_channel
 from conductor.readiness import GENERATION_SERVICE
@@ -38,6 +40,7 @@ log = logging.getLogger("halfmoon.ray")
 
 ACTOR_PREFIX = "halfmoon-"
 CONDUCTOR_NAME = ACTOR_PREFIX + "conductor"
+STORE_MASTER_NAME = ACTOR_PREFIX + "store-master"
 
 
 def actor_name(node_id: str) -> str:
@@ -57,6 +60,7 @@ class Deployment:
     namespace: str
     conductor: ConductorInfo
     nodes: tuple[NodeInfo, ...]
+    store: StoreInfo | None = None  # the cluster KV tier's master, when this launcher started one
 
     @property
     def grpc_address(self) -> str:
@@ -91,6 +95,7 @@ class RayLauncher:
         self._actors: dict[str, ActorHandle] = {}  # in start order
         self._asks: dict[str, dict] = {}
         self._placed: set[str] = set()  # actors that answered: only these can stop gracefully
+        self.store: StoreInfo | None = None
 
     def start(self, timeout_s: float = 300.0) -> Deployment:
         import ray
@@ -108,6 +113,7 @@ class RayLauncher:
                                     dict(self.config.conductor.ray_options()))
             cinfo = self._get_info(CONDUCTOR_NAME, conductor.info.remote(timeout_s), deadline)
             log.info("conductor on Ray node %s at %s", cinfo.placement.ray_node_id[:8], cinfo.grpc_address)
+            self._start_store(cinfo, deadline)
             plans = node_plans(self.config, cinfo.control_address)
             for plan in plans:
                 self._spawn(actor_name(plan.node_id), NodeActor, plan, dict(plan.options))
@@ -115,10 +121,35 @@ class RayLauncher:
         except BaseException:
             self.stop()
             raise
-        deployment = Deployment(self.namespace, cinfo, nodes)
+        deployment = Deployment(self.namespace, cinfo, nodes, self.store)
         if self.config.conductor.prometheus_targets_file is not None:
             self._write_targets(deployment)
         return deployment
+
+    def _start_store(self, conductor: ConductorInfo, deadline: float) -> None:
+        """The cluster KV tier's Mooncake master as an actor on the conductor's Ray node, when
+        the store is on and no master is configured; the nodes' config then points at it.
+        Where it cannot run (no wheel, a master that does not start), the tier is off and the
+        log says why."""
+        t = self.config.kv_tiers
+        if not t.store or t.store_master is not None or t.host_gb <= 0:
+            return
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        beside = NodeAffinitySchedulingStrategy(conductor.placement.ray_node_id, soft=False)
+        handle = self._spawn(STORE_MASTER_NAME, StoreMasterActor, t.store_gb,
+                             {"num_cpus": 0, "num_gpus": 0, "resources": {}, "scheduling_strategy": beside})
+        info: StoreInfo = self._get_info(STORE_MASTER_NAME, handle.info.remote(), deadline)
+        if info.address is None:
+            log.warning("the cluster KV tier is off: %s", info.reason)
+            stop_actors([(STORE_MASTER_NAME, self._actors.pop(STORE_MASTER_NAME))], 5.0)
+            self._placed.discard(STORE_MASTER_NAME)
+            self.config = with_overrides(self.config, {"kv_tiers.store": False}, source="kv_tiers")
+            return
+        log.info("Mooncake master on Ray node %s at %s", info.placement.ray_node_id[:8], info.address)
+        self.config = with_overrides(self.config, {"kv_tiers.store_master": info.address,
+                                                   "kv_tiers.store_metadata": info.metadata_url}, source="kv_tiers")
+        self.store = info
 
     def _refuse_if_running(self) -> None:
         import ray

@@ -92,6 +92,17 @@ def test_each_actor_runs_on_the_ray_node_offering_its_resource(deployed):
     assert dep.grpc_address.startswith("127.0.0.1:") and not dep.grpc_address.endswith(":0")
 
 
+def test_the_store_master_runs_as_an_actor_beside_the_conductor_and_every_node_uses_it(deployed):
+    launcher, dep = deployed
+    assert dep.store is not None and dep.store.reason == ""
+    assert dep.store.placement.ray_node_id == dep.conductor.placement.ray_node_id
+    assert dep.store.address.startswith("127.0.0.1:") and launcher.config.kv_tiers.store_master == dep.store.address
+    with Client(dep.grpc_address) as c:
+        tiers = {n.node_id: {t.tier for t in n.tiers} for n in c.status().nodes}
+    assert tiers == {"prefill-0": {"device", "host", "disk", "cluster"},
+                     "decode-0": {"device", "host", "disk", "cluster"}}
+
+
 def test_a_request_completes_through_the_ray_cluster(deployed):
     _, dep = deployed
     with Client(dep.grpc_address) as c:
@@ -240,9 +251,14 @@ def test_stop_ends_every_actor_and_sigterm_frees_a_nodes_shared_memory(deployed)
     assert down == ["decode-0"]
     with pytest.raises(DeployError, match="decode-0"):
         launcher.check()
-    pids = [dep.conductor.placement.pid, *(n.placement.pid for n in dep.nodes)]
+    pids = [dep.conductor.placement.pid, *(n.placement.pid for n in dep.nodes), dep.store.placement.pid]
+    master = psutil.Process(dep.store.placement.pid).children()
+    assert master, "the store master actor runs no mooncake_master"
     stopped = launcher.stop()
-    assert set(stopped) == {"halfmoon-conductor", "halfmoon-prefill-0", "halfmoon-decode-0"}
+    assert set(stopped) == {"halfmoon-conductor", "halfmoon-store-master", "halfmoon-prefill-0",
+                            "halfmoon-decode-0"}
+    assert wait_for(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in master),
+                    timeout_s=30)
     assert wait_for(lambda: not any(psutil.pid_exists(p) for p in pids), timeout_s=30)
     assert all(shm_segments_of(p) == [] for p in pids)
     with pytest.raises(grpc.RpcError), Client(dep.grpc_address) as c:
