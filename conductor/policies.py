@@ -428,6 +428,21 @@ def _least_busy_by_depth(
     return groups
 
 
+def _service(costs: CostModel, n: int, bt: int, depth: int, extra: int, extra_s: float, top_depth: int,
+             top_tokens: int, top_prefill_s: float) -> tuple[float, bool]:
+    """Predicted prefill service of an `n`-token prompt on a node caching `depth` blocks of it
+    (and the `extra` blocks after them in its own lower tiers, loaded in `extra_s`), and
+    whether pulling the cluster's longest prefix (`top_depth` blocks = `top_tokens`, then
+    `top_prefill_s` of compute; 0 blocks: nothing to pull) first is what makes it cheapest."""
+    p = _reusable(depth, bt, n)
+    service = costs.local_load_s(p) + extra_s + costs.prefill_s(n, _reusable(depth + extra, bt, n))
+    if depth + extra < top_depth:  # (a pull fetches the blocks its lower tiers hold too)
+        pull_s = costs.local_load_s(p) + costs.network_s(top_tokens - p) + top_prefill_s
+        if pull_s < service:
+            return pull_s, True
+    return service, False
+
+
 class CacheAwareLocalPolicy(Policy):
     """Min over nodes of queue + local load + prefill of what that node does not cache."""
 
@@ -468,13 +483,7 @@ class KvCentricPolicy(Policy):
         top_prefill = costs.prefill_s(n, top_tokens)
         best_key, best_node, best_depth, best_pull = None, None, 0, False
         for (depth, extra, extra_s), (busy, i, node) in groups.items():
-            p = _reusable(depth, bt, n)
-            cost = costs.local_load_s(p) + extra_s + costs.prefill_s(n, _reusable(depth + extra, bt, n))
-            pull = False
-            if depth + extra < top_depth:  # (a pull fetches the blocks its lower tiers hold too)
-                pull_cost = costs.local_load_s(p) + costs.network_s(top_tokens - p) + top_prefill
-                if pull_cost < cost:
-                    cost, pull = pull_cost, True
+            cost, pull = _service(costs, n, bt, depth, extra, extra_s, top_depth, top_tokens, top_prefill)
             queue = busy - now_s if busy > now_s else 0.0
             key = (queue + cost, busy, i)
             if best_key is None or key < best_key:
@@ -552,15 +561,9 @@ class CostAwarePolicy(Policy):
         top_prefill = costs.prefill_s(n, top_tokens)
         options = []
         least = float("inf")
+        pullable = top_depth if top_depth > 0 and _first_holder_or_none(view, cached, top_depth) is not None else 0
         for (depth, extra, extra_s), (busy, i, node) in groups.items():
-            p = _reusable(depth, bt, n)
-            service = costs.local_load_s(p) + extra_s + costs.prefill_s(n, _reusable(depth + extra, bt, n))
-            pull = False
-            if (depth + extra < top_depth and top_depth > 0
-                    and _first_holder_or_none(view, cached, top_depth) is not None):
-                pull_service = costs.local_load_s(p) + costs.network_s(top_tokens - p) + top_prefill
-                if pull_service < service:
-                    service, pull = pull_service, True
+            service, pull = _service(costs, n, bt, depth, extra, extra_s, pullable, top_tokens, top_prefill)
             options.append((service, busy, i, node, depth, pull))
             if service < least:
                 least = service

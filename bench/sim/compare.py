@@ -299,20 +299,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     default = str(parse_policy(args.default or str(DEFAULT_POLICY)))
     if default not in policies:
         policies.append(PolicyName(default))
-    loads = [float(x) for x in (args.loads.split(",") if args.loads else LOADS)]
+    cells = _grid(args, LOADS, started,
+                  lambda workload, load, requests: run_cell(workload, load, requests, config, costs, policies))
+    misses = print_cells(cells, default)
+    print(f"{len(cells) - misses}/{len(cells)} cells meet both targets; {time.perf_counter() - started:.0f} s")
+    _write(args, cells, default, write_json, write_plot)
+    return 0
+
+
+def _grid(args, default_loads, started: float, run) -> list:
+    """`run(workload, load, requests)` for every workload and load the arguments name."""
+    loads = [float(x) for x in (args.loads.split(",") if args.loads else default_loads)]
     cells = []
     for workload in args.workloads.split(","):
         requests = base_requests(workload, args.requests, args.seed)
         for load in loads:
-            cells.append(run_cell(workload, load, requests, config, costs, policies))
+            cells.append(run(workload, load, requests))
             print(f"  {workload} at load {load:g}: done ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
-    misses = print_cells(cells, default)
-    print(f"{len(cells) - misses}/{len(cells)} cells meet both targets; {time.perf_counter() - started:.0f} s")
+    return cells
+
+
+def _write(args, cells: list, default: str, write_json, write_plot) -> None:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         write_json(cells, default, args.json)
         write_plot(cells, default, args.plot or args.json.with_suffix(".png"))
-    return 0
 
 
 def _admission(args, config: SimConfig, costs: CostModel, started: float) -> int:
@@ -323,20 +334,12 @@ def _admission(args, config: SimConfig, costs: CostModel, started: float) -> int
         if needed not in modes:
             modes.append(needed)
     config = replace(config, policy=DEFAULT_POLICY)
-    loads = [float(x) for x in (args.loads.split(",") if args.loads else ADMISSION_LOADS)]
-    cells = []
-    for workload in args.workloads.split(","):
-        requests = base_requests(workload, args.requests, args.seed)
-        for load in loads:
-            cells.append(run_admission_cell(workload, load, requests, config, costs, modes, args.sample,
-                                            parse_policy(args.reference) if args.reference else None))
-            print(f"  {workload} at load {load:g}: done ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
+    reference = parse_policy(args.reference) if args.reference else None
+    cells = _grid(args, ADMISSION_LOADS, started, lambda workload, load, requests: run_admission_cell(
+        workload, load, requests, config, costs, modes, args.sample, reference))
     misses = print_admission(cells, default)
     print(f"{len(cells) - misses}/{len(cells)} cells meet every target; {time.perf_counter() - started:.0f} s")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        write_admission_json(cells, default, args.json)
-        write_admission_plot(cells, default, args.plot or args.json.with_suffix(".png"))
+    _write(args, cells, default, write_admission_json, write_admission_plot)
     return 0
 
 

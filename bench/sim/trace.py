@@ -9,6 +9,7 @@ from pathlib import Path
 
 from bench.replay.trace import TraceRecord, load_trace
 from bench.sim.cluster import SimRequest
+from bench.sim.workloads import repeated_share
 
 # Mooncake's released conversation trace, beside the checkout (DESIGN.md §5).
 DEFAULT_TRACE = Path(__file__).resolve().parents[3] / "shared" / "traces" / "conversation_trace.jsonl"
@@ -39,13 +40,4 @@ def load_sim_requests(path: str | Path, *, speedup: float = 1.0, limit: int | No
 
 def repeat_fraction(requests: list[SimRequest]) -> float:
     """Share of prompt blocks seen before in the trace: the hit rate of an unbounded cache."""
-    seen: set[int] = set()
-    total = repeats = 0
-    for r in requests:
-        for h in r.block_hashes:
-            total += 1
-            if h in seen:
-                repeats += 1
-            else:
-                seen.add(h)
-    return repeats / total if total else 0.0
+    return repeated_share(r.block_hashes for r in requests)

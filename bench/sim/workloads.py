@@ -25,7 +25,7 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -212,23 +212,28 @@ class TraceStats:
     distinct_first_blocks: int
 
 
-def stats(records: Sequence[TraceRecord]) -> TraceStats:
+def repeated_share(chains: Iterable[Sequence[int]]) -> float:
+    """Share of the blocks of these hash chains seen before: the hit rate of an unbounded cache."""
     seen: set[int] = set()
     total = repeats = 0
-    for r in records:
-        for h in r.hash_ids:
+    for chain in chains:
+        for h in chain:
             total += 1
             if h in seen:
                 repeats += 1
             else:
                 seen.add(h)
+    return repeats / total if total else 0.0
+
+
+def stats(records: Sequence[TraceRecord]) -> TraceStats:
     n = len(records)
     return TraceStats(
         requests=n,
         span_s=(records[-1].timestamp_ms - records[0].timestamp_ms) / 1000.0 if n else 0.0,
         mean_input_tokens=sum(r.input_length for r in records) / n if n else 0.0,
         mean_output_tokens=sum(r.output_length for r in records) / n if n else 0.0,
-        repeat_fraction=repeats / total if total else 0.0,
+        repeat_fraction=repeated_share(r.hash_ids for r in records),
         distinct_first_blocks=len({r.hash_ids[0] for r in records if r.hash_ids}),
     )
 
