@@ -7,6 +7,12 @@ text, which can lag a token mid-codepoint). HTTP 429 is a rejection (with `Retry
 any other error status, or an error event inside the stream, fails the request with the
 server's message. The HTTP API exposes no per-node counters, so `node_metrics` is empty
 and the prefix-cache hit rate is not reported for this target (use grpc:// for it).
+
+`dialect="llama.cpp"` drives llama.cpp's `llama-server` the same way through its native
+streamed `POST /completion` (token-id prompt, `n_predict`, `ignore_eos`, `cache_prompt`,
+`return_tokens`: every chunk names its tokens; the last carries `"stop": true`) and waits
+on its `GET /health` (503 while the model loads). `ignore_eos=False` lets answers end at
+the model's end-of-sequence token (bench.peers' quality check).
 """
 from __future__ import annotations
 
@@ -19,9 +25,17 @@ import httpx
 from bench.replay.client import Rejected, RequestFailed, StreamEvent
 
 
+DIALECTS = ("halfmoon", "llama.cpp")
+
+
 class HttpReplayClient:
-    def __init__(self, address: str, timeout_s: float = 600.0) -> None:
+    def __init__(self, address: str, timeout_s: float = 600.0, *, dialect: str = "halfmoon",
+                 ignore_eos: bool = True) -> None:
+        if dialect not in DIALECTS:
+            raise ValueError(f"dialect must be one of {DIALECTS}, got {dialect!r}")
         self.address = address
+        self.dialect = dialect
+        self.ignore_eos = ignore_eos
         self._http = httpx.AsyncClient(base_url=f"http://{address}",
                                        timeout=httpx.Timeout(timeout_s, connect=5.0),
                                        limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
@@ -29,7 +43,7 @@ class HttpReplayClient:
     async def check(self, timeout_s: float = 5.0) -> None:
         """Fail fast, with the address, if no frontend answers or it cannot serve yet (`/ready`)."""
         try:
-            r = await self._http.get("/ready", timeout=timeout_s)
+            r = await self._http.get("/ready" if self.dialect == "halfmoon" else "/health", timeout=timeout_s)
         except httpx.HTTPError as e:
             raise RequestFailed(f"no HTTP frontend at {self.address}: {e!r}") from None
         if r.status_code != 200:
@@ -37,11 +51,17 @@ class HttpReplayClient:
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], max_tokens: int
                        ) -> AsyncIterator[StreamEvent]:
-        body = {"prompt": prompt_token_ids, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
-                "stream": True, "return_token_ids": True,
-                "user": f"{request_id}-{uuid.uuid4().hex[:8]}"}
+        if self.dialect == "halfmoon":
+            path = "/v1/completions"
+            body = {"prompt": prompt_token_ids, "max_tokens": max_tokens, "temperature": 0.0,
+                    "ignore_eos": self.ignore_eos, "stream": True, "return_token_ids": True,
+                    "user": f"{request_id}-{uuid.uuid4().hex[:8]}"}
+        else:
+            path = "/completion"
+            body = {"prompt": prompt_token_ids, "n_predict": max_tokens, "temperature": 0.0,
+                    "ignore_eos": self.ignore_eos, "stream": True, "return_tokens": True, "cache_prompt": True}
         try:
-            async with self._http.stream("POST", "/v1/completions", json=body) as response:
+            async with self._http.stream("POST", path, json=body) as response:
                 if response.status_code != 200:
                     raise _status_error(response.status_code, await response.aread(), response.headers)
                 async for line in response.aiter_lines():
@@ -53,6 +73,12 @@ class HttpReplayClient:
                     event = json.loads(data)
                     if "error" in event:
                         raise RequestFailed(f"error event: {_message(event)}")
+                    if self.dialect == "llama.cpp":
+                        if event.get("tokens"):
+                            yield StreamEvent(tuple(event["tokens"]))
+                        if event.get("stop"):
+                            return
+                        continue
                     for choice in event.get("choices", ()):
                         ids = choice.get("token_ids")
                         if ids:
