@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from engine.audit import AuditReport, BlockLedger, audit_pool
-from engine.block_pool import BlockPool, KVEvent, block_hashes, hash_block
+from engine.block_pool import BlockPool, KVEvent, block_hashes
 from engine.config import EngineConfig, ModelConfig
 from engine.errors import InvalidRequestError, OutOfBlocksError
 from engine.kv_cache import KVCache
@@ -84,7 +84,7 @@ class LLMEngine:
                           dtype=self.config.kv_torch_dtype)
         self.pool = BlockPool(self.config.num_blocks, self.config.block_size)
         self.scheduler = Scheduler(self.config, self.pool)
-        self.runner = ModelRunner(LlamaModel(loaded.config, loaded.weights), self.kv)
+        self.runner = ModelRunner(LlamaModel(loaded.config, loaded.weights, self.config.act_group), self.kv)
         self._requests: dict[str, Request] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._preemptions = 0
@@ -342,13 +342,15 @@ class LLMEngine:
 
     def _cache_full_blocks(self, req: Request) -> None:
         bs = self.config.block_size
-        toks = None
-        for i in range(len(req.block_hashes), req.num_computed_tokens // bs):
-            toks = toks or req.all_token_ids
-            parent = req.block_hashes[-1] if req.block_hashes else None
-            h = hash_block(parent, toks[i * bs:(i + 1) * bs])
-            req.block_hashes.append(h)
-            self.pool.cache_block(req.block_ids[i], h, toks[i * bs:(i + 1) * bs], parent)
+        full = req.num_computed_tokens // bs
+        if len(req.block_hashes) >= full:
+            return
+        toks = req.all_token_ids
+        hashes = req.chain_hashes(bs, full)  # (the prefix of them admission matched: computed once)
+        for i in range(len(req.block_hashes), full):
+            parent = hashes[i - 1] if i else None
+            req.block_hashes.append(hashes[i])
+            self.pool.cache_block(req.block_ids[i], hashes[i], toks[i * bs:(i + 1) * bs], parent)
 
     def _append_token(self, req: Request, token: int) -> RequestOutput:
         """Add a sampled token (and the tokens the grammar then forces) and apply the stop rules."""

@@ -5,6 +5,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from engine.block_pool import hash_block
 from engine.sampling import SamplerState, SamplingParams
 
 
@@ -47,6 +48,23 @@ class Request:
     parent_id: str | None = None  # a sample 1..n-1: the id of sample 0
     num_forced_tokens: int = 0  # output tokens the grammar forced (fast-forward: no model step of their own)
     error: str | None = None  # why the engine ended it, when it did so on its own (a grammar failure)
+    _hashes: list[int] = field(default_factory=list, repr=False)  # `chain_hashes`' memo
+
+    def chain_hashes(self, block_size: int, blocks: int | None = None) -> list[int]:
+        """Chained hashes of the first `blocks` full blocks of `all_token_ids` (all of them by
+        default). Each is computed once per request: admission, the tiers' prefetch plan and
+        the prefix cache share them, and blocks completed later extend the memo (tokens are
+        only ever appended to a request). Returns a copy: callers may keep it."""
+        memo = self._hashes
+        full = self.num_tokens // block_size
+        end = full if blocks is None or blocks > full else blocks
+        if len(memo) < end:
+            toks = self.all_token_ids
+            parent = memo[-1] if memo else None
+            for i in range(len(memo), end):
+                parent = hash_block(parent, toks[i * block_size:(i + 1) * block_size])
+                memo.append(parent)
+        return memo[:end]
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from engine.block_pool import BlockPool, block_hashes
+from engine.block_pool import BlockPool
 from engine.config import EngineConfig
 from engine.request import Request, RequestStatus
 
@@ -107,7 +107,7 @@ class Scheduler:
         """Reuse cached prefix blocks and allocate the rest of the prompt's blocks."""
         tokens = req.all_token_ids
         bs = self.pool.block_size
-        hashes = block_hashes(tokens, bs)
+        hashes = req.chain_hashes(bs)
         cached = self.pool.match_prefix(hashes, tokens)
         cached = cached[: (len(tokens) - 1) // bs]  # always compute the last token for its logits
         need = self._blocks_for(len(tokens)) - len(cached)

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
-from engine.block_pool import BlockPool, KVEvent, block_hashes
+from engine.block_pool import BlockPool, KVEvent
 from engine.kv_cache import KVCache
 from engine.tiers.backend import StoreBackend
 from engine.tiers.cluster import ClusterTier
@@ -359,7 +359,7 @@ class TierManager:
         limit = (len(tokens) - 1) // bs
         if limit <= 0 or self._closed:
             return False
-        hashes = block_hashes(tokens[: limit * bs], bs)
+        hashes = request.chain_hashes(bs, limit)
         start = len(self.pool.match_prefix(hashes, tokens))
         if start >= limit:
             return False
