@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 SYSTEMS = ("llama-server", "halfmoon-1p1d", "halfmoon-colocated")
-FULL = {"requests": 24, "rates": (0.25, 0.5, 1.0, 1.5, 2.0, 3.0)}
+FULL = {"requests": 24, "rates": (0.5, 1.0, 1.5, 2.0, 2.5, 3.0)}
 QUICK = {"requests": 12, "rates": (0.5, 1.5)}
 
 

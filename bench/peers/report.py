@@ -77,12 +77,12 @@ def print_table(console, doc: dict) -> None:
                       *(_s(b[k]) for k in ("queue_s", "prefill_s", "kv_transfer_s", "first_decode_s", "ttft_s")))
         console.print(t)
     for g in doc["targets"]:
-        console.print(f"{g['system']} / {g['workload']}: capacity x{g['capacity_ratio']:.2f} of llama-server's"
-                      if g["capacity_ratio"] else f"{g['system']} / {g['workload']}: capacity "
-                      f"{g['capacity_rps']} vs llama-server {g['peer_capacity_rps']}", end="")
-        console.print(f" (target 1.5x: {'met' if g['capacity_target_met'] else 'missed'}); p99 TBT "
-                      f"{_ms(g['tbt_p99_s'])} vs {_ms(g['peer_tbt_p99_s'])} at {g['at_rate_rps']} req/s "
-                      f"({'met' if g['tbt_target_met'] else 'missed'})")
+        cap = (f"x{g['capacity_ratio']:.2f} llama-server's" if g["capacity_ratio"] else
+               f"{g['capacity_rps'] or 'none'} vs llama-server's {g['peer_capacity_rps'] or 'none'}")
+        console.print(f"{g['system']} / {g['workload']}: capacity {cap} (target 1.5x: "
+                      f"{'met' if g['capacity_target_met'] else 'missed'}); p99 TBT {_ms(g['tbt_p99_s'])} vs "
+                      f"{_ms(g['peer_tbt_p99_s'])} at {g['at_rate_rps']} req/s "
+                      f"(target <=: {'met' if g['tbt_target_met'] else 'missed'})")
 
 
 def _s(v: float | None) -> str:

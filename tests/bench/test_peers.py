@@ -165,6 +165,11 @@ def test_rejudged_rows_and_capacity(serve, tmp_path):
     assert rows[1].slo_attainment < 0.9
     assert rows[0].goodput_rps == pytest.approx(rows[0].rate_rps)
     assert judge.capacity(rows).request_rate == pytest.approx(rows[0].rate_rps)
+    cap = judge.capacity(rows).request_rate
+    paths = report.draw({("peer", "chat"): (rows, wr.sweep)}, {"chat": slo}, {("peer", "chat"): cap},
+                        tmp_path / "plots", "t")
+    assert [p.name for p in paths] == ["t_goodput_chat.png", "t_cdf_chat.png"]
+    assert all(p.stat().st_size > 1000 for p in paths)
     # a TBT SLO nothing meets: no capacity at all
     assert judge.capacity([judge.row("peer", "chat", run, judge.SLO(10.0, 1e-6)) for run in wr.sweep.runs]
                           ).request_rate is None
@@ -190,6 +195,24 @@ def test_targets_compare_capacity_and_p99_tbt_at_halfmoons_capacity_load():
     assert t["tbt_target_met"] is True
     [t] = report.targets(rows, {("llama-server", "chat"): 2.0, ("halfmoon-1p1d", "chat"): 2.0})
     assert t["capacity_ratio"] == 1.0 and t["capacity_target_met"] is False
+
+    import io
+
+    from rich.console import Console
+
+    doc = {"slo": {"chat": {"ttft_s": 1.0, "tbt_s": 0.1}}, "load_average": [1.5, 1.0, 1.0],
+           "rows": [dict(zip(judge.Row.__slots__, (getattr(r, k) for k in judge.Row.__slots__))) for r in rows],
+           "capacity": [{"system": s, "workload": w, "effective_capacity_rps": c} for (s, w), c in caps.items()],
+           "quality": [{"system": "llama-server", "exact": 3, "prompts": 12, "mean_first_divergence": 14.1,
+                        "first_answer": "L'Etoile"}],
+           "ttft_breakdown": [{"system": "halfmoon-1p1d", "workload": "chat", "rate_rps": 2.0, "queue_s": 0.1,
+                               "prefill_s": 0.2, "kv_transfer_s": 0.01, "first_decode_s": 0.02, "ttft_s": 0.33}],
+           "targets": report.targets(rows, caps)}
+    out = io.StringIO()
+    report.print_table(Console(file=out, width=200), doc)
+    text = out.getvalue()
+    assert "capacity x2.00 llama-server's (target 1.5x: met); p99 TBT 50 ms vs 80 ms at 2.0 req/s (target <=: met)" in text
+    assert "3/12" in text and "0.200 s" in text and "load average 1.5" in text
 
 
 def test_chat_workload_shares_system_prompts_and_conversation_prefixes():
