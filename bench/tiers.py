@@ -1,8 +1,15 @@
 """The KV tiers' gain, live on 1P+1D: the prefill node's device tier is sized below the
 working set, and each tier configuration replays the same workloads over a sweep of rates.
 
-    halfmoon bench tiers --json out/tiers.json            # the full sweep (tens of minutes)
-    halfmoon bench tiers --json out/tiers.json --quick    # two rates, short windows
+    halfmoon bench tiers --json out/tiers.json            # the full sweep (~20 minutes)
+    halfmoon bench tiers --json out/tiers.json --quick    # two rates, short windows (~8 minutes)
+
+Runtime is bounded by `--budget-min` (default 20; quick 8): every (tier set, workload, rate)
+cell gets the same share of it after a fixed allowance for starting clusters and the
+micro-benchmark, three fifths of it as the arrival window (`--window` overrides) and the
+rest to drain: a request not done by the cell's deadline is cut and counts as failed (it
+missed its SLOs anyway), so an overloaded rate cannot stretch the run. Requests per rate
+are rate x window (at least 3, at most `--requests`).
 
 Tier configurations (`--tiers`): `device` (no tiers), `host`, `host+disk`,
 `host+disk+store` (a Mooncake master and store keeper started beside the conductor; the
@@ -49,7 +56,7 @@ BLOCK = 16
 
 @dataclass(frozen=True, slots=True)
 class ChatWorkload:
-    systems: int = 4  # distinct long system prompts, shared by all conversations
+    systems: int = 6  # distinct long system prompts, shared by all conversations (and rates)
     system_tokens: int = 384
     turns: int = 3
     user_tokens: int = 32
@@ -128,24 +135,37 @@ class Record:
     cached_tokens: int = 0
 
 
+def chat_systems(wl: ChatWorkload, seed: int = 1) -> list[list[int]]:
+    """The workload's long system prompts (the same for every tier set: `seed`)."""
+    rng = random.Random(seed)
+    return [[rng.randrange(200, 40000) for _ in range(wl.system_tokens)] for _ in range(wl.systems)]
+
+
 async def run_chat(address: str, wl: ChatWorkload, rate_rps: float, duration_s: float, seed: int,
-                   timeout_s: float) -> tuple[list[Record], float]:
+                   timeout_s: float, deadline_s: float | None = None, systems: list[list[int]] | None = None,
+                   seen_systems: set[int] | None = None) -> tuple[list[Record], float]:
     """Conversations arrive (Poisson) at rate_rps / turns for `duration_s` seconds; returns
-    every turn's record and the arrival window."""
+    every turn's record and the arrival window. At `deadline_s` after the start, requests
+    still running are cut (their records stay `failed`) and no turn starts any more.
+    `systems` / `seen_systems` carry the system prompts (and which were sent already) from
+    one rate to the next, so a sweep's later rates reuse them as a chat service would."""
     import grpc
 
     from proto.halfmoon.v1 import common_pb2, generate_pb2, generate_pb2_grpc
 
     rng = random.Random(seed)
     tok = lambda n: [rng.randrange(200, 40000) for _ in range(n)]  # noqa: E731
-    systems = [tok(wl.system_tokens) for _ in range(wl.systems)]
-    seen_systems: set[int] = set()
+    if systems is None:
+        systems = [tok(wl.system_tokens) for _ in range(wl.systems)]
+    if seen_systems is None:
+        seen_systems = set()
     records: list[Record] = []
     channel = grpc.aio.insecure_channel(address)
     stub = generate_pb2_grpc.GenerationStub(channel)
 
     async def one(ids: list[int], repeat: int) -> tuple[Record, list[int]]:
         rec = Record(len(ids), repeat)
+        records.append(rec)  # before it runs: a request cut at the deadline stays `failed`
         req = generate_pb2.GenerateRequest(prompt_token_ids=generate_pb2.TokenIds(ids=ids),
                                            sampling=common_pb2.SamplingParams(max_tokens=wl.answer_tokens,
                                                                               temperature=0.0, ignore_eos=True))
@@ -169,14 +189,13 @@ async def run_chat(address: str, wl: ChatWorkload, rate_rps: float, duration_s: 
 
     async def conversation(k: int, start: float) -> None:
         await asyncio.sleep(start)
-        s = k % wl.systems
+        s = pick[k]
         history = list(systems[s])
         known = (wl.system_tokens // BLOCK) * BLOCK if s in seen_systems else 0
         seen_systems.add(s)
         for _ in range(wl.turns):
             ids = history + tok(wl.user_tokens)
             rec, out = await one(ids, known)
-            records.append(rec)
             if rec.outcome != "completed":
                 return
             history = ids + out
@@ -187,8 +206,14 @@ async def run_chat(address: str, wl: ChatWorkload, rate_rps: float, duration_s: 
     while t < duration_s:
         starts.append(t)
         t += rng.expovariate(rate_rps / wl.turns)
+    pick = [rng.randrange(wl.systems) for _ in starts]  # each conversation's system prompt
+    tasks = [asyncio.ensure_future(conversation(k, s)) for k, s in enumerate(starts)]
     try:
-        await asyncio.gather(*(conversation(k, s) for k, s in enumerate(starts)))
+        if tasks:
+            _, late = await asyncio.wait(tasks, timeout=deadline_s)
+            for t in late:
+                t.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
     finally:
         await channel.close()
     return records, duration_s
@@ -219,20 +244,27 @@ def chat_row(records: list[Record], window_s: float, slo: tuple[float, float]) -
 
 
 # --- the trace workload (bench.replay) ----------------------------------------------------------
-def run_trace(address: str, name: str, rates: list[float], requests: int, slo: tuple[float, float],
+def run_trace(address: str, name: str, rates: list[float], plan: "Plan", slo: tuple[float, float],
               out: Path, trace: Path) -> list[dict]:
-    """`requests` of the trace's opening window at each rate (its own rate is ~3.4 req/s)."""
+    """`plan.requests(rate)` of the trace's opening window at each rate (its own rate is
+    ~3.4 req/s), each request given until the cell's drain allowance to finish."""
     from bench.replay import main as replay_main
 
-    path = out / f"trace-{name}.json"
-    replay_main(["--trace", str(trace), "--target", f"grpc://{address}", "--label", name,
-                 "--rates", ",".join(f"{r:g}" for r in rates), "--duration", f"{requests / 3.4 * 1.5:.1f}",
-                 "--max-requests", str(requests),
-                 "--block-tokens", str(BLOCK), "--output-scale", "0.1", "--max-output-tokens", "64",
-                 "--max-input-tokens", "1024", "--spread-ms", "3000", "--request-timeout", "300",
-                 "--ttft-slo", f"{slo[0]:.4f}", "--tbt-slo", f"{slo[1]:.4f}", "--cooldown", "2",
-                 "--json", str(path)])
-    doc = json.loads(path.read_text())
+    rows = []
+    for i, rate in enumerate(rates):
+        n = plan.requests(rate)
+        path = out / f"trace-{name}-{i}.json"
+        replay_main(["--trace", str(trace), "--target", f"grpc://{address}", "--label", name,
+                     "--rates", f"{rate:g}", "--duration", f"{n / 3.4 * 1.5:.1f}", "--max-requests", str(n),
+                     "--seed", str(i), "--block-tokens", str(BLOCK), "--output-scale", "0.1",
+                     "--max-output-tokens", "64", "--max-input-tokens", "1024", "--spread-ms", "3000",
+                     "--request-timeout", f"{plan.request_timeout_s:.1f}", "--ttft-slo", f"{slo[0]:.4f}",
+                     "--tbt-slo", f"{slo[1]:.4f}", "--cooldown", f"{COOLDOWN_S:g}", "--json", str(path)])
+        rows += _trace_rows(json.loads(path.read_text()))
+    return rows
+
+
+def _trace_rows(doc: dict) -> list[dict]:
     rows = []
     for run in doc["runs"]:
         s = run["summary"]
@@ -243,6 +275,44 @@ def run_trace(address: str, name: str, rates: list[float], requests: int, slo: t
                      "slo_attainment": s["slo_attainment"], "requests": s["requests"], "completed": s["completed"],
                      "rejected": s["rejected"], "failed": s["failed"]})
     return rows
+
+
+COOLDOWN_S = 2.0  # between two cells
+START_S = 25.0  # starting a 1P+1D cluster (and a master) and the unloaded-latency probe, per tier set
+MICRO_S = 40.0  # the micro-benchmark
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """How a run spends its time budget: each cell's arrival window and drain allowance."""
+
+    window_s: float
+    drain_s: float
+    max_requests: int
+
+    @property
+    def request_timeout_s(self) -> float:
+        """Each request's own limit: the drain allowance (one that needs longer has missed its
+        TTFT SLO many times over), so the last one sent ends by the cell's deadline."""
+        return max(10.0, self.drain_s)
+
+    def requests(self, rate: float) -> int:
+        return max(3, min(self.max_requests, round(rate * self.window_s)))
+
+    @classmethod
+    def fit(cls, budget_s: float, tier_sets: int, workloads: int, rates: int, *, micro: bool,
+            max_requests: int, window_s: float | None = None) -> "Plan":
+        cells = max(1, tier_sets * workloads * rates)
+        per_cell = (budget_s - tier_sets * START_S - (MICRO_S if micro else 0.0)) / cells - COOLDOWN_S
+        per_cell = max(per_cell, 20.0)
+        window = window_s if window_s is not None else 0.6 * per_cell
+        return cls(window, max(10.0, per_cell - window), max_requests)
+
+    def estimate_s(self, tier_sets: int, workloads: int, rates: int, *, micro: bool) -> float:
+        """The longest the run can take (every cell to its deadline)."""
+        cells = tier_sets * workloads * rates
+        return (tier_sets * START_S + (MICRO_S if micro else 0.0)
+                + cells * (self.window_s + self.request_timeout_s + COOLDOWN_S))
 
 
 def capacity(rows: list[dict]) -> float | None:
@@ -388,8 +458,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="two rates, short windows, a smaller chat workload")
     ap.add_argument("--tiers", default=",".join(TIER_SETS))
     ap.add_argument("--workloads", default="chat,trace")
-    ap.add_argument("--rates", help="comma-separated request rates (default 0.1..0.8 req/s; quick: 0.3,0.6)")
-    ap.add_argument("--requests", type=int, help="requests per rate and workload (default 60; quick: 16)")
+    ap.add_argument("--rates", help="comma-separated request rates (default 0.15,0.3,0.5,0.8 req/s; quick: 0.3,0.6)")
+    ap.add_argument("--requests", type=int, help="at most this many requests per rate and workload (default 60; "
+                                                 "quick: 16)")
+    ap.add_argument("--budget-min", type=float, help="the whole run's time budget, minutes (default 20; quick 8)")
+    ap.add_argument("--window", type=float, help="arrival window per rate, seconds (default: from the budget)")
     ap.add_argument("--trace", type=Path, default=TRACE)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per node")
     ap.add_argument("--device-blocks", type=int, help="the prefill node's device tier (default: a third of the "
@@ -413,21 +486,33 @@ def main(argv: list[str] | None = None) -> int:
     wl = ChatWorkload(systems=4, system_tokens=384, turns=3, user_tokens=24, answer_tokens=16, think_s=0.5) \
         if args.quick else ChatWorkload()
     rates = [float(x) for x in args.rates.split(",")] if args.rates else ([0.3, 0.6] if args.quick else
-                                                                          [0.1, 0.2, 0.3, 0.5, 0.8])
-    requests = args.requests or (16 if args.quick else 60)
-    ws = wl.working_set_blocks(requests // wl.turns + 1)
+                                                                          [0.15, 0.3, 0.5, 0.8])
+    tier_sets = args.tiers.split(",")
+    workloads = args.workloads.split(",")
+    plan = Plan.fit(60.0 * (args.budget_min or (8.0 if args.quick else 20.0)), len(tier_sets), len(workloads),
+                    len(rates), micro=not args.skip_micro, max_requests=args.requests or (16 if args.quick else 60),
+                    window_s=args.window)
+    requests = max(plan.requests(r) for r in rates)
+    # the working set of one tier set's run: the system prompts and every rate's conversations
+    ws = wl.working_set_blocks(sum(plan.requests(r) // wl.turns + 1 for r in rates))
     # (a 1024-token trace prompt needs 65 device blocks)
     sizes = Sizes(device_blocks=args.device_blocks or max(72, ws // 3), host_blocks=max(32, ws // 2),
                   disk_blocks=2 * ws + 512, store_gb=max(0.25, 2 * ws * record / 2**30))
     work = Path(tempfile.mkdtemp(prefix="halfmoon-bench-tiers-"))
+    longest = plan.estimate_s(len(tier_sets), len(workloads), len(rates), micro=not args.skip_micro)
     rows: list[dict] = [{"config": {"sizes": asdict(sizes), "chat": asdict(wl), "rates": rates,
-                                    "requests_per_rate": requests, "quick": args.quick, "working_set_blocks": ws,
-                                    "record_bytes": record}}]
+                                    "requests_per_rate": {f"{r:g}": plan.requests(r) for r in rates},
+                                    "plan": asdict(plan), "longest_s": longest, "quick": args.quick,
+                                    "working_set_blocks": ws, "record_bytes": record}}]
+    t_start = time.monotonic()
     print(f"chat working set ~{ws} blocks; prefill device {sizes.device_blocks}, host {sizes.host_blocks}, "
-          f"disk {sizes.disk_blocks} blocks; rates {rates}; {requests} requests per rate; work dir {work}", flush=True)
+          f"disk {sizes.disk_blocks} blocks; rates {rates}; requests per rate "
+          f"{[plan.requests(r) for r in rates]} in {plan.window_s:.0f} s windows (+{plan.drain_s:.0f} s to drain); "
+          f"at most {longest / 60:.0f} min; work dir {work}", flush=True)
     slo: tuple[float, float] | None = (args.ttft_slo, args.tbt_slo) if args.ttft_slo and args.tbt_slo else None
 
     def save() -> None:
+        rows[0]["config"]["elapsed_s"] = round(time.monotonic() - t_start, 1)
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(rows, indent=1) + "\n")
 
@@ -437,8 +522,7 @@ def main(argv: list[str] | None = None) -> int:
         print("micro: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in m.items()),
               flush=True)
         save()
-    workloads = args.workloads.split(",")
-    for name in args.tiers.split(","):
+    for name in tier_sets:
         if name not in TIER_SETS:
             raise SystemExit(f"--tiers: unknown tier set {name!r}; choose from {', '.join(TIER_SETS)}")
         print(f"== {name}: starting 1P+1D", flush=True)
@@ -451,16 +535,20 @@ def main(argv: list[str] | None = None) -> int:
                                             "unloaded_tbt_s": tbt0}
                 print(f"SLOs: TTFT <= {slo[0]:.2f} s, TBT <= {slo[1] * 1e3:.0f} ms "
                       f"(unloaded {ttft0:.2f} s / {tbt0 * 1e3:.0f} ms)", flush=True)
+            systems, seen = chat_systems(wl), set()  # shared by every rate of this tier set
             for workload in workloads:
                 if workload == "chat":
                     got = []
                     for i, rate in enumerate(rates):
-                        recs, window = asyncio.run(run_chat(cluster.address, wl, rate, requests / rate,
-                                                            seed=1000 * i + 7, timeout_s=300))
+                        window = plan.requests(rate) / rate
+                        recs, window = asyncio.run(run_chat(cluster.address, wl, rate, window, seed=1000 * i + 7,
+                                                            timeout_s=plan.request_timeout_s,
+                                                            deadline_s=window + plan.request_timeout_s,
+                                                            systems=systems, seen_systems=seen))
                         got.append(chat_row(recs, window, slo))
-                        time.sleep(2)
+                        time.sleep(COOLDOWN_S)
                 elif workload == "trace":
-                    got = run_trace(cluster.address, name, rates, requests, slo, work, args.trace)
+                    got = run_trace(cluster.address, name, rates, plan, slo, work, args.trace)
                 else:
                     raise SystemExit(f"--workloads: unknown workload {workload!r} (chat, trace)")
                 for r in got:

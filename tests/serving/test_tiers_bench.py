@@ -64,3 +64,51 @@ def test_the_benchmark_parses_its_flags_and_documents_its_rows(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--quick"])  # --json is required
     assert e.value.code == 2 and "--json" in capsys.readouterr().err
+
+
+def test_the_budget_bounds_the_full_sweep():
+    from bench.tiers import Plan
+
+    full = Plan.fit(20 * 60, 4, 2, 4, micro=True, max_requests=60)  # the defaults
+    assert full.estimate_s(4, 2, 4, micro=True) <= 20 * 60 + 1
+    assert full.window_s > 15 and full.request_timeout_s >= 10
+    assert [full.requests(r) for r in (0.15, 0.3, 0.5, 0.8)] == [3, 6, 9, 15]
+    longer = Plan.fit(60 * 60, 4, 2, 4, micro=True, max_requests=60)  # more budget: longer windows, more requests
+    assert longer.window_s > 2.5 * full.window_s and longer.requests(0.8) == 51 and longer.requests(5.0) == 60
+    assert Plan.fit(60, 4, 2, 4, micro=True, max_requests=60).window_s == 12.0  # never below a 20 s cell
+
+
+def test_a_chat_cell_ends_at_its_deadline_and_counts_what_was_cut_as_failed():
+    """A cluster that never answers: the cell still ends at window + drain, every request
+    it sent counted failed."""
+    import asyncio
+    import time
+
+    import grpc
+
+    from bench.tiers import run_chat
+    from proto.halfmoon.v1 import generate_pb2_grpc
+
+    class Stuck(generate_pb2_grpc.GenerationServicer):
+        async def Generate(self, request, context):
+            await asyncio.sleep(60)
+            yield  # pragma: no cover
+
+    async def scenario():
+        server = grpc.aio.server()
+        generate_pb2_grpc.add_GenerationServicer_to_server(Stuck(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            t0 = time.monotonic()
+            wl = ChatWorkload(systems=1, system_tokens=32, turns=2, user_tokens=8, answer_tokens=4, think_s=0.0)
+            recs, window = await run_chat(f"127.0.0.1:{port}", wl, rate_rps=20.0, duration_s=0.5, seed=3,
+                                          timeout_s=30.0, deadline_s=1.5)
+            return recs, window, time.monotonic() - t0
+        finally:
+            await server.stop(0)
+
+    recs, window, took = asyncio.run(scenario())
+    assert took < 10.0  # not the 30 s request timeout, nor the server's 60 s
+    assert window == 0.5 and recs and all(r.outcome == "failed" and r.ttft_s is None for r in recs)
+    assert chat_row(recs, window, (1.0, 0.1))["failed"] == len(recs)
