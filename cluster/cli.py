@@ -349,6 +349,29 @@ def admin_set(assignments: list[str] = typer.Argument(..., help="NAME=VALUE pair
     typer.echo("changed: " + (", ".join(res.changed) or "nothing (values already in force)"))
 
 
+@admin_app.command("move")
+def admin_move(node_id: str = typer.Argument(..., help="the node, e.g. decode-1"),
+               role: str = typer.Argument(..., help="prefill | decode"),
+               timeout_s: float = typer.Option(120.0, "--timeout", help="seconds to drain and switch"),
+               address: str = typer.Option("127.0.0.1:50051", "--address")) -> None:
+    """Move a node to the other pool: drain it (its requests finish, no new ones), restart it
+    in ROLE, and wait until it serves in it."""
+    import grpc
+
+    from cluster.client import Client
+    from proto.halfmoon.v1 import admin_pb2
+
+    with Client(address) as client:
+        try:
+            res = client.admin.MoveNode(admin_pb2.MoveNodeRequest(node_id=node_id, role=role, timeout_s=timeout_s,
+                                                                  actor="cli"), timeout=timeout_s + 10)
+        except grpc.RpcError as e:
+            typer.echo(f"error: {e.code().name}: {e.details()}", err=True)
+            raise typer.Exit(1)
+    typer.echo(f"{res.node_id}: {res.from_role} -> {res.role} (drained in {res.drained_s:.1f}s, "
+               f"switched in {res.switched_s:.1f}s)")
+
+
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def quantize(ctx: typer.Context) -> None:
     """Calibrate and cache the w8a8 (SmoothQuant) model ahead of serving it (try `--help`)."""

@@ -58,6 +58,22 @@ def run_node(spec: NodeSpec) -> None:
 
 
 async def serve_node(spec: NodeSpec, stop: asyncio.Event | None = None) -> None:
+    """Serve as `spec.role` until `stop`; when the conductor moves the node to the other role
+    (a heartbeat's `switch_role`, once it drained the node), stop serving, start again in
+    that role under the same node id, and register again."""
+    from dataclasses import replace
+
+    stop = stop or asyncio.Event()
+    while not stop.is_set():
+        role = await _serve_role(spec, stop)
+        if role is None:
+            return
+        log.info("node %s: switching role %s -> %s", spec.node_id, spec.role, role)
+        spec = replace(spec, role=role)
+
+
+async def _serve_role(spec: NodeSpec, stop: asyncio.Event) -> str | None:
+    """One life of the node in `spec.role`; the role to restart in, or None when stopped."""
     from prometheus_client import CollectorRegistry
 
     from cluster.kv_tiers import tier_use
@@ -74,7 +90,6 @@ async def serve_node(spec: NodeSpec, stop: asyncio.Event | None = None) -> None:
     from proto.halfmoon.v1 import common_pb2, node_pb2, node_pb2_grpc
     from transfer_engine import TransferEngine
 
-    stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         try:
@@ -139,6 +154,7 @@ async def serve_node(spec: NodeSpec, stop: asyncio.Event | None = None) -> None:
     seen = (0, 0)
     gpu_index = gpu_stats.device_index(engine.kv.tensor.device)  # None on CPU: no GPU stats
     lost = False  # the last heartbeat got no answer
+    switch_to: str | None = None
     try:
         interval = await _register(control, register, spec.control_secret, stop)
         while not stop.is_set():
@@ -169,6 +185,10 @@ async def serve_node(spec: NodeSpec, stop: asyncio.Event | None = None) -> None:
                 if lost:
                     log.info("the conductor at %s answers again", spec.conductor)
                     lost = False
+                if resp.switch_role:  # drained by the conductor: restart in that role
+                    switch_to = {node_pb2.ROLE_PREFILL: "prefill", node_pb2.ROLE_DECODE: "decode"}.get(resp.switch_role)
+                    if switch_to is not None:
+                        break
                 if not resp.known:  # it restarted, or took this node out and ended its requests
                     _drop_orphans(decode_service)
                     interval = await _register(control, register, spec.control_secret, stop)
@@ -190,6 +210,7 @@ async def serve_node(spec: NodeSpec, stop: asyncio.Event | None = None) -> None:
             engine.tiers.close()
         transfer.close()
         metrics_server.close()
+    return switch_to
 
 
 def _drop_orphans(decode_service) -> None:

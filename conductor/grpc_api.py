@@ -14,7 +14,7 @@ from conductor.auth import ControlVerifier
 from conductor.errors import InvalidSetting
 from conductor.frontend_api import (Backend, Finished, GenerateRequest, Rejected, RequestFailed,
                                     SampleEnd, Unavailable)
-from conductor.registry import NodeRegistry
+from conductor.registry import ROLE_CODES, MoveRefused, NodeRegistry
 from conductor.settings import ConductorSettings
 from conductor.tools import HistoryMessage, ToolCall, ToolSpec, call_constraint, check_tools, parse_calls, render
 from engine.errors import InvalidRequestError
@@ -189,6 +189,20 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     async def GetSettings(self, request, context):
         return admin_pb2.GetSettingsResponse(settings=self._settings())
 
+    async def MoveNode(self, request, context):
+        try:
+            old, drained_s, switched_s = await self.registry.move(request.node_id, request.role,
+                                                                  timeout_s=request.timeout_s or 120.0)
+        except (ValueError, LookupError) as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e).strip("'\""))
+        except MoveRefused as e:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        except TimeoutError as e:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(e))
+        log.info("%s moved node %s: %s -> %s", request.actor or "admin", request.node_id, old, request.role)
+        return admin_pb2.MoveNodeResponse(node_id=request.node_id, from_role=old, role=request.role,
+                                          drained_s=drained_s, switched_s=switched_s)
+
     async def SetSettings(self, request, context):
         try:
             changes = self.settings.update(dict(request.values), actor=request.actor or "admin")
@@ -221,4 +235,6 @@ class ControlService(node_pb2_grpc.ConductorControlServicer):
 
     async def Heartbeat(self, request, context):
         await self._authenticate("Heartbeat", request, context)
-        return node_pb2.HeartbeatResponse(known=self.registry.heartbeat(request))
+        known = self.registry.heartbeat(request)
+        switch = self.registry.take_switch(request.node_id) if known else ""
+        return node_pb2.HeartbeatResponse(known=known, switch_role=ROLE_CODES.get(switch, node_pb2.ROLE_UNSPECIFIED))

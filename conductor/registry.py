@@ -32,6 +32,11 @@ from proto.halfmoon.v1 import node_pb2, node_pb2_grpc
 log = logging.getLogger("halfmoon.conductor.registry")
 
 ROLES = {node_pb2.ROLE_PREFILL: "prefill", node_pb2.ROLE_DECODE: "decode", node_pb2.ROLE_COLOCATED: "colocated"}
+ROLE_CODES = {name: code for code, name in ROLES.items()}
+
+
+class MoveRefused(Exception):
+    """A node cannot be moved to another role now (down, already there, the last of its pool)."""
 
 
 @dataclass(eq=False)
@@ -54,6 +59,9 @@ class NodeRecord:
     down_reason: str = ""
     prefill_view: PrefillNodeView | None = None
     decode_view: DecodeNodeView | None = None
+    draining: bool = False  # being moved to another role: out of rotation, its requests finish
+    switch_to: str = ""  # drained: the role its next heartbeat's answer tells it to restart in
+    switch_sent: bool = False
 
 
 class NodeRegistry:
@@ -236,7 +244,7 @@ class NodeRegistry:
         rec.up = True
         rec.down = asyncio.Event()
         rec.down_reason = ""
-        if rec.prefill_view is not None or rec.decode_view is not None:
+        if (rec.prefill_view is not None or rec.decode_view is not None) and not rec.draining:
             self.state.node_up(NodeId(rec.node_id))
         if rec.prefill_view is not None:
             rec.events_task = asyncio.get_running_loop().create_task(self._follow_kv_events(rec))
@@ -250,6 +258,66 @@ class NodeRegistry:
         self.nodes.pop(rec.node_id, None)
         if rec.channel is not None:
             await rec.channel.close()
+
+    # --- moving a node between the prefill and decode pools ---------------------------------
+    async def move(self, node_id: str, role: str, *, timeout_s: float = 120.0) -> tuple[str, float, float]:
+        """Move `node_id` to `role` ("prefill" or "decode"): take it out of rotation (policies
+        stop choosing it; the requests on it go on), wait until no request counts on it, tell
+        it (in the answer to its next heartbeat) to restart in `role`, and wait until it has
+        registered again in that role. Returns (its old role, seconds draining, seconds
+        switching). A node not yet told to switch when `timeout_s` runs out goes back into
+        rotation in its old role (TimeoutError)."""
+        if role not in ("prefill", "decode"):
+            raise ValueError(f"role: must be 'prefill' or 'decode', got {role!r}")
+        rec = self.nodes.get(node_id)
+        if rec is None:
+            raise LookupError(f"node_id: no node {node_id!r} is registered")
+        if not rec.up or rec.draining:
+            raise MoveRefused(f"node {node_id} is {'being moved' if rec.draining else 'down'}")
+        if rec.role == role or rec.role not in ("prefill", "decode"):
+            raise MoveRefused(f"node {node_id} is a {rec.role} node: it cannot be moved to {role}")
+        if not any(r.up and not r.draining and r.role == rec.role for r in self.nodes.values() if r is not rec):
+            raise MoveRefused(f"node {node_id} is the last {rec.role} node in rotation")
+        nid, old_role = NodeId(node_id), rec.role
+        t0 = time.monotonic()
+        deadline = t0 + timeout_s
+        rec.draining = True
+        self.state.node_down(nid)
+        log.info("moving %s node %s to %s: draining %d requests", old_role, node_id, role,
+                 len(self.state.requests_on(nid)))
+        try:
+            while self.state.requests_on(nid):
+                if self.nodes.get(node_id) is not rec or not rec.up:
+                    raise MoveRefused(f"node {node_id} went down while draining")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"node {node_id} still has {len(self.state.requests_on(nid))} requests "
+                                       f"after {timeout_s:g}s")
+                await asyncio.sleep(0.05)
+            drained = time.monotonic()
+            rec.switch_to = role
+            while True:
+                new = self.nodes.get(node_id)
+                if new is not None and new is not rec and new.role == role and new.up:
+                    log.info("node %s moved to %s (drained in %.2fs, switched in %.2fs)", node_id, role,
+                             drained - t0, time.monotonic() - drained)
+                    return old_role, drained - t0, time.monotonic() - drained
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"node {node_id} did not register as a {role} node within {timeout_s:g}s")
+                await asyncio.sleep(0.05)
+        except BaseException:
+            if not rec.switch_sent and self.nodes.get(node_id) is rec:  # not told yet: back in its old role
+                rec.draining, rec.switch_to = False, ""
+                if rec.up:
+                    self.state.node_up(nid)
+            raise
+
+    def take_switch(self, node_id: str) -> str:
+        """The role `node_id` is to restart in now ("" for none), once: for the heartbeat's answer."""
+        rec = self.nodes.get(node_id)
+        if rec is None or not rec.switch_to or rec.switch_sent or self.state.requests_on(NodeId(node_id)):
+            return ""
+        rec.switch_sent = True
+        return rec.switch_to
 
     # --- KV events -> global prefix index ---------------------------------------------
     async def _follow_kv_events(self, rec: NodeRecord) -> None:

@@ -95,3 +95,29 @@ class SetSettingsResponse(_message.Message):
     settings: _containers.RepeatedCompositeFieldContainer[Setting]
     changed: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, settings: _Optional[_Iterable[_Union[Setting, _Mapping]]] = ..., changed: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class MoveNodeRequest(_message.Message):
+    __slots__ = ("node_id", "role", "timeout_s", "actor")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    role: str
+    timeout_s: float
+    actor: str
+    def __init__(self, node_id: _Optional[str] = ..., role: _Optional[str] = ..., timeout_s: _Optional[float] = ..., actor: _Optional[str] = ...) -> None: ...
+
+class MoveNodeResponse(_message.Message):
+    __slots__ = ("node_id", "from_role", "role", "drained_s", "switched_s")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    FROM_ROLE_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    DRAINED_S_FIELD_NUMBER: _ClassVar[int]
+    SWITCHED_S_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    from_role: str
+    role: str
+    drained_s: float
+    switched_s: float
+    def __init__(self, node_id: _Optional[str] = ..., from_role: _Optional[str] = ..., role: _Optional[str] = ..., drained_s: _Optional[float] = ..., switched_s: _Optional[float] = ...) -> None: ...

@@ -49,6 +49,11 @@ class AdminStub:
                 request_serializer=proto_dot_halfmoon_dot_v1_dot_admin__pb2.SetSettingsRequest.SerializeToString,
                 response_deserializer=proto_dot_halfmoon_dot_v1_dot_admin__pb2.SetSettingsResponse.FromString,
                 _registered_method=True)
+        self.MoveNode = channel.unary_unary(
+                '/halfmoon.v1.Admin/MoveNode',
+                request_serializer=proto_dot_halfmoon_dot_v1_dot_admin__pb2.MoveNodeRequest.SerializeToString,
+                response_deserializer=proto_dot_halfmoon_dot_v1_dot_admin__pb2.MoveNodeResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -74,6 +79,15 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def MoveNode(self, request, context):
+        """FAILED_PRECONDITION: the node is down, already in that role, or the last of its pool;
+        DEADLINE_EXCEEDED: it did not drain or come back in time (a node not yet switched
+        returns to rotation in its old role).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -91,6 +105,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.SetSettings,
                     request_deserializer=proto_dot_halfmoon_dot_v1_dot_admin__pb2.SetSettingsRequest.FromString,
                     response_serializer=proto_dot_halfmoon_dot_v1_dot_admin__pb2.SetSettingsResponse.SerializeToString,
+            ),
+            'MoveNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.MoveNode,
+                    request_deserializer=proto_dot_halfmoon_dot_v1_dot_admin__pb2.MoveNodeRequest.FromString,
+                    response_serializer=proto_dot_halfmoon_dot_v1_dot_admin__pb2.MoveNodeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -174,6 +193,33 @@ class Admin:
             '/halfmoon.v1.Admin/SetSettings',
             proto_dot_halfmoon_dot_v1_dot_admin__pb2.SetSettingsRequest.SerializeToString,
             proto_dot_halfmoon_dot_v1_dot_admin__pb2.SetSettingsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MoveNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/halfmoon.v1.Admin/MoveNode',
+            proto_dot_halfmoon_dot_v1_dot_admin__pb2.MoveNodeRequest.SerializeToString,
+            proto_dot_halfmoon_dot_v1_dot_admin__pb2.MoveNodeResponse.FromString,
             options,
             channel_credentials,
             insecure,

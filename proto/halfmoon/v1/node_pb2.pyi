@@ -101,10 +101,12 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., load: _Optional[_Union[NodeLoad, _Mapping]] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("known",)
+    __slots__ = ("known", "switch_role")
     KNOWN_FIELD_NUMBER: _ClassVar[int]
+    SWITCH_ROLE_FIELD_NUMBER: _ClassVar[int]
     known: bool
-    def __init__(self, known: _Optional[bool] = ...) -> None: ...
+    switch_role: Role
+    def __init__(self, known: _Optional[bool] = ..., switch_role: _Optional[_Union[Role, str]] = ...) -> None: ...
 
 class KVTarget(_message.Message):
     __slots__ = ("node_id", "transfer_descriptor", "region_id", "block_ids", "block_bytes")
