@@ -184,6 +184,9 @@ class ConductorConfig(_ActorResources):
     cost_model: Path | None = Field(None, description="a `halfmoon profile` file; None: the CPU default")
     heartbeat_interval_s: Seconds = 1.0
     heartbeat_timeout_s: Seconds = 5.0
+    elastic_interval_s: float = Field(0.0, ge=0, description="> 0: elastic roles, the role planner moves nodes "
+                                                             "between the prefill and decode pools (checked this "
+                                                             "often, s); 0: off (`halfmoon admin move` still works)")
     max_request_bytes: int = Field(4 * 2**20, ge=1024, description="an HTTP body or gRPC message over this is "
                                                                   "refused (413 / INVALID_ARGUMENT)")
     prometheus_targets_file: Path | None = Field(

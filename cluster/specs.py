@@ -87,6 +87,7 @@ def conductor_spec(config: ClusterConfig) -> ConductorSpec:
         cost_model=str(c.cost_model) if c.cost_model is not None else None,
         heartbeat_interval_s=c.heartbeat_interval_s,
         heartbeat_timeout_s=c.heartbeat_timeout_s,
+        elastic_interval_s=c.elastic_interval_s,
         max_request_bytes=c.max_request_bytes,
         on_transfer_failure=config.failure.on_transfer_failure,
         kv_lease_s=config.failure.kv_lease_s,

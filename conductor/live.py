@@ -100,6 +100,7 @@ class LiveConductor:
         self.intake = Intake(tokenizer, cfg.max_model_len, cfg.block_size, max_n=cfg.max_n)
         self._clock = clock  # the scheduler's notion of now (tests pin it)
         self.state = registry.state  # the one writer of the view
+        self.elastic = None  # a `conductor.elastic.ElasticRoles` when elastic roles are on
         registry.clock = clock  # heartbeats reach the view on the same clock
         registry.prefill_s_per_token = scheduler.costs.prefill_s(1024) / 1024
 
@@ -212,6 +213,8 @@ class LiveConductor:
             return None
         rid = trip.attempt_id()
         self.state.dispatched(replace(info, request_id=rid), decision, now)
+        if self.elastic is not None:
+            self.elastic.dispatched(info, decision)
         return Attempt(rid, pre, dec, decision, colocated=colocated, streamed_before=len(trip.generated))
 
     def _place_resumed(self, trip: Trip, now: float) -> Attempt | None:
@@ -397,6 +400,8 @@ class LiveConductor:
                 now = self._clock()
                 if attempt.decision is not None and attempt.decision.prefill is not None:
                     self.scheduler.calibration.observe(Quantity.TTFT, attempt.decision.prefill.ttft_s, now - trip.t0)
+                if self.elastic is not None:
+                    self.elastic.observed(ttft_s=now - trip.t0)
                 trip.first_at = now
                 trip.prefill_node = attempt.pre.node_id if attempt.pre else dec.node_id
                 trip.cached_tokens = presp.num_cached_tokens if presp else out.num_cached_tokens
@@ -418,6 +423,8 @@ class LiveConductor:
                 if attempt.decision is not None and attempt.decision.decode is not None and out_tokens > 1 and n == 1:
                     mean_gap = (self._clock() - trip.first_at) / (out_tokens - 1)
                     self.scheduler.calibration.observe(Quantity.TBT, attempt.decision.decode.predicted_tbt_s, mean_gap)
+                    if self.elastic is not None:
+                        self.elastic.observed(tbt_s=mean_gap)
                 timing = Timing(queue_s=trip.queue_s, prefill_s=trip.prefill_s, kv_transfer_s=trip.kv_transfer_s,
                                 first_decode_s=trip.first_decode_s, ttft_s=trip.first_at - trip.t0)
                 samples = tuple(ends[i] for i in sorted(ends))

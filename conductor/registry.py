@@ -60,7 +60,7 @@ class NodeRecord:
     prefill_view: PrefillNodeView | None = None
     decode_view: DecodeNodeView | None = None
     draining: bool = False  # being moved to another role: out of rotation, its requests finish
-    switch_to: str = ""  # drained: the role its next heartbeat's answer tells it to restart in
+    switch_to: str = ""  # the role it moves to; once drained, its next heartbeat's answer says so
     switch_sent: bool = False
 
 
@@ -281,7 +281,7 @@ class NodeRegistry:
         nid, old_role = NodeId(node_id), rec.role
         t0 = time.monotonic()
         deadline = t0 + timeout_s
-        rec.draining = True
+        rec.draining, rec.switch_to = True, role
         self.state.node_down(nid)
         log.info("moving %s node %s to %s: draining %d requests", old_role, node_id, role,
                  len(self.state.requests_on(nid)))
@@ -294,7 +294,6 @@ class NodeRegistry:
                                        f"after {timeout_s:g}s")
                 await asyncio.sleep(0.05)
             drained = time.monotonic()
-            rec.switch_to = role
             while True:
                 new = self.nodes.get(node_id)
                 if new is not None and new is not rec and new.role == role and new.up:

@@ -46,6 +46,7 @@ class ConductorSpec:
     max_request_bytes: int = 4 * 2**20  # an HTTP body or gRPC message over this is refused (conductor.intake)
     max_retries: int = 3  # placements after a node failed before the first token
     max_migrations: int = 3  # moves to another decode node after one failed mid-stream
+    elastic_interval_s: float = 0.0  # > 0: the role planner moves nodes between the pools (conductor.elastic)
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +118,14 @@ async def serve_conductor(spec: ConductorSpec, stop: asyncio.Event | None = None
         LiveConfig(spec.model, spec.max_model_len, spec.block_size, spec.on_transfer_failure, spec.kv_lease_s,
                    spec.request_timeout_s, max_retries=spec.max_retries, max_migrations=spec.max_migrations),
         tokenizer, Scheduler(settings, costs), registry, metrics)
+    elastic_task = None
+    if spec.elastic_interval_s > 0:
+        from conductor.elastic import ElasticRoles
+        from conductor.role_planner import PlannerSettings, RolePlanner
+
+        backend.elastic = ElasticRoles(registry, costs, settings,
+                                       RolePlanner(PlannerSettings(interval_s=spec.elastic_interval_s)))
+        elastic_task = asyncio.create_task(backend.elastic.run())
 
     server = grpc.aio.server(options=(*SERVER_OPTIONS, *transport_options(spec.max_request_bytes)),
                              interceptors=[*([ApiKeyInterceptor(spec.api_key)] if spec.api_key else []),
@@ -164,6 +173,8 @@ async def serve_conductor(spec: ConductorSpec, stop: asyncio.Event | None = None
     try:
         await stop.wait()
     finally:
+        if elastic_task is not None:
+            elastic_task.cancel()
         await health_servicer.enter_graceful_shutdown()
         if http is not None:
             await http.shutdown()
