@@ -98,6 +98,9 @@ class EngineConfig:
     num_threads: int | None = None  # torch intra-op threads; None keeps torch's choice
     dtype: str = "float32"  # weights and GEMMs: float32 | bfloat16 | w8a8 | fp8 (engine/quant.py)
     kv_dtype: str = "auto"  # KV cache: float32 | bfloat16 | auto (float32 for float32, else bfloat16)
+    # w8a8: activations quantized per token and per this many input channels (0: per token, as
+    # SmoothQuant; a linear whose width it does not divide falls back to per token)
+    act_group: int = 64
 
     def validate(self) -> None:
         from engine.quant import DTYPES, KV_DTYPES
@@ -107,6 +110,8 @@ class EngineConfig:
                 raise ValueError(f"engine.{name} must be > 0, got {getattr(self, name)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"engine.dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.act_group < 0:
+            raise ValueError(f"engine.act_group must be >= 0, got {self.act_group}")
         if self.kv_dtype != "auto" and self.kv_dtype not in KV_DTYPES:
             raise ValueError(f"engine.kv_dtype must be auto or one of {', '.join(KV_DTYPES)}, got {self.kv_dtype!r}")
 

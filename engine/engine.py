@@ -84,7 +84,7 @@ class LLMEngine:
                           dtype=self.config.kv_torch_dtype)
         self.pool = BlockPool(self.config.num_blocks, self.config.block_size)
         self.scheduler = Scheduler(self.config, self.pool)
-        self.runner = ModelRunner(LlamaModel(loaded.config, loaded.weights), self.kv)
+        self.runner = ModelRunner(LlamaModel(loaded.config, loaded.weights, self.config.act_group), self.kv)
         self._requests: dict[str, Request] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._preemptions = 0

@@ -63,14 +63,16 @@ Observer = Callable[[int, str, torch.Tensor], None]
 
 
 class LlamaModel:
-    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> None:
+    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], act_group: int = 0) -> None:
         """`weights` by Hugging Face name, as `engine.loader.load_model` gives them: float
-        tensors, or int8 / float8 codes with their per-row scales under `<name>_scale`."""
+        tensors, or int8 / float8 codes with their per-row scales under `<name>_scale`.
+        `act_group`: int8 linears scale their activations per token and per this many input
+        channels (0: per token; `EngineConfig.act_group`)."""
         self.cfg = cfg
         w = weights
 
         def lin(*names: str) -> QLinear:
-            parts = [_qlinear(w, n + ".weight") for n in names]
+            parts = [_qlinear(w, n + ".weight", act_group) for n in names]
             return parts[0] if len(parts) == 1 else QLinear.cat(parts)
 
         self.embed = Embedding(w["model.embed_tokens.weight"], w.get("model.embed_tokens.weight_scale"))
@@ -189,13 +191,13 @@ class LlamaModel:
         return _fused_linear(ck, ck.rms_norm(x, self.norm, eps), self.lm_head, skinny)
 
 
-def _qlinear(w: dict[str, torch.Tensor], name: str) -> QLinear:
+def _qlinear(w: dict[str, torch.Tensor], name: str, act_group: int = 0) -> QLinear:
     """The weight `name` in its stored form: the dtype of the codes says which."""
     t = w[name]
     form = {torch.float32: "f32", torch.bfloat16: "bf16", torch.int8: "int8", torch.float8_e4m3fn: "fp8"}.get(t.dtype)
     if form is None:
         raise ValueError(f"{name}: weights of dtype {t.dtype} are not supported")
-    return QLinear.make(form, t, w.get(name + "_scale"))
+    return QLinear.make(form, t, w.get(name + "_scale"), act_group if form == "int8" else 0)
 
 
 def _fused_linear(ck, a: torch.Tensor, lin: QLinear, skinny: bool) -> torch.Tensor:
@@ -208,6 +210,10 @@ def _fused_linear(ck, a: torch.Tensor, lin: QLinear, skinny: bool) -> torch.Tens
         return ck.split_linear(a, lin.weight) if SPLIT_LINEAR else F.linear(a, lin.weight)
     if not ck.qgemm_supported() or K % (64 if lin.form == "int8" else 32):
         return lin.reference(a)
+    if lin.form == "int8" and lin.act_group:
+        if lin.act_group % 64:
+            return lin.reference(a)
+        return ck.int8_group_linear(a, lin.weight, lin.scale, lin.act_group)
     if lin.form == "int8":
         return ck.int8_linear(a, lin.weight, lin.scale, lin.row_sums)
     if lin.form == "fp8":

@@ -6,10 +6,18 @@ dtype      layer linears (q/k/v, o, gate/up, down)  LM head and embedding  KV (a
 float32    fp32                                     fp32                   float32
 bfloat16   bf16 weights, inputs rounded to bf16     bf16                   bfloat16
 w8a8       int8 per output channel x int8 per       bf16                   bfloat16
-           token (dynamic), SmoothQuant-smoothed
+           token and per 64 input channels
+           (dynamic), SmoothQuant-smoothed
 fp8        E4M3 per output channel x E4M3 per       bf16                   bfloat16
            token (dynamic); emulated by upcast
 =========  =======================================  =====================  ===========
+
+w8a8's activation groups (`EngineConfig.act_group`, 64 by default; 0 is SmoothQuant's plain
+per-token scaling): each token's 64-channel slice gets its own int8 scale, so an outlier
+channel coarsens only its own group; the int32 sum of each group is exact and scaled in fp32
+(`int8_group_linear`). Measured on Debian fortunes text against fp32 (bench.quality), it cut
+w8a8's KL divergence about 3x and raised top-1 agreement from ~93.5% to ~95.5%, for ~3% of
+batch-1 decode time; the weights and their calibration are the same either way.
 
 Everything between the linears -- the residual stream, RMSNorm, RoPE, softmax, SiLU, the
 matmul accumulators and outputs -- is fp32 in every dtype; the dtype names what is *stored*
@@ -78,6 +86,14 @@ def quantize_int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, amax / INT8_MAX
 
 
+def quantize_int8_groups(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per row and per `group` consecutive columns (as `quantize_int8_rows` on each
+    group): codes [M, K], scales [M, K / group]."""
+    M, K = x.shape
+    q, s = quantize_int8_rows(x.reshape(M * (K // group), group))
+    return q.reshape(M, K), s.reshape(M, K // group)
+
+
 def quantize_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """E4M3 per row: q = e4m3(x * 448 / absmax) (round to nearest even), scale = absmax / 448."""
     x = x.float()
@@ -102,11 +118,14 @@ class QLinear:
     form: str  # "f32" | "bf16" | "int8" | "fp8"
     weight: torch.Tensor  # float32 | bfloat16 | int8 | float8_e4m3fn, [N, K]
     scale: torch.Tensor | None = None  # [N] float32 (int8, fp8): W = weight * scale[:, None]
-    row_sums: torch.Tensor | None = None  # [N] int32 (int8)
+    row_sums: torch.Tensor | None = None  # [N] int32 (int8 per token; the grouped kernel needs none)
+    act_group: int = 0  # int8: activations scaled per token (0) or per token and per this many columns
 
     @classmethod
-    def make(cls, form: str, weight: torch.Tensor, scale: torch.Tensor | None = None) -> "QLinear":
-        """From a float weight (quantized here) or, given `scale`, from already-quantized codes."""
+    def make(cls, form: str, weight: torch.Tensor, scale: torch.Tensor | None = None,
+             act_group: int = 0) -> "QLinear":
+        """From a float weight (quantized here) or, given `scale`, from already-quantized codes.
+        `act_group` (int8 only) is dropped to 0 where it does not divide K."""
         if form == "f32":
             return cls(form, weight.float().contiguous())
         if form == "bf16":
@@ -116,16 +135,20 @@ class QLinear:
         if scale is None:
             weight, scale = (quantize_int8_rows if form == "int8" else quantize_fp8_rows)(weight)
         weight = weight.contiguous()
-        return cls(form, weight, scale.float().contiguous(), int8_row_sums(weight) if form == "int8" else None)
+        if form != "int8":
+            return cls(form, weight, scale.float().contiguous())
+        group = act_group if act_group and weight.shape[1] % act_group == 0 else 0
+        return cls(form, weight, scale.float().contiguous(), None if group else int8_row_sums(weight), group)
 
     @classmethod
     def cat(cls, parts: list["QLinear"]) -> "QLinear":
         """Stack weights along N (fused Q/K/V, gate/up): per-row scales stack with them."""
-        f = parts[0].form
-        if any(p.form != f for p in parts):
-            raise ValueError("fused linears must share one form")
+        f, g = parts[0].form, parts[0].act_group
+        if any(p.form != f or p.act_group != g for p in parts):
+            raise ValueError("fused linears must share one form and activation grouping")
         cat = lambda ts: None if ts[0] is None else torch.cat(ts).contiguous()  # noqa: E731
-        return cls(f, cat([p.weight for p in parts]), cat([p.scale for p in parts]), cat([p.row_sums for p in parts]))
+        return cls(f, cat([p.weight for p in parts]), cat([p.scale for p in parts]), cat([p.row_sums for p in parts]),
+                   g)
 
     @property
     def out_features(self) -> int:
@@ -146,6 +169,14 @@ class QLinear:
             return F.linear(x, self.weight)
         if self.form == "bf16":
             return F.linear(x.to(torch.bfloat16), self.weight).float()
+        if self.form == "int8" and self.act_group:
+            # each group's sum is exact in fp32 (|sum| <= group * 127^2 < 2^24 for group <= 1024)
+            g = self.act_group
+            xq, xs = quantize_int8_groups(x, g)
+            M, K = xq.shape
+            acc = torch.einsum("mgk,ngk->mng", xq.view(M, K // g, g).float(),
+                               self.weight.view(-1, K // g, g).float())
+            return (acc * xs.unsqueeze(1)).sum(-1) * self.scale
         if self.form == "int8":
             xq, xs = quantize_int8_rows(x)
             return int_mm(xq, self.weight).float() * xs.unsqueeze(1) * self.scale

@@ -69,6 +69,33 @@ void quantize_rows_int8(const float* x, int64_t M, int64_t K, int bias, uint8_t*
   });
 }
 
+// Per row and per `group` consecutive columns: absmax, signed codes q = rne(x * (127 / absmax)),
+// scale[m * G + g] = absmax / 127 (G = K / group), as engine.quant.quantize_int8_groups, and
+// each group's code sum qsum[m * G + g].
+void quantize_groups_int8(const float* x, int64_t M, int64_t K, int64_t group, int8_t* q, float* scale,
+                          int32_t* qsum) {
+  const int64_t G = K / group;
+  at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
+    for (int64_t m = b; m < e; ++m)
+      for (int64_t g = 0; g < G; ++g) {
+        const float* xr = x + m * K + g * group;
+        float amax = 0.f;
+        for (int64_t k = 0; k < group; ++k) amax = std::max(amax, std::fabs(xr[k]));
+        const float inv = amax > 0.f ? 127.f / amax : 0.f;
+        scale[m * G + g] = amax / 127.f;
+        int8_t* qr = q + m * K + g * group;
+        int32_t sum = 0;
+        for (int64_t k = 0; k < group; ++k) {
+          float v = std::nearbyint(xr[k] * inv);
+          v = std::min(127.f, std::max(-127.f, v));
+          qr[k] = static_cast<int8_t>(v);
+          sum += qr[k];
+        }
+        qsum[m * G + g] = sum;
+      }
+  });
+}
+
 // v rounded to the nearest E4M3 value (ties to even), |v| <= 448.
 inline float round_e4m3(float v) {
   const float a = std::fabs(v);
@@ -144,6 +171,45 @@ inline void vnni_tile(const uint8_t* const xs[MR], const int8_t* w0, int64_t K, 
   }
   for (int m = 0; m < MR; ++m)
     for (int n = 0; n < NR; ++n) out[m][n] = _mm512_reduce_add_epi32(acc[m][n]);
+}
+
+// As vnni_tile, with one activation scale per `group` columns. Here the weights are the
+// unsigned operand (w ^ 0x80 = w + 128 as a byte) and the activation codes the signed one, so
+// each group's sum carries 128 * the token's code sum over the group (`qsum[m][g]`), taken back
+// off in lane 0 -- exact, and no per-weight-group sums to store or read. The exact group sums
+// are scaled by the token's group scale and summed in fp32 lanes: out = sum_g xs[m][g] * acc_g
+// (the weights' scale not applied).
+template <int NR, int MR>
+inline void vnni_group_tile(const int8_t* const xq[MR], const float* const xs[MR], const int32_t* const qsum[MR],
+                            const int8_t* w0, int64_t K, int64_t group, float out[MR][NR], const int8_t* pf) {
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  __m512 acc[MR][NR];
+  for (int m = 0; m < MR; ++m)
+    for (int n = 0; n < NR; ++n) acc[m][n] = _mm512_setzero_ps();
+  for (int64_t g0 = 0, g = 0; g0 < K; g0 += group, ++g) {
+    __m512i gacc[MR][NR];
+    for (int m = 0; m < MR; ++m)
+      for (int n = 0; n < NR; ++n) gacc[m][n] = _mm512_setzero_si512();
+    for (int64_t k = g0; k < g0 + group; k += 64) {
+      prefetch_rows(pf, K, k, NR);
+      __m512i wv[NR];
+      for (int n = 0; n < NR; ++n) wv[n] = _mm512_xor_si512(_mm512_loadu_si512(w0 + n * K + k), flip);
+      for (int m = 0; m < MR; ++m) {
+        const __m512i xv = _mm512_loadu_si512(xq[m] + k);
+        for (int n = 0; n < NR; ++n) gacc[m][n] = _mm512_dpbusd_epi32(gacc[m][n], wv[n], xv);
+      }
+    }
+    for (int m = 0; m < MR; ++m) {
+      const __m512 sv = _mm512_set1_ps(xs[m][g]);
+      const __m512i corr = _mm512_set1_epi32(128 * qsum[m][g]);
+      for (int n = 0; n < NR; ++n) {
+        const __m512i exact = _mm512_mask_sub_epi32(gacc[m][n], 1, gacc[m][n], corr);
+        acc[m][n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(exact), sv, acc[m][n]);
+      }
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int n = 0; n < NR; ++n) out[m][n] = _mm512_reduce_add_ps(acc[m][n]);
 }
 
 // Rows of bfloat16 bits (NR weight rows, MR token rows): fp32 sums of exact products.
@@ -303,6 +369,49 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor ws, to
       for (int64_t n = 0; n < N; ++n) op[m * N + n] = static_cast<float>(ap[m * N + n]) * xs[m] * wsp[n];
   });
   return out;
+}
+
+// x [M, K] float32 @ (w [N, K] int8 * ws[:, None])^T with x quantized per row and per `group`
+// columns (group % 64 == 0, K % group == 0) -> [M, N] float32, any M (the tiled kernel: oneDNN
+// has no per-group scales).
+torch::Tensor int8_group_linear(torch::Tensor x, torch::Tensor w, torch::Tensor ws, int64_t group) {
+  check_x(x, w, torch::kInt8, "int8");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  TORCH_CHECK(group > 0 && group % 64 == 0 && K % group == 0, "group must be a multiple of 64 dividing K");
+  const int64_t G = K / group;
+  check_scale(ws, N, torch::kFloat32, "ws");
+#ifdef HM_AVX512
+  std::vector<int8_t> xq(static_cast<size_t>(M * K));
+  std::vector<float> xs(static_cast<size_t>(M * G));
+  std::vector<int32_t> qs(static_cast<size_t>(M * G));
+  quantize_groups_int8(x.data_ptr<float>(), M, K, group, xq.data(), xs.data(), qs.data());
+  auto out = torch::empty({M, N}, x.options());
+  float* op = out.data_ptr<float>();
+  const float* wsp = ws.data_ptr<float>();
+  const int8_t* wp = w.data_ptr<int8_t>();
+  skinny_drive<float>(M, N, K, [&](int64_t n0, int nr, int64_t m0, int mr, float (*vals)[4]) {
+    dispatch_tile(nr, mr, [&](auto nr_c, auto mr_c) {
+      constexpr int NR = decltype(nr_c)::value, MR = decltype(mr_c)::value;
+      const int8_t* xr[MR];
+      const float* sr[MR];
+      const int32_t* qr[MR];
+      for (int i = 0; i < MR; ++i) {
+        xr[i] = xq.data() + (m0 + i) * K;
+        sr[i] = xs.data() + (m0 + i) * G;
+        qr[i] = qs.data() + (m0 + i) * G;
+      }
+      const int8_t* pf = m0 == 0 && n0 + 12 <= N ? wp + (n0 + 8) * K : nullptr;
+      float o[MR][NR];
+      vnni_group_tile<NR, MR>(xr, sr, qr, wp + n0 * K, K, group, o, pf);
+      for (int i = 0; i < MR; ++i)
+        for (int j = 0; j < NR; ++j) vals[i][j] = o[i][j];
+    });
+  }, [&](int64_t m, int64_t n, float v) { op[m * N + n] = v * wsp[n]; });
+  return out;
+#else
+  TORCH_CHECK(false, "int8_group_linear needs AVX-512 VNNI");
+  return torch::Tensor();
+#endif
 }
 
 // x [M, K] float32 @ (w [N, K] E4M3 codes (uint8) * ws[:, None])^T with x quantized per row to

@@ -4,7 +4,7 @@ depend on the thread split), rounded down:
 
     dtype      greedy 32 tokens identical  teacher-forced top-1 vs fp32 (372 positions)
     bfloat16   6 of 9 (mean common prefix 24.9)   0.9919
-    w8a8       1 of 9                              0.9543
+    w8a8       2 of 9                              0.9785 (activations per 64 channels; 0.9543 per token)
     fp8        1 of 9                              0.9113 (0.9409 before a quantizer tie fix)
 
 (bench.quality measures the same over 51,200 tokens of other text.)"""
@@ -64,11 +64,11 @@ def test_bfloat16_greedy_tokens_agree_with_float32(greedy):
     assert sum(prefix) / len(prefix) >= 24, prefix
 
 
-# bfloat16 has no quantizer and is asserted at what it measured. w8a8 and fp8 get three points
-# of room: on 372 positions their agreement moves with rounding-level changes -- fp8 went from
-# 0.9409 to 0.9113 when the quantizer's 448 / absmax became a true division (ties in a few
-# weight codes), and a fresh w8a8 calibration may move like that.
-@pytest.mark.parametrize("dtype,threshold", [("bfloat16", 0.99), ("w8a8", 0.92), ("fp8", 0.88)])
+# bfloat16 has no quantizer and is asserted at what it measured. fp8 gets three points of room:
+# on 372 positions its agreement moved with rounding-level changes (0.9409 to 0.9113 when the
+# quantizer's 448 / absmax became a true division). w8a8 gets ~two: 0.96 still fails per-token
+# activation scales (0.9543), which the 64-channel groups replaced.
+@pytest.mark.parametrize("dtype,threshold", [("bfloat16", 0.99), ("w8a8", 0.96), ("fp8", 0.88)])
 def test_next_token_top1_agrees_with_float32(engines, greedy, dtype, threshold):
     """Teacher-forced on prompt + float32's own continuation: argmax equal to float32's."""
     tok = engines["float32"].tokenizer
