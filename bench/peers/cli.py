@@ -68,10 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 async def _run(args, con, systems, rates, n, out: Path, prefix: str) -> int:
-    from bench.peers import install, judge, quality, report, servers, workloads
-    from bench.peers.runner import MeteredClient, run_workload
-    from bench.replay.http_client import HttpReplayClient
-    from engine.loader import gguf_path
+    from bench.peers import judge, quality, report, workloads
+    from bench.replay.client import ClientError
 
     specs = []
     for w in args.workloads.split(","):
@@ -89,48 +87,14 @@ async def _run(args, con, systems, rates, n, out: Path, prefix: str) -> int:
 
     runs: dict[tuple[str, str], object] = {}
     for system in systems:
-        if system == "llama-server":
-            peer = install.install_llama_server()
-            if isinstance(peer, install.Skipped):
-                con.print(f"[yellow]{peer.message}[/yellow]")
-                doc["skipped"].append({"system": system, "reason": peer.reason})
-                continue
-            con.print(f"llama-server {peer.version} ({peer.how}): {peer.command[0]}")
-            ctx = servers.llama_server(peer.command, gguf_path(),
-                                       servers.LlamaServerConfig(threads=args.threads, slots=args.slots),
-                                       args.log_dir / "llama-server.log")
-        else:
-            ctx = servers.halfmoon(system, args.dtype, args.threads)
-        con.print(f"[bold]starting {system}[/bold]")
-        with ctx as running:
-            con.print(f"  {running.description} at {running.address}")
-            doc["systems"][system] = running.description
-            if ref is not None:
-                qc = HttpReplayClient(running.address, dialect=running.dialect, ignore_eos=False)
-                try:
-                    got = await quality.answers(qc, ref.prompts)
-                finally:
-                    await qc.close()
-                cmp = quality.compare(got, ref.answers, ref.eos, ref.decode)
-                doc["quality"].append({"system": system, **dataclasses.asdict(cmp)})
-                con.print(f"  quality: {cmp.exact}/{cmp.prompts} answers identical to fp32; "
-                          f"France -> {cmp.first_answer[:50]!r}")
-            inner = HttpReplayClient(running.address, timeout_s=args.request_timeout + 30, dialect=running.dialect)
-            client = MeteredClient(inner, running.address) if running.metrics else inner
-            try:
-                for spec in specs:
-                    def on_run(i, speedup, count, _w=spec.name):
-                        con.print(f"  {_w} run {i + 1}/{len(rates)}: {count} requests at {rates[i]:g} req/s")
-
-                    wr = await run_workload(client, spec, system, rates, request_timeout_s=args.request_timeout,
-                                            on_run=on_run)
-                    runs[(system, spec.name)] = wr
-                    doc["unloaded"].append({"system": system, "workload": spec.name,
-                                            "ttft_s": wr.unloaded.ttft_s, "tbt_s": wr.unloaded.tbt_s})
-                    con.print(f"  {spec.name}: unloaded TTFT {wr.unloaded.ttft_s * 1e3:.0f} ms, "
-                              f"TBT {wr.unloaded.tbt_s * 1e3:.1f} ms")
-            finally:
-                await inner.close()
+        try:
+            await _one_system(args, con, system, specs, rates, ref, doc, runs)
+        except (RuntimeError, TimeoutError, OSError, ClientError) as e:  # a system that failed to start or serve
+            con.print(f"[red]{system} failed ({type(e).__name__}: {e}); going on without it[/red]")
+            doc["skipped"].append({"system": system, "reason": f"{type(e).__name__}: {e}"})
+            for key in [k for k in runs if k[0] == system]:
+                del runs[key]
+            doc["unloaded"] = [u for u in doc["unloaded"] if u["system"] != system]
 
     if not runs:
         con.print("[red]error:[/red] no system ran")
@@ -166,3 +130,54 @@ async def _run(args, con, systems, rates, n, out: Path, prefix: str) -> int:
         con.print(f"wrote {path}")
     con.print(f"wrote {out}")
     return 0
+
+
+async def _one_system(args, con, system: str, specs, rates, ref, doc: dict, runs: dict) -> None:
+    """Start one system alone, ask the quality prompts, sweep every workload, stop it."""
+    from bench.peers import install, quality, servers
+    from bench.peers.runner import MeteredClient, run_workload
+    from bench.replay.http_client import HttpReplayClient
+    from engine.loader import gguf_path
+
+    if system == "llama-server":
+        peer = install.install_llama_server()
+        if isinstance(peer, install.Skipped):
+            con.print(f"[yellow]{peer.message}[/yellow]")
+            doc["skipped"].append({"system": system, "reason": peer.reason})
+            return
+        con.print(f"llama-server {peer.version} ({peer.how}): {peer.command[0]}")
+        ctx = servers.llama_server(peer.command, gguf_path(),
+                                   servers.LlamaServerConfig(threads=args.threads, slots=args.slots),
+                                   args.log_dir / "llama-server.log")
+    else:
+        ctx = servers.halfmoon(system, args.dtype, args.threads)
+    con.print(f"[bold]starting {system}[/bold]")
+    with ctx as running:
+        con.print(f"  {running.description} at {running.address}")
+        doc["systems"][system] = running.description
+        if ref is not None:
+            qc = HttpReplayClient(running.address, dialect=running.dialect, ignore_eos=False)
+            try:
+                got = await quality.answers(qc, ref.prompts)
+            finally:
+                await qc.close()
+            cmp = quality.compare(got, ref.answers, ref.eos, ref.decode)
+            doc["quality"].append({"system": system, **dataclasses.asdict(cmp)})
+            con.print(f"  quality: {cmp.exact}/{cmp.prompts} answers identical to fp32; "
+                      f"France -> {cmp.first_answer[:50]!r}")
+        inner = HttpReplayClient(running.address, timeout_s=args.request_timeout + 30, dialect=running.dialect)
+        client = MeteredClient(inner, running.address) if running.metrics else inner
+        try:
+            for spec in specs:
+                def on_run(i, speedup, count, _w=spec.name):
+                    con.print(f"  {_w} run {i + 1}/{len(rates)}: {count} requests at {rates[i]:g} req/s")
+
+                wr = await run_workload(client, spec, system, rates, request_timeout_s=args.request_timeout,
+                                        on_run=on_run)
+                runs[(system, spec.name)] = wr
+                doc["unloaded"].append({"system": system, "workload": spec.name,
+                                        "ttft_s": wr.unloaded.ttft_s, "tbt_s": wr.unloaded.tbt_s})
+                con.print(f"  {spec.name}: unloaded TTFT {wr.unloaded.ttft_s * 1e3:.0f} ms, "
+                          f"TBT {wr.unloaded.tbt_s * 1e3:.1f} ms")
+        finally:
+            await inner.close()

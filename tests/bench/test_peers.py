@@ -275,3 +275,24 @@ def test_cli_refuses_an_unknown_system():
     from bench.peers import main
 
     assert main(["--systems", "vllm", "--no-quality"]) == 2
+
+
+def test_a_system_that_fails_to_start_is_skipped_and_named(monkeypatch, capsys, tmp_path):
+    import contextlib
+
+    from bench.peers import install, servers
+    from bench.peers import main
+
+    @contextlib.contextmanager
+    def broken(system, dtype, threads):
+        raise RuntimeError("conductor exited with code 1 during start-up")
+        yield
+
+    monkeypatch.setattr(servers, "halfmoon", broken)
+    monkeypatch.setattr(install, "install_llama_server", lambda: install.Skipped("llama-server", "no cmake"))
+    rc = main(["--systems", "llama-server,halfmoon-1p1d", "--no-quality", "--workloads", "chat",
+               "--log-dir", str(tmp_path), "--json", str(tmp_path / "p.json")])
+    out = capsys.readouterr().out.replace("\n", " ")
+    assert rc == 2
+    assert "skipping llama-server: no cmake" in out
+    assert "halfmoon-1p1d failed (RuntimeError: conductor exited with code 1 during start-up); going on" in out
