@@ -78,15 +78,19 @@ def print_table(console, doc: dict) -> None:
         console.print(t)
     for g in doc["targets"]:
         cap = (f"x{g['capacity_ratio']:.2f} llama-server's" if g["capacity_ratio"] else
-               f"{g['capacity_rps'] or 'none'} vs llama-server's {g['peer_capacity_rps'] or 'none'}")
+               f"{_rps(g['capacity_rps'])} vs llama-server's {_rps(g['peer_capacity_rps'])}")
         console.print(f"{g['system']} / {g['workload']}: capacity {cap} (target 1.5x: "
                       f"{'met' if g['capacity_target_met'] else 'missed'}); p99 TBT {_ms(g['tbt_p99_s'])} vs "
-                      f"{_ms(g['peer_tbt_p99_s'])} at {g['at_rate_rps']} req/s "
+                      f"{_ms(g['peer_tbt_p99_s'])} at {_rps(g['at_rate_rps'])} "
                       f"(target <=: {'met' if g['tbt_target_met'] else 'missed'})")
 
 
 def _s(v: float | None) -> str:
     return "-" if v is None else f"{v:.3f} s"
+
+
+def _rps(v: float | None) -> str:
+    return "none" if not v else f"{v:.2f} req/s"
 
 
 def _ms(v: float | None) -> str:

@@ -211,7 +211,7 @@ def test_targets_compare_capacity_and_p99_tbt_at_halfmoons_capacity_load():
     out = io.StringIO()
     report.print_table(Console(file=out, width=200), doc)
     text = out.getvalue()
-    assert "capacity x2.00 llama-server's (target 1.5x: met); p99 TBT 50 ms vs 80 ms at 2.0 req/s (target <=: met)" in text
+    assert "capacity x2.00 llama-server's (target 1.5x: met); p99 TBT 50 ms vs 80 ms at 2.00 req/s (target <=: met)" in text
     assert "3/12" in text and "0.200 s" in text and "load average 1.5" in text
 
 
