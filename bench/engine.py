@@ -422,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     systems = [x for s in args.systems.split(",")
                for x in ([f"halfmoon/{d}" for d in args.dtypes.split(",")] if s == "halfmoon" else [s])]
     rows: list[Row] = []
-    console = Console()
+    console = Console(width=max(160, Console().width))  # the wide table whole, also off a terminal
     load_before = machine_load()
     for b in batches:
         here = [s for s in systems if s != "llama.cpp" or b == 1]

@@ -25,3 +25,7 @@ def test_bench_engine_writes_rows_for_every_system_and_dtype(tmp_path):
     assert set(data["halfmoon_vs_hf"]) == {"prefill_b1", "decode_b1", "decode_b2",
                                            "w8a8_prefill_b1", "w8a8_decode_b1", "w8a8_decode_b2"}
     assert data["machine_load"]["before"]["cpus"] >= 1
+    for r in data["rows"]:  # the hardware arithmetic of each row
+        key = "weight_gb_per_s" if r["phase"] == "decode" else "linear_gflop_per_s"
+        assert r[key] > 0, r
+    assert len(data["bandwidth_notes"]) == 2  # one per halfmoon dtype's batch-1 decode row
