@@ -8,7 +8,9 @@ the ratios):
 - decode tokens/s and ms per decode step at each batch size, unconstrained and under a JSON
   schema (a list of records, long enough that no request ends inside the window), the two
   interleaved `--repeats` times (medians). The constrained run has fast-forward off, so
-  every step is one decode token per request and the difference is the masks' cost; it is
+  every step is one decode token per request and the difference is the grammar's cost (a
+  greedy request's pick is checked against its grammar first and masked only when refused,
+  counted as `greedy_check_misses` of `greedy_checks`); it is
   also run with mask computation serial instead of overlapped with the forward pass, and
   with fast-forward on (tokens/s then counts the forced tokens, fed as chunks);
 - mask time per token, p50 / p99 (one matcher at a time, replaying the compliance run's
@@ -56,7 +58,7 @@ def _decode_window(eng, batch: int, new_tokens: int, constraint) -> dict:
     while eng.scheduler.waiting or any(r.num_computed_tokens < len(r.prompt_token_ids) for r in eng.scheduler.running):
         eng.step()  # until every prompt is computed
     tokens, steps, spent = 0, 0, 0.0
-    wait0 = eng.masks.stats.wait_s
+    wait0, checks0, misses0 = eng.masks.stats.wait_s, eng.masks.stats.checks, eng.masks.stats.check_misses
     for _ in range(new_tokens):
         t = time.perf_counter()
         outs = eng.step()
@@ -68,7 +70,8 @@ def _decode_window(eng, batch: int, new_tokens: int, constraint) -> dict:
     for i in range(batch):
         eng.abort(f"w{i}")
     return {"tokens_per_s": tokens / spent, "ms_per_step": 1e3 * spent / steps, "steps": steps, "tokens": tokens,
-            "mask_wait_ms_per_step": 1e3 * (eng.masks.stats.wait_s - wait0) / steps}
+            "mask_wait_ms_per_step": 1e3 * (eng.masks.stats.wait_s - wait0) / steps,
+            "greedy_checks": eng.masks.stats.checks - checks0, "greedy_check_misses": eng.masks.stats.check_misses - misses0}
 
 
 def _median_run(runs: list[dict]) -> dict:
@@ -231,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"batch {r['batch']:>3}: plain {r['plain']['tokens_per_s']:7.1f} tok/s {r['plain']['ms_per_step']:7.1f} ms/step"
               f" | json_schema {r['json_schema']['tokens_per_s']:7.1f} tok/s {r['json_schema']['ms_per_step']:7.1f} ms/step"
               f" ({r['step_slowdown']:+.1%}; serial masks {r['step_slowdown_serial']:+.1%}; mask wait "
-              f"{r['json_schema']['mask_wait_ms_per_step']:.2f} ms/step) | fast-forward "
+              f"{r['json_schema']['mask_wait_ms_per_step']:.2f} ms/step; greedy picks the grammar refused "
+              f"{r['json_schema']['greedy_check_misses']:.0f}/{r['json_schema']['greedy_checks']:.0f}) | fast-forward "
               f"{r['json_schema_fast_forward']['tokens_per_s']:7.1f} tok/s")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2, default=str))

@@ -26,7 +26,7 @@ from engine.logprobs import TokenLogprob
 from engine.model import LlamaModel
 from engine.model_runner import ModelRunner
 from engine.request import FinishReason, Request, RequestStatus, sample_id
-from engine.sampling import SamplerState, SamplingParams
+from engine.sampling import SamplerState, SamplingParams, checks_greedy_pick
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.structured.backend import GrammarBackend, backend_for
 from engine.structured.matcher import GrammarState, MaskComputer
@@ -91,6 +91,7 @@ class LLMEngine:
         self._eos = set(loaded.config.eos_token_ids)
         self._grammar: GrammarBackend | None = None  # built on the first constrained request (~0.5 s)
         self.masks = MaskComputer(loaded.config.vocab_size)  # grammar masks, overlapped with the forward pass
+        self.runner.mask_stats = self.masks.stats
         self.num_prefill_tokens = 0
         self.num_forced_tokens = 0
         self.fast_forward = True  # take the tokens a grammar forces without a model step each (benchmarks turn it off)
@@ -282,7 +283,10 @@ class LLMEngine:
         self._preemptions += len(sched.preempted)
         if sched.empty:
             return []
-        self.masks.start([r.sampler.grammar for r in _sampled_by(sched) if r.sampler.grammar is not None])
+        # masks for the constrained requests that need one whatever they pick; a greedy pick is
+        # checked against its grammar first, and masked only when refused (sampling.checks_greedy_pick)
+        self.masks.start([r.sampler.grammar for r in _sampled_by(sched)
+                          if r.sampler.grammar is not None and not checks_greedy_pick(r.params, r.sampler)])
         sampled = self.runner.run(sched)
         for chunk in sched.prefills:
             chunk.request.num_computed_tokens += chunk.num_tokens

@@ -16,6 +16,7 @@ class ModelRunner:
         self.model = model
         self.kv = kv
         self.block_size = kv.block_size
+        self.mask_stats = None  # engine.structured.matcher.MaskStats: greedy picks checked against a grammar
 
     def run(self, sched: SchedulerOutput) -> dict[Request, int]:
         """Feed the scheduled tokens; return the sampled next token of every request whose
@@ -70,5 +71,5 @@ class ModelRunner:
                                     torch.tensor(logit_rows, dtype=torch.long))
         if not sampled_reqs:
             return {}
-        tokens = sample(logits, [r.params for r in sampled_reqs], [r.sampler for r in sampled_reqs])
+        tokens = sample(logits, [r.params for r in sampled_reqs], [r.sampler for r in sampled_reqs], self.mask_stats)
         return dict(zip(sampled_reqs, tokens))

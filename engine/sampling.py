@@ -314,12 +314,31 @@ def _greedy_allowed(row: np.ndarray, allowed: np.ndarray) -> int | None:
     return int(idx[j]) if np.isfinite(vals[j]) and not np.isnan(vals).any() else None
 
 
-def _sample_row(raw: torch.Tensor, host: np.ndarray, p: SamplingParams, st: SamplerState) -> int:
+def checks_greedy_pick(p: SamplingParams, st: SamplerState) -> bool:
+    """A constrained request whose token is the plain greedy pick whenever the grammar allows
+    that pick (greedy, no bias or penalties, no parallel samples): its pick is checked against
+    the grammar first and a mask is computed only when the grammar refuses it. The same token
+    as masking first: the row's first maximum, if allowed, is also the masked row's."""
+    return st.grammar is not None and p.greedy and st.adjust is None and not st.forks
+
+
+def _sample_row(raw: torch.Tensor, host: np.ndarray, p: SamplingParams, st: SamplerState,
+                greedy_id: int | None = None, stats=None) -> int:
     """A request with extras: logprobs (raw), grammar mask, bias and penalties, then the draw;
     its parallel samples' first tokens come from the same processed row. `host` is the raw
     row as float32 numpy: the row is worked on in numpy, on one thread, where torch would hand
     each 49k-element op to its thread pool (milliseconds a row on a loaded machine)."""
     lsm = log_softmax(raw) if st.logprobs is not None else None
+    if greedy_id is not None and checks_greedy_pick(p, st):
+        ok = st.grammar.allows(greedy_id)
+        if stats is not None:
+            stats.checks += 1
+            stats.check_misses += not ok
+        if ok:
+            st.grammar.drop_pending()
+            if lsm is not None:
+                st.logprob = token_logprob(lsm, greedy_id, st.logprobs)
+            return greedy_id
     allowed = st.grammar.take_mask() if st.grammar is not None else None
     token = None
     if allowed is not None and p.greedy and st.adjust is None and not st.forks:
@@ -356,7 +375,7 @@ def _host_rows(logits: torch.Tensor) -> np.ndarray:
     return x.numpy()
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], states: list[SamplerState]) -> list[int]:
+def sample(logits: torch.Tensor, params: list[SamplingParams], states: list[SamplerState], mask_stats=None) -> list[int]:
     """Pick one token per row of `logits` ([batch, vocab]). Safe for every value
     `SamplingParams.validate` accepts and for any logits, inf and NaN included: the row's
     maximum is subtracted before dividing by the temperature (every scaled logit is <= 0, the
@@ -367,13 +386,14 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], states: list[Samp
     numpy)."""
     host = _host_rows(logits)
     rows = host
-    if not np.isfinite(host.max(axis=-1)).all():  # a row's max is NaN if any entry is, inf if one is +inf
+    finite = np.isfinite(host.max(axis=-1))
+    if not finite.all():  # a row's max is NaN if any entry is, inf if one is +inf
         rows = _finite_logits(torch.from_numpy(host)).numpy()
     out: list[int] = []
     greedy_ids = rows.argmax(axis=-1).tolist()
     for i, (p, st) in enumerate(zip(params, states)):
         if not st.plain:
-            out.append(_sample_row(logits[i], host[i], p, st))
+            out.append(_sample_row(logits[i], host[i], p, st, greedy_ids[i] if finite[i] else None, mask_stats))
         elif p.greedy:
             out.append(greedy_ids[i])
         else:

@@ -70,6 +70,14 @@ class GrammarState:
             return []
         return tokens
 
+    def allows(self, token: int) -> bool:
+        """Whether the grammar takes `token` next (nothing consumed): one token checked, where
+        a mask checks the whole vocabulary."""
+        return self.error is None and not self.matcher.is_stopped() and self.matcher.validate_tokens([token]) == 1
+
+    def drop_pending(self) -> None:
+        self._pending = None
+
     def set_pending(self, future: Future, buffer: torch.Tensor, row: int) -> None:
         self._pending = (future, buffer, row)
 
@@ -91,12 +99,14 @@ class MaskStats:
     def __init__(self, window: int = 100_000) -> None:
         self.per_mask_s: deque[float] = deque(maxlen=window)
         self.masks = 0
+        self.checks = 0  # greedy picks checked against the grammar alone (no mask)
+        self.check_misses = 0  # of those, picks the grammar refused (a mask was computed then)
         self.compute_s = 0.0  # total time filling masks (on the mask thread when overlapped)
         self.wait_s = 0.0  # total time the engine thread waited for them (what overlap did not hide)
 
     def reset(self) -> None:
         self.per_mask_s.clear()
-        self.masks, self.compute_s, self.wait_s = 0, 0.0, 0.0
+        self.masks, self.checks, self.check_misses, self.compute_s, self.wait_s = 0, 0, 0, 0.0, 0.0
 
 
 class MaskComputer:
