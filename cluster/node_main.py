@@ -77,7 +77,7 @@ async def _serve_role(spec: NodeSpec, stop: asyncio.Event) -> str | None:
     from prometheus_client import CollectorRegistry
 
     from cluster.kv_tiers import tier_use
-    from cluster.metrics import MetricsServer, NodeMetrics
+    from conductor.metrics import MetricsServer, NodeMetrics
     from decode_node.service import DecodeService
     from engine.audit import audit_periodically
     from engine.config import EngineConfig

@@ -26,7 +26,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cluster.config import ClusterConfig, with_overrides
-from cluster.metrics import ScrapeTarget, write_scrape_targets
+from conductor.metrics import ScrapeTarget, write_scrape_targets
 from cluster.ray_actors import ConductorActor, ConductorInfo, NodeActor, NodeInfo, StoreInfo, StoreMasterActor
 from cluster.specs import NodePlan, conductor_spec, node_plans, with_secrets
 from conductor.auth import keyed_channel

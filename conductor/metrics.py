@@ -4,8 +4,8 @@ Names follow vLLM's convention with our prefix: `halfmoon:<what>_<unit>`; counte
 `_total`. Each process passes its own `CollectorRegistry`: nothing registers globally, so
 tests and several in-process components never clash. This module is a leaf (it imports
 only prometheus_client), so the conductor and both node kinds may use it; it lives in
-`conductor` so that the conductor needs nothing of `cluster` (`cluster.metrics` re-exports it
-for the launchers and node processes).
+`conductor` so that the conductor needs nothing of `cluster`; the launchers and node
+processes import it from here too.
 
 Who exports what (so a `sum()` over all scrape targets never counts a thing twice):
 - the conductor (`ConductorMetrics`): request timings measured at the front door (TTFT and

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 # Keys of node_metrics(): cumulative counters summed over the cluster's nodes. They are
-# the Prometheus names of cluster/metrics.py's catalog (counted in prompt tokens), so a
+# the Prometheus names of conductor/metrics.py's catalog (counted in prompt tokens), so a
 # client can pass scraped samples through. The replayer reports the prefix-cache hit
 # rate over a run as delta(hits) / delta(queries).
 PREFIX_CACHE_HITS = "halfmoon:prefix_cache_hits_total"

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from cluster.client import Client, make_request
-from cluster.metrics import ScrapeTarget, write_scrape_targets
+from conductor.metrics import ScrapeTarget, write_scrape_targets
 from cluster.specs import free_port
 from engine.sampling import SamplingParams
 

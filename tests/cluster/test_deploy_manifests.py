@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from cluster.config import ClusterConfig, load_config, parse_config
-from cluster.metrics import ALL_METRICS, Kind
+from conductor.metrics import ALL_METRICS, Kind
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 

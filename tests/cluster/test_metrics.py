@@ -10,7 +10,7 @@ import urllib.request
 import pytest
 from prometheus_client import CollectorRegistry
 
-from cluster.metrics import (
+from conductor.metrics import (
     ALL_METRICS,
     CONDUCTOR_METRICS,
     NODE_METRICS,

@@ -6,25 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine import cpu_kernels
 from engine.config import EngineConfig
 from engine.engine import LLMEngine
 from engine.quant import QLinear, quantize_int8_groups, quantize_int8_rows
-
-SHAPES = [(10, 64), (960, 576), (576, 1536)]
-ROWS = [1, 2, 3, 5, 17, 64, 65, 130]
-
-
-@pytest.fixture(scope="module")
-def ck():
-    mod = cpu_kernels.kernels()
-    if mod is None or not mod.qgemm_supported():
-        pytest.skip("the AVX-512 VNNI/BF16 kernels are not built on this CPU")
-    return mod
-
-
-def rand(*shape, seed=0, scale=1.0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale
+from tests.engine.test_quant_kernels import ROWS, SHAPES, ck, rand  # noqa: F401 (ck: the kernels fixture)
 
 
 def test_group_quantizer_is_the_row_quantizer_on_each_group():

@@ -15,7 +15,7 @@ import grpc
 import pytest
 from prometheus_client import CollectorRegistry
 
-from cluster.metrics import NodeMetrics
+from conductor.metrics import NodeMetrics
 from decode_node.service import DecodeService
 from engine.audit import audit_periodically
 from engine.config import EngineConfig

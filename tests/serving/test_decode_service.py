@@ -57,7 +57,7 @@ class _Context:
 def test_decode_counts_the_kv_bytes_that_arrived_and_frees_every_block(tiny_model_dir):
     from prometheus_client import CollectorRegistry
 
-    from cluster.metrics import NodeMetrics
+    from conductor.metrics import NodeMetrics
     from proto.halfmoon.v1 import common_pb2
 
     registry = CollectorRegistry()

@@ -7,7 +7,7 @@ from prometheus_client import CollectorRegistry
 
 from cluster.config import ClusterConfig, ConfigError, parse_config, with_overrides
 from cluster.kv_tiers import embedded_store, node_tiers
-from cluster.metrics import NodeMetrics
+from conductor.metrics import NodeMetrics
 from engine.tiers.mooncake_store import master_problem, store_unavailable_reason
 
 
