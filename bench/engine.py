@@ -4,8 +4,13 @@ attention) and llama.cpp (the same GGUF, Q4_1) where `llama-cpp-python` is insta
 Same prompts, same thread count, one run. Each system (each halfmoon dtype too) runs in its
 own spawned worker process, so peak RSS is per system; the parent drives the workers in turn,
 one timed operation at a time, alternating which goes first -- they never compute at the same
-time, and on a shared machine all see the same background load. Every row names its
-`dtype` and the weight memory its forward reads (`weight_mb`).
+time, and on a shared machine all see the same background load. Before an operation on a
+different system than the last one, the parent waits ``SETTLE_S``: a worker's thread pool
+keeps spinning for a while after its work returns (OpenMP's and ggml's both busy-wait), and
+on 2 cores those spinning threads took half the next system's cores -- measured interleaved
+step by step with no wait, halfmoon w8a8 decode b1 fell from 112 to 65 tok/s and llama.cpp's
+from 117 to 97. Every row names its `dtype` and the weight memory its forward reads
+(`weight_mb`).
 
 What is timed, the same way for every system:
 
@@ -43,6 +48,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 PROMPT_LEN = 512
+SETTLE_S = 0.05  # idle time before switching systems, so the last one's spinning threads sleep
 
 
 HALFMOON_DTYPES = ("float32", "bfloat16", "w8a8", "fp8")
@@ -298,16 +304,25 @@ def run_batch(systems: list[str], batch: int, new_tokens: int, threads: int, pre
             w.close()
     prefill: dict[str, list[float]] = {w.system: [] for w in workers}
     steps: dict[str, list[float]] = {w.system: [] for w in workers}
+    last: list[Worker] = []
+
+    def timed(w: Worker, *cmd) -> float:
+        if last and last[0] is not w:
+            time.sleep(SETTLE_S)  # let the previous system's thread pool stop spinning
+        last[:] = [w]
+        return w.call(*cmd)
+
     try:
         if batch == 1:
             for i in range(prefill_repeats):
                 for w in workers[:: 1 if i % 2 == 0 else -1]:
-                    prefill[w.system].append(w.call("prefill", i))
+                    prefill[w.system].append(timed(w, "prefill", i))
         for w in workers:
             w.call("decode_start", batch, new_tokens)
+        last.clear()
         for i in range(new_tokens):
             for w in workers[:: 1 if i % 2 == 0 else -1]:
-                steps[w.system].append(w.call("step"))
+                steps[w.system].append(timed(w, "step"))
         for w in workers:
             w.call("decode_end")
         rss = {w.system: w.call("rss") for w in workers}

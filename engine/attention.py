@@ -21,8 +21,15 @@ class DecodeGroup:
 
     n: int
     block_tables: torch.Tensor  # [n, max_blocks] long, padded with block 0
-    mask: torch.Tensor  # [n, 1, 1, max_blocks * block_size] bool, True = attend
+    mask: torch.Tensor | None = None  # [n, 1, 1, max_blocks * block_size] bool, True = attend (None: from context_lens)
     context_lens: torch.Tensor | None = None  # [n] long: tokens each attends to (None: from mask)
+
+    def attend_mask(self, block_size: int) -> torch.Tensor:
+        """`mask`, built from `context_lens` when it was not given (only the torch path needs it)."""
+        if self.mask is None:
+            width = self.block_tables.shape[1] * block_size
+            self.mask = (torch.arange(width).unsqueeze(0) < self.context_lens.unsqueeze(1))[:, None, None, :]
+        return self.mask
 
 
 @dataclass(slots=True)
@@ -92,7 +99,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Ten
         qd = q[: d.n].unsqueeze(2)  # [n, H, 1, hd]
         kd = _gather(k_cache, d.block_tables)
         vd = _gather(v_cache, d.block_tables)
-        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=d.mask, scale=scale, enable_gqa=True)
+        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=d.attend_mask(k_cache.shape[1]), scale=scale,
+                                            enable_gqa=True)
         out[: d.n] = od.squeeze(2)
     # 4-D [1, heads, L, hd] operands: with 3-D ones SDPA on CPU takes its slow math path, not flash
     for p in meta.prefills:

@@ -44,9 +44,7 @@ class ModelRunner:
                 lens.append(r.num_tokens)
                 logit_rows.append(i)
                 sampled_reqs.append(r)
-            ctx_lens = torch.tensor(lens)
-            mask = torch.arange(max_blocks * bs).unsqueeze(0) < ctx_lens.unsqueeze(1)
-            decode = DecodeGroup(len(sched.decodes), tables, mask[:, None, None, :], ctx_lens)
+            decode = DecodeGroup(len(sched.decodes), tables, context_lens=torch.tensor(lens))
 
         prefills: list[PrefillChunk] = []
         for chunk in sched.prefills:

@@ -7,7 +7,10 @@
 //
 // decode_attention: one query token per sequence. Work is split over (sequence, kv head);
 // each task scores its group of query heads against every key of the sequence, takes the
-// softmax over those scores, then sums the values -- K and V are each read once.
+// softmax over those scores, then sums the values -- K and V are each read once. When there
+// are too few such tasks to share evenly among the threads (batch 1: 3 kv heads on 2 threads),
+// each task's keys are split into ranges on different threads and the partial results
+// combined (flash-decoding's split-K: each range keeps its own max, rescaled at the end).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -21,16 +24,20 @@
 
 namespace {
 
+// Fewer key-head dot products than this in a decode step: no split (see decode_splits).
+constexpr int64_t kSplitMinWork = 2048;
+
 #ifdef HM_AVX2
 using hm::exp8;
 using hm::hsum8;
 #endif
 
 // In place: p[i] = exp(p[i] - max) for i < n (entries up to the next multiple of 8 must be
-// writable; they hold -inf-like padding). Returns the sum over i < n.
-inline float softmax_numerators(float* p, int64_t n, int64_t n_pad) {
+// writable; they hold -inf-like padding). Returns the sum over i < n; the max goes to *max_out.
+inline float softmax_numerators(float* p, int64_t n, int64_t n_pad, float* max_out) {
   float m = -std::numeric_limits<float>::infinity();
   for (int64_t i = 0; i < n; ++i) m = std::max(m, p[i]);
+  *max_out = m;
 #ifdef HM_AVX2
   for (int64_t i = n; i < n_pad; ++i) p[i] = -1e30f;
   const __m256 vm = _mm256_set1_ps(m);
@@ -52,23 +59,26 @@ inline float softmax_numerators(float* p, int64_t n, int64_t n_pad) {
 #endif
 }
 
-// One (sequence, kv head) task: `group` query heads attend over `ctx` cached tokens. T: the
-// cache's element type (float or c10::BFloat16); the math is fp32 either way.
+// One (sequence, kv head) task over the cached tokens of blocks [b_begin, b_end) (the last
+// block holding up to token `ctx`): `group` query heads score those keys, take softmax
+// numerators against the range's own max, and sum the values -- K and V are each read once.
+// Leaves per head j: acc[j * hd ..] = sum_t exp(s_jt - mx[j]) v_t and sum[j] = sum_t exp(s_jt - mx[j]).
+// T: the cache's element type (float or c10::BFloat16); the math is fp32 either way.
 template <typename T>
-void attend_one(const float* q, int64_t q_head_stride, float* out, int64_t out_head_stride,
-                const T* k_base, const T* v_base, int64_t block_stride, int64_t row_stride,
-                const int64_t* table, int64_t block_size, int64_t ctx, int64_t group, int64_t hd,
-                float scale, std::vector<float>& scratch) {
-  const int64_t n_pad = (ctx + 7) / 8 * 8;
-  scratch.resize(static_cast<size_t>(group * n_pad + group * hd));
+void attend_range(const float* q, int64_t q_head_stride, const T* k_base, const T* v_base, int64_t block_stride,
+                  int64_t row_stride, const int64_t* table, int64_t block_size, int64_t b_begin, int64_t b_end,
+                  int64_t ctx, int64_t group, int64_t hd, float scale, std::vector<float>& scratch, float* acc,
+                  float* mx, float* sum) {
+  const int64_t first = b_begin * block_size;
+  const int64_t n = std::min(b_end * block_size, ctx) - first;
+  const int64_t n_pad = (n + 7) / 8 * 8;
+  scratch.resize(static_cast<size_t>(group * n_pad));
   float* scores = scratch.data();
-  float* acc = scores + group * n_pad;
-  const int64_t nblocks = (ctx + block_size - 1) / block_size;
 
   // 1. scores[j][t] = scale * q_j . k_t
-  for (int64_t b = 0; b < nblocks; ++b) {
-    const int64_t t0 = b * block_size;
-    const int64_t tn = std::min(block_size, ctx - t0);
+  for (int64_t b = b_begin; b < b_end; ++b) {
+    const int64_t t0 = b * block_size - first;
+    const int64_t tn = std::min(block_size, n - t0);
     const T* kb = k_base + table[b] * block_stride;
     for (int64_t j = 0; j < group; ++j) {
       const float* qj = q + j * q_head_stride;
@@ -100,14 +110,13 @@ void attend_one(const float* q, int64_t q_head_stride, float* out, int64_t out_h
   }
 
   // 2. softmax numerators and their sums
-  std::vector<float> inv(static_cast<size_t>(group));
-  for (int64_t j = 0; j < group; ++j) inv[j] = 1.f / softmax_numerators(scores + j * n_pad, ctx, n_pad);
+  for (int64_t j = 0; j < group; ++j) sum[j] = softmax_numerators(scores + j * n_pad, n, n_pad, mx + j);
 
   // 3. acc[j] = sum_t p[j][t] * v_t
   std::fill(acc, acc + group * hd, 0.f);
-  for (int64_t b = 0; b < nblocks; ++b) {
-    const int64_t t0 = b * block_size;
-    const int64_t tn = std::min(block_size, ctx - t0);
+  for (int64_t b = b_begin; b < b_end; ++b) {
+    const int64_t t0 = b * block_size - first;
+    const int64_t tn = std::min(block_size, n - t0);
     const T* vb = v_base + table[b] * block_stride;
     for (int64_t j = 0; j < group; ++j) {
       const float* pj = scores + j * n_pad + t0;
@@ -132,10 +141,21 @@ void attend_one(const float* q, int64_t q_head_stride, float* out, int64_t out_h
       }
     }
   }
+}
+
+// `attend_range` over all `ctx` tokens, normalized into out[j * out_head_stride ..].
+template <typename T>
+void attend_one(const float* q, int64_t q_head_stride, float* out, int64_t out_head_stride, const T* k_base,
+                const T* v_base, int64_t block_stride, int64_t row_stride, const int64_t* table, int64_t block_size,
+                int64_t ctx, int64_t group, int64_t hd, float scale, std::vector<float>& scratch) {
+  thread_local std::vector<float> part;
+  part.resize(static_cast<size_t>(group * hd + 2 * group));
+  float *acc = part.data(), *mx = acc + group * hd, *sum = mx + group;
+  attend_range(q, q_head_stride, k_base, v_base, block_stride, row_stride, table, block_size, 0,
+               (ctx + block_size - 1) / block_size, ctx, group, hd, scale, scratch, acc, mx, sum);
   for (int64_t j = 0; j < group; ++j) {
-    float* oj = out + j * out_head_stride;
-    const float* aj = acc + j * hd;
-    for (int64_t d = 0; d < hd; ++d) oj[d] = aj[d] * inv[j];
+    const float inv = 1.f / sum[j];
+    for (int64_t d = 0; d < hd; ++d) out[j * out_head_stride + d] = acc[j * hd + d] * inv;
   }
 }
 
@@ -276,6 +296,20 @@ void dispatch_kv(const torch::Tensor& cache, F&& f) {
 
 }  // namespace
 
+// How many key ranges each (sequence, kv head) task of a decode step is split into, so that
+// every thread gets the same share: 1 when the tasks already spread evenly over the threads,
+// when there are plenty of them, or when the step is too small to be worth waking the
+// others for; else enough ranges (of >= 4 blocks each) for tasks x splits to fill the threads.
+static int64_t decode_splits(int64_t tasks, int64_t work, const int64_t* lens, int64_t n, int64_t block_size) {
+  const int64_t threads = at::get_num_threads();
+  if (threads < 2 || work < kSplitMinWork || tasks % threads == 0 || tasks >= 8 * threads) return 1;
+  int64_t min_blocks = std::numeric_limits<int64_t>::max();
+  for (int64_t s = 0; s < n; ++s) min_blocks = std::min(min_blocks, (lens[s] + block_size - 1) / block_size);
+  int64_t a = tasks, b = threads;
+  while (b) std::swap(a %= b, b);  // a = gcd(tasks, threads)
+  return std::max<int64_t>(1, std::min(threads / a, min_blocks / 4));
+}
+
 // out[s, h] = softmax(scale * q[s, h] . K_s) V_s over the first context_lens[s] tokens of
 // sequence s, whose blocks are block_tables[s]. q, out: [n, heads, head_dim] (rows may be
 // strided, the last dim contiguous).
@@ -305,26 +339,69 @@ void decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache,
   const int64_t group = heads / kvh;
   const float* qp = q.data_ptr<float>();
   float* op = out.data_ptr<float>();
+  const int64_t tasks = n * kvh;
+  const int64_t splits = decode_splits(tasks, total * heads, lens, n, block_size);
+  // Partial results of each (task, split): group x head_dim sums, then group maxima and group sums.
+  const int64_t part = group * hd + 2 * group;
+  std::vector<float> parts(static_cast<size_t>(tasks * splits * part));
   dispatch_kv(k_cache, [&](auto tag) {
     using T = decltype(tag);
     const T* kp = static_cast<const T*>(k_cache.data_ptr());
     const T* vp = static_cast<const T*>(v_cache.data_ptr());
-    const int64_t q_s = q.stride(0), q_h = q.stride(1), o_s = out.stride(0), o_h = out.stride(1);
+    const int64_t q_s = q.stride(0), q_h = q.stride(1);
     const int64_t bstride = k_cache.stride(0), rstride = k_cache.stride(1);
-    const int64_t tasks = n * kvh;
     // Below ~64k key-head dot products a layer's attention takes a few tens of microseconds:
-    // cheaper on one thread than waking the others.
-    const int64_t grain = total * heads < 65536 ? tasks : 1;
-    at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
+    // cheaper on one thread than waking the others (unless it was split across them).
+    const int64_t grain = splits == 1 && total * heads < 65536 ? tasks : 1;
+    at::parallel_for(0, tasks * splits, grain, [&](int64_t begin, int64_t end) {
       thread_local std::vector<float> scratch;
-      for (int64_t task = begin; task < end; ++task) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t task = i / splits, sp = i % splits;
         const int64_t s = task / kvh, g = task % kvh;
-        attend_one(qp + s * q_s + g * group * q_h, q_h, op + s * o_s + g * group * o_h, o_h,
-                   kp + g * hd, vp + g * hd, bstride, rstride, tables + s * max_blocks, block_size,
-                   lens[s], group, hd, static_cast<float>(scale), scratch);
+        const int64_t nblocks = (lens[s] + block_size - 1) / block_size;
+        const int64_t per = (nblocks + splits - 1) / splits;
+        const int64_t b0 = std::min(nblocks, sp * per), b1 = std::min(nblocks, b0 + per);
+        float* pr = parts.data() + i * part;
+        if (b0 == b1) {  // an empty range: weight 0 in the combination
+          std::fill(pr, pr + group * hd, 0.f);
+          std::fill(pr + group * hd, pr + group * hd + group, -std::numeric_limits<float>::infinity());
+          std::fill(pr + group * hd + group, pr + part, 0.f);
+          continue;
+        }
+        attend_range(qp + s * q_s + g * group * q_h, q_h, kp + g * hd, vp + g * hd, bstride, rstride,
+                     tables + s * max_blocks, block_size, b0, b1, lens[s], group, hd, static_cast<float>(scale),
+                     scratch, pr, pr + group * hd, pr + group * hd + group);
       }
     });
   });
+  // out = sum_i exp(mx_i - M) acc_i / sum_i exp(mx_i - M) sum_i over the splits (M: their max)
+  const int64_t o_s = out.stride(0), o_h = out.stride(1);
+  for (int64_t task = 0; task < tasks; ++task) {
+    const int64_t s = task / kvh, g = task % kvh;
+    const float* p0 = parts.data() + task * splits * part;
+    for (int64_t j = 0; j < group; ++j) {
+      float* oj = op + s * o_s + (g * group + j) * o_h;
+      if (splits == 1) {
+        const float inv = 1.f / p0[group * hd + group + j];
+        for (int64_t d = 0; d < hd; ++d) oj[d] = p0[j * hd + d] * inv;
+        continue;
+      }
+      float M = -std::numeric_limits<float>::infinity();
+      for (int64_t sp = 0; sp < splits; ++sp) M = std::max(M, p0[sp * part + group * hd + j]);
+      float l = 0.f;
+      std::fill(oj, oj + hd, 0.f);
+      for (int64_t sp = 0; sp < splits; ++sp) {
+        const float* pr = p0 + sp * part;
+        const float m = pr[group * hd + j];
+        if (m == -std::numeric_limits<float>::infinity()) continue;
+        const float w = std::exp(m - M);
+        l += w * pr[group * hd + group + j];
+        for (int64_t d = 0; d < hd; ++d) oj[d] += w * pr[j * hd + d];
+      }
+      const float inv = 1.f / l;
+      for (int64_t d = 0; d < hd; ++d) oj[d] *= inv;
+    }
+  }
 }
 
 // One prefill chunk: q [n, heads, head_dim] are the last n of `context_len` tokens whose K/V are

@@ -113,6 +113,38 @@ def test_decode_kernel_writes_strided_rows_and_reads_large_scores(ck):
     assert big_out[0].abs().sum() == 0 and big_out[3:].abs().sum() == 0
 
 
+@pytest.mark.parametrize("threads", [2, 3, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_kernel_split_across_threads_matches_reference(ck, threads, dtype):
+    """Few (sequence, kv head) tasks on several threads: each task's keys are split into ranges
+    computed on different threads and combined (max-rescaled sums). One and two long sequences
+    of 3 kv heads, with a dominant key in one range, must match the reference and the
+    one-thread (unsplit) result."""
+    k_cache, v_cache = region_views(96, 16, 3, 64)
+    k_cache[5, 3] *= 30  # a dominant score in one range only: the ranges' maxima differ
+    if dtype is torch.bfloat16:
+        k_cache, v_cache = k_cache.to(dtype), v_cache.to(dtype)
+    g = torch.Generator().manual_seed(3)
+    cases = [(torch.randperm(96, generator=g)[:40].view(1, 40), torch.tensor([611])),
+             (torch.randperm(96, generator=g)[:64].view(2, 32), torch.tensor([512, 289]))]
+    cases[0][0][0, 7] = 5
+    before = torch.get_num_threads()
+    try:
+        for tables, lens in cases:
+            q = torch.randn(tables.shape[0], 9, 64, generator=g)
+            ref = torch_reference(q, k_cache.float(), v_cache.float(), tables, lens, 0.125)
+            outs = []
+            for t in (1, threads):
+                torch.set_num_threads(t)
+                out = torch.empty_like(q)
+                ck.decode_attention(out, q, k_cache, v_cache, tables, lens, 0.125)
+                outs.append(out)
+            for out in outs:
+                torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_decode_kernel_rejects_bad_input(ck):
     k_cache, v_cache = region_views(4, 16, 3, 64)
     q = torch.randn(1, 9, 64)
