@@ -6,6 +6,7 @@ import logging
 import multiprocessing as mp
 import os
 import signal
+import threading
 import time
 from dataclasses import dataclass, field, replace
 
@@ -17,6 +18,21 @@ from conductor.auth import keyed_channel
 from conductor.server import ConductorSpec, run_conductor
 
 log = logging.getLogger("halfmoon.local")
+
+
+def _raise_exit(signum, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
+def exit_on_sigterm() -> None:
+    """Make SIGTERM end this process as Ctrl-C would, by raising SystemExit in the main thread,
+    so that the `with` / finally blocks around a cluster stop the processes it started. Left
+    to its default, SIGTERM kills the parent at once and its spawned children (conductor,
+    nodes, a Mooncake master) keep running, orphaned -- seen when a benchmark was stopped.
+    Only where SIGTERM still has its default action and only from the main thread (a program
+    with its own handler, like `halfmoon serve`, keeps it)."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _raise_exit)
 
 
 @dataclass
@@ -50,6 +66,7 @@ class LocalCluster:
         return f"{self.conductor.host}:{self.conductor.grpc_port}"
 
     def start(self, timeout_s: float = 180.0) -> "LocalCluster":
+        exit_on_sigterm()
         self.start_conductor()
         for spec in self.nodes:
             self.start_node(spec)
