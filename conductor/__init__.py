@@ -5,7 +5,7 @@ Scheduling core (pure, no I/O; the live conductor and `bench.sim` drive the same
 (where a request goes) -> `admission` (whether it may) -> `scheduler` (both, per the
 runtime `settings`) -> `decision` (the answer). `cluster_state` is the one writer of the
 view (request transitions, heartbeats, nodes up and down), `cost_model` predicts latencies,
-`prefix_index` tracks every node's KV cache from `kv_events`, `predictions` logs
-predicted vs measured and calibrates admission, `role_planner` moves nodes between the
-prefill and decode pools.
+`prefix_index` tracks every node's KV cache from the KV events its block pool emits
+(`engine.block_pool.KVEvent`), `predictions` logs predicted vs measured and calibrates
+admission, `role_planner` moves nodes between the prefill and decode pools.
 """

@@ -51,6 +51,7 @@ from conductor.lifecycle import Phase
 from conductor.prefix_index import ApplyStatus, GlobalPrefixIndex, PendingPrefixes
 from conductor.request import NodeId, RequestInfo
 from conductor.view import ClusterView, DecodeNodeView, DecodeResident, LoadIndex, PrefillNodeView
+from engine.block_pool import KVEvent
 
 # The lifecycle's legal moves (the same table as `conductor.lifecycle`; a test pins that).
 TRANSITIONS: dict[Phase, frozenset[Phase]] = {
@@ -489,8 +490,8 @@ class ClusterState:
         dv.waiting_tokens = book.transferring_tokens + queued_tokens
         self.loads.changed_decode(dv)
 
-    def kv_event(self, event) -> ApplyStatus:
-        """A KV event from a prefill node, into the global prefix index."""
+    def kv_event(self, event: KVEvent) -> ApplyStatus:
+        """A KV event from a prefill node (its `node` and `seq` set), into the global prefix index."""
         return self.index.apply(event)
 
     def kv_snapshot(self, node: NodeId, block_hashes, next_seq: int, *, tier: str = "device") -> None:

@@ -1,6 +1,6 @@
 """The live conductor: one request's trip through the cluster (DESIGN.md §2).
 
-    validate + tokenize -> scheduler.decide (policy + admission; reject before any work)
+    validate + tokenize + hash -> scheduler.decide (policy + admission; reject before any work)
     -> decode node Reserve (blocks + lease) -> prefill node Prefill (chunked, KV pushed
     into the reserved blocks as it is computed; answers with the first token)
     -> decode node Decode (joins the batch, streams tokens) -> client
@@ -272,12 +272,14 @@ class LiveConductor:
 
     async def _run(self, trip: Trip, attempt: Attempt) -> AsyncIterator[TokenChunk | Finished]:
         cfg, rid, ids = self.cfg, attempt.rid, trip.token_ids
+        hashes = trip.info.block_hashes  # hashed once, at intake: the nodes check and reuse them
         sp = sampling_to_proto(trip.params)
         pre, dec = attempt.pre, attempt.dec
         if attempt.colocated or pre is None:  # the decode node computes the prompt (+ tokens so far) itself
             attempt.decode_call = dec.decode_stub.Decode(node_pb2.DecodeRequest(
                 request_id=rid, prompt_token_ids=ids, sampling=sp, colocated=attempt.colocated,
-                recompute=not attempt.colocated, resume_token_ids=trip.generated), timeout=cfg.request_timeout_s)
+                recompute=not attempt.colocated, resume_token_ids=trip.generated, block_hashes=hashes),
+                timeout=cfg.request_timeout_s)
             attempt.enter(Phase.DECODING)
             async for item in self._stream(trip, attempt, None, trip.t0 if pre else self._clock()):
                 yield item
@@ -308,7 +310,8 @@ class LiveConductor:
         if self._tracked(attempt):
             self.state.reserved(rid, len(resv.target.block_ids) * cfg.block_size)
         attempt.renewer = asyncio.ensure_future(self._keep_reserved(dec, rid))
-        preq = node_pb2.PrefillRequest(request_id=rid, prompt_token_ids=ids, sampling=sp, target=resv.target)
+        preq = node_pb2.PrefillRequest(request_id=rid, prompt_token_ids=ids, sampling=sp, target=resv.target,
+                                       block_hashes=hashes)
         holder = self.registry.nodes.get(attempt.decision.prefill.pull_from or "")
         if holder is not None and holder.up:  # kv_centric: pull the prefix instead of recomputing it
             preq.pull.CopyFrom(node_pb2.PrefixSource(
@@ -337,8 +340,8 @@ class LiveConductor:
             request_id=rid, prompt_token_ids=ids, sampling=sp, first_token=presp.first_token if presp else 0,
             first_tokens=presp.first_tokens if presp else (), first_logprobs=presp.first_logprobs if presp else (),
             num_cached_tokens=presp.num_cached_tokens if presp else 0, recompute=presp is None,
-            kv_bytes=presp.kv_bytes if presp else 0, kv_transfer_s=presp.kv_transfer_s if presp else 0.0),
-            timeout=cfg.request_timeout_s)
+            kv_bytes=presp.kv_bytes if presp else 0, kv_transfer_s=presp.kv_transfer_s if presp else 0.0,
+            block_hashes=hashes), timeout=cfg.request_timeout_s)
         attempt.enter(Phase.DECODING)  # Decode claims (or, recomputing, frees) the reservation
         async for item in self._stream(trip, attempt, presp, t_kv):
             yield item

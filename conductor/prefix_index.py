@@ -1,4 +1,6 @@
-"""The global prefix index: which node caches which KV blocks, kept exact by KV events.
+"""The global prefix index: which node caches which KV blocks, kept exact by KV events
+(`engine.block_pool.KVEvent`: the records the nodes' block pools emit, received with the
+publishing node and its sequence number).
 
 `longest_prefix(hashes)` answers, for every node, how many leading blocks of a request's
 chain it holds. The map goes block hash -> holder(s), and the walk along the chain keeps
@@ -25,8 +27,8 @@ from enum import Enum
 from typing import Iterable, Mapping, Sequence
 
 from conductor.errors import IndexSyncError
-from conductor.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KvEvent
 from conductor.request import BlockHash, NodeId
+from engine.block_pool import CLEARED, REMOVED, STORED, KVEvent
 
 
 STORE_NODE = NodeId("cluster-store")  # the holder of every block in the cluster tier
@@ -180,8 +182,8 @@ class GlobalPrefixIndex:
         return sum(len(blocks) for blocks in self._blocks_of.values())
 
     # -- updates -----------------------------------------------------------------------
-    def apply(self, event: KvEvent) -> ApplyStatus:
-        node = event.node
+    def apply(self, event: KVEvent) -> ApplyStatus:
+        node = NodeId(event.node)
         expected = self._next_seq.get(node, 0)
         if event.seq < expected:
             return ApplyStatus.DUPLICATE
@@ -191,19 +193,19 @@ class GlobalPrefixIndex:
             self._stale.add(node)
             self.gaps_detected += 1
         self._next_seq[node] = event.seq + 1
-        tier = getattr(event, "tier", "device")
+        tier, kind = getattr(event, "tier", "device"), getattr(event, "kind", None)
         target, holder = (self, node) if tier == "device" else (self.tier(tier), STORE_NODE if tier == "cluster" else node)
-        if type(event) is BlockStored:
+        if kind == STORED:
             target.store(holder, event.block_hashes)
-        elif type(event) is BlockRemoved:
+        elif kind == REMOVED:
             target.remove(holder, event.block_hashes)
-        elif type(event) is AllBlocksCleared:
+        elif kind == CLEARED:
             self.clear_node(node)
         else:
             raise IndexSyncError(f"not a KV event: {event!r}")
         return status
 
-    def apply_all(self, events: Iterable[KvEvent]) -> list[ApplyStatus]:
+    def apply_all(self, events: Iterable[KVEvent]) -> list[ApplyStatus]:
         return [self.apply(e) for e in events]
 
     def store(self, node: NodeId, block_hashes: Iterable[BlockHash]) -> None:

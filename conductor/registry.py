@@ -24,9 +24,10 @@ from dataclasses import dataclass, field
 import grpc
 
 from conductor.cluster_state import ClusterState
-from conductor.kv_events import BlockRemoved, BlockStored
-from conductor.request import BlockHash, NodeId
+from conductor.request import NodeId
 from conductor.view import DecodeNodeView, PrefillNodeView
+from engine.block_pool import CLEARED
+from proto.convert import kv_event_from_proto
 from proto.halfmoon.v1 import node_pb2, node_pb2_grpc
 
 log = logging.getLogger("halfmoon.conductor.registry")
@@ -326,21 +327,22 @@ class NodeRegistry:
                 call = rec.prefill_stub.KVEvents(node_pb2.KVEventsRequest(subscriber="conductor"))
                 snapshot_seq = None
                 snapshot_of = None  # the last snapshot's seq: its lower-tier parts follow it with that seq
-                async for ev in call:
-                    if ev.kind == node_pb2.KV_EVENT_CLEARED:
+                async for msg in call:
+                    try:
+                        ev = kv_event_from_proto(msg, node)
+                    except ValueError as e:  # a newer node's kind: skip it (the next snapshot repairs)
+                        log.warning("%s", e)
+                        continue
+                    if ev.kind == CLEARED:
                         snapshot_seq = ev.seq
                         continue
-                    hashes = tuple(BlockHash(h) for h in ev.block_hashes)
-                    tier = ev.tier or "device"
                     if snapshot_seq is not None:  # the snapshot's STORED event
-                        self.state.kv_snapshot(node, hashes, snapshot_seq + 1)
+                        self.state.kv_snapshot(node, ev.block_hashes, snapshot_seq + 1)
                         snapshot_of, snapshot_seq = snapshot_seq, None
-                    elif tier != "device" and ev.seq == snapshot_of:  # a tier's part of the snapshot
-                        self.state.kv_snapshot(node, hashes, ev.seq, tier=tier)
-                    elif ev.kind == node_pb2.KV_EVENT_STORED:
-                        self.state.kv_event(BlockStored(node, ev.seq, hashes, tier=tier))
-                    elif ev.kind == node_pb2.KV_EVENT_REMOVED:
-                        self.state.kv_event(BlockRemoved(node, ev.seq, hashes, tier=tier))
+                    elif ev.tier != "device" and ev.seq == snapshot_of:  # a tier's part of the snapshot
+                        self.state.kv_snapshot(node, ev.block_hashes, ev.seq, tier=ev.tier)
+                    else:
+                        self.state.kv_event(ev)
             except grpc.aio.AioRpcError as e:
                 if not rec.up or self.rpc_failed(rec, e):  # a killed prefill node leaves rotation at once
                     return

@@ -17,6 +17,10 @@ Cancelling the `Decode` call aborts the request and frees its blocks. An engine 
 fails while the request runs ends the stream at once with INTERNAL "decode node X: engine
 step failed: ..." (the worker has aborted it and freed its blocks).
 
+Block hashes: as on the prefill node, the conductor's chain of the prompt's full blocks
+(`block_hashes`) is checked and reused, so the prompt blocks this node caches are not hashed
+again here.
+
 Request ids are the conductor's own (unique per request); a second `Reserve` or `Decode`
 for an id this node already holds or runs is refused with ALREADY_EXISTS. A migrated request
 (its first decode node failed mid-stream) arrives with `recompute=True` and the tokens it
@@ -118,6 +122,7 @@ class DecodeService(node_pb2_grpc.DecodeNodeServicer):
         except InvalidRequestError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         prompt = list(request.prompt_token_ids)
+        hashes = list(request.block_hashes)  # the conductor's chain of the prompt: checked, then reused
         resume = list(request.resume_token_ids)
         local_prefill = request.recompute or request.colocated
         if resume and not local_prefill:
@@ -157,12 +162,13 @@ class DecodeService(node_pb2_grpc.DecodeNodeServicer):
                 if local_prefill:
                     if blocks is not None:
                         eng.unreserve(blocks)
-                    eng.add_request(rid, params, prompt_token_ids=prompt, resume_token_ids=resume)
+                    eng.add_request(rid, params, prompt_token_ids=prompt, resume_token_ids=resume,
+                                    block_hashes=hashes)
                     return True
                 # the first tokens were sampled by the prefill node (under the request's grammar, if
                 # any): the engine rebuilds the grammar here and advances it by each of them
                 for out in eng.add_prefilled(rid, params, prompt, firsts, blocks, request.num_cached_tokens,
-                                             first_logprobs=first_logprobs):
+                                             first_logprobs=first_logprobs, block_hashes=hashes):
                     sink(out)
                     if out.finished:
                         self.worker.set_sink(out.request_id, None)

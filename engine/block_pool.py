@@ -49,14 +49,61 @@ def block_hashes(token_ids: Sequence[int], block_size: int, parent: int | None =
     return out
 
 
+def chain_mismatch(hashes: Sequence[int], token_ids: Sequence[int], block_size: int) -> str | None:
+    """Why `hashes` (computed elsewhere: the conductor hashes every prompt at intake) are
+    not the chain of `token_ids`' full blocks, or None when they pass the check.
+
+    The check is cheap on purpose, two block hashes whatever the prompt's length: the count
+    must be the prompt's full blocks, the first hash that of the first block (the root: the
+    same hash function and seed) and the last the hash of the last block under its claimed
+    parent (the prompt's tail, where two prompts of one length usually differ; a wrong
+    parent fails it too). The blocks between are taken on trust. That is the choice: the
+    chain comes only from the conductor (the nodes' control port), which computes it from
+    the very token list it sends, so the failures to expect are a conductor of another
+    block size or hash version, or a chain sent with the wrong request, and these fail the
+    check; a chain that fails is dropped and the node hashes the prompt itself (slower,
+    not wrong). A chain forged in its middle would pass and could serve or publish KV under
+    wrong keys; hashing every block again to rule that out would cost what sending the
+    chain saves."""
+    n = len(token_ids) // block_size
+    if len(hashes) != n:
+        return f"{len(hashes)} hashes for {n} full blocks of {block_size} tokens"
+    if n == 0:
+        return None
+    if hashes[0] != hash_block(None, token_ids[:block_size]):
+        return "the first block's hash differs"
+    if n > 1 and hashes[-1] != hash_block(hashes[-2], token_ids[(n - 1) * block_size:n * block_size]):
+        return "the last block's hash differs"
+    return None
+
+
+STORED, REMOVED, CLEARED = "stored", "removed", "cleared"  # KVEvent.kind
+
+
 @dataclass(frozen=True, slots=True)
 class KVEvent:
-    """A change to the set of cached block hashes: `stored` or `removed`."""
+    """A change to the set of block hashes a node caches: the one record of it, from the
+    block pool (and the tiers below it, `engine/tiers`) through the prefill node's event log
+    to the conductor's global prefix index (`conductor/prefix_index.py`). Its only wire form
+    is `node_pb2.KVEvent` (`proto.convert.kv_event_to_proto` / `kv_event_from_proto`).
+
+    * `kind`: `stored` (`block_hashes`, a chain parent first, are now cached), `removed`
+      (they were evicted) or `cleared` (the node dropped its whole cache);
+    * `parent_hash`: the block before the first stored one (None at a prompt's start, and
+      for removals); the index does not need it (a lookup walks a request's own chain), it
+      keeps the event self-describing for replay and debugging;
+    * `tier`: where the blocks are: `device` (the KV region), `host` / `disk` (the node's
+      tiers below it), `cluster` (blocks the node put to the cluster store);
+    * `seq`: the node's numbering, 1, 2, ... without gaps (the pool emits 0: the node's event
+      log numbers them); `node`: the publishing node's id (set where the event is received).
+    """
 
     kind: str
-    block_hashes: tuple[int, ...]
+    block_hashes: tuple[int, ...] = ()
     parent_hash: int | None = None
-    tier: str = "device"  # device | host | disk | cluster (engine/tiers)
+    tier: str = "device"  # device | host | disk | cluster
+    seq: int = 0
+    node: str = ""
 
 
 class BlockPool:
@@ -143,7 +190,7 @@ class BlockPool:
         self._tokens[block] = tuple(token_ids)
         self._parent[block] = parent
         self._cached[h] = block
-        self._emit(KVEvent("stored", (h,), parent))
+        self._emit(KVEvent(STORED, (h,), parent))
         if self.tiers is not None:
             self.tiers.on_cache(block, h, token_ids)
 
@@ -177,7 +224,7 @@ class BlockPool:
             self._ref[b] = 1
             out.append(BlockId(b))
         if evicted:
-            self._emit(KVEvent("removed", tuple(evicted)))
+            self._emit(KVEvent(REMOVED, tuple(evicted)))
         return out
 
     def free(self, blocks: Sequence[int]) -> None:
@@ -199,5 +246,5 @@ class BlockPool:
             self._tokens[b] = None
             self._parent[b] = None
         if dropped:
-            self._emit(KVEvent("removed", tuple(dropped)))
+            self._emit(KVEvent(REMOVED, tuple(dropped)))
         return len(dropped)

@@ -9,10 +9,12 @@ one loop. Two hooks serve disaggregation: a prefill node adds requests with
 """
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -32,6 +34,8 @@ from engine.structured.backend import GrammarBackend, backend_for
 from engine.structured.matcher import GrammarState, MaskComputer
 from engine.tiers import TierConfig, TierManager
 from engine.tokenizer import IncrementalDetokenizer, Message, Tokenizer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +92,7 @@ class LLMEngine:
         self._requests: dict[str, Request] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._preemptions = 0
+        self.refused_hashes = 0  # block-hash chains sent with requests that failed the check
         self._eos = set(loaded.config.eos_token_ids)
         self._grammar: GrammarBackend | None = None  # built on the first constrained request (~0.5 s)
         self.masks = MaskComputer(loaded.config.vocab_size)  # grammar masks, overlapped with the forward pass
@@ -163,10 +168,14 @@ class LLMEngine:
 
     def add_request(self, request_id: str, params: SamplingParams, *, prompt: str | None = None,
                     messages: list[Message] | None = None, prompt_token_ids: list[int] | None = None,
-                    hold_blocks: bool = False, resume_token_ids: list[int] | None = None) -> Request:
+                    hold_blocks: bool = False, resume_token_ids: list[int] | None = None,
+                    block_hashes: Sequence[int] = ()) -> Request:
         """Queue a request. `resume_token_ids`: tokens it already generated elsewhere (a
         migrated request): they are recomputed with the prompt, count towards `max_tokens`,
-        and their text is known to stop strings, so generation continues as if uninterrupted."""
+        and their text is known to stop strings, so generation continues as if uninterrupted.
+        `block_hashes`: the chain of the prompt's full blocks, computed by the sender (the
+        conductor): used instead of hashing the prompt again when it passes the check
+        (`Request.adopt_hashes`)."""
         if request_id in self._requests:
             raise InvalidRequestError("request_id", f"{request_id!r} is already running")
         self.check_params(params)
@@ -181,6 +190,7 @@ class LLMEngine:
                 raise InvalidRequestError("resume_token_ids", "a request with n > 1 parallel samples cannot resume")
         req = Request(request_id, ids, params, hold_blocks=hold_blocks, output_token_ids=resumed,
                       sampler=self._sampler(params, ids))
+        self._adopt_hashes(req, block_hashes)
         detok = IncrementalDetokenizer(self.tokenizer)
         for i, token in enumerate(resumed):  # replay the detokenizer and the grammar as the first engine ran them
             req.text += detok.push([token])
@@ -207,13 +217,14 @@ class LLMEngine:
 
     def add_prefilled(self, request_id: str, params: SamplingParams, prompt_token_ids: list[int],
                       first_token: int | list[int], block_ids: list[int], num_cached_tokens: int = 0,
-                      first_logprobs: list[TokenLogprob] | None = None) -> list[RequestOutput]:
+                      first_logprobs: list[TokenLogprob] | None = None,
+                      block_hashes: Sequence[int] = ()) -> list[RequestOutput]:
         """Join a request whose prompt KV is already in `block_ids` (written by a prefill node);
         `first_token` was sampled there (one per parallel sample when `params.n` > 1: the
         samples share the prompt's blocks). A constrained request's grammar starts here and
         takes the first token like any other, so it continues where the prefill node's left
-        off. `first_logprobs`: theirs, computed there, when asked for. Returns the first
-        tokens' outputs (they may finish)."""
+        off. `first_logprobs`: theirs, computed there, when asked for. `block_hashes`: as for
+        `add_request`. Returns the first tokens' outputs (they may finish)."""
         if request_id in self._requests:
             raise InvalidRequestError("request_id", f"{request_id!r} is already running")
         self.check_params(params)
@@ -224,6 +235,7 @@ class LLMEngine:
         req = Request(request_id, prompt, params, block_ids=list(block_ids),
                       num_computed_tokens=len(prompt), num_cached_tokens=num_cached_tokens,
                       sampler=self._sampler(params, prompt))
+        self._adopt_hashes(req, block_hashes)
         self._requests[request_id] = req
         self._detok[request_id] = IncrementalDetokenizer(self.tokenizer)
         self.scheduler.add_running(req)
@@ -232,6 +244,13 @@ class LLMEngine:
             for st, lp in zip([req.sampler, *req.sampler.forks], first_logprobs):
                 st.logprob = lp
         return self._append_sampled(req, firsts[0])
+
+    def _adopt_hashes(self, req: Request, hashes: Sequence[int]) -> None:
+        if len(hashes):
+            why = req.adopt_hashes(hashes, self.config.block_size)
+            if why is not None:  # hashed here instead: slower, never wrong
+                self.refused_hashes += 1
+                log.warning("%s: block_hashes refused (%s); hashing the prompt here", req.request_id, why)
 
     def release(self, request_id: str) -> None:
         """Free the blocks of a finished `hold_blocks` request."""
@@ -323,6 +342,7 @@ class LLMEngine:
             child = Request(sample_id(parent.request_id, i), list(parent.prompt_token_ids), parent.params,
                             arrival_time=parent.arrival_time, num_cached_tokens=parent.num_cached_tokens,
                             sampler=fst, index=i, parent_id=parent.request_id)
+            child.share_hashes(parent, bs, full)  # the prompt's chain: not hashed again for the sample
             parent.children.append(child)
             self._groups.setdefault(parent.request_id, [parent]).append(child)
             self._requests[child.request_id] = child

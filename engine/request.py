@@ -4,8 +4,9 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Sequence
 
-from engine.block_pool import hash_block
+from engine.block_pool import chain_mismatch, hash_block
 from engine.sampling import SamplerState, SamplingParams
 
 
@@ -65,6 +66,22 @@ class Request:
                 parent = hash_block(parent, toks[i * block_size:(i + 1) * block_size])
                 memo.append(parent)
         return memo[:end]
+
+    def adopt_hashes(self, hashes: Sequence[int], block_size: int) -> str | None:
+        """Start `chain_hashes`' memo from `hashes`, the chain of the prompt's full blocks
+        computed elsewhere (the conductor hashes every prompt at intake), once they pass
+        `block_pool.chain_mismatch`'s cheap check; returns why they were refused (then the
+        memo is left to compute them here) or None."""
+        why = chain_mismatch(hashes, self.prompt_token_ids, block_size)
+        if why is None and not self._hashes:
+            self._hashes = [int(h) for h in hashes]
+        return why
+
+    def share_hashes(self, other: "Request", block_size: int, blocks: int) -> None:
+        """Start the memo from `other`'s first `blocks` hashes (a parallel sample forked from
+        it: the same prompt), so the sample hashes none of them again."""
+        if not self._hashes:
+            self._hashes = other.chain_hashes(block_size, blocks)
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -1,7 +1,9 @@
 """The prefill node's KV event log: block hashes stored in / removed from its prefix cache,
 numbered without gaps, fanned out to subscribers (the conductor's global prefix index).
 Events of the KV tiers under the device region (engine/tiers: host, disk, and blocks this
-node put to the cluster store) share the numbering and carry their tier.
+node put to the cluster store) share the numbering and carry their tier. The events are the
+block pool's own records (`engine.block_pool.KVEvent`), numbered here and queued in their
+wire form (`proto.convert.kv_event_to_proto`), which the conductor turns back into them.
 
 Events are produced on the engine thread (block pool listener); subscribers are asyncio
 queues fed with `call_soon_threadsafe`. A new subscriber first gets a snapshot taken on the
@@ -11,13 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from engine.block_pool import KVEvent
+from engine.block_pool import CLEARED, STORED, KVEvent
 from engine.engine import LLMEngine
-from proto.halfmoon.v1 import node_pb2
-
-_KINDS = {"stored": node_pb2.KV_EVENT_STORED, "removed": node_pb2.KV_EVENT_REMOVED}
+from proto.convert import kv_event_to_proto
 
 
 @dataclass(eq=False)
@@ -36,8 +36,7 @@ class KVEventLog:
         """Block pool listener (engine thread)."""
         with self._lock:
             self.seq += 1
-            msg = node_pb2.KVEvent(seq=self.seq, kind=_KINDS[event.kind], block_hashes=list(event.block_hashes),
-                                   tier="" if event.tier == "device" else event.tier)
+            msg = kv_event_to_proto(replace(event, seq=self.seq))
             for s in self._subs:
                 s.loop.call_soon_threadsafe(s.queue.put_nowait, msg)
 
@@ -45,18 +44,15 @@ class KVEventLog:
         """Run on the engine thread: queue a snapshot, then every later event."""
         sub = _Subscriber(loop, asyncio.Queue())
         with self._lock:
-            snap = [node_pb2.KVEvent(seq=self.seq, kind=node_pb2.KV_EVENT_CLEARED),
-                    node_pb2.KVEvent(seq=self.seq, kind=node_pb2.KV_EVENT_STORED,
-                                     block_hashes=engine.pool.cached_hashes())]
+            snap = [KVEvent(CLEARED, seq=self.seq),
+                    KVEvent(STORED, tuple(engine.pool.cached_hashes()), seq=self.seq)]
             tiers = engine.tiers
             if tiers is not None:  # then each tier below, as part of the snapshot (same seq)
-                snap.append(node_pb2.KVEvent(seq=self.seq, kind=node_pb2.KV_EVENT_STORED,
-                                             block_hashes=tiers.host.hashes(), tier="host"))
+                snap.append(KVEvent(STORED, tuple(tiers.host.hashes()), tier="host", seq=self.seq))
                 if tiers.disk is not None:
-                    snap.append(node_pb2.KVEvent(seq=self.seq, kind=node_pb2.KV_EVENT_STORED,
-                                                 block_hashes=tiers.disk.hashes(), tier="disk"))
-            for m in snap:
-                loop.call_soon_threadsafe(sub.queue.put_nowait, m)
+                    snap.append(KVEvent(STORED, tuple(tiers.disk.hashes()), tier="disk", seq=self.seq))
+            for ev in snap:
+                loop.call_soon_threadsafe(sub.queue.put_nowait, kv_event_to_proto(ev))
             self._subs.append(sub)
         return sub
 

@@ -12,7 +12,12 @@ Lifecycle of one request (named after where it waits):
    cache) and the call answers with the first token and the timing.
 
 Cancellation (the conductor's call is cancelled) or a failed write aborts the request and
-frees its blocks; a failed write answers ABORTED naming the decode node. An engine step that
+frees its blocks; a failed write answers ABORTED naming the decode node.
+
+Block hashes: the conductor sends the chain of the prompt's full blocks it computed at
+intake (`block_hashes`); the engine takes it instead of hashing the prompt again once a cheap
+check passes (`engine.block_pool.chain_mismatch`: the count, the first and the last block),
+and hashes the prompt itself when it does not (or none came). An engine step that
 fails while the request is in it ends the call at once with INTERNAL "engine step failed: ..."
 (the worker has aborted the request and freed its blocks).
 
@@ -171,6 +176,7 @@ class PrefillService(node_pb2_grpc.PrefillNodeServicer):
     async def Prefill(self, request: node_pb2.PrefillRequest, context: grpc.aio.ServicerContext):
         rid = request.request_id
         prompt = list(request.prompt_token_ids)
+        hashes = list(request.block_hashes)  # the conductor's chain of the prompt: checked, then reused
         if self.transfer is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 "this is a colocated node: it serves whole requests through Decode, it does not push KV")
@@ -220,7 +226,7 @@ class PrefillService(node_pb2_grpc.PrefillNodeServicer):
                 imported = True
             if rid in self._jobs or eng.get_request(rid) is not None:
                 return False
-            eng.add_request(rid, pparams, prompt_token_ids=prompt, hold_blocks=True)
+            eng.add_request(rid, pparams, prompt_token_ids=prompt, hold_blocks=True, block_hashes=hashes)
             self._jobs[rid] = job
             self.worker.set_sink(rid, on_output)
             self._count_queued(eng)

@@ -1,11 +1,12 @@
 """Conversions between wire messages and the engine's typed records."""
 from __future__ import annotations
 
+from engine.block_pool import CLEARED, REMOVED, STORED, KVEvent
 from engine.errors import InvalidRequestError
 from engine.logprobs import TokenLogprob
 from engine.sampling import SamplingParams, show_value
 from engine.structured import Constraint
-from proto.halfmoon.v1 import common_pb2
+from proto.halfmoon.v1 import common_pb2, node_pb2
 
 
 def constraint_from_proto(msg: common_pb2.SamplingParams) -> Constraint | None:
@@ -124,6 +125,29 @@ def logprob_to_proto(lp: TokenLogprob) -> common_pb2.TokenLogprob:
 
 def logprob_from_proto(msg: common_pb2.TokenLogprob) -> TokenLogprob:
     return TokenLogprob(msg.token_id, msg.logprob, tuple((t.token_id, t.logprob) for t in msg.top))
+
+
+_KV_KINDS = {STORED: node_pb2.KV_EVENT_STORED, REMOVED: node_pb2.KV_EVENT_REMOVED,
+             CLEARED: node_pb2.KV_EVENT_CLEARED}
+_KV_KIND_NAMES = {v: k for k, v in _KV_KINDS.items()}
+
+
+def kv_event_to_proto(ev: KVEvent) -> node_pb2.KVEvent:
+    """The wire form of a KV event; the node is the stream's (a subscription is to one node)."""
+    msg = node_pb2.KVEvent(seq=ev.seq, kind=_KV_KINDS[ev.kind], block_hashes=ev.block_hashes,
+                           tier="" if ev.tier == "device" else ev.tier)
+    if ev.parent_hash is not None:
+        msg.parent_hash = ev.parent_hash
+    return msg
+
+
+def kv_event_from_proto(msg: node_pb2.KVEvent, node: str) -> KVEvent:
+    """A KV event received on `node`'s stream. ValueError for a kind this code does not know."""
+    kind = _KV_KIND_NAMES.get(msg.kind)
+    if kind is None:
+        raise ValueError(f"KV event {msg.seq} from {node}: unknown kind {msg.kind}")
+    return KVEvent(kind, tuple(msg.block_hashes), msg.parent_hash if msg.HasField("parent_hash") else None,
+                   msg.tier or "device", msg.seq, node)
 
 
 def unknown_field_numbers(msg) -> list[str]:

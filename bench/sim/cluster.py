@@ -36,12 +36,12 @@ from bench.sim.nodes import PrefillJob, SimDecode, SimPrefill
 from conductor.cluster_state import ClusterState
 from conductor.cost_model import CostModel
 from conductor.decision import Decision, RejectReason, Rejection, Stage
-from conductor.kv_events import BlockRemoved, BlockStored
 from conductor.modes import AdmissionMode, PolicyName
 from conductor.predictions import PredictionLog, Quantity
 from conductor.request import NodeId, RequestInfo
 from conductor.scheduler import Scheduler
 from conductor.settings import ConductorSettings, SettingsValues
+from engine.block_pool import REMOVED, STORED, KVEvent
 
 # A decode node of the default model: 8 × 80 GB of HBM at 90% use, minus 141 GB of
 # LLaMA3-70B weights, at 320 KiB of KV per token.
@@ -457,10 +457,10 @@ class Simulation:
         new, evicted = node.store(hashes)
         node_id = NodeId(node.node_id)
         if new:
-            self.state.kv_event(BlockStored(node_id, node.seq, tuple(new)))
+            self.state.kv_event(KVEvent(STORED, tuple(new), seq=node.seq, node=node_id))
             node.seq += 1
         if evicted:
-            self.state.kv_event(BlockRemoved(node_id, node.seq, tuple(evicted)))
+            self.state.kv_event(KVEvent(REMOVED, tuple(evicted), seq=node.seq, node=node_id))
             node.seq += 1
         return evicted
 

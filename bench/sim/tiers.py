@@ -1,6 +1,6 @@
 """KV tiers in the simulator: host DRAM and local disk under every prefill node's device cache,
 and a cluster store (Mooncake Store) shared by all, fed to the conductor through the same
-objects the live one uses: tier-tagged `BlockStored` / `BlockRemoved` events into
+objects the live one uses: tier-tagged stored / removed `KVEvent`s into
 `ClusterState` (its `GlobalPrefixIndex` keeps one index per tier), priced by
 `CostModel.tier_load_s`, scored by the same policies.
 
@@ -42,8 +42,7 @@ from bench.sim.cluster import SimConfig, SimRequest, Simulation
 from bench.sim.metrics import summarize
 from bench.sim.nodes import SimPrefill
 from conductor.cost_model import CostModel, gpu_class_default
-from conductor.kv_events import BlockRemoved, BlockStored
-from conductor.request import NodeId
+from engine.block_pool import REMOVED, STORED, KVEvent
 
 RESULTS = Path(__file__).resolve().parents[2] / "docs" / "results"
 
@@ -131,8 +130,8 @@ class TieredSimulation(Simulation):
     # -- events into the conductor's index -----------------------------------------------------
     def _publish(self, node: SimPrefill, stored: bool, hashes: Sequence[int], tier: str) -> None:
         if hashes:
-            kind = BlockStored if stored else BlockRemoved
-            self.state.kv_event(kind(NodeId(node.node_id), node.seq, tuple(hashes), tier=tier))
+            self.state.kv_event(KVEvent(STORED if stored else REMOVED, tuple(hashes), tier=tier, seq=node.seq,
+                                        node=node.node_id))
             node.seq += 1
 
     # -- movement ------------------------------------------------------------------------------

@@ -11,12 +11,12 @@ from sched_fixtures import BLOCK, chain, costs, request
 from conductor import lifecycle
 from conductor.cluster_state import TRANSITIONS, ClusterState, LifecycleError
 from conductor.decision import Decision, DecodeChoice, LoadBasis, PrefillChoice
-from conductor.kv_events import BlockStored
 from conductor.lifecycle import Phase
 from conductor.modes import AdmissionMode, PolicyName
 from conductor.policies import make_policy
 from conductor.request import NodeId
 from conductor.settings import SettingsValues
+from engine.block_pool import STORED, KVEvent
 
 P, D = NodeId("p0"), NodeId("d0")
 
@@ -220,7 +220,7 @@ def test_waiting_counts_kv_landing_and_the_nodes_own_queue():
 
 def test_an_index_behind_the_nodes_kv_events_for_two_heartbeats_asks_for_a_resync():
     s = state()
-    s.kv_event(BlockStored(P, 0, chain(2)))
+    s.kv_event(KVEvent(STORED, chain(2), seq=0, node=P))
     assert s.heartbeat_prefill(P, 0, 1.0, kv_event_seq=0) is False  # caught up
     assert s.heartbeat_prefill(P, 0, 2.0, kv_event_seq=2) is False  # behind: events may be in flight
     assert s.heartbeat_prefill(P, 0, 3.0, kv_event_seq=2) is True  # still behind, nothing arrived
@@ -230,7 +230,7 @@ def test_an_index_behind_the_nodes_kv_events_for_two_heartbeats_asks_for_a_resyn
 def test_node_events_take_nodes_out_of_choice_and_removal_ends_their_requests():
     s = state(prefill=("p0", "p1"), decode=("d0", "d1"))
     place(s, "r1", 1000, 1.0, now=0.0, node="p1", dec="d1")
-    s.kv_event(BlockStored(NodeId("p1"), 0, chain(3)))
+    s.kv_event(KVEvent(STORED, chain(3), seq=0, node=NodeId("p1")))
     s.node_down(NodeId("p1"))
     assert [p.healthy for p in s.view.prefill] == [True, False]
     s.node_up(NodeId("p1"))

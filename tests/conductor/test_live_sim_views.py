@@ -26,7 +26,6 @@ import pytest
 
 from bench.sim.cluster import SimConfig, Simulation, SimRequest
 from conductor.frontend_api import Finished, GenerateRequest
-from conductor.kv_events import BlockRemoved
 from conductor.live import LiveConductor, LiveConfig, cpu_default_costs
 from conductor.modes import PolicyName
 from conductor.registry import NodeRecord, NodeRegistry
@@ -36,6 +35,7 @@ from conductor.settings import ConductorSettings
 from engine.block_pool import block_hashes
 from engine.sampling import SamplingParams
 from engine.tokenizer import Tokenizer
+from proto.convert import kv_event_to_proto
 from proto.halfmoon.v1 import common_pb2, node_pb2
 
 BLOCK, OUT, TOTAL_BLOCKS = 16, 16, 1024
@@ -229,9 +229,7 @@ def test_live_conductor_and_simulator_keep_equal_views(tokenizer, policy):
                 pass
             elif name == "kv_event":
                 ev = args[0]
-                kind = node_pb2.KV_EVENT_REMOVED if isinstance(ev, BlockRemoved) else node_pb2.KV_EVENT_STORED
-                fakes[ev.node].events.put_nowait(node_pb2.KVEvent(seq=ev.seq + 1, kind=kind,
-                                                                  block_hashes=list(ev.block_hashes)))
+                fakes[ev.node].events.put_nowait(kv_event_to_proto(replace(ev, seq=ev.seq + 1)))
                 await until(lambda: reg.index.next_seq(ev.node) == ev.seq + 2, f"KV event {ev.seq} of {ev.node}")
             elif name == "prefill_done":
                 lrid = live_of[args[0]]

@@ -5,9 +5,9 @@ import random
 
 import pytest
 
-from conductor.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
 from conductor.prefix_index import ApplyStatus, GlobalPrefixIndex
 from conductor.request import BlockHash, NodeId
+from engine.block_pool import CLEARED, REMOVED, STORED, KVEvent
 
 A, B, C = NodeId("a"), NodeId("b"), NodeId("c")
 
@@ -18,9 +18,9 @@ def h(*ids: int) -> tuple[BlockHash, ...]:
 
 def test_longest_prefix_per_node():
     idx = GlobalPrefixIndex()
-    idx.apply(BlockStored(A, 0, h(1, 2, 3, 4)))
-    idx.apply(BlockStored(B, 0, h(1, 2)))
-    idx.apply(BlockStored(C, 0, h(9)))
+    idx.apply(KVEvent(STORED, h(1, 2, 3, 4), seq=0, node=A))
+    idx.apply(KVEvent(STORED, h(1, 2), seq=0, node=B))
+    idx.apply(KVEvent(STORED, h(9), seq=0, node=C))
     assert idx.longest_prefix(h(1, 2, 3, 4, 5)) == {A: 4, B: 2}
     assert idx.longest_prefix(h(1, 2, 7)) == {A: 2, B: 2}
     assert idx.longest_prefix(h(9, 2)) == {C: 1}
@@ -31,14 +31,14 @@ def test_longest_prefix_per_node():
 
 def test_an_evicted_middle_block_cuts_the_prefix_there():
     idx = GlobalPrefixIndex()
-    idx.apply(BlockStored(A, 0, h(1, 2, 3, 4)))
-    idx.apply(BlockStored(B, 0, h(1, 2, 3, 4)))
-    assert idx.apply(BlockRemoved(A, 1, h(3))) is ApplyStatus.APPLIED
+    idx.apply(KVEvent(STORED, h(1, 2, 3, 4), seq=0, node=A))
+    idx.apply(KVEvent(STORED, h(1, 2, 3, 4), seq=0, node=B))
+    assert idx.apply(KVEvent(REMOVED, h(3), seq=1, node=A)) is ApplyStatus.APPLIED
     assert idx.longest_prefix(h(1, 2, 3, 4)) == {A: 2, B: 4}
-    idx.apply(BlockRemoved(B, 1, h(1)))
+    idx.apply(KVEvent(REMOVED, h(1), seq=1, node=B))
     assert idx.longest_prefix(h(1, 2, 3, 4)) == {A: 2}
     assert idx.holders(BlockHash(4)) == {A, B}  # still cached, just unreachable by prefix
-    idx.apply(BlockRemoved(A, 2, h(1, 2, 4, 99)))  # 99 was never stored: ignored
+    idx.apply(KVEvent(REMOVED, h(1, 2, 4, 99), seq=2, node=A))  # 99 was never stored: ignored
     assert idx.holders(BlockHash(1)) == frozenset() and idx.blocks_on(A) == 0
 
 
@@ -55,29 +55,29 @@ def test_storing_twice_and_removing_from_one_holder():
 
 def test_duplicates_are_ignored_and_gaps_mark_the_node_stale():
     idx = GlobalPrefixIndex()
-    assert idx.apply(BlockStored(A, 0, h(1))) is ApplyStatus.APPLIED
-    assert idx.apply(BlockStored(A, 0, h(2))) is ApplyStatus.DUPLICATE
+    assert idx.apply(KVEvent(STORED, h(1), seq=0, node=A)) is ApplyStatus.APPLIED
+    assert idx.apply(KVEvent(STORED, h(2), seq=0, node=A)) is ApplyStatus.DUPLICATE
     assert idx.longest_prefix(h(1, 2)) == {A: 1}
-    assert idx.apply(BlockStored(A, 3, h(2))) is ApplyStatus.GAP  # events 1 and 2 were lost
+    assert idx.apply(KVEvent(STORED, h(2), seq=3, node=A)) is ApplyStatus.GAP  # events 1 and 2 were lost
     assert idx.stale_nodes() == {A} and idx.gaps_detected == 1 and idx.next_seq(A) == 4
     assert idx.longest_prefix(h(1, 2)) == {A: 2}  # applied anyway
     idx.resync(A, h(7, 8), next_seq=10)
     assert idx.stale_nodes() == frozenset()
     assert idx.longest_prefix(h(1, 2)) == {} and idx.longest_prefix(h(7, 8)) == {A: 2}
-    assert idx.apply(BlockStored(A, 10, h(9))) is ApplyStatus.APPLIED
+    assert idx.apply(KVEvent(STORED, h(9), seq=10, node=A)) is ApplyStatus.APPLIED
 
 
 def test_a_node_joining_mid_stream_is_stale_until_resynced():
     idx = GlobalPrefixIndex()
-    assert idx.apply(BlockStored(B, 5, h(1))) is ApplyStatus.GAP
+    assert idx.apply(KVEvent(STORED, h(1), seq=5, node=B)) is ApplyStatus.GAP
     assert idx.stale_nodes() == {B}
 
 
 def test_clear_and_remove_node():
     idx = GlobalPrefixIndex()
-    idx.apply(BlockStored(A, 0, h(1, 2)))
-    idx.apply(BlockStored(B, 0, h(1, 2)))
-    idx.apply(AllBlocksCleared(A, 1))
+    idx.apply(KVEvent(STORED, h(1, 2), seq=0, node=A))
+    idx.apply(KVEvent(STORED, h(1, 2), seq=0, node=B))
+    idx.apply(KVEvent(CLEARED, seq=1, node=A))
     assert idx.longest_prefix(h(1, 2)) == {B: 2} and idx.next_seq(A) == 2
     idx.remove_node(B)
     assert idx.longest_prefix(h(1, 2)) == {} and idx.entries == 0 and idx.next_seq(B) == 0
@@ -98,12 +98,12 @@ def test_random_events_match_a_brute_force_model():
         chain = rng.choice(chains)
         if rng.random() < 0.6:
             blocks = chain[: rng.randint(1, len(chain))]
-            event = BlockStored(node, seq[node], blocks)
+            event = KVEvent(STORED, blocks, seq=seq[node], node=node)
             truth[node].update(blocks)
         else:  # evict a random subset of what the node holds (LRU order is the node's business)
             held = sorted(truth[node])
             blocks = tuple(rng.sample(held, k=min(len(held), rng.randint(1, 4)))) if held else h(123456)
-            event = BlockRemoved(node, seq[node], blocks)
+            event = KVEvent(REMOVED, blocks, seq=seq[node], node=node)
             truth[node].difference_update(blocks)
         seq[node] += 1
         assert idx.apply(event) is ApplyStatus.APPLIED
@@ -132,3 +132,5 @@ def test_apply_rejects_what_is_not_an_event():
 
     with pytest.raises(IndexSyncError, match="not a KV event"):
         GlobalPrefixIndex().apply(Bogus(A, 0))  # type: ignore[arg-type]
+    with pytest.raises(IndexSyncError, match="not a KV event"):
+        GlobalPrefixIndex().apply(KVEvent("evicted", (1,), seq=0, node=A))  # not a kind

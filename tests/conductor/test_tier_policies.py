@@ -12,12 +12,12 @@ from dataclasses import replace
 import pytest
 from sched_fixtures import chain, costs, request, view
 
-from conductor.kv_events import BlockStored
 from conductor.modes import PolicyName
 from conductor.policies import SCAN_LIMIT, LowerTiers, make_policy
 from conductor.request import NodeId
 from conductor.settings import SettingsValues
 from conductor.view import LoadIndex
+from engine.block_pool import STORED, KVEvent
 
 NOW = 100.0
 CACHE_AWARE = (PolicyName.CACHE_AWARE_LOCAL, PolicyName.KV_CENTRIC, PolicyName.COST_AWARE)
@@ -38,8 +38,8 @@ def choose(name, v, req=None, rates=RATES):
 def put(v, tier: str, node: str, blocks: range):
     """`node` holds blocks `blocks` (0-based positions of the request's chain) in `tier`."""
     hashes = chain(10)
-    v.index.apply(BlockStored(NodeId(node), v.index.next_seq(NodeId(node)),
-                              tuple(hashes[i] for i in blocks), tier=tier))
+    v.index.apply(KVEvent(STORED, tuple(hashes[i] for i in blocks), tier=tier, seq=v.index.next_seq(NodeId(node)),
+                          node=node))
 
 
 @pytest.mark.parametrize("name", CACHE_AWARE)

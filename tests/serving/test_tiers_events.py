@@ -11,9 +11,9 @@ import pytest
 
 from conductor.cost_model import CostModel, gpu_class_default
 from conductor.errors import CostModelError
-from conductor.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
 from conductor.prefix_index import STORE_NODE, ApplyStatus, GlobalPrefixIndex
 from conductor.request import NodeId
+from engine.block_pool import CLEARED, REMOVED, STORED, KVEvent
 from proto.halfmoon.v1 import node_pb2
 
 A, B = NodeId("prefill-0"), NodeId("prefill-1")
@@ -22,22 +22,22 @@ A, B = NodeId("prefill-0"), NodeId("prefill-1")
 def test_tier_events_feed_their_own_index_and_keep_the_sequence():
     idx = GlobalPrefixIndex()
     chain = (1, 2, 3, 4, 5, 6)
-    assert idx.apply(BlockStored(A, 0, chain[:2])) is ApplyStatus.APPLIED  # device: blocks 1, 2
-    assert idx.apply(BlockStored(A, 1, chain[2:4], tier="host")) is ApplyStatus.APPLIED
-    assert idx.apply(BlockStored(A, 2, (5,), tier="disk")) is ApplyStatus.APPLIED
-    assert idx.apply(BlockStored(B, 0, (6,), tier="cluster")) is ApplyStatus.APPLIED
+    assert idx.apply(KVEvent(STORED, chain[:2], seq=0, node=A)) is ApplyStatus.APPLIED  # device: blocks 1, 2
+    assert idx.apply(KVEvent(STORED, chain[2:4], tier="host", seq=1, node=A)) is ApplyStatus.APPLIED
+    assert idx.apply(KVEvent(STORED, (5,), tier="disk", seq=2, node=A)) is ApplyStatus.APPLIED
+    assert idx.apply(KVEvent(STORED, (6,), tier="cluster", seq=0, node=B)) is ApplyStatus.APPLIED
     assert idx.longest_prefix(chain) == {A: 2}  # the device index is the device's alone
     assert idx.blocks_on(A) == 2 and A not in idx.stale_nodes()  # tier events took their place in the sequence
     assert idx.lower_tier_run(A, chain, 2) == {"host": 2, "disk": 1, "cluster": 1}
     assert idx.lower_tier_run(B, chain, 0) == {}  # B has nothing of block 1
     assert idx.tier("cluster").holders(6) == frozenset({STORE_NODE})  # the store's, not B's
-    idx.apply(BlockRemoved(A, 3, (3,), tier="host"))
+    idx.apply(KVEvent(REMOVED, (3,), tier="host", seq=3, node=A))
     assert idx.lower_tier_run(A, chain, 2) == {}  # the chain breaks at block 3
     idx.remove_node(B)
     assert idx.tier("cluster").holders(6) == frozenset({STORE_NODE})  # store blocks outlive the node
-    idx.apply(AllBlocksCleared(A, 4))
+    idx.apply(KVEvent(CLEARED, seq=4, node=A))
     assert idx.blocks_on(A) == 0 and idx.tier("host").blocks_on(A) == 0 and idx.tier("disk").blocks_on(A) == 0
-    idx.apply(BlockStored(A, 5, (4,), tier="host"))
+    idx.apply(KVEvent(STORED, (4,), tier="host", seq=5, node=A))
     idx.resync(A, (1,), 7)  # a snapshot replaces the node's tiers too (their parts follow it)
     assert idx.tier("host").blocks_on(A) == 0 and idx.blocks_on(A) == 1
 

@@ -135,18 +135,20 @@ class PrefixSource(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., transfer_descriptor: _Optional[bytes] = ..., num_blocks: _Optional[int] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "sampling", "target", "pull")
+    __slots__ = ("request_id", "prompt_token_ids", "sampling", "target", "pull", "block_hashes")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
     PULL_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: _common_pb2.SamplingParams
     target: KVTarget
     pull: PrefixSource
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., target: _Optional[_Union[KVTarget, _Mapping]] = ..., pull: _Optional[_Union[PrefixSource, _Mapping]] = ...) -> None: ...
+    block_hashes: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., target: _Optional[_Union[KVTarget, _Mapping]] = ..., pull: _Optional[_Union[PrefixSource, _Mapping]] = ..., block_hashes: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
     __slots__ = ("first_token", "num_cached_tokens", "queue_s", "prefill_s", "kv_transfer_s", "kv_bytes", "pulled_tokens", "pull_s", "pull_error", "first_tokens", "first_logprobs")
@@ -219,16 +221,18 @@ class AbortResponse(_message.Message):
     def __init__(self, found: _Optional[bool] = ...) -> None: ...
 
 class KVEvent(_message.Message):
-    __slots__ = ("seq", "kind", "block_hashes", "tier")
+    __slots__ = ("seq", "kind", "block_hashes", "tier", "parent_hash")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
+    PARENT_HASH_FIELD_NUMBER: _ClassVar[int]
     seq: int
     kind: KVEventKind
     block_hashes: _containers.RepeatedScalarFieldContainer[int]
     tier: str
-    def __init__(self, seq: _Optional[int] = ..., kind: _Optional[_Union[KVEventKind, str]] = ..., block_hashes: _Optional[_Iterable[int]] = ..., tier: _Optional[str] = ...) -> None: ...
+    parent_hash: int
+    def __init__(self, seq: _Optional[int] = ..., kind: _Optional[_Union[KVEventKind, str]] = ..., block_hashes: _Optional[_Iterable[int]] = ..., tier: _Optional[str] = ..., parent_hash: _Optional[int] = ...) -> None: ...
 
 class KVEventsRequest(_message.Message):
     __slots__ = ("subscriber",)
@@ -279,7 +283,7 @@ class RenewResponse(_message.Message):
     def __init__(self, found: _Optional[bool] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "sampling", "first_token", "num_cached_tokens", "recompute", "colocated", "kv_bytes", "kv_transfer_s", "resume_token_ids", "first_tokens", "first_logprobs")
+    __slots__ = ("request_id", "prompt_token_ids", "sampling", "first_token", "num_cached_tokens", "recompute", "colocated", "kv_bytes", "kv_transfer_s", "resume_token_ids", "first_tokens", "first_logprobs", "block_hashes")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
@@ -292,6 +296,7 @@ class DecodeRequest(_message.Message):
     RESUME_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKENS_FIELD_NUMBER: _ClassVar[int]
     FIRST_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: _common_pb2.SamplingParams
@@ -304,7 +309,8 @@ class DecodeRequest(_message.Message):
     resume_token_ids: _containers.RepeatedScalarFieldContainer[int]
     first_tokens: _containers.RepeatedScalarFieldContainer[int]
     first_logprobs: _containers.RepeatedCompositeFieldContainer[_common_pb2.TokenLogprob]
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., first_token: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ..., recompute: _Optional[bool] = ..., colocated: _Optional[bool] = ..., kv_bytes: _Optional[int] = ..., kv_transfer_s: _Optional[float] = ..., resume_token_ids: _Optional[_Iterable[int]] = ..., first_tokens: _Optional[_Iterable[int]] = ..., first_logprobs: _Optional[_Iterable[_Union[_common_pb2.TokenLogprob, _Mapping]]] = ...) -> None: ...
+    block_hashes: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., first_token: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ..., recompute: _Optional[bool] = ..., colocated: _Optional[bool] = ..., kv_bytes: _Optional[int] = ..., kv_transfer_s: _Optional[float] = ..., resume_token_ids: _Optional[_Iterable[int]] = ..., first_tokens: _Optional[_Iterable[int]] = ..., first_logprobs: _Optional[_Iterable[_Union[_common_pb2.TokenLogprob, _Mapping]]] = ..., block_hashes: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class DecodeOutput(_message.Message):
     __slots__ = ("delta", "finished", "finish_reason", "completion_tokens", "num_cached_tokens", "index", "forced_tokens")
