@@ -4,13 +4,15 @@ attention) and llama.cpp (the same GGUF, Q4_1) where `llama-cpp-python` is insta
 Same prompts, same thread count, one run. Each system (each halfmoon dtype too) runs in its
 own spawned worker process, so peak RSS is per system; the parent drives the workers in turn,
 one timed operation at a time, alternating which goes first -- they never compute at the same
-time, and on a shared machine all see the same background load. Before an operation on a
-different system than the last one, the parent waits ``SETTLE_S``: a worker's thread pool
-keeps spinning for a while after its work returns (OpenMP's and ggml's both busy-wait), and
-on 2 cores those spinning threads took half the next system's cores -- measured interleaved
-step by step with no wait, halfmoon w8a8 decode b1 fell from 112 to 65 tok/s and llama.cpp's
-from 117 to 97. Every row names its `dtype` and the weight memory its forward reads
-(`weight_mb`).
+time, and on a shared machine all see the same background load. Decode steps run in blocks of
+``STEP_BLOCK`` consecutive steps per system (blocks alternate between systems, order
+reversed each round), and the first step after a switch is not timed: a system measured
+step by step in turn with the others ran cold -- the others' weights had flushed its share of
+the L3 cache, and their thread pools (OpenMP's and ggml's both busy-wait after their work
+returns) still spun on the 2 cores. Measured here that way, halfmoon w8a8 decode b1 fell from
+99-112 tok/s alone to 65-90 beside llama.cpp, and llama.cpp from 117 to 97-110; a real
+server runs its steps back to back, which is what the blocks measure. Every row names its
+`dtype` and the weight memory its forward reads (`weight_mb`).
 
 What is timed, the same way for every system:
 
@@ -48,7 +50,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 PROMPT_LEN = 512
-SETTLE_S = 0.05  # idle time before switching systems, so the last one's spinning threads sleep
+STEP_BLOCK = 8  # timed decode steps a system runs back to back before the next system's turn
+
+
+def decode_steps(new_tokens: int) -> int:
+    """Decode steps a worker takes for `new_tokens` timed ones: plus one untimed step per block."""
+    return new_tokens + -(-new_tokens // STEP_BLOCK)
 
 
 HALFMOON_DTYPES = ("float32", "bfloat16", "w8a8", "fp8")
@@ -130,7 +137,7 @@ def _serve_halfmoon(conn, threads: int, max_batch: int, new_tokens: int, prefill
     from engine.sampling import SamplingParams
 
     torch.set_num_threads(threads)
-    max_tokens = new_tokens + max_batch + 2  # nobody finishes inside the timed steps
+    max_tokens = decode_steps(new_tokens) + max_batch + 2  # nobody finishes inside the timed steps
     blocks = (max_batch + prefill_repeats) * (-(-(PROMPT_LEN + max_tokens + 1) // 16)) + 8
     eng = LLMEngine(config=EngineConfig(num_blocks=blocks, max_num_batched_tokens=PROMPT_LEN,
                                         max_num_seqs=max(max_batch, 1), dtype=dtype))
@@ -225,7 +232,7 @@ def _serve_llamacpp(conn, threads: int, max_batch: int, new_tokens: int, prefill
 
     if max_batch != 1:
         raise ValueError("llama.cpp runs batch 1 only here")
-    llm = Llama(model_path=str(gguf_path()), n_ctx=PROMPT_LEN + new_tokens + 8, n_threads=threads, verbose=False)
+    llm = Llama(model_path=str(gguf_path()), n_ctx=PROMPT_LEN + decode_steps(new_tokens) + 8, n_threads=threads, verbose=False)
 
     def prefill(i: int) -> float:
         llm.reset()
@@ -304,25 +311,18 @@ def run_batch(systems: list[str], batch: int, new_tokens: int, threads: int, pre
             w.close()
     prefill: dict[str, list[float]] = {w.system: [] for w in workers}
     steps: dict[str, list[float]] = {w.system: [] for w in workers}
-    last: list[Worker] = []
-
-    def timed(w: Worker, *cmd) -> float:
-        if last and last[0] is not w:
-            time.sleep(SETTLE_S)  # let the previous system's thread pool stop spinning
-        last[:] = [w]
-        return w.call(*cmd)
-
     try:
         if batch == 1:
             for i in range(prefill_repeats):
                 for w in workers[:: 1 if i % 2 == 0 else -1]:
-                    prefill[w.system].append(timed(w, "prefill", i))
+                    prefill[w.system].append(w.call("prefill", i))
         for w in workers:
-            w.call("decode_start", batch, new_tokens)
-        last.clear()
-        for i in range(new_tokens):
-            for w in workers[:: 1 if i % 2 == 0 else -1]:
-                steps[w.system].append(timed(w, "step"))
+            w.call("decode_start", batch, decode_steps(new_tokens))
+        for r in range(-(-new_tokens // STEP_BLOCK)):
+            n = min(STEP_BLOCK, new_tokens - r * STEP_BLOCK)
+            for w in workers[:: 1 if r % 2 == 0 else -1]:
+                w.call("step")  # untimed: the first step back on the cores after another system's turn
+                steps[w.system].extend(w.call("step") for _ in range(n))
         for w in workers:
             w.call("decode_end")
         rss = {w.system: w.call("rss") for w in workers}
