@@ -188,6 +188,11 @@ KV_STORE_PUT_FAILURES = MetricSpec(
     "halfmoon:kv_store_put_failures_total", _C,
     "Block puts the cluster store refused or failed, or that were dropped for a full write queue.", _NODE,
 )
+KV_STORE_EVICTED = MetricSpec(
+    "halfmoon:kv_store_evicted_blocks_total", _C,
+    "Blocks a node had put to or seen in the cluster store that a later lookup found gone (the store "
+    "evicts without telling; each miss is reported to the conductor's index as removed).", _NODE,
+)
 KV_TIER_CORRUPT = MetricSpec(
     "halfmoon:kv_tier_corrupt_blocks_total", _C,
     "Disk or store blocks refused by their checksum (recomputed instead).", _NODE,
@@ -212,7 +217,7 @@ NODE_METRICS = (
 )
 TIER_METRICS = (  # node metrics with a tier (or src/dst) label; NodeMetrics records them
     KV_TIER_HITS, KV_TIER_MOVED, KV_TIER_LOAD, KV_TIER_USED, KV_TIER_CAPACITY, KV_STORE_PUT_FAILURES,
-    KV_TIER_CORRUPT, KV_STORE_UP,
+    KV_STORE_EVICTED, KV_TIER_CORRUPT, KV_STORE_UP,
 )
 HTTP_METRICS = (HTTP_REQUESTS,)
 ALL_METRICS = CONDUCTOR_METRICS + NODE_METRICS + TIER_METRICS + HTTP_METRICS
@@ -453,6 +458,7 @@ class NodeMetrics:
             self._tier_count(KV_TIER_MOVED, nbytes, src, dst)
         ev = stats.events
         self._tier_count(KV_STORE_PUT_FAILURES, ev.get("put_failures", 0) + ev.get("put_dropped", 0))
+        self._tier_count(KV_STORE_EVICTED, ev.get("store_evicted", 0))
         self._tier_count(KV_TIER_CORRUPT, ev.get("corrupt_blocks", 0))
         for tier, use in stats.use.items():
             self._tier_series(KV_TIER_USED, tier).set(use.used_blocks)

@@ -40,7 +40,10 @@ class FakeStore:
     """A store in this process: objects in a dict, a byte capacity, and switches for tests.
 
     When full a put fails (as Mooncake's does while the objects that would have to go are
-    leased) unless `evict` is set, in which case the least recently written objects go.
+    leased) unless `evict` is set, in which case the least recently used objects go: an
+    `exists` that finds an object and a `get_into` refresh it, as they grant Mooncake's read
+    lease (its eviction takes objects whose lease ran out, the earliest first), so a chain a
+    caller has just looked up outlives objects nobody asked for since.
     `down` makes every call fail as a dead master's would; `fail_puts` fails that many puts.
     One instance may serve several tier managers (nodes) at once: it is the shared cluster.
     """
@@ -69,7 +72,11 @@ class FakeStore:
         with self._lock:
             if self.down:
                 raise ConnectionError("fake store is down")
-            return [k in self._objects for k in keys]
+            out = [k in self._objects for k in keys]
+            for k, present in zip(keys, out):
+                if present:
+                    self._objects.move_to_end(k)
+            return out
 
     def get_into(self, keys, addresses, lengths) -> list[int]:
         out = []
@@ -86,6 +93,7 @@ class FakeStore:
                     continue
                 self._check_region(a, len(obj))
                 ctypes.memmove(a, obj, len(obj))
+                self._objects.move_to_end(k)
                 self.gets += 1
                 out.append(len(obj))
         return out

@@ -9,17 +9,27 @@ Everything here is best-effort and runs on the tier manager's I/O threads: a cal
 or raises counts as a failure and marks the store down for `retry_s` (calls are skipped,
 not waited on, meanwhile); the store is connected lazily by the first call, and again after
 `retry_s` when that fails, with the reason kept for `halfmoon status` and the log.
+
+Evictions: Mooncake Store evicts on its own (objects whose read lease ran out, at its high
+watermark) and tells no one. What the cluster tier sees instead is a lookup that misses:
+`exists` answering no, or `get_into` not finding the object. Every such miss is kept for the
+tier manager (`take_missing`), which reports it to the conductor as a removed cluster block,
+so the global index drops store entries it believed in once a node finds them gone; a miss
+on a block this node put or saw in the store before (the last `KNOWN_BLOCKS` of them) is an
+eviction it observed, and counted (`store_evicted`).
 """
 from __future__ import annotations
 
 import logging
 import threading
 import time
+from collections import OrderedDict
 from typing import Callable, Sequence
 
-from engine.tiers.backend import StoreBackend
+from engine.tiers.backend import OBJECT_NOT_FOUND, StoreBackend
 
 log = logging.getLogger(__name__)
+KNOWN_BLOCKS = 1 << 16  # the store blocks a node remembers having seen, to tell evictions from never-stored
 
 
 class ClusterTier:
@@ -34,6 +44,10 @@ class ClusterTier:
         self._down_until = 0.0
         self.state = "connecting"  # connecting | up | down
         self.reason = ""
+        self._seen_lock = threading.Lock()
+        self._known: OrderedDict[int, None] = OrderedDict()  # blocks seen in the store, oldest first
+        self._missing: list[int] = []  # blocks lookups found absent, not yet taken
+        self._evicted = 0  # of those, blocks seen in the store before
 
     def key(self, h: int) -> str:
         return f"halfmoon/{self.namespace}/{h:016x}"
@@ -71,15 +85,47 @@ class ClusterTier:
             self.state, self.reason = "up", ""
             return self._backend
 
-    def exists(self, hashes: Sequence[int]) -> list[bool]:
+    # --- what the lookups saw ------------------------------------------------------------
+    def _observe(self, hashes: Sequence[int], present: Sequence[bool | None], *, report: bool = True) -> None:
+        """Per block: True seen in the store, False found absent, None no answer. An absent
+        block is kept for `take_missing` when `report`; one seen before counts as evicted."""
+        with self._seen_lock:
+            known = self._known
+            for h, p in zip(hashes, present):
+                if p:
+                    known[h] = None
+                    known.move_to_end(h)
+                    if len(known) > KNOWN_BLOCKS:
+                        known.popitem(last=False)
+                elif p is not None:
+                    if h in known:
+                        del known[h]
+                        self._evicted += 1
+                    if report:
+                        self._missing.append(h)
+
+    def take_missing(self) -> tuple[list[int], int]:
+        """(blocks lookups found absent since the last call, how many lookups found a block
+        seen in the store before gone: evictions observed)."""
+        with self._seen_lock:
+            out, self._missing = self._missing, []
+            n, self._evicted = self._evicted, 0
+            return out, n
+
+    # --- calls --------------------------------------------------------------------------
+    def exists(self, hashes: Sequence[int], *, report: bool = True) -> list[bool]:
+        """Per block whether the store has it; absent blocks are kept for `take_missing`
+        (with `report`: a caller that puts them next passes False)."""
         b = self.backend()
         if b is None:
             return [False] * len(hashes)
         try:
-            return b.exists([self.key(h) for h in hashes])
+            res = b.exists([self.key(h) for h in hashes])
         except Exception as e:
             self._mark_down(f"exists failed: {e}")
             return [False] * len(hashes)
+        self._observe(hashes, res, report=report)
+        return res
 
     def get_into(self, hashes: Sequence[int], addresses: Sequence[int], length: int) -> list[bool]:
         """Copy each block's record to its address; per block whether it arrived whole."""
@@ -93,6 +139,7 @@ class ClusterTier:
             return [False] * len(hashes)
         if any(r == -900 for r in res):
             self._mark_down("get failed: the master does not answer")
+        self._observe(hashes, [True if r == length else False if r == OBJECT_NOT_FOUND else None for r in res])
         return [r == length for r in res]
 
     def put_from(self, hashes: Sequence[int], addresses: Sequence[int], length: int) -> list[bool]:
@@ -106,12 +153,15 @@ class ClusterTier:
             return [False] * len(hashes)
         if any(r == -900 for r in res):
             self._mark_down("put failed: the master does not answer")
+        self._observe(hashes, [True if r == 0 else None for r in res])
         return [r == 0 for r in res]
 
     def remove(self, h: int) -> bool:
         b = self.backend()
         if b is None:
             return False
+        with self._seen_lock:
+            self._known.pop(h, None)  # removed on purpose: not an eviction
         try:
             return b.remove(self.key(h)) == 0
         except Exception as e:

@@ -25,7 +25,10 @@ before it is there too, so the ancestors still on the device are copied down wit
 the first one the host pool already holds, which went down with its own ancestors) and put
 where the store lacks them (`ancestor_puts`; `ancestor_missing` when one is in no tier here).
 A finished request's blocks go there too when `write_back_on_finish` is set (`write_back`,
-decode nodes). Store puts,
+decode nodes). The store evicts without telling anyone; a lookup that finds a block absent
+(the prefetch's `exists`, a get that misses) is reported as a removed cluster block, so the
+conductor's index of the store is corrected once a node finds an entry gone, and a miss on a
+block seen in the store before is counted (`store_evicted`, `engine/tiers/cluster.py`). Store puts,
 disk writes and loads are best-effort: a failure is counted, the block is recomputed later,
 and no request fails or waits past its prefetch timeout because of a tier.
 """
@@ -176,6 +179,13 @@ class TierManager:
         if self.disk is not None:
             self._emit("removed", self.disk.take_evicted(), "disk")
 
+    def _emit_store_misses(self) -> None:
+        """Blocks the store's lookups found absent: removed from the cluster tier."""
+        missing, evicted = self.cluster.take_missing()
+        if evicted:
+            self.rec.count("store_evicted", evicted)
+        self._emit("removed", list(dict.fromkeys(missing)), "cluster")
+
     # --- byte views -------------------------------------------------------------------
     def _device(self, block: int) -> torch.Tensor:
         return self.kv.tensor[block].reshape(-1).view(torch.uint8)
@@ -316,7 +326,7 @@ class TierManager:
         try:
             todo = list(zip(hashes, slots))
             if only_missing and todo:
-                have = self.cluster.exists(hashes)
+                have = self.cluster.exists(hashes, report=False)  # what it lacks is put next, not reported
                 todo = [hs for hs, present in zip(todo, have) if not present]
             if not todo:
                 return
@@ -326,7 +336,11 @@ class TierManager:
             self.rec.move("host", "cluster", self.record_bytes * len(done))
             self.rec.count("put_failures", len(todo) - len(done))
             self._emit("stored", done, "cluster")
+            if only_missing:  # found absent, and the store refused them: out of the cluster tier
+                self._emit("removed", [h for (h, _), good in zip(todo, ok) if not good], "cluster")
         finally:
+            if self.cluster is not None:
+                self._emit_store_misses()
             for s in slots:
                 self.host.unpin(s)
             self._write_budget.release()
@@ -407,6 +421,7 @@ class TierManager:
                     break
                 if in_store is None:
                     in_store, asked_at = self.cluster.exists(plan.hashes[i:]), i
+                    self._emit_store_misses()
                 if not in_store[i - asked_at]:
                     break
                 if not self._load(plan, h, toks, "cluster"):
@@ -431,6 +446,7 @@ class TierManager:
             self._emit_disk_evictions()
         else:
             ok = self.cluster.get_into([h], [self.host.slot_address(slot)], self.record_bytes)[0]
+            self._emit_store_misses()
             bad = None if ok else "not in the store"
             if ok:
                 bad = problem(self.host.array[slot], self.block_bytes, h, toks)

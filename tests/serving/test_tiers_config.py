@@ -117,7 +117,8 @@ def test_tier_metrics_follow_the_tiers_totals():
 
     def stats(hits: int, failures: int, used: int, state: str = "up") -> TierStats:
         return TierStats({"device": 2 * hits, "host": hits, "disk": 0, "cluster": 0}, {"device->host": 10 * hits},
-                         {}, {"host": TierUse(100, used, used)}, {"put_failures": failures}, state)
+                         {}, {"host": TierUse(100, used, used)}, {"put_failures": failures,
+                                                                    "store_evicted": 2 * failures}, state)
 
     m.observe_tiers(stats(16, 1, 5))
     m.observe_tiers(stats(48, 3, 7, "down"))
@@ -127,6 +128,7 @@ def test_tier_metrics_follow_the_tiers_totals():
     assert v("halfmoon:kv_tier_hit_tokens_total", tier="device") == 96
     assert v("halfmoon:kv_tier_moved_bytes_total", src="device", dst="host") == 480
     assert v("halfmoon:kv_store_put_failures_total") == 3
+    assert v("halfmoon:kv_store_evicted_blocks_total") == 6
     assert v("halfmoon:kv_tier_blocks_used", tier="host") == 7
     assert v("halfmoon:kv_tier_blocks_capacity", tier="host") == 100
     assert v("halfmoon:kv_store_up") == 0
