@@ -14,8 +14,13 @@ What a simulated node does, as `engine/tiers` does live (write-back, the default
   at its tier's rate instead of being recomputed, and disk/store blocks land in the host tier;
 - a finished request's prompt goes to the store (decode write-back: the trace names only
   prompt blocks, so the answer's are not modelled);
-- the store evicts its least recently written blocks when full and says so (the live store
-  evicts silently: its index entries are hints a node checks; here they stay exact).
+- the store evicts its least recently used blocks when full (a lookup or a put refreshes a
+  block, as a read lease does in Mooncake Store) and, like Mooncake Store, tells no one: the
+  index keeps those entries as hints until a node's lookup finds them gone. The lookup at
+  prefill start asks the store for the rest of the chain once it is past the host and disk
+  blocks, and the blocks it lacks are published as removed from the cluster tier, as the live
+  tier manager does (`engine/tiers/cluster.py`); `store_evictions` counts what the store
+  dropped, `TierRow.stale_store_hints` what the index still believed in at the end.
 
 GPU-class tier figures (`GPU_CLASS_TIERS`, per prefill node of 8xA800, LLaMA3-70B at
 320 KiB/token, 512-token blocks = 168 MB each), rates from `gpu_class_default()`:
@@ -42,6 +47,7 @@ from bench.sim.cluster import SimConfig, SimRequest, Simulation
 from bench.sim.metrics import summarize
 from bench.sim.nodes import SimPrefill
 from conductor.cost_model import CostModel, gpu_class_default
+from conductor.prefix_index import STORE_NODE
 from engine.block_pool import REMOVED, STORED, KVEvent
 
 RESULTS = Path(__file__).resolve().parents[2] / "docs" / "results"
@@ -113,6 +119,7 @@ class TieredSimulation(Simulation):
         self.store = LruTier(tiers.store_blocks)
         self.parent: dict[int, int | None] = {}  # block -> the block before it in its chain
         self.hits: dict[str, int] = {"host": 0, "disk": 0, "cluster": 0}  # blocks served from each tier
+        self.store_evictions = 0  # blocks the store dropped (silently: lookups find out)
         super().__init__(requests, config, costs)
         bt = config.block_tokens
         self._block_s = {t: costs.tier_load_s(t, bt) for t in ("host", "disk", "cluster")}
@@ -158,14 +165,15 @@ class TieredSimulation(Simulation):
         while p is not None and p not in self.store:
             chain.append(p)
             p = self.parent.get(p)
-        stored, gone = [], []
+        if p is not None:
+            self.store.touch(p)  # the live put asks the store first, which refreshes what it has
+        stored = []
         for b in reversed(chain):
             new, out = self.store.put(b)
             if new:
                 stored.append(b)
-            gone += out
+            self.store_evictions += len(out)  # not published: the store evicts silently
         self._publish(node, True, stored, "cluster")
-        self._publish(node, False, gone, "cluster")
 
     def _cache_prompt(self, node: SimPrefill, hashes: tuple[int, ...]) -> list:
         evicted = super()._cache_prompt(node, hashes)
@@ -183,8 +191,15 @@ class TieredSimulation(Simulation):
         usable = max(0, (input_tokens - 1) // bt)  # the blocks whose tokens all precede the last one
         host, disk, store = self.host[node.node_id], self.disk[node.node_id], self.store
         blocks, seconds = 0, 0.0
-        for i in range(start, min(len(hashes), usable)):
+        asked = False
+        end = min(len(hashes), usable)
+        for i in range(start, end):
             h = hashes[i]
+            if not asked and h not in host and h not in disk and self.tiers.store_blocks:
+                # past the node's own tiers: the store is asked for the rest of the chain at once
+                # (the live prefetch's one `exists`), and the blocks it lacks are reported
+                asked = True
+                self._publish(node, False, [b for b in hashes[i:end] if b not in store], "cluster")
             tier = "host" if h in host else "disk" if h in disk else "cluster" if h in store else None
             if tier is None or self._block_s[tier] == math.inf:
                 break
@@ -210,6 +225,12 @@ class TieredSimulation(Simulation):
             if usable:
                 self._put_chain(st.prefill, hashes[min(usable, len(hashes)) - 1])
 
+    def stale_store_hints(self) -> set[int]:
+        """Blocks the conductor's index still places in the store that the store no longer has."""
+        idx = self.state.index
+        held = idx.tier("cluster").snapshot().get(STORE_NODE, frozenset()) if "cluster" in idx.tiers else frozenset()
+        return set(held) - set(self.store.blocks)
+
     def occupancy(self) -> dict[str, int]:
         return {"host": sum(map(len, self.host.values())), "disk": sum(map(len, self.disk.values())),
                 "cluster": len(self.store)}
@@ -231,6 +252,8 @@ class TierRow:
     ttft_p99_s: float
     repeat_fraction: float
     wall_s: float
+    store_evictions: int = 0  # blocks the store dropped
+    stale_store_hints: int = 0  # of those, still in the conductor's index at the end (no lookup found them gone)
 
 
 def run_tiers(requests: list[SimRequest], name: str, sizes: TierSizes, *, device_blocks: int = DEVICE_BLOCKS,
@@ -247,7 +270,8 @@ def run_tiers(requests: list[SimRequest], name: str, sizes: TierSizes, *, device
     prefilled = sum(len(st.req.block_hashes) for st in run.states if st.prefill_start_s == st.prefill_start_s)
     share = {t: (n / prefilled if prefilled else 0.0) for t, n in sim.hits.items()}
     row = TierRow(name, device_blocks, sizes.host_blocks, sizes.disk_blocks, sizes.store_blocks, len(requests),
-                  s.prefix_hit_rate, share, s.ttft_mean_s, s.ttft_p90_s, s.ttft_p99_s, repeat_fraction(requests), wall)
+                  s.prefix_hit_rate, share, s.ttft_mean_s, s.ttft_p90_s, s.ttft_p99_s, repeat_fraction(requests), wall,
+                  sim.store_evictions, len(sim.stale_store_hints()))
     return row, sim
 
 

@@ -40,7 +40,9 @@ def check_index(sim: TieredSimulation) -> None:
             assert held == frozenset(tier.blocks), (node_id, name)
             assert len(tier) <= tier.capacity
     store = idx.tier("cluster").snapshot().get(STORE_NODE, frozenset()) if "cluster" in idx.tiers else frozenset()
-    assert store == frozenset(sim.store.blocks)
+    assert frozenset(sim.store.blocks) <= store  # the store evicts silently: the index may hold stale hints
+    assert store - frozenset(sim.store.blocks) == sim.stale_store_hints()
+    assert len(sim.stale_store_hints()) <= sim.store_evictions
     assert len(sim.store) <= max(0, sim.store.capacity)
 
 
@@ -85,6 +87,17 @@ def test_a_tail_evicted_alone_goes_to_the_store_with_its_ancestors():
     reqs = [req(0, 0.0, A), req(1, 10.0, (1, 2, 30))]  # shares A's head; evicts only block 3
     sim, run = simulate(reqs, TierSizes(host_blocks=0, store_blocks=100, write_back_on_finish=False), device=3)
     assert set(sim.store.blocks) == {1, 2, 3}  # 3 was evicted, 1 and 2 are still on the device
+    check_index(sim)
+
+
+def test_the_store_evicts_silently_and_a_lookup_that_misses_corrects_the_index():
+    # a 3-block store: B's put evicts A, C's evicts B; nobody is told until A is looked up
+    reqs = [req(0, 0.0, A), req(1, 10.0, B), req(2, 20.0, C), req(3, 30.0, A)]
+    sim, run = simulate(reqs, TierSizes(store_blocks=3, write_back_on_finish=False), device=3)
+    assert run.states[3].hit_blocks == 0  # A is gone from the store
+    assert sim.store_evictions == 6 and set(sim.store.blocks) == set(C)  # A, then B (when C went in)
+    # A's lookup found A gone and removed it from the index; B's eviction no lookup has seen yet
+    assert sim.stale_store_hints() == set(B)
     check_index(sim)
 
 
