@@ -13,8 +13,10 @@ so a prediction and the thing it predicts come from the same formulas:
                            t = host | disk | cluster: a prefix hit on a tier under the device
 
 `fit_prefill` / `fit_decode` fit the coefficients by least squares from profiling
-samples; `CostModel.save` / `CostModel.load` keep a model as JSON (what `halfmoon profile`
-writes and the conductor reads). `gpu_class_default()` is the sourced GPU-class model.
+samples; `tier_rates` turns measured tier loads (`TierTiming`, what `halfmoon profile`
+times through the real tier code) into `tier_bytes_per_s`; `CostModel.save` /
+`CostModel.load` keep a model as JSON (what `halfmoon profile` writes and the conductor
+reads). `gpu_class_default()` is the sourced GPU-class model.
 """
 from __future__ import annotations
 
@@ -86,6 +88,28 @@ class FitReport:
 
 
 @dataclass(frozen=True, slots=True)
+class TierTiming:
+    """Blocks loaded from one KV tier, timed: `host` is the host pool -> device copy (the
+    promotion at admission), `disk` and `cluster` the load into the host pool that comes
+    before it (checksum checked). `block_bytes` is the KV payload of one block, so
+    `bytes_per_s` is the rate `tier_load_s` prices tokens at."""
+
+    tier: str
+    blocks: int
+    block_bytes: int
+    seconds_per_block: float
+
+    @property
+    def bytes_per_s(self) -> float:
+        return self.block_bytes / self.seconds_per_block
+
+
+def tier_rates(timings: Sequence[TierTiming]) -> dict[str, float]:
+    """`TransferModel.tier_bytes_per_s` from measured loads (a tier with no block loaded has no rate)."""
+    return {t.tier: t.bytes_per_s for t in timings if t.blocks > 0 and t.seconds_per_block > 0}
+
+
+@dataclass(frozen=True, slots=True)
 class PrefillSample:
     input_tokens: int
     cached_tokens: int
@@ -107,6 +131,7 @@ class CostModel:
     description: str = ""
     prefill_fit: FitReport | None = None
     decode_fit: FitReport | None = None
+    tier_timings: tuple[TierTiming, ...] = ()  # the measurements behind transfer.tier_bytes_per_s
 
     def __post_init__(self) -> None:
         t = self.transfer
@@ -174,6 +199,7 @@ class CostModel:
             "fit": {
                 "prefill": None if self.prefill_fit is None else asdict(self.prefill_fit),
                 "decode": None if self.decode_fit is None else asdict(self.decode_fit),
+                "tiers": [{**asdict(t), "bytes_per_s": t.bytes_per_s} for t in self.tier_timings],
             },
         }
 
@@ -197,6 +223,8 @@ class CostModel:
                 description=str(raw.get("description", "")),
                 prefill_fit=FitReport(**fit["prefill"]) if fit.get("prefill") else None,
                 decode_fit=FitReport(**fit["decode"]) if fit.get("decode") else None,
+                tier_timings=tuple(TierTiming(t["tier"], int(t["blocks"]), int(t["block_bytes"]),
+                                              float(t["seconds_per_block"])) for t in fit.get("tiers") or ()),
             )
         except (KeyError, TypeError) as exc:
             raise CostModelError(f"{origin}: malformed ({exc})") from exc
