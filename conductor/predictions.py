@@ -44,20 +44,23 @@ class ErrorSummary:
 
 class PredictionLog:
     def __init__(self, max_records: int | None = 100_000) -> None:
-        self._records: dict[Quantity, deque[PredictionRecord]] = {q: deque(maxlen=max_records) for q in Quantity}
+        # (request id, predicted s, actual s) per quantity: plain tuples, since a simulator
+        # logs several per request; `records` dresses them up
+        self._records: dict[Quantity, deque[tuple[str, float, float]]] = {
+            q: deque(maxlen=max_records) for q in Quantity}
 
     def record(self, request_id: str, quantity: Quantity, predicted_s: float, actual_s: float) -> None:
-        self._records[quantity].append(PredictionRecord(request_id, quantity, predicted_s, actual_s))
+        self._records[quantity].append((request_id, predicted_s, actual_s))
 
     def records(self, quantity: Quantity) -> list[PredictionRecord]:
-        return list(self._records[quantity])
+        return [PredictionRecord(rid, quantity, predicted, actual) for rid, predicted, actual in self._records[quantity]]
 
     def summary(self, quantity: Quantity) -> ErrorSummary:
         rows = self._records[quantity]
         if not rows:
             return ErrorSummary(quantity, 0, 0.0, 0.0, 0.0, 0.0)
-        predicted = np.fromiter((r.predicted_s for r in rows), dtype=np.float64, count=len(rows))
-        actual = np.fromiter((r.actual_s for r in rows), dtype=np.float64, count=len(rows))
+        predicted = np.fromiter((r[1] for r in rows), dtype=np.float64, count=len(rows))
+        actual = np.fromiter((r[2] for r in rows), dtype=np.float64, count=len(rows))
         err = predicted - actual
         positive = actual > 0
         rel = np.abs(err[positive]) / actual[positive] if positive.any() else np.zeros(1)

@@ -100,7 +100,8 @@ class LoadIndex:
     """
 
     __slots__ = ("_pheap", "_ppos", "_pver", "_dheap", "_dpos", "_dver", "_dkey", "decode_key_stamp", "prefill_by_id",
-                 "decode_by_id", "_busy", "_busy_sum", "_busy_heap", "_busy_now", "_healthy", "_dirty")
+                 "decode_by_id", "_busy", "_busy_sum", "_busy_heap", "_busy_now", "_healthy", "_n_healthy", "_dirty",
+                 "_dcur")
 
     def __init__(self) -> None:
         self._pheap: list = []  # (busy_until_s, position, version, view)
@@ -119,7 +120,9 @@ class LoadIndex:
         self._busy_heap: list = []  # (busy_until_s, version, node) of `_busy`, lazily
         self._busy_now = -float("inf")
         self._healthy: dict[NodeId, bool] = {}
+        self._n_healthy = 0  # healthy prefill nodes (the True values of `_healthy`)
         self._dirty: dict[NodeId, DecodeNodeView] = {}  # decode nodes changed since the last query
+        self._dcur: dict[NodeId, float] = {}  # decode node -> the key of its valid entry in `_dheap`
 
     def add_prefill(self, view: PrefillNodeView, position: int) -> None:
         self._ppos[view.node_id] = position
@@ -140,7 +143,11 @@ class LoadIndex:
         if len(heap) > 4 * len(self._ppos) + 64:
             self._pheap = [e for e in heap if self._pver.get(e[3].node_id) == e[2]]
             heapq.heapify(self._pheap)
-        self._healthy[key] = view.healthy
+        healthy = view.healthy
+        was = self._healthy.get(key)
+        if was is not healthy:
+            self._healthy[key] = healthy
+            self._n_healthy += (1 if healthy else 0) - (1 if was else 0)
         old = self._busy.pop(key, None)
         if old is not None:
             self._busy_sum -= old
@@ -154,7 +161,7 @@ class LoadIndex:
 
     def backlog_s(self, now_s: float) -> float:
         """Mean predicted queue (seconds) over the healthy prefill nodes at `now_s`."""
-        healthy = sum(self._healthy.values())
+        healthy = self._n_healthy
         if not healthy:
             return 0.0
         busy = self._busy
@@ -180,12 +187,16 @@ class LoadIndex:
             self._dirty[view.node_id] = view
 
     def _reorder_decode(self) -> None:
-        fn, heap, ver, pos = self._dkey, self._dheap, self._dver, self._dpos
+        fn, heap, ver, pos, cur = self._dkey, self._dheap, self._dver, self._dpos, self._dcur
         for key, view in self._dirty.items():
             if key not in pos:
                 continue
+            value = fn(view)  # type: ignore[misc]
+            if cur.get(key) == value:  # its entry is still in place
+                continue
+            cur[key] = value
             version = ver[key] = ver.get(key, 0) + 1
-            heapq.heappush(heap, (fn(view), pos[key], version, view))  # type: ignore[misc]
+            heapq.heappush(heap, (value, pos[key], version, view))
         self._dirty.clear()
         if len(heap) > 4 * len(pos) + 64:
             self._dheap = [e for e in heap if ver.get(e[3].node_id) == e[2]]
@@ -197,10 +208,10 @@ class LoadIndex:
         self.prefill_by_id = {p.node_id: (i, p) for i, p in enumerate(view.prefill)}
         self._dpos = {d.node_id: i for i, d in enumerate(view.decode)}
         self.decode_by_id = {d.node_id: (i, d) for i, d in enumerate(view.decode)}
-        self._busy, self._busy_sum, self._busy_heap, self._healthy = {}, 0.0, [], {}
+        self._busy, self._busy_sum, self._busy_heap, self._healthy, self._n_healthy = {}, 0.0, [], {}, 0
         self._pver = {k: self._pver.get(k, 0) for k in self._ppos}
         self._dver = {k: self._dver.get(k, 0) for k in self._dpos}
-        self._pheap, self._dheap, self._dirty = [], [], {}
+        self._pheap, self._dheap, self._dirty, self._dcur = [], [], {}, {}
         for p in view.prefill:
             self.changed_prefill(p)
         for d in view.decode:
@@ -227,6 +238,7 @@ class LoadIndex:
         self.decode_key_stamp = stamp
         self._dheap = []
         self._dirty = {}
+        self._dcur = {}
         if fn is not None:
             for d in decode:
                 self._dirty[d.node_id] = d
@@ -241,11 +253,31 @@ class LoadIndex:
         while heap and len(out) < k:
             entry = heapq.heappop(heap)
             view = entry[3]
-            if ver.get(view.node_id) == entry[2] and view.healthy:
-                out.append((entry[1], view))
-                taken.append(entry)
+            if ver.get(view.node_id) == entry[2]:
+                if view.healthy:
+                    out.append((entry[1], view))
+                    taken.append(entry)
+                else:  # its entry is gone: the change that makes it healthy pushes it again
+                    self._dcur.pop(view.node_id, None)
         for entry in taken:
             heapq.heappush(heap, entry)
+        return out
+        # the k smallest valid entries in order, without taking them out: a best-first walk
+        # down the heap's tree (a parent is never larger than its children)
+        n = len(heap)
+        push = heapq.heappush
+        frontier = [(heap[0][:3], 0)]
+        while frontier and len(out) < k:
+            i = pop(frontier)[1]
+            entry = heap[i]
+            view = entry[3]
+            if ver.get(view.node_id) == entry[2] and view.healthy:
+                out.append((entry[1], view))
+            c = 2 * i + 1
+            if c < n:
+                push(frontier, (heap[c][:3], c))
+                if c + 1 < n:
+                    push(frontier, (heap[c + 1][:3], c + 1))
         return out
 
 

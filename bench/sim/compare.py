@@ -6,8 +6,14 @@ at several loads.
     python -m bench.sim.compare admission --json out/admission.json      # with counterfactuals
 
 Cells: {conversation trace, tool_agent, uniform, shifting} x {loads as fractions of the
-cluster's capacity (`bench.sim.load`: perfect-reuse prefill work or decode work, whichever
-binds)}, on 8P+8D of the GPU-class cost model.
+cluster's capacity}, on 8P+8D of the GPU-class cost model. What capacity is (`--capacity`):
+
+- `offered` (the policy grid's default): the offered-load estimate of `bench.sim.load`,
+  perfect-reuse prefill work or decode work at the TBT SLO's rate, whichever binds;
+- `calibrated` (the admission grid's default): measured per workload (`bench.sim.capacity`):
+  the fastest replay at which the default policy without admission keeps both SLOs for 90%
+  of the requests, found by a bisection of whole-workload runs. "2x overload" is then twice
+  what the cluster really serves, whatever the estimate says about the workload.
 
 `policies`: admission `none` (routing alone); per cell every policy's mean TTFT and goodput
 and the default policy's ratio to the best of the others (target: TTFT <= 1.05x, goodput
@@ -29,7 +35,7 @@ from typing import Sequence
 
 from bench.sim.cluster import SimConfig, SimRequest, simulate
 from bench.sim.counterfactual import CounterfactualSimulation, Precision
-from bench.sim.load import offered_load
+from bench.sim.capacity import Capacity, calibrate, offered_fraction, sped_up
 from bench.sim.metrics import SimSummary, summarize
 from bench.sim.trace import DEFAULT_TRACE, load_sim_requests, to_sim_requests
 from bench.sim.workloads import GENERATORS
@@ -52,6 +58,7 @@ class Cell:
     load: float
     speedup: float
     rows: tuple[SimSummary, ...]
+    capacity: Capacity | None = None  # what load 1.0 is, when measured (None: the offered-load estimate)
 
     def best(self, field: str, lower: bool) -> SimSummary:
         rows = [r for r in self.rows if not math.isnan(getattr(r, field))]
@@ -70,24 +77,25 @@ def base_requests(workload: str, requests: int, seed: int) -> list[SimRequest]:
     return to_sim_requests(GENERATORS[workload](requests, seed=seed))
 
 
-def at_load(requests: list[SimRequest], load: float, config: SimConfig, costs: CostModel) -> tuple[list[SimRequest], float]:
-    """The requests sped up (or slowed down) so they offer `load` of the cluster's capacity."""
-    offered = offered_load(requests, costs, block_tokens=config.block_tokens, tbt_slo_s=config.tbt_slo_s,
-                           kv_capacity_tokens=config.decode_kv_tokens).of(config.prefill_nodes, config.decode_nodes)
-    speedup = load / offered
-    return [replace(r, arrival_s=r.arrival_s / speedup) for r in requests], speedup
+def at_load(requests: list[SimRequest], load: float, config: SimConfig, costs: CostModel,
+            capacity: Capacity | None = None) -> tuple[list[SimRequest], float]:
+    """The requests sped up (or slowed down) so they offer `load` of the cluster's capacity:
+    the measured one when `capacity` is given (`bench.sim.capacity`), else the offered-load
+    estimate (`bench.sim.load`)."""
+    speedup = capacity.speedup_at(load) if capacity is not None else load / offered_fraction(requests, config, costs)
+    return sped_up(requests, speedup), speedup
 
 
 def run_cell(workload: str, load: float, requests: list[SimRequest], config: SimConfig, costs: CostModel,
-             policies: Sequence[PolicyName]) -> Cell:
-    scaled, speedup = at_load(requests, load, config, costs)
+             policies: Sequence[PolicyName], capacity: Capacity | None = None) -> Cell:
+    scaled, speedup = at_load(requests, load, config, costs, capacity)
     typical = max(1, round(sum(r.output_tokens for r in scaled) / len(scaled)))
     rows = []
     for policy in policies:
         started = time.perf_counter()
         run = simulate(scaled, replace(config, policy=policy, typical_output_tokens=typical), costs)
         rows.append(summarize(run, speedup=speedup, wall_s=time.perf_counter() - started))
-    return Cell(workload, load, speedup, tuple(rows))
+    return Cell(workload, load, speedup, tuple(rows), capacity)
 
 
 def verdict(cell: Cell, default: str) -> dict[str, float]:
@@ -118,6 +126,7 @@ def print_cells(cells: Sequence[Cell], default: str, out=None) -> int:
         vals = " ".join(f"{_fmt(c.row(p).ttft_mean_s)}({c.row(p).goodput_rps:5.2f})".rjust(14) for p in policies)
         print(f"{c.workload:<13}{c.load:>5.2f}{c.speedup:>7.2f} | {vals} | {v['ttft_ratio']:>10.3f}  "
               f"{v['goodput_ratio']:>13.3f}{'' if ok else '  MISS'}", file=out)
+    print_capacities(cells, out)
     return misses
 
 
@@ -126,9 +135,26 @@ def _fmt(x: float) -> str:
 
 
 def write_json(cells: Sequence[Cell], default: str, path: Path) -> None:
-    data = [{"workload": c.workload, "load": c.load, "speedup": c.speedup, **verdict(c, default),
+    data = [{"workload": c.workload, "load": c.load, "speedup": c.speedup, **_scale(c), **verdict(c, default),
              "rows": [_clean(asdict(r)) for r in c.rows]} for c in cells]
     path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+def _scale(cell) -> dict[str, object]:
+    """What the cell's load is a fraction of (JSON fields)."""
+    c = cell.capacity
+    if c is None:
+        return {"load_scale": "offered"}
+    return {"load_scale": "calibrated", "capacity": {"offered_load": c.offered_load, "speedup": c.speedup,
+                                                      "attainment": c.attainment, "target": c.target,
+                                                      "policy": c.policy, "probes": [list(p) for p in c.probes]}}
+
+
+def _load_label(cells) -> str:
+    nodes = f"{cells[0].rows[0].prefill_nodes}P+{cells[0].rows[0].decode_nodes}D"
+    if all(c.capacity is not None for c in cells):
+        return f"load (fraction of {nodes}'s measured capacity: 90% within SLOs, no admission)"
+    return f"offered load (fraction of {nodes} capacity, bench.sim.load estimate)"
 
 
 def _clean(value):
@@ -157,7 +183,7 @@ def write_plot(cells: Sequence[Cell], default: str, path: Path) -> None:
     axes[0].set_ylabel(f"mean TTFT: {default} / best other")
     axes[1].set_ylabel(f"goodput: {default} / best other")
     for ax in axes:
-        ax.set_xlabel("offered load (fraction of 8P+8D capacity)")
+        ax.set_xlabel(_load_label(cells))
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -174,6 +200,7 @@ class AdmissionCell:
     rows: tuple[SimSummary, ...]
     precision: tuple[Precision, ...]  # per row
     reference: SimSummary | None = None  # `none` under the reference policy (Mooncake's kv_centric)
+    capacity: Capacity | None = None  # what load 1.0 is, when measured (None: the offered-load estimate)
 
     def row(self, mode: str) -> tuple[SimSummary, Precision]:
         i = next(i for i, r in enumerate(self.rows) if r.admission == mode)
@@ -181,8 +208,9 @@ class AdmissionCell:
 
 
 def run_admission_cell(workload: str, load: float, requests: list[SimRequest], config: SimConfig, costs: CostModel,
-                       modes: Sequence[AdmissionMode], sample: int, reference: PolicyName | None = None) -> AdmissionCell:
-    scaled, speedup = at_load(requests, load, config, costs)
+                       modes: Sequence[AdmissionMode], sample: int, reference: PolicyName | None = None,
+                       capacity: Capacity | None = None) -> AdmissionCell:
+    scaled, speedup = at_load(requests, load, config, costs, capacity)
     typical = max(1, round(sum(r.output_tokens for r in scaled) / len(scaled)))
     ref = None
     if reference is not None:
@@ -198,7 +226,7 @@ def run_admission_cell(workload: str, load: float, requests: list[SimRequest], c
         run = sim.run()
         rows.append(summarize(run, speedup=speedup, wall_s=time.perf_counter() - started))
         precision.append(sim.precision())
-    return AdmissionCell(workload, load, speedup, tuple(rows), tuple(precision), ref)
+    return AdmissionCell(workload, load, speedup, tuple(rows), tuple(precision), ref, capacity)
 
 
 def admission_verdict(cell: AdmissionCell, default: str) -> dict[str, float]:
@@ -232,11 +260,23 @@ def print_admission(cells: Sequence[AdmissionCell], default: str, out=None) -> i
                    if c.reference is not None else "")
         print(f"{c.workload:<13}{c.load:>5.2f}{c.speedup:>7.2f} | {vals} | {v['goodput_vs_none']:>7.3f}  {prec:>9} "
               f"({v['judged']}/{v['rejections']}){ref_col}{'' if ok else '  MISS'}", file=out)
+    print_capacities(cells, out)
     return misses
 
 
+def print_capacities(cells, out) -> None:
+    """What load 1.0 is, per workload, when measured."""
+    seen = {}
+    for c in cells:
+        if c.capacity is not None:
+            seen.setdefault(c.workload, c.capacity)
+    for workload, cap in seen.items():
+        print(f"load 1.0 of {workload} = {cap.offered_load:.3f} of the offered-load estimate, {cap.speedup:.3g}x its "
+              f"own rate ({cap.attainment:.1%} within both SLOs under {cap.policy} without admission)", file=out)
+
+
 def write_admission_json(cells: Sequence[AdmissionCell], default: str, path: Path) -> None:
-    data = [{"workload": c.workload, "load": c.load, "speedup": c.speedup, **admission_verdict(c, default),
+    data = [{"workload": c.workload, "load": c.load, "speedup": c.speedup, **_scale(c), **admission_verdict(c, default),
              "rows": [{**_clean(asdict(r)), "precision": _clean(p.precision), "judged": p.judged,
                        "judged_right": p.right, "admission_rejections": p.rejections}
                       for r, p in zip(c.rows, c.precision)],
@@ -263,7 +303,7 @@ def write_admission_plot(cells: Sequence[AdmissionCell], default: str, path: Pat
     axes[1].axhline(PRECISION_TARGET, color="red", ls="--")
     axes[1].set_ylabel("rejection precision (counterfactual)")
     for ax in axes:
-        ax.set_xlabel("offered load (fraction of 8P+8D capacity)")
+        ax.set_xlabel(_load_label(cells))
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -287,6 +327,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--prefill", type=int, default=8)
     p.add_argument("--decode", type=int, default=8)
     p.add_argument("--admission", default=AdmissionMode.NONE.value, help="policies: the admission mode")
+    p.add_argument("--capacity", choices=("calibrated", "offered"),
+                   help="what load 1.0 is: the rate the default policy without admission keeps within the SLOs "
+                        "for 90%% of requests, measured per workload (calibrated: the admission default), or "
+                        "the offered-load estimate of bench.sim.load (offered: the policies default)")
     p.add_argument("--json", type=Path)
     p.add_argument("--plot", type=Path, help="default: next to --json")
     args = p.parse_args(argv)
@@ -299,22 +343,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     default = str(parse_policy(args.default or str(DEFAULT_POLICY)))
     if default not in policies:
         policies.append(PolicyName(default))
-    cells = _grid(args, LOADS, started,
-                  lambda workload, load, requests: run_cell(workload, load, requests, config, costs, policies))
+    cells = _grid(args, LOADS, started, replace(config, policy=PolicyName(default)), costs, "offered",
+                  lambda workload, load, requests, capacity: run_cell(workload, load, requests, config, costs,
+                                                                      policies, capacity))
     misses = print_cells(cells, default)
     print(f"{len(cells) - misses}/{len(cells)} cells meet both targets; {time.perf_counter() - started:.0f} s")
     _write(args, cells, default, write_json, write_plot)
     return 0
 
 
-def _grid(args, default_loads, started: float, run) -> list:
-    """`run(workload, load, requests)` for every workload and load the arguments name."""
+def _grid(args, default_loads, started: float, config: SimConfig, costs: CostModel, default_scale: str, run) -> list:
+    """`run(workload, load, requests, capacity)` for every workload and load the arguments
+    name; `capacity` is each workload's measured capacity under `config` (its policy, no
+    admission) when the load scale is calibrated, else None."""
     loads = [float(x) for x in (args.loads.split(",") if args.loads else default_loads)]
     cells = []
     for workload in args.workloads.split(","):
         requests = base_requests(workload, args.requests, args.seed)
+        capacity = None
+        if (args.capacity or default_scale) == "calibrated":
+            capacity = calibrate(requests, config, costs)
+            probes = ", ".join(f"{x:.3g}:{a:.3f}" for x, a in capacity.probes)
+            print(f"  {workload}: capacity = {capacity.offered_load:.3f} of the offered-load estimate (speed-up "
+                  f"{capacity.speedup:.3g}, SLO attainment {capacity.attainment:.3f} under {capacity.policy}/none; "
+                  f"probes load:attainment {probes}) ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
         for load in loads:
-            cells.append(run(workload, load, requests))
+            cells.append(run(workload, load, requests, capacity))
             print(f"  {workload} at load {load:g}: done ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
     return cells
 
@@ -335,8 +389,9 @@ def _admission(args, config: SimConfig, costs: CostModel, started: float) -> int
             modes.append(needed)
     config = replace(config, policy=DEFAULT_POLICY)
     reference = parse_policy(args.reference) if args.reference else None
-    cells = _grid(args, ADMISSION_LOADS, started, lambda workload, load, requests: run_admission_cell(
-        workload, load, requests, config, costs, modes, args.sample, reference))
+    cells = _grid(args, ADMISSION_LOADS, started, config, costs, "calibrated",
+                  lambda workload, load, requests, capacity: run_admission_cell(
+                      workload, load, requests, config, costs, modes, args.sample, reference, capacity))
     misses = print_admission(cells, default)
     print(f"{len(cells) - misses}/{len(cells)} cells meet every target; {time.perf_counter() - started:.0f} s")
     _write(args, cells, default, write_admission_json, write_admission_plot)

@@ -9,6 +9,13 @@ chosen fractions of a cluster's capacity.
   (prompt + answer of each, at the trace's token-weighted mean) fits the node.
 
 `offered_load(...).of(prefill_nodes, decode_nodes)` is the larger of the two utilisations.
+
+It is an estimate from the work alone: it does not see what a queue costs while it lasts
+(a decode node reserves a request's KV on dispatch, so prompts waiting for a prefill hold
+decode memory) nor the hit rate a policy really reaches, so on some workloads the cluster
+serves well below (or above) its 1.0 within the SLOs. Where a load must mean a multiple of
+what the cluster serves (the admission grid's "2x overload"), `bench.sim.capacity`
+measures it instead and scales from there.
 """
 from __future__ import annotations
 
