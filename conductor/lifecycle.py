@@ -18,6 +18,22 @@ When a node fails an attempt (`NodeFailure`; the registry has taken the node out
 rotation), the trip goes on in a new attempt: from scratch if no token reached the client
 yet (a retry, invisible to the client), else resumed after the tokens streamed so far on
 another decode node (a migration), within the per-request limits.
+
+The first token goes through the conductor: the prefill node answers `Prefill` with it, and
+the conductor then calls `Decode`, whose first output is that token. Measured, a direct path
+(the prefill node handing the token to the decode node) is not worth building: it could save
+at most part of the hop from the conductor's `PrefillResponse` to the decode node's first
+output (`Timing.first_decode_s`, histogram `halfmoon:ttft_first_decode_seconds`), and most of
+that hop is the wait for the decode engine thread to join the request between two steps,
+which a direct path keeps. `python -m bench.first_token_hop --requests 16 --concurrency 1,4`
+(1P+1D processes, SmolLM2-135M fp32, 256-token prompts, 16 tokens out, 2 shared cores at load
+5-7): hop p50 4.2 ms alone (0.5% of a 0.90 s TTFT, 13% of the 46 ms gap to the second
+token), 12 ms at 4 concurrent (0.3% of a 3.2 s TTFT, 18% of a 71 ms gap, mostly the decode
+step in progress); the legs a direct path removes are a millisecond or two, below TTFT's
+run-to-run noise here. The same measurement found the prefill node answering only after its
+engine thread had released the request's blocks, i.e. behind the step in progress there (1.5
+s p50 of TTFT at 4 concurrent); it now queues the release and answers at once (that part 1.5
+s -> 18 ms, TTFT p50 4.39 -> 3.17 s, before/after in `docs/results/first_token_hop*.json`).
 """
 from __future__ import annotations
 

@@ -95,7 +95,9 @@ TTFT_KV_TRANSFER = MetricSpec(
     buckets=TTFT_BUCKETS,
 )
 TTFT_FIRST_DECODE = MetricSpec(
-    "halfmoon:ttft_first_decode_seconds", _H, "TTFT part: the decode node's first step.", buckets=TTFT_BUCKETS,
+    "halfmoon:ttft_first_decode_seconds", _H,
+    "TTFT part: the prefill node's answer in -> the decode node's first output in (the Decode call, its wait "
+    "for the decode engine thread, the first token back).", buckets=TTFT_BUCKETS,
 )
 PROMPT_TOKENS = MetricSpec("halfmoon:prompt_tokens_total", _C, "Prompt tokens of finished requests.")
 GENERATION_TOKENS = MetricSpec("halfmoon:generation_tokens_total", _C, "Generated tokens of finished requests.")

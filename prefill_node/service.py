@@ -8,8 +8,9 @@ Lifecycle of one request (named after where it waits):
 2. After every engine step, each block that became full is written into the matching
    destination block by the transfer engine at once, so the network works while the next
    chunk computes. When the first token is sampled the last (partial) block follows.
-3. When every write is acknowledged the blocks are released (full ones stay in the prefix
-   cache) and the call answers with the first token and the timing.
+3. When every write is acknowledged the call answers with the first token and the timing,
+   and the blocks are released (full ones stay in the prefix cache) at the engine thread's
+   next turn: the answer does not wait for the step in progress there.
 
 Cancellation (the conductor's call is cancelled) or a failed write aborts the request and
 frees its blocks; a failed write answers ABORTED naming the decode node.
@@ -254,8 +255,10 @@ class PrefillService(node_pb2_grpc.PrefillNodeServicer):
             await context.abort(grpc.StatusCode.INTERNAL, str(e))
         finally:
             self._jobs.pop(rid, None)
-            if ok:  # must run even if the call is cancelled now (e.g. the conductor's connection died)
-                await _settle(self.worker, lambda e: e.release(rid))
+            if ok:  # queued, not awaited: the answer carries the first token, and waiting here for
+                # the engine thread kept it behind the step in progress (another prompt's chunk);
+                # a queued call runs whether or not this call is cancelled now
+                self.worker.call(lambda e: e.release(rid))
             else:  # cancelled or failed: do not await (a cancelled task must not block here)
                 for h in job.handles:
                     h.cancel()
