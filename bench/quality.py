@@ -161,9 +161,27 @@ def mcnemar(ref: list[bool], got: list[bool]) -> tuple[float, float]:
     return 100.0 * (b - c) / n, 100.0 * math.sqrt(max(0.0, b + c - (b - c) ** 2 / n)) / n
 
 
-def run(dtypes: list[str], windows: list[list[int]], questions: list[dict], threads: int, log=print) -> dict:
+def parse_variant(spec: str) -> tuple[str, dict[str, str]]:
+    """``dtype[:field=value[+field=value]]`` -> (dtype, recipe changes): e.g. ``w8a8:lm_head=int8``
+    is w8a8 with an int8 LM head (`engine.quant.Recipe`'s fields)."""
+    base, _, opts = spec.partition(":")
+    changes = {}
+    for kv in filter(None, opts.split("+")):
+        k, eq, v = kv.partition("=")
+        if not eq or k not in ("linear", "lm_head"):
+            raise SystemExit(f"--dtypes: {spec!r}: options are linear=FORM or lm_head=FORM")
+        changes[k] = v
+    return base, changes
+
+
+def run(dtypes: list[str], windows: list[list[int]], questions: list[dict], threads: int, log=print,
+        model: str | Path | None = None) -> dict:
+    """Score `dtypes` (recipe variants allowed, `parse_variant`) against float32 on `windows` and
+    `questions`; `model`: a model directory (default: SmolLM2-135M)."""
     from engine.config import EngineConfig
     from engine.engine import LLMEngine
+    from engine.loader import DEFAULT_MODEL
+    from engine.quant import recipe_variant
 
     torch.set_num_threads(threads)
     if dtypes[0] != "float32":
@@ -171,7 +189,9 @@ def run(dtypes: list[str], windows: list[list[int]], questions: list[dict], thre
     engines = {}
     for d in dtypes:
         t0 = time.perf_counter()
-        engines[d] = LLMEngine(config=EngineConfig(num_blocks=256, dtype=d))
+        base, changes = parse_variant(d)
+        with recipe_variant(base, **changes):
+            engines[d] = LLMEngine(model or DEFAULT_MODEL, EngineConfig(num_blocks=256, dtype=base))
         log(f"loaded {d} in {time.perf_counter() - t0:.1f} s")
     tok = engines["float32"].tokenizer
     scores = {d: TextScore() for d in dtypes}
@@ -238,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="halfmoon bench quality", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", type=Path, help="write the rows here")
-    ap.add_argument("--dtypes", default=",".join(DTYPES))
+    ap.add_argument("--dtypes", default=",".join(DTYPES),
+                    help="comma-separated; a recipe variant as dtype:field=value, e.g. w8a8:lm_head=int8")
     ap.add_argument("--text", type=Path, help="a text file instead of Debian's fortunes")
     ap.add_argument("--windows", type=int, default=100)
     ap.add_argument("--window", type=int, default=512, help="tokens per window")

@@ -204,7 +204,7 @@ def load_model(model: str | os.PathLike = DEFAULT_MODEL, *, dtype: str = "float3
     if dtype == "w8a8":
         from engine.quant_calib import ensure_w8a8
 
-        qdir = ensure_w8a8(model_dir, progress=progress)
+        qdir = ensure_w8a8(model_dir, lm_head=rec.lm_head, progress=progress)
         return LoadedModel(cfg, _read_weights(qdir, lambda n, t: {n: t}), model_dir, dtype, qdir)
 
     def convert(name: str, t: torch.Tensor) -> dict[str, torch.Tensor]:

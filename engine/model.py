@@ -197,7 +197,10 @@ def _qlinear(w: dict[str, torch.Tensor], name: str, act_group: int = 0) -> QLine
     form = {torch.float32: "f32", torch.bfloat16: "bf16", torch.int8: "int8", torch.float8_e4m3fn: "fp8"}.get(t.dtype)
     if form is None:
         raise ValueError(f"{name}: weights of dtype {t.dtype} are not supported")
-    return QLinear.make(form, t, w.get(name + "_scale"), act_group if form == "int8" else 0)
+    scale = w.get(name + "_scale")
+    if form == "fp8" and scale is not None and scale.dim() == 2:
+        form = "fp8b"  # scales per row and per group of input channels
+    return QLinear.make(form, t, scale, act_group if form == "int8" else 0)
 
 
 def _fused_linear(ck, a: torch.Tensor, lin: QLinear, skinny: bool) -> torch.Tensor:
@@ -218,6 +221,8 @@ def _fused_linear(ck, a: torch.Tensor, lin: QLinear, skinny: bool) -> torch.Tens
         return ck.int8_linear(a, lin.weight, lin.scale, lin.row_sums)
     if lin.form == "fp8":
         return ck.fp8_linear(a, lin.weight.view(torch.uint8), lin.scale)
+    if lin.form == "fp8b":  # no C++ kernel yet (engine/quant.py FP8_LINEAR)
+        return lin.reference(a)
     return ck.bf16_linear(a, lin.weight)
 
 

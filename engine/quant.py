@@ -41,7 +41,9 @@ where they exist, and the tests hold the kernels to this reference.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -57,16 +59,27 @@ class Recipe:
     """What `dtype` stores: the form of the layer linears and of the LM head / embedding."""
 
     dtype: str
-    linear: str  # "f32" | "bf16" | "int8" | "fp8"
+    linear: str  # "f32" | "bf16" | "int8" | "fp8" | "fp8b"
     lm_head: str  # "f32" | "bf16" | "int8"
     kv_dtype: str  # the KV cache's dtype when EngineConfig.kv_dtype is "auto"
 
 
+# w8a8's LM head and (tied) embedding: "bf16", or "int8" -- int8 per row, the head's activations
+# per token and per `EngineConfig.act_group` channels like the layers (int8_group_linear), the
+# embedding rows dequantized by their row scale. int8 halves the 56.6 MB the head adds to every
+# decode step (the layers read 108 MB); see engine/quant_calib.py for what it measured.
+W8A8_LM_HEAD = "bf16"
+# fp8's layer linears: "fp8" (E4M3 weights per output channel x E4M3 activations per token: the
+# C++ kernel fp8_linear) or "fp8b" (E4M3 weights with a scale per row and per FP8_GROUP input
+# channels x bfloat16 activations: torch reference only until the kernel follows).
+FP8_LINEAR = "fp8"
+FP8_GROUP = 32
+
 RECIPES = {
     "float32": Recipe("float32", "f32", "f32", "float32"),
     "bfloat16": Recipe("bfloat16", "bf16", "bf16", "bfloat16"),
-    "w8a8": Recipe("w8a8", "int8", "bf16", "bfloat16"),  # (int8 LM head: see engine/quant_calib.py)
-    "fp8": Recipe("fp8", "fp8", "bf16", "bfloat16"),
+    "w8a8": Recipe("w8a8", "int8", W8A8_LM_HEAD, "bfloat16"),
+    "fp8": Recipe("fp8", FP8_LINEAR, "bf16", "bfloat16"),
 }
 
 
@@ -75,6 +88,18 @@ def recipe(dtype: str) -> Recipe:
         return RECIPES[dtype]
     except KeyError:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}") from None
+
+
+@contextmanager
+def recipe_variant(dtype: str, **changes: str) -> Iterator[Recipe]:
+    """Within the block, models loaded in `dtype` follow its recipe with `changes` (e.g.
+    ``lm_head="int8"``): how bench.quality measures a variant beside the default."""
+    old = recipe(dtype)
+    RECIPES[dtype] = replace(old, **changes)
+    try:
+        yield RECIPES[dtype]
+    finally:
+        RECIPES[dtype] = old
 
 
 # --- quantizers (weights per output row, activations per token row) ------------------------
@@ -109,6 +134,14 @@ def quantize_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, amax / FP8_MAX
 
 
+def quantize_fp8_groups(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """E4M3 per row and per `group` consecutive columns (`quantize_fp8_rows` on each group):
+    codes [N, K], scales [N, K / group]."""
+    N, K = x.shape
+    q, s = quantize_fp8_rows(x.reshape(N * (K // group), group))
+    return q.reshape(N, K), s.reshape(N, K // group)
+
+
 def int8_row_sums(q: torch.Tensor) -> torch.Tensor:
     """sum_k q[n, k] as int32: the VNNI kernel multiplies (x + 128) as unsigned and takes
     128 * row sum back off."""
@@ -119,11 +152,12 @@ def int8_row_sums(q: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True, slots=True)
 class QLinear:
-    """y[M, N] = x[M, K] @ W^T for a weight W [N, K] (contiguous) in one of four forms."""
+    """y[M, N] = x[M, K] @ W^T for a weight W [N, K] (contiguous) in one of five forms."""
 
-    form: str  # "f32" | "bf16" | "int8" | "fp8"
+    form: str  # "f32" | "bf16" | "int8" | "fp8" | "fp8b"
     weight: torch.Tensor  # float32 | bfloat16 | int8 | float8_e4m3fn, [N, K]
-    scale: torch.Tensor | None = None  # [N] float32 (int8, fp8): W = weight * scale[:, None]
+    # float32: [N] (int8, fp8): W = weight * scale[:, None]; [N, K / g] (fp8b): one per g columns
+    scale: torch.Tensor | None = None
     row_sums: torch.Tensor | None = None  # [N] int32 (int8 per token; the grouped kernel needs none)
     act_group: int = 0  # int8: activations scaled per token (0) or per token and per this many columns
 
@@ -131,13 +165,22 @@ class QLinear:
     def make(cls, form: str, weight: torch.Tensor, scale: torch.Tensor | None = None,
              act_group: int = 0) -> "QLinear":
         """From a float weight (quantized here) or, given `scale`, from already-quantized codes.
-        `act_group` (int8 only) is dropped to 0 where it does not divide K."""
+        `act_group` (int8 only) is dropped to 0 where it does not divide K. fp8b quantizes with
+        `FP8_GROUP` columns a scale (a whole row where that does not divide K); given codes, the
+        scale's shape [N, K / g] says g."""
         if form == "f32":
             return cls(form, weight.float().contiguous())
         if form == "bf16":
             return cls(form, weight.to(torch.bfloat16).contiguous())
-        if form not in ("int8", "fp8"):
+        if form not in ("int8", "fp8", "fp8b"):
             raise ValueError(f"unknown linear form {form!r}")
+        if form == "fp8b":
+            if scale is None:
+                K = weight.shape[1]
+                weight, scale = quantize_fp8_groups(weight, FP8_GROUP if K % FP8_GROUP == 0 else K)
+            if scale.dim() != 2 or weight.shape[1] % scale.shape[1]:
+                raise ValueError(f"fp8b scales must be [N, K / group], got {tuple(scale.shape)}")
+            return cls(form, weight.contiguous(), scale.float().contiguous())
         if scale is None:
             weight, scale = (quantize_int8_rows if form == "int8" else quantize_fp8_rows)(weight)
         weight = weight.contiguous()
@@ -164,9 +207,17 @@ class QLinear:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.weight, self.scale, self.row_sums) if t is not None)
 
+    @property
+    def w_group(self) -> int:
+        """fp8b: input columns per weight scale (0 for the per-row forms)."""
+        return self.weight.shape[1] // self.scale.shape[1] if self.form == "fp8b" else 0
+
     def dequantized(self) -> torch.Tensor:
         """The fp32 matrix this form stands for."""
         w = self.weight.float()
+        if self.form == "fp8b":
+            N, K = w.shape
+            return (w.view(N, -1, self.w_group) * self.scale.unsqueeze(2)).view(N, K)
         return w * self.scale.unsqueeze(1) if self.scale is not None else w
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
@@ -186,6 +237,13 @@ class QLinear:
         if self.form == "int8":
             xq, xs = quantize_int8_rows(x)
             return int_mm(xq, self.weight).float() * xs.unsqueeze(1) * self.scale
+        if self.form == "fp8b":
+            # bf16 x E4M3 products are exact in fp32; each group's sum is scaled by its weight scale
+            g = self.w_group
+            M, K = x.shape
+            acc = torch.einsum("mgk,ngk->mng", x.to(torch.bfloat16).float().view(M, K // g, g),
+                               self.weight.float().view(-1, K // g, g))
+            return (acc * self.scale).sum(-1)
         xq, xs = quantize_fp8_rows(x)  # fp8: products of E4M3 values are exact in fp32
         return F.linear(xq.float(), self.weight.float()) * xs.unsqueeze(1) * self.scale
 

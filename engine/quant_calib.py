@@ -38,12 +38,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from engine.quant import quantize_int8_rows
+from engine.quant import quantize_int8_rows, recipe
 
 log = logging.getLogger(__name__)
 
 RECIPE_VERSION = 2  # 2: LM head / embedding in bfloat16 (was int8)
 ALPHA = 0.5
+HEAD_NAMES = ("model.embed_tokens.weight", "lm_head.weight")
 CALIB_SEQS = 16
 CALIB_LEN = 512
 CALIB_SOURCE = "pydoc_data.topics (Python's language-reference help text)"
@@ -117,41 +118,47 @@ def smooth(w: dict[str, torch.Tensor], stats: dict[tuple[int, str], torch.Tensor
     return w
 
 
-def quantize_state(w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """int8 codes + `<name>_scale` for every layer linear, the embedding / LM head in bfloat16,
-    the rest as is."""
+def quantize_state(w: dict[str, torch.Tensor], lm_head: str = "bf16") -> dict[str, torch.Tensor]:
+    """int8 codes + `<name>_scale` for every layer linear, the embedding / LM head in bfloat16
+    (`lm_head` "bf16") or as int8 rows with their scales ("int8"), the rest as is."""
+    if lm_head not in ("bf16", "int8"):
+        raise ValueError(f"w8a8 LM head must be bf16 or int8, got {lm_head!r}")
     out: dict[str, torch.Tensor] = {}
     for name, t in w.items():
-        if name.endswith("_proj.weight"):
+        if name.endswith("_proj.weight") or (lm_head == "int8" and name in HEAD_NAMES):
             out[name], out[name + "_scale"] = quantize_int8_rows(t)
-        elif name in ("model.embed_tokens.weight", "lm_head.weight"):
+        elif name in HEAD_NAMES:
             out[name] = t.to(torch.bfloat16)
         else:
             out[name] = t
     return out
 
 
-def cache_key(model_dir: Path, n_seqs: int, seq_len: int, alpha: float) -> str:
+def cache_key(model_dir: Path, n_seqs: int, seq_len: int, alpha: float, lm_head: str = "bf16") -> str:
     files = sorted(Path(model_dir).glob("*.safetensors"))
     ident = {"recipe": RECIPE_VERSION, "alpha": alpha, "calib": [CALIB_SOURCE, n_seqs, seq_len],
              "config": (Path(model_dir) / "config.json").read_text(),
              "weights": [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]}
+    if lm_head != "bf16":  # (absent for bf16: the caches made before the option keep their key)
+        ident["lm_head"] = lm_head
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def w8a8_dir(model_dir: Path, n_seqs: int = CALIB_SEQS, seq_len: int = CALIB_LEN, alpha: float = ALPHA) -> Path:
+def w8a8_dir(model_dir: Path, n_seqs: int = CALIB_SEQS, seq_len: int = CALIB_LEN, alpha: float = ALPHA,
+             lm_head: str = "bf16") -> Path:
     from engine.loader import cache_root
 
-    return cache_root() / "models" / f"{Path(model_dir).name}-w8a8-{cache_key(model_dir, n_seqs, seq_len, alpha)}"
+    key = cache_key(model_dir, n_seqs, seq_len, alpha, lm_head)
+    return cache_root() / "models" / f"{Path(model_dir).name}-w8a8-{key}"
 
 
 def ensure_w8a8(model_dir: Path, *, n_seqs: int = CALIB_SEQS, seq_len: int = CALIB_LEN, alpha: float = ALPHA,
-                progress: bool = True) -> Path:
+                lm_head: str = "bf16", progress: bool = True) -> Path:
     """The cached w8a8 directory of `model_dir`, calibrating and quantizing it first if needed."""
     from engine.config import ModelConfig
     from engine.loader import _read_weights
 
-    out = w8a8_dir(model_dir, n_seqs, seq_len, alpha)
+    out = w8a8_dir(model_dir, n_seqs, seq_len, alpha, lm_head)
     if (out / ".complete").is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -164,7 +171,8 @@ def ensure_w8a8(model_dir: Path, *, n_seqs: int = CALIB_SEQS, seq_len: int = CAL
         (print if progress else log.info)(msg)
         cfg = ModelConfig.from_dir(model_dir)
         stats = collect_input_absmax(model_dir, n_seqs, seq_len)
-        state = quantize_state(smooth(_read_weights(model_dir, lambda n, t: {n: t}), stats, cfg.num_layers, alpha))
+        state = quantize_state(smooth(_read_weights(model_dir, lambda n, t: {n: t}), stats, cfg.num_layers, alpha),
+                               lm_head)
         tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -175,7 +183,9 @@ def ensure_w8a8(model_dir: Path, *, n_seqs: int = CALIB_SEQS, seq_len: int = CAL
             "weights": "int8 per output channel (symmetric, absmax / 127); activations int8 per token, dynamic",
             "smoothquant": {"alpha": alpha, "folded": {"qkv": "input_layernorm", "gate_up": "post_attention_layernorm",
                                                        "down": "up_proj rows"}, "not_smoothed": ["o_proj"]},
-            "lm_head_and_embedding": "bfloat16 (tied models share one table)",
+            "lm_head_and_embedding": ("bfloat16" if lm_head == "bf16" else
+                                      "int8 per row (activations as the layers'; embedding rows dequantized)")
+                                     + " (tied models share one table)",
             "calibration": {"source": CALIB_SOURCE, "sequences": n_seqs, "tokens_per_sequence": seq_len},
             "seconds": round(time.perf_counter() - t0, 1)}, indent=2))
         (tmp / ".complete").write_text("ok\n")
@@ -197,9 +207,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calib-seqs", type=int, default=CALIB_SEQS)
     ap.add_argument("--calib-len", type=int, default=CALIB_LEN)
     ap.add_argument("--alpha", type=float, default=ALPHA)
+    ap.add_argument("--lm-head", choices=["bf16", "int8"], default=recipe("w8a8").lm_head,
+                    help="the LM head's (and tied embedding's) form (default: engine.quant.W8A8_LM_HEAD)")
     args = ap.parse_args(argv)
     out = ensure_w8a8(resolve_model_dir(args.model), n_seqs=args.calib_seqs, seq_len=args.calib_len,
-                      alpha=args.alpha)
+                      alpha=args.alpha, lm_head=args.lm_head)
     print(out)
     return 0
 
