@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 
 from engine.audit import AuditReport, BlockLedger, audit_pool
-from engine.block_pool import BlockPool, KVEvent, block_hashes
+from engine.block_pool import BlockPool, KVEvent, block_hashes, chain_mismatch
 from engine.config import EngineConfig, ModelConfig
 from engine.errors import InvalidRequestError, OutOfBlocksError
 from engine.kv_cache import KVCache
@@ -260,14 +260,27 @@ class LLMEngine:
             self._detok.pop(request_id, None)
 
     # --- prefix sharing between nodes (KV-centric pulls) -------------------------------------
-    def cached_prefix_blocks(self, token_ids: list[int]) -> int:
-        """How many leading whole blocks of `token_ids` this engine has cached."""
-        return len(self.pool.match_prefix(block_hashes(token_ids, self.config.block_size), token_ids))
+    def _chain(self, token_ids: list[int], hashes: Sequence[int]) -> list[int]:
+        """The chain of `token_ids`' full blocks: `hashes` (the sender's) once they pass the
+        check of `Request.adopt_hashes`, else hashed here."""
+        bs = self.config.block_size
+        if len(hashes):
+            why = chain_mismatch(hashes, token_ids, bs)
+            if why is None:
+                return list(hashes)
+            self.refused_hashes += 1
+            log.warning("block_hashes refused (%s); hashing the prefix here", why)
+        return block_hashes(token_ids, bs)
 
-    def pin_prefix(self, token_ids: list[int]) -> list[int]:
+    def cached_prefix_blocks(self, token_ids: list[int], hashes: Sequence[int] = ()) -> int:
+        """How many leading whole blocks of `token_ids` this engine has cached (`hashes`:
+        their chain, when the sender has it)."""
+        return len(self.pool.match_prefix(self._chain(token_ids, hashes), token_ids))
+
+    def pin_prefix(self, token_ids: list[int], hashes: Sequence[int] = ()) -> list[int]:
         """Reference the cached blocks of the longest prefix of `token_ids` so a peer can read
         them without their being evicted; `unpin` them afterwards."""
-        blocks = self.pool.match_prefix(block_hashes(token_ids, self.config.block_size), token_ids)
+        blocks = self.pool.match_prefix(self._chain(token_ids, hashes), token_ids)
         self.pool.touch(blocks)
         return blocks
 
@@ -277,11 +290,14 @@ class LLMEngine:
     def allocate_blocks(self, n: int) -> list[int] | None:
         return self.pool.allocate(n)
 
-    def import_prefix(self, token_ids: list[int], first_block: int, blocks: list[int]) -> None:
+    def import_prefix(self, token_ids: list[int], first_block: int, blocks: list[int],
+                      hashes: Sequence[int] = ()) -> None:
         """`blocks` now hold the KV of whole blocks `first_block, ...` of `token_ids` (written
-        by a peer): publish them in the prefix cache and drop the allocation's references."""
+        by a peer): publish them in the prefix cache and drop the allocation's references.
+        `hashes`: the chain of `token_ids`' full blocks (or of a prefix of it), when the sender has it."""
         bs = self.config.block_size
-        hashes = block_hashes(token_ids[: (first_block + len(blocks)) * bs], bs)
+        end = first_block + len(blocks)
+        hashes = self._chain(token_ids[: end * bs], hashes[:end] if len(hashes) >= end else ())
         for i, b in enumerate(blocks):
             j = first_block + i
             self.pool.cache_block(b, hashes[j], token_ids[j * bs:(j + 1) * bs], hashes[j - 1] if j else None)

@@ -13,12 +13,7 @@ Lifecycle of one request (named after where it waits):
    next turn: the answer does not wait for the step in progress there.
 
 Cancellation (the conductor's call is cancelled) or a failed write aborts the request and
-frees its blocks; a failed write answers ABORTED naming the decode node.
-
-Block hashes: the conductor sends the chain of the prompt's full blocks it computed at
-intake (`block_hashes`); the engine takes it instead of hashing the prompt again once a cheap
-check passes (`engine.block_pool.chain_mismatch`: the count, the first and the last block),
-and hashes the prompt itself when it does not (or none came). An engine step that
+frees its blocks; a failed write answers ABORTED naming the decode node. An engine step that
 fails while the request is in it ends the call at once with INTERNAL "engine step failed: ..."
 (the worker has aborted the request and freed its blocks).
 
@@ -27,6 +22,12 @@ longer prefix), the node first pins those blocks there (`Pin`), reads them into 
 own through the transfer engine, publishes them in its prefix cache, unpins, and only then
 admits the request, which now finds the whole prefix cached. A pull that fails is reported
 in `pull_error` and the prefix is recomputed instead.
+
+Block hashes: the conductor sends the chain of the prompt's full blocks it computed at
+intake (`block_hashes`); the engine takes it instead of hashing the prompt again once a cheap
+check passes (`engine.block_pool.chain_mismatch`: the count, the first and the last block),
+and hashes the prompt itself when it does not (or none came). A pull's lookups use it too,
+here and on the holder (`PinRequest.block_hashes`), each after the same check.
 
 Request ids are the conductor's own; a `Prefill` for an id this node already runs is refused
 with ALREADY_EXISTS (and a `Pin` of an existing pin id likewise). Pins and pull buffers are
@@ -207,7 +208,7 @@ class PrefillService(node_pb2_grpc.PrefillNodeServicer):
         pull_error, pull_s = "", 0.0
         if request.HasField("pull") and request.pull.num_blocks:
             t_pull = time.monotonic()
-            pulled, pull_error = await self._pull(prompt, request.pull)
+            pulled, pull_error = await self._pull(prompt, request.pull, hashes)
             pull_s = time.monotonic() - t_pull
             if pull_error:
                 log.warning("%s: pull from %s failed, recomputing: %s", rid, request.pull.node_id, pull_error)
@@ -223,7 +224,7 @@ class PrefillService(node_pb2_grpc.PrefillNodeServicer):
             nonlocal imported
             if pulled is not None:  # in the same engine call, so nothing can evict them first
                 blocks = eng.held.take(pulled[2])
-                eng.import_prefix(prompt, pulled[0], blocks)
+                eng.import_prefix(prompt, pulled[0], blocks, hashes)
                 imported = True
             if rid in self._jobs or eng.get_request(rid) is not None:
                 return False
@@ -275,14 +276,17 @@ class PrefillService(node_pb2_grpc.PrefillNodeServicer):
             pulled_tokens=len(pulled[1]) * self.block_size if pulled else 0, pull_s=pull_s, pull_error=pull_error)
 
     # --- KV-centric pulls ---------------------------------------------------------------
-    async def _pull(self, prompt: list[int], src: node_pb2.PrefixSource
+    async def _pull(self, prompt: list[int], src: node_pb2.PrefixSource, hashes: list[int]
                     ) -> tuple[tuple[int, list[int], tuple[str, str]] | None, str]:
         """Read the prefix blocks this node lacks from `src`; returns (first block, local
-        blocks holding them, their ledger key) to import, or None and the reason."""
+        blocks holding them, their ledger key) to import, or None and the reason. `hashes`:
+        the prompt's chain from the conductor (or none), checked and reused by the lookups
+        here and on the holder."""
         bs, bb = self.block_size, self.block_bytes
         n = min(src.num_blocks, len(prompt) // bs)
         prefix = prompt[: n * bs]
-        have = await self._engine(lambda e: e.cached_prefix_blocks(prefix))
+        chain = hashes[:n] if len(hashes) >= n else []
+        have = await self._engine(lambda e: e.cached_prefix_blocks(prefix, chain))
         if have >= n:
             return None, ""
         if self.transfer is None:
@@ -293,8 +297,8 @@ class PrefillService(node_pb2_grpc.PrefillNodeServicer):
         local: list[int] | None = None
         try:
             # the holder answers between two of its engine steps: allow for a long one
-            pin = await stub.Pin(node_pb2.PinRequest(pin_id=pin_id, token_ids=prefix, lease_s=self.transfer_timeout_s),
-                                 timeout=self.transfer_timeout_s)
+            pin = await stub.Pin(node_pb2.PinRequest(pin_id=pin_id, token_ids=prefix, lease_s=self.transfer_timeout_s,
+                                                     block_hashes=chain), timeout=self.transfer_timeout_s)
             remote = list(pin.block_ids)[have:n]
             if not remote:
                 return None, f"{src.node_id} no longer caches blocks {have}..{n - 1} of the prefix"
@@ -336,11 +340,12 @@ class PrefillService(node_pb2_grpc.PrefillNodeServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this node does not serve KV reads")
         key = ("pin", request.pin_id)
         tokens = list(request.token_ids)
+        hashes = list(request.block_hashes)  # the puller's chain of them (the conductor's), checked there
 
         def pin(e: LLMEngine) -> list[int] | None:  # check and record in one engine call
             if key in e.held:
                 return None
-            got = e.pin_prefix(tokens)
+            got = e.pin_prefix(tokens, hashes)
             e.held.hold(key, got)
             return got
 

@@ -138,3 +138,59 @@ def test_the_kv_event_stream_carries_each_stored_blocks_parent(node):
         (node_pb2.KV_EVENT_STORED, i + 1, (h,), "") for i, h in enumerate(chain)]
     assert not live[0].HasField("parent_hash")  # the prompt's first block
     assert [m.parent_hash for m in live[1:]] == chain[:-1]
+
+
+class HolderStub:
+    """The holder's `Pin` / `Unpin`, called in-process instead of over gRPC."""
+
+    def __init__(self, svc: PrefillService) -> None:
+        self.svc = svc
+
+    async def Pin(self, req, timeout=None):
+        return await self.svc.Pin(req, Context())
+
+    async def Unpin(self, req, timeout=None):
+        return await self.svc.Unpin(req, Context())
+
+
+class PullTransfer(Transfer):
+    def read(self, peer, entries, timeout=None):
+        return Landed()
+
+
+def test_a_pull_checks_and_reuses_the_chain_on_the_puller_and_on_the_holder(tiny_model_dir, node, counter):
+    chain = block_hashes(PROMPT, BS)
+    worker = EngineWorker(LLMEngine(tiny_model_dir, EngineConfig(num_blocks=64, block_size=BS)), name="puller")
+    puller = PrefillService(worker, PullTransfer(), 0)
+    puller._peers[b"decode-peer"] = puller._peers[b"holder-peer"] = object()
+    puller._holder = lambda address: HolderStub(node)
+
+    def request(rid: str, hashes) -> node_pb2.PrefillRequest:
+        return node_pb2.PrefillRequest(
+            request_id=rid, prompt_token_ids=PROMPT, block_hashes=hashes,
+            sampling=sampling_to_proto(SamplingParams(max_tokens=8, temperature=0.0)),
+            target=node_pb2.KVTarget(node_id="decode-1", transfer_descriptor=b"decode-peer", region_id=7,
+                                     block_ids=list(range(7)), block_bytes=puller.block_bytes),
+            pull=node_pb2.PrefixSource(node_id="holder", address="in-process", transfer_descriptor=b"holder-peer",
+                                       num_blocks=len(chain)))
+
+    async def main() -> list[tuple[int, int, str, int]]:
+        await node.Prefill(request("h", chain), Context())  # the holder caches the prompt's 6 blocks
+        out = []
+        for rid, hashes in (("plain", ()), ("given", chain)):
+            await asyncio.get_running_loop().run_in_executor(
+                None, lambda: on_engine(puller, lambda e: e.pool.reset_prefix_cache()))
+            counter.calls = 0
+            resp = await puller.Prefill(request(rid, hashes), Context())
+            out.append((counter.calls, resp.pulled_tokens, resp.pull_error, resp.num_cached_tokens))
+        await asyncio.sleep(0.1)  # the unpins
+        return out
+
+    try:
+        plain, given = asyncio.run(main())
+    finally:
+        worker.stop()
+    # without a chain: the puller's lookup, the holder's pin, the import and the admission each
+    # hash the 6 blocks; with it, each checks it (two hashes)
+    assert plain == (4 * 6, 6 * BS, "", 6 * BS)
+    assert given == (4 * 2, 6 * BS, "", 6 * BS)

@@ -177,14 +177,16 @@ class PrefillResponse(_message.Message):
     def __init__(self, first_token: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ..., queue_s: _Optional[float] = ..., prefill_s: _Optional[float] = ..., kv_transfer_s: _Optional[float] = ..., kv_bytes: _Optional[int] = ..., pulled_tokens: _Optional[int] = ..., pull_s: _Optional[float] = ..., pull_error: _Optional[str] = ..., first_tokens: _Optional[_Iterable[int]] = ..., first_logprobs: _Optional[_Iterable[_Union[_common_pb2.TokenLogprob, _Mapping]]] = ...) -> None: ...
 
 class PinRequest(_message.Message):
-    __slots__ = ("pin_id", "token_ids", "lease_s")
+    __slots__ = ("pin_id", "token_ids", "lease_s", "block_hashes")
     PIN_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     LEASE_S_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
     pin_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     lease_s: float
-    def __init__(self, pin_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., lease_s: _Optional[float] = ...) -> None: ...
+    block_hashes: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, pin_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., lease_s: _Optional[float] = ..., block_hashes: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class PinResponse(_message.Message):
     __slots__ = ("region_id", "block_ids", "block_bytes")
