@@ -13,9 +13,11 @@ are rate x window (at least 3, at most `--requests`).
 
 Tier configurations (`--tiers`): `device` (no tiers), `host`, `host+disk`,
 `host+disk+store` (a Mooncake master and store keeper started beside the conductor; the
-decode node writes every finished turn's prompt + answer KV back to the store). The host
-pool is sized to hold about half the working set and the disk tier all of it, so each tier
-adds something.
+decode node writes every finished turn's prompt + answer KV back to the store). Sizes
+(`size_tiers`): the prefill node's device tier holds half the chat's shared system prompts
+(its hot set: every conversation starts with one of them; at least the 72 blocks a
+1024-token trace prompt needs), so `device` keeps recomputing them; the host pool holds
+all of them and about half the whole working set, the disk tier all of it.
 
 Workloads (`--workloads`):
 * `trace`: Mooncake's conversation trace through `bench.replay`, scaled as in
@@ -26,6 +28,10 @@ Workloads (`--workloads`):
   prompts shared by every conversation, each turn's prompt is the whole history (system,
   earlier user turns and the answers the cluster gave) plus a new user message. Its
   repeat fraction (prompt tokens in whole blocks an unbounded cache would hold) is reported.
+
+Rates (`--rates`, default 0.5,1,2,3 req/s): up to where `device` misses its SLOs (it
+recomputes most system prompts: ~0.5-1 s of prefill a turn on this CPU) and past it, so the
+tiers' gain shows as capacity.
 
 Rows (`--json`): per workload, tiers and rate `{"workload", "tiers", "rate_rps",
 "hit_rate", "ttft_p50_s", "ttft_p99_s", "tbt_p99_s", "goodput_rps", ...}`; per workload
@@ -69,12 +75,25 @@ class ChatWorkload:
 
 
 # --- cluster ---------------------------------------------------------------------------
+TRACE_PROMPT_BLOCKS = 72  # a 1024-token trace prompt (64 blocks) and room to decode its first token
+
+
 @dataclass(frozen=True, slots=True)
 class Sizes:
     device_blocks: int  # the prefill node's device tier
     host_blocks: int
     disk_blocks: int
     store_gb: float
+
+
+def size_tiers(wl: ChatWorkload, working_set: int, record: int, device_blocks: int | None = None) -> Sizes:
+    """The tiers for a run whose chat working set is `working_set` blocks: the device holds
+    half the system prompts (the hot set), the host pool all of them and half the working
+    set, the disk tier and the store all of it."""
+    hot = wl.systems * wl.system_tokens // BLOCK
+    return Sizes(device_blocks=device_blocks or max(TRACE_PROMPT_BLOCKS, hot // 2),
+                 host_blocks=max(hot + 16, working_set // 2), disk_blocks=2 * working_set + 512,
+                 store_gb=max(0.25, 2 * working_set * record / 2**30))
 
 
 def tier_config(name: str, sizes: Sizes, record: int, master, disk_dir: Path):
@@ -458,15 +477,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="two rates, short windows, a smaller chat workload")
     ap.add_argument("--tiers", default=",".join(TIER_SETS))
     ap.add_argument("--workloads", default="chat,trace")
-    ap.add_argument("--rates", help="comma-separated request rates (default 0.15,0.3,0.5,0.8 req/s; quick: 0.3,0.6)")
+    ap.add_argument("--rates", help="comma-separated request rates (default 0.5,1,2,3 req/s; quick: 0.8,2)")
     ap.add_argument("--requests", type=int, help="at most this many requests per rate and workload (default 60; "
                                                  "quick: 16)")
     ap.add_argument("--budget-min", type=float, help="the whole run's time budget, minutes (default 20; quick 8)")
     ap.add_argument("--window", type=float, help="arrival window per rate, seconds (default: from the budget)")
     ap.add_argument("--trace", type=Path, default=TRACE)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per node")
-    ap.add_argument("--device-blocks", type=int, help="the prefill node's device tier (default: a third of the "
-                                                        "chat working set)")
+    ap.add_argument("--device-blocks", type=int, help="the prefill node's device tier (default: half the chat's "
+                                                        "system prompts, at least 72)")
     ap.add_argument("--ttft-x", type=float, default=5.0)
     ap.add_argument("--tbt-x", type=float, default=3.0)
     ap.add_argument("--ttft-slo", type=float)
@@ -485,8 +504,8 @@ def main(argv: list[str] | None = None) -> int:
     record = record_bytes(block_bytes, BLOCK)
     wl = ChatWorkload(systems=4, system_tokens=384, turns=3, user_tokens=24, answer_tokens=16, think_s=0.5) \
         if args.quick else ChatWorkload()
-    rates = [float(x) for x in args.rates.split(",")] if args.rates else ([0.3, 0.6] if args.quick else
-                                                                          [0.15, 0.3, 0.5, 0.8])
+    rates = [float(x) for x in args.rates.split(",")] if args.rates else ([0.8, 2.0] if args.quick else
+                                                                          [0.5, 1.0, 2.0, 3.0])
     tier_sets = args.tiers.split(",")
     workloads = args.workloads.split(",")
     plan = Plan.fit(60.0 * (args.budget_min or (8.0 if args.quick else 20.0)), len(tier_sets), len(workloads),
@@ -495,9 +514,7 @@ def main(argv: list[str] | None = None) -> int:
     requests = max(plan.requests(r) for r in rates)
     # the working set of one tier set's run: the system prompts and every rate's conversations
     ws = wl.working_set_blocks(sum(plan.requests(r) // wl.turns + 1 for r in rates))
-    # (a 1024-token trace prompt needs 65 device blocks)
-    sizes = Sizes(device_blocks=args.device_blocks or max(72, ws // 3), host_blocks=max(32, ws // 2),
-                  disk_blocks=2 * ws + 512, store_gb=max(0.25, 2 * ws * record / 2**30))
+    sizes = size_tiers(wl, ws, record, args.device_blocks)
     work = Path(tempfile.mkdtemp(prefix="halfmoon-bench-tiers-"))
     longest = plan.estimate_s(len(tier_sets), len(workloads), len(rates), micro=not args.skip_micro)
     rows: list[dict] = [{"config": {"sizes": asdict(sizes), "chat": asdict(wl), "rates": rates,

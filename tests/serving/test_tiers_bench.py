@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.tiers import ChatWorkload, Record, Sizes, capacity, chat_row, tier_config
+from bench.tiers import ChatWorkload, Record, Sizes, capacity, chat_row, size_tiers, tier_config
 
 
 class Master:
@@ -51,6 +51,15 @@ def test_capacity_is_the_highest_rate_meeting_the_slos_for_90_percent():
 def test_chat_working_set_counts_every_conversation_and_the_system_prompts():
     wl = ChatWorkload(systems=2, system_tokens=160, turns=2, user_tokens=8, answer_tokens=8)
     assert wl.working_set_blocks(10) == (2 * 160 + 10 * 2 * 16) // 16
+
+
+def test_the_device_tier_is_sized_below_the_shared_system_prompts():
+    wl = ChatWorkload()  # 6 x 384-token system prompts: 144 blocks every conversation starts from
+    s = size_tiers(wl, 600, 1 << 20)
+    assert (s.device_blocks, s.host_blocks, s.disk_blocks) == (72, 300, 1712)
+    assert size_tiers(wl, 100, 1 << 20).host_blocks == 160  # the host pool holds every system prompt
+    assert size_tiers(ChatWorkload(systems=12), 600, 1 << 20).device_blocks == 144  # half of 288
+    assert size_tiers(wl, 600, 1 << 20, device_blocks=90).device_blocks == 90
 
 
 def test_the_benchmark_parses_its_flags_and_documents_its_rows(capsys):
