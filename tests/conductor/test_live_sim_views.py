@@ -18,6 +18,7 @@ ones from 0: the events and heartbeats carry the node's number, one more than th
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 from collections import defaultdict
 from dataclasses import asdict, replace
@@ -67,7 +68,8 @@ def run_sim(policy: str) -> tuple[list[tuple], SimConfig]:
 
         def recorded(*args, _name=name, _orig=orig, **kwargs):
             out = _orig(*args, **kwargs)
-            calls.append((_name, sim.now, args, kwargs, snapshot(sim.state, lambda rid: rid)))
+            named = inspect.signature(_orig).bind(*args, **kwargs).arguments  # by name, however it was passed
+            calls.append((_name, sim.now, args, named, snapshot(sim.state, lambda rid: rid)))
             return out
 
         setattr(sim.state, name, recorded)
