@@ -58,13 +58,15 @@ def chain_mismatch(hashes: Sequence[int], token_ids: Sequence[int], block_size: 
     same hash function and seed) and the last the hash of the last block under its claimed
     parent (the prompt's tail, where two prompts of one length usually differ; a wrong
     parent fails it too). The blocks between are taken on trust. That is the choice: the
-    chain comes only from the conductor (the nodes' control port), which computes it from
-    the very token list it sends, so the failures to expect are a conductor of another
-    block size or hash version, or a chain sent with the wrong request, and these fail the
-    check; a chain that fails is dropped and the node hashes the prompt itself (slower,
-    not wrong). A chain forged in its middle would pass and could serve or publish KV under
-    wrong keys; hashing every block again to rule that out would cost what sending the
-    chain saves."""
+    chain comes from the node's caller, the conductor, which computes it from the very
+    token list it sends, so the failures to expect are a conductor of another block size or
+    hash version, or a chain sent with the wrong request, and these fail the check; a chain
+    that fails is dropped and the node hashes the prompt itself (slower, not wrong). A chain
+    forged in its middle would pass and could serve or publish KV under wrong keys; hashing
+    every block again to rule that out would cost what sending the chain saves. A node's
+    gRPC port already trusts its caller that far (the KV targets it writes and the pull
+    sources it reads from could plant wrong KV too), so it must be reachable by the
+    conductor alone (loopback by default)."""
     n = len(token_ids) // block_size
     if len(hashes) != n:
         return f"{len(hashes)} hashes for {n} full blocks of {block_size} tokens"
