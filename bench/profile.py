@@ -174,9 +174,10 @@ def measure_tier_loads(engine, tiers, blocks: int, *, rounds: int = 3, cold_disk
     return out
 
 
-def _profile_tiers(eng, blocks: int, tier_dir: Path | None, con) -> list:
-    """Attach host, disk and (where Mooncake Store loads) cluster tiers to `eng`, measure,
-    detach; the cluster store is a `mooncake_master` started on loopback for the run."""
+def profile_tiers(eng, blocks: int, tier_dir: Path | None, say=print) -> list:
+    """Attach host, disk and (where Mooncake Store loads) cluster tiers to `eng`, measure
+    (`measure_tier_loads`), detach; the cluster store is a `mooncake_master` started on
+    loopback for the run; `say` gets why the cluster tier was not measured, if it was not."""
     from engine.tiers import TierConfig, TierManager
     from engine.tiers.mooncake_store import MooncakeMaster, MooncakeStoreBackend, store_unavailable_reason
     from engine.tiers.record import record_bytes
@@ -210,7 +211,7 @@ def _profile_tiers(eng, blocks: int, tier_dir: Path | None, con) -> list:
         if master is not None:
             master.stop()
     if reason is not None:
-        con.print(f"cluster tier not measured: {reason} (the cost model scores its hits as misses)")
+        say(f"cluster tier not measured: {reason} (the cost model scores its hits as misses)")
     return timings
 
 
@@ -246,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
                                              num_threads=args.threads), progress=True)
     con = Console()
     tier_blocks = args.tier_blocks if args.tier_blocks is not None else (16 if args.quick else 64)
-    timings = _profile_tiers(eng, tier_blocks, args.tier_dir, con) if tier_blocks > 0 else []
+    timings = profile_tiers(eng, tier_blocks, args.tier_dir, con.print) if tier_blocks > 0 else []
     with Progress(console=con) as prog:
         t1 = prog.add_task("prefill", total=len(lengths) * 3)
         t2 = prog.add_task("decode", total=len(batches) * len(contexts))

@@ -349,86 +349,37 @@ def unloaded(address: str, prompt_tokens: int, output_tokens: int, n: int = 3) -
 
 def micro(model: str, blocks: int, work: Path) -> dict:
     """Per-tier load bandwidth of this machine against memcpy, and a host-tier block's load
-    against recomputing its tokens (the real model, in this process)."""
-    import numpy as np
+    against recomputing its tokens (the real model, in this process). The tiers are timed
+    as `halfmoon profile` times them (`bench.profile.measure_tier_loads`: through the tier
+    manager's promotion and prefetch paths, checksums checked, disk with a cold page cache)."""
     import torch
 
+    from bench.profile import profile_tiers
     from engine.config import EngineConfig
     from engine.engine import LLMEngine
     from engine.sampling import SamplingParams
-    from engine.tiers import FakeStore, TierConfig, TierManager
-    from engine.tiers.mooncake_store import MooncakeMaster, MooncakeStoreBackend, store_unavailable_reason
 
     eng = LLMEngine(model, EngineConfig(num_blocks=blocks + 8))
     bb = eng.kv.block_bytes
-    rng = torch.Generator().manual_seed(0)
-    eng.kv.tensor.copy_(torch.randn(eng.kv.tensor.shape, generator=rng, dtype=torch.float32).to(eng.kv.tensor.dtype))
     out: dict = {"block_bytes": bb, "blocks": blocks}
-
-    def gbps(nbytes: float, seconds: float) -> float:
-        return nbytes / seconds / 1e9
-
-    src, dst = eng.kv.tensor[:blocks].clone(), eng.kv.tensor[:blocks].clone()
+    rng = torch.Generator().manual_seed(0)
+    src = torch.randint(0, 256, (blocks, bb), generator=rng, dtype=torch.uint8)
+    dst = src.clone()
     t0 = time.perf_counter()
     for _ in range(3):  # the same bytes as the tiers move, one block at a time, between touched pages
         for i in range(blocks):
             ctypes.memmove(dst[i].data_ptr(), src[i].data_ptr(), bb)
-    out["memcpy_gbps"] = gbps(3 * blocks * bb, time.perf_counter() - t0)
-
-    master = None
-    store = FakeStore()
-    connect = lambda: store  # noqa: E731
-    if store_unavailable_reason() is None:
-        from cluster.specs import free_port
-
-        master = MooncakeMaster(free_port(), free_port(), free_port(), keeper_gb=max(0.25, 2 * blocks * bb / 2**30),
-                                log_path=work / "micro_master.log").start()
-        connect = lambda: MooncakeStoreBackend.connect(local_host="127.0.0.1", master=master.address,  # noqa: E731
-                                                       metadata=master.metadata_url, segment_bytes=0)
-    out["store_backend"] = "mooncake" if master is not None else "fake (Mooncake Store does not load here)"
-    rb = None
-    try:
-        tiers = TierManager.attach(eng, TierConfig(host_gib=2 * blocks * (bb + 4096) / 2**30,
-                                                   disk_gib=2 * blocks * (bb + 4096) / 2**30,
-                                                   disk_dir=str(work / "micro-disk"), store=True), store=connect)
-        rb = tiers.record_bytes
-        hashes = list(range(1, blocks + 1))
-        toks = [(h,) * BLOCK for h in hashes]
-        for b, (h, t) in enumerate(zip(hashes, toks)):  # device -> host (and the store's put)
-            tiers._copy_down(b, h, t)
-        assert tiers.flush(120)
-        slots = [tiers.host.pin(h) for h in hashes]
-        t0 = time.perf_counter()
-        for b, s in enumerate(slots):  # host -> device: the promotion copy `fill` makes
-            tiers._copy(tiers._device(b), tiers._payload(s))
-        host_s = time.perf_counter() - t0
-        for s in slots:
-            tiers.host.unpin(s)
-        out["host_to_device_gbps"] = gbps(blocks * bb, host_s)
-        out["host_block_load_s"] = host_s / blocks
-        tiers.spill_host()
-        assert tiers.flush(120)
-        buf = np.empty(rb, dtype=np.uint8)
-        t0 = time.perf_counter()
-        for h, t in zip(hashes, toks):  # disk -> host, checksum checked (page cache warm)
-            assert tiers.disk.read_into(h, t, buf) is None
-        out["disk_to_host_gbps"] = gbps(blocks * rb, time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        region = np.empty((blocks, rb), dtype=np.uint8)
-        ok = 0
-        if tiers.cluster is not None and tiers.cluster.backend() is not None:
-            tiers.cluster.backend().register(region.ctypes.data, region.nbytes)
-            t0 = time.perf_counter()
-            for i, h in enumerate(hashes):  # store -> host, one block a call
-                ok += tiers.cluster.get_into([h], [region.ctypes.data + i * rb], rb)[0]
-            out["store_to_host_gbps"] = gbps(ok * rb, time.perf_counter() - t0)
-            out["store_blocks_read"] = ok
-        tiers.close()
-    finally:
-        if master is not None:
-            master.stop()
+    out["memcpy_gbps"] = 3 * blocks * bb / (time.perf_counter() - t0) / 1e9
+    notes: list[str] = []
+    timings = {t.tier: t for t in profile_tiers(eng, blocks, work, notes.append)}
+    out["host_to_device_gbps"] = timings["host"].bytes_per_s / 1e9
+    out["host_block_load_s"] = timings["host"].seconds_per_block
+    out["disk_to_host_gbps"] = timings["disk"].bytes_per_s / 1e9
+    out["store_backend"] = "mooncake" if "cluster" in timings else "; ".join(notes)
+    if "cluster" in timings:
+        out["store_to_host_gbps"] = timings["cluster"].bytes_per_s / 1e9
+        out["store_blocks_read"] = timings["cluster"].blocks
     # recompute: prefill a long prompt with no cache hit, per 16-token block
-    eng.tiers = None  # closed above: the pool is detached already
     prompt = list(range(1000, 1000 + 32 * BLOCK))
     eng.generate([prompt[:64]], SamplingParams(max_tokens=1))  # warm-up
     eng.pool.reset_prefix_cache()

@@ -121,3 +121,18 @@ def test_a_chat_cell_ends_at_its_deadline_and_counts_what_was_cut_as_failed():
     assert took < 10.0  # not the 30 s request timeout, nor the server's 60 s
     assert window == 0.5 and recs and all(r.outcome == "failed" and r.ttft_s is None for r in recs)
     assert chat_row(recs, window, (1.0, 0.1))["failed"] == len(recs)
+
+
+@pytest.mark.slow
+def test_the_micro_benchmark_times_every_tier_as_the_profile_does(tiny_model_dir, tmp_path):
+    from bench.tiers import micro
+    from engine.tiers.mooncake_store import store_unavailable_reason
+
+    m = micro(str(tiny_model_dir), 32, tmp_path)
+    assert m["blocks"] == 32 and m["memcpy_gbps"] > 0 and m["disk_to_host_gbps"] > 0
+    assert m["host_to_device_gbps"] == pytest.approx(m["block_bytes"] / m["host_block_load_s"] / 1e9)
+    assert m["recompute_over_host_load"] == pytest.approx(m["recompute_block_s"] / m["host_block_load_s"])
+    if store_unavailable_reason() is None:
+        assert m["store_backend"] == "mooncake" and m["store_blocks_read"] == 32
+    else:
+        assert "not measured" in m["store_backend"] and "store_to_host_gbps" not in m
