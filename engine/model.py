@@ -221,8 +221,10 @@ def _fused_linear(ck, a: torch.Tensor, lin: QLinear, skinny: bool) -> torch.Tens
         return ck.int8_linear(a, lin.weight, lin.scale, lin.row_sums)
     if lin.form == "fp8":
         return ck.fp8_linear(a, lin.weight.view(torch.uint8), lin.scale)
-    if lin.form == "fp8b":  # no C++ kernel yet (engine/quant.py FP8_LINEAR)
-        return lin.reference(a)
+    if lin.form == "fp8b":
+        if lin.w_group % 32:
+            return lin.reference(a)
+        return ck.fp8b_linear(a, lin.weight.view(torch.uint8), lin.scale)
     return ck.bf16_linear(a, lin.weight)
 
 

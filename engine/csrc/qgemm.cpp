@@ -282,6 +282,37 @@ struct E4M3Upcast {
   }
 };
 
+// fp8b rows (E4M3 codes, a scale per `gs` input columns, gs % 32 == 0; G = K / gs scales a row)
+// against MR token rows of bfloat16 bits: each group's fp32 sum of exact products is scaled by
+// its weight scale and summed in fp32 lanes.
+template <int NR, int MR>
+inline void fp8b_tile(const uint16_t* const xs[MR], const uint8_t* w0, const float* s0, int64_t K, int64_t gs,
+                      float out[MR][NR], const E4M3Upcast& up) {
+  const int64_t G = K / gs;
+  __m512 acc[MR][NR];
+  for (int m = 0; m < MR; ++m)
+    for (int n = 0; n < NR; ++n) acc[m][n] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m512 gacc[MR][NR];
+    for (int m = 0; m < MR; ++m)
+      for (int n = 0; n < NR; ++n) gacc[m][n] = _mm512_setzero_ps();
+    for (int64_t k = g * gs; k < (g + 1) * gs; k += 32) {
+      __m512i wv[NR];
+      for (int n = 0; n < NR; ++n) wv[n] = up(w0 + n * K + k);
+      for (int m = 0; m < MR; ++m) {
+        const __m512bh xv = (__m512bh)_mm512_loadu_si512(xs[m] + k);
+        for (int n = 0; n < NR; ++n) gacc[m][n] = _mm512_dpbf16_ps(gacc[m][n], xv, (__m512bh)wv[n]);
+      }
+    }
+    for (int n = 0; n < NR; ++n) {
+      const __m512 sv = _mm512_set1_ps(s0[n * G + g]);
+      for (int m = 0; m < MR; ++m) acc[m][n] = _mm512_fmadd_ps(gacc[m][n], sv, acc[m][n]);
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int n = 0; n < NR; ++n) out[m][n] = _mm512_reduce_add_ps(acc[m][n]);
+}
+
 #endif  // HM_AVX512
 
 }  // namespace
@@ -446,6 +477,44 @@ torch::Tensor fp8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor ws) {
   return out;
 #else
   TORCH_CHECK(false, "fp8_linear needs AVX-512 BF16");
+  return torch::Tensor();
+#endif
+}
+
+// x [M, K] float32 (rounded to bfloat16) @ (w [N, K] E4M3 codes (uint8) * ws [N, K / gs] per
+// group of gs input columns)^T -> [M, N] float32 (any M; gs % 32 == 0): the "fp8b" form.
+torch::Tensor fp8b_linear(torch::Tensor x, torch::Tensor w, torch::Tensor ws) {
+  check_x(x, w, torch::kUInt8, "uint8 (E4M3 codes)");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  TORCH_CHECK(ws.dim() == 2 && ws.size(0) == N && ws.size(1) > 0 && K % ws.size(1) == 0 &&
+                  (K / ws.size(1)) % 32 == 0 && ws.scalar_type() == torch::kFloat32 && ws.is_contiguous(),
+              "ws must be contiguous float32 [N, K / group] with group a multiple of 32");
+#ifdef HM_AVX512
+  const int64_t G = ws.size(1), gs = K / G;
+  std::vector<uint16_t> xb(static_cast<size_t>(M * K));
+  const float* xp = x.data_ptr<float>();
+  for (int64_t i = 0; i < M * K; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(xb.data() + i),
+                        (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(xp + i)));
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const float* wsp = ws.data_ptr<float>();
+  const E4M3Upcast up;
+  auto out = torch::empty({M, N}, x.options());
+  float* op = out.data_ptr<float>();
+  skinny_drive<float>(M, N, K, [&](int64_t n0, int nr, int64_t m0, int mr, float (*vals)[4]) {
+    dispatch_tile(nr, mr, [&](auto nr_c, auto mr_c) {
+      constexpr int NR = decltype(nr_c)::value, MR = decltype(mr_c)::value;
+      const uint16_t* xr[MR];
+      for (int i = 0; i < MR; ++i) xr[i] = xb.data() + (m0 + i) * K;
+      float o[MR][NR];
+      fp8b_tile<NR, MR>(xr, wp + n0 * K, wsp + n0 * G, K, gs, o, up);
+      for (int i = 0; i < MR; ++i)
+        for (int j = 0; j < NR; ++j) vals[i][j] = o[i][j];
+    });
+  }, [&](int64_t m, int64_t n, float v) { op[m * N + n] = v; });
+  return out;
+#else
+  TORCH_CHECK(false, "fp8b_linear needs AVX-512 BF16");
   return torch::Tensor();
 #endif
 }
