@@ -152,6 +152,7 @@ async def _serve_role(spec: NodeSpec, stop: asyncio.Event) -> str | None:
     channel = grpc.aio.insecure_channel(spec.conductor, options=RECONNECT_OPTIONS)
     control = node_pb2_grpc.ConductorControlStub(channel)
     seen = (0, 0)
+    refused = 0  # the engine's block-hash chains refused, as far as the metric has them
     gpu_index = gpu_stats.device_index(engine.kv.tensor.device)  # None on CPU: no GPU stats
     lost = False  # the last heartbeat got no answer
     switch_to: str | None = None
@@ -163,6 +164,9 @@ async def _serve_role(spec: NodeSpec, stop: asyncio.Event) -> str | None:
                              kv_blocks_used=st.num_blocks_total - st.num_blocks_free, kv_blocks_free=st.num_blocks_free)
             metrics.observe_prefix_lookup(st.prefix_queries_tokens - seen[0], st.prefix_hits_tokens - seen[1])
             seen = (st.prefix_queries_tokens, st.prefix_hits_tokens)
+            now_refused = engine.refused_hashes  # (read once: the engine thread may count one meanwhile)
+            metrics.observe_hashes_refused(now_refused - refused)
+            refused = now_refused
             tier_stats = engine.tiers.stats() if engine.tiers is not None else None
             if tier_stats is not None:
                 metrics.observe_tiers(tier_stats)

@@ -161,6 +161,13 @@ RECOMPUTED_PREFILLS = MetricSpec(
 KV_LEASE_EXPIRED = MetricSpec(
     "halfmoon:kv_lease_expired_blocks_total", _C, "Reserved KV blocks freed because their lease ran out.", _NODE,
 )
+BLOCK_HASHES_REFUSED = MetricSpec(
+    "halfmoon:block_hashes_refused_total",
+    _C,
+    "Block-hash chains sent with requests (the conductor's, of the prompt) that failed the node's check: "
+    "the node hashed the prompt itself (a conductor of another block size or hash version).",
+    _NODE,
+)
 KV_BLOCKS_RECLAIMED = MetricSpec(
     "halfmoon:kv_blocks_reclaimed_total",
     _C,
@@ -215,7 +222,7 @@ CONDUCTOR_METRICS = (
 NODE_METRICS = (
     REQUESTS_RUNNING, REQUESTS_WAITING, KV_BLOCKS_USED, KV_BLOCKS_FREE, PREFIX_CACHE_QUERIES,
     PREFIX_CACHE_HITS, KV_TRANSFER_BYTES, KV_TRANSFER_SECONDS, KV_TRANSFER_FAILURES,
-    RECOMPUTED_PREFILLS, KV_LEASE_EXPIRED, KV_BLOCKS_RECLAIMED,
+    RECOMPUTED_PREFILLS, KV_LEASE_EXPIRED, KV_BLOCKS_RECLAIMED, BLOCK_HASHES_REFUSED,
 )
 TIER_METRICS = (  # node metrics with a tier (or src/dst) label; NodeMetrics records them
     KV_TIER_HITS, KV_TIER_MOVED, KV_TIER_LOAD, KV_TIER_USED, KV_TIER_CAPACITY, KV_STORE_PUT_FAILURES,
@@ -437,6 +444,11 @@ class NodeMetrics:
         if blocks < 0:
             raise ValueError(f"blocks must be >= 0, got {blocks}")
         self._series[KV_BLOCKS_RECLAIMED.name].inc(blocks)
+
+    def observe_hashes_refused(self, chains: int) -> None:
+        if chains < 0:
+            raise ValueError(f"chains must be >= 0, got {chains}")
+        self._series[BLOCK_HASHES_REFUSED.name].inc(chains)
 
     def _tier_series(self, spec: MetricSpec, *extra: str):
         self._tier_labels.add((spec.name, extra))

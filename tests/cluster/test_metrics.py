@@ -143,7 +143,9 @@ def test_node_metrics_record_load_cache_and_transfers():
     node.observe_kv_transfer_failed()
     node.observe_recomputed_prefill()
     node.observe_lease_expired(blocks=5)
+    node.observe_hashes_refused(2)
     assert value(registry, "halfmoon:num_requests_running", **labels) == 3
+    assert value(registry, "halfmoon:block_hashes_refused_total", **labels) == 2
     assert value(registry, "halfmoon:kv_blocks_free", **labels) == 60
     assert value(registry, "halfmoon:prefix_cache_hits_total", **labels) == 48
     assert value(registry, "halfmoon:prefix_cache_queries_total", **labels) == 64

@@ -47,3 +47,44 @@ def test_a_chat_request_hashes_each_block_once_across_conductor_prefill_and_deco
             assert counter.calls == n + 2 + 2 + answer_blocks, (turn, prompt)
             if turn:
                 assert res.final.usage.cached_tokens == (prompt - 1) // BS * BS  # the last token is always computed
+
+
+def test_a_refused_chain_is_counted_in_the_nodes_metrics(tiny_model_dir, in_process_cluster):
+    """A chain that fails a node's check (here: of another block size, as a mismatched
+    conductor would send) is dropped, the answer is unchanged, and the node's
+    `halfmoon:block_hashes_refused_total` says so at its next heartbeat."""
+    import time
+    import urllib.request
+
+    import grpc
+
+    from engine.block_pool import block_hashes
+    from proto.convert import sampling_to_proto
+    from proto.halfmoon.v1 import node_pb2, node_pb2_grpc
+
+    cluster = in_process_cluster(1, 1, settings=SETTINGS, model=str(tiny_model_dir), max_model_len=1024)
+    prompt = list(range(500, 500 + 5 * BS + 3))
+    params = sampling_to_proto(SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))
+    with Client(cluster.address) as c:
+        dec = next(n for n in c.status().nodes if n.role == "decode")
+
+    def refused() -> float:
+        text = urllib.request.urlopen(f"http://{dec.metrics_address}/metrics", timeout=10).read().decode()
+        line = next((ln for ln in text.splitlines() if ln.startswith("halfmoon:block_hashes_refused_total{")), None)
+        return float(line.rsplit(" ", 1)[1]) if line else 0.0
+
+    with grpc.insecure_channel(dec.address) as ch:
+        stub = node_pb2_grpc.DecodeNodeStub(ch)
+
+        def decode(rid: str, hashes) -> list[int]:
+            req = node_pb2.DecodeRequest(request_id=rid, prompt_token_ids=prompt, sampling=params, recompute=True,
+                                         block_hashes=hashes)
+            return [t for out in stub.Decode(req, timeout=60) for t in out.delta.token_ids]
+
+        assert refused() == 0
+        want = decode("right", block_hashes(prompt, BS))
+        assert decode("wrong", block_hashes(prompt, 2 * BS)) == want
+    deadline = time.monotonic() + 10
+    while refused() < 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert refused() == 1
