@@ -254,6 +254,113 @@ def run(dtypes: list[str], windows: list[list[int]], questions: list[dict], thre
                         "mmlu_per_question_all_dtypes": round(t_mmlu / max(1, len(questions)), 3)}}
 
 
+# --- why fp8 misses its target: fake-quantized variants of the float32 model -----------------
+
+LINEARS = ("qkv", "o", "gate_up", "down")
+
+
+def e4m3_weights(w: torch.Tensor, group: int = 0, rows: int = 1) -> torch.Tensor:
+    """`w` [N, K] rounded to E4M3 (as `engine.quant.quantize_fp8_rows`) with one absmax scale
+    per `rows` x `group` block (group 0: the whole row), back in float32."""
+    from engine.quant import FP8_MAX
+
+    N, K = w.shape
+    g = group if group and K % group == 0 else K
+    r = rows if N % rows == 0 else 1
+    b = w.reshape(N // r, r, K // g, g)
+    s = b.abs().amax(dim=(1, 3), keepdim=True) / FP8_MAX
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    return ((b / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float() * s).reshape(N, K)
+
+
+def significand_round(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """`w` with its significand rounded to `bits` bits after the binary point and the exponent
+    unlimited: E4M3's rounding (bits = 3) without its range, its scales or subnormals."""
+    m, e = torch.frexp(w)
+    f = 2.0 ** (bits + 1)
+    return torch.ldexp(torch.round(m * f) / f, e)
+
+
+def int8_weights(w: torch.Tensor) -> torch.Tensor:
+    from engine.quant import QLinear
+
+    return QLinear.make("int8", w).dequantized()
+
+
+def _act_e4m3(a: torch.Tensor) -> torch.Tensor:
+    from engine.quant import quantize_fp8_rows
+
+    q, s = quantize_fp8_rows(a)
+    return q.float() * s.unsqueeze(1)
+
+
+ACTIVATIONS = {"fp32": None, "bf16": lambda a: a.to(torch.bfloat16).float(), "e4m3": _act_e4m3}
+
+# (label, how the layer linears' weights are rounded (None: fp32), which linears, activations)
+FP8_STUDY = [
+    ("fp8 today: E4M3 W per row x E4M3 A per token", e4m3_weights, LINEARS, "e4m3"),
+    ("E4M3 W per row, fp32 A", e4m3_weights, LINEARS, "fp32"),
+    ("E4M3 W per row, bf16 A", e4m3_weights, LINEARS, "bf16"),
+    ("E4M3 W per row and 64 columns, bf16 A", lambda w: e4m3_weights(w, 64), LINEARS, "bf16"),
+    ("E4M3 W per 64 x 64 block, bf16 A", lambda w: e4m3_weights(w, 64, 64), LINEARS, "bf16"),
+    ("E4M3 W per row and 32 columns (fp8b), bf16 A", lambda w: e4m3_weights(w, 32), LINEARS, "bf16"),
+    ("fp32 W, E4M3 A per token", None, LINEARS, "e4m3"),
+    ("3-bit significand W (E4M3 rounding, no range limit), fp32 A", lambda w: significand_round(w, 3), LINEARS, "fp32"),
+    ("4-bit significand W, fp32 A", lambda w: significand_round(w, 4), LINEARS, "fp32"),
+    ("5-bit significand W, fp32 A", lambda w: significand_round(w, 5), LINEARS, "fp32"),
+    ("int8 W per row (no smoothing), fp32 A", int8_weights, LINEARS, "fp32"),
+    *[(f"E4M3 W per row in {n} only, fp32 A", e4m3_weights, (n,), "fp32") for n in LINEARS],
+]
+
+
+def fp8_study(windows: list[list[int]], threads: int, log=print, model: str | Path | None = None,
+              study=FP8_STUDY) -> dict:
+    """Each variant of `study` on the float32 model: its layer linears' weights rounded and put
+    back in float32, their inputs rounded in place by the calibration hook (`LlamaModel.observer`,
+    which sees the tensor each linear then reads), the LM head in bfloat16 as fp8's recipe has it;
+    top-1 agreement and KL against the float32 model, and the weights' relative RMS error."""
+    from dataclasses import replace
+
+    from engine.config import EngineConfig
+    from engine.engine import LLMEngine
+    from engine.loader import DEFAULT_MODEL
+    from engine.quant import QLinear
+
+    torch.set_num_threads(threads)
+    eng = LLMEngine(model or DEFAULT_MODEL, EngineConfig(num_blocks=256, dtype="float32"))
+    m = eng.runner.model
+    layers, head = list(m.layers), m.lm_head
+    refs = [forward_logits(eng, [w], all_rows=True)[0] for w in windows]
+    rows = []
+    for label, wfn, which, act in study:
+        t0 = time.perf_counter()
+        err = ref = 0.0
+        new = []
+        for layer in layers:
+            rep = {}
+            for n in which if wfn is not None else ():
+                w = getattr(layer, n).weight
+                q = wfn(w)
+                err += float((q - w).double().pow(2).sum())
+                ref += float(w.double().pow(2).sum())
+                rep[n] = QLinear.make("f32", q)
+            new.append(replace(layer, **rep))
+        fn = ACTIVATIONS[act]
+        m.layers, m.lm_head = new, QLinear.make("bf16", head.weight)
+        m.observer = None if fn is None else (lambda li, name, a, fn=fn: a.copy_(fn(a)))
+        try:
+            s = TextScore()
+            for w, r in zip(windows, refs):
+                s.add(r, forward_logits(eng, [w], all_rows=True)[0], w)
+        finally:
+            m.layers, m.lm_head, m.observer = layers, head, None
+        rows.append({"variant": label, "top1_agreement": s.agree / s.positions, "kl_mean": s.kl_sum / s.positions,
+                     "weight_rel_rms_error": math.sqrt(err / ref) if ref else 0.0, "positions": s.positions})
+        log(f"{label}: top-1 {rows[-1]['top1_agreement']:.4f}, KL {rows[-1]['kl_mean']:.5f} "
+            f"({time.perf_counter() - t0:.0f} s)")
+    return {"rows": rows}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="halfmoon bench quality", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -266,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mmlu", type=int, default=500,
                     help="MMLU questions (an evenly spaced subset; 0: all 14,042; -1: none)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--study", choices=["fp8"],
+                    help="instead: fp8's fake-quantized variants on the text windows (fp8_study; no MMLU)")
     args = ap.parse_args(argv)
 
     from rich.console import Console
@@ -279,6 +388,8 @@ def main(argv: list[str] | None = None) -> int:
     text = args.text.read_text(errors="replace") if args.text else fortunes_text()
     windows = text_windows(tok.encode(text), args.windows, args.window)
     questions = mmlu_questions(args.mmlu) if args.mmlu >= 0 else []
+    if args.study:
+        return _print_study(console, Table, args, fp8_study(windows, args.threads, log=console.print))
     console.print(f"{len(windows)} x {args.window} tokens of {args.text or 'Debian fortunes'}; "
                   f"{len(questions)} MMLU questions")
     result = run(args.dtypes.split(","), windows, questions, args.threads, log=console.print)
@@ -297,6 +408,23 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps({**result, "settings": {
             "text": str(args.text or FORTUNES), "windows": args.windows, "window": args.window,
             "mmlu_questions": len(questions), "threads": args.threads}}, indent=2))
+        console.print(f"wrote {args.json}")
+    return 0
+
+
+def _print_study(console, Table, args, result: dict) -> int:
+    table = Table(title=f"fp8 variants vs float32, {args.windows} x {args.window} tokens (LM head bf16 in all)")
+    for col in ("variant", "top-1 agree", "KL mean", "W rel. RMS err"):
+        table.add_column(col, justify="left" if col == "variant" else "right")
+    for r in result["rows"]:
+        table.add_row(r["variant"], f"{r['top1_agreement']:.4f}", f"{r['kl_mean']:.5f}",
+                      f"{r['weight_rel_rms_error']:.4f}")
+    console.print(table)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({**result, "settings": {
+            "study": args.study, "text": str(args.text or FORTUNES), "windows": args.windows, "window": args.window,
+            "threads": args.threads}}, indent=2))
         console.print(f"wrote {args.json}")
     return 0
 

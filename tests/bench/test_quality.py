@@ -3,6 +3,7 @@ variants load beside their dtype and score apart from it, MMLU answers are paire
 from __future__ import annotations
 
 import pytest
+import torch
 
 from bench import quality
 
@@ -42,3 +43,29 @@ def test_run_scores_dtypes_and_variants_against_float32(tiny_model_dir, tmp_path
     vocab, hidden = 49152, 64
     assert res["weight_mb"]["w8a8"] - res["weight_mb"]["w8a8:lm_head=int8"] == pytest.approx(
         (vocab * hidden - vocab * 4) / 1e6, abs=0.15)
+
+
+def test_e4m3_weights_and_significand_rounding():
+    from engine.quant import QLinear
+
+    w = torch.randn(16, 128, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(quality.e4m3_weights(w), QLinear.make("fp8", w).dequantized())
+    assert torch.equal(quality.e4m3_weights(w, 32), QLinear.make("fp8b", w).dequantized())
+    # in E4M3's normal range and at scale 1, its rounding is the 3-bit significand's
+    x = torch.rand(4096, generator=torch.Generator().manual_seed(4)) * 400 + 0.02
+    assert torch.equal(x.to(torch.float8_e4m3fn).float(), quality.significand_round(x, 3))
+    assert torch.equal(quality.significand_round(torch.tensor([1.0625, 1.1875, 3.0]), 3), torch.tensor([1.0, 1.25, 3.0]))
+
+
+def test_fp8_study_scores_each_variant(tiny_model_dir):
+    windows = [list(range(300 + 7 * i, 364 + 7 * i)) for i in range(2)]
+    study = [("fp32 W", lambda w: w, quality.LINEARS, "fp32"),
+             ("E4M3 W, E4M3 A", quality.e4m3_weights, quality.LINEARS, "e4m3"),
+             ("E4M3 W in down only", quality.e4m3_weights, ("down",), "fp32")]
+    rows = {r["variant"]: r for r in quality.fp8_study(windows, 1, log=lambda *_: None, model=tiny_model_dir,
+                                                        study=study)["rows"]}
+    assert rows["fp32 W"]["weight_rel_rms_error"] == 0.0 and rows["fp32 W"]["positions"] == 128
+    assert 0.01 < rows["E4M3 W, E4M3 A"]["weight_rel_rms_error"] < 0.05  # E4M3: ~2.6% RMS for smooth weights
+    assert 0.01 < rows["E4M3 W in down only"]["weight_rel_rms_error"] < 0.05
+    kl = {k: r["kl_mean"] for k, r in rows.items()}
+    assert kl["fp32 W"] < kl["E4M3 W in down only"] < kl["E4M3 W, E4M3 A"], kl  # (fp32 W: the bf16 head alone)
