@@ -220,14 +220,18 @@ class Policy(ABC):
         cached_blocks: int,
         pull_from: NodeId | None = None,
         pulled_blocks: int = 0,
+        tiers: LowerTiers | None = None,
     ) -> PrefillChoice:
         """The choice of `node`; without a pull, the node's lower-tier run after its
-        `cached_blocks` counts as reused (`reused_tokens`) at its load time (in `load_s`)."""
+        `cached_blocks` counts as reused (`reused_tokens`) at its load time (in `load_s`).
+        `tiers`: the decision's `LowerTiers`, when the caller made one already."""
         n = request.input_tokens
         costs = self.costs
         tier_blocks, tier_s = 0, 0.0
         if pull_from is None:
-            tier_blocks, tier_s = LowerTiers(view, request, costs).run(node.node_id, cached_blocks)
+            if tiers is None:
+                tiers = LowerTiers(view, request, costs)
+            tier_blocks, tier_s = tiers.run(node.node_id, cached_blocks)
         local = _reusable(cached_blocks, view.block_tokens, n)
         near = _reusable(cached_blocks + tier_blocks, view.block_tokens, n)  # on the node, any tier
         reused = _reusable(cached_blocks + tier_blocks + pulled_blocks, view.block_tokens, n)
@@ -598,7 +602,7 @@ class CostAwarePolicy(Policy):
         if pull:
             return self._estimate(view, request, node, now_s, depth, _first_holder(view, cached, top_depth),
                                   top_depth - depth)
-        return self._estimate(view, request, node, now_s, depth)
+        return self._estimate(view, request, node, now_s, depth, tiers=tiers)
 
 
     def _late_options(self, view, match, request, now_s, queue_limit_s, queue_cap_s, top_depth, top_tokens,

@@ -516,7 +516,7 @@ class Simulation:
     def _heartbeat(self, t: float) -> None:
         prefill_beat, decode_beat = self.state.heartbeat_prefill, self.state.heartbeat_decode
         for node_id, node in self.prefill_by_id.items():  # ids are NodeIds already
-            prefill_beat(node_id, node.uncomputed_tokens(t), t, kv_event_seq=node.seq - 1)  # type: ignore[arg-type]
+            prefill_beat(node_id, node.uncomputed_tokens(t), t, node.seq - 1)  # type: ignore[arg-type]
         for node_id, dec in self.decode_by_id.items():
             decode_beat(node_id, running=dec.batch, waiting=len(dec.pending),  # type: ignore[arg-type]
                         tokens_in_flight=dec.tokens_at(t), used_tokens=dec.committed, now_s=t)

@@ -16,9 +16,10 @@ def test_the_scale_run_replays_every_request_and_reports_each_phase(tmp_path, ca
     assert s["requests"] == 3000 and s["completed"] + s["rejected"] + s["failed"] == 3000
     assert s["completed"] > 2700  # load 0.8: nearly everything is served
     assert s["prefill_nodes"] == 32 and s["admission"] == "early" and s["policy"] == "cost_aware"
-    for phase in ("generate_s", "simulate_s", "summarize_s", "total_s"):
-        assert row[phase] > 0
+    for phase in ("generate", "simulate", "summarize", "total"):
+        assert row[f"{phase}_s"] > 0 and row[f"{phase}_cpu_s"] > 0
     assert row["total_s"] >= row["generate_s"] + row["simulate_s"] + row["summarize_s"] - 1e-6
+    assert row["total_cpu_s"] >= row["generate_cpu_s"] + row["simulate_cpu_s"] + row["summarize_cpu_s"] - 1e-6
     assert "requests on 32P+32D" in capsys.readouterr().out
 
 
