@@ -345,17 +345,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         policies.append(PolicyName(default))
     cells = _grid(args, LOADS, started, replace(config, policy=PolicyName(default)), costs, "offered",
                   lambda workload, load, requests, capacity: run_cell(workload, load, requests, config, costs,
-                                                                      policies, capacity))
+                                                                      policies, capacity),
+                  lambda cells: _checkpoint(args, cells, default, write_json))
     misses = print_cells(cells, default)
     print(f"{len(cells) - misses}/{len(cells)} cells meet both targets; {time.perf_counter() - started:.0f} s")
     _write(args, cells, default, write_json, write_plot)
     return 0
 
 
-def _grid(args, default_loads, started: float, config: SimConfig, costs: CostModel, default_scale: str, run) -> list:
+def _grid(args, default_loads, started: float, config: SimConfig, costs: CostModel, default_scale: str, run,
+          checkpoint=None) -> list:
     """`run(workload, load, requests, capacity)` for every workload and load the arguments
     name; `capacity` is each workload's measured capacity under `config` (its policy, no
-    admission) when the load scale is calibrated, else None."""
+    admission) when the load scale is calibrated, else None. `checkpoint(cells)` after
+    every cell (a long grid keeps what it has done if it is stopped)."""
     loads = [float(x) for x in (args.loads.split(",") if args.loads else default_loads)]
     cells = []
     for workload in args.workloads.split(","):
@@ -369,8 +372,17 @@ def _grid(args, default_loads, started: float, config: SimConfig, costs: CostMod
                   f"probes load:attainment {probes}) ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
         for load in loads:
             cells.append(run(workload, load, requests, capacity))
+            if checkpoint is not None:
+                checkpoint(cells)
             print(f"  {workload} at load {load:g}: done ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
     return cells
+
+
+def _checkpoint(args, cells: list, default: str, write_json) -> None:
+    """The rows so far, as JSON (the plot waits for the whole grid)."""
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        write_json(cells, default, args.json)
 
 
 def _write(args, cells: list, default: str, write_json, write_plot) -> None:
@@ -391,7 +403,8 @@ def _admission(args, config: SimConfig, costs: CostModel, started: float) -> int
     reference = parse_policy(args.reference) if args.reference else None
     cells = _grid(args, ADMISSION_LOADS, started, config, costs, "calibrated",
                   lambda workload, load, requests, capacity: run_admission_cell(
-                      workload, load, requests, config, costs, modes, args.sample, reference, capacity))
+                      workload, load, requests, config, costs, modes, args.sample, reference, capacity),
+                  lambda cells: _checkpoint(args, cells, default, write_admission_json))
     misses = print_admission(cells, default)
     print(f"{len(cells) - misses}/{len(cells)} cells meet every target; {time.perf_counter() - started:.0f} s")
     _write(args, cells, default, write_admission_json, write_admission_plot)

@@ -68,3 +68,22 @@ def test_the_policy_grid_keeps_the_offered_scale_unless_asked(tmp_path):
     requests = base_requests("uniform", 200, 1)
     assert cell["load_scale"] == "offered" and "capacity" not in cell
     assert cell["speedup"] == pytest.approx(1.0 / offered_fraction(requests, CONFIG, COSTS))
+
+
+def test_a_stopped_grid_keeps_the_cells_it_finished(tmp_path, monkeypatch):
+    import bench.sim.compare as compare
+
+    real, done = compare.run_cell, []
+
+    def stops_on_the_second(*args, **kwargs):
+        if done:
+            raise KeyboardInterrupt
+        done.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(compare, "run_cell", stops_on_the_second)
+    out = tmp_path / "policies.json"
+    with pytest.raises(KeyboardInterrupt):
+        main(["policies", "--workloads", "uniform", "--loads", "0.5,1.0", "--requests", "200", "--prefill", "2",
+              "--decode", "2", "--policies", "least_loaded", "--json", str(out)])
+    assert [c["load"] for c in json.loads(out.read_text())] == [0.5]
