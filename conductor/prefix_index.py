@@ -295,9 +295,15 @@ class PendingPrefixes:
         counts = self._counts.get(node)
         if counts is None:
             counts = self._counts[node] = {}
-        new = [h for h in block_hashes if h not in counts]
+        new = []
+        get = counts.get
         for h in block_hashes:
-            counts[h] = counts.get(h, 0) + 1
+            c = get(h)
+            if c is None:
+                counts[h] = 1
+                new.append(h)
+            else:
+                counts[h] = c + 1
         if new:
             self._index.store(node, new)
 

@@ -87,12 +87,15 @@ class SimPrefill:
         cache = self.cache
         if self.capacity == 0:
             return [], []
-        new = [h for h in hashes if h not in cache]
+        new = []
+        touch = cache.move_to_end
         for h in reversed(hashes):
             if h in cache:
-                cache.move_to_end(h)
+                touch(h)
             else:
                 cache[h] = None
+                new.append(h)
+        new.reverse()  # chain order
         evicted = []
         while len(cache) > self.capacity:
             evicted.append(cache.popitem(last=False)[0])
