@@ -20,7 +20,11 @@ What a simulated node does, as `engine/tiers` does live (write-back, the default
   prefill start asks the store for the rest of the chain once it is past the host and disk
   blocks, and the blocks it lacks are published as removed from the cluster tier, as the live
   tier manager does (`engine/tiers/cluster.py`); `store_evictions` counts what the store
-  dropped, `TierRow.stale_store_hints` what the index still believed in at the end.
+  dropped, `TierRow.stale_store_hints` what the index still believed in at the end. The
+  `host+disk+store+events` row publishes every eviction at once instead (`store_events`:
+  what subscribing to Mooncake master's KV-event feed, `-enable_kv_events`, would give): the
+  difference between the two rows is what the stale hints cost (they credit every node with
+  a store hit that is gone, so a repeat is sent away from the node whose own disk holds it).
 
 GPU-class tier figures (`GPU_CLASS_TIERS`, per prefill node of 8xA800, LLaMA3-70B at
 320 KiB/token, 512-token blocks = 168 MB each), rates from `gpu_class_default()`:
@@ -39,7 +43,7 @@ import json
 import math
 import time
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -61,6 +65,9 @@ class TierSizes:
     disk_blocks: int = 0
     store_blocks: int = 0
     write_back_on_finish: bool = True
+    # the store publishes its evictions (Mooncake's master can: -enable_kv_events, a ZMQ feed
+    # the live cluster does not subscribe to yet); off, it evicts silently and lookups find out
+    store_events: bool = False
 
     @property
     def on(self) -> bool:
@@ -74,6 +81,7 @@ TIER_SETS: dict[str, TierSizes] = {
     "host": TierSizes(host_blocks=GPU_CLASS_TIERS.host_blocks),
     "host+disk": TierSizes(host_blocks=GPU_CLASS_TIERS.host_blocks, disk_blocks=GPU_CLASS_TIERS.disk_blocks),
     "host+disk+store": GPU_CLASS_TIERS,
+    "host+disk+store+events": replace(GPU_CLASS_TIERS, store_events=True),
 }
 
 
@@ -167,13 +175,16 @@ class TieredSimulation(Simulation):
             p = self.parent.get(p)
         if p is not None:
             self.store.touch(p)  # the live put asks the store first, which refreshes what it has
-        stored = []
+        stored, gone = [], []
         for b in reversed(chain):
             new, out = self.store.put(b)
             if new:
                 stored.append(b)
-            self.store_evictions += len(out)  # not published: the store evicts silently
+            gone += out
+        self.store_evictions += len(gone)
         self._publish(node, True, stored, "cluster")
+        if self.tiers.store_events:  # else silent, as live: a lookup finds them gone
+            self._publish(node, False, gone, "cluster")
 
     def _cache_prompt(self, node: SimPrefill, hashes: tuple[int, ...]) -> list:
         evicted = super()._cache_prompt(node, hashes)
@@ -277,11 +288,13 @@ def run_tiers(requests: list[SimRequest], name: str, sizes: TierSizes, *, device
 
 def print_rows(rows: Sequence[TierRow], title: str) -> None:
     print(title)
-    head = f"{'tiers':<17}{'hit rate':>9}{'host':>7}{'disk':>7}{'store':>7}{'TTFT mean s':>12}{'p90 s':>8}{'p99 s':>8}"
+    head = (f"{'tiers':<24}{'hit rate':>9}{'host':>7}{'disk':>7}{'store':>7}{'TTFT mean s':>12}{'p90 s':>8}{'p99 s':>8}"
+            f"{'evicted':>9}{'stale':>8}")
     print(head)
     for r in rows:
-        print(f"{r.tiers:<17}{r.hit_rate:>9.3f}{r.hit_share['host']:>7.3f}{r.hit_share['disk']:>7.3f}"
-              f"{r.hit_share['cluster']:>7.3f}{r.ttft_mean_s:>12.2f}{r.ttft_p90_s:>8.2f}{r.ttft_p99_s:>8.2f}")
+        print(f"{r.tiers:<24}{r.hit_rate:>9.3f}{r.hit_share['host']:>7.3f}{r.hit_share['disk']:>7.3f}"
+              f"{r.hit_share['cluster']:>7.3f}{r.ttft_mean_s:>12.2f}{r.ttft_p90_s:>8.2f}{r.ttft_p99_s:>8.2f}"
+              f"{r.store_evictions:>9}{r.stale_store_hints:>8}")
     if rows:
         print(f"repeat fraction of the trace (an unbounded cache's hit rate): {rows[0].repeat_fraction:.3f}")
 

@@ -117,9 +117,12 @@ def test_on_the_trace_tiers_raise_the_hit_rate_to_the_repeat_fraction(tmp_path):
     out = tmp_path / "t.json"
     assert main(["--limit", "3000", "--json", str(out), "--plot", str(tmp_path / "t.png")]) == 0
     rows = {r["tiers"]: r for r in json.loads(out.read_text())["rows"]}
-    assert list(rows) == ["device", "host", "host+disk", "host+disk+store"]
-    best = rows["host+disk+store"]
+    assert list(rows) == ["device", "host", "host+disk", "host+disk+store", "host+disk+store+events"]
+    best = rows["host+disk+store+events"]  # the index told of every store eviction
     assert best["hit_rate"] > rows["device"]["hit_rate"] + 0.03
     assert best["hit_rate"] >= best["repeat_fraction"] - 0.03
     assert best["ttft_mean_s"] < rows["device"]["ttft_mean_s"]
+    assert best["stale_store_hints"] == 0
+    silent = rows["host+disk+store"]  # evictions found out by lookups, as live
+    assert silent["hit_rate"] > rows["device"]["hit_rate"] and silent["ttft_mean_s"] < rows["device"]["ttft_mean_s"]
     assert (tmp_path / "t.png").stat().st_size > 0
