@@ -3,7 +3,9 @@
 - `start_embedded_ray` (the default): a Ray instance started for the occasion
   (`ray.init(address="local")`) offering the CPUs, GPUs and custom resources the config
   asks for, kept on loopback; the conductor and the nodes are Ray actors placed by those
-  resources (`cluster.ray_launcher`). Stopping stops the actors, then Ray itself.
+  resources (`cluster.ray_launcher`). Stopping stops the actors, then Ray itself. Only the
+  conductor's death stops the cluster; a node actor that dies is logged, and the conductor
+  has already taken it out of rotation.
 - `start_processes`: one spawned OS process per server (`cluster.local.LocalCluster`);
   Ray resources in the config are ignored. A conductor that dies is restarted (a few times)
   and the nodes register with it again by themselves.
@@ -13,6 +15,7 @@ to stop everything it started.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import sys
@@ -24,6 +27,7 @@ from cluster.config import ClusterConfig, with_overrides
 # Ray reads this when `ray` is first imported: with 0, every Ray process of a cluster this
 # process starts binds and advertises 127.0.0.1 instead of the machine's outward address.
 _LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+log = logging.getLogger("halfmoon.launch")
 EMBEDDED_OBJECT_STORE_BYTES = 256 * 2**20  # halfmoon passes no large objects through Ray
 
 
@@ -64,7 +68,7 @@ def start_embedded_ray(config: ClusterConfig, timeout_s: float = 300.0) -> Runni
     keep_ray_on_loopback()
     import ray
 
-    from cluster.ray_launcher import DeployError, RayLauncher, resource_shortfall
+    from cluster.ray_launcher import CONDUCTOR_NAME, DeployError, RayLauncher, resource_shortfall
 
     config, store = _start_store(config)
     ray.init(**embedded_ray_options(config))
@@ -81,11 +85,18 @@ def start_embedded_ray(config: ClusterConfig, timeout_s: float = 300.0) -> Runni
             store.stop()
         raise
 
+    reported: set[str] = set()
+
     def problem() -> str | None:
-        try:
-            launcher.check()
-        except DeployError as exc:
-            return str(exc)
+        """Only the conductor's death stops the cluster (this launcher does not restart it). A
+        dead node or store actor is logged once: the conductor has taken the node out of
+        rotation (retrying and migrating its requests), and the others serve on."""
+        dead = launcher.dead_actors()
+        if CONDUCTOR_NAME in dead:
+            return f"{CONDUCTOR_NAME} died ({_first_line(dead[CONDUCTOR_NAME])})"
+        for name in sorted(set(dead) - reported):
+            log.warning("%s died (%s); the cluster serves on without it", name, _first_line(dead[name]))
+        reported.update(dead)
         return None
 
     def stop() -> None:
@@ -96,6 +107,10 @@ def start_embedded_ray(config: ClusterConfig, timeout_s: float = 300.0) -> Runni
             store.stop()
 
     return RunningCluster(deployment.grpc_address, deployment.http_url, problem, stop)
+
+
+def _first_line(reason: str) -> str:
+    return next((line.strip() for line in reason.splitlines() if line.strip()), "no reason given")
 
 
 def _start_store(config: ClusterConfig):

@@ -219,14 +219,22 @@ class RayLauncher:
                 time.sleep(0.5)
 
     def _check_alive(self, names: list[str]) -> None:
+        for name, reason in self.dead_actors(names).items():
+            raise DeployError(f"{name} died while starting: {reason}")
+
+    def dead_actors(self, names: list[str] | None = None) -> dict[str, str]:
+        """The actors among `names` (default: all this launcher started) that died or whose
+        server exited, each with Ray's reason."""
         import ray
 
-        refs = {self._actors[n].check.remote(): n for n in names}
+        refs = {self._actors[n].check.remote(): n for n in (list(self._actors) if names is None else names)}
+        dead = {}
         for ref, name in refs.items():
             try:
                 ray.get(ref, timeout=30)
             except ray.exceptions.RayError as exc:
-                raise DeployError(f"{name} died while starting: {exc}") from None
+                dead[name] = str(exc)
+        return dead
 
     def _write_targets(self, deployment: Deployment) -> None:
         path = self.config.conductor.prometheus_targets_file
@@ -241,7 +249,8 @@ class RayLauncher:
 
     def check(self) -> None:
         """Raise `DeployError` if the conductor or a node actor died or its server exited."""
-        self._check_alive(list(self._actors))
+        for name, reason in self.dead_actors().items():
+            raise DeployError(f"{name} died: {reason}")
 
     def stop(self, timeout_s: float = 20.0) -> list[str]:
         """Stop every actor this launcher started (nodes first; one Ray never placed is just
