@@ -14,6 +14,13 @@ unloaded single-request TTFT and TBT, replay the sweep with
 `bench.replay` through gRPC, stop the cluster. SLOs are `--ttft-x` / `--tbt-x` times the
 unloaded values of the first layout, unless given in seconds. Writes each layout's
 replay JSON, a summary JSON, a comparison table and overlaid plots.
+
+Dtypes side by side: one run per ``--dtype``, each with the same SLOs in seconds (the ``-x``
+multiples would judge each dtype against its own unloaded latency), e.g.
+
+    python -m bench.layouts --dtype float32 --layouts 1p1d --speedups 0.12,0.18,0.25,0.35 \
+        --duration 10 --ttft-slo 7.2 --tbt-slo 0.144 --out out/layouts_float32
+    python -m bench.layouts --dtype w8a8 ... --out out/layouts_w8a8
 """
 from __future__ import annotations
 
