@@ -16,6 +16,7 @@ import torch
 from bench.quality import forward_logits
 from engine.config import EngineConfig
 from engine.engine import LLMEngine
+from engine.quant import recipe
 from engine.sampling import SamplingParams
 
 from tests.engine.test_real_model import PROMPTS
@@ -38,11 +39,13 @@ def greedy(engines) -> dict[str, list[list[int]]]:
 
 
 def test_every_dtype_loads_in_its_forms_and_sizes(engines):
+    fp8 = recipe("fp8").linear  # fp8 | fp8b (engine.quant.FP8_LINEAR)
     forms = {d: {q.form for q in e.runner.model.linears()} for d, e in engines.items()}
-    assert forms == {"float32": {"f32"}, "bfloat16": {"bf16"}, "w8a8": {"int8", "bf16"}, "fp8": {"fp8", "bf16"}}
+    assert forms == {"float32": {"f32"}, "bfloat16": {"bf16"}, "w8a8": {"int8", "bf16"}, "fp8": {fp8, "bf16"}}
     mb = {d: e.runner.model.weight_bytes / 1e6 for d, e in engines.items()}
     assert 537 < mb["float32"] < 539 and abs(mb["bfloat16"] - mb["float32"] / 2) < 0.1
-    assert 160 < mb["w8a8"] < 166 and 160 < mb["fp8"] < 166  # int8/E4M3 layers + a bf16 LM head
+    assert 160 < mb["w8a8"] < 166  # int8 layers + a bf16 LM head
+    assert (160 < mb["fp8"] < 166) if fp8 == "fp8" else (175 < mb["fp8"] < 177)  # fp8b: + a scale per 32 weights
     assert {d: e.kv.dtype_name for d, e in engines.items()} == {"float32": "float32", "bfloat16": "bfloat16",
                                                                 "w8a8": "bfloat16", "fp8": "bfloat16"}
 
