@@ -233,6 +233,7 @@ class ClusterState:
         self._requests[rid] = t
         if info.block_hashes:
             self.pending.add(pc.node, info.block_hashes)
+            self.index.store_hit(pc.node, info.block_hashes)  # refreshes the store blocks it will load
         pbook.pending[rid] = t
         pbook.pending_s += pc.service_s
         pv = pbook.view

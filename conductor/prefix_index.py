@@ -13,7 +13,9 @@ Tiers: events tagged with a tier below the device (`host`, `disk`: the node's ow
 `cluster`: blocks the node put to the cluster store, which every node reads) go to one
 index per tier (`tiers`), of the same shape; cluster blocks are held by `STORE_NODE`, not by
 the node that put them (they outlive it), and the store evicts without telling, so those
-entries are hints a node checks before loading. `lower_tier_run` says how far a request's
+entries are hints a node checks before loading; `bound_store` keeps them bounded to the
+store's capacity in LRU order (`conductor.store_lru`), so hints the store has surely
+evicted are dropped without the store saying so. `lower_tier_run` says how far a request's
 chain continues below a node's device blocks, tier by tier.
 
 Sequence numbers: events from a node must arrive as 0, 1, 2, ... An event older than
@@ -28,6 +30,7 @@ from typing import Iterable, Mapping, Sequence
 
 from conductor.errors import IndexSyncError
 from conductor.request import BlockHash, NodeId
+from conductor.store_lru import StoreLru
 from engine.block_pool import CLEARED, REMOVED, STORED, KVEvent
 
 
@@ -49,6 +52,26 @@ class GlobalPrefixIndex:
         self._stale: set[NodeId] = set()
         self.gaps_detected = 0
         self.tiers: dict[str, GlobalPrefixIndex] = {}  # host / disk / cluster, fed by tier-tagged events
+        self.store_lru: StoreLru | None = None  # the cluster tier bounded as the store is (`bound_store`)
+        self.store_dropped = 0  # cluster-tier entries the bound dropped (the store evicted them, as modelled)
+
+    def bound_store(self, capacity_blocks: int) -> None:
+        """Model the cluster store's silent LRU eviction: from now on the cluster tier holds
+        at most `capacity_blocks` entries (`conductor.store_lru`), oldest dropped first."""
+        lru = self.store_lru = StoreLru(capacity_blocks)
+        idx = self.tiers.get("cluster")
+        if idx is not None:
+            idx.remove(STORE_NODE, lru.put(sorted(idx._blocks_of.get(STORE_NODE, ()))))
+
+    def store_hit(self, node: NodeId, block_hashes: Sequence[BlockHash]) -> None:
+        """A request was placed on `node`: the cluster blocks it will load (the chain past its
+        device and own-tier blocks) are read from the store, which refreshes them."""
+        lru = self.store_lru
+        if lru is None or "cluster" not in self.tiers or not block_hashes:
+            return
+        start = self.longest_prefix(block_hashes).get(node, 0)
+        chain = self.lower_tier_chain(node, block_hashes, start)
+        lru.touch(block_hashes[start + i] for i, t in enumerate(chain) if t == "cluster")
 
     def tier(self, name: str) -> "GlobalPrefixIndex":
         """The index of one tier below the device (created empty on first use)."""
@@ -197,8 +220,14 @@ class GlobalPrefixIndex:
         target, holder = (self, node) if tier == "device" else (self.tier(tier), STORE_NODE if tier == "cluster" else node)
         if kind == STORED:
             target.store(holder, event.block_hashes)
+            if tier == "cluster" and self.store_lru is not None:
+                dropped = self.store_lru.put(event.block_hashes)
+                self.store_dropped += len(dropped)
+                target.remove(holder, dropped)
         elif kind == REMOVED:
             target.remove(holder, event.block_hashes)
+            if tier == "cluster" and self.store_lru is not None:
+                self.store_lru.discard(event.block_hashes)
         elif kind == CLEARED:
             self.clear_node(node)
         else:

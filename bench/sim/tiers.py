@@ -25,6 +25,11 @@ What a simulated node does, as `engine/tiers` does live (write-back, the default
   what subscribing to Mooncake master's KV-event feed, `-enable_kv_events`, would give): the
   difference between the two rows is what the stale hints cost (they credit every node with
   a store hit that is gone, so a repeat is sent away from the node whose own disk holds it).
+  The `host+disk+store+lru` row keeps the store silent and lets the conductor model its
+  eviction instead (`conductor.store_lru` through `GlobalPrefixIndex.bound_store`, capacity
+  = the store's blocks; a stored event or a placement that will load a block refreshes it):
+  what the live conductor can do without the store publishing; `TierRow.lost_store_hints`
+  counts what that model dropped while the store still had it.
 
 GPU-class tier figures (`GPU_CLASS_TIERS`, per prefill node of 8xA800, LLaMA3-70B at
 320 KiB/token, 512-token blocks = 168 MB each), rates from `gpu_class_default()`:
@@ -68,6 +73,9 @@ class TierSizes:
     # the store publishes its evictions (Mooncake's master can: -enable_kv_events, a ZMQ feed
     # the live cluster does not subscribe to yet); off, it evicts silently and lookups find out
     store_events: bool = False
+    # the conductor's index models the store's LRU eviction (`GlobalPrefixIndex.bound_store` with
+    # the store's capacity): what the live conductor can do without the store publishing
+    index_bounds_store: bool = False
 
     @property
     def on(self) -> bool:
@@ -81,6 +89,7 @@ TIER_SETS: dict[str, TierSizes] = {
     "host": TierSizes(host_blocks=GPU_CLASS_TIERS.host_blocks),
     "host+disk": TierSizes(host_blocks=GPU_CLASS_TIERS.host_blocks, disk_blocks=GPU_CLASS_TIERS.disk_blocks),
     "host+disk+store": GPU_CLASS_TIERS,
+    "host+disk+store+lru": replace(GPU_CLASS_TIERS, index_bounds_store=True),
     "host+disk+store+events": replace(GPU_CLASS_TIERS, store_events=True),
 }
 
@@ -129,6 +138,8 @@ class TieredSimulation(Simulation):
         self.hits: dict[str, int] = {"host": 0, "disk": 0, "cluster": 0}  # blocks served from each tier
         self.store_evictions = 0  # blocks the store dropped (silently: lookups find out)
         super().__init__(requests, config, costs)
+        if tiers.store_blocks and tiers.index_bounds_store:
+            self.state.index.bound_store(tiers.store_blocks)
         bt = config.block_tokens
         self._block_s = {t: costs.tier_load_s(t, bt) for t in ("host", "disk", "cluster")}
         for st in self.states:
@@ -242,6 +253,13 @@ class TieredSimulation(Simulation):
         held = idx.tier("cluster").snapshot().get(STORE_NODE, frozenset()) if "cluster" in idx.tiers else frozenset()
         return set(held) - set(self.store.blocks)
 
+    def lost_store_hints(self) -> set[int]:
+        """Blocks the store has that the conductor's index does not place there (its LRU model
+        dropped them: the store saw refreshes the conductor did not)."""
+        idx = self.state.index
+        held = idx.tier("cluster").snapshot().get(STORE_NODE, frozenset()) if "cluster" in idx.tiers else frozenset()
+        return set(self.store.blocks) - set(held)
+
     def occupancy(self) -> dict[str, int]:
         return {"host": sum(map(len, self.host.values())), "disk": sum(map(len, self.disk.values())),
                 "cluster": len(self.store)}
@@ -265,6 +283,7 @@ class TierRow:
     wall_s: float
     store_evictions: int = 0  # blocks the store dropped
     stale_store_hints: int = 0  # of those, still in the conductor's index at the end (no lookup found them gone)
+    lost_store_hints: int = 0  # blocks the store has that the index dropped (its LRU model is only a model)
 
 
 def run_tiers(requests: list[SimRequest], name: str, sizes: TierSizes, *, device_blocks: int = DEVICE_BLOCKS,
@@ -282,19 +301,19 @@ def run_tiers(requests: list[SimRequest], name: str, sizes: TierSizes, *, device
     share = {t: (n / prefilled if prefilled else 0.0) for t, n in sim.hits.items()}
     row = TierRow(name, device_blocks, sizes.host_blocks, sizes.disk_blocks, sizes.store_blocks, len(requests),
                   s.prefix_hit_rate, share, s.ttft_mean_s, s.ttft_p90_s, s.ttft_p99_s, repeat_fraction(requests), wall,
-                  sim.store_evictions, len(sim.stale_store_hints()))
+                  sim.store_evictions, len(sim.stale_store_hints()), len(sim.lost_store_hints()))
     return row, sim
 
 
 def print_rows(rows: Sequence[TierRow], title: str) -> None:
     print(title)
     head = (f"{'tiers':<24}{'hit rate':>9}{'host':>7}{'disk':>7}{'store':>7}{'TTFT mean s':>12}{'p90 s':>8}{'p99 s':>8}"
-            f"{'evicted':>9}{'stale':>8}")
+            f"{'evicted':>9}{'stale':>8}{'lost':>8}")
     print(head)
     for r in rows:
         print(f"{r.tiers:<24}{r.hit_rate:>9.3f}{r.hit_share['host']:>7.3f}{r.hit_share['disk']:>7.3f}"
               f"{r.hit_share['cluster']:>7.3f}{r.ttft_mean_s:>12.2f}{r.ttft_p90_s:>8.2f}{r.ttft_p99_s:>8.2f}"
-              f"{r.store_evictions:>9}{r.stale_store_hints:>8}")
+              f"{r.store_evictions:>9}{r.stale_store_hints:>8}{r.lost_store_hints:>8}")
     if rows:
         print(f"repeat fraction of the trace (an unbounded cache's hit rate): {rows[0].repeat_fraction:.3f}")
 
@@ -305,7 +324,7 @@ def write_plot(rows: Sequence[TierRow], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     names = [r.tiers for r in rows]
     a.bar(names, [r.hit_rate for r in rows], color="tab:blue")
     a.axhline(rows[0].repeat_fraction, color="grey", linestyle="--", label="trace repeat fraction")

@@ -40,7 +40,12 @@ def check_index(sim: TieredSimulation) -> None:
             assert held == frozenset(tier.blocks), (node_id, name)
             assert len(tier) <= tier.capacity
     store = idx.tier("cluster").snapshot().get(STORE_NODE, frozenset()) if "cluster" in idx.tiers else frozenset()
-    assert frozenset(sim.store.blocks) <= store  # the store evicts silently: the index may hold stale hints
+    if sim.tiers.index_bounds_store:  # the index models the store's LRU: at most its capacity, maybe wrong ones
+        assert len(store) <= sim.store.capacity
+        assert frozenset(sim.store.blocks) - store == sim.lost_store_hints()
+    else:
+        assert frozenset(sim.store.blocks) <= store  # the store evicts silently: the index may hold stale hints
+        assert not sim.lost_store_hints()
     assert store - frozenset(sim.store.blocks) == sim.stale_store_hints()
     assert len(sim.stale_store_hints()) <= sim.store_evictions
     assert len(sim.store) <= max(0, sim.store.capacity)
@@ -101,6 +106,27 @@ def test_the_store_evicts_silently_and_a_lookup_that_misses_corrects_the_index()
     check_index(sim)
 
 
+def test_an_index_that_models_the_store_lru_drops_the_hints_the_store_evicted():
+    # as above, but the conductor bounds the cluster tier to the store's 3 blocks
+    reqs = [req(0, 0.0, A), req(1, 10.0, B), req(2, 20.0, C), req(3, 30.0, A)]
+    sim, run = simulate(reqs, TierSizes(store_blocks=3, write_back_on_finish=False, index_bounds_store=True), device=3)
+    assert run.states[3].hit_blocks == 0 and sim.store_evictions == 6 and set(sim.store.blocks) == set(C)
+    assert not sim.stale_store_hints() and not sim.lost_store_hints()  # B's silent eviction was modelled
+    assert sim.state.index.store_dropped == 6
+    check_index(sim)
+
+
+def test_a_store_hit_refreshes_the_block_in_the_conductors_model_too():
+    # a 6-block store: A then B go in; A is loaded back from it (a hit refreshes A), then the
+    # device's eviction of C puts C, which must push out B, not A, in the store and the model
+    reqs = [req(0, 0.0, A), req(1, 10.0, B), req(2, 20.0, C), req(3, 30.0, A)]
+    sim, run = simulate(reqs, TierSizes(store_blocks=6, write_back_on_finish=False, index_bounds_store=True), device=3)
+    assert run.states[3].hit_blocks == 3 and sim.hits["cluster"] == 3
+    assert set(sim.store.blocks) == set(A) | set(C)
+    assert not sim.stale_store_hints() and not sim.lost_store_hints()
+    check_index(sim)
+
+
 def test_the_cost_aware_policy_sends_a_repeat_to_the_node_whose_host_tier_holds_it():
     # p0 computes A and then B (A goes to its host tier); A again at t=20 must go to p0
     reqs = [req(0, 0.0, A), req(1, 10.0, C), req(2, 10.0, B), req(3, 20.0, A)]
@@ -117,7 +143,8 @@ def test_on_the_trace_tiers_raise_the_hit_rate_to_the_repeat_fraction(tmp_path):
     out = tmp_path / "t.json"
     assert main(["--limit", "3000", "--json", str(out), "--plot", str(tmp_path / "t.png")]) == 0
     rows = {r["tiers"]: r for r in json.loads(out.read_text())["rows"]}
-    assert list(rows) == ["device", "host", "host+disk", "host+disk+store", "host+disk+store+events"]
+    assert list(rows) == ["device", "host", "host+disk", "host+disk+store", "host+disk+store+lru",
+                          "host+disk+store+events"]
     best = rows["host+disk+store+events"]  # the index told of every store eviction
     assert best["hit_rate"] > rows["device"]["hit_rate"] + 0.03
     assert best["hit_rate"] >= best["repeat_fraction"] - 0.03
