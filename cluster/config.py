@@ -189,6 +189,11 @@ class ConductorConfig(_ActorResources):
                                                              "often, s); 0: off (`halfmoon admin move` still works)")
     max_request_bytes: int = Field(4 * 2**20, ge=1024, description="an HTTP body or gRPC message over this is "
                                                                   "refused (413 / INVALID_ARGUMENT)")
+    store_gb: float | None = Field(
+        None, ge=0, description="the cluster KV store's memory, GiB, that the prefix index bounds its cluster tier "
+        "to (Mooncake Store evicts LRU without telling; the index drops what it must have evicted); None: "
+        "kv_tiers.store_gb (when the launcher starts the master) + kv_tiers.node_segment_gb x nodes, 0 with "
+        "the store off; 0: unbounded (every put is kept as a hint until a lookup finds it gone)")
     prometheus_targets_file: Path | None = Field(
         None, description="where the launcher writes node metrics addresses (Prometheus file_sd)"
     )

@@ -60,8 +60,13 @@ def embedded_store(config: ClusterConfig, log_dir: Path | None = None):
     meta = rpc + 1 if _free(rpc + 1) else free_port()
     master = MooncakeMaster(rpc, meta, free_port(), keeper_gb=t.store_gb,
                             log_path=(log_dir / "mooncake_master.log") if log_dir else None)
+    from cluster.specs import store_gib
+
+    # the conductor's model of the store counts this keeper (derived from the config before
+    # it names the master, after which the keeper is no longer the launcher's)
     config = with_overrides(config, {"kv_tiers.store_master": master.address,
-                                     "kv_tiers.store_metadata": master.metadata_url}, source="kv_tiers")
+                                     "kv_tiers.store_metadata": master.metadata_url,
+                                     "conductor.store_gb": store_gib(config)}, source="kv_tiers")
     return config, master
 
 

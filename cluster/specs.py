@@ -61,6 +61,18 @@ def model_ref(config: ClusterConfig) -> str:
     return str(config.model.path) if config.model.path is not None else config.model.name
 
 
+def store_gib(config: ClusterConfig) -> float:
+    """The cluster store's memory the conductor's index models (`conductor.store_gb`, else
+    derived: the keeper a launcher-started master mounts plus every node's own segment)."""
+    if config.conductor.store_gb is not None:
+        return config.conductor.store_gb
+    t = config.kv_tiers
+    if not t.store or t.host_gb <= 0:
+        return 0.0
+    nodes = config.prefill.count + (0 if config.layout == "colocated" else config.decode.count)
+    return (t.store_gb if t.store_master is None else 0.0) + t.node_segment_gb * nodes
+
+
 def conductor_spec(config: ClusterConfig) -> ConductorSpec:
     c = config.conductor
     values = c.settings()
@@ -89,6 +101,7 @@ def conductor_spec(config: ClusterConfig) -> ConductorSpec:
         heartbeat_timeout_s=c.heartbeat_timeout_s,
         elastic_interval_s=c.elastic_interval_s,
         max_request_bytes=c.max_request_bytes,
+        store_gib=store_gib(config),
         on_transfer_failure=config.failure.on_transfer_failure,
         kv_lease_s=config.failure.kv_lease_s,
         request_timeout_s=config.failure.request_timeout_s,

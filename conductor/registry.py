@@ -74,8 +74,9 @@ class NodeRegistry:
 
     def __init__(self, block_size: int, heartbeat_interval_s: float = 1.0, heartbeat_timeout_s: float = 5.0,
                  on_change=None, *, probe_interval_s: float = 0.5, probe_timeout_s: float = 1.0,
-                 clock=time.monotonic, heartbeat_lag_s: float = 0.05) -> None:
+                 clock=time.monotonic, heartbeat_lag_s: float = 0.05, store_gib: float = 0.0) -> None:
         self.block_size = block_size
+        self.store_gib = store_gib  # > 0: the cluster store's memory, which the index's cluster tier is bounded to
         self.heartbeat_interval_s = heartbeat_interval_s
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.probe_interval_s = probe_interval_s
@@ -142,7 +143,20 @@ class NodeRegistry:
         if rec.role in ("decode", "colocated"):
             rec.decode_view = self.state.add_decode(nid, rec.layout.total_blocks * rec.layout.block_size)
         self.nodes[rec.node_id] = rec
+        if self.store_gib > 0 and self.index.store_lru is None and rec.layout.block_bytes:
+            self._bound_store(rec.layout)
         return rec
+
+    def _bound_store(self, layout: node_pb2.KVLayout) -> None:
+        """The first node's block layout sizes the store in blocks: its memory over one block
+        record (a KV block and its trailer, as the tiers store it)."""
+        from engine.tiers.record import record_bytes
+
+        blocks = int(self.store_gib * 2**30) // record_bytes(layout.block_bytes, layout.block_size)
+        if blocks >= 1:
+            self.index.bound_store(blocks)
+            log.info("cluster KV store modelled as %d blocks (%.2f GiB): the index drops what it has evicted",
+                     blocks, self.store_gib)
 
     def heartbeat(self, req: node_pb2.HeartbeatRequest) -> bool:
         rec = self.nodes.get(req.node_id)

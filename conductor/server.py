@@ -47,6 +47,7 @@ class ConductorSpec:
     max_retries: int = 3  # placements after a node failed before the first token
     max_migrations: int = 3  # moves to another decode node after one failed mid-stream
     elastic_interval_s: float = 0.0  # > 0: the role planner moves nodes between the pools (conductor.elastic)
+    store_gib: float = 0.0  # > 0: the cluster KV store's memory; the index models its LRU eviction (conductor.store_lru)
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +112,7 @@ async def serve_conductor(spec: ConductorSpec, stop: asyncio.Event | None = None
         readiness.changed()
 
     registry = NodeRegistry(spec.block_size, spec.heartbeat_interval_s, spec.heartbeat_timeout_s,
-                            on_change=node_changed)
+                            on_change=node_changed, store_gib=spec.store_gib)
     readiness = ReadinessPublisher(registry.view, health_servicer)
     tokenizer = Tokenizer(resolve_model_dir(spec.model))
     backend = LiveConductor(

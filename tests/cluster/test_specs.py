@@ -118,3 +118,29 @@ def test_the_process_launcher_needs_a_fixed_conductor_port():
 def test_the_colocated_layout_runs_the_prefill_groups_count_of_colocated_nodes():
     _, nodes = build_specs(load_config(DEPLOY / "colocated.yaml"))
     assert [(n.role, n.node_id) for n in nodes] == [("colocated", "colocated-0"), ("colocated", "colocated-1")]
+
+
+@pytest.mark.parametrize(
+    "override, want",
+    [
+        ({}, 1.0),  # the launcher-started master's keeper (kv_tiers.store_gb), nodes mount nothing
+        ({"kv_tiers.node_segment_gb": 0.5}, 2.0),  # + 0.5 GiB from each of 1P + 1D
+        ({"kv_tiers.node_segment_gb": 0.5, "kv_tiers.store_master": "10.0.0.1:50090"}, 1.0),  # their master: segments
+        ({"kv_tiers.store": False}, 0.0),
+        ({"conductor.store_gb": 3.0}, 3.0),
+    ],
+)
+def test_the_conductor_models_the_cluster_store_at_its_size(override, want):
+    assert conductor_spec(with_overrides(ClusterConfig(), override)).store_gib == pytest.approx(want)
+
+
+def test_a_launcher_started_master_keeps_its_keeper_in_the_conductors_store_size():
+    from cluster.kv_tiers import embedded_store
+    from engine.tiers.mooncake_store import store_unavailable_reason
+
+    if store_unavailable_reason() is not None:
+        pytest.skip(store_unavailable_reason())
+    config, master = embedded_store(with_overrides(ClusterConfig(), {"kv_tiers.node_segment_gb": 0.25}))
+    assert master is not None and master.proc is None  # made, not started
+    assert config.kv_tiers.store_master == master.address  # the nodes' config names it now
+    assert conductor_spec(config).store_gib == pytest.approx(1.5)  # 1 GiB keeper + 2 x 0.25 GiB

@@ -78,3 +78,21 @@ def test_a_placement_refreshes_the_store_blocks_the_node_will_load():
     assert cluster(idx) == {3, 4, 20, 21}
     idx.store_hit(C, h(7, 8))  # nothing of it in the store: no change
     assert idx.store_lru.order() == [3, 4, 20, 21]
+
+
+def test_the_live_registry_sizes_the_store_from_the_first_nodes_block_layout():
+    from conductor.registry import NodeRecord, NodeRegistry
+    from engine.tiers.record import record_bytes
+    from proto.halfmoon.v1 import node_pb2
+
+    layout = node_pb2.KVLayout(block_size=16, block_bytes=16, total_blocks=64)
+    rec_bytes = record_bytes(16, 16)  # a 16-byte block plus its trailer, padded: 128
+    assert rec_bytes == 128
+    reg = NodeRegistry(block_size=16, store_gib=(3 * rec_bytes + 100) / 2**30)  # room for 3 records, not 4
+    reg.add(NodeRecord("p0", "prefill", "fake", layout, "", None, None, None), follow_events=False)
+    assert reg.index.store_lru is not None and reg.index.store_lru.capacity == 3
+    reg.index.apply(KVEvent(STORED, h(1, 2, 3, 4), tier="cluster", seq=0, node=A))
+    assert cluster(reg.index) == {2, 3, 4}
+    off = NodeRegistry(block_size=16)  # store_gib 0: unbounded
+    off.add(NodeRecord("p0", "prefill", "fake", layout, "", None, None, None), follow_events=False)
+    assert off.index.store_lru is None
