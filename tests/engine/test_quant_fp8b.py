@@ -1,4 +1,4 @@
-"""fp8b (engine/quant.py FP8_LINEAR): E4M3 weights with a scale per row and per 32 input
+"""fp8b (engine/quant.py FP8_LINEAR, fp8's form): E4M3 weights with a scale per row and per 32 input
 channels, bfloat16 activations; the torch reference, the loader's form and the engine."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 
 from engine.config import EngineConfig
 from engine.engine import LLMEngine
-from engine.quant import FP8_GROUP, QLinear, quantize_fp8_groups, quantize_fp8_rows, recipe_variant
+from engine.quant import FP8_GROUP, FP8_LINEAR, QLinear, quantize_fp8_groups, quantize_fp8_rows, recipe_variant
 from engine.sampling import SamplingParams
 from tests.engine.test_quant_kernels import rand
 
@@ -49,13 +49,14 @@ def test_group_scales_lower_the_weight_error():
     assert err["fp8b"] < 0.9 * err["fp8"], err
 
 
-def test_fp8_engine_takes_the_fp8b_variant(tiny_model_dir):
+def test_fp8_is_fp8b_and_keeps_the_per_row_form_as_a_variant(tiny_model_dir):
     params = SamplingParams(max_tokens=6, ignore_eos=True)
-    with recipe_variant("fp8", linear="fp8b"):
-        eng = LLMEngine(tiny_model_dir, EngineConfig(num_blocks=32, dtype="fp8"))
+    assert FP8_LINEAR == "fp8b"
+    eng = LLMEngine(tiny_model_dir, EngineConfig(num_blocks=32, dtype="fp8"))
     model = eng.runner.model
     assert {q.form for q in model.linears()[:-1]} == {"fp8b"} and model.lm_head.form == "bf16"
     assert {q.w_group for q in model.linears()[:-1]} == {32}
-    plain = LLMEngine(tiny_model_dir, EngineConfig(num_blocks=32, dtype="fp8"))
+    with recipe_variant("fp8", linear="fp8"):
+        plain = LLMEngine(tiny_model_dir, EngineConfig(num_blocks=32, dtype="fp8"))
     assert {q.form for q in plain.runner.model.linears()[:-1]} == {"fp8"}
     assert len(eng.generate([list(range(100, 140))], params)[0]) == 6
