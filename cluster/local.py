@@ -6,6 +6,7 @@ import logging
 import multiprocessing as mp
 import os
 import signal
+import socket
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -68,14 +69,39 @@ class LocalCluster:
     def start(self, timeout_s: float = 180.0) -> "LocalCluster":
         exit_on_sigterm()
         self.start_conductor()
-        for spec in self.nodes:
-            self.start_node(spec)
         try:
+            # The conductor's ports were picked free before it started; a node started at the
+            # same time could be given one of them by the kernel for its own listener (seen
+            # once: a prefill node's transfer engine on the control port, the conductor then
+            # failing to bind). Nodes start once the conductor holds its ports.
+            self._wait_listening(min(timeout_s, 120.0))
+            for spec in self.nodes:
+                self.start_node(spec)
             self.wait_ready(timeout_s)
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _wait_listening(self, timeout_s: float) -> None:
+        """Until the conductor accepts connections on its client and control ports."""
+        c = self.conductor
+        ports = [(h, p) for h, p in ((c.host, c.grpc_port), (c.control_host, c.control_port)) if p]  # 0: not known here
+        deadline = time.monotonic() + timeout_s
+        while ports:
+            host, port = ports[0]
+            try:
+                socket.create_connection((host, port), timeout=1.0).close()
+                ports.pop(0)
+                continue
+            except OSError:
+                pass
+            proc = self.procs["conductor"]
+            if not proc.is_alive():
+                raise RuntimeError(f"conductor exited with code {proc.exitcode} during start-up")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the conductor did not listen on {host}:{port} within {timeout_s:.0f}s")
+            time.sleep(0.05)
 
     def start_conductor(self) -> None:
         """Start the conductor process (again, after `kill("conductor")`: same ports and secret,
