@@ -231,6 +231,14 @@ inline void bf16_tile(const uint16_t* const xs[MR], int64_t K, float out[MR][NR]
     for (int n = 0; n < NR; ++n) out[m][n] = _mm512_reduce_add_ps(acc[m][n]);
 }
 
+// The bfloat16 bits of n floats (round to nearest even); n % 16 == 0.
+std::vector<uint16_t> bf16_bits(const float* x, int64_t n) {
+  std::vector<uint16_t> out(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out.data() + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x + i)));
+  return out;
+}
+
 // Drives a tile function over all (4-row weight tile) x (token rows in 3s, 2s, 1s), threads over
 // weight tiles. tile(n0, nr, m0, mr, vals) fills vals[mr][nr] (float or int32); emit(m, n, v) stores.
 template <typename V, typename Tile, typename Emit>
@@ -331,11 +339,7 @@ torch::Tensor bf16_linear(torch::Tensor x, torch::Tensor w) {
 #ifdef HM_AVX512
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   TORCH_CHECK(K % 32 == 0, "K must be a multiple of 32");
-  std::vector<uint16_t> xb(static_cast<size_t>(M * K));
-  const float* xp = x.data_ptr<float>();
-  for (int64_t i = 0; i < M * K; i += 16)
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(xb.data() + i),
-                        (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(xp + i)));
+  const std::vector<uint16_t> xb = bf16_bits(x.data_ptr<float>(), M * K);
   auto out = torch::empty({M, N}, x.options());
   float* op = out.data_ptr<float>();
   const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
@@ -491,11 +495,7 @@ torch::Tensor fp8b_linear(torch::Tensor x, torch::Tensor w, torch::Tensor ws) {
               "ws must be contiguous float32 [N, K / group] with group a multiple of 32");
 #ifdef HM_AVX512
   const int64_t G = ws.size(1), gs = K / G;
-  std::vector<uint16_t> xb(static_cast<size_t>(M * K));
-  const float* xp = x.data_ptr<float>();
-  for (int64_t i = 0; i < M * K; i += 16)
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(xb.data() + i),
-                        (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(xp + i)));
+  const std::vector<uint16_t> xb = bf16_bits(x.data_ptr<float>(), M * K);
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const float* wsp = ws.data_ptr<float>();
   const E4M3Upcast up;
