@@ -2,6 +2,7 @@
 SIGTERM stops every process it started (the embedded Ray instance included)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -18,6 +19,25 @@ from engine.sampling import SamplingParams
 pytestmark = [pytest.mark.slow, pytest.mark.real_model]
 
 
+@contextlib.contextmanager
+def _serving(args: list[str]):
+    """`halfmoon serve ...` as a child process, its output collected line by line by a reader
+    thread: (process, lines, reader); whatever is still running at the end is killed by PID."""
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    try:
+        yield proc, lines, reader
+    finally:
+        if proc.poll() is None:
+            for p in psutil.Process(proc.pid).children(recursive=True):
+                p.kill()
+            proc.kill()
+            proc.wait(10)
+
+
 @pytest.mark.parametrize("launcher", ["ray", "processes"])
 def test_serve_from_a_config_and_stop_on_sigterm(tmp_path, launcher):
     grpc_port, http_port = free_port(), free_port()
@@ -25,12 +45,7 @@ def test_serve_from_a_config_and_stop_on_sigterm(tmp_path, launcher):
     config.write_text(f"kv: {{num_blocks: 256}}\nconductor: {{grpc_port: {grpc_port}, policy: least_loaded}}\n")
     args = [os.path.join(os.path.dirname(sys.executable), "halfmoon"), "serve", "--config", str(config),
             "--launcher", launcher, "--http-port", str(http_port), "--timeout", "240"]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "RAY_AUTH_MODE": "disabled"})
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
-    reader.start()
-    try:
+    with _serving(args) as (proc, lines, reader):
         serving = f"halfmoon serving on 127.0.0.1:{grpc_port} (gRPC) and http://127.0.0.1:{http_port}/v1"
         assert wait_for(lambda: any(serving in line for line in lines) or proc.poll() is not None, timeout_s=300)
         assert proc.poll() is None, "".join(lines)
@@ -48,12 +63,6 @@ def test_serve_from_a_config_and_stop_on_sigterm(tmp_path, launcher):
         assert "stopped" in lines[-1]
         _, alive = psutil.wait_procs(children, timeout=30)
         assert not alive, f"left running: {[p.pid for p in alive]}"
-    finally:
-        if proc.poll() is None:
-            for p in psutil.Process(proc.pid).children(recursive=True):
-                p.kill()
-            proc.kill()
-            proc.wait(10)
 
 
 def _listener_pid(port: int) -> int:
@@ -71,12 +80,7 @@ def test_serve_on_ray_serves_on_when_a_node_dies_and_stops_when_the_conductor_di
                       f"conductor: {{grpc_port: {grpc_port}, http_port: 0, heartbeat_interval_s: 0.5}}\n")
     args = [os.path.join(os.path.dirname(sys.executable), "halfmoon"), "serve", "--config", str(config),
             "--launcher", "ray", "--timeout", "240"]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "RAY_AUTH_MODE": "disabled"})
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
-    reader.start()
-    try:
+    with _serving(args) as (proc, lines, reader):
         assert wait_for(lambda: any("halfmoon serving on" in line for line in lines) or proc.poll() is not None,
                         timeout_s=300)
         assert proc.poll() is None, "".join(lines)
@@ -101,9 +105,3 @@ def test_serve_on_ray_serves_on_when_a_node_dies_and_stops_when_the_conductor_di
         assert "stopped" in lines[-1]
         _, alive = psutil.wait_procs(children, timeout=30)
         assert not alive, f"left running: {[p.pid for p in alive]}"
-    finally:
-        if proc.poll() is None:
-            for p in psutil.Process(proc.pid).children(recursive=True):
-                p.kill()
-            proc.kill()
-            proc.wait(10)
