@@ -13,7 +13,9 @@ are rate x window (at least 3, at most `--requests`).
 
 Tier configurations (`--tiers`): `device` (no tiers), `host`, `host+disk`,
 `host+disk+store` (a Mooncake master and store keeper started beside the conductor; the
-decode node writes every finished turn's prompt + answer KV back to the store). Sizes
+decode node writes every finished turn's prompt + answer KV back to the store). The tiers
+are the prefill node's: the decode node runs only the write-back's staging pool, as every
+decode node does (`cluster.kv_tiers.role_tiers`). Sizes
 (`size_tiers`): the prefill node's device tier holds half the chat's shared system prompts
 (its hot set: every conversation starts with one of them; at least the 72 blocks a
 1024-token trace prompt needs), so `device` keeps recomputing them; the host pool holds
@@ -130,7 +132,7 @@ def start_cluster(name: str, sizes: Sizes, record: int, threads: int, work: Path
     nodes = []
     for n in cluster.nodes:
         tiers = tier_config(name, sizes, record, master, work / name / n.node_id)
-        if tiers is not None and n.role == "decode":
+        if tiers is not None:  # each node runs what its role uses of it (`cluster.kv_tiers.role_tiers`)
             tiers = replace(tiers, write_back_on_finish=tiers.store)
         nodes.append(replace(n, kv_tiers=tiers, num_blocks=sizes.device_blocks if n.role == "prefill" else 1024))
     cluster.nodes = nodes

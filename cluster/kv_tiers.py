@@ -1,7 +1,9 @@
 """From the config's `kv_tiers` section to what nodes and launchers run.
 
-- `node_tiers(config, role, node_id)`: the engine's `TierConfig` for one node (its own disk
-  folder, decode write-back on decode nodes), or None when the tiers are off;
+- `node_tiers(config, node_id)`: the `TierConfig` a node is launched with (its own disk
+  folder), or None when the tiers are off;
+- `role_tiers(tiers, role)`: what of it one life of the node runs in `role` (a node can
+  switch roles, so this is derived at each start, not at launch);
 - `embedded_store(config)`: when the store is on and no master is configured, a
   `MooncakeMaster` (with its store keeper) on free loopback ports for the launcher to start
   beside the conductor, and the config pointing the nodes at it. Where the wheel cannot
@@ -10,6 +12,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 from typing import TYPE_CHECKING
@@ -22,7 +25,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("halfmoon.kv_tiers")
 
 
-def node_tiers(config: ClusterConfig, role: str, node_id: str) -> TierConfig | None:
+def node_tiers(config: ClusterConfig, node_id: str) -> TierConfig | None:
     t = config.kv_tiers
     if t.host_gb <= 0:
         return None
@@ -39,8 +42,27 @@ def node_tiers(config: ClusterConfig, role: str, node_id: str) -> TierConfig | N
         store_master=t.store_master or TierConfig().store_master,
         store_metadata=t.metadata_url() or TierConfig().store_metadata,
         store_segment_gib=t.node_segment_gb, policy=t.policy, selective_hits=t.selective_hits,
-        write_back_on_finish=t.decode_write_back and role in ("decode", "colocated"),
+        write_back_on_finish=t.decode_write_back,
     )
+
+
+def role_tiers(tiers: TierConfig | None, role: str) -> TierConfig | None:
+    """The tiers a node runs in `role`. A prefill node looks prompts up in every tier and
+    writes nothing back (its requests end at their first token). A decode node's cached
+    blocks are never looked up (the conductor sends prompts to prefill nodes and ships
+    their KV whole), so copying them down on eviction would only take CPU from its decode
+    steps: it copies nothing down and has no disk tier, and its host pool only stages the
+    write-back's puts to the store; without the write-back it runs no tiers at all. A
+    colocated node does both."""
+    if tiers is None:
+        return None
+    if role == "prefill":
+        return replace(tiers, write_back_on_finish=False)
+    if role == "decode":
+        if not (tiers.store and tiers.write_back_on_finish):
+            return None
+        return replace(tiers, disk_gib=0.0, copy_down=False)
+    return tiers
 
 
 def embedded_store(config: ClusterConfig, log_dir: Path | None = None):

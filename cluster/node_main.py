@@ -76,7 +76,7 @@ async def _serve_role(spec: NodeSpec, stop: asyncio.Event) -> str | None:
     """One life of the node in `spec.role`; the role to restart in, or None when stopped."""
     from prometheus_client import CollectorRegistry
 
-    from cluster.kv_tiers import tier_use
+    from cluster.kv_tiers import role_tiers, tier_use
     from conductor.metrics import MetricsServer, NodeMetrics
     from decode_node.service import DecodeService
     from engine.audit import audit_periodically
@@ -96,6 +96,7 @@ async def _serve_role(spec: NodeSpec, stop: asyncio.Event) -> str | None:
             loop.add_signal_handler(sig, stop.set)
         except (RuntimeError, ValueError):  # not the main thread (e.g. inside a test)
             pass
+    tiers = role_tiers(spec.kv_tiers, spec.role)
     cfg = EngineConfig(block_size=spec.block_size, num_blocks=spec.num_blocks,
                        max_num_batched_tokens=spec.max_num_batched_tokens, max_num_seqs=spec.max_num_seqs,
                        max_model_len=spec.max_model_len, num_threads=spec.num_threads, dtype=spec.dtype)
@@ -108,14 +109,14 @@ async def _serve_role(spec: NodeSpec, stop: asyncio.Event) -> str | None:
     if spec.role == "decode":
         shape = kv_shape(load_model(spec.model, progress=False).config, spec.num_blocks, spec.block_size)
         region, kv = transfer.allocate_tensor(shape, dtype=cfg.kv_torch_dtype)
-        engine = LLMEngine(spec.model, cfg, kv_tensor=kv, tiers=spec.kv_tiers)
+        engine = LLMEngine(spec.model, cfg, kv_tensor=kv, tiers=tiers)
         worker = EngineWorker(engine, name=f"{spec.node_id}-engine")
         service = decode_service = DecodeService(worker, spec.node_id, region.id, transfer.descriptor().to_bytes(),
                                                  metrics=metrics)
         node_pb2_grpc.add_DecodeNodeServicer_to_server(service, server)
         role = node_pb2.ROLE_DECODE
     elif spec.role == "prefill":
-        engine = LLMEngine(spec.model, cfg, tiers=spec.kv_tiers)
+        engine = LLMEngine(spec.model, cfg, tiers=tiers)
         region = transfer.register(engine.kv.tensor)
         worker = EngineWorker(engine, name=f"{spec.node_id}-engine")
         service = PrefillService(worker, transfer, region.id, transfer_timeout_s=spec.transfer_timeout_s,
@@ -123,7 +124,7 @@ async def _serve_role(spec: NodeSpec, stop: asyncio.Event) -> str | None:
         node_pb2_grpc.add_PrefillNodeServicer_to_server(service, server)
         role = node_pb2.ROLE_PREFILL
     elif spec.role == "colocated":  # one engine, prefill and decode: the baseline layout
-        engine = LLMEngine(spec.model, cfg, tiers=spec.kv_tiers)
+        engine = LLMEngine(spec.model, cfg, tiers=tiers)
         worker = EngineWorker(engine, name=f"{spec.node_id}-engine")
         service = PrefillService(worker, None, 0, metrics=metrics)  # its KV events feed the index
         node_pb2_grpc.add_PrefillNodeServicer_to_server(service, server)

@@ -63,13 +63,15 @@ def model_ref(config: ClusterConfig) -> str:
 
 def store_gib(config: ClusterConfig) -> float:
     """The cluster store's memory the conductor's index models (`conductor.store_gb`, else
-    derived: the keeper a launcher-started master mounts plus every node's own segment)."""
+    derived: the keeper a launcher-started master mounts plus every node's own segment; a
+    decode node mounts one only for the write-back, `kv_tiers.role_tiers`)."""
     if config.conductor.store_gb is not None:
         return config.conductor.store_gb
     t = config.kv_tiers
     if not t.store or t.host_gb <= 0:
         return 0.0
-    nodes = config.prefill.count + (0 if config.layout == "colocated" else config.decode.count)
+    decoders = 0 if config.layout == "colocated" or not t.decode_write_back else config.decode.count
+    nodes = config.prefill.count + decoders
     return (t.store_gb if t.store_master is None else 0.0) + t.node_segment_gb * nodes
 
 
@@ -187,7 +189,7 @@ def node_plans(config: ClusterConfig, control_address: str) -> list[NodePlan]:
                 num_threads=_threads(group),
                 metrics_port=group.metrics_port,
                 control_secret=config.auth.control_secret,
-                kv_tiers=node_tiers(config, node_role, f"{node_role}-{i}"),
+                kv_tiers=node_tiers(config, f"{node_role}-{i}"),
             )
             plans.append(NodePlan(spec, group.ray_options(), config.kv.kv_memory_gb))
     return plans

@@ -28,6 +28,7 @@ class TierConfig:
     policy: str = DEFAULT_POLICY.value  # when device blocks are copied down (engine/tiers/policy.py)
     selective_hits: int = 2  # write_through_selective: copy a block down at this many hits
     write_back_on_finish: bool = False  # a finished request's KV goes to the store (decode nodes)
+    copy_down: bool = True  # device blocks go down by `policy`; off where none is looked up again (decode nodes)
     write_queue_blocks: int = 256  # pending disk writes + store puts; beyond it a copy-down is dropped
 
     @property

@@ -206,16 +206,16 @@ class TierManager:
     def on_evict(self, block: int, h: int, tokens: Sequence[int]) -> None:
         """`BlockPool.allocate` is about to reuse cached `block` (engine thread)."""
         self._hits.pop(h, None)
-        if self.policy is WritePolicy.WRITE_BACK:
+        if self.policy is WritePolicy.WRITE_BACK and self.config.copy_down:
             self._copy_down(block, h, tokens)
 
     def on_cache(self, block: int, h: int, tokens: Sequence[int]) -> None:
         """`block` was just published as `h` in the device prefix cache (engine thread)."""
-        if self.policy is WritePolicy.WRITE_THROUGH:
+        if self.policy is WritePolicy.WRITE_THROUGH and self.config.copy_down:
             self._copy_down(block, h, tokens)
 
     def _count_device_hits(self, hashes: Sequence[int], blocks: Sequence[int], tokens: Sequence[int]) -> None:
-        if self.policy is not WritePolicy.WRITE_THROUGH_SELECTIVE:
+        if self.policy is not WritePolicy.WRITE_THROUGH_SELECTIVE or not self.config.copy_down:
             return
         bs = self.block_size
         for i, (h, b) in enumerate(zip(hashes, blocks)):

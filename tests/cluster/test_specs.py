@@ -126,6 +126,7 @@ def test_the_colocated_layout_runs_the_prefill_groups_count_of_colocated_nodes()
         ({}, 1.0),  # the launcher-started master's keeper (kv_tiers.store_gb), nodes mount nothing
         ({"kv_tiers.node_segment_gb": 0.5}, 2.0),  # + 0.5 GiB from each of 1P + 1D
         ({"kv_tiers.node_segment_gb": 0.5, "kv_tiers.store_master": "10.0.0.1:50090"}, 1.0),  # their master: segments
+        ({"kv_tiers.node_segment_gb": 0.5, "kv_tiers.decode_write_back": False}, 1.5),  # the decode node mounts none
         ({"kv_tiers.store": False}, 0.0),
         ({"conductor.store_gb": 3.0}, 3.0),
     ],

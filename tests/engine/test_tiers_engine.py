@@ -258,3 +258,28 @@ def test_decode_write_back_lets_another_node_reuse_prompt_and_answer(tiny_model_
     settle(ot)
     dt.close()
     ot.close()
+
+
+def test_a_decode_nodes_tiers_write_back_and_copy_nothing_down(tiny_model_dir, tmp_path):
+    """`copy_down` off (a decode node, `cluster.kv_tiers.role_tiers`): evictions and device
+    hits move nothing into the host pool under any policy (`test_write_policies` shows each
+    policy moving blocks with it on); a finished request's write-back still reaches the store."""
+    for policy in ("write_back", "write_through", "write_through_selective"):
+        eng, tiers = make(tiny_model_dir, tmp_path / policy, disk=0, policy=policy, selective_hits=1,
+                          copy_down=False)
+        eng.generate([PROMPT], GREEDY)
+        eng.generate([PROMPT], GREEDY)  # device hits
+        evict_device(eng)
+        settle(tiers)
+        assert tiers.host.num_cached == 0 and "device->host" not in tiers.stats().bytes_moved, policy
+        tiers.close()
+    store = FakeStore()
+    eng, tiers = make(tiny_model_dir, tmp_path / "wb", disk=0, store=store, write_back_on_finish=True,
+                      copy_down=False)
+    answer = eng.generate([PROMPT], GREEDY)[0]
+    evict_device(eng)
+    settle(tiers)
+    written = (len(PROMPT) + len(answer) - 1) // BS
+    assert len(store.keys()) == tiers.host.num_cached == written == 6  # the write-back's blocks, staged, only
+    assert tiers.stats().bytes_moved["device->host"] == written * eng.kv.block_bytes
+    tiers.close()

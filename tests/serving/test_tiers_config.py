@@ -2,11 +2,13 @@
 the tier metrics."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from prometheus_client import CollectorRegistry
 
 from cluster.config import ClusterConfig, ConfigError, parse_config, with_overrides
-from cluster.kv_tiers import embedded_store, node_tiers
+from cluster.kv_tiers import embedded_store, node_tiers, role_tiers
 from conductor.metrics import NodeMetrics
 from engine.tiers.mooncake_store import master_problem, store_unavailable_reason
 
@@ -35,20 +37,32 @@ def test_bad_kv_tiers_values_name_the_field(text, message):
 def test_node_tiers_per_role_and_node(tmp_path):
     cfg = with_overrides(ClusterConfig(), {"kv_tiers.store_master": "10.0.0.5:7000",
                                            "kv_tiers.disk_dir": str(tmp_path)})
-    p = node_tiers(cfg, "prefill", "prefill-0")
-    d = node_tiers(cfg, "decode", "decode-0")
+    p = node_tiers(cfg, "prefill-0")
+    d = node_tiers(cfg, "decode-0")
     assert p.disk_dir == str(tmp_path / "prefill-0") and d.disk_dir == str(tmp_path / "decode-0")  # never shared
-    assert not p.write_back_on_finish and d.write_back_on_finish  # decode write-back: decode nodes only
     assert p.store and p.store_master == "10.0.0.5:7000" and p.store_metadata == "http://10.0.0.5:7001/metadata"
     assert (p.host_gib, p.disk_gib, p.policy) == (1.0, 4.0, "write_back")
     off = with_overrides(ClusterConfig(), {"kv_tiers.host_gb": 0, "kv_tiers.disk_gb": 0, "kv_tiers.store": False})
-    assert node_tiers(off, "prefill", "prefill-0") is None
+    assert node_tiers(off, "prefill-0") is None
+
+
+def test_role_tiers_each_role_runs_what_it_uses(tmp_path):
+    cfg = with_overrides(ClusterConfig(), {"kv_tiers.store_master": "10.0.0.5:7000",
+                                           "kv_tiers.disk_dir": str(tmp_path)})
+    t = node_tiers(cfg, "node-0")
+    p, d, c = (role_tiers(t, r) for r in ("prefill", "decode", "colocated"))
+    assert not p.write_back_on_finish and (p.disk_gib, p.copy_down) == (4.0, True)  # looks up, writes nothing back
+    assert d.write_back_on_finish and d.store and (d.disk_gib, d.copy_down) == (0.0, False)  # stages puts only
+    assert d.host_gib == t.host_gib and c == t  # colocated: both
+    assert role_tiers(replace(t, write_back_on_finish=False), "decode") is None  # nothing left to run
+    assert role_tiers(replace(t, store=False), "decode") is None
+    assert role_tiers(None, "prefill") is None
 
 
 def test_a_store_without_a_master_is_off_on_the_nodes(caplog):
     cfg = ClusterConfig()  # `halfmoon up` on a Ray cluster: no launcher-started master
     with caplog.at_level("WARNING"):
-        t = node_tiers(cfg, "prefill", "prefill-0")
+        t = node_tiers(cfg, "prefill-0")
     assert not t.store and t.host_gib == 1.0
     assert "no master is set or started (kv_tiers.store_master): the cluster KV tier is off" in caplog.text
 
@@ -59,7 +73,7 @@ def test_node_plans_carry_each_nodes_tiers():
     cfg = with_overrides(ClusterConfig(), {"kv_tiers.store_master": "127.0.0.1:7000", "prefill.count": 2})
     plans = {p.node_id: p.spec.kv_tiers for p in node_plans(cfg, "127.0.0.1:1")}
     assert set(plans) == {"prefill-0", "prefill-1", "decode-0"}
-    assert [plans[n].write_back_on_finish for n in sorted(plans)] == [True, False, False]
+    assert [role_tiers(plans[n], n.split("-")[0]).write_back_on_finish for n in sorted(plans)] == [True, False, False]
     assert len({plans[n].disk_dir for n in plans}) == 3
 
 
