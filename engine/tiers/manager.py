@@ -134,6 +134,9 @@ class TierManager:
             t.start()
         if self.cluster is not None:
             self._submit(self._writes, self._connect_store)
+        # then the writer yields to the engine threads (after the store client started its own
+        # threads, which inherit a thread's nice value and also serve the loaders' gets)
+        self._submit(self._writes, _lower_priority)
         pool.tiers = self
 
     @classmethod
@@ -615,3 +618,21 @@ class TierManager:
                     self._outstanding -= 1
                     if self._outstanding == 0:
                         self._idle.notify_all()
+
+
+WRITER_NICE = 10  # added to the writer thread's nice value
+
+
+def _lower_priority() -> None:
+    """Run the calling thread WRITER_NICE steps nicer. The writer's disk writes and store puts
+    are background work nothing waits on, so on a host short of cores they should yield to the
+    engine threads (this node's and a colocated peer's decode steps) instead of taking time
+    slices from them. Linux nice values are per thread; elsewhere this does nothing."""
+    import os
+
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + WRITER_NICE))
+    except (AttributeError, OSError):
+        pass
+

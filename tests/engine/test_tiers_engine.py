@@ -283,3 +283,17 @@ def test_a_decode_nodes_tiers_write_back_and_copy_nothing_down(tiny_model_dir, t
     assert len(store.keys()) == tiers.host.num_cached == written == 6  # the write-back's blocks, staged, only
     assert tiers.stats().bytes_moved["device->host"] == written * eng.kv.block_bytes
     tiers.close()
+
+
+def test_the_writer_thread_yields_to_the_engine_the_loaders_do_not(tiny_model_dir, tmp_path):
+    import os
+
+    from engine.tiers.manager import WRITER_NICE
+
+    eng, tiers = make(tiny_model_dir, tmp_path, store=FakeStore())
+    settle(tiers)  # the store connected, then the writer lowered its priority
+    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    nice = {t.name: os.getpriority(os.PRIO_PROCESS, t.native_id) for t in tiers._threads}
+    assert nice == {"kv-tier-writer": min(19, base + WRITER_NICE), "kv-tier-loader-0": base,
+                    "kv-tier-loader-1": base}
+    tiers.close()
