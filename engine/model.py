@@ -18,7 +18,7 @@ from engine import cpu_kernels
 from engine.attention import AttentionMetadata, PrefillChunk, attend, paged_attention
 from engine.config import ModelConfig
 from engine.kv_cache import KVCache
-from engine.quant import Embedding, QLinear
+from engine.quant import ACT_BITS, Embedding, QLinear
 
 # Up to this many rows (a decode step's batch) the matmuls use the C++ skinny kernel, which
 # streams each weight once without packing it; beyond, MKL's blocked GEMM (prefill chunks).
@@ -200,6 +200,8 @@ def _qlinear(w: dict[str, torch.Tensor], name: str, act_group: int = 0) -> QLine
     scale = w.get(name + "_scale")
     if form == "fp8" and scale is not None and scale.dim() == 2:
         form = "fp8b"  # scales per row and per group of input channels
+    if form == "int8" and int(w.get(name + ACT_BITS, 8)) == 16:
+        form = "w8a16"  # weight-only int8: activations in int16 (engine.quant_calib.quantize_state)
     return QLinear.make(form, t, scale, act_group if form == "int8" else 0)
 
 
@@ -211,7 +213,7 @@ def _fused_linear(ck, a: torch.Tensor, lin: QLinear, skinny: bool) -> torch.Tens
         if skinny and M <= SKINNY_MAX_ROWS:
             return ck.skinny_linear(a, lin.weight)
         return ck.split_linear(a, lin.weight) if SPLIT_LINEAR else F.linear(a, lin.weight)
-    if not ck.qgemm_supported() or K % (64 if lin.form == "int8" else 32):
+    if not ck.qgemm_supported() or K % (64 if lin.form in ("int8", "w8a16") else 32):
         return lin.reference(a)
     if lin.form == "int8" and lin.act_group:
         if lin.act_group % 64:
@@ -219,6 +221,8 @@ def _fused_linear(ck, a: torch.Tensor, lin: QLinear, skinny: bool) -> torch.Tens
         return ck.int8_group_linear(a, lin.weight, lin.scale, lin.act_group)
     if lin.form == "int8":
         return ck.int8_linear(a, lin.weight, lin.scale, lin.row_sums)
+    if lin.form == "w8a16":
+        return ck.w8a16_linear(a, lin.weight, lin.scale, lin.row_sums)
     if lin.form == "fp8":
         return ck.fp8_linear(a, lin.weight.view(torch.uint8), lin.scale)
     if lin.form == "fp8b":

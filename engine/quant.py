@@ -80,6 +80,10 @@ import torch.nn.functional as F
 DTYPES = ("float32", "bfloat16", "w8a8", "fp8")
 KV_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 INT8_MAX = 127.0
+INT16_MAX = 32767.0
+# A stored int8 weight `<name>` with `<name>_act_bits` = 16 beside it is "w8a16" (int16
+# activations), not "int8" (the layers' int8 activations): how a quantized cache says which.
+ACT_BITS = "_act_bits"
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
 
@@ -89,7 +93,7 @@ class Recipe:
 
     dtype: str
     linear: str  # "f32" | "bf16" | "int8" | "fp8" | "fp8b"
-    lm_head: str  # "f32" | "bf16" | "int8"
+    lm_head: str  # "f32" | "bf16" | "int8" | "w8a16"
     kv_dtype: str  # the KV cache's dtype when EngineConfig.kv_dtype is "auto"
 
 
@@ -146,6 +150,16 @@ def quantize_int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, amax / INT8_MAX
 
 
+def quantize_int16_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int16 per row, as `quantize_int8_rows` with 32767 levels a side (the C++
+    kernel's codes bit for bit)."""
+    x = x.float()
+    amax = x.abs().amax(dim=-1)
+    inv = torch.where(amax > 0, torch.full_like(amax, INT16_MAX) / amax, torch.zeros_like(amax))
+    q = torch.round(x * inv.unsqueeze(-1)).clamp_(-INT16_MAX, INT16_MAX).to(torch.int16)
+    return q, amax / INT16_MAX
+
+
 def quantize_int8_groups(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 per row and per `group` consecutive columns (as `quantize_int8_rows` on each
     group): codes [M, K], scales [M, K / group]."""
@@ -181,13 +195,13 @@ def int8_row_sums(q: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True, slots=True)
 class QLinear:
-    """y[M, N] = x[M, K] @ W^T for a weight W [N, K] (contiguous) in one of five forms."""
+    """y[M, N] = x[M, K] @ W^T for a weight W [N, K] (contiguous) in one of six forms."""
 
-    form: str  # "f32" | "bf16" | "int8" | "fp8" | "fp8b"
+    form: str  # "f32" | "bf16" | "int8" | "w8a16" | "fp8" | "fp8b"
     weight: torch.Tensor  # float32 | bfloat16 | int8 | float8_e4m3fn, [N, K]
-    # float32: [N] (int8, fp8): W = weight * scale[:, None]; [N, K / g] (fp8b): one per g columns
+    # float32: [N] (int8, w8a16, fp8): W = weight * scale[:, None]; [N, K / g] (fp8b): one per g columns
     scale: torch.Tensor | None = None
-    row_sums: torch.Tensor | None = None  # [N] int32 (int8 per token; the grouped kernel needs none)
+    row_sums: torch.Tensor | None = None  # [N] int32 (int8 per token, w8a16; the grouped kernel needs none)
     act_group: int = 0  # int8: activations scaled per token (0) or per token and per this many columns
 
     @classmethod
@@ -201,7 +215,7 @@ class QLinear:
             return cls(form, weight.float().contiguous())
         if form == "bf16":
             return cls(form, weight.to(torch.bfloat16).contiguous())
-        if form not in ("int8", "fp8", "fp8b"):
+        if form not in ("int8", "w8a16", "fp8", "fp8b"):
             raise ValueError(f"unknown linear form {form!r}")
         if form == "fp8b":
             if scale is None:
@@ -211,8 +225,10 @@ class QLinear:
                 raise ValueError(f"fp8b scales must be [N, K / group], got {tuple(scale.shape)}")
             return cls(form, weight.contiguous(), scale.float().contiguous())
         if scale is None:
-            weight, scale = (quantize_int8_rows if form == "int8" else quantize_fp8_rows)(weight)
+            weight, scale = (quantize_fp8_rows if form == "fp8" else quantize_int8_rows)(weight)
         weight = weight.contiguous()
+        if form == "w8a16":
+            return cls(form, weight, scale.float().contiguous(), int8_row_sums(weight))
         if form != "int8":
             return cls(form, weight, scale.float().contiguous())
         group = act_group if act_group and weight.shape[1] % act_group == 0 else 0
@@ -266,6 +282,11 @@ class QLinear:
         if self.form == "int8":
             xq, xs = quantize_int8_rows(x)
             return int_mm(xq, self.weight).float() * xs.unsqueeze(1) * self.scale
+        if self.form == "w8a16":
+            # int16 x int8 products and their sums (< 2^53) are exact in float64
+            xq, xs = quantize_int16_rows(x)
+            acc = xq.double() @ self.weight.double().t()
+            return acc.float() * xs.unsqueeze(1) * self.scale
         if self.form == "fp8b":
             # bf16 x E4M3 products are exact in fp32; each group's sum is scaled by its weight scale
             g = self.w_group

@@ -40,13 +40,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from engine.quant import quantize_int8_rows, recipe
+from engine.quant import ACT_BITS, quantize_int8_rows, recipe
 
 log = logging.getLogger(__name__)
 
 RECIPE_VERSION = 2  # 2: LM head / embedding in bfloat16 (was int8)
 ALPHA = 0.5
 HEAD_NAMES = ("model.embed_tokens.weight", "lm_head.weight")
+HEAD_FORMS = ("bf16", "int8", "w8a16")
 CALIB_SEQS = 16
 CALIB_LEN = 512
 CALIB_SOURCE = "pydoc_data.topics (Python's language-reference help text)"
@@ -122,13 +123,16 @@ def smooth(w: dict[str, torch.Tensor], stats: dict[tuple[int, str], torch.Tensor
 
 def quantize_state(w: dict[str, torch.Tensor], lm_head: str = "bf16") -> dict[str, torch.Tensor]:
     """int8 codes + `<name>_scale` for every layer linear, the embedding / LM head in bfloat16
-    (`lm_head` "bf16") or as int8 rows with their scales ("int8"), the rest as is."""
-    if lm_head not in ("bf16", "int8"):
-        raise ValueError(f"w8a8 LM head must be bf16 or int8, got {lm_head!r}")
+    (`lm_head` "bf16"), as int8 rows with their scales ("int8"), or as those int8 rows marked
+    `<name>_act_bits` = 16 ("w8a16": the head's activations in int16), the rest as is."""
+    if lm_head not in HEAD_FORMS:
+        raise ValueError(f"w8a8 LM head must be one of {', '.join(HEAD_FORMS)}, got {lm_head!r}")
     out: dict[str, torch.Tensor] = {}
     for name, t in w.items():
-        if name.endswith("_proj.weight") or (lm_head == "int8" and name in HEAD_NAMES):
+        if name.endswith("_proj.weight") or (lm_head != "bf16" and name in HEAD_NAMES):
             out[name], out[name + "_scale"] = quantize_int8_rows(t)
+            if lm_head == "w8a16" and name in HEAD_NAMES:
+                out[name + ACT_BITS] = torch.tensor(16, dtype=torch.int32)
         elif name in HEAD_NAMES:
             out[name] = t.to(torch.bfloat16)
         else:
@@ -185,9 +189,10 @@ def ensure_w8a8(model_dir: Path, *, n_seqs: int = CALIB_SEQS, seq_len: int = CAL
             "weights": "int8 per output channel (symmetric, absmax / 127); activations int8 per token, dynamic",
             "smoothquant": {"alpha": alpha, "folded": {"qkv": "input_layernorm", "gate_up": "post_attention_layernorm",
                                                        "down": "up_proj rows"}, "not_smoothed": ["o_proj"]},
-            "lm_head_and_embedding": ("bfloat16" if lm_head == "bf16" else
-                                      "int8 per row (activations as the layers'; embedding rows dequantized)")
-                                     + " (tied models share one table)",
+            "lm_head_and_embedding": {"bf16": "bfloat16",
+                                      "int8": "int8 per row (activations as the layers'; embedding rows dequantized)",
+                                      "w8a16": "int8 per row (activations int16 per token; embedding rows dequantized)",
+                                      }[lm_head] + " (tied models share one table)",
             "calibration": {"source": CALIB_SOURCE, "sequences": n_seqs, "tokens_per_sequence": seq_len},
             "seconds": round(time.perf_counter() - t0, 1)}, indent=2))
         (tmp / ".complete").write_text("ok\n")
@@ -209,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calib-seqs", type=int, default=CALIB_SEQS)
     ap.add_argument("--calib-len", type=int, default=CALIB_LEN)
     ap.add_argument("--alpha", type=float, default=ALPHA)
-    ap.add_argument("--lm-head", choices=["bf16", "int8"], default=recipe("w8a8").lm_head,
+    ap.add_argument("--lm-head", choices=list(HEAD_FORMS), default=recipe("w8a8").lm_head,
                     help="the LM head's (and tied embedding's) form (default: engine.quant.W8A8_LM_HEAD)")
     args = ap.parse_args(argv)
     out = ensure_w8a8(resolve_model_dir(args.model), n_seqs=args.calib_seqs, seq_len=args.calib_len,

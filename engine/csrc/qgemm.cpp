@@ -8,6 +8,11 @@
 //   int32 sums are exact, so y[m, n] = (float(acc) * xs[m]) * ws[n] equals the torch reference
 //   bit for bit. Small M: VPDPBUSD over (q + 128) as unsigned bytes, minus 128 * rowsum(W);
 //   large M (prefill): oneDNN's int8 GEMM (at::_int_mm) on the same codes.
+// w8a16_linear: W int8 per output row with scale ws[n] (the LM head's "w8a16" form); x quantized
+//   per row to int16 (q = rne(x * (32767 / absmax)), xs = absmax / 32767), each code split into
+//   its two bytes and each byte row multiplied by VPDPBUSD (as int8_linear, two products a weight
+//   instead of widening the weights to int16); exact: y[m, n] = (float(acc) * xs[m]) * ws[n] with
+//   acc the int64 dot product, bit for bit the torch reference.
 // fp8_linear: W E4M3 codes per output row with scale ws[n]; x quantized per row to E4M3
 //   (round to nearest even, as torch's float8_e4m3fn cast) with xs = absmax / 448. E4M3 values
 //   are exact in bfloat16, so the weights are upcast through a 128-entry table and multiplied
@@ -64,6 +69,27 @@ void quantize_rows_int8(const float* x, int64_t M, int64_t K, int bias, uint8_t*
         float v = std::nearbyint(xr[k] * inv);
         v = std::min(127.f, std::max(-127.f, v));
         qr[k] = static_cast<uint8_t>(static_cast<int>(v) + bias);
+      }
+    }
+  });
+}
+
+// Absmax of each row of x and the int16 codes q = rne(x * (32767 / absmax)) (0 where absmax is 0),
+// written as their low bytes lo[m * K + k] = q & 0xFF and high bytes hi[..] = (q >> 8) + 128.
+void quantize_rows_int16(const float* x, int64_t M, int64_t K, uint8_t* lo, uint8_t* hi, float* scale) {
+  at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
+    for (int64_t m = b; m < e; ++m) {
+      const float* xr = x + m * K;
+      float amax = 0.f;
+      for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(xr[k]));
+      const float inv = amax > 0.f ? 32767.f / amax : 0.f;
+      scale[m] = amax / 32767.f;
+      for (int64_t k = 0; k < K; ++k) {
+        float v = std::nearbyint(xr[k] * inv);
+        v = std::min(32767.f, std::max(-32767.f, v));
+        const int q = static_cast<int>(v);
+        lo[m * K + k] = static_cast<uint8_t>(q & 0xFF);
+        hi[m * K + k] = static_cast<uint8_t>((q >> 8) + 128);
       }
     }
   });
@@ -210,6 +236,34 @@ inline void vnni_group_tile(const int8_t* const xq[MR], const float* const xs[MR
   }
   for (int m = 0; m < MR; ++m)
     for (int n = 0; n < NR; ++n) out[m][n] = _mm512_reduce_add_ps(acc[m][n]);
+}
+
+// NR int8 weight rows against MR token rows of int16 codes q = 256 * (hi - 128) + lo, given as
+// two unsigned byte rows (lo = q & 0xFF, hi = (q >> 8) + 128): two VPDPBUSD a 64-byte step, no
+// widening of the weights. out = 256 * (hi . w - 128 * rowsum(w)) + lo . w, exact (each int32 sum
+// is at most K * 255 * 128).
+template <int NR, int MR>
+inline void w8a16_tile(const uint8_t* const lo[MR], const uint8_t* const hi[MR], const int8_t* w0,
+                       const int32_t* rowsum, int64_t K, int64_t out[MR][NR]) {
+  __m512i alo[MR][NR], ahi[MR][NR];
+  for (int m = 0; m < MR; ++m)
+    for (int n = 0; n < NR; ++n) alo[m][n] = ahi[m][n] = _mm512_setzero_si512();
+  for (int64_t k = 0; k < K; k += 64) {
+    __m512i wv[NR];
+    for (int n = 0; n < NR; ++n) wv[n] = _mm512_loadu_si512(w0 + n * K + k);
+    for (int m = 0; m < MR; ++m) {
+      const __m512i xl = _mm512_loadu_si512(lo[m] + k), xh = _mm512_loadu_si512(hi[m] + k);
+      for (int n = 0; n < NR; ++n) {
+        alo[m][n] = _mm512_dpbusd_epi32(alo[m][n], xl, wv[n]);
+        ahi[m][n] = _mm512_dpbusd_epi32(ahi[m][n], xh, wv[n]);
+      }
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int n = 0; n < NR; ++n) {
+      const int64_t h = static_cast<int64_t>(_mm512_reduce_add_epi32(ahi[m][n])) - 128 * int64_t{rowsum[n]};
+      out[m][n] = 256 * h + _mm512_reduce_add_epi32(alo[m][n]);
+    }
 }
 
 // Rows of bfloat16 bits (NR weight rows, MR token rows): fp32 sums of exact products.
@@ -404,6 +458,45 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor ws, to
       for (int64_t n = 0; n < N; ++n) op[m * N + n] = static_cast<float>(ap[m * N + n]) * xs[m] * wsp[n];
   });
   return out;
+}
+
+// x [M, K] float32 @ (w [N, K] int8 * ws[:, None])^T with x quantized per row to int16 -> [M, N]
+// float32 (any M; K % 64 == 0). w_sum[n] = sum_k w[n, k] (int32).
+torch::Tensor w8a16_linear(torch::Tensor x, torch::Tensor w, torch::Tensor ws, torch::Tensor w_sum) {
+  check_x(x, w, torch::kInt8, "int8");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  check_scale(ws, N, torch::kFloat32, "ws");
+  check_scale(w_sum, N, torch::kInt32, "w_sum");
+#ifdef HM_AVX512
+  TORCH_CHECK(K % 64 == 0, "K must be a multiple of 64");
+  std::vector<uint8_t> lo(static_cast<size_t>(M * K)), hi(static_cast<size_t>(M * K));
+  std::vector<float> xs(static_cast<size_t>(M));
+  quantize_rows_int16(x.data_ptr<float>(), M, K, lo.data(), hi.data(), xs.data());
+  auto out = torch::empty({M, N}, x.options());
+  float* op = out.data_ptr<float>();
+  const float* wsp = ws.data_ptr<float>();
+  const int8_t* wp = w.data_ptr<int8_t>();
+  const int32_t* sp = w_sum.data_ptr<int32_t>();
+  skinny_drive<int64_t>(M, N, K, [&](int64_t n0, int nr, int64_t m0, int mr, int64_t (*vals)[4]) {
+    dispatch_tile(nr, mr, [&](auto nr_c, auto mr_c) {
+      constexpr int NR = decltype(nr_c)::value, MR = decltype(mr_c)::value;
+      const uint8_t* xl[MR];
+      const uint8_t* xh[MR];
+      for (int i = 0; i < MR; ++i) {
+        xl[i] = lo.data() + (m0 + i) * K;
+        xh[i] = hi.data() + (m0 + i) * K;
+      }
+      int64_t o[MR][NR];
+      w8a16_tile<NR, MR>(xl, xh, wp + n0 * K, sp + n0, K, o);
+      for (int i = 0; i < MR; ++i)
+        for (int j = 0; j < NR; ++j) vals[i][j] = o[i][j];
+    });
+  }, [&](int64_t m, int64_t n, int64_t acc) { op[m * N + n] = static_cast<float>(acc) * xs[m] * wsp[n]; });
+  return out;
+#else
+  TORCH_CHECK(false, "w8a16_linear needs AVX-512 VNNI");
+  return torch::Tensor();
+#endif
 }
 
 // x [M, K] float32 @ (w [N, K] int8 * ws[:, None])^T with x quantized per row and per `group`

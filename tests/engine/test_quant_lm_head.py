@@ -24,7 +24,7 @@ def test_quantize_state_puts_the_head_in_the_form_asked():
     assert torch.equal(int8["model.embed_tokens.weight_scale"], scale)
     assert int8["model.norm.weight"] is w["model.norm.weight"]
     assert torch.equal(int8["model.layers.0.mlp.down_proj.weight"], bf16["model.layers.0.mlp.down_proj.weight"])
-    with pytest.raises(ValueError, match="w8a8 LM head must be bf16 or int8, got 'fp8'"):
+    with pytest.raises(ValueError, match="w8a8 LM head must be one of bf16, int8, w8a16, got 'fp8'"):
         quant_calib.quantize_state(w, lm_head="fp8")
 
 
