@@ -134,7 +134,8 @@ class NodeRegistry:
 
     def add(self, rec: NodeRecord, *, follow_events: bool = True) -> NodeRecord:
         """Put `rec` in rotation: its views enter the cluster state (a prefill node's KV
-        events are followed into the index unless `follow_events` is off)."""
+        events, and a decode node's puts to the cluster store, are followed into the index
+        unless `follow_events` is off)."""
         nid = NodeId(rec.node_id)
         if rec.role in ("prefill", "colocated"):
             rec.prefill_view = self.state.add_prefill(nid)
@@ -142,6 +143,8 @@ class NodeRegistry:
                 rec.events_task = asyncio.get_running_loop().create_task(self._follow_kv_events(rec))
         if rec.role in ("decode", "colocated"):
             rec.decode_view = self.state.add_decode(nid, rec.layout.total_blocks * rec.layout.block_size)
+        if rec.role == "decode" and follow_events:  # its write-back's puts to the store
+            rec.events_task = asyncio.get_running_loop().create_task(self._follow_kv_events(rec))
         self.nodes[rec.node_id] = rec
         if self.store_gib > 0 and self.index.store_lru is None and rec.layout.block_bytes:
             self._bound_store(rec.layout)
@@ -261,7 +264,7 @@ class NodeRegistry:
         rec.down_reason = ""
         if (rec.prefill_view is not None or rec.decode_view is not None) and not rec.draining:
             self.state.node_up(NodeId(rec.node_id))
-        if rec.prefill_view is not None:
+        if rec.prefill_view is not None or rec.role == "decode":
             rec.events_task = asyncio.get_running_loop().create_task(self._follow_kv_events(rec))
         log.info("%s node %s answers again: back in rotation", rec.role, rec.node_id)
         self._on_change(rec, True)
@@ -335,10 +338,14 @@ class NodeRegistry:
 
     # --- KV events -> global prefix index ---------------------------------------------
     async def _follow_kv_events(self, rec: NodeRecord) -> None:
+        """A prefill node's KV events (every tier), or a decode node's (the blocks its
+        write-back put to the cluster store), into the cluster state's index."""
         node = NodeId(rec.node_id)
+        stub = rec.prefill_stub if rec.prefill_stub is not None else rec.decode_stub
+        retry_s = 0.5
         while rec.up:
             try:
-                call = rec.prefill_stub.KVEvents(node_pb2.KVEventsRequest(subscriber="conductor"))
+                call = stub.KVEvents(node_pb2.KVEventsRequest(subscriber="conductor"))
                 snapshot_seq = None
                 snapshot_of = None  # the last snapshot's seq: its lower-tier parts follow it with that seq
                 async for msg in call:
@@ -358,6 +365,12 @@ class NodeRegistry:
                     else:
                         self.state.kv_event(ev)
             except grpc.aio.AioRpcError as e:
+                if rec.prefill_stub is None:  # a decode node: its heartbeats and decode calls judge it, not this
+                    if e.code() == grpc.StatusCode.UNIMPLEMENTED or not rec.up:  # an older node publishes none
+                        return
+                    await asyncio.sleep(retry_s)
+                    retry_s = min(5.0, 2 * retry_s)
+                    continue
                 if not rec.up or self.rpc_failed(rec, e):  # a killed prefill node leaves rotation at once
                     return
                 log.info("KV event stream from %s ended (%s); resubscribing", rec.node_id, e.code().name)

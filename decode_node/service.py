@@ -17,6 +17,10 @@ Cancelling the `Decode` call aborts the request and frees its blocks. An engine 
 fails while the request runs ends the stream at once with INTERNAL "decode node X: engine
 step failed: ..." (the worker has aborted it and freed its blocks).
 
+KV events (`KVEvents`): the blocks the decode write-back put to the cluster store, as
+tier-"cluster" events numbered without gaps (`prefill_node.kv_events.KVEventLog`); nothing
+else this node caches is published, since prompts are only ever looked up on prefill nodes.
+
 Block hashes: as on the prefill node, the conductor's chain of the prompt's full blocks
 (`block_hashes`) is checked and reused, so the prompt blocks this node caches are not hashed
 again here.
@@ -42,6 +46,7 @@ from engine.errors import InvalidRequestError, OutOfBlocksError
 from engine.leases import BlockLeases
 from engine.request import sample_id
 from engine.worker import EngineWorker
+from prefill_node.kv_events import KVEventLog, stream_events
 from proto.convert import logprob_from_proto, logprob_to_proto, sampling_from_proto
 from proto.halfmoon.v1 import common_pb2, node_pb2, node_pb2_grpc
 
@@ -59,6 +64,10 @@ class DecodeService(node_pb2_grpc.DecodeNodeServicer):
         self._reserved = BlockLeases(self._expired)
         self.recomputed = 0
         self.expired_leases = 0
+        # the write-back's puts to the cluster store, for the conductor's index of it
+        self.events = KVEventLog(only_tier="cluster")
+        if worker.engine.tiers is not None:
+            worker.engine.tiers.add_listener(self.events.on_event)
 
     async def _engine(self, fn, undo=None):
         return await self.worker.run(fn, undo)
@@ -103,6 +112,13 @@ class DecodeService(node_pb2_grpc.DecodeNodeServicer):
         if self.metrics:
             self.metrics.observe_lease_expired(len(blocks))
         self.worker.call(lambda e: _free_reservation(e, rid))
+
+    async def KVEvents(self, request: node_pb2.KVEventsRequest, context):
+        """The blocks this node's write-back put to the cluster store (a finished turn's
+        prompt and answer), so the conductor's index places them there before any prefill
+        node loads them."""
+        async for msg in stream_events(self.worker, self.events):
+            yield msg
 
     async def Renew(self, request: node_pb2.RenewRequest, context):
         """Restart a reservation's lease (its prefill is still queued or running)."""

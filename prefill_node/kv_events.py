@@ -27,13 +27,18 @@ class _Subscriber:
 
 
 class KVEventLog:
-    def __init__(self) -> None:
+    def __init__(self, *, only_tier: str | None = None) -> None:
+        """`only_tier`: publish that tier's events alone, after an empty snapshot (a decode
+        node: "cluster", its write-back's puts)."""
         self.seq = 0
+        self.only_tier = only_tier
         self._subs: list[_Subscriber] = []
         self._lock = threading.Lock()
 
     def on_event(self, event: KVEvent) -> None:
-        """Block pool listener (engine thread)."""
+        """Block pool / tier manager listener (engine thread, tier I/O threads)."""
+        if self.only_tier is not None and event.tier != self.only_tier:
+            return
         with self._lock:
             self.seq += 1
             msg = kv_event_to_proto(replace(event, seq=self.seq))
@@ -44,10 +49,10 @@ class KVEventLog:
         """Run on the engine thread: queue a snapshot, then every later event."""
         sub = _Subscriber(loop, asyncio.Queue())
         with self._lock:
-            snap = [KVEvent(CLEARED, seq=self.seq),
-                    KVEvent(STORED, tuple(engine.pool.cached_hashes()), seq=self.seq)]
+            device = () if self.only_tier is not None else tuple(engine.pool.cached_hashes())
+            snap = [KVEvent(CLEARED, seq=self.seq), KVEvent(STORED, device, seq=self.seq)]
             tiers = engine.tiers
-            if tiers is not None:  # then each tier below, as part of the snapshot (same seq)
+            if tiers is not None and self.only_tier is None:  # then each tier below, in the snapshot (same seq)
                 snap.append(KVEvent(STORED, tuple(tiers.host.hashes()), tier="host", seq=self.seq))
                 if tiers.disk is not None:
                     snap.append(KVEvent(STORED, tuple(tiers.disk.hashes()), tier="disk", seq=self.seq))
@@ -60,3 +65,16 @@ class KVEventLog:
         with self._lock:
             if sub in self._subs:
                 self._subs.remove(sub)
+
+
+async def stream_events(worker, events: KVEventLog):
+    """The `KVEvents` RPC's stream: subscribe on the engine thread, then yield every event
+    until the caller goes away."""
+    loop = asyncio.get_running_loop()
+    sub = await worker.run(lambda e: events.subscribe(e, loop), lambda e, got: events.unsubscribe(got))
+    try:
+        while True:
+            yield await sub.queue.get()
+    finally:
+        events.unsubscribe(sub)
+

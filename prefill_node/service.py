@@ -48,7 +48,7 @@ from engine.engine import LLMEngine, RequestOutput
 from engine.errors import InvalidRequestError
 from engine.leases import BlockLeases
 from engine.worker import EngineWorker, StepFailed
-from prefill_node.kv_events import KVEventLog
+from prefill_node.kv_events import KVEventLog, stream_events
 from proto.convert import logprob_to_proto, sampling_from_proto
 from proto.halfmoon.v1 import node_pb2, node_pb2_grpc
 from transfer_engine import PeerDescriptor, Region, TransferEngine, TransferError, TransferHandle
@@ -370,14 +370,8 @@ class PrefillService(node_pb2_grpc.PrefillNodeServicer):
         return node_pb2.AbortResponse(found=found)
 
     async def KVEvents(self, request: node_pb2.KVEventsRequest, context):
-        loop = asyncio.get_running_loop()
-        sub = await self._engine(lambda e: self.events.subscribe(e, loop),
-                                 undo=lambda e, got: self.events.unsubscribe(got))
-        try:
-            while True:
-                yield await sub.queue.get()
-        finally:
-            self.events.unsubscribe(sub)
+        async for msg in stream_events(self.worker, self.events):
+            yield msg
 
 
 async def _settle(worker: EngineWorker, fn) -> None:

@@ -417,6 +417,11 @@ class DecodeNodeStub:
                 request_serializer=proto_dot_halfmoon_dot_v1_dot_node__pb2.DecodeRequest.SerializeToString,
                 response_deserializer=proto_dot_halfmoon_dot_v1_dot_node__pb2.DecodeOutput.FromString,
                 _registered_method=True)
+        self.KVEvents = channel.unary_stream(
+                '/halfmoon.v1.DecodeNode/KVEvents',
+                request_serializer=proto_dot_halfmoon_dot_v1_dot_node__pb2.KVEventsRequest.SerializeToString,
+                response_deserializer=proto_dot_halfmoon_dot_v1_dot_node__pb2.KVEvent.FromString,
+                _registered_method=True)
 
 
 class DecodeNodeServicer:
@@ -448,6 +453,15 @@ class DecodeNodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def KVEvents(self, request, context):
+        """The blocks this node's write-back put to the cluster store (tier "cluster" events; its
+        own caches are never looked up, so they are not published): an empty snapshot (CLEARED
+        plus an empty STORED), then every put in order; seq numbers have no gaps.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DecodeNodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -470,6 +484,11 @@ def add_DecodeNodeServicer_to_server(servicer, server):
                     servicer.Decode,
                     request_deserializer=proto_dot_halfmoon_dot_v1_dot_node__pb2.DecodeRequest.FromString,
                     response_serializer=proto_dot_halfmoon_dot_v1_dot_node__pb2.DecodeOutput.SerializeToString,
+            ),
+            'KVEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.KVEvents,
+                    request_deserializer=proto_dot_halfmoon_dot_v1_dot_node__pb2.KVEventsRequest.FromString,
+                    response_serializer=proto_dot_halfmoon_dot_v1_dot_node__pb2.KVEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -580,6 +599,33 @@ class DecodeNode:
             '/halfmoon.v1.DecodeNode/Decode',
             proto_dot_halfmoon_dot_v1_dot_node__pb2.DecodeRequest.SerializeToString,
             proto_dot_halfmoon_dot_v1_dot_node__pb2.DecodeOutput.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def KVEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/halfmoon.v1.DecodeNode/KVEvents',
+            proto_dot_halfmoon_dot_v1_dot_node__pb2.KVEventsRequest.SerializeToString,
+            proto_dot_halfmoon_dot_v1_dot_node__pb2.KVEvent.FromString,
             options,
             channel_credentials,
             insecure,
