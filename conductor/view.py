@@ -94,19 +94,24 @@ class LoadIndex:
 
     `ClusterState` tells it about every change (`changed_prefill` / `changed_decode`); both
     orderings are lazy heaps: an entry is stale when its node changed since (its version),
-    left, or is unhealthy, and stale entries are dropped when they surface. The decode key is
+    left, or is unhealthy, and stale entries are dropped when they surface. A changed node is
+    only noted; the next query pushes each noted node once, and only when its key differs
+    from its entry's (a node changes several times between two decisions). The decode key is
     set by whoever knows the costs and SLOs (`set_decode_key`); without one, no decode order
     is kept. Positions are view order, for ties.
     """
 
-    __slots__ = ("_pheap", "_ppos", "_pver", "_dheap", "_dpos", "_dver", "_dkey", "decode_key_stamp", "prefill_by_id",
+    __slots__ = ("_pheap", "_ppos", "_pver", "_phver", "_pcur", "_pdirty", "_dheap", "_dpos", "_dver", "_dkey", "decode_key_stamp", "prefill_by_id",
                  "decode_by_id", "_busy", "_busy_sum", "_busy_heap", "_busy_now", "_healthy", "_n_healthy", "_dirty",
                  "_dcur")
 
     def __init__(self) -> None:
-        self._pheap: list = []  # (busy_until_s, position, version, view)
+        self._pheap: list = []  # (busy_until_s, position, heap version, view)
         self._ppos: dict[NodeId, int] = {}  # node -> position
-        self._pver: dict[NodeId, int] = {}
+        self._pver: dict[NodeId, int] = {}  # node -> changes seen (the backlog heap's versions)
+        self._phver: dict[NodeId, int] = {}  # node -> version of its valid entry in `_pheap`
+        self._pcur: dict[NodeId, float] = {}  # node -> busy_until_s of its valid entry in `_pheap`
+        self._pdirty: dict[NodeId, PrefillNodeView] = {}  # prefill nodes changed since the last query
         self._dheap: list = []  # (key, position, version, view)
         self._dpos: dict[NodeId, int] = {}
         self._dver: dict[NodeId, int] = {}
@@ -137,12 +142,8 @@ class LoadIndex:
     def changed_prefill(self, view: PrefillNodeView) -> None:
         key = view.node_id
         version = self._pver[key] = self._pver.get(key, 0) + 1
-        heap = self._pheap
+        self._pdirty[key] = view
         busy = view.busy_until_s
-        heapq.heappush(heap, (busy, self._ppos[key], version, view))
-        if len(heap) > 4 * len(self._ppos) + 64:
-            self._pheap = [e for e in heap if self._pver.get(e[3].node_id) == e[2]]
-            heapq.heapify(self._pheap)
         healthy = view.healthy
         was = self._healthy.get(key)
         if was is not healthy:
@@ -158,6 +159,22 @@ class LoadIndex:
             if len(self._busy_heap) > 4 * len(self._ppos) + 64:
                 self._busy_heap = [(b, self._pver[n], n) for n, b in self._busy.items()]
                 heapq.heapify(self._busy_heap)
+
+    def _reorder_prefill(self) -> None:
+        heap, ver, pos, cur = self._pheap, self._phver, self._ppos, self._pcur
+        for key, view in self._pdirty.items():
+            if key not in pos:
+                continue
+            value = view.busy_until_s
+            if cur.get(key) == value:  # its entry is still in place
+                continue
+            cur[key] = value
+            version = ver[key] = ver.get(key, 0) + 1
+            heapq.heappush(heap, (value, pos[key], version, view))
+        self._pdirty.clear()
+        if len(heap) > 4 * len(pos) + 64:
+            self._pheap = [e for e in heap if ver.get(e[3].node_id) == e[2]]
+            heapq.heapify(self._pheap)
 
     def backlog_s(self, now_s: float) -> float:
         """Mean predicted queue (seconds) over the healthy prefill nodes at `now_s`."""
@@ -210,8 +227,9 @@ class LoadIndex:
         self.decode_by_id = {d.node_id: (i, d) for i, d in enumerate(view.decode)}
         self._busy, self._busy_sum, self._busy_heap, self._healthy, self._n_healthy = {}, 0.0, [], {}, 0
         self._pver = {k: self._pver.get(k, 0) for k in self._ppos}
+        self._phver = {k: self._phver.get(k, 0) for k in self._ppos}
         self._dver = {k: self._dver.get(k, 0) for k in self._dpos}
-        self._pheap, self._dheap, self._dirty, self._dcur = [], [], {}, {}
+        self._pheap, self._dheap, self._dirty, self._dcur, self._pdirty, self._pcur = [], [], {}, {}, {}, {}
         for p in view.prefill:
             self.changed_prefill(p)
         for d in view.decode:
@@ -219,11 +237,15 @@ class LoadIndex:
 
     def least_busy_prefill(self) -> tuple[int, PrefillNodeView] | None:
         """(position, node) of the healthy prefill node with the earliest `busy_until_s`."""
-        heap, ver = self._pheap, self._pver
+        if self._pdirty:
+            self._reorder_prefill()
+        heap, ver = self._pheap, self._phver
         while heap:
             _, pos, version, view = heap[0]
-            if ver.get(view.node_id) == version and view.healthy:
-                return pos, view
+            if ver.get(view.node_id) == version:
+                if view.healthy:
+                    return pos, view
+                self._pcur.pop(view.node_id, None)  # its entry is gone: the change that makes it healthy pushes it again
             heapq.heappop(heap)
         return None
 
@@ -261,23 +283,6 @@ class LoadIndex:
                     self._dcur.pop(view.node_id, None)
         for entry in taken:
             heapq.heappush(heap, entry)
-        return out
-        # the k smallest valid entries in order, without taking them out: a best-first walk
-        # down the heap's tree (a parent is never larger than its children)
-        n = len(heap)
-        push = heapq.heappush
-        frontier = [(heap[0][:3], 0)]
-        while frontier and len(out) < k:
-            i = pop(frontier)[1]
-            entry = heap[i]
-            view = entry[3]
-            if ver.get(view.node_id) == entry[2] and view.healthy:
-                out.append((entry[1], view))
-            c = 2 * i + 1
-            if c < n:
-                push(frontier, (heap[c][:3], c))
-                if c + 1 < n:
-                    push(frontier, (heap[c + 1][:3], c + 1))
         return out
 
 

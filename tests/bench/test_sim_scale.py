@@ -69,3 +69,54 @@ def test_a_large_clusters_decode_candidates_are_the_lowest_committed_loads_throu
             node = down.pop()
             state.node_up(node)
         assert [v.node_id for _, v in loads.decode_candidates(DECODE_CANDIDATES)] == brute(), k
+
+
+def test_a_large_clusters_least_busy_prefill_node_is_the_brute_force_one_through_health_flips():
+    """The LoadIndex pushes a changed prefill node at the next query only, and only when its
+    busy time moved: the answer must stay the healthy node of earliest busy time (first in
+    view order on ties), also when a node left rotation, surfaced at the top while out (its
+    entry dropped) and came back with nothing else changed."""
+    import random
+
+    from conductor.cluster_state import ClusterState
+    from conductor.decision import Decision, DecodeChoice, LoadBasis, PrefillChoice
+    from conductor.modes import AdmissionMode, PolicyName
+    from conductor.request import NodeId, RequestInfo
+
+    rng = random.Random(5)
+    state = ClusterState(512)
+    prefill = [NodeId(f"p{i}") for i in range(80)]
+    for node in prefill:
+        state.add_prefill(node)
+    state.add_decode(NodeId("d0"), 10**9)
+    loads = state.loads
+
+    def brute():
+        ranked = sorted((p.busy_until_s, i, p.node_id) for i, p in enumerate(state.view.prefill) if p.healthy)
+        return ranked[0][2] if ranked else None
+
+    down: set[NodeId] = set()
+    placed: list[str] = []
+    now = 0.0
+    for k in range(1500):
+        step = rng.random()
+        now += rng.choice((0.0, 0.0, 0.05, 0.5))  # ties in time too
+        if step < 0.45:  # a request queues on some node (often the least busy one)
+            least = loads.least_busy_prefill()
+            node = least[1].node_id if least is not None and rng.random() < 0.5 else rng.choice(prefill)
+            info = RequestInfo(f"r{k}", 100, ())
+            state.dispatched(info, Decision(info.request_id, PolicyName.COST_AWARE, AdmissionMode.NONE, now,
+                                            PrefillChoice(node, 0, None, 0, 0, 0.0, 0.0, 0.0,
+                                                          rng.choice((0.1, 0.2, 1.0)), 0.0),
+                                            DecodeChoice(NodeId("d0"), 0.0, 0.0, now, LoadBasis.COMMITTED)), now)
+            placed.append(info.request_id)
+        elif step < 0.65 and placed:  # one ends (or is cancelled before its prefill)
+            state.finished(placed.pop(rng.randrange(len(placed))), now)
+        elif step < 0.85 or not down:
+            node = rng.choice(prefill)
+            (state.node_up if node in down else state.node_down)(node)
+            (down.discard if node in down else down.add)(node)
+        else:  # back in rotation with nothing else changed
+            state.node_up(down.pop())
+        least = loads.least_busy_prefill()
+        assert (least[1].node_id if least is not None else None) == brute(), k
