@@ -61,14 +61,16 @@ RESERVE_REFUSALS = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCod
 def cpu_default_costs() -> CostModel:
     """A rough cost model of SmolLM2-135M on 2 CPU cores (fp32), from `bench/engine.py` runs
     on this machine class: ~450 prefill tok/s, ~45 ms decode step at batch 1 growing ~6 ms per
-    sequence; KV 46,080 B/token; loopback ~3 GB/s; KV tiers (`halfmoon bench tiers`, loaded
-    machine, rounded down): host pool -> KV region ~10 GB/s, disk -> host ~4 GB/s, Mooncake
-    Store over loopback TCP -> host ~0.1 GB/s. `halfmoon profile` fits a better one."""
+    sequence; KV 46,080 B/token; loopback ~3 GB/s; KV tiers, per block through the tier
+    manager's own paths, rounded down (`python -m bench.tiers`' micro-benchmark, quiet: host
+    -> KV region 11.6 GB/s, disk with the page cache dropped 1.0 GB/s, Mooncake Store over
+    loopback TCP 0.8 GB/s; `halfmoon profile --quick`, loaded: 9.7 / 0.82 / 1.22 GB/s): host
+    10 GB/s, disk 0.8 GB/s, store 0.8 GB/s. `halfmoon profile` fits a better one."""
     return CostModel(
         prefill=PrefillModel(c_nn=2e-7, c_np=-1e-7, c_n=2.2e-3, c_p=-2.1e-3, c_1=0.01),
         decode=DecodeModel(s_1=0.045, s_b=0.006, s_t=2e-6),
         transfer=TransferModel(kv_bytes_per_token=46080, network_bytes_per_s=3e9,
-                               tier_bytes_per_s={"host": 1e10, "disk": 4e9, "cluster": 1e8}),
+                               tier_bytes_per_s={"host": 1e10, "disk": 8e8, "cluster": 8e8}),
         description="CPU default: SmolLM2-135M fp32 on 2 cores (rough; run `halfmoon profile`)",
     )
 
