@@ -26,6 +26,11 @@ SKINNY_MAX_ROWS = 64
 # Beyond, each thread multiplies its share of the weight rows with a single-threaded BLAS GEMM
 # (engine/csrc/gemm.cpp split_linear): ~4% faster prefill than one two-thread MKL GEMM here.
 SPLIT_LINEAR = True
+# Decode-only steps on CPU run as one C++ call (engine/csrc/decode_step.cpp): the same kernels in
+# the same order as _forward_fused, without the Python between them. False: layer by layer.
+DECODE_STEP = True
+# engine/csrc/decode_step.cpp's numbering of the linear forms (int8 with activation groups: 3)
+_FORM_CODES = {"f32": 0, "bf16": 1, "int8": 2, "w8a16": 4, "fp8": 5, "fp8b": 6}
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -98,6 +103,8 @@ class LlamaModel:
             cpu_kernels.kernels()  # build or load the C++ ops now, at start-up, not in the first request
         # the fp32 skinny kernel wants contiguous weights with K a multiple of 8
         self.skinny = all(q.weight.shape[1] % 8 == 0 for q in self.linears())
+        self._step_plan: tuple[list[torch.Tensor], list[int]] | None | bool = False  # False: not built yet
+        self._step_caches: tuple[int, list[torch.Tensor], list[torch.Tensor]] | None = None
 
     def linears(self) -> list[QLinear]:
         return [q for layer in self.layers for q in (layer.qkv, layer.o, layer.gate_up, layer.down)] + [self.lm_head]
@@ -117,6 +124,10 @@ class LlamaModel:
         if self.on_cpu and kv.tensor.dtype in (torch.float32, torch.bfloat16):
             ck = cpu_kernels.kernels()
             if ck is not None:
+                if DECODE_STEP and self._decode_only(meta, logits_indices, input_ids.shape[0]):
+                    plan = self._decode_plan(ck)
+                    if plan is not None:
+                        return self._forward_decode(ck, plan, input_ids, positions, meta, kv)
                 return self._forward_fused(ck, input_ids, positions, meta, kv, logits_indices)
         c = self.cfg
         T = input_ids.shape[0]
@@ -189,6 +200,68 @@ class LlamaModel:
         else:
             x = x.add_(delta)
         return _fused_linear(ck, ck.rms_norm(x, self.norm, eps), self.lm_head, skinny)
+
+
+    def _decode_only(self, meta: AttentionMetadata, logits_indices: torch.Tensor, T: int) -> bool:
+        """A step of decode tokens only, each sampled in order, nobody observing."""
+        d = meta.decode
+        return (self.observer is None and not meta.prefills and d is not None and d.n == T
+                and d.context_lens is not None and logits_indices.tolist() == list(range(T)))
+
+    def _decode_plan(self, ck) -> tuple[list[torch.Tensor], list[int]] | None:
+        """decode_step's flat weight list and form codes, or None when some linear has no C++
+        kernel here (built once)."""
+        if self._step_plan is False:
+            skinny = self.skinny and ck.skinny_linear_supported()
+            none = torch.empty(0)
+            weights: list[torch.Tensor] = []
+            forms: list[int] = []
+
+            def add(lin: QLinear) -> bool:
+                code = _step_form(ck, lin, skinny)
+                weights.extend(t if t is not None else none for t in (lin.weight, lin.scale, lin.row_sums))
+                forms.extend((code if code is not None else -1, lin.act_group))
+                return code is not None
+
+            ok = True
+            for layer in self.layers:
+                weights.append(layer.ln1)
+                ok &= add(layer.qkv) & add(layer.o)
+                weights.append(layer.ln2)
+                ok &= add(layer.gate_up) & add(layer.down)
+            weights.append(self.norm)
+            ok &= add(self.lm_head)
+            self._step_plan = (weights, forms) if ok and self.layers else None
+        return self._step_plan
+
+    def _forward_decode(self, ck, plan: tuple[list[torch.Tensor], list[int]], input_ids: torch.Tensor,
+                        positions: torch.Tensor, meta: AttentionMetadata, kv: KVCache) -> torch.Tensor:
+        """`_forward_fused` for a decode-only step, as one C++ call."""
+        if self._step_caches is None or self._step_caches[0] != id(kv.tensor):
+            n = len(self.layers)
+            self._step_caches = (id(kv.tensor), [kv.k[li] for li in range(n)], [kv.v[li] for li in range(n)])
+        c = self.cfg
+        d = meta.decode
+        weights, forms = plan
+        return ck.decode_step(self.embed(input_ids), positions, meta.slot_blocks, meta.slot_offsets, d.block_tables,
+                              d.context_lens, self.rope.cos, self.rope.sin, self._step_caches[1], self._step_caches[2],
+                              weights, forms, c.num_heads, c.num_kv_heads, c.rms_norm_eps, self.scale,
+                              self.skinny and ck.skinny_linear_supported())
+
+
+def _step_form(ck, lin: QLinear, skinny: bool) -> int | None:
+    """decode_step's code for `lin`, or None where `_fused_linear` would use the torch reference
+    (so that decode_step runs exactly the kernels _fused_linear does)."""
+    K = lin.weight.shape[1]
+    if lin.form == "f32":
+        return 0 if SPLIT_LINEAR else None
+    if not ck.qgemm_supported() or K % (64 if lin.form in ("int8", "w8a16") else 32):
+        return None
+    if lin.form == "int8" and lin.act_group:
+        return 3 if lin.act_group % 64 == 0 else None
+    if lin.form == "fp8b" and lin.w_group % 32:
+        return None
+    return _FORM_CODES[lin.form]
 
 
 def _qlinear(w: dict[str, torch.Tensor], name: str, act_group: int = 0) -> QLinear:
