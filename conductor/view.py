@@ -103,7 +103,7 @@ class LoadIndex:
 
     __slots__ = ("_pheap", "_ppos", "_pver", "_phver", "_pcur", "_pdirty", "_dheap", "_dpos", "_dver", "_dkey", "decode_key_stamp", "prefill_by_id",
                  "decode_by_id", "_busy", "_busy_sum", "_busy_heap", "_busy_now", "_healthy", "_n_healthy", "_dirty",
-                 "_dcur")
+                 "_dcur", "_dtop")
 
     def __init__(self) -> None:
         self._pheap: list = []  # (busy_until_s, position, heap version, view)
@@ -127,7 +127,8 @@ class LoadIndex:
         self._healthy: dict[NodeId, bool] = {}
         self._n_healthy = 0  # healthy prefill nodes (the True values of `_healthy`)
         self._dirty: dict[NodeId, DecodeNodeView] = {}  # decode nodes changed since the last query
-        self._dcur: dict[NodeId, float] = {}  # decode node -> the key of its valid entry in `_dheap`
+        self._dcur: dict[NodeId, float] = {}  # decode node -> the key of its valid entry (`_dheap` or `_dtop`)
+        self._dtop: list = []  # the last query's candidates, in order: entries taken out of `_dheap`
 
     def add_prefill(self, view: PrefillNodeView, position: int) -> None:
         self._ppos[view.node_id] = position
@@ -230,6 +231,7 @@ class LoadIndex:
         self._phver = {k: self._phver.get(k, 0) for k in self._ppos}
         self._dver = {k: self._dver.get(k, 0) for k in self._dpos}
         self._pheap, self._dheap, self._dirty, self._dcur, self._pdirty, self._pcur = [], [], {}, {}, {}, {}
+        self._dtop = []
         for p in view.prefill:
             self.changed_prefill(p)
         for d in view.decode:
@@ -259,6 +261,7 @@ class LoadIndex:
         self._dkey = fn
         self.decode_key_stamp = stamp
         self._dheap = []
+        self._dtop = []
         self._dirty = {}
         self._dcur = {}
         if fn is not None:
@@ -266,24 +269,39 @@ class LoadIndex:
                 self._dirty[d.node_id] = d
 
     def decode_candidates(self, k: int) -> list[tuple[int, DecodeNodeView]]:
-        """Up to `k` (position, node) of healthy decode nodes with the lowest keys."""
+        """Up to `k` (position, node) of healthy decode nodes with the lowest keys.
+
+        The candidates stay out of the heap until the next query (`_dtop`, in order), which
+        reads them merged with the heap: consecutive decisions mostly share their candidates
+        (only the node just chosen moved), so a query pops about one entry instead of popping
+        and pushing back `k`. Entries are unique in (key, position, version): the merged
+        order is the order of one heap holding both."""
         if self._dirty:
             self._reorder_decode()
-        heap, ver = self._dheap, self._dver
-        out: list = []
+        heap, ver, top = self._dheap, self._dver, self._dtop
+        pop = heapq.heappop
         taken: list = []
-        while heap and len(out) < k:
-            entry = heapq.heappop(heap)
+        i, n_top = 0, len(top)
+        while len(taken) < k:
+            if i < n_top and (not heap or top[i] < heap[0]):
+                entry = top[i]
+                i += 1
+            elif heap:
+                entry = pop(heap)
+            else:
+                break
             view = entry[3]
             if ver.get(view.node_id) == entry[2]:
                 if view.healthy:
-                    out.append((entry[1], view))
                     taken.append(entry)
                 else:  # its entry is gone: the change that makes it healthy pushes it again
                     self._dcur.pop(view.node_id, None)
-        for entry in taken:
-            heapq.heappush(heap, entry)
-        return out
+        for j in range(i, n_top):  # past the k taken: back into the heap
+            entry = top[j]
+            if ver.get(entry[3].node_id) == entry[2]:
+                heapq.heappush(heap, entry)
+        self._dtop = taken
+        return [(entry[1], entry[3]) for entry in taken]
 
 
 @dataclass(slots=True)
