@@ -44,6 +44,55 @@ class ApplyStatus(Enum):
     GAP = "gap"  # seq newer than expected: applied, node marked stale
 
 
+def _longest_prefix(holders: dict, block_hashes: Sequence[BlockHash]) -> dict[NodeId, int]:
+    """Node -> leading blocks of `block_hashes` it holds in `holders` (block hash -> a node,
+    or a set of them); nodes with 0 left out."""
+    out: dict[NodeId, int] = {}
+    if not block_hashes:
+        return out
+    first = holders.get(block_hashes[0])
+    if first is None:
+        return out
+    single: NodeId | None = None
+    alive: set[NodeId] | frozenset[NodeId] = frozenset()
+    if type(first) is set:
+        alive = first  # never mutated below: every narrowing builds a new set
+        if len(alive) == 1:
+            single = next(iter(alive))
+    else:
+        single = first  # type: ignore[assignment]
+    depth = 1
+    for h in block_hashes[1:]:
+        held = holders.get(h)
+        if held is None:
+            break
+        if single is not None:
+            if held == single or (type(held) is set and single in held):
+                depth += 1
+                continue
+            break
+        if type(held) is set:
+            narrowed = alive & held
+        else:
+            narrowed = {held} if held in alive else set()
+        if len(narrowed) != len(alive):
+            for node in alive:
+                if node not in narrowed:
+                    out[node] = depth
+            if not narrowed:
+                return out
+            alive = narrowed
+            if len(alive) == 1:
+                single = next(iter(alive))
+        depth += 1
+    if single is not None:
+        out[single] = depth
+    else:
+        for node in alive:
+            out[node] = depth
+    return out
+
+
 class GlobalPrefixIndex:
     def __init__(self) -> None:
         self._holders: dict[int, NodeId | set[NodeId]] = {}
@@ -125,51 +174,7 @@ class GlobalPrefixIndex:
     # -- queries -----------------------------------------------------------------------
     def longest_prefix(self, block_hashes: Sequence[BlockHash]) -> dict[NodeId, int]:
         """Node -> number of leading blocks of `block_hashes` it caches (nodes with 0 left out)."""
-        out: dict[NodeId, int] = {}
-        if not block_hashes:
-            return out
-        holders = self._holders
-        first = holders.get(block_hashes[0])
-        if first is None:
-            return out
-        single: NodeId | None = None
-        alive: set[NodeId] | frozenset[NodeId] = frozenset()
-        if type(first) is set:
-            alive = first  # never mutated below: every narrowing builds a new set
-            if len(alive) == 1:
-                single = next(iter(alive))
-        else:
-            single = first  # type: ignore[assignment]
-        depth = 1
-        for h in block_hashes[1:]:
-            held = holders.get(h)
-            if held is None:
-                break
-            if single is not None:
-                if held == single or (type(held) is set and single in held):
-                    depth += 1
-                    continue
-                break
-            if type(held) is set:
-                narrowed = alive & held
-            else:
-                narrowed = {held} if held in alive else set()
-            if len(narrowed) != len(alive):
-                for node in alive:
-                    if node not in narrowed:
-                        out[node] = depth
-                if not narrowed:
-                    return out
-                alive = narrowed
-                if len(alive) == 1:
-                    single = next(iter(alive))
-            depth += 1
-        if single is not None:
-            out[single] = depth
-        else:
-            for node in alive:
-                out[node] = depth
-        return out
+        return _longest_prefix(self._holders, block_hashes)
 
     def holders(self, block_hash: BlockHash) -> frozenset[NodeId]:
         held = self._holders.get(block_hash)
@@ -313,34 +318,39 @@ class PendingPrefixes:
 
     A prefill node serves its queue in order, so a request placed behind them finds these
     blocks cached when it starts: as good as cached for a placement on that node (nothing
-    to pull from it yet). `longest_prefix` answers as the global index does.
+    to pull from it yet). `longest_prefix` answers as the global index does, from a holder
+    map of the same shape (block hash -> a node, or a set of them) that the counts keep: a
+    block enters it with its first count on a node and leaves it with its last.
     """
 
     def __init__(self) -> None:
-        self._index = GlobalPrefixIndex()
+        self._holders: dict[int, NodeId | set[NodeId]] = {}
         self._counts: dict[NodeId, dict[int, int]] = {}
 
     def add(self, node: NodeId, block_hashes: Sequence[BlockHash]) -> None:
         counts = self._counts.get(node)
         if counts is None:
             counts = self._counts[node] = {}
-        new = []
-        get = counts.get
+        holders = self._holders
+        get, held_by = counts.get, holders.get
         for h in block_hashes:
             c = get(h)
-            if c is None:
-                counts[h] = 1
-                new.append(h)
-            else:
+            if c is not None:
                 counts[h] = c + 1
-        if new:
-            self._index.store(node, new)
+                continue
+            counts[h] = 1
+            held = held_by(h)
+            if held is None:
+                holders[h] = node
+            elif type(held) is set:
+                held.add(node)
+            elif held != node:
+                holders[h] = {held, node}  # type: ignore[arg-type]
 
     def discard(self, node: NodeId, block_hashes: Sequence[BlockHash]) -> None:
         counts = self._counts.get(node)
         if not counts:
             return
-        gone = []
         get = counts.get
         for h in block_hashes:
             c = get(h, 0)
@@ -348,16 +358,24 @@ class PendingPrefixes:
                 counts[h] = c - 1
             elif c == 1:
                 del counts[h]
-                gone.append(h)
-        if gone:
-            self._index.remove(node, gone)
+                self._release(node, h)
+
+    def _release(self, node: NodeId, h: int) -> None:
+        holders = self._holders
+        held = holders[h]
+        if type(held) is set:
+            held.discard(node)
+            if len(held) == 1:
+                holders[h] = next(iter(held))
+        else:
+            del holders[h]
 
     def forget(self, node: NodeId) -> None:
-        self._counts.pop(node, None)
-        self._index.remove_node(node)
+        for h in self._counts.pop(node, {}):
+            self._release(node, h)
 
     def longest_prefix(self, block_hashes: Sequence[BlockHash]) -> dict[NodeId, int]:
-        return self._index.longest_prefix(block_hashes)
+        return _longest_prefix(self._holders, block_hashes)
 
     def blocks_on(self, node: NodeId) -> int:
         return len(self._counts.get(node, ()))

@@ -134,3 +134,42 @@ def test_apply_rejects_what_is_not_an_event():
         GlobalPrefixIndex().apply(Bogus(A, 0))  # type: ignore[arg-type]
     with pytest.raises(IndexSyncError, match="not a KV event"):
         GlobalPrefixIndex().apply(KVEvent("evicted", (1,), seq=0, node=A))  # not a kind
+
+
+def test_pending_prefixes_answer_as_an_index_of_the_blocks_still_counted():
+    """Random adds, discards and forgets on shared chains: `PendingPrefixes` answers every
+    query as a `GlobalPrefixIndex` holding exactly the blocks with a count left per node."""
+    import random
+    from collections import Counter
+
+    from conductor.prefix_index import GlobalPrefixIndex, PendingPrefixes
+
+    rng = random.Random(7)
+    nodes = [NodeId(f"p{i}") for i in range(4)]
+    chains = [tuple(range(b, b + rng.randint(1, 6))) for b in (0, 0, 2, 10, 10, 20)]
+    pending = PendingPrefixes()
+    counts: dict = {n: Counter() for n in nodes}
+    queued: list = []
+    for step in range(600):
+        r = rng.random()
+        if r < 0.5:
+            node, chain = rng.choice(nodes), rng.choice(chains)
+            pending.add(node, chain)
+            counts[node].update(chain)
+            queued.append((node, chain))
+        elif r < 0.9 and queued:
+            node, chain = queued.pop(rng.randrange(len(queued)))
+            pending.discard(node, chain)
+            counts[node].subtract(chain)
+        elif r >= 0.9:
+            node = rng.choice(nodes)
+            pending.forget(node)
+            counts[node] = Counter()
+            queued = [q for q in queued if q[0] != node]
+        reference = GlobalPrefixIndex()
+        for node, c in counts.items():
+            reference.store(node, [h for h, k in c.items() if k > 0])
+        for chain in chains:
+            assert pending.longest_prefix(chain) == reference.longest_prefix(chain), step
+        for node in nodes:
+            assert pending.blocks_on(node) == sum(1 for k in counts[node].values() if k > 0), step
