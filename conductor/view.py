@@ -102,7 +102,7 @@ class LoadIndex:
     """
 
     __slots__ = ("_pheap", "_ppos", "_pver", "_phver", "_pcur", "_pdirty", "_dheap", "_dpos", "_dver", "_dkey", "decode_key_stamp", "prefill_by_id",
-                 "decode_by_id", "_busy", "_busy_sum", "_busy_heap", "_busy_now", "_healthy", "_n_healthy", "_dirty",
+                 "decode_by_id", "_busy", "_busy_sum", "_busy_heap", "_busy_now", "_bdirty", "_healthy", "_n_healthy", "_dirty",
                  "_dcur", "_dtop")
 
     def __init__(self) -> None:
@@ -123,6 +123,7 @@ class LoadIndex:
         self._busy: dict[NodeId, float] = {}
         self._busy_sum = 0.0
         self._busy_heap: list = []  # (busy_until_s, version, node) of `_busy`, lazily
+        self._bdirty: dict[NodeId, None] = {}  # nodes of `_busy` with no entry in `_busy_heap` yet
         self._busy_now = -float("inf")
         self._healthy: dict[NodeId, bool] = {}
         self._n_healthy = 0  # healthy prefill nodes (the True values of `_healthy`)
@@ -156,10 +157,7 @@ class LoadIndex:
         if view.healthy and busy > self._busy_now:
             self._busy[key] = busy
             self._busy_sum += busy
-            heapq.heappush(self._busy_heap, (busy, version, key))
-            if len(self._busy_heap) > 4 * len(self._ppos) + 64:
-                self._busy_heap = [(b, self._pver[n], n) for n, b in self._busy.items()]
-                heapq.heapify(self._busy_heap)
+            self._bdirty[key] = None  # its heap entry: at the next backlog query
 
     def _reorder_prefill(self) -> None:
         heap, ver, pos, cur = self._pheap, self._phver, self._ppos, self._pcur
@@ -187,6 +185,16 @@ class LoadIndex:
             views = (v for _, v in self.prefill_by_id.values() if v.healthy and v.busy_until_s > now_s)
             return sum(v.busy_until_s - now_s for v in views) / healthy
         heap, ver = self._busy_heap, self._pver
+        if self._bdirty:  # entries for what changed since (the same entries, pushed later)
+            push = heapq.heappush
+            for node in self._bdirty:
+                b = busy.get(node)
+                if b is not None:
+                    push(heap, (b, ver[node], node))
+            self._bdirty.clear()
+            if len(heap) > 4 * len(self._ppos) + 64:
+                heap = self._busy_heap = [(b, ver[n], n) for n, b in busy.items()]
+                heapq.heapify(heap)
         while heap and heap[0][0] <= now_s:
             b, version, node = heapq.heappop(heap)
             if ver.get(node) == version and busy.get(node) == b:
@@ -227,6 +235,7 @@ class LoadIndex:
         self._dpos = {d.node_id: i for i, d in enumerate(view.decode)}
         self.decode_by_id = {d.node_id: (i, d) for i, d in enumerate(view.decode)}
         self._busy, self._busy_sum, self._busy_heap, self._healthy, self._n_healthy = {}, 0.0, [], {}, 0
+        self._bdirty = {}
         self._pver = {k: self._pver.get(k, 0) for k in self._ppos}
         self._phver = {k: self._phver.get(k, 0) for k in self._ppos}
         self._dver = {k: self._dver.get(k, 0) for k in self._dpos}

@@ -78,16 +78,17 @@ def pooled_gap_percentiles(run: SimRun, on_node: dict[int, list], first_gaps: np
     gaps <= x, found by bisection on x (count(x) is O(1) per segment)."""
     a_, t0_, b_, k_, j_, st_ = [], [], [], [], [], []
     for d in run.decode:
-        if not len(d.s_k):
+        if not d.segments:
             continue
-        step0 = np.frombuffer(d.s_step0, dtype=np.int64)
+        cols = d.segment_columns()
+        step0 = cols["step0"]
         joins = np.zeros(step0.size, dtype=np.int64)
         if on_node[id(d)]:
             np.add.at(joins, np.searchsorted(step0, [st.join_step for st in on_node[id(d)]]), 1)
-        a_.append(np.frombuffer(d.s_a, dtype=np.float64))
-        t0_.append(np.frombuffer(d.s_T0, dtype=np.float64))
-        b_.append(np.frombuffer(d.s_b, dtype=np.int64).astype(np.float64))
-        k_.append(np.frombuffer(d.s_k, dtype=np.int64).astype(np.float64))
+        a_.append(cols["a"])
+        t0_.append(cols["T0"])
+        b_.append(cols["b"].astype(np.float64))
+        k_.append(cols["k"].astype(np.float64))
         j_.append(joins.astype(np.float64))
         st_.append(np.full(step0.size, d.model.s_t))
     if not a_ and not first_gaps.size:

@@ -28,6 +28,11 @@ import numpy as np
 from conductor.cost_model import DecodeModel
 
 
+# What `SimDecode.segments` holds per finished segment: start time, first step, steps,
+# a = s_1 + s_b·b, KV tokens at the start (T0), batch size (b).
+SEGMENT_FIELDS = ("t0", "step0", "k", "a", "T0", "b")
+
+
 class PrefillJob:
     __slots__ = ("state", "predicted_service_s")
 
@@ -119,8 +124,8 @@ class SimPrefill:
 
 class SimDecode:
     __slots__ = ("node_id", "kv_capacity_tokens", "model", "batch", "tokens", "step", "stepping", "seg_t0", "seg_a",
-                 "seg_k", "end_version", "pending", "pending_tokens", "committed", "finishing",
-                 "s_t0", "s_step0", "s_k", "s_a", "s_T0", "s_b", "residents")
+                 "seg_k", "end_version", "pending", "pending_tokens", "committed", "finishing", "segments",
+                 "residents")
 
     def __init__(self, node_id: str, kv_capacity_tokens: int, model: DecodeModel) -> None:
         self.node_id = node_id
@@ -139,20 +144,15 @@ class SimDecode:
         self.committed = 0  # KV reserved for every request here (prompt + answer)
         self.finishing: list = []  # heap of (finish_step, request index, state)
         self.residents = 0  # requests assigned here and not finished (reserved .. done)
-        # finished segments: start time, first step, steps, a, T0, b
-        self.s_t0 = array("d")
-        self.s_step0 = array("q")
-        self.s_k = array("q")
-        self.s_a = array("d")
-        self.s_T0 = array("d")
-        self.s_b = array("q")
+        # finished segments, SEGMENT_FIELDS doubles each (the counts are exact: < 2**53)
+        self.segments = array("d")
 
     def __deepcopy__(self, memo: dict) -> SimDecode:
         new = SimDecode.__new__(SimDecode)
         memo[id(self)] = new
         for name in SimDecode.__slots__:
             value = getattr(self, name)
-            if name.startswith("s_"):
+            if name == "segments":
                 value = array(value.typecode, value)
             elif name in ("pending", "finishing"):
                 value = copy.deepcopy(value, memo)
@@ -237,12 +237,7 @@ class SimDecode:
         """The segment's last step ended: record it, advance, and return the requests that
         finished (their KV freed)."""
         k, b = self.seg_k, self.batch
-        self.s_t0.append(self.seg_t0)
-        self.s_step0.append(self.step)
-        self.s_k.append(k)
-        self.s_a.append(self.seg_a)
-        self.s_T0.append(self.tokens)
-        self.s_b.append(b)
+        self.segments.extend((self.seg_t0, self.step, k, self.seg_a, self.tokens, b))
         self.step += k
         self.tokens += b * k
         done = []
@@ -255,17 +250,27 @@ class SimDecode:
         self.stepping = False
         return done
 
+    def segment_columns(self) -> dict[str, np.ndarray]:
+        """Every finished segment's SEGMENT_FIELDS as columns (views; counts int64)."""
+        rows = np.frombuffer(self.segments, dtype=np.float64).reshape(-1, len(SEGMENT_FIELDS))
+        return {name: rows[:, i].astype(np.int64) if name in ("step0", "k", "b") else rows[:, i]
+                for i, name in enumerate(SEGMENT_FIELDS)}
+
     def step_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(end time, duration, batch size) of every step this node ran, in order."""
-        k = np.frombuffer(self.s_k, dtype=np.int64) if len(self.s_k) else np.zeros(0, dtype=np.int64)
+        if not self.segments:
+            empty = np.zeros(0)
+            return empty, empty, np.zeros(0, dtype=np.int64)
+        cols = self.segment_columns()
+        k = cols["k"]
         total = int(k.sum())
         if total == 0:
             empty = np.zeros(0)
             return empty, empty, np.zeros(0, dtype=np.int64)
-        t0 = np.repeat(np.frombuffer(self.s_t0, dtype=np.float64), k)
-        a = np.repeat(np.frombuffer(self.s_a, dtype=np.float64), k)
-        tok = np.repeat(np.frombuffer(self.s_T0, dtype=np.float64), k)
-        b = np.repeat(np.frombuffer(self.s_b, dtype=np.int64), k)
+        t0 = np.repeat(cols["t0"], k)
+        a = np.repeat(cols["a"], k)
+        tok = np.repeat(cols["T0"], k)
+        b = np.repeat(cols["b"], k)
         starts = np.cumsum(k) - k
         i = np.arange(total, dtype=np.float64) - np.repeat(starts, k)
         s_t = self.model.s_t

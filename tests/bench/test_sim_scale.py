@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from bench.sim.scale import main
 
 
@@ -71,7 +73,7 @@ def test_a_large_clusters_decode_candidates_are_the_lowest_committed_loads_throu
         assert [v.node_id for _, v in loads.decode_candidates(DECODE_CANDIDATES)] == brute(), k
 
 
-def test_a_large_clusters_least_busy_prefill_node_is_the_brute_force_one_through_health_flips():
+def test_a_large_clusters_least_busy_prefill_node_and_backlog_are_the_brute_force_ones_through_health_flips():
     """The LoadIndex pushes a changed prefill node at the next query only, and only when its
     busy time moved: the answer must stay the healthy node of earliest busy time (first in
     view order on ties), also when a node left rotation, surfaced at the top while out (its
@@ -120,3 +122,7 @@ def test_a_large_clusters_least_busy_prefill_node_is_the_brute_force_one_through
             state.node_up(down.pop())
         least = loads.least_busy_prefill()
         assert (least[1].node_id if least is not None else None) == brute(), k
+        if rng.random() < 0.3:  # the backlog (its heap entries are pushed at a query, too)
+            healthy = [p for p in state.view.prefill if p.healthy]
+            expected = sum(max(0.0, p.busy_until_s - now) for p in healthy) / len(healthy) if healthy else 0.0
+            assert loads.backlog_s(now) == pytest.approx(expected, rel=1e-9, abs=1e-9), k
