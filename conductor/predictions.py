@@ -13,6 +13,7 @@ import math
 from collections import deque
 from dataclasses import dataclass
 from enum import StrEnum
+from operator import itemgetter
 
 import numpy as np
 
@@ -59,8 +60,8 @@ class PredictionLog:
         rows = self._records[quantity]
         if not rows:
             return ErrorSummary(quantity, 0, 0.0, 0.0, 0.0, 0.0)
-        predicted = np.fromiter((r[1] for r in rows), dtype=np.float64, count=len(rows))
-        actual = np.fromiter((r[2] for r in rows), dtype=np.float64, count=len(rows))
+        predicted = np.fromiter(map(itemgetter(1), rows), dtype=np.float64, count=len(rows))
+        actual = np.fromiter(map(itemgetter(2), rows), dtype=np.float64, count=len(rows))
         err = predicted - actual
         positive = actual > 0
         rel = np.abs(err[positive]) / actual[positive] if positive.any() else np.zeros(1)

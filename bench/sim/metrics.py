@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from operator import attrgetter
 
 import numpy as np
 
@@ -102,28 +103,51 @@ def pooled_gap_percentiles(run: SimRun, on_node: dict[int, list], first_gaps: np
     if total <= 0:
         return tuple(math.nan for _ in qs)
     flat = slope <= 0.0
+    safe_slope = np.where(flat, 1.0, slope)
+    sorted_first = np.sort(first_gaps)
 
-    def count(x: float) -> float:
+    def steps_within(x: float, seg: np.ndarray) -> np.ndarray:
+        """Steps of each segment in `seg` whose duration is <= x (monotone in x)."""
         with np.errstate(divide="ignore", invalid="ignore"):
-            n = np.where(flat, np.where(base <= x, k, 0.0), np.floor((x - base) / np.where(flat, 1.0, slope)) + 1.0)
-        n = np.clip(n, 0.0, k)
-        return float((b * n - j * (n >= 1)).sum()) + float((first_gaps <= x).sum())
+            n = np.where(flat[seg], np.where(base[seg] <= x, k[seg], 0.0),
+                         np.floor((x - base[seg]) / safe_slope[seg]) + 1.0)
+        return np.clip(n, 0.0, k[seg])
+
+    def gaps_of(n: np.ndarray, seg: np.ndarray) -> float:
+        return float((b[seg] * n - j[seg] * (n >= 1)).sum())
+
+    def first_within(x: float) -> float:
+        return float(np.searchsorted(sorted_first, x, side="right"))
 
     lo_all = min(float(base.min()) if base.size else math.inf, float(first_gaps.min()) if first_gaps.size else math.inf)
     hi_all = max(float(last.max()) if last.size else -math.inf, float(first_gaps.max()) if first_gaps.size else -math.inf)
+    every = np.arange(base.size)
 
     def value_at(rank: int) -> float:
+        """The least x (by bisection) with at least rank+1 gaps <= x. Each segment's count
+        of steps <= x is monotone in x, so a segment whose count is the same at both ends
+        of the bracket keeps it inside: it is summed once and left out of later steps
+        (the sums are of whole numbers, exact in any order)."""
         lo, hi = lo_all, hi_all
-        if count(lo) >= rank + 1:
+        seg = every
+        n_lo = steps_within(lo, seg)
+        if gaps_of(n_lo, seg) + first_within(lo) >= rank + 1:
             return lo
+        n_hi = steps_within(hi, seg)
+        fixed = 0.0  # gaps of the segments left out
         for _ in range(100):
             mid = 0.5 * (lo + hi)
             if mid <= lo or mid >= hi:
                 break
-            if count(mid) >= rank + 1:
-                hi = mid
+            moving = n_lo != n_hi
+            if not moving.all():
+                fixed += gaps_of(n_lo[~moving], seg[~moving])
+                seg, n_lo, n_hi = seg[moving], n_lo[moving], n_hi[moving]
+            n_mid = steps_within(mid, seg)
+            if fixed + gaps_of(n_mid, seg) + first_within(mid) >= rank + 1:
+                hi, n_hi = mid, n_mid
             else:
-                lo = mid
+                lo, n_lo = mid, n_mid
         return hi
 
     out = []
@@ -159,9 +183,9 @@ def tbt_misses(states: list, ends: np.ndarray, durations: np.ndarray, tbt_slo_s:
     gap is within a relative 1e-12 of the SLO is judged by `request_tbt` too, so rounding in
     a mean cannot make the two disagree.)"""
     n = len(states)
-    join = np.fromiter((st.join_step for st in states), dtype=np.int64, count=n)
-    finish = np.fromiter((st.finish_step for st in states), dtype=np.int64, count=n)
-    first = np.fromiter((st.first_token_s for st in states), dtype=np.float64, count=n)
+    join = np.fromiter(map(attrgetter("join_step"), states), dtype=np.int64, count=n)
+    finish = np.fromiter(map(attrgetter("finish_step"), states), dtype=np.int64, count=n)
+    first = np.fromiter(map(attrgetter("first_token_s"), states), dtype=np.float64, count=n)
     gaps0 = ends[join] - first
     start = join + 1  # a request's later gaps are steps join+1 .. finish-1
     longest = gaps0.copy()
