@@ -133,13 +133,17 @@ class UniformShape:
 
 def uniform(requests: int, seed: int = 0, shape: UniformShape = UniformShape()) -> list[TraceRecord]:
     rng = np.random.default_rng(seed)
-    ids = _Ids()
     gaps = rng.exponential(1.0 / shape.rate, requests)
     ins = rng.integers(shape.input_tokens[0], shape.input_tokens[1] + 1, requests)
     outs = rng.integers(shape.output_tokens[0], shape.output_tokens[1] + 1, requests)
-    t = np.cumsum(gaps)
-    return _records([(float(t[i]), int(ins[i]), int(outs[i]), ids.take(_blocks(int(ins[i]))))
-                     for i in range(requests)])
+    t = np.cumsum(gaps)  # increasing: already in arrival order
+    # as `_records` and `_blocks` compute them, a whole array at a time (the same floats)
+    stamps = np.rint((t - t[0]) * 1000.0).astype(np.int64) if requests else t
+    blocks = np.maximum(1, np.ceil(ins / BLOCK)).astype(np.int64)
+    firsts = np.cumsum(blocks) - blocks
+    return [TraceRecord(i + 1, ts, n, out, tuple(range(first, first + b)))
+            for i, (ts, n, out, first, b) in enumerate(zip(stamps.tolist(), ins.tolist(), outs.tolist(),
+                                                            firsts.tolist(), blocks.tolist()))]
 
 
 # -- a shifting prompt/output mix ---------------------------------------------------------------
