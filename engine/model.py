@@ -82,7 +82,8 @@ class LlamaModel:
 
         self.embed = Embedding(w["model.embed_tokens.weight"], w.get("model.embed_tokens.weight_scale"))
         self.norm = w["model.norm.weight"].float()
-        self.lm_head = lin("model.embed_tokens" if cfg.tie_word_embeddings else "lm_head")
+        # (a quantized cache may hold an untied head of a tied model: w8a8's "w8a16" head)
+        self.lm_head = lin("lm_head" if "lm_head.weight" in w or not cfg.tie_word_embeddings else "model.embed_tokens")
         self.layers: list[Layer] = []
         for i in range(cfg.num_layers):
             p = f"model.layers.{i}."
@@ -259,7 +260,7 @@ def _step_form(ck, lin: QLinear, skinny: bool) -> int | None:
         return None
     if lin.form == "int8" and lin.act_group:
         return 3 if lin.act_group % 64 == 0 else None
-    if lin.form == "fp8b" and lin.w_group % 32:
+    if lin.form in ("fp8b", "w8a16") and lin.w_group % 32:
         return None
     return _FORM_CODES[lin.form]
 
@@ -295,7 +296,7 @@ def _fused_linear(ck, a: torch.Tensor, lin: QLinear, skinny: bool) -> torch.Tens
     if lin.form == "int8":
         return ck.int8_linear(a, lin.weight, lin.scale, lin.row_sums)
     if lin.form == "w8a16":
-        return ck.w8a16_linear(a, lin.weight, lin.scale, lin.row_sums)
+        return ck.w8a16_linear(a, lin.weight, lin.scale) if lin.w_group % 32 == 0 else lin.reference(a)
     if lin.form == "fp8":
         return ck.fp8_linear(a, lin.weight.view(torch.uint8), lin.scale)
     if lin.form == "fp8b":

@@ -32,7 +32,7 @@ class ModelRunner:
         decode = None
         if sched.decodes:
             max_blocks = max(len(r.block_ids) for r in sched.decodes)
-            tables = torch.zeros((len(sched.decodes), max_blocks), dtype=torch.long)
+            rows: list[list[int]] = []  # block tables padded with block 0, built as one tensor
             lens = []
             for i, r in enumerate(sched.decodes):
                 p = r.num_tokens - 1
@@ -40,11 +40,12 @@ class ModelRunner:
                 pos.append(p)
                 slot_b.append(r.block_ids[p // bs])
                 slot_o.append(p % bs)
-                tables[i, : len(r.block_ids)] = torch.tensor(r.block_ids)
+                rows.append(r.block_ids + [0] * (max_blocks - len(r.block_ids)))
                 lens.append(r.num_tokens)
                 logit_rows.append(i)
                 sampled_reqs.append(r)
-            decode = DecodeGroup(len(sched.decodes), tables, context_lens=torch.tensor(lens))
+            decode = DecodeGroup(len(sched.decodes), torch.tensor(rows, dtype=torch.long),
+                                 context_lens=torch.tensor(lens))
 
         prefills: list[PrefillChunk] = []
         for chunk in sched.prefills:

@@ -107,6 +107,10 @@ W8A8_LM_HEAD = "bf16"
 # activations per token: fp8_linear); top-1 agreement 0.937 against 0.902 (see above).
 FP8_LINEAR = "fp8b"
 FP8_GROUP = 32
+# w8a8's "w8a16" LM head: int8 weights with a scale per row and per this many input channels
+# (the head of a Q4_1 GGUF has 16 levels a 32-column block: per 32 columns int8 keeps them to
+# 0.14% RMS, per row 1.17%), int16 activations per token.
+W8A16_GROUP = 32
 
 RECIPES = {
     "float32": Recipe("float32", "f32", "f32", "float32"),
@@ -217,18 +221,18 @@ class QLinear:
             return cls(form, weight.to(torch.bfloat16).contiguous())
         if form not in ("int8", "w8a16", "fp8", "fp8b"):
             raise ValueError(f"unknown linear form {form!r}")
-        if form == "fp8b":
+        if form in ("fp8b", "w8a16"):
             if scale is None:
                 K = weight.shape[1]
-                weight, scale = quantize_fp8_groups(weight, FP8_GROUP if K % FP8_GROUP == 0 else K)
+                g = FP8_GROUP if form == "fp8b" else W8A16_GROUP
+                weight, scale = (quantize_fp8_groups if form == "fp8b" else quantize_int8_groups)(
+                    weight, g if K % g == 0 else K)
             if scale.dim() != 2 or weight.shape[1] % scale.shape[1]:
-                raise ValueError(f"fp8b scales must be [N, K / group], got {tuple(scale.shape)}")
+                raise ValueError(f"{form} scales must be [N, K / group], got {tuple(scale.shape)}")
             return cls(form, weight.contiguous(), scale.float().contiguous())
         if scale is None:
             weight, scale = (quantize_fp8_rows if form == "fp8" else quantize_int8_rows)(weight)
         weight = weight.contiguous()
-        if form == "w8a16":
-            return cls(form, weight, scale.float().contiguous(), int8_row_sums(weight))
         if form != "int8":
             return cls(form, weight, scale.float().contiguous())
         group = act_group if act_group and weight.shape[1] % act_group == 0 else 0
@@ -254,13 +258,13 @@ class QLinear:
 
     @property
     def w_group(self) -> int:
-        """fp8b: input columns per weight scale (0 for the per-row forms)."""
-        return self.weight.shape[1] // self.scale.shape[1] if self.form == "fp8b" else 0
+        """fp8b, w8a16: input columns per weight scale (0 for the per-row forms)."""
+        return self.weight.shape[1] // self.scale.shape[1] if self.form in ("fp8b", "w8a16") else 0
 
     def dequantized(self) -> torch.Tensor:
         """The fp32 matrix this form stands for."""
         w = self.weight.float()
-        if self.form == "fp8b":
+        if self.form in ("fp8b", "w8a16"):
             N, K = w.shape
             return (w.view(N, -1, self.w_group) * self.scale.unsqueeze(2)).view(N, K)
         return w * self.scale.unsqueeze(1) if self.scale is not None else w
@@ -283,10 +287,15 @@ class QLinear:
             xq, xs = quantize_int8_rows(x)
             return int_mm(xq, self.weight).float() * xs.unsqueeze(1) * self.scale
         if self.form == "w8a16":
-            # int16 x int8 products and their sums (< 2^53) are exact in float64
+            # each group's int16 x int8 sum is exact in float64 (and in fp32: < 2^24 for groups <= 32),
+            # scaled by its weight scale in fp32 and summed; the token's scale last
             xq, xs = quantize_int16_rows(x)
-            acc = xq.double() @ self.weight.double().t()
-            return acc.float() * xs.unsqueeze(1) * self.scale
+            g = self.w_group
+            out = torch.zeros(x.shape[0], self.weight.shape[0])
+            for j in range(self.scale.shape[1]):
+                cols = slice(j * g, (j + 1) * g)
+                out += (xq[:, cols].double() @ self.weight[:, cols].double().t()).float() * self.scale[:, j]
+            return out * xs.unsqueeze(1)
         if self.form == "fp8b":
             # bf16 x E4M3 products are exact in fp32; each group's sum is scaled by its weight scale
             g = self.w_group

@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from engine.quant import ACT_BITS, quantize_int8_rows, recipe
+from engine.quant import ACT_BITS, W8A16_GROUP, QLinear, quantize_int8_rows, recipe
 
 log = logging.getLogger(__name__)
 
@@ -123,20 +123,25 @@ def smooth(w: dict[str, torch.Tensor], stats: dict[tuple[int, str], torch.Tensor
 
 def quantize_state(w: dict[str, torch.Tensor], lm_head: str = "bf16") -> dict[str, torch.Tensor]:
     """int8 codes + `<name>_scale` for every layer linear, the embedding / LM head in bfloat16
-    (`lm_head` "bf16"), as int8 rows with their scales ("int8"), or as those int8 rows marked
-    `<name>_act_bits` = 16 ("w8a16": the head's activations in int16), the rest as is."""
+    (`lm_head` "bf16"), as int8 rows with their scales ("int8"), or ("w8a16") the embedding in
+    bfloat16 and the head (a tied one untied) as int8 with a scale per row and per 32 columns
+    under `lm_head.weight`, marked
+    `lm_head.weight_act_bits` = 16 (its activations in int16), the rest as is."""
     if lm_head not in HEAD_FORMS:
         raise ValueError(f"w8a8 LM head must be one of {', '.join(HEAD_FORMS)}, got {lm_head!r}")
     out: dict[str, torch.Tensor] = {}
     for name, t in w.items():
-        if name.endswith("_proj.weight") or (lm_head != "bf16" and name in HEAD_NAMES):
+        if name.endswith("_proj.weight") or (lm_head == "int8" and name in HEAD_NAMES):
             out[name], out[name + "_scale"] = quantize_int8_rows(t)
-            if lm_head == "w8a16" and name in HEAD_NAMES:
-                out[name + ACT_BITS] = torch.tensor(16, dtype=torch.int32)
         elif name in HEAD_NAMES:
             out[name] = t.to(torch.bfloat16)
         else:
             out[name] = t
+    if lm_head == "w8a16":  # the head alone in int8, as lm_head.weight; the embedding table stays bf16
+        head = w["lm_head.weight"] if "lm_head.weight" in w else w["model.embed_tokens.weight"]
+        q = QLinear.make("w8a16", head)  # int8 per row and per W8A16_GROUP columns
+        out["lm_head.weight"], out["lm_head.weight_scale"] = q.weight, q.scale
+        out["lm_head.weight" + ACT_BITS] = torch.tensor(16, dtype=torch.int32)
     return out
 
 
@@ -146,7 +151,7 @@ def cache_key(model_dir: Path, n_seqs: int, seq_len: int, alpha: float, lm_head:
              "config": (Path(model_dir) / "config.json").read_text(),
              "weights": [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]}
     if lm_head != "bf16":  # (absent for bf16: the caches made before the option keep their key)
-        ident["lm_head"] = lm_head
+        ident["lm_head"] = lm_head if lm_head != "w8a16" else f"w8a16 per {W8A16_GROUP} columns"
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -191,8 +196,9 @@ def ensure_w8a8(model_dir: Path, *, n_seqs: int = CALIB_SEQS, seq_len: int = CAL
                                                        "down": "up_proj rows"}, "not_smoothed": ["o_proj"]},
             "lm_head_and_embedding": {"bf16": "bfloat16",
                                       "int8": "int8 per row (activations as the layers'; embedding rows dequantized)",
-                                      "w8a16": "int8 per row (activations int16 per token; embedding rows dequantized)",
-                                      }[lm_head] + " (tied models share one table)",
+                                      "w8a16": "head int8 per row and 32 columns x int16 activations per token, embedding bfloat16 "
+                                               "(untied: two tables)",
+                                      }[lm_head] + ("" if lm_head == "w8a16" else " (tied models share one table)"),
             "calibration": {"source": CALIB_SOURCE, "sequences": n_seqs, "tokens_per_sequence": seq_len},
             "seconds": round(time.perf_counter() - t0, 1)}, indent=2))
         (tmp / ".complete").write_text("ok\n")

@@ -33,7 +33,7 @@ torch::Tensor apply(const Linear& l, const torch::Tensor& x, bool skinny) {
     case kFormInt8Group:
       return int8_group_linear(x, *l.w, *l.s, l.group);
     case kFormW8A16:
-      return w8a16_linear(x, *l.w, *l.s, *l.rs);
+      return w8a16_linear(x, *l.w, *l.s);
     case kFormFP8:
       return fp8_linear(x, l.w->view(torch::kUInt8), *l.s);
     case kFormFP8B:

@@ -8,11 +8,11 @@
 //   int32 sums are exact, so y[m, n] = (float(acc) * xs[m]) * ws[n] equals the torch reference
 //   bit for bit. Small M: VPDPBUSD over (q + 128) as unsigned bytes, minus 128 * rowsum(W);
 //   large M (prefill): oneDNN's int8 GEMM (at::_int_mm) on the same codes.
-// w8a16_linear: W int8 per output row with scale ws[n] (the LM head's "w8a16" form); x quantized
-//   per row to int16 (q = rne(x * (32767 / absmax)), xs = absmax / 32767), each code split into
-//   its two bytes and each byte row multiplied by VPDPBUSD (as int8_linear, two products a weight
-//   instead of widening the weights to int16); exact: y[m, n] = (float(acc) * xs[m]) * ws[n] with
-//   acc the int64 dot product, bit for bit the torch reference.
+// w8a16_linear: W int8 with a scale per row and per 32 (or any multiple of 32) input columns (the
+//   LM head's "w8a16" form); x quantized per row to int16 (q = rne(x * (32767 / absmax)),
+//   xs = absmax / 32767), each code split into its two bytes and each byte row multiplied by
+//   VPDPBUSD (no widening of the weights); the integer sums are exact, their scaling by the group
+//   scales is fp32 (fp8b's arithmetic on exact group sums): y = xs[m] * sum_g ws[n, g] * acc_g.
 // fp8_linear: W E4M3 codes per output row with scale ws[n]; x quantized per row to E4M3
 //   (round to nearest even, as torch's float8_e4m3fn cast) with xs = absmax / 448. E4M3 values
 //   are exact in bfloat16, so the weights are upcast through a 128-entry table and multiplied
@@ -75,8 +75,9 @@ void quantize_rows_int8(const float* x, int64_t M, int64_t K, int bias, uint8_t*
 }
 
 // Absmax of each row of x and the int16 codes q = rne(x * (32767 / absmax)) (0 where absmax is 0),
-// written as their low bytes lo[m * K + k] = q & 0xFF and high bytes hi[..] = (q >> 8) + 128.
-void quantize_rows_int16(const float* x, int64_t M, int64_t K, uint8_t* lo, uint8_t* hi, float* scale) {
+// written as their low bytes lo[m * K + k] = q & 0xFF (unsigned) and high bytes hi[..] = q >> 8
+// (signed).
+void quantize_rows_int16(const float* x, int64_t M, int64_t K, uint8_t* lo, int8_t* hi, float* scale) {
   at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
     for (int64_t m = b; m < e; ++m) {
       const float* xr = x + m * K;
@@ -89,7 +90,7 @@ void quantize_rows_int16(const float* x, int64_t M, int64_t K, uint8_t* lo, uint
         v = std::min(32767.f, std::max(-32767.f, v));
         const int q = static_cast<int>(v);
         lo[m * K + k] = static_cast<uint8_t>(q & 0xFF);
-        hi[m * K + k] = static_cast<uint8_t>((q >> 8) + 128);
+        hi[m * K + k] = static_cast<int8_t>(q >> 8);
       }
     }
   });
@@ -238,32 +239,47 @@ inline void vnni_group_tile(const int8_t* const xq[MR], const float* const xs[MR
     for (int n = 0; n < NR; ++n) out[m][n] = _mm512_reduce_add_ps(acc[m][n]);
 }
 
-// NR int8 weight rows against MR token rows of int16 codes q = 256 * (hi - 128) + lo, given as
-// two unsigned byte rows (lo = q & 0xFF, hi = (q >> 8) + 128): two VPDPBUSD a 64-byte step, no
-// widening of the weights. out = 256 * (hi . w - 128 * rowsum(w)) + lo . w, exact (each int32 sum
-// is at most K * 255 * 128).
-template <int NR, int MR>
-inline void w8a16_tile(const uint8_t* const lo[MR], const uint8_t* const hi[MR], const int8_t* w0,
-                       const int32_t* rowsum, int64_t K, int64_t out[MR][NR]) {
-  __m512i alo[MR][NR], ahi[MR][NR];
+// NR int8 weight rows (a scale per `gs` columns, gs % 32 == 0, G = K / gs a row) against MR
+// token rows of int16 codes q = 256 * (hi - 128) + lo, given as two unsigned byte rows
+// (lo = q & 0xFF, hi = (q >> 8) + 128). Each 64-column step: VPDPBUSD of lo by the weights, and
+// of the weights as unsigned bytes (w + 128 = w ^ 0x80) by hi - 128 (signed) less 128 * the
+// lane's sum of hi - 128; both exact, and each lane's 256 * hi-part + lo-part (4 products, at
+// most 2^24 in magnitude) is exact in fp32: scaled by its group's weight scale (lanes 0-7:
+// columns k..k+31, lanes 8-15: k+32..k+63) and summed in fp32 lanes. out: without x's scale.
+// G32: gs == 32 (the default), each step's two scales adjacent, read without a division.
+template <int NR, int MR, bool G32>
+inline void w8a16_tile(const uint8_t* const lo[MR], const int8_t* const hi[MR], const int8_t* w0, const float* s0,
+                       int64_t K, int64_t gs, float out[MR][NR]) {
+  const int64_t G = K / gs;
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  const __m512i half_idx = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+  __m512 acc[MR][NR];
   for (int m = 0; m < MR; ++m)
-    for (int n = 0; n < NR; ++n) alo[m][n] = ahi[m][n] = _mm512_setzero_si512();
+    for (int n = 0; n < NR; ++n) acc[m][n] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; k += 64) {
-    __m512i wv[NR];
-    for (int n = 0; n < NR; ++n) wv[n] = _mm512_loadu_si512(w0 + n * K + k);
+    __m512i wv[NR], wu[NR];
+    __m512 sv[NR];
+    for (int n = 0; n < NR; ++n) {
+      wv[n] = _mm512_loadu_si512(w0 + n * K + k);
+      wu[n] = _mm512_xor_si512(wv[n], flip);
+      const float* sr = s0 + n * G;
+      const __m128 pair = G32 ? _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(sr + (k >> 5))))
+                              : _mm_set_ps(0.f, 0.f, sr[(k + 32) / gs], sr[k / gs]);
+      sv[n] = _mm512_permutexvar_ps(half_idx, _mm512_castps128_ps512(pair));
+    }
     for (int m = 0; m < MR; ++m) {
       const __m512i xl = _mm512_loadu_si512(lo[m] + k), xh = _mm512_loadu_si512(hi[m] + k);
+      const __m512i corr = _mm512_dpbusd_epi32(_mm512_setzero_si512(), flip, xh);  // 128 * sum(hi - 128)
       for (int n = 0; n < NR; ++n) {
-        alo[m][n] = _mm512_dpbusd_epi32(alo[m][n], xl, wv[n]);
-        ahi[m][n] = _mm512_dpbusd_epi32(ahi[m][n], xh, wv[n]);
+        const __m512i l = _mm512_dpbusd_epi32(_mm512_setzero_si512(), xl, wv[n]);
+        const __m512i h = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), wu[n], xh), corr);
+        const __m512i exact = _mm512_add_epi32(_mm512_slli_epi32(h, 8), l);
+        acc[m][n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(exact), sv[n], acc[m][n]);
       }
     }
   }
   for (int m = 0; m < MR; ++m)
-    for (int n = 0; n < NR; ++n) {
-      const int64_t h = static_cast<int64_t>(_mm512_reduce_add_epi32(ahi[m][n])) - 128 * int64_t{rowsum[n]};
-      out[m][n] = 256 * h + _mm512_reduce_add_epi32(alo[m][n]);
-    }
+    for (int n = 0; n < NR; ++n) out[m][n] = _mm512_reduce_add_ps(acc[m][n]);
 }
 
 // Rows of bfloat16 bits (NR weight rows, MR token rows): fp32 sums of exact products.
@@ -460,38 +476,43 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor ws, to
   return out;
 }
 
-// x [M, K] float32 @ (w [N, K] int8 * ws[:, None])^T with x quantized per row to int16 -> [M, N]
-// float32 (any M; K % 64 == 0). w_sum[n] = sum_k w[n, k] (int32).
-torch::Tensor w8a16_linear(torch::Tensor x, torch::Tensor w, torch::Tensor ws, torch::Tensor w_sum) {
+// x [M, K] float32 @ (w [N, K] int8 * ws [N, K / gs] per group of gs input columns)^T with x
+// quantized per row to int16 -> [M, N] float32 (any M; K % 64 == 0, gs % 32 == 0): "w8a16".
+torch::Tensor w8a16_linear(torch::Tensor x, torch::Tensor w, torch::Tensor ws) {
   check_x(x, w, torch::kInt8, "int8");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  check_scale(ws, N, torch::kFloat32, "ws");
-  check_scale(w_sum, N, torch::kInt32, "w_sum");
+  TORCH_CHECK(ws.dim() == 2 && ws.size(0) == N && ws.size(1) > 0 && K % ws.size(1) == 0 &&
+                  (K / ws.size(1)) % 32 == 0 && ws.scalar_type() == torch::kFloat32 && ws.is_contiguous(),
+              "ws must be contiguous float32 [N, K / group] with group a multiple of 32");
 #ifdef HM_AVX512
   TORCH_CHECK(K % 64 == 0, "K must be a multiple of 64");
-  std::vector<uint8_t> lo(static_cast<size_t>(M * K)), hi(static_cast<size_t>(M * K));
+  const int64_t G = ws.size(1), gs = K / G;
+  std::vector<uint8_t> lo(static_cast<size_t>(M * K));
+  std::vector<int8_t> hi(static_cast<size_t>(M * K));
   std::vector<float> xs(static_cast<size_t>(M));
   quantize_rows_int16(x.data_ptr<float>(), M, K, lo.data(), hi.data(), xs.data());
   auto out = torch::empty({M, N}, x.options());
   float* op = out.data_ptr<float>();
   const float* wsp = ws.data_ptr<float>();
   const int8_t* wp = w.data_ptr<int8_t>();
-  const int32_t* sp = w_sum.data_ptr<int32_t>();
-  skinny_drive<int64_t>(M, N, K, [&](int64_t n0, int nr, int64_t m0, int mr, int64_t (*vals)[4]) {
+  skinny_drive<float>(M, N, K, [&](int64_t n0, int nr, int64_t m0, int mr, float (*vals)[4]) {
     dispatch_tile(nr, mr, [&](auto nr_c, auto mr_c) {
       constexpr int NR = decltype(nr_c)::value, MR = decltype(mr_c)::value;
       const uint8_t* xl[MR];
-      const uint8_t* xh[MR];
+      const int8_t* xh[MR];
       for (int i = 0; i < MR; ++i) {
         xl[i] = lo.data() + (m0 + i) * K;
         xh[i] = hi.data() + (m0 + i) * K;
       }
-      int64_t o[MR][NR];
-      w8a16_tile<NR, MR>(xl, xh, wp + n0 * K, sp + n0, K, o);
+      float o[MR][NR];
+      if (gs == 32)
+        w8a16_tile<NR, MR, true>(xl, xh, wp + n0 * K, wsp + n0 * G, K, gs, o);
+      else
+        w8a16_tile<NR, MR, false>(xl, xh, wp + n0 * K, wsp + n0 * G, K, gs, o);
       for (int i = 0; i < MR; ++i)
         for (int j = 0; j < NR; ++j) vals[i][j] = o[i][j];
     });
-  }, [&](int64_t m, int64_t n, int64_t acc) { op[m * N + n] = static_cast<float>(acc) * xs[m] * wsp[n]; });
+  }, [&](int64_t m, int64_t n, float v) { op[m * N + n] = v * xs[m]; });
   return out;
 #else
   TORCH_CHECK(false, "w8a16_linear needs AVX-512 VNNI");
