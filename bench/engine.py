@@ -26,6 +26,8 @@ What is timed, the same way for every system:
   B * steps / (sum of step times).
 
     python -m bench.engine --json out/engine.json          # or: halfmoon bench engine ...
+    python -m bench.engine --batches 1 --systems halfmoon --dtypes w8a8,w8a8:lm_head=bf16+step=layers
+                                                           # an A/B of variants, interleaved
 
 `targets` in the JSON (and printed, met / MISSED): the issue's goals, w8a8 vs llama.cpp (decode b1
 >= 1.2x, prefill >= 2x), w8a8 vs hf-sdpa fp32 (decode b8 / b32 >= 2x), bfloat16 vs halfmoon
@@ -59,6 +61,26 @@ def decode_steps(new_tokens: int) -> int:
 
 
 HALFMOON_DTYPES = ("float32", "bfloat16", "w8a8", "fp8")
+
+
+def halfmoon_variant(spec: str) -> tuple[str, dict[str, str], bool]:
+    """``dtype[:field=value[+field=value]]`` -> (dtype, recipe changes, one-call decode steps):
+    ``w8a8:lm_head=bf16`` is w8a8 with a bfloat16 LM head (`engine.quant.Recipe`'s fields
+    linear / lm_head), ``w8a8:step=layers`` w8a8 with decode steps run layer by layer
+    (`engine.model.DECODE_STEP` off; ``step=one`` is the default). A variant is a worker of its
+    own beside the others, so old and new run interleaved in one run: an A/B."""
+    base, _, opts = spec.partition(":")
+    changes: dict[str, str] = {}
+    one_call = True
+    for kv in filter(None, opts.split("+")):
+        k, eq, v = kv.partition("=")
+        if eq and k in ("linear", "lm_head"):
+            changes[k] = v
+        elif eq and k == "step" and v in ("one", "layers"):
+            one_call = v == "one"
+        else:
+            raise ValueError(f"--dtypes: {spec!r}: options are linear=FORM, lm_head=FORM, step=one|layers")
+    return base, changes, one_call
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,15 +154,20 @@ def _serve_halfmoon(conn, threads: int, max_batch: int, new_tokens: int, prefill
                     dtype: str = "float32") -> None:
     import torch
 
+    import engine.model
     from engine.config import EngineConfig
     from engine.engine import LLMEngine
+    from engine.quant import recipe_variant
     from engine.sampling import SamplingParams
 
     torch.set_num_threads(threads)
+    base, changes, one_call = halfmoon_variant(dtype)
+    engine.model.DECODE_STEP = one_call
     max_tokens = decode_steps(new_tokens) + max_batch + 2  # nobody finishes inside the timed steps
     blocks = (max_batch + prefill_repeats) * (-(-(PROMPT_LEN + max_tokens + 1) // 16)) + 8
-    eng = LLMEngine(config=EngineConfig(num_blocks=blocks, max_num_batched_tokens=PROMPT_LEN,
-                                        max_num_seqs=max(max_batch, 1), dtype=dtype))
+    with recipe_variant(base, **changes):
+        eng = LLMEngine(config=EngineConfig(num_blocks=blocks, max_num_batched_tokens=PROMPT_LEN,
+                                            max_num_seqs=max(max_batch, 1), dtype=base))
     eng.generate([_prompts(1, seed=99)[0][:64]], SamplingParams(max_tokens=2))  # warm-up
     batch = 0
 
@@ -427,8 +454,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--systems", default="halfmoon,hf-sdpa,llama.cpp",
                     help="of halfmoon (one worker per --dtypes), hf (eager attention), hf-sdpa, llama.cpp "
                          "(skipped with a note when llama-cpp-python is not installed)")
-    ap.add_argument("--dtypes", default=",".join(HALFMOON_DTYPES), help="halfmoon's model dtypes")
+    ap.add_argument("--dtypes", default=",".join(HALFMOON_DTYPES),
+                    help="halfmoon's model dtypes; a variant as dtype:field=value[+field=value], e.g. "
+                         "w8a8:lm_head=bf16 or w8a8:step=layers (halfmoon_variant)")
     args = ap.parse_args(argv)
+    for d in args.dtypes.split(","):
+        try:
+            halfmoon_variant(d)
+        except ValueError as e:
+            ap.error(str(e))
 
     from rich.console import Console
     from rich.table import Table

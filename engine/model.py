@@ -112,11 +112,11 @@ class LlamaModel:
 
     @property
     def weight_bytes(self) -> int:
-        """Bytes of every weight the forward reads (the embedding once when tied)."""
-        tied = self.lm_head.weight is self.embed.weight
-        emb = 0 if tied else self.embed.weight.numel() * self.embed.weight.element_size()
+        """Bytes of every weight a decode step streams: the linears (the LM head: a tied
+        embedding's table once) and the norms. An untied embedding table is not counted: a
+        step gathers one row of it a token."""
         norms = sum(t.numel() * 4 for layer in self.layers for t in (layer.ln1, layer.ln2)) + self.norm.numel() * 4
-        return sum(q.nbytes for q in self.linears()) + emb + norms
+        return sum(q.nbytes for q in self.linears()) + norms
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,

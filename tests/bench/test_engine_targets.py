@@ -61,3 +61,55 @@ def test_summary_table_has_one_line_per_system_and_dtype():
 def test_matmul_params_of_smollm2_135m(real_model_dir):
     # 30 layers x (576 x 960 + 576 x 576 + 3 x 576 x 1536) + 49152 x 576 (the tied LM head)
     assert matmul_params(real_model_dir) == 30 * (576 * 960 + 576 * 576 + 3 * 576 * 1536) + 49152 * 576
+
+
+def test_halfmoon_variants_parse_into_recipe_changes_and_the_step_mode():
+    from bench.engine import halfmoon_variant
+
+    assert halfmoon_variant("w8a8") == ("w8a8", {}, True)
+    assert halfmoon_variant("w8a8:lm_head=bf16") == ("w8a8", {"lm_head": "bf16"}, True)
+    assert halfmoon_variant("w8a8:lm_head=bf16+step=layers") == ("w8a8", {"lm_head": "bf16"}, False)
+    assert halfmoon_variant("fp8:linear=fp8+step=one") == ("fp8", {"linear": "fp8"}, True)
+    for bad in ("w8a8:step=fast", "w8a8:threads=3", "w8a8:lm_head"):
+        with pytest.raises(ValueError, match="options are linear=FORM, lm_head=FORM, step=one|layers"):
+            halfmoon_variant(bad)
+
+
+@pytest.mark.slow  # (calibrates the tiny model twice: ~10 s quiet)
+def test_a_variant_worker_runs_in_its_form_and_step_mode(tiny_model_dir, tmp_path, monkeypatch):
+    """The worker of `w8a8:lm_head=bf16+step=layers` loads w8a8 with a bf16 head and runs decode
+    steps layer by layer; its rows carry the variant as their dtype."""
+    import engine.model
+    from bench import engine as be
+
+    monkeypatch.setenv("HALFMOON_CACHE", str(tmp_path))
+    monkeypatch.setattr(be, "PROMPT_LEN", 24)
+    seen = {}
+
+    class Conn:
+        def send(self, x):
+            pass
+
+    def answer(conn, prefill, decode_start, step, decode_end, weight_mb):
+        seen["step_mode"] = engine.model.DECODE_STEP
+        seen["weight_mb"] = weight_mb
+
+    import engine.engine
+
+    real = engine.engine.LLMEngine
+
+    def make(*a, **k):
+        if "config" not in k:  # the w8a8 calibration's own float32 engine
+            return real(*a, **k)
+        eng = real(tiny_model_dir, k["config"])
+        seen["head"] = eng.runner.model.lm_head.form
+        return eng
+
+    monkeypatch.setattr(engine.engine, "LLMEngine", make)
+    monkeypatch.setattr(be, "_answer", answer)
+    monkeypatch.setattr(engine.model, "DECODE_STEP", True)
+    be._serve_halfmoon(Conn(), 1, 1, 2, 1, "w8a8:lm_head=bf16+step=layers")
+    assert seen["head"] == "bf16" and seen["step_mode"] is False
+    be._serve_halfmoon(Conn(), 1, 1, 2, 1, "w8a8")
+    assert seen["head"] == "w8a16" and seen["step_mode"] is True
+    assert be.system_dtype("halfmoon/w8a8:lm_head=bf16") == "w8a8:lm_head=bf16"

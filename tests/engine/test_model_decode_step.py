@@ -34,7 +34,7 @@ def _engine(tiny_model_dir, dtype, head=None):
         return LLMEngine(tiny_model_dir, EngineConfig(num_blocks=64, dtype=dtype))
 
 
-@pytest.mark.parametrize("dtype,head", [("float32", None), ("bfloat16", None), ("w8a8", None), ("w8a8", "w8a16"),
+@pytest.mark.parametrize("dtype,head", [("float32", None), ("bfloat16", None), ("w8a8", None), ("w8a8", "bf16"),
                                         ("fp8", None)])
 def test_decode_step_logits_equal_the_layer_by_layer_path(tiny_model_dir, tmp_path, monkeypatch, ck, dtype,
                                                           head):  # noqa: F811
@@ -89,7 +89,7 @@ def test_decode_step_plan_refuses_a_linear_without_a_kernel(tiny_model_dir, ck):
     weights, forms = model._decode_plan(ck)
     L = len(model.layers)
     assert len(weights) == 14 * L + 4 and len(forms) == 8 * L + 2
-    assert forms[:8] == [3, 64, 3, 64, 3, 64, 3, 64] and forms[-2:] == [1, 0]  # grouped int8 layers, bf16 head
+    assert forms[:8] == [3, 64, 3, 64, 3, 64, 3, 64] and forms[-2:] == [4, 0]  # grouped int8 layers, w8a16 head
     # an int8 linear whose activation group the kernel cannot take: the reference runs it, so the plan is off
     layer = model.layers[0]
     odd = QLinear(layer.o.form, layer.o.weight, layer.o.scale, layer.o.row_sums, 32)

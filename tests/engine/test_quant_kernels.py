@@ -239,8 +239,8 @@ def test_w8a8_is_calibrated_once_then_loaded_from_the_cache(tiny_model_dir, tmp_
     info = json.loads((qdir / "quantization.json").read_text())
     assert info["smoothquant"]["alpha"] == 0.5 and info["calibration"]["sequences"] == quant_calib.CALIB_SEQS
     model = eng.runner.model
-    assert {q.form for q in model.linears()[:-1]} == {"int8"} and model.lm_head.form == "bf16"
-    assert model.lm_head.weight is model.embed.weight  # tied: one table
+    assert {q.form for q in model.linears()[:-1]} == {"int8"} and model.lm_head.form == "w8a16"
+    assert model.embed.weight.dtype == torch.bfloat16  # the head untied: int8, the embedding table bf16
     assert eng.kv.tensor.dtype == torch.bfloat16
     first = eng.generate([list(range(100, 140))], params)
 

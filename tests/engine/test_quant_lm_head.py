@@ -29,10 +29,10 @@ def test_quantize_state_puts_the_head_in_the_form_asked():
 
 
 def test_recipe_variant_applies_inside_the_block_only():
-    assert recipe("w8a8").lm_head == "bf16"
+    assert recipe("w8a8").lm_head == "w8a16"
     with recipe_variant("w8a8", lm_head="int8") as r:
         assert r.lm_head == "int8" and recipe("w8a8") is r and r.linear == "int8"
-    assert recipe("w8a8").lm_head == "bf16"
+    assert recipe("w8a8").lm_head == "w8a16"
     with pytest.raises(ValueError, match="dtype must be one of"):
         with recipe_variant("int4", lm_head="int8"):
             pass
@@ -42,7 +42,8 @@ def test_int8_head_engine_uses_grouped_int8_rows_in_its_own_cache(tiny_model_dir
     monkeypatch.setenv("HALFMOON_CACHE", str(tmp_path))
     params = SamplingParams(max_tokens=6, ignore_eos=True)
     prompt = [list(range(100, 140))]
-    base = LLMEngine(tiny_model_dir, EngineConfig(num_blocks=32, dtype="w8a8"))
+    with recipe_variant("w8a8", lm_head="bf16"):
+        base = LLMEngine(tiny_model_dir, EngineConfig(num_blocks=32, dtype="w8a8"))
     with recipe_variant("w8a8", lm_head="int8"):
         eng = LLMEngine(tiny_model_dir, EngineConfig(num_blocks=32, dtype="w8a8"))
     assert len(list((tmp_path / "models").glob(f"{tiny_model_dir.name}-w8a8-*"))) == 2  # one cache per head form
