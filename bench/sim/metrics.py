@@ -218,23 +218,27 @@ def summarize(run: SimRun, *, speedup: float, wall_s: float) -> SimSummary:
     completed = rejected = after_prefill = failed = 0
     hit_blocks = prefilled_blocks = 0
     reasons: dict[str, int] = {}
+    isnan, add_ttft = math.isnan, ttfts.append
+    REJECTED, COMPLETED = Outcome.REJECTED, Outcome.COMPLETED  # noqa: N806 (locals for the loop)
     for st in run.states:
-        if not math.isnan(st.prefill_end_s):
+        req = st.req
+        if not isnan(st.prefill_end_s):
             hit_blocks += st.hit_blocks
-            prefilled_blocks += len(st.req.block_hashes)
-        if st.outcome is Outcome.REJECTED:
+            prefilled_blocks += len(req.block_hashes)
+        outcome = st.outcome
+        if outcome is REJECTED:
             rejected += 1
             after_prefill += st.rejected_after_prefill
             key = str(st.rejection.reason) if st.rejection else "unknown"
             reasons[key] = reasons.get(key, 0) + 1
             continue
-        if st.outcome is not Outcome.COMPLETED:
+        if outcome is not COMPLETED:
             failed += 1
             continue
         completed += 1
-        ttft = st.first_token_s - st.req.arrival_s
-        ttfts.append(ttft)
-        met_ttft[st.req.index] = ttft <= ttft_slo
+        ttft = st.first_token_s - req.arrival_s
+        add_ttft(ttft)
+        met_ttft[req.index] = ttft <= ttft_slo
         if st.join_step >= 0:
             on_node[id(st.decode)].append(st)
     met = sum(met_ttft.values())  # requests that never joined a batch have no gap: TBT met

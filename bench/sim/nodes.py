@@ -237,7 +237,7 @@ class SimDecode:
         """The segment's last step ended: record it, advance, and return the requests that
         finished (their KV freed)."""
         k, b = self.seg_k, self.batch
-        self.segments.extend((self.seg_t0, self.step, k, self.seg_a, self.tokens, b))
+        self.segments.fromlist([self.seg_t0, self.step, k, self.seg_a, self.tokens, b])
         self.step += k
         self.tokens += b * k
         done = []
