@@ -161,6 +161,18 @@ class LoadIndex:
 
     def _reorder_prefill(self) -> None:
         heap, ver, pos, cur = self._pheap, self._phver, self._ppos, self._pcur
+        if 2 * len(self._pdirty) > len(pos):  # most nodes changed (a heartbeat): one heap of them all
+            heap = self._pheap = []
+            for key, (i, view) in self.prefill_by_id.items():
+                if view.healthy:
+                    value = cur[key] = view.busy_until_s
+                    version = ver[key] = ver.get(key, 0) + 1
+                    heap.append((value, i, version, view))
+                else:  # no entry, as when it surfaces unhealthy
+                    cur.pop(key, None)
+            heapq.heapify(heap)
+            self._pdirty.clear()
+            return
         for key, view in self._pdirty.items():
             if key not in pos:
                 continue
@@ -185,7 +197,11 @@ class LoadIndex:
             views = (v for _, v in self.prefill_by_id.values() if v.healthy and v.busy_until_s > now_s)
             return sum(v.busy_until_s - now_s for v in views) / healthy
         heap, ver = self._busy_heap, self._pver
-        if self._bdirty:  # entries for what changed since (the same entries, pushed later)
+        if 2 * len(self._bdirty) > len(busy):  # most busy nodes changed (a heartbeat): one heap of them all
+            heap = self._busy_heap = [(b, ver[n], n) for n, b in busy.items()]
+            heapq.heapify(heap)
+            self._bdirty.clear()
+        elif self._bdirty:  # entries for what changed since (the same entries, pushed later)
             push = heapq.heappush
             for node in self._bdirty:
                 b = busy.get(node)
@@ -214,6 +230,19 @@ class LoadIndex:
 
     def _reorder_decode(self) -> None:
         fn, heap, ver, pos, cur = self._dkey, self._dheap, self._dver, self._dpos, self._dcur
+        if 2 * len(self._dirty) > len(pos):  # most nodes changed (a heartbeat): one heap of them all
+            for key, view in self._dirty.items():
+                if key in pos:
+                    cur[key] = fn(view)  # type: ignore[misc]
+            by_id = self.decode_by_id
+            heap = self._dheap = []
+            for key, value in cur.items():  # every node with an entry (in the heap or `_dtop`)
+                version = ver[key] = ver.get(key, 0) + 1
+                heap.append((value, pos[key], version, by_id[key][1]))
+            heapq.heapify(heap)
+            self._dtop = []
+            self._dirty.clear()
+            return
         for key, view in self._dirty.items():
             if key not in pos:
                 continue

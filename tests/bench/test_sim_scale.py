@@ -63,10 +63,16 @@ def test_a_large_clusters_decode_candidates_are_the_lowest_committed_loads_throu
             state.dispatched(info, Decision(info.request_id, PolicyName.COST_AWARE, AdmissionMode.NONE, 0.0,
                                             PrefillChoice(NodeId("p0"), 0, None, 0, 0, 0.0, 0.0, 0.0, 0.1, 0.0),
                                             DecodeChoice(node, 0.0, 0.0, 0.0, LoadBasis.COMMITTED)), 0.0)
-        elif step < 0.8 or not down:
+        elif step < 0.75 or not down:
             node = rng.choice(decode)
             (state.node_up if node in down else state.node_down)(node)
             (down.discard if node in down else down.add)(node)
+        elif step < 0.8:  # a heartbeat round: most nodes report at once (the heap is rebuilt)
+            for node in decode:
+                if rng.random() < 0.9:
+                    state.heartbeat_decode(node, running=rng.randint(0, 8), waiting=rng.randint(0, 2),
+                                           tokens_in_flight=rng.randint(0, 50_000), used_tokens=rng.randint(0, 90_000),
+                                           now_s=0.0)
         else:  # back in rotation with nothing else changed
             node = down.pop()
             state.node_up(node)
@@ -114,10 +120,14 @@ def test_a_large_clusters_least_busy_prefill_node_and_backlog_are_the_brute_forc
             placed.append(info.request_id)
         elif step < 0.65 and placed:  # one ends (or is cancelled before its prefill)
             state.finished(placed.pop(rng.randrange(len(placed))), now)
-        elif step < 0.85 or not down:
+        elif step < 0.8 or not down:
             node = rng.choice(prefill)
             (state.node_up if node in down else state.node_down)(node)
             (down.discard if node in down else down.add)(node)
+        elif step < 0.85:  # a heartbeat round: most nodes report at once (the heaps are rebuilt)
+            for node in prefill:
+                if rng.random() < 0.9:
+                    state.heartbeat_prefill(node, rng.choice((0, rng.randint(1, 5_000))), now)
         else:  # back in rotation with nothing else changed
             state.node_up(down.pop())
         least = loads.least_busy_prefill()
