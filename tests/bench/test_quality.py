@@ -29,20 +29,20 @@ def test_run_scores_dtypes_and_variants_against_float32(tiny_model_dir, tmp_path
     windows = [list(range(300 + 7 * i, 364 + 7 * i)) for i in range(3)]
     questions = [{"topic": "t", "question": f"q{i}?", "answer_a": "x", "answer_b": "y", "answer_c": "z",
                   "answer_d": "w", "correct_answer": "ABCD"[i % 4]} for i in range(6)]
-    res = quality.run(["w8a8", "w8a8:lm_head=int8", "bfloat16"], windows, questions, 1, log=lambda *_: None,
+    res = quality.run(["w8a8", "w8a8:lm_head=bf16", "bfloat16"], windows, questions, 1, log=lambda *_: None,
                       model=tiny_model_dir)
     rows = {r["dtype"]: r for r in res["rows"]}
-    assert list(rows) == ["float32", "w8a8", "w8a8:lm_head=int8", "bfloat16"]  # float32 first, always
+    assert list(rows) == ["float32", "w8a8", "w8a8:lm_head=bf16", "bfloat16"]  # float32 first, always
     f = rows["float32"]
     assert (f["top1_agreement"], f["kl_mean"], f["mmlu_delta"], f["mmlu_delta_se"]) == (1.0, 0.0, 0.0, 0.0)
     assert all(r["positions"] == 3 * 64 and r["mmlu_questions"] == 6 for r in rows.values())
-    for d in ("w8a8", "w8a8:lm_head=int8", "bfloat16"):
+    for d in ("w8a8", "w8a8:lm_head=bf16", "bfloat16"):
         assert 0 < rows[d]["kl_mean"] and 0 < rows[d]["top1_agreement"] <= 1.0
-    assert rows["w8a8:lm_head=int8"]["kl_mean"] != rows["w8a8"]["kl_mean"]
-    # the int8 head halves the head's bytes: 2 bytes a weight -> 1 (+ a 4-byte scale per row)
+    assert rows["w8a8:lm_head=bf16"]["kl_mean"] != rows["w8a8"]["kl_mean"]
+    # w8a8's w8a16 head halves the head's bytes: 2 bytes a weight -> 1 (+ a 4-byte scale per 32)
     vocab, hidden = 49152, 64
-    assert res["weight_mb"]["w8a8"] - res["weight_mb"]["w8a8:lm_head=int8"] == pytest.approx(
-        (vocab * hidden - vocab * 4) / 1e6, abs=0.15)
+    assert res["weight_mb"]["w8a8:lm_head=bf16"] - res["weight_mb"]["w8a8"] == pytest.approx(
+        (vocab * hidden - vocab * hidden // 32 * 4) / 1e6, abs=0.1)  # (each rounded to 0.1 MB)
 
 
 def test_e4m3_weights_and_significand_rounding():
