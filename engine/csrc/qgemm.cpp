@@ -269,11 +269,12 @@ inline void w8a16_tile(const uint8_t* const lo[MR], const int8_t* const hi[MR], 
     }
     for (int m = 0; m < MR; ++m) {
       const __m512i xl = _mm512_loadu_si512(lo[m] + k), xh = _mm512_loadu_si512(hi[m] + k);
-      const __m512i corr = _mm512_dpbusd_epi32(_mm512_setzero_si512(), flip, xh);  // 128 * sum(hi - 128)
+      // -128 * the lane's sum of hi: the hi products start from it, so they come out exact
+      const __m512i neg_corr = _mm512_sub_epi32(_mm512_setzero_si512(),
+                                                _mm512_dpbusd_epi32(_mm512_setzero_si512(), flip, xh));
       for (int n = 0; n < NR; ++n) {
-        const __m512i l = _mm512_dpbusd_epi32(_mm512_setzero_si512(), xl, wv[n]);
-        const __m512i h = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), wu[n], xh), corr);
-        const __m512i exact = _mm512_add_epi32(_mm512_slli_epi32(h, 8), l);
+        const __m512i h = _mm512_dpbusd_epi32(neg_corr, wu[n], xh);  // sum w * hi
+        const __m512i exact = _mm512_dpbusd_epi32(_mm512_slli_epi32(h, 8), xl, wv[n]);  // + sum w * lo
         acc[m][n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(exact), sv[n], acc[m][n]);
       }
     }
