@@ -242,9 +242,9 @@ class Simulation:
         states = self.states
         total = len(states)
         pop = heapq.heappop
+        i = self._next_arrival  # only this loop moves it
+        next_arrival = states[i].req.arrival_s if i < total else math.inf
         while True:
-            i = self._next_arrival
-            next_arrival = states[i].req.arrival_s if i < total else math.inf
             if heap and heap[0][0] <= next_arrival:
                 if heap[0][0] > stop_s:
                     return
@@ -268,6 +268,8 @@ class Simulation:
                 self.now = next_arrival
                 self._next_arrival = i + 1
                 self._arrive(states[i], next_arrival)
+                i += 1
+                next_arrival = states[i].req.arrival_s if i < total else math.inf
             else:
                 return
             if until is not None and until():
