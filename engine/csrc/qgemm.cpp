@@ -203,7 +203,7 @@ inline void vnni_tile(const uint8_t* const xs[MR], const int8_t* w0, int64_t K, 
 // As vnni_tile, with one activation scale per `group` columns. Here the weights are the
 // unsigned operand (w ^ 0x80 = w + 128 as a byte) and the activation codes the signed one, so
 // each group's sum carries 128 * the token's code sum over the group (`qsum[m][g]`), taken back
-// off in lane 0 -- exact, and no per-weight-group sums to store or read. The exact group sums
+// off by starting lane 0 from -128 * qsum -- exact, and no per-weight-group sums to store or read. The exact group sums
 // are scaled by the token's group scale and summed in fp32 lanes: out = sum_g xs[m][g] * acc_g
 // (the weights' scale not applied).
 template <int NR, int MR>
@@ -214,9 +214,11 @@ inline void vnni_group_tile(const int8_t* const xq[MR], const float* const xs[MR
   for (int m = 0; m < MR; ++m)
     for (int n = 0; n < NR; ++n) acc[m][n] = _mm512_setzero_ps();
   for (int64_t g0 = 0, g = 0; g0 < K; g0 += group, ++g) {
-    __m512i gacc[MR][NR];
-    for (int m = 0; m < MR; ++m)
-      for (int n = 0; n < NR; ++n) gacc[m][n] = _mm512_setzero_si512();
+    __m512i gacc[MR][NR];  // start from -128 * qsum in lane 0: the sums come out exact
+    for (int m = 0; m < MR; ++m) {
+      const __m512i neg_corr = _mm512_maskz_set1_epi32(1, -128 * qsum[m][g]);
+      for (int n = 0; n < NR; ++n) gacc[m][n] = neg_corr;
+    }
     for (int64_t k = g0; k < g0 + group; k += 64) {
       prefetch_rows(pf, K, k, NR);
       __m512i wv[NR];
@@ -228,11 +230,7 @@ inline void vnni_group_tile(const int8_t* const xq[MR], const float* const xs[MR
     }
     for (int m = 0; m < MR; ++m) {
       const __m512 sv = _mm512_set1_ps(xs[m][g]);
-      const __m512i corr = _mm512_set1_epi32(128 * qsum[m][g]);
-      for (int n = 0; n < NR; ++n) {
-        const __m512i exact = _mm512_mask_sub_epi32(gacc[m][n], 1, gacc[m][n], corr);
-        acc[m][n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(exact), sv, acc[m][n]);
-      }
+      for (int n = 0; n < NR; ++n) acc[m][n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(gacc[m][n]), sv, acc[m][n]);
     }
   }
   for (int m = 0; m < MR; ++m)
