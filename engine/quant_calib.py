@@ -199,8 +199,8 @@ def ensure_w8a8(model_dir: Path, *, n_seqs: int = CALIB_SEQS, seq_len: int = CAL
                                                        "down": "up_proj rows"}, "not_smoothed": ["o_proj"]},
             "lm_head_and_embedding": {"bf16": "bfloat16",
                                       "int8": "int8 per row (activations as the layers'; embedding rows dequantized)",
-                                      "w8a16": "head int8 per row and 32 columns x int16 activations per token, embedding bfloat16 "
-                                               "(untied: two tables)",
+                                      "w8a16": "head int8 per row and 32 columns x int16 activations per token, "
+                                               "embedding bfloat16 (untied: two tables)",
                                       }[lm_head] + ("" if lm_head == "w8a16" else " (tied models share one table)"),
             "calibration": {"source": CALIB_SOURCE, "sequences": n_seqs, "tokens_per_sequence": seq_len},
             "seconds": round(time.perf_counter() - t0, 1)}, indent=2))

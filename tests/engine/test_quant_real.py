@@ -44,7 +44,7 @@ def test_every_dtype_loads_in_its_forms_and_sizes(engines):
     assert forms == {"float32": {"f32"}, "bfloat16": {"bf16"}, "w8a8": {"int8", "w8a16"}, "fp8": {fp8, "bf16"}}
     mb = {d: e.runner.model.weight_bytes / 1e6 for d, e in engines.items()}
     assert 537 < mb["float32"] < 539 and abs(mb["bfloat16"] - mb["float32"] / 2) < 0.1
-    assert 138 < mb["w8a8"] < 140  # int8 layers + an int8 LM head with a scale per 32 weights (the bf16 table not streamed)
+    assert 138 < mb["w8a8"] < 140  # int8 layers + an int8 head with a scale per 32 weights (bf16 table: not streamed)
     assert (160 < mb["fp8"] < 166) if fp8 == "fp8" else (175 < mb["fp8"] < 177)  # fp8b: + a scale per 32 weights
     assert {d: e.kv.dtype_name for d, e in engines.items()} == {"float32": "float32", "bfloat16": "bfloat16",
                                                                 "w8a8": "bfloat16", "fp8": "bfloat16"}
