@@ -100,7 +100,7 @@ def test_the_store_master_runs_as_an_actor_beside_the_conductor_and_every_node_u
     with Client(dep.grpc_address) as c:
         tiers = {n.node_id: {t.tier for t in n.tiers} for n in c.status().nodes}
     assert tiers == {"prefill-0": {"device", "host", "disk", "cluster"},
-                     "decode-0": {"device", "host", "disk", "cluster"}}
+                     "decode-0": {"device", "host", "cluster"}}  # a decode node: the write-back's staging only
 
 
 def test_a_request_completes_through_the_ray_cluster(deployed):
