@@ -93,6 +93,17 @@ def _longest_prefix(holders: dict, block_hashes: Sequence[BlockHash]) -> dict[No
     return out
 
 
+def _drop_holder(holders: dict, h: BlockHash, node: NodeId) -> None:
+    """`node` no longer holds block `h` in a holder map (one node, or a set of two or more)."""
+    held = holders[h]
+    if type(held) is set:
+        held.discard(node)
+        if len(held) == 1:
+            holders[h] = next(iter(held))
+    else:
+        del holders[h]
+
+
 class GlobalPrefixIndex:
     def __init__(self) -> None:
         self._holders: dict[int, NodeId | set[NodeId]] = {}
@@ -272,13 +283,7 @@ class GlobalPrefixIndex:
             if h not in mine:
                 continue
             mine.discard(h)
-            held = holders[h]
-            if type(held) is set:
-                held.discard(node)
-                if len(held) == 1:
-                    holders[h] = next(iter(held))
-            else:
-                del holders[h]
+            _drop_holder(holders, h, node)
 
     def clear_node(self, node: NodeId) -> None:
         """Forget what `node` holds: its device blocks and its own lower tiers (the cluster
@@ -358,21 +363,11 @@ class PendingPrefixes:
                 counts[h] = c - 1
             elif c == 1:
                 del counts[h]
-                self._release(node, h)
-
-    def _release(self, node: NodeId, h: int) -> None:
-        holders = self._holders
-        held = holders[h]
-        if type(held) is set:
-            held.discard(node)
-            if len(held) == 1:
-                holders[h] = next(iter(held))
-        else:
-            del holders[h]
+                _drop_holder(self._holders, h, node)
 
     def forget(self, node: NodeId) -> None:
         for h in self._counts.pop(node, {}):
-            self._release(node, h)
+            _drop_holder(self._holders, h, node)
 
     def longest_prefix(self, block_hashes: Sequence[BlockHash]) -> dict[NodeId, int]:
         return _longest_prefix(self._holders, block_hashes)
