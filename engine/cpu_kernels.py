@@ -72,12 +72,11 @@ def _bindings() -> str:
 def _build() -> ModuleType:
     from torch.utils.cpp_extension import load_inline
 
-    sources = [(_CSRC / f).read_text() for f in _SOURCES]
+    sources = [*((_CSRC / f).read_text() for f in _SOURCES), _bindings()]
     headers = [(_CSRC / f).read_text() for f in _HEADERS]
     # -ffp-contract=off: no silent multiply-add fusion, so the fused ops round like torch's
     cflags = ["-O3", "-ffp-contract=off", "-fopenmp", *cpu_flags()]
-    parts = [*sources, _bindings(), *headers, *cflags, torch.__version__]
-    key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:12]
+    key = hashlib.sha256("\0".join([*sources, *headers, *cflags, torch.__version__]).encode()).hexdigest()[:12]
     build_dir = cache_root() / "torch_extensions" / f"halfmoon_cpu_{key}"
     build_dir.mkdir(parents=True, exist_ok=True)
     # torch's own build lock is a plain file: a process killed mid-build leaves it behind and
@@ -86,7 +85,7 @@ def _build() -> ModuleType:
     with open(build_dir / ".halfmoon-build.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         (build_dir / "lock").unlink(missing_ok=True)
-        return load_inline(name=f"halfmoon_cpu_{key}", cpp_sources=[*sources, _bindings()],
+        return load_inline(name=f"halfmoon_cpu_{key}", cpp_sources=sources,
                            extra_cflags=cflags, extra_ldflags=["-fopenmp"], extra_include_paths=[str(_CSRC)],
                            build_directory=str(build_dir))
 
