@@ -26,7 +26,7 @@ What is timed, the same way for every system:
   B * steps / (sum of step times).
 
     python -m bench.engine --json out/engine.json          # or: halfmoon bench engine ...
-    python -m bench.engine --batches 1 --systems halfmoon --dtypes w8a8,w8a8:lm_head=bf16+step=layers
+    python -m bench.engine --batches 1 --systems halfmoon --dtypes w8a8,w8a8:step=calls
                                                            # an A/B of variants, interleaved
 
 `targets` in the JSON (and printed, met / MISSED): the issue's goals, w8a8 vs llama.cpp (decode b1
@@ -63,24 +63,29 @@ def decode_steps(new_tokens: int) -> int:
 HALFMOON_DTYPES = ("float32", "bfloat16", "w8a8", "fp8")
 
 
-def halfmoon_variant(spec: str) -> tuple[str, dict[str, str], bool]:
-    """``dtype[:field=value[+field=value]]`` -> (dtype, recipe changes, one-call decode steps):
+STEP_MODES = ("one", "calls", "layers")
+
+
+def halfmoon_variant(spec: str) -> tuple[str, dict[str, str], str]:
+    """``dtype[:field=value[+field=value]]`` -> (dtype, recipe changes, decode step mode):
     ``w8a8:lm_head=bf16`` is w8a8 with a bfloat16 LM head (`engine.quant.Recipe`'s fields
-    linear / lm_head), ``w8a8:step=layers`` w8a8 with decode steps run layer by layer
-    (`engine.model.DECODE_STEP` off; ``step=one`` is the default). A variant is a worker of its
-    own beside the others, so old and new run interleaved in one run: an A/B."""
+    linear / lm_head); ``step=`` how decode steps run: ``one`` (the default) one C++ call, in
+    one parallel region where the forms allow (`engine.model.DECODE_REGION`), ``calls`` one C++
+    call of a parallel region per kernel (DECODE_REGION off), ``layers`` layer by layer
+    (`engine.model.DECODE_STEP` off). A variant is a worker of its own beside the others, so old
+    and new run interleaved in one run: an A/B."""
     base, _, opts = spec.partition(":")
     changes: dict[str, str] = {}
-    one_call = True
+    step = "one"
     for kv in filter(None, opts.split("+")):
         k, eq, v = kv.partition("=")
         if eq and k in ("linear", "lm_head"):
             changes[k] = v
-        elif eq and k == "step" and v in ("one", "layers"):
-            one_call = v == "one"
+        elif eq and k == "step" and v in STEP_MODES:
+            step = v
         else:
-            raise ValueError(f"--dtypes: {spec!r}: options are linear=FORM, lm_head=FORM, step=one|layers")
-    return base, changes, one_call
+            raise ValueError(f"--dtypes: {spec!r}: options are linear=FORM, lm_head=FORM, step=one|calls|layers")
+    return base, changes, step
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,8 +166,9 @@ def _serve_halfmoon(conn, threads: int, max_batch: int, new_tokens: int, prefill
     from engine.sampling import SamplingParams
 
     torch.set_num_threads(threads)
-    base, changes, one_call = halfmoon_variant(dtype)
-    engine.model.DECODE_STEP = one_call
+    base, changes, step_mode = halfmoon_variant(dtype)
+    engine.model.DECODE_STEP = step_mode != "layers"
+    engine.model.DECODE_REGION = step_mode == "one"
     max_tokens = decode_steps(new_tokens) + max_batch + 2  # nobody finishes inside the timed steps
     blocks = (max_batch + prefill_repeats) * (-(-(PROMPT_LEN + max_tokens + 1) // 16)) + 8
     with recipe_variant(base, **changes):
@@ -456,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
                          "(skipped with a note when llama-cpp-python is not installed)")
     ap.add_argument("--dtypes", default=",".join(HALFMOON_DTYPES),
                     help="halfmoon's model dtypes; a variant as dtype:field=value[+field=value], e.g. "
-                         "w8a8:lm_head=bf16 or w8a8:step=layers (halfmoon_variant)")
+                         "w8a8:lm_head=bf16 or w8a8:step=calls (halfmoon_variant)")
     args = ap.parse_args(argv)
     for d in args.dtypes.split(","):
         try:

@@ -25,12 +25,12 @@ log = logging.getLogger(__name__)
 
 DISABLE_ENV = "HALFMOON_DISABLE_CPU_KERNELS"
 _CSRC = Path(__file__).parent / "csrc"
-_SOURCES = ["attention.cpp", "layer_ops.cpp", "gemm.cpp", "qgemm.cpp", "decode_step.cpp"]  # one translation unit, in this order
+_SOURCES = ["attention.cpp", "layer_ops.cpp", "gemm.cpp", "qgemm.cpp", "decode_step.cpp", "decode_region.cpp"]  # one translation unit, in this order
 _HEADERS = ["simd.h"]
 _FUNCTIONS = ["decode_attention", "prefill_attention", "rms_norm", "add_rms_norm", "rope_write_kv", "silu_mul",
               "skinny_linear", "skinny_linear_supported", "split_linear",
               "qgemm_supported", "bf16_linear", "int8_linear", "int8_group_linear", "w8a16_linear", "fp8_linear", "fp8b_linear",
-              "decode_step"]
+              "decode_step", "decode_region", "decode_region_supported"]
 
 _lock = threading.Lock()
 _state: dict[str, ModuleType | None] = {}

@@ -29,6 +29,11 @@ SPLIT_LINEAR = True
 # Decode-only steps on CPU run as one C++ call (engine/csrc/decode_step.cpp): the same kernels in
 # the same order as _forward_fused, without the Python between them. False: layer by layer.
 DECODE_STEP = True
+# Such steps of at most REGION_MAX_ROWS rows whose linears are all int8 (w8a8) run as ONE OpenMP
+# parallel region (engine/csrc/decode_region.cpp: the same logits, without ~150 fork/joins a
+# step). False: decode_step's kernel by kernel.
+DECODE_REGION = True
+REGION_MAX_ROWS = 4  # engine/csrc/decode_region.cpp kRegionMaxRows
 # engine/csrc/decode_step.cpp's numbering of the linear forms (int8 with activation groups: 3)
 _FORM_CODES = {"f32": 0, "bf16": 1, "int8": 2, "w8a16": 4, "fp8": 5, "fp8b": 6}
 
@@ -105,6 +110,7 @@ class LlamaModel:
         # the fp32 skinny kernel wants contiguous weights with K a multiple of 8
         self.skinny = all(q.weight.shape[1] % 8 == 0 for q in self.linears())
         self._step_plan: tuple[list[torch.Tensor], list[int]] | None | bool = False  # False: not built yet
+        self._region_rows = 0  # decode steps of up to this many rows may take decode_region
         self._step_caches: tuple[int, list[torch.Tensor], list[torch.Tensor]] | None = None
 
     def linears(self) -> list[QLinear]:
@@ -233,6 +239,8 @@ class LlamaModel:
             weights.append(self.norm)
             ok &= add(self.lm_head)
             self._step_plan = (weights, forms) if ok and self.layers else None
+            self._region_rows = max((n for n in range(1, REGION_MAX_ROWS + 1)
+                                     if self._step_plan and ck.decode_region_supported(forms, n)), default=0)
         return self._step_plan
 
     def _forward_decode(self, ck, plan: tuple[list[torch.Tensor], list[int]], input_ids: torch.Tensor,
@@ -244,7 +252,8 @@ class LlamaModel:
         c = self.cfg
         d = meta.decode
         weights, forms = plan
-        return ck.decode_step(self.embed(input_ids), positions, meta.slot_blocks, meta.slot_offsets, d.block_tables,
+        step = ck.decode_region if DECODE_REGION and d.n <= self._region_rows else ck.decode_step
+        return step(self.embed(input_ids), positions, meta.slot_blocks, meta.slot_offsets, d.block_tables,
                               d.context_lens, self.rope.cos, self.rope.sin, self._step_caches[1], self._step_caches[2],
                               weights, forms, c.num_heads, c.num_kv_heads, c.rms_norm_eps, self.scale,
                               self.skinny and ck.skinny_linear_supported())

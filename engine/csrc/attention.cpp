@@ -310,6 +310,65 @@ static int64_t decode_splits(int64_t tasks, int64_t work, const int64_t* lens, i
   return std::max<int64_t>(1, std::min(threads / a, min_blocks / 4));
 }
 
+// Item i of a decode step's attention: split i % splits of the keys of task i / splits (sequence
+// s, kv head g), its partial result (group x head_dim sums, group maxima, group sums) into `pr`.
+// q: sequence s's rows at q + s * q_s (heads q_h apart).
+template <typename T>
+void decode_item(int64_t i, int64_t splits, int64_t kvh, int64_t group, int64_t hd, const float* q, int64_t q_s,
+                 int64_t q_h, const T* kp, const T* vp, int64_t bstride, int64_t rstride, const int64_t* tables,
+                 int64_t max_blocks, const int64_t* lens, int64_t block_size, float scale, std::vector<float>& scratch,
+                 float* pr) {
+  const int64_t task = i / splits, sp = i % splits;
+  const int64_t s = task / kvh, g = task % kvh;
+  const int64_t nblocks = (lens[s] + block_size - 1) / block_size;
+  const int64_t per = (nblocks + splits - 1) / splits;
+  const int64_t b0 = std::min(nblocks, sp * per), b1 = std::min(nblocks, b0 + per);
+  if (b0 == b1) {  // an empty range: weight 0 in the combination
+    std::fill(pr, pr + group * hd, 0.f);
+    std::fill(pr + group * hd, pr + group * hd + group, -std::numeric_limits<float>::infinity());
+    std::fill(pr + group * hd + group, pr + group * hd + 2 * group, 0.f);
+    return;
+  }
+  attend_range(q + s * q_s + g * group * q_h, q_h, kp + g * hd, vp + g * hd, bstride, rstride,
+               tables + s * max_blocks, block_size, b0, b1, lens[s], group, hd, scale, scratch, pr, pr + group * hd,
+               pr + group * hd + group);
+}
+
+// The split of the keys of a sequence with `len` tokens that holds its last block.
+inline int64_t last_split(int64_t len, int64_t block_size, int64_t splits) {
+  const int64_t nblocks = (len + block_size - 1) / block_size;
+  return (nblocks - 1) / ((nblocks + splits - 1) / splits);
+}
+
+// One task's output heads (o: its first query head, heads o_h apart) from its splits' partial
+// results p0 (`part` floats each): out = sum_i exp(mx_i - M) acc_i / sum_i exp(mx_i - M) sum_i
+// (M: their max).
+inline void combine_task(const float* p0, int64_t splits, int64_t group, int64_t hd, float* o, int64_t o_h) {
+  const int64_t part = group * hd + 2 * group;
+  for (int64_t j = 0; j < group; ++j) {
+    float* oj = o + j * o_h;
+    if (splits == 1) {
+      const float inv = 1.f / p0[group * hd + group + j];
+      for (int64_t d = 0; d < hd; ++d) oj[d] = p0[j * hd + d] * inv;
+      continue;
+    }
+    float M = -std::numeric_limits<float>::infinity();
+    for (int64_t sp = 0; sp < splits; ++sp) M = std::max(M, p0[sp * part + group * hd + j]);
+    float l = 0.f;
+    std::fill(oj, oj + hd, 0.f);
+    for (int64_t sp = 0; sp < splits; ++sp) {
+      const float* pr = p0 + sp * part;
+      const float m = pr[group * hd + j];
+      if (m == -std::numeric_limits<float>::infinity()) continue;
+      const float w = std::exp(m - M);
+      l += w * pr[group * hd + group + j];
+      for (int64_t d = 0; d < hd; ++d) oj[d] += w * pr[j * hd + d];
+    }
+    const float inv = 1.f / l;
+    for (int64_t d = 0; d < hd; ++d) oj[d] *= inv;
+  }
+}
+
 // out[s, h] = softmax(scale * q[s, h] . K_s) V_s over the first context_lens[s] tokens of
 // sequence s, whose blocks are block_tables[s]. q, out: [n, heads, head_dim] (rows may be
 // strided, the last dim contiguous).
@@ -355,53 +414,15 @@ void decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache,
     const int64_t grain = splits == 1 && total * heads < 65536 ? tasks : 1;
     at::parallel_for(0, tasks * splits, grain, [&](int64_t begin, int64_t end) {
       thread_local std::vector<float> scratch;
-      for (int64_t i = begin; i < end; ++i) {
-        const int64_t task = i / splits, sp = i % splits;
-        const int64_t s = task / kvh, g = task % kvh;
-        const int64_t nblocks = (lens[s] + block_size - 1) / block_size;
-        const int64_t per = (nblocks + splits - 1) / splits;
-        const int64_t b0 = std::min(nblocks, sp * per), b1 = std::min(nblocks, b0 + per);
-        float* pr = parts.data() + i * part;
-        if (b0 == b1) {  // an empty range: weight 0 in the combination
-          std::fill(pr, pr + group * hd, 0.f);
-          std::fill(pr + group * hd, pr + group * hd + group, -std::numeric_limits<float>::infinity());
-          std::fill(pr + group * hd + group, pr + part, 0.f);
-          continue;
-        }
-        attend_range(qp + s * q_s + g * group * q_h, q_h, kp + g * hd, vp + g * hd, bstride, rstride,
-                     tables + s * max_blocks, block_size, b0, b1, lens[s], group, hd, static_cast<float>(scale),
-                     scratch, pr, pr + group * hd, pr + group * hd + group);
-      }
+      for (int64_t i = begin; i < end; ++i)
+        decode_item(i, splits, kvh, group, hd, qp, q_s, q_h, kp, vp, bstride, rstride, tables, max_blocks, lens,
+                    block_size, static_cast<float>(scale), scratch, parts.data() + i * part);
     });
   });
-  // out = sum_i exp(mx_i - M) acc_i / sum_i exp(mx_i - M) sum_i over the splits (M: their max)
   const int64_t o_s = out.stride(0), o_h = out.stride(1);
-  for (int64_t task = 0; task < tasks; ++task) {
-    const int64_t s = task / kvh, g = task % kvh;
-    const float* p0 = parts.data() + task * splits * part;
-    for (int64_t j = 0; j < group; ++j) {
-      float* oj = op + s * o_s + (g * group + j) * o_h;
-      if (splits == 1) {
-        const float inv = 1.f / p0[group * hd + group + j];
-        for (int64_t d = 0; d < hd; ++d) oj[d] = p0[j * hd + d] * inv;
-        continue;
-      }
-      float M = -std::numeric_limits<float>::infinity();
-      for (int64_t sp = 0; sp < splits; ++sp) M = std::max(M, p0[sp * part + group * hd + j]);
-      float l = 0.f;
-      std::fill(oj, oj + hd, 0.f);
-      for (int64_t sp = 0; sp < splits; ++sp) {
-        const float* pr = p0 + sp * part;
-        const float m = pr[group * hd + j];
-        if (m == -std::numeric_limits<float>::infinity()) continue;
-        const float w = std::exp(m - M);
-        l += w * pr[group * hd + group + j];
-        for (int64_t d = 0; d < hd; ++d) oj[d] += w * pr[j * hd + d];
-      }
-      const float inv = 1.f / l;
-      for (int64_t d = 0; d < hd; ++d) oj[d] *= inv;
-    }
-  }
+  for (int64_t task = 0; task < tasks; ++task)
+    combine_task(parts.data() + task * splits * part, splits, group, hd,
+                 op + (task / kvh) * o_s + (task % kvh) * group * o_h, o_h);
 }
 
 // One prefill chunk: q [n, heads, head_dim] are the last n of `context_len` tokens whose K/V are

@@ -40,6 +40,47 @@ void norm_row(const float* x, const float* w, float* out, int64_t d, float eps) 
   for (i = 0; i < d; ++i) out[i] = w[i] * (x[i] * r);
 }
 
+// One head rotated (rotate-half RoPE, cos/sin rows c, s of 2 * half): out = x * c + cat(-x2, x1) * s
+// (out may be x).
+inline void rope_head(const float* x, float* out, const float* c, const float* s, int64_t half) {
+  for (int64_t i = 0; i < half; ++i) {
+    const float x1 = x[i], x2 = x[i + half];
+    out[i] = x1 * c[i] - x2 * s[i];
+    out[i + half] = x2 * c[i + half] + x1 * s[i + half];
+  }
+}
+
+// K / V rows of one token (n floats each) into a cache slot: bfloat16 (nearest even, as torch's
+// .to(torch.bfloat16)) or float32.
+inline void write_kv_row(const float* kr, const float* vr, char* kd, char* vd, int64_t n, bool bf16) {
+  if (bf16) {
+    auto* kb = reinterpret_cast<c10::BFloat16*>(kd);
+    auto* vb = reinterpret_cast<c10::BFloat16*>(vd);
+    for (int64_t i = 0; i < n; ++i) {
+      kb[i] = c10::BFloat16(kr[i]);
+      vb[i] = c10::BFloat16(vr[i]);
+    }
+  } else {
+    std::memcpy(kd, kr, sizeof(float) * n);
+    std::memcpy(vd, vr, sizeof(float) * n);
+  }
+}
+
+// o[i] = silu(g[i]) * u[i] for i < n.
+inline void silu_mul_row(const float* g, const float* u, float* o, int64_t n) {
+  int64_t i = 0;
+#ifdef HM_AVX2
+  const __m256 one = _mm256_set1_ps(1.f);
+  for (; i + 8 <= n; i += 8) {
+    const __m256 x = _mm256_loadu_ps(g + i);
+    const __m256 e8 = hm::exp8(_mm256_sub_ps(_mm256_setzero_ps(), x));
+    const __m256 silu = _mm256_div_ps(x, _mm256_add_ps(one, e8));
+    _mm256_storeu_ps(o + i, _mm256_mul_ps(silu, _mm256_loadu_ps(u + i)));
+  }
+#endif
+  for (; i < n; ++i) o[i] = (g[i] / (1.f + std::exp(-g[i]))) * u[i];
+}
+
 torch::Tensor norm_rows(torch::Tensor x, const torch::Tensor& w, double eps, const float* delta) {
   check_rows(x, "x");
   const int64_t n = x.size(0), d = x.size(1);
@@ -118,28 +159,9 @@ void rope_write_kv(torch::Tensor qkv, torch::Tensor positions, torch::Tensor cos
       float* row = base + t * width;
       const float* c = cp + pos[t] * hd;
       const float* s = sp + pos[t] * hd;
-      for (int64_t h = 0; h < heads + kv_heads; ++h) {
-        float* x = row + h * hd;
-        for (int64_t i = 0; i < half; ++i) {  // x * cos + cat(-x2, x1) * sin
-          const float x1 = x[i], x2 = x[i + half];
-          x[i] = x1 * c[i] - x2 * s[i];
-          x[i + half] = x2 * c[i + half] + x1 * s[i + half];
-        }
-      }
+      for (int64_t h = 0; h < heads + kv_heads; ++h) rope_head(row + h * hd, row + h * hd, c, s, half);
       const int64_t slot = (sb[t] * bstride + so[t] * rstride) * esize;
-      const float* kr = row + heads * hd;
-      const float* vr = row + (heads + kv_heads) * hd;
-      if (bf16) {  // round to nearest even, as torch's .to(torch.bfloat16)
-        auto* kd = reinterpret_cast<c10::BFloat16*>(kc + slot);
-        auto* vd = reinterpret_cast<c10::BFloat16*>(vc + slot);
-        for (int64_t i = 0; i < kv_heads * hd; ++i) {
-          kd[i] = c10::BFloat16(kr[i]);
-          vd[i] = c10::BFloat16(vr[i]);
-        }
-      } else {
-        std::memcpy(kc + slot, kr, sizeof(float) * kv_heads * hd);
-        std::memcpy(vc + slot, vr, sizeof(float) * kv_heads * hd);
-      }
+      write_kv_row(row + heads * hd, row + (heads + kv_heads) * hd, kc + slot, vc + slot, kv_heads * hd, bf16);
     }
   });
 }
@@ -155,19 +177,7 @@ torch::Tensor silu_mul(torch::Tensor gu) {
   at::parallel_for(0, T, kRowGrain, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
       const float* g = gp + t * 2 * inter;
-      const float* u = g + inter;
-      float* o = op + t * inter;
-      int64_t i = 0;
-#ifdef HM_AVX2
-      const __m256 one = _mm256_set1_ps(1.f);
-      for (; i + 8 <= inter; i += 8) {
-        const __m256 x = _mm256_loadu_ps(g + i);
-        const __m256 e8 = hm::exp8(_mm256_sub_ps(_mm256_setzero_ps(), x));
-        const __m256 silu = _mm256_div_ps(x, _mm256_add_ps(one, e8));
-        _mm256_storeu_ps(o + i, _mm256_mul_ps(silu, _mm256_loadu_ps(u + i)));
-      }
-#endif
-      for (; i < inter; ++i) o[i] = (g[i] / (1.f + std::exp(-g[i]))) * u[i];
+      silu_mul_row(g, g + inter, op + t * inter, inter);
     }
   });
   return out;

@@ -56,70 +56,76 @@ int64_t tile_grain(int64_t M, int64_t K) { return std::max<int64_t>(1, 8192 / st
 
 // Absmax of each row of x and the int8 codes q = rne(x * (127 / absmax)) (0 where absmax is 0).
 // `bias` is added to each code (128 for the unsigned VNNI operand, 0 for at::_int_mm).
+void quantize_row_int8(const float* xr, int64_t K, int bias, uint8_t* qr, float* scale) {
+  float amax = 0.f;
+  for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(xr[k]));
+  const float inv = amax > 0.f ? 127.f / amax : 0.f;
+  *scale = amax / 127.f;
+  for (int64_t k = 0; k < K; ++k) {
+    float v = std::nearbyint(xr[k] * inv);
+    v = std::min(127.f, std::max(-127.f, v));
+    qr[k] = static_cast<uint8_t>(static_cast<int>(v) + bias);
+  }
+}
+
 void quantize_rows_int8(const float* x, int64_t M, int64_t K, int bias, uint8_t* q, float* scale) {
   at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
-    for (int64_t m = b; m < e; ++m) {
-      const float* xr = x + m * K;
-      float amax = 0.f;
-      for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(xr[k]));
-      const float inv = amax > 0.f ? 127.f / amax : 0.f;
-      scale[m] = amax / 127.f;
-      uint8_t* qr = q + m * K;
-      for (int64_t k = 0; k < K; ++k) {
-        float v = std::nearbyint(xr[k] * inv);
-        v = std::min(127.f, std::max(-127.f, v));
-        qr[k] = static_cast<uint8_t>(static_cast<int>(v) + bias);
-      }
-    }
+    for (int64_t m = b; m < e; ++m) quantize_row_int8(x + m * K, K, bias, q + m * K, scale + m);
   });
 }
 
 // Absmax of each row of x and the int16 codes q = rne(x * (32767 / absmax)) (0 where absmax is 0),
 // written as their low bytes lo[m * K + k] = q & 0xFF (unsigned) and high bytes hi[..] = q >> 8
 // (signed).
+void quantize_row_int16(const float* xr, int64_t K, uint8_t* lo, int8_t* hi, float* scale) {
+  float amax = 0.f;
+  for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(xr[k]));
+  const float inv = amax > 0.f ? 32767.f / amax : 0.f;
+  *scale = amax / 32767.f;
+  for (int64_t k = 0; k < K; ++k) {
+    float v = std::nearbyint(xr[k] * inv);
+    v = std::min(32767.f, std::max(-32767.f, v));
+    const int q = static_cast<int>(v);
+    lo[k] = static_cast<uint8_t>(q & 0xFF);
+    hi[k] = static_cast<int8_t>(q >> 8);
+  }
+}
+
 void quantize_rows_int16(const float* x, int64_t M, int64_t K, uint8_t* lo, int8_t* hi, float* scale) {
   at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
-    for (int64_t m = b; m < e; ++m) {
-      const float* xr = x + m * K;
-      float amax = 0.f;
-      for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(xr[k]));
-      const float inv = amax > 0.f ? 32767.f / amax : 0.f;
-      scale[m] = amax / 32767.f;
-      for (int64_t k = 0; k < K; ++k) {
-        float v = std::nearbyint(xr[k] * inv);
-        v = std::min(32767.f, std::max(-32767.f, v));
-        const int q = static_cast<int>(v);
-        lo[m * K + k] = static_cast<uint8_t>(q & 0xFF);
-        hi[m * K + k] = static_cast<int8_t>(q >> 8);
-      }
-    }
+    for (int64_t m = b; m < e; ++m) quantize_row_int16(x + m * K, K, lo + m * K, hi + m * K, scale + m);
   });
 }
 
 // Per row and per `group` consecutive columns: absmax, signed codes q = rne(x * (127 / absmax)),
 // scale[m * G + g] = absmax / 127 (G = K / group), as engine.quant.quantize_int8_groups, and
 // each group's code sum qsum[m * G + g].
+// One row of quantize_groups_int8 (K columns, G = K / group scales and code sums).
+void quantize_row_groups_int8(const float* xr0, int64_t K, int64_t group, int8_t* q, float* scale, int32_t* qsum) {
+  for (int64_t g = 0; g < K / group; ++g) {
+    const float* xr = xr0 + g * group;
+    float amax = 0.f;
+    for (int64_t k = 0; k < group; ++k) amax = std::max(amax, std::fabs(xr[k]));
+    const float inv = amax > 0.f ? 127.f / amax : 0.f;
+    scale[g] = amax / 127.f;
+    int8_t* qr = q + g * group;
+    int32_t sum = 0;
+    for (int64_t k = 0; k < group; ++k) {
+      float v = std::nearbyint(xr[k] * inv);
+      v = std::min(127.f, std::max(-127.f, v));
+      qr[k] = static_cast<int8_t>(v);
+      sum += qr[k];
+    }
+    qsum[g] = sum;
+  }
+}
+
 void quantize_groups_int8(const float* x, int64_t M, int64_t K, int64_t group, int8_t* q, float* scale,
                           int32_t* qsum) {
   const int64_t G = K / group;
   at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
     for (int64_t m = b; m < e; ++m)
-      for (int64_t g = 0; g < G; ++g) {
-        const float* xr = x + m * K + g * group;
-        float amax = 0.f;
-        for (int64_t k = 0; k < group; ++k) amax = std::max(amax, std::fabs(xr[k]));
-        const float inv = amax > 0.f ? 127.f / amax : 0.f;
-        scale[m * G + g] = amax / 127.f;
-        int8_t* qr = q + m * K + g * group;
-        int32_t sum = 0;
-        for (int64_t k = 0; k < group; ++k) {
-          float v = std::nearbyint(xr[k] * inv);
-          v = std::min(127.f, std::max(-127.f, v));
-          qr[k] = static_cast<int8_t>(v);
-          sum += qr[k];
-        }
-        qsum[m * G + g] = sum;
-      }
+      quantize_row_groups_int8(x + m * K, K, group, q + m * K, scale + m * G, qsum + m * G);
   });
 }
 

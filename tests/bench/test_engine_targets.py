@@ -66,12 +66,13 @@ def test_matmul_params_of_smollm2_135m(real_model_dir):
 def test_halfmoon_variants_parse_into_recipe_changes_and_the_step_mode():
     from bench.engine import halfmoon_variant
 
-    assert halfmoon_variant("w8a8") == ("w8a8", {}, True)
-    assert halfmoon_variant("w8a8:lm_head=bf16") == ("w8a8", {"lm_head": "bf16"}, True)
-    assert halfmoon_variant("w8a8:lm_head=bf16+step=layers") == ("w8a8", {"lm_head": "bf16"}, False)
-    assert halfmoon_variant("fp8:linear=fp8+step=one") == ("fp8", {"linear": "fp8"}, True)
+    assert halfmoon_variant("w8a8") == ("w8a8", {}, "one")
+    assert halfmoon_variant("w8a8:lm_head=bf16") == ("w8a8", {"lm_head": "bf16"}, "one")
+    assert halfmoon_variant("w8a8:lm_head=bf16+step=layers") == ("w8a8", {"lm_head": "bf16"}, "layers")
+    assert halfmoon_variant("w8a8:step=calls") == ("w8a8", {}, "calls")
+    assert halfmoon_variant("fp8:linear=fp8+step=one") == ("fp8", {"linear": "fp8"}, "one")
     for bad in ("w8a8:step=fast", "w8a8:threads=3", "w8a8:lm_head"):
-        with pytest.raises(ValueError, match="options are linear=FORM, lm_head=FORM, step=one|layers"):
+        with pytest.raises(ValueError, match="options are linear=FORM, lm_head=FORM, step=one.calls.layers"):
             halfmoon_variant(bad)
 
 
@@ -91,7 +92,7 @@ def test_a_variant_worker_runs_in_its_form_and_step_mode(tiny_model_dir, tmp_pat
             pass
 
     def answer(conn, prefill, decode_start, step, decode_end, weight_mb):
-        seen["step_mode"] = engine.model.DECODE_STEP
+        seen["step_mode"] = (engine.model.DECODE_STEP, engine.model.DECODE_REGION)
         seen["weight_mb"] = weight_mb
 
     import engine.engine
@@ -108,8 +109,11 @@ def test_a_variant_worker_runs_in_its_form_and_step_mode(tiny_model_dir, tmp_pat
     monkeypatch.setattr(engine.engine, "LLMEngine", make)
     monkeypatch.setattr(be, "_answer", answer)
     monkeypatch.setattr(engine.model, "DECODE_STEP", True)
+    monkeypatch.setattr(engine.model, "DECODE_REGION", True)
     be._serve_halfmoon(Conn(), 1, 1, 2, 1, "w8a8:lm_head=bf16+step=layers")
-    assert seen["head"] == "bf16" and seen["step_mode"] is False
+    assert seen["head"] == "bf16" and seen["step_mode"] == (False, False)
+    be._serve_halfmoon(Conn(), 1, 1, 2, 1, "w8a8:step=calls")
+    assert seen["head"] == "w8a16" and seen["step_mode"] == (True, False)
     be._serve_halfmoon(Conn(), 1, 1, 2, 1, "w8a8")
-    assert seen["head"] == "w8a16" and seen["step_mode"] is True
+    assert seen["head"] == "w8a16" and seen["step_mode"] == (True, True)
     assert be.system_dtype("halfmoon/w8a8:lm_head=bf16") == "w8a8:lm_head=bf16"

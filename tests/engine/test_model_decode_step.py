@@ -41,20 +41,24 @@ def test_decode_step_logits_equal_the_layer_by_layer_path(tiny_model_dir, tmp_pa
     monkeypatch.setenv("HALFMOON_CACHE", str(tmp_path))
     eng = _engine(tiny_model_dir, dtype, head)
     model = eng.runner.model
-    counting = Counting(cpu_kernels.kernels(), ["decode_step"])
+    counting = Counting(cpu_kernels.kernels(), ["decode_step", "decode_region"])
     monkeypatch.setattr(cpu_kernels, "kernels", lambda: counting)
     forward = model.forward
     compared = []
+    # w8a8 with its int8 layers and w8a16 head: one parallel region (engine/csrc/decode_region.cpp)
+    region = dtype == "w8a8" and head is None
 
     def both(input_ids, positions, meta, kv, logits_indices):
         monkeypatch.setattr(em, "DECODE_STEP", False)
-        before = counting.calls["decode_step"]
+        before = dict(counting.calls)
         old = forward(input_ids, positions, meta, kv, logits_indices)
-        assert counting.calls["decode_step"] == before
+        assert counting.calls == before
         monkeypatch.setattr(em, "DECODE_STEP", True)
         new = forward(input_ids, positions, meta, kv, logits_indices)
-        one_call = counting.calls["decode_step"] == before + 1
+        one_call = sum(counting.calls.values()) == sum(before.values()) + 1
         assert one_call == (not meta.prefills)  # decode-only steps, and only those, take the one call
+        if one_call:
+            assert counting.calls["decode_region"] == before["decode_region"] + region
         assert torch.equal(new, old)
         compared.append((len(input_ids), one_call))
         return new

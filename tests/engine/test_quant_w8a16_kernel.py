@@ -146,7 +146,7 @@ def test_w8a16_head_engine_uses_the_kernel_and_generates_like_the_torch_path(tin
 
     class Counting:
         def __getattr__(self, name):
-            if name in ("w8a16_linear", "decode_step"):
+            if name in ("w8a16_linear", "decode_step", "decode_region"):
                 calls.append(name)
             return getattr(real, name)
 
@@ -154,8 +154,8 @@ def test_w8a16_head_engine_uses_the_kernel_and_generates_like_the_torch_path(tin
     prompt = [list(range(100, 140))]
     monkeypatch.setattr(cpu_kernels, "kernels", lambda: Counting())
     fused = eng.generate(prompt, params)[0]
-    # the prefill's head call, then 7 decode steps in one C++ call each (the head inside)
-    assert calls == ["w8a16_linear"] + ["decode_step"] * 7
+    # the prefill's head call, then 7 decode steps in one C++ call (one parallel region) each, the head inside
+    assert calls == ["w8a16_linear"] + ["decode_region"] * 7
     monkeypatch.setattr(cpu_kernels, "kernels", lambda: None)
     ref = eng.generate(prompt, params)[0]
     assert fused == ref and len(fused) == 8
