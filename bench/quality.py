@@ -163,13 +163,14 @@ def mcnemar(ref: list[bool], got: list[bool]) -> tuple[float, float]:
 
 def parse_variant(spec: str) -> tuple[str, dict[str, str]]:
     """``dtype[:field=value[+field=value]]`` -> (dtype, recipe changes): e.g. ``w8a8:lm_head=int8``
-    is w8a8 with an int8 LM head (`engine.quant.Recipe`'s fields)."""
+    is w8a8 with an int8 LM head, ``fp8:rounding=rtn`` fp8 rounded to nearest (`engine.quant.Recipe`'s
+    fields)."""
     base, _, opts = spec.partition(":")
     changes = {}
     for kv in filter(None, opts.split("+")):
         k, eq, v = kv.partition("=")
-        if not eq or k not in ("linear", "lm_head"):
-            raise SystemExit(f"--dtypes: {spec!r}: options are linear=FORM or lm_head=FORM")
+        if not eq or k not in ("linear", "lm_head", "rounding"):
+            raise SystemExit(f"--dtypes: {spec!r}: options are linear=FORM, lm_head=FORM or rounding=rtn|gptq")
         changes[k] = v
     return base, changes
 

@@ -11,9 +11,10 @@ tokenizer.json + tokenizer_config.json):
 * a tiny random-weight model of the same architecture, for fast tests.
 
 `load_model(..., dtype=)` gives the weights in the form `engine.quant` names for that dtype:
-bfloat16 and fp8 are converted tensor by tensor while loading (the fp32 model is never whole
-in memory); w8a8 needs SmoothQuant calibration, so it is produced once
-(`engine.quant_calib`, or `halfmoon quantize`) and cached beside the dequantized model under
+bfloat16 (and fp8 rounded to nearest) are converted tensor by tensor while loading (the fp32
+model is never whole in memory); w8a8 needs SmoothQuant calibration and fp8 (`Recipe.rounding`
+"gptq", the default) GPTQ's, so they are produced once (`engine.quant_calib`, or
+`halfmoon quantize --dtype w8a8|fp8`) and cached beside the dequantized model under
 ``$HALFMOON_CACHE/models/``.
 """
 from __future__ import annotations
@@ -168,7 +169,7 @@ class LoadedModel:
     weights: dict[str, torch.Tensor]
     model_dir: Path  # the source directory (tokenizer, config)
     dtype: str = "float32"
-    weights_dir: Path | None = None  # where the weights were read (a quantized cache for w8a8)
+    weights_dir: Path | None = None  # where the weights were read (a quantized cache for w8a8, GPTQ's fp8)
 
 
 def _read_weights(model_dir: Path, convert) -> dict[str, torch.Tensor]:
@@ -205,6 +206,11 @@ def load_model(model: str | os.PathLike = DEFAULT_MODEL, *, dtype: str = "float3
         from engine.quant_calib import ensure_w8a8
 
         qdir = ensure_w8a8(model_dir, lm_head=rec.lm_head, progress=progress)
+        return LoadedModel(cfg, _read_weights(qdir, lambda n, t: {n: t}), model_dir, dtype, qdir)
+    if dtype == "fp8" and rec.linear == "fp8b" and rec.rounding == "gptq":
+        from engine.quant_calib import ensure_fp8
+
+        qdir = ensure_fp8(model_dir, progress=progress)
         return LoadedModel(cfg, _read_weights(qdir, lambda n, t: {n: t}), model_dir, dtype, qdir)
 
     def convert(name: str, t: torch.Tensor) -> dict[str, torch.Tensor]:

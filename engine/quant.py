@@ -96,6 +96,10 @@ class Recipe:
     linear: str  # "f32" | "bf16" | "int8" | "fp8" | "fp8b"
     lm_head: str  # "f32" | "bf16" | "int8" | "w8a16"
     kv_dtype: str  # the KV cache's dtype when EngineConfig.kv_dtype is "auto"
+    # fp8b's weights: "rtn" -- each rounded to its nearest code while loading -- or "gptq" -- the
+    # codes chosen by GPTQ's error-compensating rounding (engine/gptq.py), calibrated once and
+    # cached (engine.quant_calib.ensure_fp8). The same grid and scales, the same kernel.
+    rounding: str = "rtn"
 
 
 # w8a8's LM head and (tied) embedding: "bf16"; "int8" -- int8 per row, the head's activations
@@ -112,6 +116,8 @@ W8A8_LM_HEAD = "w8a16"
 # activations per token: fp8_linear); top-1 agreement 0.937 against 0.902 (see above).
 FP8_LINEAR = "fp8b"
 FP8_GROUP = 32
+FP8_ROUNDING = "gptq"  # fp8b's codes: "gptq" or "rtn" (Recipe.rounding)
+ROUNDINGS = ("rtn", "gptq")
 # w8a8's "w8a16" LM head: int8 weights with a scale per row and per this many input channels
 # (the head of a Q4_1 GGUF has 16 levels a 32-column block: per 32 columns int8 keeps them to
 # 0.14% RMS, per row 1.17%), int16 activations per token.
@@ -121,7 +127,7 @@ RECIPES = {
     "float32": Recipe("float32", "f32", "f32", "float32"),
     "bfloat16": Recipe("bfloat16", "bf16", "bf16", "bfloat16"),
     "w8a8": Recipe("w8a8", "int8", W8A8_LM_HEAD, "bfloat16"),
-    "fp8": Recipe("fp8", FP8_LINEAR, "bf16", "bfloat16"),
+    "fp8": Recipe("fp8", FP8_LINEAR, "bf16", "bfloat16", FP8_ROUNDING),
 }
 
 

@@ -38,12 +38,18 @@ import logging
 import os
 import shutil
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from engine.quant import ACT_BITS, W8A16_GROUP, QLinear, quantize_int8_rows, recipe
+from engine.gptq import ACT_ORDER as GPTQ_ACT_ORDER
+from engine.gptq import BLOCK as GPTQ_BLOCK
+from engine.gptq import DAMP as GPTQ_DAMP
+from engine.gptq import STATIC_GROUPS as GPTQ_STATIC_GROUPS
+from engine.gptq import gptq_batch
+from engine.quant import ACT_BITS, FP8_GROUP, W8A16_GROUP, QLinear, quantize_int8_rows, recipe
 
 log = logging.getLogger(__name__)
 
@@ -73,12 +79,6 @@ def calibration_ids(tokenizer, n_seqs: int = CALIB_SEQS, seq_len: int = CALIB_LE
 def collect_input_absmax(model_dir: Path, n_seqs: int = CALIB_SEQS, seq_len: int = CALIB_LEN
                          ) -> dict[tuple[int, str], torch.Tensor]:
     """Per-input-channel max |x| of every layer linear's input over the calibration prompts."""
-    from engine.config import EngineConfig
-    from engine.engine import LLMEngine
-    from engine.sampling import SamplingParams
-
-    eng = LLMEngine(model_dir, EngineConfig(num_blocks=n_seqs * (seq_len // 16 + 2), max_num_batched_tokens=seq_len,
-                                            max_num_seqs=n_seqs, dtype="float32"))
     stats: dict[tuple[int, str], torch.Tensor] = {}
 
     def observe(li: int, name: str, x: torch.Tensor) -> None:
@@ -86,9 +86,37 @@ def collect_input_absmax(model_dir: Path, n_seqs: int = CALIB_SEQS, seq_len: int
         prev = stats.get((li, name))
         stats[(li, name)] = m if prev is None else torch.maximum(prev, m)
 
+    _calibrate(model_dir, n_seqs, seq_len, observe)
+    return stats
+
+
+def collect_hessians(model_dir: Path, n_seqs: int = CALIB_SEQS, seq_len: int = CALIB_LEN
+                     ) -> dict[tuple[int, str], torch.Tensor]:
+    """X^T X (float64 [K, K]) of every layer linear's input over the calibration prompts, keyed
+    (layer, "qkv" | "o" | "gate_up" | "down"): GPTQ's Hessians (engine/gptq.py), from the
+    float32 model."""
+    hs: dict[tuple[int, str], torch.Tensor] = {}
+
+    def observe(li: int, name: str, x: torch.Tensor) -> None:
+        xx = (x.detach().t() @ x.detach()).double()
+        prev = hs.get((li, name))
+        hs[(li, name)] = xx if prev is None else prev.add_(xx)
+
+    _calibrate(model_dir, n_seqs, seq_len, observe)
+    return hs
+
+
+def _calibrate(model_dir: Path, n_seqs: int, seq_len: int, observe) -> None:
+    """Prefill the calibration prompts through the float32 model, `observe(layer, linear, x)`
+    seeing every layer linear's input (`LlamaModel.observer`)."""
+    from engine.config import EngineConfig
+    from engine.engine import LLMEngine
+    from engine.sampling import SamplingParams
+
+    eng = LLMEngine(model_dir, EngineConfig(num_blocks=n_seqs * (seq_len // 16 + 2), max_num_batched_tokens=seq_len,
+                                            max_num_seqs=n_seqs, dtype="float32"))
     eng.runner.model.observer = observe
     eng.generate(calibration_ids(eng.tokenizer, n_seqs, seq_len), SamplingParams(max_tokens=1))
-    return stats
 
 
 def smooth_scales(act_max: torch.Tensor, weights: list[torch.Tensor], alpha: float = ALPHA) -> torch.Tensor:
@@ -172,27 +200,12 @@ def ensure_w8a8(model_dir: Path, *, n_seqs: int = CALIB_SEQS, seq_len: int = CAL
     from engine.config import ModelConfig
     from engine.loader import _read_weights
 
-    out = w8a8_dir(model_dir, n_seqs, seq_len, alpha, lm_head)
-    if (out / ".complete").is_file():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.parent / f".{out.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be producing it: wait, then reuse
-        if (out / ".complete").is_file():
-            return out
-        t0 = time.perf_counter()
-        msg = f"w8a8: calibrating SmoothQuant on {n_seqs} x {seq_len} tokens of {CALIB_SOURCE}"
-        (print if progress else log.info)(msg)
+    def build() -> tuple[dict[str, torch.Tensor], dict]:
         cfg = ModelConfig.from_dir(model_dir)
         stats = collect_input_absmax(model_dir, n_seqs, seq_len)
         state = quantize_state(smooth(_read_weights(model_dir, lambda n, t: {n: t}), stats, cfg.num_layers, alpha),
                                lm_head)
-        tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_file(state, str(tmp / "model.safetensors"))
-        shutil.copy(Path(model_dir) / "config.json", tmp / "config.json")
-        (tmp / "quantization.json").write_text(json.dumps({
+        return state, {
             "dtype": "w8a8", "recipe_version": RECIPE_VERSION, "source": str(model_dir),
             "weights": "int8 per output channel (symmetric, absmax / 127); activations int8 per token, dynamic",
             "smoothquant": {"alpha": alpha, "folded": {"qkv": "input_layernorm", "gate_up": "post_attention_layernorm",
@@ -202,32 +215,146 @@ def ensure_w8a8(model_dir: Path, *, n_seqs: int = CALIB_SEQS, seq_len: int = CAL
                                       "w8a16": "head int8 per row and 32 columns x int16 activations per token, "
                                                "embedding bfloat16 (untied: two tables)",
                                       }[lm_head] + ("" if lm_head == "w8a16" else " (tied models share one table)"),
-            "calibration": {"source": CALIB_SOURCE, "sequences": n_seqs, "tokens_per_sequence": seq_len},
-            "seconds": round(time.perf_counter() - t0, 1)}, indent=2))
+            "calibration": {"source": CALIB_SOURCE, "sequences": n_seqs, "tokens_per_sequence": seq_len}}
+
+    return _ensure_cached(w8a8_dir(model_dir, n_seqs, seq_len, alpha, lm_head), model_dir, build,
+                          f"w8a8: calibrating SmoothQuant on {n_seqs} x {seq_len} tokens of {CALIB_SOURCE}", progress)
+
+
+def _ensure_cached(out: Path, model_dir: Path, build, msg: str, progress: bool) -> Path:
+    """`out`, produced first if it is not complete: `build()` gives (state dict, quantization.json's
+    record); written atomically beside the cache under a file lock (another process producing it:
+    wait, then reuse)."""
+    if (out / ".complete").is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (out / ".complete").is_file():
+            return out
+        t0 = time.perf_counter()
+        (print if progress else log.info)(msg)
+        state, info = build()
+        tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file(state, str(tmp / "model.safetensors"))
+        shutil.copy(Path(model_dir) / "config.json", tmp / "config.json")
+        info["seconds"] = round(time.perf_counter() - t0, 1)
+        (tmp / "quantization.json").write_text(json.dumps(info, indent=2))
         (tmp / ".complete").write_text("ok\n")
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)
-        (print if progress else log.info)(f"w8a8: wrote {out} in {time.perf_counter() - t0:.0f} s")
+        (print if progress else log.info)(f"{info['dtype']}: wrote {out} in {time.perf_counter() - t0:.0f} s")
     return out
 
 
+# --- fp8 (fp8b) with GPTQ's rounding -------------------------------------------------------
+
+FP8_RECIPE_VERSION = 1
+# each Hessian's input and the linears that read it, stacked along N (as engine.model fuses them)
+LINEAR_INPUTS = {"qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "o": ("self_attn.o_proj",),
+                 "gate_up": ("mlp.gate_proj", "mlp.up_proj"), "down": ("mlp.down_proj",)}
+
+
+@dataclass(frozen=True, slots=True)
+class GptqSettings:
+    """How fp8's GPTQ rounds (engine/gptq.py)."""
+
+    damp: float = GPTQ_DAMP
+    block: int = GPTQ_BLOCK
+    static_groups: bool = GPTQ_STATIC_GROUPS
+    act_order: bool = GPTQ_ACT_ORDER
+
+
+def gptq_fp8_state(w: dict[str, torch.Tensor], hessians: dict[tuple[int, str], torch.Tensor], num_layers: int,
+                   settings: GptqSettings = GptqSettings(), layers_at_once: int = 10) -> dict[str, torch.Tensor]:
+    """The fp8 (fp8b) state dict: every layer linear as E4M3 codes + `<name>_scale` [N, K / 32]
+    chosen by GPTQ for its input's Hessian (`collect_hessians`), the LM head / embedding in
+    bfloat16, the rest as is. Linears of one kind are rounded `layers_at_once` layers together
+    (`gptq_batch`)."""
+    out = {n: (t.to(torch.bfloat16) if n in HEAD_NAMES else t) for n, t in w.items()
+           if not n.endswith("_proj.weight")}
+    for kind, parts in LINEAR_INPUTS.items():
+        for l0 in range(0, num_layers, layers_at_once):
+            layers = range(l0, min(num_layers, l0 + layers_at_once))
+            names = [[f"model.layers.{i}.{p}.weight" for p in parts] for i in layers]
+            ws = torch.stack([torch.cat([w[n].float() for n in ns]) for ns in names])
+            codes, scales = gptq_batch(ws, torch.stack([hessians[(i, kind)] for i in layers]), grid="e4m3",
+                                       group=FP8_GROUP, block=settings.block, damp=settings.damp,
+                                       static_groups=settings.static_groups, act_order=settings.act_order)
+            for b, ns in enumerate(names):
+                r = 0
+                for n in ns:
+                    rows = w[n].shape[0]
+                    out[n], out[n + "_scale"] = codes[b, r:r + rows].contiguous(), scales[b, r:r + rows].contiguous()
+                    r += rows
+    return out
+
+
+def fp8_dir(model_dir: Path, n_seqs: int = CALIB_SEQS, seq_len: int = CALIB_LEN,
+            settings: GptqSettings = GptqSettings()) -> Path:
+    from engine.loader import cache_root
+
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    ident = {"recipe": FP8_RECIPE_VERSION, "form": f"fp8b e4m3 per row and {FP8_GROUP} columns, bf16 head",
+             "gptq": asdict(settings), "calib": [CALIB_SOURCE, n_seqs, seq_len],
+             "config": (Path(model_dir) / "config.json").read_text(),
+             "weights": [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]}
+    key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
+    return cache_root() / "models" / f"{Path(model_dir).name}-fp8-{key}"
+
+
+def ensure_fp8(model_dir: Path, *, n_seqs: int = CALIB_SEQS, seq_len: int = CALIB_LEN,
+               settings: GptqSettings = GptqSettings(), progress: bool = True) -> Path:
+    """The cached fp8 directory of `model_dir` (fp8b codes chosen by GPTQ), calibrating first if
+    needed."""
+    from engine.config import ModelConfig
+    from engine.loader import _read_weights
+
+    def build() -> tuple[dict[str, torch.Tensor], dict]:
+        cfg = ModelConfig.from_dir(model_dir)
+        t0 = time.perf_counter()
+        hessians = collect_hessians(model_dir, n_seqs, seq_len)
+        t1 = time.perf_counter()
+        state = gptq_fp8_state(_read_weights(model_dir, lambda n, t: {n: t}), hessians, cfg.num_layers, settings)
+        return state, {
+            "dtype": "fp8", "recipe_version": FP8_RECIPE_VERSION, "source": str(model_dir),
+            "weights": f"E4M3 codes with an absmax scale per output row and per {FP8_GROUP} input columns (fp8b), "
+                       "the codes chosen by GPTQ (engine/gptq.py) for each linear's calibration Hessian X^T X",
+            "gptq": asdict(settings) | {"hessians": "from the float32 model; qkv share one, gate_up one, o, down"},
+            "activations": "bfloat16",
+            "lm_head_and_embedding": "bfloat16 (tied models share one table)",
+            "calibration": {"source": CALIB_SOURCE, "sequences": n_seqs, "tokens_per_sequence": seq_len},
+            "seconds_hessians": round(t1 - t0, 1), "seconds_gptq": round(time.perf_counter() - t1, 1)}
+
+    return _ensure_cached(fp8_dir(model_dir, n_seqs, seq_len, settings), model_dir, build,
+                          f"fp8: calibrating GPTQ on {n_seqs} x {seq_len} tokens of {CALIB_SOURCE}", progress)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`halfmoon quantize`: produce (or find) the cached w8a8 model."""
+    """`halfmoon quantize`: produce (or find) the cached w8a8 or fp8 model."""
     from engine.loader import DEFAULT_MODEL, resolve_model_dir
 
     ap = argparse.ArgumentParser(prog="halfmoon quantize", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=DEFAULT_MODEL, help="model name or Hugging Face directory")
-    ap.add_argument("--dtype", default="w8a8", choices=["w8a8"],
-                    help="only w8a8 needs a step ahead (bfloat16 and fp8 convert while loading)")
+    ap.add_argument("--dtype", default="w8a8", choices=["w8a8", "fp8"],
+                    help="the calibrated dtypes (bfloat16, and fp8 rounded to nearest, convert while loading)")
     ap.add_argument("--calib-seqs", type=int, default=CALIB_SEQS)
     ap.add_argument("--calib-len", type=int, default=CALIB_LEN)
     ap.add_argument("--alpha", type=float, default=ALPHA)
     ap.add_argument("--lm-head", choices=list(HEAD_FORMS), default=recipe("w8a8").lm_head,
                     help="the LM head's (and tied embedding's) form (default: engine.quant.W8A8_LM_HEAD)")
+    ap.add_argument("--damp", type=float, default=GPTQ_DAMP, help="fp8: GPTQ's dampening (x mean diag H)")
     args = ap.parse_args(argv)
-    out = ensure_w8a8(resolve_model_dir(args.model), n_seqs=args.calib_seqs, seq_len=args.calib_len,
-                      alpha=args.alpha, lm_head=args.lm_head)
+    model_dir = resolve_model_dir(args.model)
+    if args.dtype == "fp8":
+        out = ensure_fp8(model_dir, n_seqs=args.calib_seqs, seq_len=args.calib_len,
+                         settings=GptqSettings(damp=args.damp))
+    else:
+        out = ensure_w8a8(model_dir, n_seqs=args.calib_seqs, seq_len=args.calib_len, alpha=args.alpha,
+                          lm_head=args.lm_head)
     print(out)
     return 0
 

@@ -12,7 +12,8 @@ def test_parse_variant():
     assert quality.parse_variant("w8a8") == ("w8a8", {})
     assert quality.parse_variant("w8a8:lm_head=int8") == ("w8a8", {"lm_head": "int8"})
     assert quality.parse_variant("fp8:linear=fp8+lm_head=int8") == ("fp8", {"linear": "fp8", "lm_head": "int8"})
-    with pytest.raises(SystemExit, match="options are linear=FORM or lm_head=FORM"):
+    assert quality.parse_variant("fp8:rounding=rtn") == ("fp8", {"rounding": "rtn"})
+    with pytest.raises(SystemExit, match="options are linear=FORM, lm_head=FORM or rounding=rtn|gptq"):
         quality.parse_variant("w8a8:head=int8")
 
 
