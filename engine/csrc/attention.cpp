@@ -59,6 +59,52 @@ inline float softmax_numerators(float* p, int64_t n, int64_t n_pad, float* max_o
 #endif
 }
 
+#ifdef HM_AVX512
+// attend_range's phases 1 and 3 for head_dim 64 in 512-bit registers, each key / value row
+// widened once for all `group` query heads (the 256-bit path widens it once per head), with
+// the same arithmetic: a score's two 8-lane partial sums (dims 0-7, 16-23, 32-39, 48-55 and
+// 8-15, 24-31, 40-47, 56-63, each in that order) are the low and high halves of one 16-lane
+// sum, added and reduced as hsum8; each value dimension accumulates p_t * v_t in token order.
+template <typename T>
+inline void scores64(const float* q, int64_t q_head_stride, const T* kb, int64_t row_stride, int64_t tn,
+                     int64_t group, float scale, float* s0, int64_t n_pad) {
+  for (int64_t t = 0; t < tn; ++t) {
+    const T* kt = kb + t * row_stride;
+    const __m512 k0 = hm::load16(kt), k1 = hm::load16(kt + 16), k2 = hm::load16(kt + 32), k3 = hm::load16(kt + 48);
+    for (int64_t j = 0; j < group; ++j) {
+      const float* qj = q + j * q_head_stride;
+      __m512 a = _mm512_mul_ps(_mm512_loadu_ps(qj), k0);
+      a = _mm512_fmadd_ps(_mm512_loadu_ps(qj + 16), k1, a);
+      a = _mm512_fmadd_ps(_mm512_loadu_ps(qj + 32), k2, a);
+      a = _mm512_fmadd_ps(_mm512_loadu_ps(qj + 48), k3, a);
+      const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1));
+      s0[j * n_pad + t] = hsum8(_mm256_add_ps(_mm512_castps512_ps256(a), hi)) * scale;
+    }
+  }
+}
+
+// acc[j * 64 ..] += sum_t p[j][t] v_t for query heads j < JN (p: j's row of n_pad scores at pj0).
+template <int JN, typename T>
+inline void values64(const float* pj0, int64_t n_pad, const T* vb, int64_t row_stride, int64_t tn, float* acc) {
+  __m512 r[JN][4];
+  for (int j = 0; j < JN; ++j)
+    for (int c = 0; c < 4; ++c) r[j][c] = _mm512_loadu_ps(acc + j * 64 + 16 * c);
+  for (int64_t t = 0; t < tn; ++t) {
+    const T* vt = vb + t * row_stride;
+    const __m512 v0 = hm::load16(vt), v1 = hm::load16(vt + 16), v2 = hm::load16(vt + 32), v3 = hm::load16(vt + 48);
+    for (int j = 0; j < JN; ++j) {
+      const __m512 p = _mm512_set1_ps(pj0[j * n_pad + t]);
+      r[j][0] = _mm512_fmadd_ps(p, v0, r[j][0]);
+      r[j][1] = _mm512_fmadd_ps(p, v1, r[j][1]);
+      r[j][2] = _mm512_fmadd_ps(p, v2, r[j][2]);
+      r[j][3] = _mm512_fmadd_ps(p, v3, r[j][3]);
+    }
+  }
+  for (int j = 0; j < JN; ++j)
+    for (int c = 0; c < 4; ++c) _mm512_storeu_ps(acc + j * 64 + 16 * c, r[j][c]);
+}
+#endif
+
 // One (sequence, kv head) task over the cached tokens of blocks [b_begin, b_end) (the last
 // block holding up to token `ctx`): `group` query heads score those keys, take softmax
 // numerators against the range's own max, and sum the values -- K and V are each read once.
@@ -80,6 +126,12 @@ void attend_range(const float* q, int64_t q_head_stride, const T* k_base, const 
     const int64_t t0 = b * block_size - first;
     const int64_t tn = std::min(block_size, n - t0);
     const T* kb = k_base + table[b] * block_stride;
+#ifdef HM_AVX512
+    if (hd == 64) {
+      scores64(q, q_head_stride, kb, row_stride, tn, group, scale, scores + t0, n_pad);
+      continue;
+    }
+#endif
     for (int64_t j = 0; j < group; ++j) {
       const float* qj = q + j * q_head_stride;
       float* sj = scores + j * n_pad + t0;
@@ -118,6 +170,21 @@ void attend_range(const float* q, int64_t q_head_stride, const T* k_base, const 
     const int64_t t0 = b * block_size - first;
     const int64_t tn = std::min(block_size, n - t0);
     const T* vb = v_base + table[b] * block_stride;
+#ifdef HM_AVX512
+    if (hd == 64) {
+      for (int64_t j0 = 0; j0 < group; j0 += 4) {  // up to 4 heads' sums (16 registers) at a time
+        const float* pj0 = scores + j0 * n_pad + t0;
+        float* aj0 = acc + j0 * hd;
+        switch (std::min<int64_t>(4, group - j0)) {
+          case 4: values64<4>(pj0, n_pad, vb, row_stride, tn, aj0); break;
+          case 3: values64<3>(pj0, n_pad, vb, row_stride, tn, aj0); break;
+          case 2: values64<2>(pj0, n_pad, vb, row_stride, tn, aj0); break;
+          default: values64<1>(pj0, n_pad, vb, row_stride, tn, aj0); break;
+        }
+      }
+      continue;
+    }
+#endif
     for (int64_t j = 0; j < group; ++j) {
       const float* pj = scores + j * n_pad + t0;
       float* aj = acc + j * hd;

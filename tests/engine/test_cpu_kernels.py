@@ -50,7 +50,7 @@ def torch_reference(q, k_cache, v_cache, tables, lens, scale):
 
 
 @pytest.mark.parametrize("n", [1, 2, 7, 32])
-@pytest.mark.parametrize("heads,kvh,hd", [(9, 3, 64), (4, 2, 16), (4, 4, 128), (6, 2, 12)])
+@pytest.mark.parametrize("heads,kvh,hd", [(9, 3, 64), (6, 1, 64), (4, 2, 16), (4, 4, 128), (6, 2, 12)])
 def test_decode_kernel_matches_torch(ck, n, heads, kvh, hd):
     bs, nb = 16, 96
     k_cache, v_cache = region_views(nb, bs, kvh, hd, seed=n)
