@@ -98,31 +98,37 @@ def gptq_batch(w: torch.Tensor, h: torch.Tensor, *, grid: str = "e4m3", group: i
         cols = perm.unsqueeze(1).expand(B, N, K)
         inv_col = inv.repeat_interleave(g, dim=2).gather(2, cols)
         scale_col = scale.repeat_interleave(g, dim=2).gather(2, cols)
-    W = W.gather(2, perm.unsqueeze(1).expand(B, N, K))
+    # columns as rows from here on ([B, K, N]): each step reads and updates contiguous memory
+    WT = W.gather(2, perm.unsqueeze(1).expand(B, N, K)).transpose(1, 2).contiguous()
+    if static:
+        inv_col, scale_col = inv_col.transpose(1, 2).contiguous(), scale_col.transpose(1, 2).contiguous()
     hp = h.gather(1, perm.unsqueeze(2).expand(B, K, K)).gather(2, perm.unsqueeze(1).expand(B, K, K))
     U = hessian_inverse_factor(hp, damp).float()
-    Q = torch.zeros(B, N, K)  # the codes, as float, in the permuted order
+    UT = U.transpose(1, 2).contiguous()  # UT[:, j, i] = U[:, i, j]
+    QT = torch.zeros(B, K, N)  # the codes, as float, in the permuted order
     for i1 in range(0, K, block):
         i2 = min(i1 + block, K)
-        W1 = W[:, :, i1:i2].clone()
-        E1 = torch.zeros(B, N, i2 - i1)
-        U1 = U[:, i1:i2, i1:i2]
+        W1 = WT[:, i1:i2]  # (a view: updated in place)
+        E1 = torch.zeros(B, i2 - i1, N)
         for i in range(i2 - i1):
             col = i1 + i
             if static:
-                ic, sc = inv_col[:, :, col], scale_col[:, :, col]
+                ic, sc = inv_col[:, col], scale_col[:, col]
             else:
                 j = col // g
                 if col % g == 0:  # the group's scale from the weights as updated so far
-                    inv[:, :, j], scale[:, :, j] = _inv_scales(W1[:, :, i:i + g], qmax)
+                    inv[:, :, j], scale[:, :, j] = _inv_scales(W1[:, i:i + g].transpose(1, 2), qmax)
                 ic, sc = inv[:, :, j], scale[:, :, j]
-            q = _round(W1[:, :, i] * ic, grid)
-            Q[:, :, col] = q
-            err = (W1[:, :, i] - q * sc) / U1[:, i, i].unsqueeze(1)
-            W1[:, :, i:] -= err.unsqueeze(2) * U1[:, i, i:].unsqueeze(1)
-            E1[:, :, i] = err
-        W[:, :, i2:] -= torch.bmm(E1, U[:, i1:i2, i2:])
-    codes = torch.empty_like(Q).scatter_(2, perm.unsqueeze(1).expand(B, N, K), Q)
+            w_col = W1[:, i]
+            q = _round(w_col * ic, grid)
+            QT[:, col] = q
+            err = (w_col - q * sc) / U[:, col, col].unsqueeze(1)
+            E1[:, i] = err
+            if i + 1 < i2 - i1:  # the block's later columns take this one's error now
+                W1[:, i + 1:].baddbmm_(UT[:, col + 1:i2, col:col + 1], err.unsqueeze(1), alpha=-1)
+        if i2 < K:  # the columns after the block, once a block
+            WT[:, i2:].baddbmm_(UT[:, i2:, i1:i2], E1, alpha=-1)
+    codes = torch.empty(B, N, K).scatter_(2, perm.unsqueeze(1).expand(B, N, K), QT.transpose(1, 2))
     codes = codes.to(torch.float8_e4m3fn) if grid == "e4m3" else codes.to(torch.int8)
     if grid == "int8" and not group:
         return codes, scale[:, :, 0].contiguous()

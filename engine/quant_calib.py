@@ -268,7 +268,7 @@ class GptqSettings:
 
 
 def gptq_fp8_state(w: dict[str, torch.Tensor], hessians: dict[tuple[int, str], torch.Tensor], num_layers: int,
-                   settings: GptqSettings = GptqSettings(), layers_at_once: int = 10) -> dict[str, torch.Tensor]:
+                   settings: GptqSettings = GptqSettings(), layers_at_once: int = 32) -> dict[str, torch.Tensor]:
     """The fp8 (fp8b) state dict: every layer linear as E4M3 codes + `<name>_scale` [N, K / 32]
     chosen by GPTQ for its input's Hessian (`collect_hessians`), the LM head / embedding in
     bfloat16, the rest as is. Linears of one kind are rounded `layers_at_once` layers together
