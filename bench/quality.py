@@ -362,6 +362,76 @@ def fp8_study(windows: list[list[int]], threads: int, log=print, model: str | Pa
     return {"rows": rows}
 
 
+# --- what GPTQ's rounding gains fp8: its settings on the fp8 engine ---------------------------
+
+def _gptq_study_rows():
+    from engine.quant_calib import GptqSettings
+
+    return [
+        ("round to nearest", None),
+        ("GPTQ column order, damp 0.01, group scales from the updated weights",
+         GptqSettings(damp=0.01, static_groups=False, act_order=False)),
+        ("GPTQ column order, damp 0.01, scales from the original weights",
+         GptqSettings(damp=0.01, static_groups=True, act_order=False)),
+        ("GPTQ column order, damp 0.3, scales from the original weights",
+         GptqSettings(damp=0.3, static_groups=True, act_order=False)),
+        *[(f"GPTQ act order, damp {d}", GptqSettings(damp=d, act_order=True)) for d in (0.01, 0.1, 0.3, 1.0)],
+    ]
+
+
+def gptq_study(windows: list[list[int]], threads: int, log=print, model: str | Path | None = None,
+               study=None, calib: tuple[int, int] | None = None) -> dict:
+    """fp8 (fp8b, as the engine runs it) with its codes from each `study` entry's
+    `GptqSettings` (None: round to nearest) for the Hessians of the calibration text
+    (`engine.quant_calib.collect_hessians`, `calib` = (sequences, tokens) or its default):
+    top-1 agreement and KL against float32 on `windows`, the weights' relative RMS error."""
+    from engine import quant_calib
+    from engine.config import EngineConfig
+    from engine.engine import LLMEngine
+    from engine.gptq import dequantize
+    from engine.loader import DEFAULT_MODEL, _read_weights, resolve_model_dir
+    from engine.model import LlamaModel
+    from engine.quant import QLinear, recipe_variant
+
+    torch.set_num_threads(threads)
+    model_dir = resolve_model_dir(model or DEFAULT_MODEL)
+    ref = LLMEngine(model_dir, EngineConfig(num_blocks=256, dtype="float32"))
+    with recipe_variant("fp8", rounding="rtn"):
+        eng = LLMEngine(model_dir, EngineConfig(num_blocks=256, dtype="fp8"))
+    refs = [forward_logits(ref, [w], all_rows=True)[0] for w in windows]
+    m = eng.runner.model
+    base = m.layers
+    t0 = time.perf_counter()
+    hessians = quant_calib.collect_hessians(model_dir, *(calib or (quant_calib.CALIB_SEQS, quant_calib.CALIB_LEN)))
+    log(f"hessians in {time.perf_counter() - t0:.0f} s")
+    w = _read_weights(model_dir, lambda n, t: {n: t})
+    linears = [n for n in w if n.endswith("_proj.weight")]
+    ref_sq = sum(float(w[n].double().pow(2).sum()) for n in linears)
+    rows = []
+    for label, settings in study if study is not None else _gptq_study_rows():
+        t0 = time.perf_counter()
+        if settings is None:  # the engine's own fp8b layers
+            deq = {n: QLinear.make("fp8b", w[n]).dequantized() for n in linears}
+        else:
+            state = quant_calib.gptq_fp8_state(w, hessians, ref.runner.model.cfg.num_layers, settings)
+            m.layers = LlamaModel(ref.runner.model.cfg, state).layers
+            deq = {n: dequantize(state[n], state[n + "_scale"]) for n in linears}
+        seconds = time.perf_counter() - t0
+        err = math.sqrt(sum(float((deq[n] - w[n]).double().pow(2).sum()) for n in linears) / ref_sq)
+        try:
+            s = TextScore()
+            for win, r in zip(windows, refs):
+                s.add(r, forward_logits(eng, [win], all_rows=True)[0], win)
+        finally:
+            m.layers = base
+        rows.append({"variant": label, "settings": None if settings is None else asdict(settings),
+                     "top1_agreement": s.agree / s.positions, "kl_mean": s.kl_sum / s.positions,
+                     "weight_rel_rms_error": err, "positions": s.positions,
+                     "gptq_seconds": None if settings is None else round(seconds, 1)})
+        log(f"{label}: top-1 {rows[-1]['top1_agreement']:.4f}, KL {rows[-1]['kl_mean']:.5f}")
+    return {"rows": rows, "calibration": list(calib or (quant_calib.CALIB_SEQS, quant_calib.CALIB_LEN))}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="halfmoon bench quality", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -374,8 +444,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mmlu", type=int, default=500,
                     help="MMLU questions (an evenly spaced subset; 0: all 14,042; -1: none)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--study", choices=["fp8"],
-                    help="instead: fp8's fake-quantized variants on the text windows (fp8_study; no MMLU)")
+    ap.add_argument("--study", choices=["fp8", "gptq"],
+                    help="instead: fp8's fake-quantized variants (fp8_study) or its GPTQ settings (gptq_study) "
+                         "on the text windows (no MMLU)")
     args = ap.parse_args(argv)
 
     from rich.console import Console
@@ -390,7 +461,8 @@ def main(argv: list[str] | None = None) -> int:
     windows = text_windows(tok.encode(text), args.windows, args.window)
     questions = mmlu_questions(args.mmlu) if args.mmlu >= 0 else []
     if args.study:
-        return _print_study(console, Table, args, fp8_study(windows, args.threads, log=console.print))
+        study = fp8_study if args.study == "fp8" else gptq_study
+        return _print_study(console, Table, args, study(windows, args.threads, log=console.print))
     console.print(f"{len(windows)} x {args.window} tokens of {args.text or 'Debian fortunes'}; "
                   f"{len(questions)} MMLU questions")
     result = run(args.dtypes.split(","), windows, questions, args.threads, log=console.print)
@@ -414,7 +486,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _print_study(console, Table, args, result: dict) -> int:
-    table = Table(title=f"fp8 variants vs float32, {args.windows} x {args.window} tokens (LM head bf16 in all)")
+    table = Table(title=f"fp8 {'variants' if args.study == 'fp8' else 'GPTQ settings'} vs float32, "
+                        f"{args.windows} x {args.window} tokens (LM head bf16 in all)")
     for col in ("variant", "top-1 agree", "KL mean", "W rel. RMS err"):
         table.add_column(col, justify="left" if col == "variant" else "right")
     for r in result["rows"]:

@@ -70,3 +70,18 @@ def test_fp8_study_scores_each_variant(tiny_model_dir):
     assert 0.01 < rows["E4M3 W in down only"]["weight_rel_rms_error"] < 0.05
     kl = {k: r["kl_mean"] for k, r in rows.items()}
     assert kl["fp32 W"] < kl["E4M3 W in down only"] < kl["E4M3 W, E4M3 A"], kl  # (fp32 W: the bf16 head alone)
+
+
+def test_gptq_study_scores_each_setting_on_the_fp8_engine(tiny_model_dir):
+    from engine.quant_calib import GptqSettings
+
+    windows = [list(range(300 + 7 * i, 364 + 7 * i)) for i in range(2)]
+    study = [("rtn", None), ("gptq", GptqSettings(damp=0.01, act_order=True))]
+    res = quality.gptq_study(windows, 1, log=lambda *_: None, model=tiny_model_dir, study=study, calib=(2, 64))
+    rows = {r["variant"]: r for r in res["rows"]}
+    assert res["calibration"] == [2, 64] and all(r["positions"] == 128 for r in rows.values())
+    assert rows["rtn"]["settings"] is None and rows["gptq"]["settings"]["act_order"] is True
+    assert 0.01 < rows["rtn"]["weight_rel_rms_error"] < 0.05  # E4M3 per 32 columns
+    # with the same scales, round to nearest has each weight's least error: GPTQ trades some for output error
+    assert rows["gptq"]["weight_rel_rms_error"] > rows["rtn"]["weight_rel_rms_error"]
+    assert rows["gptq"]["kl_mean"] != rows["rtn"]["kl_mean"] and rows["rtn"]["kl_mean"] > 0
