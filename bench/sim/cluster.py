@@ -201,7 +201,10 @@ class Simulation:
         self._next_arrival = 0
         self._in_flight = 0  # admitted and not ended
         self._max_kv = config.decode_kv_tokens
-        self.forced: dict[int, Decision] = {}  # request index -> the decision to use (a counterfactual)
+        # A counterfactual's decisions, by request index: on arrival, and (per_stage) after the
+        # prefill (None there: no second verdict); absent: the scheduler decides.
+        self.forced: dict[int, Decision] = {}
+        self.forced_after: dict[int, Decision | None] = {}
         if config.heartbeat_interval_s > 0 and requests:
             self._push(requests[0].arrival_s + config.heartbeat_interval_s, _HEARTBEAT, None)
 
@@ -319,6 +322,13 @@ class Simulation:
             return forced
         return self.scheduler.decide(self.view, st.info, t)
 
+    def admit_after_prefill(self, st: RequestState, t: float) -> Decision | None:
+        """per_stage: the scheduler's second verdict, after the prefill, unless `forced_after` says."""
+        index = st.req.index
+        if index in self.forced_after:
+            return self.forced_after[index]
+        return self.scheduler.decide_after_prefill(self.view, st.info, t, st.decision)  # type: ignore[arg-type]
+
     def fork(self, horizon_s: float, *, from_index: int | None = None) -> Simulation:
         """An independent copy of the simulation as it is now, with the arrivals of the next
         `horizon_s` seconds only (from request `from_index` on: the one arriving now, say),
@@ -335,6 +345,8 @@ class Simulation:
         memo[id(self.settings)] = new.settings
         memo[id(self.events)] = []
         memo[id(self.predictions)] = PredictionLog(max_records=None)
+        memo[id(self.forced)] = self.forced  # decisions are immutable; a fork gets its own dicts
+        memo[id(self.forced_after)] = self.forced_after
         arrivals = [st.req.arrival_s for st in self.states]
         end = bisect.bisect_right(arrivals, self.now + horizon_s, lo=first)
         for key, value in self.__dict__.items():
@@ -424,7 +436,7 @@ class Simulation:
         assert dec is not None
         again = None
         if self.settings.values.admission is AdmissionMode.PER_STAGE:  # judged before it counts as landing there
-            again = self.scheduler.decide_after_prefill(self.view, st.info, t, st.decision)  # type: ignore[arg-type]
+            again = self.admit_after_prefill(st, t)
         self.state.prefill_done(rid, t)
         if node.queue:
             self._start_prefill(node, t)
@@ -501,11 +513,11 @@ class Simulation:
         dec.residents -= 1
         dec.committed -= st.req.input_tokens + out
         self._in_flight -= 1
-        self.state.finished(st.info.request_id, t, generated_tokens=max(0, out - 1))
         if out > 1 and st.decision is not None and st.decision.decode is not None:
             mean_gap = (t - st.first_token_s) / (out - 1)
             self.predictions.record(st.info.request_id, Quantity.TBT, st.decision.decode.predicted_tbt_s, mean_gap)
-            self.scheduler.calibration.observe(Quantity.TBT, st.decision.decode.predicted_tbt_s, mean_gap)
+            self.scheduler.observe_tbt(st.decision.decode, self.state.decode_view(NodeId(dec.node_id)), mean_gap)
+        self.state.finished(st.info.request_id, t, generated_tokens=max(0, out - 1))
         self._log(t, st, EventKind.COMPLETED)
         self.completed(st, t)
         if dec.residents == 0:

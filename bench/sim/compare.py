@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Sequence
 
 from bench.sim.cluster import SimConfig, SimRequest, simulate
-from bench.sim.counterfactual import CounterfactualSimulation, Precision
+from bench.sim.counterfactual import Counterfactual, CounterfactualSimulation, Precision
 from bench.sim.capacity import Capacity, calibrate, offered_fraction, sped_up
 from bench.sim.metrics import SimSummary, summarize
 from bench.sim.trace import DEFAULT_TRACE, load_sim_requests, to_sim_requests
@@ -201,6 +201,7 @@ class AdmissionCell:
     precision: tuple[Precision, ...]  # per row
     reference: SimSummary | None = None  # `none` under the reference policy (Mooncake's kv_centric)
     capacity: Capacity | None = None  # what load 1.0 is, when measured (None: the offered-load estimate)
+    counterfactual: str = Counterfactual.REPLAY.value  # how its rejections were judged
 
     def row(self, mode: str) -> tuple[SimSummary, Precision]:
         i = next(i for i, r in enumerate(self.rows) if r.admission == mode)
@@ -209,7 +210,8 @@ class AdmissionCell:
 
 def run_admission_cell(workload: str, load: float, requests: list[SimRequest], config: SimConfig, costs: CostModel,
                        modes: Sequence[AdmissionMode], sample: int, reference: PolicyName | None = None,
-                       capacity: Capacity | None = None) -> AdmissionCell:
+                       capacity: Capacity | None = None,
+                       counterfactual: Counterfactual = Counterfactual.REPLAY) -> AdmissionCell:
     scaled, speedup = at_load(requests, load, config, costs, capacity)
     typical = max(1, round(sum(r.output_tokens for r in scaled) / len(scaled)))
     ref = None
@@ -222,11 +224,12 @@ def run_admission_cell(workload: str, load: float, requests: list[SimRequest], c
     for mode in modes:
         started = time.perf_counter()
         sim = CounterfactualSimulation(scaled, replace(config, admission=mode, typical_output_tokens=typical), costs,
-                                       sample=sample)
+                                       sample=sample, mode=counterfactual)
         run = sim.run()
         rows.append(summarize(run, speedup=speedup, wall_s=time.perf_counter() - started))
         precision.append(sim.precision())
-    return AdmissionCell(workload, load, speedup, tuple(rows), tuple(precision), ref, capacity)
+    return AdmissionCell(workload, load, speedup, tuple(rows), tuple(precision), ref, capacity,
+                         Counterfactual(counterfactual).value)
 
 
 def admission_verdict(cell: AdmissionCell, default: str) -> dict[str, float]:
@@ -277,8 +280,9 @@ def print_capacities(cells, out) -> None:
 
 def write_admission_json(cells: Sequence[AdmissionCell], default: str, path: Path) -> None:
     data = [{"workload": c.workload, "load": c.load, "speedup": c.speedup, **_scale(c), **admission_verdict(c, default),
-             "rows": [{**_clean(asdict(r)), "precision": _clean(p.precision), "judged": p.judged,
-                       "judged_right": p.right, "admission_rejections": p.rejections}
+             "counterfactual": c.counterfactual, "rows": [{**_clean(asdict(r)), "precision": _clean(p.precision), "judged": p.judged,
+                       "judged_right": p.right, "admission_rejections": p.rejections,
+                       "displaced_per_judged": p.displaced / p.judged if p.judged else None}
                       for r, p in zip(c.rows, c.precision)],
              "reference_none": _clean(asdict(c.reference)) if c.reference else None} for c in cells]
     path.write_text(json.dumps(_clean(data), indent=2) + "\n", encoding="utf-8")
@@ -320,6 +324,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--default", help="the policy (policies) or admission mode (admission) judged")
     p.add_argument("--admissions", help="comma-separated admission modes (default: every mode but per_stage)")
     p.add_argument("--sample", type=int, default=1, help="admission: judge every n-th rejection (default 1: all)")
+    p.add_argument("--counterfactual", choices=[c.value for c in Counterfactual], default=Counterfactual.REPLAY.value,
+                   help="admission: what a judging fork keeps of the real run: replay (every other decision; "
+                        "the default) or free (its scheduler goes on deciding); see bench.sim.counterfactual")
     p.add_argument("--reference", default=PolicyName.KV_CENTRIC.value,
                    help="admission: also run `none` under this policy, for reference ('' for none)")
     p.add_argument("--requests", type=int, default=12_000, help="requests per workload (default 12,000)")
@@ -403,7 +410,8 @@ def _admission(args, config: SimConfig, costs: CostModel, started: float) -> int
     reference = parse_policy(args.reference) if args.reference else None
     cells = _grid(args, ADMISSION_LOADS, started, config, costs, "calibrated",
                   lambda workload, load, requests, capacity: run_admission_cell(
-                      workload, load, requests, config, costs, modes, args.sample, reference, capacity),
+                      workload, load, requests, config, costs, modes, args.sample, reference, capacity,
+                      Counterfactual(args.counterfactual)),
                   lambda cells: _checkpoint(args, cells, default, write_admission_json))
     misses = print_admission(cells, default)
     print(f"{len(cells) - misses}/{len(cells)} cells meet every target; {time.perf_counter() - started:.0f} s")

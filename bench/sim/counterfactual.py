@@ -8,21 +8,85 @@ request would have missed an SLO (TTFT, or TBT: the mean of its longest 10% of g
 precision is the share of judged rejections that were right. The main run goes on as if
 nothing happened (the fork is independent).
 
+What else the fork may change (`Counterfactual`):
+
+* ``replay`` (the default): the fork differs from the real run by that one admission only.
+  The real run is simulated first with every decision recorded (`record_decisions`), then
+  replayed with those decisions forced (the same run, event for event), and each fork forces
+  every later request's decisions to the real run's too: a request admitted there is admitted
+  in the fork (it still needs its decode node's KV: where the extra request took it, the
+  later one is refused `decode_out_of_blocks`), a rejected one stays rejected. This asks
+  exactly "would it have met its SLOs had it been admitted", with the load the cluster really
+  had after it.
+* ``free``: the fork's scheduler goes on deciding. When the overload is collective (a decode
+  pool at its TBT limit), the fork then rejects a later request in the admitted one's place,
+  so the admitted one meets its SLOs and nearly every rejection is judged wrong although the
+  cluster could not have served one more request: this measures whether the admission chose
+  the right *one* to reject, not whether it should have rejected. Kept to compare.
+
+Each verdict also counts the later requests the fork refused that the real run had admitted
+(`displaced`): in a free fork, the rejections it made in the admitted one's place.
+
 Only admission's verdicts are judged (prefill or decode overloaded, on arrival): a decode
 node that refuses a reservation for want of KV had no choice. `sample` judges every n-th
-rejection (a fork per rejection costs ~0.1-0.3 s on a busy cluster).
+rejection (a fork per rejection costs ~0.1-0.3 s on a busy cluster). Service noise (off by
+default) is one stream of draws: a fork's extra prefill shifts the later draws.
 """
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import dataclass, replace
 
-from bench.sim.cluster import Simulation
+from bench.sim.cluster import RequestState, SimConfig, Simulation, SimRequest, SimRun
 from bench.sim.events import Outcome
-from bench.sim.metrics import request_tbt
+from bench.sim.metrics import request_tbt, slo_met
+from conductor.cost_model import CostModel
 from conductor.decision import Decision, RejectReason
 
 JUDGED = (RejectReason.PREFILL_OVERLOADED, RejectReason.DECODE_OVERLOADED, RejectReason.DECODE_OVERLOADED_PROJECTED)
+
+
+class Counterfactual(str, enum.Enum):
+    REPLAY = "replay"  # every other decision as in the real run
+    FREE = "free"  # the fork's scheduler keeps deciding
+
+
+@dataclass(frozen=True, slots=True)
+class Decisions:
+    """A run's decisions by request index: on arrival, and (per_stage) after the prefill."""
+
+    arrival: dict[int, Decision]
+    after_prefill: dict[int, Decision | None]
+    refused: set[int]  # the requests the run rejected (by a decision or for want of decode KV)
+    met: set[int]  # the requests that completed within both SLOs
+
+
+class _Recording(Simulation):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.recorded = Decisions({}, {}, set(), set())
+
+    def admit(self, st: RequestState, t: float) -> Decision:
+        decision = super().admit(st, t)
+        self.recorded.arrival[st.req.index] = decision
+        return decision
+
+    def admit_after_prefill(self, st: RequestState, t: float) -> Decision | None:
+        decision = super().admit_after_prefill(st, t)
+        self.recorded.after_prefill[st.req.index] = decision
+        return decision
+
+
+def record_decisions(sim: Simulation) -> Decisions:
+    """Every decision `sim` (not started) will make: a copy of it, run to the end."""
+    rec = sim.fork(math.inf, from_index=0)
+    rec.__class__ = _Recording
+    rec.recorded = Decisions({}, {}, set(), set())  # type: ignore[attr-defined]
+    run = rec.run()
+    rec.recorded.refused.update(st.req.index for st in run.states if st.outcome is Outcome.REJECTED)  # type: ignore[attr-defined]
+    rec.recorded.met.update(slo_met(run.states, run.config.ttft_slo_s, run.config.tbt_slo_s))  # type: ignore[attr-defined]
+    return rec.recorded  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +96,16 @@ class Verdict:
     would_meet: bool  # admitted, it would have met both SLOs: the rejection was wrong
     ttft_s: float  # what it would have had (NaN: no first token by the TTFT SLO)
     tbt_s: float
+    displaced: int = 0  # later requests the fork refused that the real run admitted
+    # (judged when it would have met its SLOs) requests that overlapped it, met both SLOs in
+    # the real run and not in the fork / the other way round
+    harmed: int = 0
+    helped: int = 0
+
+    @property
+    def net_right(self) -> bool:
+        """Admitting it would not have raised the number of requests within both SLOs."""
+        return int(self.would_meet) + self.helped - self.harmed <= 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,28 +113,54 @@ class Precision:
     rejections: int  # admission's rejections in the run
     judged: int
     right: int  # would have missed an SLO
+    displaced: int = 0  # summed over the judged: later requests their forks refused and the run did not
+    net_right: int = 0  # admitting would not have raised the number of requests within both SLOs
 
     @property
     def precision(self) -> float:
+        """The share of judged rejections whose request would have missed an SLO."""
         return self.right / self.judged if self.judged else math.nan
 
-    def wilson_low(self, z: float = 1.96) -> float:
+    @property
+    def net_precision(self) -> float:
+        """The share of judged rejections that kept the cluster's count of requests within
+        both SLOs from rising: those of requests that would have missed, and those whose
+        admission would have cost as many other requests their SLOs (a decode batch's step
+        is every resident's TBT)."""
+        return self.net_right / self.judged if self.judged else math.nan
+
+    def wilson_low(self, z: float = 1.96, *, net: bool = False) -> float:
         """Lower end of the 95% Wilson interval of the precision (judging a sample)."""
         n = self.judged
         if not n:
             return math.nan
-        p = self.right / n
+        p = (self.net_right if net else self.right) / n
         centre = p + z * z / (2 * n)
         spread = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
         return (centre - spread) / (1 + z * z / n)
 
 
 class CounterfactualSimulation(Simulation):
-    def __init__(self, *args, sample: int = 1, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    """Judges admission's rejections as it runs. It needs the real run's decisions first (to
+    force them in replay forks, and to count what a fork displaced): `run` records them with a
+    copy of itself run to the end first (`record_decisions`)."""
+
+    def __init__(self, requests: list[SimRequest], config: SimConfig, costs: CostModel, *, sample: int = 1,
+                 mode: Counterfactual = Counterfactual.REPLAY) -> None:
+        super().__init__(requests, config, costs)
         self.sample = max(1, sample)
+        self.mode = Counterfactual(mode)
         self.verdicts: list[Verdict] = []
         self.admission_rejections = 0
+        self.decisions = Decisions({}, {}, set(), set())
+
+    def run(self) -> SimRun:
+        assert self.now == 0.0 and self._next_arrival == 0, "judge from the start"
+        self.decisions = record_decisions(self)
+        if self.mode is Counterfactual.REPLAY:
+            self.forced = self.decisions.arrival  # the real run again, event for event
+            self.forced_after = self.decisions.after_prefill
+        return super().run()
 
     def admit(self, st, t: float) -> Decision:
         decision = super().admit(st, t)
@@ -79,13 +179,22 @@ class CounterfactualSimulation(Simulation):
         fork.__class__ = Simulation  # the fork judges nothing itself
         twin = fork.states[0]
         assert twin.req.index == st.req.index
-        fork.forced[st.req.index] = replace(decision, rejection=None)
+        index = st.req.index
+        if self.mode is Counterfactual.REPLAY:  # (the dicts are shared with this run: the fork gets its own)
+            fork.forced = {**self.decisions.arrival, index: replace(decision, rejection=None)}
+            fork.forced_after = {**self.decisions.after_prefill, index: None}  # admitted means admitted
+        else:
+            fork.forced = {index: replace(decision, rejection=None)}
         deadline = st.req.arrival_s + cfg.ttft_slo_s
 
         def settled() -> bool:
             return twin.outcome is not Outcome.PENDING or (math.isnan(twin.first_token_s) and fork.now > deadline)
 
         fork.run_until(math.inf, until=settled)
+        twin_meets = self._meets(twin)
+        harmed = helped = 0
+        if twin_meets:  # what its admission did to the requests that overlapped it
+            harmed, helped = self._effect_on_others(fork, twin)
         ttft = twin.first_token_s - st.req.arrival_s if not math.isnan(twin.first_token_s) else math.nan
         tbt = math.nan
         if twin.outcome is Outcome.COMPLETED:
@@ -95,7 +204,39 @@ class CounterfactualSimulation(Simulation):
                 tbt = request_tbt(float(ends[twin.join_step]) - twin.first_token_s, durations, twin.join_step,
                                   twin.finish_step)
         meets = twin.outcome is Outcome.COMPLETED and ttft <= cfg.ttft_slo_s and tbt <= cfg.tbt_slo_s
-        return Verdict(st.req.index, decision.rejection.reason, meets, ttft, tbt)  # type: ignore[union-attr]
+        assert meets == twin_meets
+        return Verdict(index, decision.rejection.reason, meets, ttft, tbt,  # type: ignore[union-attr]
+                       self._displaced(fork), harmed, helped)
+
+    def _meets(self, st: RequestState) -> bool:
+        return st.req.index in slo_met([st], self.config.ttft_slo_s, self.config.tbt_slo_s)
+
+    def _effect_on_others(self, fork: Simulation, twin: RequestState) -> tuple[int, int]:
+        """Runs `fork` on until every request that arrived before `twin` finished has ended;
+        returns how many of those met both SLOs in the real run and not in the fork (harmed),
+        and the other way round (helped)."""
+        watched = [other for other in fork.states[1:] if other.req.arrival_s <= twin.finish_s]
+        cursor = 0
+
+        def all_ended() -> bool:
+            nonlocal cursor
+            while cursor < len(watched) and watched[cursor].outcome is not Outcome.PENDING:
+                cursor += 1
+            return cursor == len(watched)
+
+        if not all_ended():
+            fork.run_until(math.inf, until=all_ended)
+        met_fork = slo_met(watched, self.config.ttft_slo_s, self.config.tbt_slo_s)
+        met_real = self.decisions.met
+        harmed = sum(1 for other in watched if other.req.index in met_real and other.req.index not in met_fork)
+        helped = sum(1 for other in watched if other.req.index in met_fork and other.req.index not in met_real)
+        return harmed, helped
+
+    def _displaced(self, fork: Simulation) -> int:
+        """Requests after the twin that the fork refused and the real run did not."""
+        refused = self.decisions.refused
+        return sum(other.outcome is Outcome.REJECTED and other.req.index not in refused for other in fork.states[1:])
 
     def precision(self) -> Precision:
-        return Precision(self.admission_rejections, len(self.verdicts), sum(not v.would_meet for v in self.verdicts))
+        return Precision(self.admission_rejections, len(self.verdicts), sum(not v.would_meet for v in self.verdicts),
+                         sum(v.displaced for v in self.verdicts), sum(v.net_right for v in self.verdicts))

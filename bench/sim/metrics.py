@@ -206,6 +206,22 @@ def tbt_misses(states: list, ends: np.ndarray, durations: np.ndarray, tbt_slo_s:
     return gaps0, missed
 
 
+def slo_met(states, ttft_slo_s: float, tbt_slo_s: float) -> set[int]:
+    """Indices of the `states` that completed within both SLOs (TBT as `request_tbt`: each
+    request's decode node's steps, one node at a time, as `summarize` counts them)."""
+    met: set[int] = set()
+    on_node: dict[int, tuple[object, list]] = {}
+    for st in states:
+        if st.outcome is Outcome.COMPLETED and st.first_token_s - st.req.arrival_s <= ttft_slo_s:
+            met.add(st.req.index)
+            if st.join_step >= 0:
+                on_node.setdefault(id(st.decode), (st.decode, []))[1].append(st)
+    for node, joined in on_node.values():
+        ends, durations, _ = node.step_arrays()  # type: ignore[attr-defined]
+        met.difference_update(st.req.index for st in tbt_misses(joined, ends, durations, tbt_slo_s)[1])
+    return met
+
+
 def summarize(run: SimRun, *, speedup: float, wall_s: float) -> SimSummary:
     """The run's numbers. Decode nodes are taken one at a time (their step times rebuilt,
     their requests' TBT computed, the arrays dropped), so memory stays O(requests + segments)
