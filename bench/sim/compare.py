@@ -239,18 +239,20 @@ def admission_verdict(cell: AdmissionCell, default: str) -> dict[str, float]:
     ref = cell.reference
     ref_gain = (d.goodput_rps / ref.goodput_rps if ref.goodput_rps > 0 else math.inf) if ref else math.nan
     return {"goodput_vs_none": gain, "goodput_vs_reference_none": ref_gain, "precision": p.precision,
-            "precision_low95": p.wilson_low(), "rejections": p.rejections, "judged": p.judged}
+            "precision_low95": p.wilson_low(), "net_precision": p.net_precision,
+            "net_precision_low95": p.wilson_low(net=True), "rejections": p.rejections, "judged": p.judged}
 
 
 def print_admission(cells: Sequence[AdmissionCell], default: str, out=None) -> int:
     out = out or sys.stdout
     modes = [r.admission for r in cells[0].rows]
     print(f"goodput req/s per admission mode (policy {cells[0].rows[0].policy}); default = {default}; "
-          "precision = rejections that would have missed an SLO (judged / rejected by admission)", file=out)
+          "precision = rejections that would have missed an SLO, net = also those whose admission would have "
+          "cost as many others theirs (judged / rejected by admission)", file=out)
     ref = cells[0].reference
     ref_head = f" | none/{ref.policy[:10]:<10} x" if ref is not None else ""
     print(f"{'workload':<13}{'load':>5}{'speed':>7} | " + " ".join(f"{m:>11}" for m in modes)
-          + " | vs none  precision (judged/rejected)" + ref_head, file=out)
+          + " | vs none  precision    net (judged/rejected)" + ref_head, file=out)
     misses = 0
     for c in cells:
         v = admission_verdict(c, default)
@@ -259,9 +261,10 @@ def print_admission(cells: Sequence[AdmissionCell], default: str, out=None) -> i
         misses += not ok
         vals = " ".join(f"{c.row(m)[0].goodput_rps:>11.2f}" for m in modes)
         prec = "-" if not v["judged"] else f"{v['precision']:.3f}"
+        net = "-" if not v["judged"] else f"{v['net_precision']:.3f}"
         ref_col = (f" | {c.reference.goodput_rps:>10.2f} {v['goodput_vs_reference_none']:>6.1f}"
                    if c.reference is not None else "")
-        print(f"{c.workload:<13}{c.load:>5.2f}{c.speedup:>7.2f} | {vals} | {v['goodput_vs_none']:>7.3f}  {prec:>9} "
+        print(f"{c.workload:<13}{c.load:>5.2f}{c.speedup:>7.2f} | {vals} | {v['goodput_vs_none']:>7.3f}  {prec:>9} {net:>6} "
               f"({v['judged']}/{v['rejections']}){ref_col}{'' if ok else '  MISS'}", file=out)
     print_capacities(cells, out)
     return misses
@@ -299,8 +302,10 @@ def write_admission_plot(cells: Sequence[AdmissionCell], default: str, path: Pat
         row = [c for c in cells if c.workload == w]
         axes[0].plot([c.load for c in row], [admission_verdict(c, default)["goodput_vs_none"] for c in row],
                      marker="o", label=w)
-        axes[1].plot([c.load for c in row], [admission_verdict(c, default)["precision"] for c in row],
-                     marker="o", label=w)
+        line, = axes[1].plot([c.load for c in row], [admission_verdict(c, default)["precision"] for c in row],
+                             marker="o", label=f"{w} (own SLOs)")
+        axes[1].plot([c.load for c in row], [admission_verdict(c, default)["net_precision"] for c in row],
+                     marker="s", ls=":", color=line.get_color(), label=f"{w} (net)")
     axes[0].axhline(1.0, color="red", ls="--")
     axes[0].set_yscale("log")
     axes[0].set_ylabel(f"goodput: {default} / none")
