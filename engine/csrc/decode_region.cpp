@@ -108,11 +108,12 @@ void region_linear(const RegionLinear& l, const float* x, int64_t M, float* y, i
             xh[i] = c.i8.data() + (m0 + i) * K;
           }
           const int64_t gs = K / G;
+          const int8_t* pf = m0 == 0 && n0 + 12 <= N ? wp + (n0 + 8) * K : nullptr;
           float o[MR][NR];
           if (gs == 32)
-            w8a16_tile<NR, MR, true>(xl, xh, wp + n0 * K, wsp + n0 * G, K, gs, o);
+            w8a16_tile<NR, MR, true>(xl, xh, wp + n0 * K, wsp + n0 * G, K, gs, o, pf);
           else
-            w8a16_tile<NR, MR, false>(xl, xh, wp + n0 * K, wsp + n0 * G, K, gs, o);
+            w8a16_tile<NR, MR, false>(xl, xh, wp + n0 * K, wsp + n0 * G, K, gs, o, pf);
           for (int i = 0; i < MR; ++i)
             for (int j = 0; j < NR; ++j) y[(m0 + i) * N + n0 + j] = o[i][j] * c.xs[m0 + i];
         }

@@ -259,7 +259,7 @@ inline void vnni_group_tile(const int8_t* const xq[MR], const float* const xs[MR
 // G32: gs == 32 (the default), each step's two scales adjacent, read without a division.
 template <int NR, int MR, bool G32>
 inline void w8a16_tile(const uint8_t* const lo[MR], const int8_t* const hi[MR], const int8_t* w0, const float* s0,
-                       int64_t K, int64_t gs, float out[MR][NR]) {
+                       int64_t K, int64_t gs, float out[MR][NR], const int8_t* pf) {
   const int64_t G = K / gs;
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
   const __m512i half_idx = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
@@ -267,6 +267,7 @@ inline void w8a16_tile(const uint8_t* const lo[MR], const int8_t* const hi[MR], 
   for (int m = 0; m < MR; ++m)
     for (int n = 0; n < NR; ++n) acc[m][n] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; k += 64) {
+    prefetch_rows(pf, K, k, NR);
     __m512i wv[NR], wu[NR];
     __m512 sv[NR];
     for (int n = 0; n < NR; ++n) {
@@ -515,11 +516,12 @@ torch::Tensor w8a16_linear(torch::Tensor x, torch::Tensor w, torch::Tensor ws) {
         xl[i] = lo.data() + (m0 + i) * K;
         xh[i] = hi.data() + (m0 + i) * K;
       }
+      const int8_t* pf = m0 == 0 && n0 + 12 <= N ? wp + (n0 + 8) * K : nullptr;
       float o[MR][NR];
       if (gs == 32)
-        w8a16_tile<NR, MR, true>(xl, xh, wp + n0 * K, wsp + n0 * G, K, gs, o);
+        w8a16_tile<NR, MR, true>(xl, xh, wp + n0 * K, wsp + n0 * G, K, gs, o, pf);
       else
-        w8a16_tile<NR, MR, false>(xl, xh, wp + n0 * K, wsp + n0 * G, K, gs, o);
+        w8a16_tile<NR, MR, false>(xl, xh, wp + n0 * K, wsp + n0 * G, K, gs, o, pf);
       for (int i = 0; i < MR; ++i)
         for (int j = 0; j < NR; ++j) vals[i][j] = o[i][j];
     });
