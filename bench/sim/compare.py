@@ -343,11 +343,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="what load 1.0 is: the rate the default policy without admission keeps within the SLOs "
                         "for 90%% of requests, measured per workload (calibrated: the admission default), or "
                         "the offered-load estimate of bench.sim.load (offered: the policies default)")
+    p.add_argument("--decode-threshold", type=float, default=SimConfig.decode_reject_threshold,
+                   help="decode load (predicted TBT / SLO) above which admission rejects (default %(default)s)")
     p.add_argument("--json", type=Path)
     p.add_argument("--plot", type=Path, help="default: next to --json")
     args = p.parse_args(argv)
     costs = gpu_class_default()
-    config = SimConfig(prefill_nodes=args.prefill, decode_nodes=args.decode, admission=parse_admission(args.admission))
+    config = SimConfig(prefill_nodes=args.prefill, decode_nodes=args.decode, admission=parse_admission(args.admission),
+                       decode_reject_threshold=args.decode_threshold)
     started = time.perf_counter()
     if args.what == "admission":
         return _admission(args, config, costs, started)
