@@ -343,7 +343,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="what load 1.0 is: the rate the default policy without admission keeps within the SLOs "
                         "for 90%% of requests, measured per workload (calibrated: the admission default), or "
                         "the offered-load estimate of bench.sim.load (offered: the policies default)")
-    p.add_argument("--decode-threshold", type=float, default=SimConfig.decode_reject_threshold,
+    p.add_argument("--decode-threshold", type=float, default=SimConfig().decode_reject_threshold,
                    help="decode load (predicted TBT / SLO) above which admission rejects (default %(default)s)")
     p.add_argument("--json", type=Path)
     p.add_argument("--plot", type=Path, help="default: next to --json")
