@@ -27,6 +27,14 @@ The result is an HF-style directory under ``$HALFMOON_CACHE/models/<model>-w8a8-
 (`<key>` hashes the source weights and this recipe), written atomically and under a file lock
 (nodes starting together calibrate once). `halfmoon quantize` produces it ahead of time;
 `load_model(dtype="w8a8")` produces it on first use.
+
+fp8 (`ensure_fp8`, `halfmoon quantize --dtype fp8`, or on first use) is calibrated the same way
+but for GPTQ: the fp32 model prefills the same text, each layer linear's input accumulates
+X^T X (Q/K/V share one, gate/up one; o and down their own), and every layer linear is rounded
+onto the fp8b grid (E4M3 per row and per 32 columns) by `engine.gptq` with `GptqSettings`
+(columns in descending order of diag H, dampening 0.3 of its mean diagonal, 128-column blocks);
+cached as ``<model>-fp8-<key>`` with its own `quantization.json`. No smoothing: fp8b's
+activations are bfloat16.
 """
 from __future__ import annotations
 
