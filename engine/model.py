@@ -31,9 +31,12 @@ SPLIT_LINEAR = True
 DECODE_STEP = True
 # Such steps of at most REGION_MAX_ROWS rows whose linears are all int8 (w8a8) run as ONE OpenMP
 # parallel region (engine/csrc/decode_region.cpp: the same logits, without ~150 fork/joins a
-# step). False: decode_step's kernel by kernel.
+# step; each thread redoes the per-row work between the GEMVs, which decode_step runs on one
+# thread below 16 rows anyway). False: decode_step's kernel by kernel. Interleaved in one
+# process on the loaded 2-core machine (load 4-5), w8a8 steps: b1 23-24 vs 24-34 ms, b4 71 vs
+# 149, b8 186 vs 214, b32 608 vs 968.
 DECODE_REGION = True
-REGION_MAX_ROWS = 4  # engine/csrc/decode_region.cpp kRegionMaxRows
+REGION_MAX_ROWS = 64  # (all engine/csrc/decode_region.cpp takes: the int8 kernels' tiled range)
 # engine/csrc/decode_step.cpp's numbering of the linear forms (int8 with activation groups: 3)
 _FORM_CODES = {"f32": 0, "bf16": 1, "int8": 2, "w8a16": 4, "fp8": 5, "fp8b": 6}
 
@@ -239,8 +242,8 @@ class LlamaModel:
             weights.append(self.norm)
             ok &= add(self.lm_head)
             self._step_plan = (weights, forms) if ok and self.layers else None
-            self._region_rows = max((n for n in range(1, REGION_MAX_ROWS + 1)
-                                     if self._step_plan and ck.decode_region_supported(forms, n)), default=0)
+            self._region_rows = REGION_MAX_ROWS if self._step_plan and ck.decode_region_supported(
+                forms, REGION_MAX_ROWS) else 0
         return self._step_plan
 
     def _forward_decode(self, ck, plan: tuple[list[torch.Tensor], list[int]], input_ids: torch.Tensor,

@@ -1,4 +1,4 @@
-// A small-batch decode step of the int8 forms (w8a8: int8 layers, per token or per activation
+// A decode step (up to 64 rows) of the int8 forms (w8a8: int8 layers, per token or per activation
 // group; an int8 or w8a16 LM head) in ONE OpenMP parallel region (engine.model.DECODE_REGION):
 // decode_step (decode_step.cpp) forks and joins the threads once per kernel, ~150 times a
 // step; here every thread runs the whole step and takes its static share of each phase --
@@ -24,7 +24,9 @@
 
 namespace {
 
-constexpr int64_t kRegionMaxRows = 4;  // engine.model.REGION_MAX_ROWS
+// Rows the region takes at most (the int8 kernels' tiled range: beyond, int8_linear is oneDNN's);
+// engine.model.REGION_MAX_ROWS says up to how many it is used.
+constexpr int64_t kRegionMaxRows = 64;
 constexpr int64_t kRFormInt8 = 2, kRFormInt8Group = 3, kRFormW8A16 = 4;  // decode_step.cpp's numbering
 
 #ifdef HM_AVX512

@@ -1,5 +1,5 @@
 """The decode step in one OpenMP parallel region (engine/csrc/decode_region.cpp): the same logits
-and the same KV cache writes, bit for bit, as decode_step's kernel-by-kernel path, at batch 1-4,
+and the same KV cache writes, bit for bit, as decode_step's kernel-by-kernel path, at batch 1-4, 8 and 33,
 odd context lengths (split and unsplit attention), 1-3 threads, int8 layers per token and per
 activation group, int8 and w8a16 heads; and the engine takes it for w8a8 steps of up to
 REGION_MAX_ROWS rows, and only those."""
@@ -17,7 +17,7 @@ from tests.engine.test_model_decode_step import Counting
 from tests.engine.test_quant_kernels import ck  # noqa: F401  (ck: the kernels fixture)
 
 HIDDEN, HEADS, KV_HEADS, HD, INTER, VOCAB, LAYERS, BS = 128, 6, 3, 32, 192, 320, 2, 16
-NUM_BLOCKS = 96
+NUM_BLOCKS = 160
 
 
 def _int8_linear(g, n, k, form):
@@ -94,7 +94,8 @@ def _run(ck, fn, weights, forms, inputs):  # noqa: F811
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
-@pytest.mark.parametrize("lens", [[1], [17], [401], [700], [5, 33], [401, 230, 129], [63, 1, 400, 97]])
+@pytest.mark.parametrize("lens", [[1], [17], [401], [700], [5, 33], [401, 230, 129], [63, 1, 400, 97],
+                                  [9, 300, 41, 1, 77, 230, 16, 129]])
 def test_region_equals_decode_step(ck, threads, lens):  # noqa: F811
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -114,6 +115,14 @@ def test_region_equals_decode_step(ck, threads, lens):  # noqa: F811
         torch.set_num_threads(old_threads)
 
 
+def test_region_equals_decode_step_at_33_rows(ck):  # noqa: F811
+    weights, forms = _model(5, 3, 4)
+    inputs = _step_inputs(5, [1 + 3 * i for i in range(33)])
+    ref, _, ref_kv = _run(ck, ck.decode_step, weights, forms, inputs)
+    new, _, new_kv = _run(ck, ck.decode_region, weights, forms, inputs)
+    assert torch.equal(new, ref) and torch.equal(new_kv, ref_kv)
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_region_writes_slots_off_the_last_position(ck, threads):  # noqa: F811
     torch.set_num_threads(threads)
@@ -131,8 +140,7 @@ def test_region_writes_slots_off_the_last_position(ck, threads):  # noqa: F811
 
 def test_region_refuses_what_it_does_not_cover(ck):  # noqa: F811
     weights, forms = _model(1, 3, 4)
-    assert [ck.decode_region_supported(forms, n) for n in range(0, em.REGION_MAX_ROWS + 2)] == \
-        [False] + [True] * em.REGION_MAX_ROWS + [False]
+    assert [ck.decode_region_supported(forms, n) for n in (0, 1, 8, 64, 65)] == [False, True, True, True, False]
     bf16_head = forms[:-2] + [1, 0]
     fp32_layer = [0, 0] + forms[2:]
     assert not ck.decode_region_supported(bf16_head, 1) and not ck.decode_region_supported(fp32_layer, 1)
@@ -161,9 +169,10 @@ def test_engine_takes_the_region_for_small_w8a8_steps(tiny_model_dir, tmp_path, 
     monkeypatch.setattr(model, "forward", spy)
     params = SamplingParams(max_tokens=3, ignore_eos=True)
     prompts = [list(range(100 + 3 * i, 130 + 5 * i)) for i in range(6)]
+    monkeypatch.setattr(em, "REGION_MAX_ROWS", 4)  # the limit is read when the step plan is built
     with_region = eng.generate(prompts, params) + eng.generate(prompts[:1], params)
     assert {(6, "step"), (1, "region")} <= set(paths)
-    assert all(p == ("region" if n <= em.REGION_MAX_ROWS else "step") for n, p in paths)
+    assert all(p == ("region" if n <= 4 else "step") for n, p in paths)
     paths.clear()
     monkeypatch.setattr(em, "DECODE_REGION", False)
     without = eng.generate(prompts, params) + eng.generate(prompts[:1], params)
