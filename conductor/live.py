@@ -427,9 +427,7 @@ class LiveConductor:
                 out_tokens = len(trip.generated) - attempt.streamed_before
                 if attempt.decision is not None and attempt.decision.decode is not None and out_tokens > 1 and n == 1:
                     mean_gap = (self._clock() - trip.first_at) / (out_tokens - 1)
-                    node_view = next((d for d in self.state.view.decode if d.node_id == dec.node_id), None)
-                    if node_view is not None:  # (gone from the view: nothing to compare with)
-                        self.scheduler.observe_tbt(attempt.decision.decode, node_view, mean_gap)
+                    self.scheduler.calibration.observe(Quantity.TBT, attempt.decision.decode.predicted_tbt_s, mean_gap)
                     if self.elastic is not None:
                         self.elastic.observed(tbt_s=mean_gap)
                 timing = Timing(queue_s=trip.queue_s, prefill_s=trip.prefill_s, kv_transfer_s=trip.kv_transfer_s,

@@ -20,13 +20,13 @@ from dataclasses import replace
 
 from conductor import admission
 from conductor.cost_model import CostModel
-from conductor.decision import Decision, DecodeChoice, LoadBasis, RejectReason, Rejection, Stage
+from conductor.decision import Decision, LoadBasis, RejectReason, Rejection, Stage
 from conductor.modes import PolicyName
 from conductor.policies import POLICIES, Policy, decode_estimate
 from conductor.predictions import Calibration, Quantity
 from conductor.request import RequestInfo
 from conductor.settings import ConductorSettings
-from conductor.view import ClusterView, DecodeNodeView
+from conductor.view import ClusterView
 
 
 class Scheduler:
@@ -48,17 +48,6 @@ class Scheduler:
         self._costs = costs
         for policy in self._policies.values():
             policy.costs = costs
-
-    def observe_tbt(self, decode: DecodeChoice, node: DecodeNodeView, mean_gap_s: float) -> None:
-        """A request finished on `node` (its view before the request leaves it) with
-        `mean_gap_s` between its tokens: calibrate TBT against what the model says of the
-        batch it ran in, the mean of the step predicted when it joined (`decode`) and the step
-        of the batch it leaves. Against the join-time prediction alone, a batch that grew
-        under the request reads as the model being slow, and a node in steady state then has
-        its step over-predicted by that growth (a load ramp's 1.6x here, rejections of requests
-        that would have met the TBT SLO)."""
-        now = self._costs.decode_step_s(node.running, node.tokens_in_flight)
-        self.calibration.observe(Quantity.TBT, 0.5 * (decode.predicted_tbt_s + now), mean_gap_s)
 
     def policy(self, name: PolicyName) -> Policy:
         policy = self._policies.get(name)

@@ -513,11 +513,11 @@ class Simulation:
         dec.residents -= 1
         dec.committed -= st.req.input_tokens + out
         self._in_flight -= 1
+        self.state.finished(st.info.request_id, t, generated_tokens=max(0, out - 1))
         if out > 1 and st.decision is not None and st.decision.decode is not None:
             mean_gap = (t - st.first_token_s) / (out - 1)
             self.predictions.record(st.info.request_id, Quantity.TBT, st.decision.decode.predicted_tbt_s, mean_gap)
-            self.scheduler.observe_tbt(st.decision.decode, self.state.decode_view(NodeId(dec.node_id)), mean_gap)
-        self.state.finished(st.info.request_id, t, generated_tokens=max(0, out - 1))
+            self.scheduler.calibration.observe(Quantity.TBT, st.decision.decode.predicted_tbt_s, mean_gap)
         self._log(t, st, EventKind.COMPLETED)
         self.completed(st, t)
         if dec.residents == 0:

@@ -214,25 +214,3 @@ def test_admission_judges_calibrated_predictions():
         sched.calibration.observe(Quantity.TTFT, 1.0, 1.25)  # now slower than predicted
     d = sched.decide(view({"p0": NOW + 1.2}), request(), NOW)  # 2.3 s predicted, 2.9 s calibrated
     assert d.rejection.reason is RejectReason.PREFILL_OVERLOADED and "calibrated x1.25" in d.rejection.detail
-
-
-def test_tbt_calibration_compares_with_the_batch_the_request_ran_in_not_only_the_one_it_joined():
-    """A request joined a 10-resident batch (step 10 + 11 + 11 ms = 32 ms) that grew to 40
-    residents (10 + 40 + 40 = 90 ms) before it finished, with 61 ms between its tokens: the
-    cost model was right all along (the mean of the two steps is 61 ms). Against the join-time
-    step alone that would read as a model 1.9x too slow."""
-    from dataclasses import replace as _replace
-
-    from conductor.decision import DecodeChoice
-    from conductor.predictions import Quantity
-
-    sched = scheduler(AdmissionMode.EARLY)
-    joined = DecodeChoice(NodeId("d0"), sched.costs.decode_step_s(11, 11_000), 0.1, NOW, LoadBasis.CURRENT)
-    assert joined.predicted_tbt_s == pytest.approx(0.032)
-    grown = decode_node("d0", 40, 40_000)
-    for _ in range(30):
-        sched.observe_tbt(joined, grown, 0.061)
-    assert sched.calibration.factor(Quantity.TBT) == pytest.approx(1.0)
-    for _ in range(300):  # the model 20% slow for batches that stay as they are
-        sched.observe_tbt(_replace(joined, predicted_tbt_s=0.09), grown, 0.108)
-    assert sched.calibration.factor(Quantity.TBT) == pytest.approx(1.2)
