@@ -38,6 +38,7 @@ from conductor.intake import off_loop
 from conductor.openai_extras import StructuredFields, ToolBody, ToolCallBody, ToolChoiceBody, history_calls, tool_use
 from conductor.tools import HistoryMessage, call_constraint, render
 from engine.errors import InvalidRequestError
+from engine.logprobs import MAX_TOP_LOGPROBS
 from engine.sampling import SamplingParams
 
 JSON_MAX_DEPTH = 64  # OpenAI bodies nest 4 deep (messages[i].content[j].text)
@@ -231,8 +232,11 @@ class ChatCompletionBody(_GenerateBody):
     parallel_tool_calls: bool | None = None  # auto: any number of calls; required / named: one
 
     def logprobs_k(self) -> int | None:
-        if self.top_logprobs is not None and not self.logprobs:
+        k = self.top_logprobs
+        if k is not None and not self.logprobs:
             raise InvalidRequestError("top_logprobs", "needs logprobs: true")
+        if k is not None and not 0 <= k <= MAX_TOP_LOGPROBS:
+            raise InvalidRequestError("top_logprobs", f"must be an integer in [0, {MAX_TOP_LOGPROBS}], got {k}")
         return (self.top_logprobs or 0) if self.logprobs else None
 
     def _tool_choice(self) -> str | ToolChoiceBody | None:
