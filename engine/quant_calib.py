@@ -184,14 +184,21 @@ def quantize_state(w: dict[str, torch.Tensor], lm_head: str = "bf16") -> dict[st
     return out
 
 
-def cache_key(model_dir: Path, n_seqs: int, seq_len: int, alpha: float, lm_head: str = "bf16") -> str:
+def _key(model_dir: Path, n_seqs: int, seq_len: int, recipe_fields: dict) -> str:
+    """A cache key: the recipe's fields, the calibration text and the source model (its config
+    and weight files' names, sizes and mtimes), hashed."""
     files = sorted(Path(model_dir).glob("*.safetensors"))
-    ident = {"recipe": RECIPE_VERSION, "alpha": alpha, "calib": [CALIB_SOURCE, n_seqs, seq_len],
+    ident = {**recipe_fields, "calib": [CALIB_SOURCE, n_seqs, seq_len],
              "config": (Path(model_dir) / "config.json").read_text(),
              "weights": [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]}
-    if lm_head != "bf16":  # (absent for bf16: the caches made before the option keep their key)
-        ident["lm_head"] = lm_head if lm_head != "w8a16" else f"w8a16 per {W8A16_GROUP} columns"
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def cache_key(model_dir: Path, n_seqs: int, seq_len: int, alpha: float, lm_head: str = "bf16") -> str:
+    fields: dict = {"recipe": RECIPE_VERSION, "alpha": alpha}
+    if lm_head != "bf16":  # (absent for bf16: the caches made before the option keep their key)
+        fields["lm_head"] = lm_head if lm_head != "w8a16" else f"w8a16 per {W8A16_GROUP} columns"
+    return _key(model_dir, n_seqs, seq_len, fields)
 
 
 def w8a8_dir(model_dir: Path, n_seqs: int = CALIB_SEQS, seq_len: int = CALIB_LEN, alpha: float = ALPHA,
@@ -304,12 +311,8 @@ def fp8_dir(model_dir: Path, n_seqs: int = CALIB_SEQS, seq_len: int = CALIB_LEN,
             settings: GptqSettings = GptqSettings()) -> Path:
     from engine.loader import cache_root
 
-    files = sorted(Path(model_dir).glob("*.safetensors"))
-    ident = {"recipe": FP8_RECIPE_VERSION, "form": f"fp8b e4m3 per row and {FP8_GROUP} columns, bf16 head",
-             "gptq": asdict(settings), "calib": [CALIB_SOURCE, n_seqs, seq_len],
-             "config": (Path(model_dir) / "config.json").read_text(),
-             "weights": [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]}
-    key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
+    key = _key(model_dir, n_seqs, seq_len, {"recipe": FP8_RECIPE_VERSION, "gptq": asdict(settings),
+                                            "form": f"fp8b e4m3 per row and {FP8_GROUP} columns, bf16 head"})
     return cache_root() / "models" / f"{Path(model_dir).name}-fp8-{key}"
 
 

@@ -63,9 +63,9 @@ class Decisions:
 
 
 class _Recording(Simulation):
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.recorded = Decisions({}, {}, set(), set())
+    """A simulation that keeps its decisions in `recorded` (set by `record_decisions`)."""
+
+    recorded: Decisions
 
     def admit(self, st: RequestState, t: float) -> Decision:
         decision = super().admit(st, t)
@@ -191,10 +191,6 @@ class CounterfactualSimulation(Simulation):
             return twin.outcome is not Outcome.PENDING or (math.isnan(twin.first_token_s) and fork.now > deadline)
 
         fork.run_until(math.inf, until=settled)
-        twin_meets = self._meets(twin)
-        harmed = helped = 0
-        if twin_meets:  # what its admission did to the requests that overlapped it
-            harmed, helped = self._effect_on_others(fork, twin)
         ttft = twin.first_token_s - st.req.arrival_s if not math.isnan(twin.first_token_s) else math.nan
         tbt = math.nan
         if twin.outcome is Outcome.COMPLETED:
@@ -204,12 +200,9 @@ class CounterfactualSimulation(Simulation):
                 tbt = request_tbt(float(ends[twin.join_step]) - twin.first_token_s, durations, twin.join_step,
                                   twin.finish_step)
         meets = twin.outcome is Outcome.COMPLETED and ttft <= cfg.ttft_slo_s and tbt <= cfg.tbt_slo_s
-        assert meets == twin_meets
+        harmed, helped = self._effect_on_others(fork, twin) if meets else (0, 0)  # what it did to the others
         return Verdict(index, decision.rejection.reason, meets, ttft, tbt,  # type: ignore[union-attr]
                        self._displaced(fork), harmed, helped)
-
-    def _meets(self, st: RequestState) -> bool:
-        return st.req.index in slo_met([st], self.config.ttft_slo_s, self.config.tbt_slo_s)
 
     def _effect_on_others(self, fork: Simulation, twin: RequestState) -> tuple[int, int]:
         """Runs `fork` on until every request that arrived before `twin` finished has ended;
