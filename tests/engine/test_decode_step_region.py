@@ -177,3 +177,18 @@ def test_engine_takes_the_region_for_small_w8a8_steps(tiny_model_dir, tmp_path, 
     monkeypatch.setattr(em, "DECODE_REGION", False)
     without = eng.generate(prompts, params) + eng.generate(prompts[:1], params)
     assert without == with_region and paths and all(p == "step" for _, p in paths)
+
+
+def test_region_barrier_with_more_threads_than_cores(ck):  # noqa: F811
+    """Five threads on this (2-core) machine: the region's barrier waiters outlast their spin and
+    sleep on the futex while a partner is descheduled; every step still equals decode_step."""
+    torch.set_num_threads(5)
+    try:
+        weights, forms = _model(11, 3, 4)
+        for rep in range(6):
+            inputs = _step_inputs(20 + rep, [401, 230, 129] if rep % 2 else [17])
+            ref, ref_x, ref_kv = _run(ck, ck.decode_step, weights, forms, inputs)
+            new, new_x, new_kv = _run(ck, ck.decode_region, weights, forms, inputs)
+            assert torch.equal(new, ref) and torch.equal(new_x, ref_x) and torch.equal(new_kv, ref_kv)
+    finally:
+        torch.set_num_threads(2)
