@@ -68,6 +68,12 @@ class EngineStats:
     num_preemptions: int
     num_prefill_tokens: int = 0  # tokens computed in prefill chunks (prompts, recomputes, forced tokens)
     num_forced_tokens: int = 0  # output tokens a grammar forced (fast-forward)
+    # steps that only decoded (no prefill chunk) since the engine started: how many, their
+    # seconds, and the rows and context tokens (each row's tokens before its new one) summed
+    decode_steps: int = 0
+    decode_step_s: float = 0.0
+    decode_step_rows: int = 0
+    decode_step_tokens: int = 0
 
 
 class LLMEngine:
@@ -99,6 +105,7 @@ class LLMEngine:
         self.runner.mask_stats = self.masks.stats
         self.num_prefill_tokens = 0
         self.num_forced_tokens = 0
+        self._decode_steps = (0, 0.0, 0, 0)  # EngineStats.decode_step_*: steps, seconds, rows, tokens
         self.fast_forward = True  # take the tokens a grammar forces without a model step each (benchmarks turn it off)
         self._groups: dict[str, list[Request]] = {}  # n > 1: sample 0's id -> every sample, until all end
         self.held = BlockLedger()  # blocks a node holds outside requests (reservations, pins): engine/audit.py
@@ -311,6 +318,7 @@ class LLMEngine:
         return self.scheduler.has_work() or (self.tiers is not None and self.tiers.num_parked > 0)
 
     def step(self) -> list[RequestOutput]:
+        t0 = time.perf_counter()
         if self.tiers is not None:  # parked requests whose blocks are now in the host pool join the queue
             for req in self.tiers.take_ready(wait=not self.scheduler.has_work()):
                 self.scheduler.add(req)
@@ -322,6 +330,9 @@ class LLMEngine:
         # checked against its grammar first, and masked only when refused (sampling.checks_greedy_pick)
         self.masks.start([r.sampler.grammar for r in _sampled_by(sched)
                           if r.sampler.grammar is not None and not checks_greedy_pick(r.params, r.sampler)])
+        decode_only = not sched.prefills
+        if decode_only:
+            context = sum(r.num_tokens for r in sched.decodes)
         sampled = self.runner.run(sched)
         for chunk in sched.prefills:
             chunk.request.num_computed_tokens += chunk.num_tokens
@@ -333,6 +344,9 @@ class LLMEngine:
         outputs: list[RequestOutput] = []
         for req, tok in sampled.items():
             outputs += self._append_sampled(req, tok)
+        if decode_only:
+            n, secs, rows, tokens = self._decode_steps
+            self._decode_steps = (n + 1, secs + time.perf_counter() - t0, rows + len(sched.decodes), tokens + context)
         return outputs
 
     def _append_sampled(self, req: Request, token: int) -> list[RequestOutput]:
@@ -485,7 +499,8 @@ class LLMEngine:
         parked = self.tiers.num_parked if self.tiers is not None else 0
         return EngineStats(len(self.scheduler.waiting) + parked, len(self.scheduler.running), self.pool.num_blocks,
                            self.pool.num_free, self.pool.num_cached, self.pool.prefix_queries,
-                           self.pool.prefix_hits, self._preemptions, self.num_prefill_tokens, self.num_forced_tokens)
+                           self.pool.prefix_hits, self._preemptions, self.num_prefill_tokens, self.num_forced_tokens,
+                           *self._decode_steps)
 
     def add_kv_listener(self, fn) -> None:
         self.pool.add_listener(fn)

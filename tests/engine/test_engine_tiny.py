@@ -175,3 +175,19 @@ def test_imported_prefix_blocks_are_reused_and_change_nothing(tiny_model_dir):
     assert b.generate([prompt], GREEDY)[0] == want
     assert b.stats().prefix_hits_tokens == 64
     assert a.stats().num_blocks_free == 256
+
+
+def test_decode_only_steps_are_counted_with_their_rows_and_context(tiny_model_dir):
+    eng = make(tiny_model_dir)
+    a, b = [5] * 10, [6] * 20
+    eng.add_request("a", SamplingParams(max_tokens=4, ignore_eos=True), prompt_token_ids=a)
+    eng.add_request("b", SamplingParams(max_tokens=3, ignore_eos=True), prompt_token_ids=b)
+    eng.step()  # both prompts (a prefill step: not counted), each samples its first token
+    st = eng.stats()
+    assert (st.decode_steps, st.decode_step_rows, st.decode_step_tokens, st.decode_step_s) == (0, 0, 0, 0.0)
+    while eng.has_unfinished():
+        eng.step()
+    st = eng.stats()
+    # decode steps: both at contexts 11 + 21, both at 12 + 22, then a alone at 13
+    assert (st.decode_steps, st.decode_step_rows, st.decode_step_tokens) == (3, 5, 11 + 21 + 12 + 22 + 13)
+    assert st.decode_step_s > 0.0
