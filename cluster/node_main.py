@@ -178,7 +178,9 @@ async def _serve_role(spec: NodeSpec, stop: asyncio.Event) -> str | None:
                 tokens_in_flight=sum(r.num_tokens for r in list(engine.scheduler.running)),
                 prefix_queries_tokens=st.prefix_queries_tokens, prefix_hits_tokens=st.prefix_hits_tokens,
                 kv_event_seq=getattr(getattr(service, "events", None), "seq", 0),
-                tiers=tier_use(engine, tier_stats) if tier_stats is not None else [])
+                tiers=tier_use(engine, tier_stats) if tier_stats is not None else [],
+                decode_steps=st.decode_steps, decode_step_seconds=st.decode_step_s,
+                decode_step_rows=st.decode_step_rows, decode_step_tokens=st.decode_step_tokens)
             gpu = gpu_stats.read(gpu_index) if gpu_index is not None else None
             if gpu is not None:
                 load.gpu.CopyFrom(common_pb2.GPUUse(

@@ -5,7 +5,8 @@
 | `none`       | committed load        | —                                    | —                         |
 | `per_stage`  | current load          | prefill load                         | decode load now (the      |
 |              |                       |                                      | prefill's work is lost)   |
-| `early`      | committed load        | max(prefill load, decode load now)   | —                         |
+| `early`      | committed load        | max(prefill load, committed decode   | —                         |
+|              |                       | load over the request's life)        |                           |
 | `predictive` | projected load        | max(prefill load, decode load at the | —                         |
 |              |                       | moment this prefill will finish)     |                           |
 
@@ -15,7 +16,8 @@ Mooncake's stage-by-stage view (each stage looks at its own load now).
 
 Prefill load = predicted TTFT / TTFT SLO; decode load = predicted TBT / TBT SLO; "current"
 counts the decode node's running and waiting requests, "committed" also those assigned to
-it still in prefill, "projected" the residents still decoding at the moment this request's
+it still in prefill and the growth of every context over the request's life
+(`conductor.policies.decode_estimate`), "projected" the residents still decoding at the moment this request's
 KV would arrive (Mooncake's prediction-based early rejection). KV memory is not judged on a
 prediction: the decode node reserves the request's KV on dispatch and refuses when it has
 no room (`decode_out_of_blocks`), which no prediction can do better than; the policies
@@ -37,22 +39,11 @@ _CHOICE_BASIS = {
     AdmissionMode.EARLY: LoadBasis.COMMITTED,
     AdmissionMode.PREDICTIVE: LoadBasis.PROJECTED,
 }
-_JUDGED_BASIS = {
-    AdmissionMode.NONE: LoadBasis.COMMITTED,
-    AdmissionMode.PER_STAGE: LoadBasis.CURRENT,
-    AdmissionMode.EARLY: LoadBasis.CURRENT,
-    AdmissionMode.PREDICTIVE: LoadBasis.PROJECTED,
-}
 
 
 def decode_basis(mode: AdmissionMode) -> LoadBasis:
-    """The decode load a mode chooses the decode node on."""
+    """The decode load a mode chooses the decode node on, and judges it on."""
     return _CHOICE_BASIS[mode]
-
-
-def judged_basis(mode: AdmissionMode) -> LoadBasis:
-    """The decode load a mode judges the chosen node on."""
-    return _JUDGED_BASIS[mode]
 
 
 def check_arrival(

@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from conductor.decision import Decision
 from conductor.errors import ConductorError
 from conductor.lifecycle import Phase
+from conductor.predictions import DecodeSteps
 from conductor.prefix_index import ApplyStatus, GlobalPrefixIndex, PendingPrefixes
 from conductor.request import NodeId, RequestInfo
 from conductor.view import ClusterView, DecodeNodeView, DecodeResident, LoadIndex, PrefillNodeView
@@ -100,11 +101,11 @@ class _PrefillBook:
 class _DecodeBook:
     view: DecodeNodeView
     unjoined_reserved: int = 0  # KV reserved by requests that have not joined
-    joined: int = 0  # requests joined and not finished (for the mean prompt size)
-    joined_prompt_tokens: int = 0
+    joined: int = 0  # requests joined and not finished (for the mean prompt size: view.joined_prompt_tokens)
     transferring: int = 0  # prefill done, KV landing: this object's share of `waiting`
     transferring_tokens: int = 0
     node_waiting: int = 0  # the node's own queue, as last reported
+    steps: DecodeSteps | None = None  # the node's decode-step totals, as last reported
 
 
 class ClusterState:
@@ -247,6 +248,7 @@ class ClusterState:
         t.pending_kv = info.input_tokens
         dv.pending_kv_tokens += info.input_tokens
         dv.residents[rid] = DecodeResident(rid, info.input_tokens, now_s + pc.ttft_s, info.expected_output_tokens)
+        _add_output(dv, info.expected_output_tokens, 1)
         self.loads.changed_decode(dv)
         return t
 
@@ -260,6 +262,7 @@ class ClusterState:
         t = Tracked(rid, None, node, info.input_tokens, info.expected_output_tokens, 0.0, 0, now_s)
         self._requests[rid] = t
         dbook.view.residents[rid] = DecodeResident(rid, info.input_tokens, now_s, info.expected_output_tokens)
+        _add_output(dbook.view, info.expected_output_tokens, 1)
         return t
 
     def reserved(self, request_id: str, tokens: int) -> None:
@@ -325,7 +328,7 @@ class ClusterState:
         t.held_tokens = t.reserved_tokens if t.reserved_tokens > n + 1 else n + 1
         t.reserved_tokens = 0
         book.joined += 1
-        book.joined_prompt_tokens += n
+        dv.joined_prompt_tokens += n
         dv.running += 1
         dv.tokens_in_flight += n + 1
         dv.reserved_tokens += t.held_tokens
@@ -347,7 +350,7 @@ class ClusterState:
             n = t.input_tokens
             if t.phase is Phase.DECODING:
                 book.joined -= 1
-                book.joined_prompt_tokens -= n
+                dv.joined_prompt_tokens -= n
                 grown = n + 1 + generated_tokens
                 held = t.held_tokens if t.held_tokens > grown else grown
                 dv.running = dv.running - 1 if dv.running > 0 else 0
@@ -363,7 +366,8 @@ class ClusterState:
                 dv.incoming_tokens -= n
             book.unjoined_reserved -= t.reserved_tokens
             dv.pending_kv_tokens -= t.pending_kv
-            dv.residents.pop(request_id, None)
+            if dv.residents.pop(request_id, None) is not None:
+                _add_output(dv, t.expected_output_tokens, -1)
             self.loads.changed_decode(dv)
         t.phase = Phase.FINISHED
         del self._requests[request_id]
@@ -475,21 +479,28 @@ class ClusterState:
         return resync
 
     def heartbeat_decode(self, node: NodeId, *, running: int, waiting: int, tokens_in_flight: int,
-                         used_tokens: int, now_s: float) -> None:
+                         used_tokens: int, now_s: float, steps: DecodeSteps | None = None) -> DecodeSteps | None:
         """What a decode node reports: its batch, its own queue and the KV it holds (every
-        block in use, reservations included)."""
+        block in use, reservations included), and the totals of the decode steps it ran;
+        answers the steps run since its last report (None: none, or no totals), for the
+        TBT calibration (`Scheduler.observe_decode_steps`)."""
         book = self._dbook(node)
+        window = None
+        if steps is not None:
+            window = steps.since(book.steps)
+            book.steps = steps
         dv = book.view
         dv.running = running
         dv.tokens_in_flight = tokens_in_flight
         book.node_waiting = waiting
-        mean_prompt = book.joined_prompt_tokens // book.joined if book.joined else 0
+        mean_prompt = dv.joined_prompt_tokens // book.joined if book.joined else 0
         queued_tokens = waiting * mean_prompt
         held = used_tokens - book.unjoined_reserved  # the joined requests', queued in the node or not
         dv.reserved_tokens = held if held > 0 else 0
         dv.waiting = book.transferring + waiting
         dv.waiting_tokens = book.transferring_tokens + queued_tokens
         self.loads.changed_decode(dv)
+        return window
 
     def kv_event(self, event: KVEvent) -> ApplyStatus:
         """A KV event from a prefill node (its `node` and `seq` set), into the global prefix index."""
@@ -503,3 +514,11 @@ class ClusterState:
             self.index.resync(node, block_hashes, next_seq)
         else:
             self.index.tier(tier).store(node, block_hashes)
+
+
+def _add_output(dv: DecodeNodeView, expected_output_tokens: int | None, sign: int) -> None:
+    """Count a resident's expected output in (`sign` 1) or out (-1) of `dv`'s sums."""
+    if expected_output_tokens is None:
+        dv.unsized_residents += sign
+    else:
+        dv.expected_output_tokens += sign * expected_output_tokens

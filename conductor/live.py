@@ -105,6 +105,7 @@ class LiveConductor:
         self.elastic = None  # a `conductor.elastic.ElasticRoles` when elastic roles are on
         registry.clock = clock  # heartbeats reach the view on the same clock
         registry.prefill_s_per_token = scheduler.costs.prefill_s(1024) / 1024
+        registry.on_decode_steps = scheduler.observe_decode_steps  # the TBT calibration's measurements
 
     def token_bytes(self, token_id: int) -> bytes:
         """A token's bytes (the HTTP front door's logprobs name tokens by them)."""
@@ -425,11 +426,8 @@ class LiveConductor:
             if len(ends) == n:
                 attempt.enter(Phase.FINISHED)
                 out_tokens = len(trip.generated) - attempt.streamed_before
-                if attempt.decision is not None and attempt.decision.decode is not None and out_tokens > 1 and n == 1:
-                    mean_gap = (self._clock() - trip.first_at) / (out_tokens - 1)
-                    self.scheduler.calibration.observe(Quantity.TBT, attempt.decision.decode.predicted_tbt_s, mean_gap)
-                    if self.elastic is not None:
-                        self.elastic.observed(tbt_s=mean_gap)
+                if self.elastic is not None and attempt.decision is not None and out_tokens > 1 and n == 1:
+                    self.elastic.observed(tbt_s=(self._clock() - trip.first_at) / (out_tokens - 1))
                 timing = Timing(queue_s=trip.queue_s, prefill_s=trip.prefill_s, kv_transfer_s=trip.kv_transfer_s,
                                 first_decode_s=trip.first_decode_s, ttft_s=trip.first_at - trip.t0)
                 samples = tuple(ends[i] for i in sorted(ends))

@@ -56,6 +56,15 @@ PROJECTION_CANDIDATES = 16
 # more queue); decode candidates are the `DECODE_CANDIDATES` nodes of lowest committed load.
 SCAN_LIMIT = 64
 DECODE_CANDIDATES = 4
+# The committed estimate of a decode step is the step over the new request's life: every
+# context in the batch grows by a token a step, so the mean step while it decodes has the
+# batch this share of the way through the outputs still to come (its residents' and its
+# own). One half: the mean over a life in which nothing leaves; those that leave are
+# replaced by arrivals that each pass the same check. Without it the estimate is the step
+# at the moment of joining, and a node whose requests have long outputs ahead passes the
+# SLO later (a prediction that only learnt the growth from finished requests over-learns it
+# on a load ramp and over-rejects in steady state: measured, docs/results/sim_admission*).
+LIFETIME_GROWTH = 0.5
 
 
 def decode_estimate(
@@ -68,6 +77,10 @@ def decode_estimate(
 ) -> DecodeChoice:
     """Predicted step time and KV use of `node` once `request` joins it.
 
+    CURRENT: the step as the batch is now plus this request. COMMITTED: also the requests
+    headed here still in prefill, and the step over this request's life: the contexts grown
+    by `LIFETIME_GROWTH` of the outputs still to come (expected outputs of the residents and
+    this request, typical where unknown, less what the batch generated so far).
     KV use counts what the node holds (`reserved_tokens` of its batch, and
     `pending_kv_tokens` set aside for the requests not in it yet), plus this request's
     prompt and output; COMMITTED also the outputs the requests still in prefill will add.
@@ -87,6 +100,10 @@ def decode_estimate(
             batch += node.incoming
             tokens += node.incoming_tokens
             reserved += node.incoming * out
+            to_come = (node.expected_output_tokens + node.unsized_residents * settings.typical_output_tokens + out
+                       - (node.tokens_in_flight - node.joined_prompt_tokens))
+            if to_come > 0:
+                tokens += int(LIFETIME_GROWTH * to_come)
     else:
         step = costs.decode_step_s(node.running if node.running > 0 else 1, node.tokens_in_flight)
         typical = settings.typical_output_tokens

@@ -6,6 +6,10 @@ what was measured; `summary()` gives the error per quantity. Bounded (`max_recor
 live conductor can keep it forever. `Calibration` keeps a running ratio of measured to
 predicted per quantity, which admission multiplies its predictions by before it judges
 them: a cluster that runs faster than its cost model says stops being over-rejected.
+TTFT is calibrated on requests' measured TTFT; TBT on decode steps (`DecodeSteps`, from
+decode nodes' heartbeats) against the cost model's step for the same batch and contexts,
+so the factor corrects the model and not the load: a request's measured TBT also holds
+every change of its batch after it joined, which the estimate predicts itself.
 """
 from __future__ import annotations
 
@@ -23,6 +27,29 @@ class Quantity(StrEnum):
     PREFILL = "prefill"
     TTFT = "ttft"
     TBT = "tbt"
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeSteps:
+    """Decode steps a node ran: how many, their seconds, and the batch rows and context
+    tokens they ran on, summed. A node reports its totals since it started (heartbeats);
+    `since` makes the window between two reports, which the TBT calibration learns from."""
+
+    steps: int
+    seconds: float
+    rows: int
+    tokens: int
+
+    def since(self, earlier: DecodeSteps | None) -> DecodeSteps | None:
+        """The steps between `earlier` and this report; None without an earlier report (the
+        first one is only where the window starts), when none ran, or when a counter went
+        back (the node restarted: its totals began again)."""
+        if earlier is None:
+            return None
+        steps = self.steps - earlier.steps
+        if steps <= 0 or self.seconds < earlier.seconds or self.rows < earlier.rows or self.tokens < earlier.tokens:
+            return None
+        return DecodeSteps(steps, self.seconds - earlier.seconds, self.rows - earlier.rows, self.tokens - earlier.tokens)
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,10 +20,12 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import grpc
 
 from conductor.cluster_state import ClusterState
+from conductor.predictions import DecodeSteps
 from conductor.request import NodeId
 from conductor.view import DecodeNodeView, PrefillNodeView
 from engine.block_pool import CLEARED
@@ -88,6 +90,8 @@ class NodeRegistry:
         self.clock = clock
         self.prefill_s_per_token = 0.0
         self.resyncs = 0  # KV event subscriptions restarted because a heartbeat found the index behind
+        # a decode node's steps since its last heartbeat (the live conductor calibrates on them)
+        self.on_decode_steps: Callable[[DecodeSteps], None] = lambda window: None
         self._on_change = on_change or (lambda node, up: None)
         self._watchdog: asyncio.Task | None = None
 
@@ -179,8 +183,12 @@ class NodeRegistry:
                 rec.events_task = asyncio.get_running_loop().create_task(self._follow_kv_events(rec))
         if rec.decode_view is not None:
             used = (rec.layout.total_blocks - ld.free_blocks) * rec.layout.block_size
-            self.state.heartbeat_decode(nid, running=ld.running, waiting=ld.waiting,
-                                        tokens_in_flight=ld.tokens_in_flight, used_tokens=used, now_s=now)
+            steps = DecodeSteps(ld.decode_steps, ld.decode_step_seconds, ld.decode_step_rows, ld.decode_step_tokens)
+            window = self.state.heartbeat_decode(nid, running=ld.running, waiting=ld.waiting,
+                                                 tokens_in_flight=ld.tokens_in_flight, used_tokens=used, now_s=now,
+                                                 steps=steps)
+            if window is not None:
+                self.on_decode_steps(window)
         return True
 
     async def _watch(self) -> None:

@@ -11,8 +11,9 @@ The live conductor and the simulator call it the same way:
     ... unless decision.rejection (per_stage only): KV goes to decision.decode.node ...
 
 The policy and mode are looked up in the settings on every call, so a runtime change takes
-effect on the next request. `calibration` learns measured/predicted TTFT and TBT from what
-the adapter observes (`calibration.observe`); admission judges calibrated predictions.
+effect on the next request. `calibration` learns measured/predicted TTFT and decode steps
+from what the adapter observes (`calibration.observe`, `observe_decode_steps`); admission
+judges calibrated predictions.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from conductor.cost_model import CostModel
 from conductor.decision import Decision, LoadBasis, RejectReason, Rejection, Stage
 from conductor.modes import PolicyName
 from conductor.policies import POLICIES, Policy, decode_estimate
-from conductor.predictions import Calibration, Quantity
+from conductor.predictions import Calibration, DecodeSteps, Quantity
 from conductor.request import RequestInfo
 from conductor.settings import ConductorSettings
 from conductor.view import ClusterView
@@ -55,6 +56,13 @@ class Scheduler:
             policy = self._policies[name] = POLICIES[name](self._costs, self._seed)
         return policy
 
+    def observe_decode_steps(self, window: DecodeSteps) -> None:
+        """Decode steps a node ran (a heartbeat's window): their measured mean against the
+        cost model's step on the same batch rows and context tokens, into the TBT calibration."""
+        m = self._costs.decode
+        predicted = window.steps * m.s_1 + m.s_b * window.rows + m.s_t * window.tokens
+        self.calibration.observe(Quantity.TBT, predicted / window.steps, window.seconds / window.steps)
+
     def decide(self, view: ClusterView, request: RequestInfo, now_s: float) -> Decision:
         """Route and admit `request` on arrival: a (prefill, decode) pair, or a rejection."""
         s = self.settings.values
@@ -74,11 +82,6 @@ class Scheduler:
                 request.request_id, s.policy, s.admission, now_s, prefill, None,
                 Rejection(RejectReason.NO_DECODE_NODE, Stage.ARRIVAL, "no healthy decode node", 5.0),
             )
-        judged = admission.judged_basis(s.admission)
-        if judged is not basis and judged is not LoadBasis.COMMITTED:  # early: the chosen node as it is now
-            found = view.loads.decode_by_id.get(decode.node) if view.loads is not None else None
-            node = found[1] if found is not None else next(d for d in view.decode if d.node_id == decode.node)
-            decode = decode_estimate(node, request, now_s, judged, s, self._costs)
         cal = self.calibration
         rejection = admission.check_arrival(s, prefill, decode, ttft_factor=cal.factor(Quantity.TTFT),
                                             tbt_factor=cal.factor(Quantity.TBT))

@@ -72,6 +72,10 @@ class DecodeNodeView:
     and waiting): what their reservations hold (the prompt until one is made).
     `residents`: every request assigned here and not finished, for predictive admission.
     KV in use = reserved_tokens + pending_kv_tokens.
+    `expected_output_tokens`: the residents' expected outputs summed (`unsized_residents`:
+    those with none); `joined_prompt_tokens`: the prompts of those in the batch, so that
+    `tokens_in_flight - joined_prompt_tokens` is what the batch generated so far (what is
+    left to generate makes the step grow over a new request's life).
     """
 
     node_id: NodeId
@@ -86,6 +90,9 @@ class DecodeNodeView:
     healthy: bool = True
     residents: dict[str, DecodeResident] = field(default_factory=dict)
     pending_kv_tokens: int = 0
+    expected_output_tokens: int = 0
+    unsized_residents: int = 0
+    joined_prompt_tokens: int = 0
 
 
 class LoadIndex:

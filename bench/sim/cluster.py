@@ -16,11 +16,12 @@ conductor reports an RPC:
                    at the next step boundary
     last token     state.finished (the one cleanup path; a rejection after placement uses it too)
     heartbeat      every `heartbeat_interval_s`, each node reports what it has
-                   (state.heartbeat_prefill / heartbeat_decode), as live nodes do
+                   (state.heartbeat_prefill / heartbeat_decode), as live nodes do; a
+                   decode node's steps since its last beat calibrate the TBT predictions
 
 TTFT = queue + local load + pull + prefill + KV send. Predictions are logged against what
 happened (queue, prefill, TTFT, TBT); `service_noise` makes prefill times deviate from the
-cost model. Every request leaves a trail in `events` (`bench.sim.events` checks it).
+cost model, `decode_time_scale` decode steps. Every request leaves a trail in `events` (`bench.sim.events` checks it).
 """
 from __future__ import annotations
 
@@ -34,10 +35,10 @@ from dataclasses import dataclass, replace
 from bench.sim.events import EventKind, Outcome, RequestEvent
 from bench.sim.nodes import PrefillJob, SimDecode, SimPrefill
 from conductor.cluster_state import ClusterState
-from conductor.cost_model import CostModel
+from conductor.cost_model import CostModel, DecodeModel
 from conductor.decision import Decision, RejectReason, Rejection, Stage
 from conductor.modes import AdmissionMode, PolicyName
-from conductor.predictions import PredictionLog, Quantity
+from conductor.predictions import DecodeSteps, PredictionLog, Quantity
 from conductor.request import NodeId, RequestInfo
 from conductor.scheduler import Scheduler
 from conductor.settings import ConductorSettings, SettingsValues
@@ -77,6 +78,9 @@ class SimConfig:
     # σ of a mean-one log-normal factor on every actual prefill time: the cost model is then
     # wrong the way a real engine's timing is, and the logged prediction error shows it.
     service_noise: float = 0.0
+    # every simulated decode step takes this times the cost model's step: the model is then
+    # wrong by a constant factor, which the TBT calibration (from decode heartbeats) learns
+    decode_time_scale: float = 1.0
     heartbeat_interval_s: float = 1.0  # every node reports its load this often (0: never)
     record_events: bool = True  # keep every request's trail (off for very large runs)
     max_prediction_records: int | None = None  # per quantity (None: all; bound it for very large runs)
@@ -86,6 +90,8 @@ class SimConfig:
             raise ValueError("need at least one prefill and one decode instance")
         if self.cache_blocks < 0 or self.decode_kv_tokens < 1 or self.block_tokens < 1:
             raise ValueError("cache_blocks >= 0, decode_kv_tokens >= 1 and block_tokens >= 1 required")
+        if not 0.0 < self.decode_time_scale <= 10.0:
+            raise ValueError(f"decode_time_scale must be in (0, 10], got {self.decode_time_scale}")
         if not 0.0 <= self.service_noise <= 2.0:
             raise ValueError(f"service_noise must be in [0, 2], got {self.service_noise}")
         if self.heartbeat_interval_s < 0:
@@ -181,6 +187,9 @@ class Simulation:
         self.scheduler = Scheduler(self.settings, costs, seed=config.seed)
         self.state = ClusterState(config.block_tokens)
         self.view = self.state.view
+        k = config.decode_time_scale
+        m = costs.decode
+        self._decode_model = m if k == 1.0 else DecodeModel(m.s_1 * k, m.s_b * k, m.s_t * k)
         self.prefill_by_id: dict[str, SimPrefill] = {}
         self.decode_by_id: dict[str, SimDecode] = {}
         self.all_prefill: list[SimPrefill] = []
@@ -222,7 +231,7 @@ class Simulation:
         return node
 
     def add_decode(self, node_id: str) -> SimDecode:
-        node = SimDecode(node_id, self.config.decode_kv_tokens, self.costs.decode)
+        node = SimDecode(node_id, self.config.decode_kv_tokens, self._decode_model)
         self.decode_by_id[node_id] = node
         self.all_decode.append(node)
         self.state.add_decode(NodeId(node_id), node.kv_capacity_tokens)
@@ -517,7 +526,6 @@ class Simulation:
         if out > 1 and st.decision is not None and st.decision.decode is not None:
             mean_gap = (t - st.first_token_s) / (out - 1)
             self.predictions.record(st.info.request_id, Quantity.TBT, st.decision.decode.predicted_tbt_s, mean_gap)
-            self.scheduler.calibration.observe(Quantity.TBT, st.decision.decode.predicted_tbt_s, mean_gap)
         self._log(t, st, EventKind.COMPLETED)
         self.completed(st, t)
         if dec.residents == 0:
@@ -531,9 +539,13 @@ class Simulation:
         prefill_beat, decode_beat = self.state.heartbeat_prefill, self.state.heartbeat_decode
         for node_id, node in self.prefill_by_id.items():  # ids are NodeIds already
             prefill_beat(node_id, node.uncomputed_tokens(t), t, node.seq - 1)  # type: ignore[arg-type]
+        observe = self.scheduler.observe_decode_steps
         for node_id, dec in self.decode_by_id.items():
-            decode_beat(node_id, running=dec.batch, waiting=len(dec.pending),  # type: ignore[arg-type]
-                        tokens_in_flight=dec.tokens_at(t), used_tokens=dec.committed, now_s=t)
+            window = decode_beat(node_id, running=dec.batch, waiting=len(dec.pending),  # type: ignore[arg-type]
+                                 tokens_in_flight=dec.tokens_at(t), used_tokens=dec.committed, now_s=t,
+                                 steps=DecodeSteps(*dec.step_totals(t)))
+            if window is not None:
+                observe(window)
         if self._next_arrival < len(self.states) or self._in_flight > 0:
             self._push(t + self.config.heartbeat_interval_s, _HEARTBEAT, None)
 

@@ -125,7 +125,7 @@ class SimPrefill:
 class SimDecode:
     __slots__ = ("node_id", "kv_capacity_tokens", "model", "batch", "tokens", "step", "stepping", "seg_t0", "seg_a",
                  "seg_k", "end_version", "pending", "pending_tokens", "committed", "finishing", "segments",
-                 "residents")
+                 "residents", "done_s", "done_rows", "done_tokens")
 
     def __init__(self, node_id: str, kv_capacity_tokens: int, model: DecodeModel) -> None:
         self.node_id = node_id
@@ -146,6 +146,10 @@ class SimDecode:
         self.residents = 0  # requests assigned here and not finished (reserved .. done)
         # finished segments, SEGMENT_FIELDS doubles each (the counts are exact: < 2**53)
         self.segments = array("d")
+        # the finished segments' steps: seconds, batch rows and context tokens summed
+        self.done_s = 0.0
+        self.done_rows = 0
+        self.done_tokens = 0
 
     def __deepcopy__(self, memo: dict) -> SimDecode:
         new = SimDecode.__new__(SimDecode)
@@ -187,6 +191,14 @@ class SimDecode:
         while j > 0 and self.boundary(j) > t:
             j -= 1
         return j
+
+    def step_totals(self, t: float) -> tuple[int, float, int, int]:
+        """The steps finished by `t` since the node started: how many, their seconds, the
+        batch rows and the context tokens they ran on (what a live node's heartbeat reports)."""
+        j = self.steps_done(t) if self.stepping else 0
+        b = self.batch
+        return (self.step + j, self.done_s + (self.boundary(j) - self.seg_t0 if j else 0.0), self.done_rows + b * j,
+                self.done_tokens + j * self.tokens + b * j * (j - 1) // 2)
 
     def tokens_at(self, t: float) -> int:
         """KV tokens the batch holds at `t`."""
@@ -238,6 +250,9 @@ class SimDecode:
         finished (their KV freed)."""
         k, b = self.seg_k, self.batch
         self.segments.fromlist([self.seg_t0, self.step, k, self.seg_a, self.tokens, b])
+        self.done_s += self.boundary(k) - self.seg_t0
+        self.done_rows += b * k
+        self.done_tokens += k * self.tokens + b * k * (k - 1) // 2
         self.step += k
         self.tokens += b * k
         done = []

@@ -12,12 +12,13 @@ from dataclasses import replace
 import pytest
 
 from bench.sim import main
-from bench.sim.cluster import SimConfig, SimRequest, simulate
+from bench.sim.cluster import SimConfig, SimRequest, Simulation, simulate
 from bench.sim.events import EventKind, Outcome, RequestEvent, check_event_log
 from bench.sim.metrics import ROW_KEYS, summarize
 from conductor.cost_model import CostModel, DecodeModel, PrefillModel, TransferModel
 from conductor.decision import RejectReason, Stage
 from conductor.modes import AdmissionMode, PolicyName
+from conductor.predictions import Quantity
 
 COSTS = CostModel(
     prefill=PrefillModel(c_nn=0.0, c_np=0.0, c_n=0.001, c_p=-0.001, c_1=0.0),
@@ -149,10 +150,21 @@ def test_per_stage_drops_the_fifth_request_after_its_prefill_ran():
     assert check_event_log(run) == []
 
 
-def test_early_admits_the_whole_burst_on_the_decode_load_it_sees_now():
+def test_early_admits_what_the_decode_node_holds_over_the_requests_lives():
+    # Request k arrives with k admitted ones still in prefill (committed: they count) and
+    # 2000 tokens each still to generate: its step over its life is
+    # 10 + (k + 1) ms + 1e-6 x (k + 1) x (1024 + 2000 / 2) = 13.0, 16.0, 19.1, 22.1 ms for
+    # k = 0..3, so the fourth and fifth are rejected on arrival (SLO 20 ms), and the three
+    # admitted keep their mean gap within it (a batch of four would end at 26 ms a step).
     run = simulate(_burst(), cfg(admission=AdmissionMode.EARLY, tbt_slo_s=0.02, typical_output_tokens=2000), COSTS)
-    assert [st.outcome for st in run.states] == [Outcome.COMPLETED] * 5
+    assert [st.outcome for st in run.states] == [Outcome.COMPLETED] * 3 + [Outcome.REJECTED] * 2
+    fourth = run.states[3]
+    assert (fourth.rejection.reason, fourth.rejection.stage) == (RejectReason.DECODE_OVERLOADED, Stage.ARRIVAL)
+    assert fourth.decision.decode.predicted_tbt_s == pytest.approx(0.010 + 0.004 + 1e-6 * 4 * 2024)
+    for st in run.states[:3]:
+        assert (st.finish_s - st.first_token_s) / 1999 <= 0.02
     assert summarize(run, speedup=1.0, wall_s=0.0).rejected_after_prefill == 0
+    assert check_event_log(run) == []
 
 
 def test_predictive_rejects_the_fifth_request_on_arrival():
@@ -304,3 +316,20 @@ def test_pooled_tbt_percentiles_equal_numpys_over_every_gap():
     assert len(gaps) > 2000
     assert s.tbt_p90_s == pytest.approx(float(np.percentile(gaps, 90)), rel=1e-9)
     assert s.tbt_p99_s == pytest.approx(float(np.percentile(gaps, 99)), rel=1e-9)
+
+
+def test_decode_heartbeats_calibrate_tbt_by_how_much_slower_the_steps_ran_than_modelled():
+    trace = [req(i, 0.5 * i, (i + 1,), out=200) for i in range(60)]
+    for scale in (1.0, 1.5, 0.8):
+        sim = Simulation(trace, cfg(decode_time_scale=scale), COSTS)
+        run = sim.run()
+        cal = sim.scheduler.calibration
+        assert cal.samples(Quantity.TBT) >= 25  # one window a heartbeat (1 s) while steps ran
+        assert cal.factor(Quantity.TBT) == pytest.approx(scale, rel=1e-9)
+        gaps = [(st.finish_s - st.first_token_s) / 199 for st in run.states]
+        assert min(gaps) >= scale * 0.011 - 1e-12  # every step took scale x the model's
+
+
+def test_decode_time_scale_is_checked():
+    with pytest.raises(ValueError, match="decode_time_scale"):
+        cfg(decode_time_scale=0.0)

@@ -13,6 +13,7 @@ from conductor.cluster_state import TRANSITIONS, ClusterState, LifecycleError
 from conductor.decision import Decision, DecodeChoice, LoadBasis, PrefillChoice
 from conductor.lifecycle import Phase
 from conductor.modes import AdmissionMode, PolicyName
+from conductor.predictions import DecodeSteps
 from conductor.policies import make_policy
 from conductor.request import NodeId
 from conductor.settings import SettingsValues
@@ -59,7 +60,8 @@ def test_one_request_walks_every_phase_and_leaves_nothing_behind():
     assert t.phase is Phase.PLACED
     assert (pv.busy_until_s, pv.queued_requests) == (11.0, 1)
     assert decode_fields(s) == dict(running=0, tokens_in_flight=0, reserved_tokens=0, waiting=0, waiting_tokens=0,
-                                    incoming=1, incoming_tokens=1000, pending_kv_tokens=1000)
+                                    incoming=1, incoming_tokens=1000, pending_kv_tokens=1000,
+                                    expected_output_tokens=0, unsized_residents=1, joined_prompt_tokens=0)
     assert s.decode_view(D).residents["r1"].ready_at_s == pytest.approx(11.1)  # predicted TTFT: 1.0 + 0.1
     s.reserved("r1", 1300)  # the decode node set aside prompt + answer
     assert t.phase is Phase.RESERVED and s.decode_view(D).pending_kv_tokens == 1300
@@ -68,18 +70,53 @@ def test_one_request_walks_every_phase_and_leaves_nothing_behind():
     s.prefill_done("r1", 10.8)  # faster than predicted: the node is free at once
     assert (pv.busy_until_s, pv.queued_requests) == (10.8, 0)
     assert decode_fields(s) == dict(running=0, tokens_in_flight=0, reserved_tokens=0, waiting=1, waiting_tokens=1000,
-                                    incoming=0, incoming_tokens=0, pending_kv_tokens=1300)
+                                    incoming=0, incoming_tokens=0, pending_kv_tokens=1300,
+                                    expected_output_tokens=0, unsized_residents=1, joined_prompt_tokens=0)
     s.decode_joined("r1", 10.9)
     assert t.phase is Phase.DECODING
     assert decode_fields(s) == dict(running=1, tokens_in_flight=1001, reserved_tokens=1300, waiting=0, waiting_tokens=0,
-                                    incoming=0, incoming_tokens=0, pending_kv_tokens=0)
+                                    incoming=0, incoming_tokens=0, pending_kv_tokens=0,
+                                    expected_output_tokens=0, unsized_residents=1, joined_prompt_tokens=1000)
     res = s.decode_view(D).residents["r1"]
     assert res.running and res.ready_at_s == 10.9
     done = s.finished("r1", 20.0, generated_tokens=299)
     assert done.phase is Phase.FINISHED and len(s) == 0
     assert decode_fields(s) == dict(running=0, tokens_in_flight=0, reserved_tokens=0, waiting=0, waiting_tokens=0,
-                                    incoming=0, incoming_tokens=0, pending_kv_tokens=0)
+                                    incoming=0, incoming_tokens=0, pending_kv_tokens=0,
+                                    expected_output_tokens=0, unsized_residents=0, joined_prompt_tokens=0)
     assert s.decode_view(D).residents == {}
+
+
+def test_expected_outputs_are_summed_over_the_residents_until_they_finish():
+    s = state()
+    s.dispatched(request(tokens=1000, blocks=1000 // BLOCK, rid="a", output=300), decision("a", 1.0), 0.0)
+    s.dispatched(request(tokens=500, blocks=500 // BLOCK, rid="b", output=40), decision("b", 0.5), 0.0)
+    s.dispatched(request(tokens=200, blocks=200 // BLOCK, rid="c"), decision("c", 0.2), 0.0)  # size unknown
+    dv = s.decode_view(D)
+    assert (dv.expected_output_tokens, dv.unsized_residents, dv.joined_prompt_tokens) == (340, 1, 0)
+    for rid in ("a", "b"):
+        s.reserved(rid, 100)
+        s.prefill_started(rid, 0.1)
+        s.prefill_done(rid, 1.0)
+        s.decode_joined(rid, 1.1)
+    assert (dv.expected_output_tokens, dv.unsized_residents, dv.joined_prompt_tokens) == (340, 1, 1500)
+    s.finished("b", 2.0, generated_tokens=39)
+    assert (dv.expected_output_tokens, dv.unsized_residents, dv.joined_prompt_tokens) == (300, 1, 1000)
+    s.finished("c", 2.0)  # still incoming
+    s.finished("a", 3.0, generated_tokens=299)
+    assert (dv.expected_output_tokens, dv.unsized_residents, dv.joined_prompt_tokens) == (0, 0, 0)
+
+
+def test_a_decode_heartbeat_answers_the_steps_run_since_the_last_one():
+    s = state()
+    beat = dict(running=2, waiting=0, tokens_in_flight=2000, used_tokens=2000)
+    assert s.heartbeat_decode(D, **beat, now_s=1.0, steps=DecodeSteps(10, 0.5, 20, 20_000)) is None  # where it starts
+    assert s.heartbeat_decode(D, **beat, now_s=2.0, steps=DecodeSteps(30, 1.5, 60, 61_000)) == DecodeSteps(
+        20, 1.0, 40, 41_000)
+    assert s.heartbeat_decode(D, **beat, now_s=3.0, steps=DecodeSteps(30, 1.5, 60, 61_000)) is None  # none ran
+    assert s.heartbeat_decode(D, **beat, now_s=4.0, steps=DecodeSteps(5, 0.2, 5, 5_000)) is None  # it restarted
+    assert s.heartbeat_decode(D, **beat, now_s=5.0, steps=DecodeSteps(7, 0.5, 9, 9_000)) == DecodeSteps(2, 0.3, 4, 4_000)
+    assert s.heartbeat_decode(D, **beat, now_s=6.0) is None  # a node that reports no totals
 
 
 def _walk(s: ClusterState, rid: str, upto: str) -> None:

@@ -83,7 +83,12 @@ def test_predictive_rejects_when_requests_already_in_prefill_will_be_decoding_th
     d = scheduler(AdmissionMode.PREDICTIVE).decide(v, request(), NOW)
     assert (d.rejection.reason, d.rejection.stage) == (RejectReason.DECODE_OVERLOADED_PROJECTED, Stage.ARRIVAL)
     assert "at t=101.100 s" in d.rejection.detail
-    assert scheduler(AdmissionMode.EARLY).decide(v, request(), NOW).admitted  # idle right now
+    early = scheduler(AdmissionMode.EARLY).decide(v, request(), NOW)  # committed: the 40 count too
+    assert (early.rejection.reason, early.rejection.stage) == (RejectReason.DECODE_OVERLOADED, Stage.ARRIVAL)
+    d0.incoming, d0.incoming_tokens = 0, 0  # (as if they had left)
+    d0.residents.clear()
+    d0.unsized_residents = 0
+    assert scheduler(AdmissionMode.EARLY).decide(v, request(), NOW).admitted
 
 
 def test_per_stage_admits_then_the_paired_decode_node_judges_its_own_load_after_prefill():

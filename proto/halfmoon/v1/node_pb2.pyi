@@ -47,7 +47,7 @@ class KVLayout(_message.Message):
     def __init__(self, block_size: _Optional[int] = ..., block_bytes: _Optional[int] = ..., total_blocks: _Optional[int] = ..., model: _Optional[str] = ..., kv_dtype: _Optional[str] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class NodeLoad(_message.Message):
-    __slots__ = ("waiting", "running", "queued_prefill_tokens", "free_blocks", "tokens_in_flight", "prefix_queries_tokens", "prefix_hits_tokens", "kv_event_seq", "tiers", "gpu")
+    __slots__ = ("waiting", "running", "queued_prefill_tokens", "free_blocks", "tokens_in_flight", "prefix_queries_tokens", "prefix_hits_tokens", "kv_event_seq", "tiers", "gpu", "decode_steps", "decode_step_seconds", "decode_step_rows", "decode_step_tokens")
     WAITING_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     QUEUED_PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -58,6 +58,10 @@ class NodeLoad(_message.Message):
     KV_EVENT_SEQ_FIELD_NUMBER: _ClassVar[int]
     TIERS_FIELD_NUMBER: _ClassVar[int]
     GPU_FIELD_NUMBER: _ClassVar[int]
+    DECODE_STEPS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_STEP_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_STEP_ROWS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_STEP_TOKENS_FIELD_NUMBER: _ClassVar[int]
     waiting: int
     running: int
     queued_prefill_tokens: int
@@ -68,7 +72,11 @@ class NodeLoad(_message.Message):
     kv_event_seq: int
     tiers: _containers.RepeatedCompositeFieldContainer[_common_pb2.KVTierUse]
     gpu: _common_pb2.GPUUse
-    def __init__(self, waiting: _Optional[int] = ..., running: _Optional[int] = ..., queued_prefill_tokens: _Optional[int] = ..., free_blocks: _Optional[int] = ..., tokens_in_flight: _Optional[int] = ..., prefix_queries_tokens: _Optional[int] = ..., prefix_hits_tokens: _Optional[int] = ..., kv_event_seq: _Optional[int] = ..., tiers: _Optional[_Iterable[_Union[_common_pb2.KVTierUse, _Mapping]]] = ..., gpu: _Optional[_Union[_common_pb2.GPUUse, _Mapping]] = ...) -> None: ...
+    decode_steps: int
+    decode_step_seconds: float
+    decode_step_rows: int
+    decode_step_tokens: int
+    def __init__(self, waiting: _Optional[int] = ..., running: _Optional[int] = ..., queued_prefill_tokens: _Optional[int] = ..., free_blocks: _Optional[int] = ..., tokens_in_flight: _Optional[int] = ..., prefix_queries_tokens: _Optional[int] = ..., prefix_hits_tokens: _Optional[int] = ..., kv_event_seq: _Optional[int] = ..., tiers: _Optional[_Iterable[_Union[_common_pb2.KVTierUse, _Mapping]]] = ..., gpu: _Optional[_Union[_common_pb2.GPUUse, _Mapping]] = ..., decode_steps: _Optional[int] = ..., decode_step_seconds: _Optional[float] = ..., decode_step_rows: _Optional[int] = ..., decode_step_tokens: _Optional[int] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
     __slots__ = ("node_id", "role", "address", "layout", "transfer_descriptor", "metrics_address")
