@@ -39,7 +39,7 @@ from conductor.frontend_api import (Finished, GenerateRequest, Rejected, Request
 from conductor.lifecycle import Attempt, NodeDown, NodeFailure, Phase, Trip, or_down
 from conductor.registry import NodeRecord, NodeRegistry
 from conductor.policies import decode_estimate
-from conductor.predictions import Quantity
+from conductor.predictions import DecodeSteps, Quantity
 from conductor.request import RequestInfo
 from conductor.scheduler import Scheduler
 from conductor.view import ClusterView
@@ -105,7 +105,12 @@ class LiveConductor:
         self.elastic = None  # a `conductor.elastic.ElasticRoles` when elastic roles are on
         registry.clock = clock  # heartbeats reach the view on the same clock
         registry.prefill_s_per_token = scheduler.costs.prefill_s(1024) / 1024
-        registry.on_decode_steps = scheduler.observe_decode_steps  # the TBT calibration's measurements
+        registry.on_decode_steps = self._observe_decode_steps  # the TBT calibration's measurements
+
+    def _observe_decode_steps(self, window: DecodeSteps) -> None:
+        self.scheduler.observe_decode_steps(window)
+        if self.metrics:
+            self.metrics.set_calibration("tbt", self.scheduler.calibration.factor(Quantity.TBT))
 
     def token_bytes(self, token_id: int) -> bytes:
         """A token's bytes (the HTTP front door's logprobs name tokens by them)."""
@@ -406,6 +411,8 @@ class LiveConductor:
                 now = self._clock()
                 if attempt.decision is not None and attempt.decision.prefill is not None:
                     self.scheduler.calibration.observe(Quantity.TTFT, attempt.decision.prefill.ttft_s, now - trip.t0)
+                    if self.metrics:
+                        self.metrics.set_calibration("ttft", self.scheduler.calibration.factor(Quantity.TTFT))
                 if self.elastic is not None:
                     self.elastic.observed(ttft_s=now - trip.t0)
                 trip.first_at = now

@@ -10,7 +10,8 @@ processes import it from here too.
 Who exports what (so a `sum()` over all scrape targets never counts a thing twice):
 - the conductor (`ConductorMetrics`): request timings measured at the front door (TTFT and
   its parts, token gaps = TBT, end to end), outcomes (finished by reason, rejected by
-  reason, failed), predictor error, node liveness and the admission settings in force;
+  reason, failed), predictor error and calibration, node liveness and the admission
+  settings in force;
 - every node (`NodeMetrics`, labels `node`, `role`): its load (running / waiting requests,
   KV blocks used / free), prefix-cache lookups and hits counted in *tokens*, and the KV
   bytes it sent (prefill) or received (decode);
@@ -117,6 +118,11 @@ PREDICTION_ERROR = MetricSpec(
     ("kind",),
     ERROR_BUCKETS,
 )
+CALIBRATION = MetricSpec(
+    "halfmoon:prediction_calibration_factor", _G,
+    "Measured / predicted ratio admission multiplies its predictions by, by kind (ttft: requests' TTFT; tbt: "
+    "decode steps against the cost model's); 1 until enough samples.", ("kind",),
+)
 NODE_UP = MetricSpec("halfmoon:node_up", _G, "1 while the conductor hears a node's heartbeats, else 0.", _NODE)
 SLO_SECONDS = MetricSpec("halfmoon:slo_seconds", _G, "SLOs in force, by kind (ttft, tbt).", ("kind",))
 ADMISSION_INFO = MetricSpec(
@@ -216,7 +222,7 @@ HTTP_REQUESTS = MetricSpec(
 CONDUCTOR_METRICS = (
     TTFT, INTER_TOKEN_LATENCY, REQUEST_TBT, E2E_LATENCY, TTFT_QUEUE, TTFT_PREFILL, TTFT_KV_TRANSFER,
     TTFT_FIRST_DECODE, PROMPT_TOKENS, GENERATION_TOKENS, REQUEST_SUCCESS, REQUESTS_REJECTED,
-    REQUESTS_FAILED, PREDICTION_ERROR, NODE_UP, SLO_SECONDS, ADMISSION_INFO, SETTINGS_CHANGES,
+    REQUESTS_FAILED, PREDICTION_ERROR, CALIBRATION, NODE_UP, SLO_SECONDS, ADMISSION_INFO, SETTINGS_CHANGES,
     REQUESTS_RETRIED, REQUESTS_MIGRATED,
 )
 NODE_METRICS = (
@@ -294,6 +300,7 @@ class ConductorMetrics:
         self._rejected = _typed(r, REQUESTS_REJECTED, Counter)
         self._failed = _typed(r, REQUESTS_FAILED, Counter)
         self._prediction_error = _typed(r, PREDICTION_ERROR, Histogram)
+        self._calibration = _typed(r, CALIBRATION, Gauge)
         self._node_up = _typed(r, NODE_UP, Gauge)
         self._slo = _typed(r, SLO_SECONDS, Gauge)
         self._admission = _typed(r, ADMISSION_INFO, Gauge)
@@ -343,6 +350,11 @@ class ConductorMetrics:
         if kind not in _PREDICTION_KINDS:
             raise ValueError(f"prediction kind must be one of {_PREDICTION_KINDS}, got {kind!r}")
         self._prediction_error.labels(kind).observe(abs(actual_s - predicted_s))
+
+    def set_calibration(self, kind: PredictionKind, factor: float) -> None:
+        if kind not in _PREDICTION_KINDS:
+            raise ValueError(f"prediction kind must be one of {_PREDICTION_KINDS}, got {kind!r}")
+        self._calibration.labels(kind).set(factor)
 
     def set_node_up(self, node: str, role: Role, up: bool) -> None:
         _check_role(role)

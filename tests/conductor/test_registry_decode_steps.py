@@ -59,3 +59,29 @@ def test_the_steps_between_two_heartbeats_calibrate_tbt_on_the_cost_models_step_
     assert len(seen) == 30 and seen[0] == DecodeSteps(100, pytest.approx(2.7), 400, 400_000)
     assert scheduler.calibration.samples(Quantity.TBT) == 30
     assert scheduler.calibration.factor(Quantity.TBT) == pytest.approx(1.5)
+
+
+def test_the_live_conductor_calibrates_on_decode_heartbeats_and_exports_the_factor(real_model_dir):
+    from prometheus_client import CollectorRegistry
+
+    from conductor.live import LiveConductor, LiveConfig
+    from conductor.metrics import ConductorMetrics
+    from engine.tokenizer import Tokenizer
+
+    async def scenario() -> tuple[Scheduler, CollectorRegistry]:
+        registry = NodeRegistry(16)
+        scheduler = Scheduler(ConductorSettings(SettingsValues()), COSTS)
+        prom = CollectorRegistry()
+        LiveConductor(LiveConfig("m", 2048, 16), Tokenizer(real_model_dir), scheduler, registry,
+                      metrics=ConductorMetrics(prom))
+        await registry.register(_decode_node("d0"))
+        try:
+            for i in range(25):  # modelled 18 ms a step, measured 14.4 ms (0.8x)
+                _beat(registry, 100 * i, 1.44 * i, 400 * i, 400_000 * i)
+            return scheduler, prom
+        finally:
+            await registry.close()
+
+    scheduler, prom = asyncio.run(scenario())
+    assert scheduler.calibration.factor(Quantity.TBT) == pytest.approx(0.8)
+    assert prom.get_sample_value("halfmoon:prediction_calibration_factor", {"kind": "tbt"}) == pytest.approx(0.8)
