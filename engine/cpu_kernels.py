@@ -30,7 +30,7 @@ _HEADERS = ["simd.h"]
 _FUNCTIONS = ["decode_attention", "prefill_attention", "rms_norm", "add_rms_norm", "rope_write_kv", "silu_mul",
               "skinny_linear", "skinny_linear_supported", "split_linear",
               "qgemm_supported", "bf16_linear", "int8_linear", "int8_group_linear", "w8a16_linear", "fp8_linear", "fp8b_linear",
-              "decode_step", "decode_region", "decode_region_supported"]
+              "decode_step", "decode_region", "decode_region_supported", "decode_region_last"]
 
 _lock = threading.Lock()
 _state: dict[str, ModuleType | None] = {}

@@ -40,10 +40,25 @@ namespace {
 // load 4.7), p90 213 / 41 ms; b8 median 226 / 79 ms, p90 897 / 94 ms (100 calls, load 5.4).
 constexpr int64_t kSpinUs = 50;
 
+// A region in which a waiter slept at half of its barriers or more had its threads preempted
+// (other processes want the cores): its threads then run in lockstep with the slowest, and one
+// thread alone is faster -- interleaved under the other sessions' load (~3 on 2 cores), b1
+// median 7.5 ms on one thread vs 20.8 ms on two (b1 steps then sleep at 148-150 of their 150
+// barriers, a clean one at 0; b8 steps that slept at 8-16 still took 19-22 ms on two threads
+// vs 28 on one, hence the half). The next regions (process-wide) then run on one
+// thread -- 4 of them, twice as many after each contended try of the full team, up to 256; a
+// clean try ends it -- so a passing hiccup costs a few solo steps and lasting load one slow step
+// in hundreds. The attention splits stay those of the thread count asked for (decode_splits),
+// so the logits do not depend on which ran.
+constexpr int kSoloMin = 4, kSoloMax = 256;
+std::atomic<int> g_solo_left{0}, g_solo_run{0};
+std::atomic<int> g_last_team{0}, g_last_sleeps{0};
+
 struct RegionBarrier {
   alignas(64) std::atomic<int> arrived{0};
   alignas(64) std::atomic<int> gen{0};
   std::atomic<int> sleepers{0};
+  std::atomic<int> sleeps{0};  // futex sleeps so far (one per wait that outlasted the spin)
   int n = 1;
 
   void wait() {
@@ -59,6 +74,7 @@ struct RegionBarrier {
     for (int i = 1; gen.load(std::memory_order_acquire) == g; ++i) {
       _mm_pause();
       if (i % 64 == 0 && std::chrono::steady_clock::now() - t0 > std::chrono::microseconds(kSpinUs)) {
+        sleeps.fetch_add(1, std::memory_order_relaxed);
         sleepers.fetch_add(1, std::memory_order_seq_cst);
         while (gen.load(std::memory_order_seq_cst) == g)
           syscall(SYS_futex, reinterpret_cast<int*>(&gen), FUTEX_WAIT_PRIVATE, g, nullptr, nullptr, 0);
@@ -205,6 +221,9 @@ bool region_linear_of(int64_t form, int64_t group, const torch::Tensor& w, const
 // Whether decode_region takes a step of n rows with these forms (decode_step's layout): every
 // layer linear int8 (per token or per activation group of a multiple of 64), the head int8 or
 // w8a16, n <= kRegionMaxRows, and this build has the AVX-512 kernels.
+// The last decode_region's (threads it ran on, barrier waits that slept).
+std::vector<int64_t> decode_region_last() { return {g_last_team.load(), g_last_sleeps.load()}; }
+
 bool decode_region_supported(std::vector<int64_t> forms, int64_t n) {
 #ifdef HM_AVX512
   if (n < 1 || n > kRegionMaxRows || forms.size() < 2 || (forms.size() - 2) % 8 != 0) return false;
@@ -323,7 +342,11 @@ torch::Tensor decode_region(torch::Tensor x, torch::Tensor positions, torch::Ten
   auto logits = torch::empty({n, vocab}, x.options());
   float* lp = logits.data_ptr<float>();
   float* xp = x.data_ptr<float>();
-  const int threads = static_cast<int>(std::max<int64_t>(1, at::get_num_threads()));
+  int threads = static_cast<int>(std::max<int64_t>(1, at::get_num_threads()));
+  if (threads > 1 && g_solo_left.load(std::memory_order_relaxed) > 0) {
+    g_solo_left.fetch_sub(1, std::memory_order_relaxed);
+    threads = 1;
+  }
   RegionBarrier bar;
 
   dispatch_kv(k_caches[0], [&](auto tag) {
@@ -397,6 +420,14 @@ torch::Tensor decode_region(torch::Tensor x, torch::Tensor positions, torch::Ten
       if (tid == 0) std::copy(xr.begin(), xr.end(), xp);
     }
   });
+  const int sleeps = bar.sleeps.load(std::memory_order_relaxed), rounds = bar.gen.load();
+  if (threads > 1) {
+    const int run = 2 * sleeps < rounds ? 0 : std::min(kSoloMax, std::max(kSoloMin, 2 * g_solo_run.load()));
+    g_solo_run.store(run, std::memory_order_relaxed);
+    g_solo_left.store(run, std::memory_order_relaxed);
+  }
+  g_last_team.store(threads, std::memory_order_relaxed);
+  g_last_sleeps.store(sleeps, std::memory_order_relaxed);
   return logits;
 #else
   TORCH_CHECK(false, "decode_region needs the AVX-512 kernels");
