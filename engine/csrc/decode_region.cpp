@@ -46,11 +46,12 @@ constexpr int64_t kSpinUs = 50;
 // median 7.5 ms on one thread vs 20.8 ms on two (b1 steps then sleep at 148-150 of their 150
 // barriers, a clean one at 0; b8 steps that slept at 8-16 still took 19-22 ms on two threads
 // vs 28 on one, hence the half). The next regions (process-wide) then run on one
-// thread -- 4 of them, twice as many after each contended try of the full team, up to 256; a
-// clean try ends it -- so a passing hiccup costs a few solo steps and lasting load one slow step
+// thread -- one, twice as many after each contended try of the full team, up to 256; a clean
+// try ends it -- so a passing hiccup (another process's threads still spinning after their
+// turn, as llama.cpp's do in bench.engine) costs one solo step and lasting load one slow step
 // in hundreds. The attention splits stay those of the thread count asked for (decode_splits),
 // so the logits do not depend on which ran.
-constexpr int kSoloMin = 4, kSoloMax = 256;
+constexpr int kSoloMin = 1, kSoloMax = 256;
 std::atomic<int> g_solo_left{0}, g_solo_run{0};
 std::atomic<int> g_last_team{0}, g_last_sleeps{0};
 
