@@ -34,7 +34,8 @@ DECODE_STEP = True
 # step; each thread redoes the per-row work between the GEMVs, which decode_step runs on one
 # thread below 16 rows anyway). False: decode_step's kernel by kernel. Interleaved in one
 # process on the loaded 2-core machine (load 4-5), w8a8 steps: b1 23-24 vs 24-34 ms, b4 71 vs
-# 149, b8 186 vs 214, b32 608 vs 968.
+# 149, b8 186 vs 214, b32 608 vs 968. (Its barrier sleeps on a futex when a partner is preempted,
+# and while other processes hold the cores its steps run on one thread: decode_region.cpp.)
 DECODE_REGION = True
 # On CPU the weights a decode step streams live in one buffer advised for transparent huge pages
 # (engine/hugepages.py): 2 MiB pages instead of ~34k 4 KiB ones a w8a8 step. SmolLM2-135M w8a8,

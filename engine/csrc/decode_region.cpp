@@ -219,12 +219,12 @@ bool region_linear_of(int64_t form, int64_t group, const torch::Tensor& w, const
 
 }  // namespace
 
-// Whether decode_region takes a step of n rows with these forms (decode_step's layout): every
-// layer linear int8 (per token or per activation group of a multiple of 64), the head int8 or
-// w8a16, n <= kRegionMaxRows, and this build has the AVX-512 kernels.
 // The last decode_region's (threads it ran on, barrier waits that slept).
 std::vector<int64_t> decode_region_last() { return {g_last_team.load(), g_last_sleeps.load()}; }
 
+// Whether decode_region takes a step of n rows with these forms (decode_step's layout): every
+// layer linear int8 (per token or per activation group of a multiple of 64), the head int8 or
+// w8a16, n <= kRegionMaxRows, and this build has the AVX-512 kernels.
 bool decode_region_supported(std::vector<int64_t> forms, int64_t n) {
 #ifdef HM_AVX512
   if (n < 1 || n > kRegionMaxRows || forms.size() < 2 || (forms.size() - 2) % 8 != 0) return false;
