@@ -7,8 +7,9 @@
 |              |                       |                                      | prefill's work is lost)   |
 | `early`      | committed load        | max(prefill load, committed decode   | —                         |
 |              |                       | load over the request's life)        |                           |
-| `predictive` | projected load        | max(prefill load, decode load at the | —                         |
-|              |                       | moment this prefill will finish)     |                           |
+| `predictive` | projected load        | max(prefill load, decode load from   | —                         |
+|              |                       | the moment this prefill will finish, |                           |
+|              |                       | over the request's life)             |                           |
 
 `early` chooses the decode node as `none` does (the requests still in prefill count where
 they are headed), so it differs from `none` only by what it rejects; `per_stage` keeps
@@ -17,11 +18,11 @@ Mooncake's stage-by-stage view (each stage looks at its own load now).
 Prefill load = predicted TTFT / TTFT SLO; decode load = predicted TBT / TBT SLO; "current"
 counts the decode node's running and waiting requests, "committed" also those assigned to
 it still in prefill and the growth of every context over the request's life
-(`conductor.policies.decode_estimate`), "projected" the residents still decoding at the moment this request's
-KV would arrive (Mooncake's prediction-based early rejection). KV memory is not judged on a
-prediction: the decode node reserves the request's KV on dispatch and refuses when it has
-no room (`decode_out_of_blocks`), which no prediction can do better than; the policies
-still rank decode nodes by KV use too.
+(`conductor.policies.decode_estimate`), "projected" the residents still decoding at the
+moment this request's KV would arrive (Mooncake's prediction-based early rejection), grown
+the same way. KV memory is not judged on a prediction: the decode node reserves the
+request's KV on dispatch and refuses when it has no room (`decode_out_of_blocks`), which
+no prediction can do better than; the policies still rank decode nodes by KV use too.
 A load above its threshold (settings) rejects, with the numbers in the reason. Under
 `per_stage` each stage judges only its own load, on the node the request was paired with;
 under `early` and `predictive` an admitted request is never rejected later: a full decode

@@ -56,10 +56,10 @@ PROJECTION_CANDIDATES = 16
 # more queue); decode candidates are the `DECODE_CANDIDATES` nodes of lowest committed load.
 SCAN_LIMIT = 64
 DECODE_CANDIDATES = 4
-# The committed estimate of a decode step is the step over the new request's life: every
-# context in the batch grows by a token a step, so the mean step while it decodes has the
-# batch this share of the way through the outputs still to come (its residents' and its
-# own). One half: the mean over a life in which nothing leaves; those that leave are
+# The committed and projected estimates of a decode step are the step over the new
+# request's life: every context in the batch grows by a token a step, so the mean step
+# while it decodes has the batch this share of the way through the outputs still to come
+# (its residents' and its own). One half: the mean over a life in which nothing leaves; those that leave are
 # replaced by arrivals that each pass the same check. Without it the estimate is the step
 # at the moment of joining, and a node whose requests have long outputs ahead passes the
 # SLO later (a prediction that only learnt the growth from finished requests over-learns it
@@ -80,7 +80,8 @@ def decode_estimate(
     CURRENT: the step as the batch is now plus this request. COMMITTED: also the requests
     headed here still in prefill, and the step over this request's life: the contexts grown
     by `LIFETIME_GROWTH` of the outputs still to come (expected outputs of the residents and
-    this request, typical where unknown, less what the batch generated so far).
+    this request, typical where unknown, less what the batch generated so far). PROJECTED
+    (below) grows its batch at `at_s` over the request's life the same way.
     KV use counts what the node holds (`reserved_tokens` of its batch, and
     `pending_kv_tokens` set aside for the requests not in it yet), plus this request's
     prompt and output; COMMITTED also the outputs the requests still in prefill will add.
@@ -108,6 +109,7 @@ def decode_estimate(
         step = costs.decode_step_s(node.running if node.running > 0 else 1, node.tokens_in_flight)
         typical = settings.typical_output_tokens
         batch, tokens, reserved = 1, n, n + out
+        to_come = float(out)  # outputs the batch at `at_s` still has to generate, this request's too
         for r in node.residents.values():
             start = r.ready_at_s
             r_out = r.expected_output_tokens or typical
@@ -120,6 +122,8 @@ def decode_estimate(
             batch += 1
             tokens += r.prompt_tokens + int(generated)
             reserved += r.prompt_tokens + r_out
+            to_come += r_out - generated
+        tokens += int(LIFETIME_GROWTH * to_come)
         now_reserved = node.reserved_tokens + node.pending_kv_tokens + n + out
         if now_reserved > reserved:  # its KV is reserved on dispatch: what is held now must fit too
             reserved = now_reserved
