@@ -59,9 +59,9 @@ class Scheduler:
     def observe_decode_steps(self, window: DecodeSteps) -> None:
         """Decode steps a node ran (a heartbeat's window): their measured mean against the
         cost model's step on the same batch rows and context tokens, into the TBT calibration."""
-        m = self._costs.decode
-        predicted = window.steps * m.s_1 + m.s_b * window.rows + m.s_t * window.tokens
-        self.calibration.observe(Quantity.TBT, predicted / window.steps, window.seconds / window.steps)
+        n = window.steps  # (the model is linear: its step at the mean batch and context is the mean step)
+        predicted = self._costs.decode_step_s(window.rows / n, window.tokens / n)  # type: ignore[arg-type]
+        self.calibration.observe(Quantity.TBT, predicted, window.seconds / n)
 
     def decide(self, view: ClusterView, request: RequestInfo, now_s: float) -> Decision:
         """Route and admit `request` on arrival: a (prefill, decode) pair, or a rejection."""

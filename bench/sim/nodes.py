@@ -196,9 +196,15 @@ class SimDecode:
         """The steps finished by `t` since the node started: how many, their seconds, the
         batch rows and the context tokens they ran on (what a live node's heartbeat reports)."""
         j = self.steps_done(t) if self.stepping else 0
+        secs, rows, tokens = self._first_steps(j)
+        return self.step + j, self.done_s + secs, self.done_rows + rows, self.done_tokens + tokens
+
+    def _first_steps(self, j: int) -> tuple[float, int, int]:
+        """The current segment's first `j` steps: their seconds, batch rows and context tokens."""
+        if j == 0:
+            return 0.0, 0, 0
         b = self.batch
-        return (self.step + j, self.done_s + (self.boundary(j) - self.seg_t0 if j else 0.0), self.done_rows + b * j,
-                self.done_tokens + j * self.tokens + b * j * (j - 1) // 2)
+        return self.boundary(j) - self.seg_t0, b * j, j * self.tokens + b * j * (j - 1) // 2
 
     def tokens_at(self, t: float) -> int:
         """KV tokens the batch holds at `t`."""
@@ -250,9 +256,10 @@ class SimDecode:
         finished (their KV freed)."""
         k, b = self.seg_k, self.batch
         self.segments.fromlist([self.seg_t0, self.step, k, self.seg_a, self.tokens, b])
-        self.done_s += self.boundary(k) - self.seg_t0
-        self.done_rows += b * k
-        self.done_tokens += k * self.tokens + b * k * (k - 1) // 2
+        secs, rows, tokens = self._first_steps(k)
+        self.done_s += secs
+        self.done_rows += rows
+        self.done_tokens += tokens
         self.step += k
         self.tokens += b * k
         done = []
