@@ -181,28 +181,40 @@ def test_random_traffic_through_tiny_tiers_keeps_tokens_and_books(tiny_model_dir
             store.clear()
         assert tiers.flush()
     # Which tier serves what above depends on the writer threads' timing (the lossy store's
-    # failures are drawn in the order puts arrive); a last pass asks for a prefix whose only
-    # copy left is the one its request wrote back to the store, which must serve all of it.
-    # (It once served 0 to 5 of its 5 blocks: the fake evicted the least recently *written*
-    # objects, so the write-back's puts pushed out the chain's head it had just found in the
-    # store; it now evicts the least recently used, as Mooncake's read leases do:
-    # test_tiers_store_evictions pins that case deterministically.)
+    # failures are drawn in the order puts arrive, a write-back is cut short while queued puts
+    # pin the tiny host pool: `host_full`), so a last pass makes each tier below the device
+    # the only copy in turn and asks for one prefix from it, which must then serve all of it.
+    # The device starts empty (no eviction's copy-down pins host slots meanwhile) and the host
+    # pool has room for the whole chain. (The store once served 0 to 5 of its 5 blocks: the
+    # fake evicted the least recently *written* objects, so the write-back's puts pushed out
+    # the chain's head it had just found in the store; it now evicts the least recently used,
+    # as Mooncake's read leases do: test_tiers_store_evictions pins that case.)
     store.lossy = False
-    tiers.spill_host()  # room in the host pool, which a write-back copies through
+    assert tiers.flush()
+    eng.pool.reset_prefix_cache()  # the device forgets everything (no demotion)
+    tiers.spill_host()
     assert tiers.flush()
     tiers.disk.clear()
     prompt = prefixes[-1] + [11, 12, 13]
     params = SamplingParams(max_tokens=4, ignore_eos=True)
-    assert eng.generate([prompt], params)[0] == reference(prompt, params)
-    assert tiers.flush()
-    eng.pool.reset_prefix_cache()  # the device forgets it (no demotion) ...
-    tiers.spill_host()
-    assert tiers.flush()
-    tiers.disk.clear()  # ... and so do the host and the disk
-    before = tiers.stats().hit_tokens["cluster"]
-    assert eng.generate([prompt], params)[0] == reference(prompt, params)
-    assert tiers.flush()
-    assert tiers.stats().hit_tokens["cluster"] - before == 5 * bs  # the whole written-back chain
+    for tier in ("host", "disk", "cluster"):
+        assert eng.generate([prompt], params)[0] == reference(prompt, params)  # written back on finish
+        assert tiers.flush()
+        eng.pool.reset_prefix_cache()
+        if tier != "host":
+            tiers.spill_host()  # the host pool's copies go to disk
+            assert tiers.flush()
+        if tier == "cluster":
+            tiers.disk.clear()
+        before = tiers.stats().hit_tokens[tier]
+        assert eng.generate([prompt], params)[0] == reference(prompt, params)
+        assert tiers.flush()
+        st = tiers.stats()
+        assert st.hit_tokens[tier] - before == 5 * bs, (tier, st.events)  # the whole chain
+        eng.pool.reset_prefix_cache()
+        tiers.spill_host()
+        assert tiers.flush()
+        tiers.disk.clear()
     assert tiers.problems() == [] and eng.stats().num_blocks_free == 24
     st = tiers.stats()
     assert checked >= 30
