@@ -45,7 +45,7 @@ from conductor.decision import DecodeChoice, LoadBasis, PrefillChoice
 from conductor.modes import PolicyName
 from conductor.request import NodeId, RequestInfo
 from conductor.settings import SettingsValues
-from conductor.view import ClusterView, DecodeNodeView, PrefillNodeView
+from conductor.view import ClusterView, DecodeNodeView, LoadIndex, PrefillNodeView
 
 # Predictive decode choice projects the load of at most this many nodes (those with the
 # lowest current load): O(nodes) plus O(residents of K nodes) per decision.
@@ -426,11 +426,19 @@ def _first_holder(view: ClusterView, match: dict, depth: int) -> NodeId:
     return min((by_id[n][0], n) for n, d in match.items() if d == depth and n in by_id and by_id[n][1].healthy)[1]
 
 
-def _first_holder_or_none(view: ClusterView, match: dict, depth: int) -> NodeId | None:
-    try:
-        return _first_holder(view, match, depth)
-    except (StopIteration, ValueError):
-        return None
+def _has_holder(view: ClusterView, match: dict, depth: int) -> bool:
+    """Whether a healthy node caches `depth` blocks of the request (`_first_holder` exists);
+    stops at the first one found."""
+    loads = view.loads
+    if loads is None or len(view.prefill) <= SCAN_LIMIT:
+        return any(p.healthy and match.get(p.node_id, 0) == depth for p in view.prefill)
+    by_id = loads.prefill_by_id
+    for node_id, d in match.items():
+        if d == depth:
+            entry = by_id.get(node_id)
+            if entry is not None and entry[1].healthy:
+                return True
+    return False
 
 
 def _least_busy_by_depth(
@@ -440,9 +448,12 @@ def _least_busy_by_depth(
     seconds) -> (busy_until_s, position, node) of the least busy healthy node with that
     prefix. Nodes with equal prefixes cost the same to prefill on, so only the least busy of
     each can win: the per-node loop stays this small."""
+    on = tiers is not None and tiers.on
+    loads = view.loads
+    if not on and loads is not None and len(view.prefill) > SCAN_LIMIT:
+        return _least_busy_by_depth_indexed(loads, match)
     groups: dict[tuple[int, int, float], tuple[float, int, PrefillNodeView]] = {}
     get = match.get
-    on = tiers is not None and tiers.on
     for i, node in _prefill_candidates(view, match, tiers):
         depth = get(node.node_id, 0)
         key = (depth, *tiers.run(node.node_id, depth)) if on else (depth, 0, 0.0)  # type: ignore[union-attr]
@@ -451,6 +462,35 @@ def _least_busy_by_depth(
         if best is None or busy < best[0] or (busy == best[0] and i < best[1]):
             groups[key] = (busy, i, node)
     return groups
+
+
+def _least_busy_by_depth_indexed(
+    loads: LoadIndex, match: dict
+) -> dict[tuple[int, int, float], tuple[float, int, PrefillNodeView]]:
+    """`_least_busy_by_depth` on a large cluster without lower tiers: the same groups in the
+    same order, from one pass over the holders (a prefix cached cluster-wide makes them
+    every node, so this loop is the decision's cost) and the least busy node."""
+    by_id = loads.prefill_by_id
+    best_of: dict[int, tuple[float, int, PrefillNodeView]] = {}
+    for node_id, depth in match.items():
+        entry = by_id.get(node_id)
+        if entry is None:
+            continue
+        i, node = entry
+        if not node.healthy:
+            continue
+        busy = node.busy_until_s
+        best = best_of.get(depth)
+        if best is None or busy < best[0] or (busy == best[0] and i < best[1]):
+            best_of[depth] = (busy, i, node)
+    least = loads.least_busy_prefill()
+    if least is not None and least[1].node_id not in match:
+        i, node = least
+        busy = node.busy_until_s
+        best = best_of.get(0)
+        if best is None or busy < best[0] or (busy == best[0] and i < best[1]):
+            best_of[0] = (busy, i, node)
+    return {(depth, 0, 0.0): best for depth, best in best_of.items()}
 
 
 def _service(costs: CostModel, n: int, bt: int, depth: int, extra: int, extra_s: float, top_depth: int,
@@ -586,7 +626,7 @@ class CostAwarePolicy(Policy):
         top_prefill = costs.prefill_s(n, top_tokens)
         options = []
         least = float("inf")
-        pullable = top_depth if top_depth > 0 and _first_holder_or_none(view, cached, top_depth) is not None else 0
+        pullable = top_depth if top_depth > 0 and _has_holder(view, cached, top_depth) else 0
         for (depth, extra, extra_s), (busy, i, node) in groups.items():
             service, pull = _service(costs, n, bt, depth, extra, extra_s, pullable, top_tokens, top_prefill)
             options.append((service, busy, i, node, depth, pull))
