@@ -263,3 +263,47 @@ def test_large_clusters_search_their_load_index_and_choose_as_a_full_scan():
         for j in range(60):
             req = request(blocks=12, rid=f"r{j}", start=1 + 100 * (j % 12))
             assert fast.choose_prefill(state.view, req, 4.0) == full.choose_prefill(scan, req, 4.0), (name, j)
+
+
+def test_large_clusters_choose_as_a_full_scan_when_a_prefix_is_cached_everywhere():
+    """A prefix every prefill node holds (a shared system prompt) makes the holders the whole
+    cluster: the LoadIndex path groups them by depth in one pass. With nested depths, idle
+    nodes tied on busy time, unhealthy holders (the deepest ones among them) and a node just
+    back up, every policy still chooses as a full scan does."""
+    import random
+    from dataclasses import replace as dc_replace
+
+    from conductor.cluster_state import ClusterState
+    from conductor.decision import Decision, DecodeChoice, PrefillChoice
+    from conductor.modes import AdmissionMode
+    from sched_fixtures import chain
+
+    rng = random.Random(11)
+    state = ClusterState(BLOCK)
+    nodes = [NodeId(f"p{i}") for i in range(150)]
+    for n in nodes:
+        state.add_prefill(n)
+    state.add_decode(NodeId("d0"), 1_000_000)
+    for n in nodes:  # everyone: 4 blocks; a third: 8; a few: 12 (a second chain on some)
+        state.index.store(n, chain(rng.choice((4, 4, 4, 8, 12)), start=1))
+        if rng.random() < 0.2:
+            state.index.store(n, chain(6, start=501))
+    for k in range(60):  # queued work on some nodes; the rest stay idle, tied at 0
+        node = rng.choice(nodes[:100])
+        pc = PrefillChoice(node, 0, None, 0, 0, 0.0, 0.0, 0.0, rng.choice((0.5, 1.0, 2.0)), 0.1)
+        dc = DecodeChoice(NodeId("d0"), 0.02, 0.01, 0.0, LoadBasis.COMMITTED)
+        state.dispatched(request(rid=f"q{k}", start=10_000 + 50 * k), Decision(f"q{k}", PolicyName.KV_CENTRIC,
+                         AdmissionMode.NONE, 0.0, pc, dc), 3.0)
+    deep = [n for n in nodes if state.view.index.longest_prefix(chain(12))[n] == 12]
+    for n in deep[: len(deep) // 2] + rng.sample(nodes, 20):
+        state.node_down(n)
+    state.node_up(nodes[7])
+    scan = dc_replace(state.view, loads=None)
+    for name in (PolicyName.KV_CENTRIC, PolicyName.CACHE_AWARE_LOCAL, PolicyName.LONGEST_PREFIX,
+                 PolicyName.LEAST_LOADED, PolicyName.COST_AWARE):
+        fast, full = make_policy(name, costs()), make_policy(name, costs())
+        for j, req in enumerate([request(blocks=12, rid="a"), request(blocks=16, rid="b"),
+                                 request(blocks=6, rid="c", start=501), request(blocks=3, rid="d"),
+                                 request(blocks=9, rid="e", start=9000)]):
+            for now in (2.0, 3.5, 6.0):
+                assert fast.choose_prefill(state.view, req, now) == full.choose_prefill(scan, req, now), (name, j, now)
