@@ -370,8 +370,9 @@ class LeastLoadedPolicy(Policy):
 
     def choose_prefill(self, view, request, now_s):
         best: PrefillNodeView | None = None
-        if view.loads is not None and len(view.prefill) > SCAN_LIMIT:
-            least = view.loads.least_busy_prefill()
+        loads = _prefill_index(view)
+        if loads is not None:
+            least = loads.least_busy_prefill()
             best = least[1] if least is not None else None
         else:
             best_busy = 0.0
@@ -395,12 +396,19 @@ def _decode_candidates(view: ClusterView, settings: SettingsValues, costs: CostM
     return loads.decode_candidates(DECODE_CANDIDATES)
 
 
+def _prefill_index(view: ClusterView) -> LoadIndex | None:
+    """The view's `LoadIndex` when the cluster is large enough to search prefill nodes
+    through it; None: scan them."""
+    loads = view.loads
+    return loads if loads is not None and len(view.prefill) > SCAN_LIMIT else None
+
+
 def _prefill_candidates(view: ClusterView, match: dict, tiers: LowerTiers | None = None):
     """(position, node) pairs a prefill choice need look at: every healthy node, or on a
     large cluster with a `LoadIndex` the healthy nodes caching a prefix (on the device or in
     their own lower tiers) plus the least busy (the store's blocks are as near to it)."""
-    loads = view.loads
-    if loads is None or len(view.prefill) <= SCAN_LIMIT:
+    loads = _prefill_index(view)
+    if loads is None:
         return [(i, p) for i, p in enumerate(view.prefill) if p.healthy]
     by_id = loads.prefill_by_id
     out = []
@@ -419,8 +427,8 @@ def _prefill_candidates(view: ClusterView, match: dict, tiers: LowerTiers | None
 
 def _first_holder(view: ClusterView, match: dict, depth: int) -> NodeId:
     """The first healthy node in view order that caches `depth` blocks of the request."""
-    loads = view.loads
-    if loads is None or len(view.prefill) <= SCAN_LIMIT:
+    loads = _prefill_index(view)
+    if loads is None:
         return next(p.node_id for p in view.prefill if p.healthy and match.get(p.node_id, 0) == depth)
     by_id = loads.prefill_by_id
     return min((by_id[n][0], n) for n, d in match.items() if d == depth and n in by_id and by_id[n][1].healthy)[1]
@@ -429,8 +437,8 @@ def _first_holder(view: ClusterView, match: dict, depth: int) -> NodeId:
 def _has_holder(view: ClusterView, match: dict, depth: int) -> bool:
     """Whether a healthy node caches `depth` blocks of the request (`_first_holder` exists);
     stops at the first one found."""
-    loads = view.loads
-    if loads is None or len(view.prefill) <= SCAN_LIMIT:
+    loads = _prefill_index(view)
+    if loads is None:
         return any(p.healthy and match.get(p.node_id, 0) == depth for p in view.prefill)
     by_id = loads.prefill_by_id
     for node_id, d in match.items():
@@ -449,8 +457,8 @@ def _least_busy_by_depth(
     prefix. Nodes with equal prefixes cost the same to prefill on, so only the least busy of
     each can win: the per-node loop stays this small."""
     on = tiers is not None and tiers.on
-    loads = view.loads
-    if not on and loads is not None and len(view.prefill) > SCAN_LIMIT:
+    loads = _prefill_index(view)
+    if not on and loads is not None:
         return _least_busy_by_depth_indexed(loads, match)
     groups: dict[tuple[int, int, float], tuple[float, int, PrefillNodeView]] = {}
     get = match.get
@@ -697,8 +705,9 @@ class CostAwarePolicy(Policy):
 
 def _backlog_s(view: ClusterView, now_s: float) -> float:
     """Mean predicted queue (seconds) over the healthy prefill nodes."""
-    if view.loads is not None and len(view.prefill) > SCAN_LIMIT:
-        return view.loads.backlog_s(now_s)
+    loads = _prefill_index(view)
+    if loads is not None:
+        return loads.backlog_s(now_s)
     total, count = 0.0, 0
     for p in view.prefill:
         if p.healthy:

@@ -190,11 +190,15 @@ def test_random_traffic_through_tiny_tiers_keeps_tokens_and_books(tiny_model_dir
     # the chain's head it had just found in the store; it now evicts the least recently used,
     # as Mooncake's read leases do: test_tiers_store_evictions pins that case.)
     store.lossy = False
+
+    def keep_only_store() -> None:
+        eng.pool.reset_prefix_cache()  # the device forgets everything (no demotion) ...
+        tiers.spill_host()
+        assert tiers.flush()
+        tiers.disk.clear()  # ... and so do the host pool and the disk
+
     assert tiers.flush()
-    eng.pool.reset_prefix_cache()  # the device forgets everything (no demotion)
-    tiers.spill_host()
-    assert tiers.flush()
-    tiers.disk.clear()
+    keep_only_store()
     prompt = prefixes[-1] + [11, 12, 13]
     params = SamplingParams(max_tokens=4, ignore_eos=True)
     for tier in ("host", "disk", "cluster"):
@@ -211,10 +215,7 @@ def test_random_traffic_through_tiny_tiers_keeps_tokens_and_books(tiny_model_dir
         assert tiers.flush()
         st = tiers.stats()
         assert st.hit_tokens[tier] - before == 5 * bs, (tier, st.events)  # the whole chain
-        eng.pool.reset_prefix_cache()
-        tiers.spill_host()
-        assert tiers.flush()
-        tiers.disk.clear()
+        keep_only_store()
     assert tiers.problems() == [] and eng.stats().num_blocks_free == 24
     st = tiers.stats()
     assert checked >= 30
