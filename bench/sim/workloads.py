@@ -171,6 +171,12 @@ def prefill_heavy_share(t_s: float, shape: ShiftingShape) -> float:
     return 0.5 + 0.5 * c
 
 
+def shifting_requests(periods: float, shape: ShiftingShape = ShiftingShape()) -> int:
+    """About how many requests `shifting` makes in `periods` full swings of its mix: the two
+    streams' rates average to half their sum over a period (the share's swing is symmetric)."""
+    return max(2, round(periods * shape.period_s * 0.5 * (shape.prefill_heavy_rate + shape.decode_heavy_rate)))
+
+
 def shifting(requests: int, seed: int = 0, shape: ShiftingShape = ShiftingShape()) -> list[TraceRecord]:
     """Two Poisson streams whose rates swing in opposite phase (thinning of the fastest)."""
     rng = np.random.default_rng(seed)

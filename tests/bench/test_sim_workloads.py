@@ -10,7 +10,7 @@ import pytest
 from bench.replay.trace import load_trace
 from bench.sim.load import offered_load
 from bench.sim.trace import to_sim_requests
-from bench.sim.workloads import (BLOCK, GENERATORS, ShiftingShape, main, prefill_heavy_share, shifting, stats,
+from bench.sim.workloads import (BLOCK, GENERATORS, ShiftingShape, main, prefill_heavy_share, shifting, shifting_requests, stats,
                                  tool_agent, uniform, write_trace)
 from conductor.cost_model import gpu_class_default
 
@@ -94,6 +94,17 @@ def test_shifting_swings_the_prompt_output_ratio_over_each_period():
     load = offered_load(to_sim_requests(records), gpu_class_default(), block_tokens=BLOCK, tbt_slo_s=0.1,
                         kv_capacity_tokens=1_300_000)
     assert load.prefill_node_s_per_s > 3 and load.decode_node_s_per_s > 2  # both pools matter
+
+
+@pytest.mark.parametrize("periods", [1, 2])
+def test_shifting_requests_cover_the_periods_asked_for(periods):
+    """What `bench.sim.compare` sizes the shifting trace by: it must end near the end of its
+    last swing, wherever the swing's share of each stream and their rates are set."""
+    for shape in (ShiftingShape(), ShiftingShape(prefill_heavy_rate=20.0, decode_heavy_rate=5.0, period_s=200.0,
+                                                 sharpness=3.0)):
+        for seed in (1, 2):
+            end = shifting(shifting_requests(periods, shape), seed=seed, shape=shape)[-1].timestamp_s
+            assert abs(end / shape.period_s - periods) < 0.05 * periods, (shape, seed, end)
 
 
 def test_the_cli_writes_a_trace_and_refuses_a_bad_count(tmp_path, capsys):
