@@ -25,8 +25,8 @@ from typing import Sequence
 
 from bench.sim.capacity import calibrate
 from bench.sim.cluster import SimConfig
-from bench.sim.compare import (DEFAULT_ADMISSION, DEFAULT_POLICY, PRECISION_TARGET, _clean, base_requests,
-                               default_requests, run_admission_cell)
+from bench.sim.compare import (DEFAULT_ADMISSION, DEFAULT_POLICY, PRECISION_TARGET, WORKLOADS, _clean,
+                               base_requests, default_requests, run_admission_cell)
 from conductor.cost_model import gpu_class_default
 from conductor.modes import AdmissionMode, parse_admission
 
@@ -43,9 +43,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--json", type=Path)
     p.add_argument("--plot", type=Path, help="default: next to --json")
     args = p.parse_args(argv)
-    thresholds = [float(x) for x in args.thresholds.split(",")]
-    if not thresholds or min(thresholds) <= 0:
-        print("--thresholds: positive numbers", file=sys.stderr)
+    try:
+        thresholds = [float(x) for x in args.thresholds.split(",")]
+        loads = [float(x) for x in args.loads.split(",")]
+    except ValueError as e:
+        print(f"--thresholds / --loads: comma-separated numbers ({e})", file=sys.stderr)
+        return 2
+    workloads = args.workloads.split(",")
+    unknown = [w for w in workloads if w not in WORKLOADS]
+    if unknown or min(thresholds) <= 0 or min(loads) <= 0:
+        print(f"--workloads: from {', '.join(WORKLOADS)}; --thresholds and --loads: positive numbers", file=sys.stderr)
         return 2
     mode = parse_admission(args.admission)
     costs = gpu_class_default()
@@ -54,10 +61,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = []
     print(f"{'workload':<11}{'load':>5} {'threshold':>9} | {'goodput':>8} {'vs none':>8} | {'precision':>9} {'net':>6} "
           f"(judged/rejected)")
-    for workload in args.workloads.split(","):
+    for workload in workloads:
         requests = base_requests(workload, args.requests or default_requests(workload), args.seed)
         capacity = calibrate(requests, config, costs)
-        for load in (float(x) for x in args.loads.split(",")):
+        for load in loads:
             none = run_admission_cell(workload, load, requests, config, costs, [AdmissionMode.NONE], 1,
                                       capacity=capacity).rows[0]
             for thr in thresholds:

@@ -23,3 +23,9 @@ def test_the_sweep_judges_every_threshold_against_none_of_its_cell(tmp_path, cap
     assert rows[0]["precision"] < 0.5 < rows[1]["precision"]
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "3 rows" in capsys.readouterr().out
+
+
+def test_bad_arguments_are_named_not_raised(capsys):
+    for argv in (["--thresholds", "1.0,x"], ["--loads", "-1"], ["--workloads", "nope"], ["--thresholds", "0"]):
+        assert main(argv) == 2, argv
+        assert "--" in capsys.readouterr().err
