@@ -360,6 +360,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--json", type=Path)
     p.add_argument("--plot", type=Path, help="default: next to --json")
     args = p.parse_args(argv)
+    if args.requests is not None and args.requests < 2:
+        print("--requests: at least 2", file=sys.stderr)
+        return 2
     costs = gpu_class_default()
     config = SimConfig(prefill_nodes=args.prefill, decode_nodes=args.decode, admission=parse_admission(args.admission),
                        decode_reject_threshold=args.decode_threshold)
@@ -389,7 +392,7 @@ def _grid(args, default_loads, started: float, config: SimConfig, costs: CostMod
     loads = [float(x) for x in (args.loads.split(",") if args.loads else default_loads)]
     cells = []
     for workload in args.workloads.split(","):
-        requests = base_requests(workload, args.requests or default_requests(workload), args.seed)
+        requests = base_requests(workload, default_requests(workload) if args.requests is None else args.requests, args.seed)
         capacity = None
         if (args.capacity or default_scale) == "calibrated":
             capacity = calibrate(requests, config, costs)

@@ -51,8 +51,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     workloads = args.workloads.split(",")
     unknown = [w for w in workloads if w not in WORKLOADS]
-    if unknown or min(thresholds) <= 0 or min(loads) <= 0:
-        print(f"--workloads: from {', '.join(WORKLOADS)}; --thresholds and --loads: positive numbers", file=sys.stderr)
+    if unknown or min(thresholds) <= 0 or min(loads) <= 0 or (args.requests is not None and args.requests < 2):
+        print(f"--workloads: from {', '.join(WORKLOADS)}; --thresholds and --loads: positive numbers; "
+              "--requests: at least 2", file=sys.stderr)
         return 2
     mode = parse_admission(args.admission)
     costs = gpu_class_default()
@@ -62,7 +63,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{'workload':<11}{'load':>5} {'threshold':>9} | {'goodput':>8} {'vs none':>8} | {'precision':>9} {'net':>6} "
           f"(judged/rejected)")
     for workload in workloads:
-        requests = base_requests(workload, args.requests or default_requests(workload), args.seed)
+        requests = base_requests(workload, default_requests(workload) if args.requests is None else args.requests,
+                                 args.seed)
         capacity = calibrate(requests, config, costs)
         for load in loads:
             none = run_admission_cell(workload, load, requests, config, costs, [AdmissionMode.NONE], 1,

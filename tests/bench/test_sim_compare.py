@@ -25,3 +25,9 @@ def test_the_policy_grid_runs_every_cell_and_judges_the_default(tmp_path, capsys
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = capsys.readouterr().out
     assert "cells meet both targets" in text and "ratio = default / best other" in text
+
+
+def test_too_few_requests_are_named_not_raised(capsys):
+    for what in ("policies", "admission"):
+        assert main([what, "--requests", "0", "--workloads", "uniform"]) == 2
+        assert "--requests" in capsys.readouterr().err

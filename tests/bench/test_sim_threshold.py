@@ -26,6 +26,7 @@ def test_the_sweep_judges_every_threshold_against_none_of_its_cell(tmp_path, cap
 
 
 def test_bad_arguments_are_named_not_raised(capsys):
-    for argv in (["--thresholds", "1.0,x"], ["--loads", "-1"], ["--workloads", "nope"], ["--thresholds", "0"]):
+    for argv in (["--thresholds", "1.0,x"], ["--loads", "-1"], ["--workloads", "nope"], ["--thresholds", "0"],
+                 ["--requests", "0"]):
         assert main(argv) == 2, argv
         assert "--" in capsys.readouterr().err
