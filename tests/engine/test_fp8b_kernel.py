@@ -45,7 +45,7 @@ def test_fp8b_linear_rejects_bad_scales(ck):  # noqa: F811
         ck.fp8b_linear(x, lin.weight.view(torch.uint8), lin.scale[:8].contiguous())
 
 
-def test_tiny_model_fp8b_fused_path_uses_the_kernel_and_matches_the_torch_path(tiny_model_dir, monkeypatch):
+def test_tiny_model_fp8b_fused_path_uses_the_kernel_and_matches_the_torch_path(ck, tiny_model_dir, monkeypatch):  # noqa: F811
     from engine import cpu_kernels
     from engine.attention import AttentionMetadata, PrefillChunk
     from engine.config import EngineConfig

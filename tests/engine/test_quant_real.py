@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from bench.quality import forward_logits
+from engine import cpu_kernels
 from engine.config import EngineConfig
 from engine.engine import LLMEngine
 from engine.quant import recipe
@@ -71,9 +72,15 @@ def test_bfloat16_greedy_tokens_agree_with_float32(greedy):
 # on 372 positions its agreement moved with rounding-level changes (0.9409 to 0.9113 when the
 # quantizer's 448 / absmax became a true division). w8a8 gets ~two: 0.96 still fails per-token
 # activation scales (0.9543), which the 64-channel groups replaced.
-@pytest.mark.parametrize("dtype,threshold", [("bfloat16", 0.99), ("w8a8", 0.96), ("fp8", 0.88)])
-def test_next_token_top1_agrees_with_float32(engines, greedy, dtype, threshold):
+# On a CPU without AVX-512 BF16 the bfloat16 linears run on torch's kernels, which round
+# differently: 0.9866 measured there (an AMD EPYC without AVX-512), so 0.98 on that path.
+@pytest.mark.parametrize("dtype,threshold,torch_threshold", [("bfloat16", 0.99, 0.98), ("w8a8", 0.96, 0.96),
+                                                             ("fp8", 0.88, 0.88)])
+def test_next_token_top1_agrees_with_float32(engines, greedy, dtype, threshold, torch_threshold):
     """Teacher-forced on prompt + float32's own continuation: argmax equal to float32's."""
+    mod = cpu_kernels.kernels()
+    if mod is None or not mod.qgemm_supported():
+        threshold = torch_threshold
     tok = engines["float32"].tokenizer
     seqs = [tok.encode(p) + out for p, out in zip(PROMPTS, greedy["float32"])]
     ref = forward_logits(engines["float32"], seqs, all_rows=True)
