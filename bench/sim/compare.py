@@ -58,8 +58,10 @@ REQUESTS = 12_000
 SHIFTING_PERIODS = 2
 
 
-def default_requests(workload: str) -> int:
-    """Requests per workload when `--requests` is not given."""
+def default_requests(workload: str, given: int | None = None) -> int:
+    """Requests per workload: `given` (`--requests`), else the workload's default."""
+    if given is not None:
+        return given
     return shifting_requests(SHIFTING_PERIODS) if workload == "shifting" else REQUESTS
 
 
@@ -392,7 +394,7 @@ def _grid(args, default_loads, started: float, config: SimConfig, costs: CostMod
     loads = [float(x) for x in (args.loads.split(",") if args.loads else default_loads)]
     cells = []
     for workload in args.workloads.split(","):
-        requests = base_requests(workload, default_requests(workload) if args.requests is None else args.requests, args.seed)
+        requests = base_requests(workload, default_requests(workload, args.requests), args.seed)
         capacity = None
         if (args.capacity or default_scale) == "calibrated":
             capacity = calibrate(requests, config, costs)

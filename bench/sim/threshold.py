@@ -63,8 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{'workload':<11}{'load':>5} {'threshold':>9} | {'goodput':>8} {'vs none':>8} | {'precision':>9} {'net':>6} "
           f"(judged/rejected)")
     for workload in workloads:
-        requests = base_requests(workload, default_requests(workload) if args.requests is None else args.requests,
-                                 args.seed)
+        requests = base_requests(workload, default_requests(workload, args.requests), args.seed)
         capacity = calibrate(requests, config, costs)
         for load in loads:
             none = run_admission_cell(workload, load, requests, config, costs, [AdmissionMode.NONE], 1,

@@ -10,8 +10,8 @@ import pytest
 from bench.replay.trace import load_trace
 from bench.sim.load import offered_load
 from bench.sim.trace import to_sim_requests
-from bench.sim.workloads import (BLOCK, GENERATORS, ShiftingShape, main, prefill_heavy_share, shifting, shifting_requests, stats,
-                                 tool_agent, uniform, write_trace)
+from bench.sim.workloads import (BLOCK, GENERATORS, ShiftingShape, main, prefill_heavy_share, shifting,
+                                 shifting_requests, stats, tool_agent, uniform, write_trace)
 from conductor.cost_model import gpu_class_default
 
 N = 6000

@@ -19,10 +19,16 @@ SHAPES = [(10, 64), (960, 576), (576, 1536)]
 ROWS = [1, 2, 3, 5, 17, 64, 65, 130]  # 64 is the last skinny-kernel size, 65+ the GEMM path
 
 
+def qgemm_built() -> bool:
+    """Whether the AVX-512 VNNI/BF16 kernels are built on this CPU (else torch's run)."""
+    mod = cpu_kernels.kernels()
+    return mod is not None and mod.qgemm_supported()
+
+
 @pytest.fixture(scope="module")
 def ck():
     mod = cpu_kernels.kernels()
-    if mod is None or not mod.qgemm_supported():
+    if not qgemm_built():
         pytest.skip("the AVX-512 VNNI/BF16 kernels are not built on this CPU")
     return mod
 

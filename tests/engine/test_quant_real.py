@@ -14,12 +14,12 @@ import pytest
 import torch
 
 from bench.quality import forward_logits
-from engine import cpu_kernels
 from engine.config import EngineConfig
 from engine.engine import LLMEngine
 from engine.quant import recipe
 from engine.sampling import SamplingParams
 
+from tests.engine.test_quant_kernels import qgemm_built
 from tests.engine.test_real_model import PROMPTS
 
 pytestmark = [pytest.mark.real_model, pytest.mark.slow]
@@ -78,8 +78,7 @@ def test_bfloat16_greedy_tokens_agree_with_float32(greedy):
                                                              ("fp8", 0.88, 0.88)])
 def test_next_token_top1_agrees_with_float32(engines, greedy, dtype, threshold, torch_threshold):
     """Teacher-forced on prompt + float32's own continuation: argmax equal to float32's."""
-    mod = cpu_kernels.kernels()
-    if mod is None or not mod.qgemm_supported():
+    if not qgemm_built():
         threshold = torch_threshold
     tok = engines["float32"].tokenizer
     seqs = [tok.encode(p) + out for p, out in zip(PROMPTS, greedy["float32"])]
