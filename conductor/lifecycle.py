@@ -44,10 +44,12 @@ from typing import TYPE_CHECKING
 
 from conductor.decision import Decision
 from conductor.request import RequestInfo
-from engine.sampling import SamplingParams
 
-if TYPE_CHECKING:  # the registry feeds the cluster state, which uses these phases
+if TYPE_CHECKING:  # the registry feeds the cluster state, which uses these phases; the
+    # sampling params are only carried here (importing them at run time would load torch
+    # into every user of the cluster state: the simulator among them)
     from conductor.registry import NodeRecord
+    from engine.sampling import SamplingParams
 
 
 class Phase(str, enum.Enum):

@@ -155,7 +155,7 @@ class RequestState:
         return self.decode.node_id if self.decode is not None else ""
 
 
-# Heap event kinds (plain ints: compared millions of times per run); ties run in push order.
+# Event kinds (plain ints: compared millions of times per run); ties run in push order.
 _PREFILL_DONE, _KV_ARRIVED, _SEGMENT_END, _HEARTBEAT, _TICK = 0, 1, 2, 3, 4
 
 
@@ -203,10 +203,14 @@ class Simulation:
         self.states = [RequestState(r, RequestInfo(str(r.index), r.input_tokens, r.block_hashes, r.output_tokens))  # type: ignore[arg-type]
                        for r in requests]
         self.events: list[RequestEvent] = []
+        self._record = config.record_events  # (read on every event: the hot paths test it before building a detail)
         self.predictions = PredictionLog(max_records=config.max_prediction_records)
-        self._heap: list[tuple[float, int, int, object]] = []
+        # The event queue: a heap of the times events are due at, each time once, and the
+        # events due then in push order (so ties run in push order, as a heap of (time,
+        # sequence) would run them; a heap of floats is cheaper to keep than one of tuples).
+        self._times: list[float] = []
+        self._due: dict[float, list[tuple[int, object]]] = {}
         self._noise = random.Random(config.seed + 1)
-        self._seq = 0
         self._next_arrival = 0
         self._in_flight = 0  # admitted and not ended
         self._max_kv = config.decode_kv_tokens
@@ -250,17 +254,24 @@ class Simulation:
 
     def run_until(self, stop_s: float, until=None) -> None:
         """Process events up to `stop_s` (or until `until()` holds after an event)."""
-        heap = self._heap
+        times, dues = self._times, self._due
         states = self.states
         total = len(states)
         pop = heapq.heappop
         i = self._next_arrival  # only this loop moves it
         next_arrival = states[i].req.arrival_s if i < total else math.inf
         while True:
-            if heap and heap[0][0] <= next_arrival:
-                if heap[0][0] > stop_s:
+            if times and times[0] <= next_arrival:
+                t = times[0]
+                if t > stop_s:
                     return
-                t, _, kind, payload = pop(heap)
+                due = dues[t]
+                if len(due) == 1:  # (one pushed at `t` while it runs gets a new entry: it runs next)
+                    kind, payload = due[0]
+                    pop(times)
+                    del dues[t]
+                else:
+                    kind, payload = due.pop(0)
                 self.now = t
                 if kind == _SEGMENT_END:
                     dec, version = payload  # type: ignore[misc]
@@ -288,11 +299,15 @@ class Simulation:
                 return
 
     def _push(self, t: float, kind: int, payload: object) -> None:
-        self._seq += 1
-        heapq.heappush(self._heap, (t, self._seq, kind, payload))
+        due = self._due.get(t)
+        if due is None:
+            self._due[t] = [(kind, payload)]
+            heapq.heappush(self._times, t)
+        else:
+            due.append((kind, payload))
 
     def _log(self, t: float, st: RequestState, kind: EventKind, detail: str = "") -> None:
-        if self.config.record_events:
+        if self._record:
             self.events.append(RequestEvent(t, st.req.index, kind, detail))
 
     def _reject(self, st: RequestState, t: float, rejection: Rejection, after_prefill: bool) -> None:
@@ -311,7 +326,8 @@ class Simulation:
 
     # -- arrival and prefill -------------------------------------------------------------------
     def _arrive(self, st: RequestState, t: float) -> None:
-        self._log(t, st, EventKind.ARRIVED)
+        if self._record:
+            self._log(t, st, EventKind.ARRIVED)
         req = st.req
         need = req.input_tokens + req.output_tokens
         if need > self._max_kv:  # as the live intake answers INVALID_ARGUMENT: it can never fit
@@ -365,6 +381,7 @@ class Simulation:
         new.requests = [st.req for st in new.states]
         new._next_arrival = 0
         new.config = replace(self.config, record_events=False)
+        new._record = False
         return new
 
     def _place(self, st: RequestState, decision: Decision, t: float) -> None:
@@ -426,7 +443,8 @@ class Simulation:
         node.run_start_s = t
         node.run_end_s = t + service
         node.run_uncached = n - p_total
-        self._log(t, st, EventKind.PREFILL_STARTED, f"{node.node_id} local={local} tiers={extra} pulled={pulled}")
+        if self._record:
+            self._log(t, st, EventKind.PREFILL_STARTED, f"{node.node_id} local={local} tiers={extra} pulled={pulled}")
         self._push(t + service, _PREFILL_DONE, node)
 
     def _prefill_done(self, node: SimPrefill, t: float) -> None:
@@ -440,7 +458,8 @@ class Simulation:
         rid = st.info.request_id
         self.predictions.record(rid, Quantity.QUEUE, choice.queue_s, st.prefill_start_s - st.enqueued_s)
         self.predictions.record(rid, Quantity.PREFILL, job.predicted_service_s, st.service_s)
-        self._log(t, st, EventKind.PREFILL_DONE)
+        if self._record:
+            self._log(t, st, EventKind.PREFILL_DONE)
         dec = st.decode
         assert dec is not None
         again = None
@@ -493,7 +512,8 @@ class Simulation:
         assert dec is not None
         n = st.req.input_tokens
         st.first_token_s = t
-        self._log(t, st, EventKind.FIRST_TOKEN)
+        if self._record:
+            self._log(t, st, EventKind.FIRST_TOKEN)
         if st.decision is not None and st.decision.prefill is not None:
             predicted = st.decision.prefill.ttft_s
             self.predictions.record(st.info.request_id, Quantity.TTFT, predicted, t - st.req.arrival_s)
@@ -526,7 +546,8 @@ class Simulation:
         if out > 1 and st.decision is not None and st.decision.decode is not None:
             mean_gap = (t - st.first_token_s) / (out - 1)
             self.predictions.record(st.info.request_id, Quantity.TBT, st.decision.decode.predicted_tbt_s, mean_gap)
-        self._log(t, st, EventKind.COMPLETED)
+        if self._record:
+            self._log(t, st, EventKind.COMPLETED)
         self.completed(st, t)
         if dec.residents == 0:
             self.decode_idle(dec, t)
@@ -541,9 +562,10 @@ class Simulation:
             prefill_beat(node_id, node.uncomputed_tokens(t), t, node.seq - 1)  # type: ignore[arg-type]
         observe = self.scheduler.observe_decode_steps
         for node_id, dec in self.decode_by_id.items():
+            tokens, totals = dec.beat(t)
             window = decode_beat(node_id, running=dec.batch, waiting=len(dec.pending),  # type: ignore[arg-type]
-                                 tokens_in_flight=dec.tokens_at(t), used_tokens=dec.committed, now_s=t,
-                                 steps=DecodeSteps(*dec.step_totals(t)))
+                                 tokens_in_flight=tokens, used_tokens=dec.committed, now_s=t,
+                                 steps=DecodeSteps(*totals))
             if window is not None:
                 observe(window)
         if self._next_arrival < len(self.states) or self._in_flight > 0:

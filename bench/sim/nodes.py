@@ -192,12 +192,16 @@ class SimDecode:
             j -= 1
         return j
 
-    def step_totals(self, t: float) -> tuple[int, float, int, int]:
-        """The steps finished by `t` since the node started: how many, their seconds, the
-        batch rows and the context tokens they ran on (what a live node's heartbeat reports)."""
-        j = self.steps_done(t) if self.stepping else 0
+    def beat(self, t: float) -> tuple[int, tuple[int, float, int, int]]:
+        """What a heartbeat at `t` reports: the KV tokens the batch holds, and the totals of the
+        steps finished by then since the node started: how many, their seconds, the batch rows
+        and the context tokens they ran on (as a live node's heartbeat does)."""
+        if not self.stepping:
+            return self.tokens, (self.step, self.done_s, self.done_rows, self.done_tokens)
+        j = self.steps_done(t)
         secs, rows, tokens = self._first_steps(j)
-        return self.step + j, self.done_s + secs, self.done_rows + rows, self.done_tokens + tokens
+        return (self.tokens + self.batch * j,
+                (self.step + j, self.done_s + secs, self.done_rows + rows, self.done_tokens + tokens))
 
     def _first_steps(self, j: int) -> tuple[float, int, int]:
         """The current segment's first `j` steps: their seconds, batch rows and context tokens."""
@@ -205,10 +209,6 @@ class SimDecode:
             return 0.0, 0, 0
         b = self.batch
         return self.boundary(j) - self.seg_t0, b * j, j * self.tokens + b * j * (j - 1) // 2
-
-    def tokens_at(self, t: float) -> int:
-        """KV tokens the batch holds at `t`."""
-        return self.tokens + self.batch * self.steps_done(t) if self.stepping else self.tokens
 
     def free_tokens(self) -> int:
         """KV not reserved by any request here."""

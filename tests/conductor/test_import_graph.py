@@ -79,3 +79,16 @@ def test_engine_and_transfer_engine_are_leaves_and_nothing_imports_bench():
     assert graph["engine"] == {}, graph["engine"]
     assert graph["transfer_engine"] == {}, graph["transfer_engine"]
     assert {t: g["bench"] for t, g in graph.items() if "bench" in g} == {}
+
+
+def test_the_conductor_core_and_the_simulator_run_without_torch():
+    """The scheduling core (policies, cluster state, lifecycle) and the simulator built on it
+    load no torch: a million-request simulation should not pay a second of torch import."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import bench.sim.cluster, bench.sim.scale, conductor.scheduler, conductor.cluster_state, "
+            "conductor.lifecycle; print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
