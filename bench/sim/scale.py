@@ -38,7 +38,8 @@ from conductor.modes import parse_admission, parse_policy
 from conductor.settings import SettingsValues
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, retain: list | None = None) -> int:
+    """The run; with `retain`, what it built is appended there instead of freed on return."""
     p = argparse.ArgumentParser(prog="python -m bench.sim.scale", description=__doc__.split("\n\n")[0])
     p.add_argument("--requests", type=int, default=1_000_000)
     p.add_argument("--nodes", type=int, default=4096, help="prefill + decode instances (half each)")
@@ -61,13 +62,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        return _run(args, costs, load_before)
+        return _run(args, costs, load_before, retain)
     finally:
         if gc_was_enabled:
             gc.enable()
 
 
-def _run(args, costs, load_before) -> int:
+def _run(args, costs, load_before, retain: list | None) -> int:
     t0 = time.perf_counter()
     c0 = time.process_time()
     records = GENERATORS[args.workload](args.requests, seed=args.seed)
@@ -87,6 +88,8 @@ def _run(args, costs, load_before) -> int:
     t2 = time.perf_counter()
     c2 = time.process_time()
     summary = summarize(run, speedup=speedup, wall_s=t2 - t1)
+    if retain is not None:
+        retain.append((sim, run, requests))
     t3 = time.perf_counter()
     c3 = time.process_time()
     load_after = os.getloadavg()
@@ -116,4 +119,11 @@ def _run(args, costs, load_before) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # A million requests leave ~3 GB of small objects; freeing them one by one as the run's
+    # frame returns and the interpreter exits would add seconds per 100 k requests to the
+    # wall time after the work is done. Keep them, flush, and let the OS take the memory back.
+    kept: list = []
+    code = main(retain=kept)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
