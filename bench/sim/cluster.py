@@ -221,6 +221,11 @@ class Simulation:
         if config.heartbeat_interval_s > 0 and requests:
             self._push(requests[0].arrival_s + config.heartbeat_interval_s, _HEARTBEAT, None)
 
+    @property
+    def arrived(self) -> int:
+        """Requests that have arrived so far (the loop's position in the trace)."""
+        return self._next_arrival
+
     # -- nodes -------------------------------------------------------------------------------
     def initial_nodes(self) -> tuple[list[str], list[str]]:
         """Ids of the prefill and decode instances the run starts with."""

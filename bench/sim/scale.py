@@ -28,7 +28,9 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Sequence
 
-from bench.sim.cluster import SimConfig, Simulation
+from tqdm import tqdm
+
+from bench.sim.cluster import SimConfig, SimRun, Simulation
 from bench.sim.compare import at_load
 from bench.sim.metrics import summarize
 from bench.sim.trace import to_sim_requests
@@ -84,7 +86,7 @@ def _run(args, costs, load_before, retain: list | None) -> int:
     t1 = time.perf_counter()
     c1 = time.process_time()
     sim = Simulation(requests, config, costs)
-    run = sim.run()
+    run = run_with_progress(sim)
     t2 = time.perf_counter()
     c2 = time.process_time()
     summary = summarize(run, speedup=speedup, wall_s=t2 - t1)
@@ -116,6 +118,21 @@ def _run(args, costs, load_before, retain: list | None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(row, indent=2, default=lambda v: None) + "\n", encoding="utf-8")
     return 0
+
+
+def run_with_progress(sim: Simulation, slices: int = 200) -> SimRun:
+    """`sim.run()`, in `slices` steps of the arrival span, with a bar of the requests that
+    have arrived (on a terminal; a pipe gets none). The same run as `sim.run()`: the loop
+    stops between two events and goes on from there."""
+    reqs = sim.requests
+    if len(reqs) < 2:
+        return sim.run()
+    first, span = reqs[0].arrival_s, reqs[-1].arrival_s - reqs[0].arrival_s
+    with tqdm(total=len(reqs), unit="req", unit_scale=True, desc="simulate", disable=None, file=sys.stderr) as bar:
+        for k in range(1, slices + 1):
+            sim.run_until(first + span * k / slices)
+            bar.update(sim.arrived - bar.n)
+    return sim.run()
 
 
 if __name__ == "__main__":

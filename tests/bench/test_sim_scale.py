@@ -25,6 +25,29 @@ def test_the_scale_run_replays_every_request_and_reports_each_phase(tmp_path, ca
     assert "requests on 32P+32D" in capsys.readouterr().out
 
 
+def test_the_run_in_slices_behind_the_progress_bar_is_the_run_in_one_go():
+    """`run_with_progress` stops the loop between events 200 times; every request ends as in
+    one `run()`, at the same times, on the same nodes."""
+    from bench.sim.cluster import SimConfig, Simulation
+    from bench.sim.compare import at_load
+    from bench.sim.scale import run_with_progress
+    from bench.sim.trace import to_sim_requests
+    from bench.sim.workloads import GENERATORS
+    from conductor.cost_model import gpu_class_default
+
+    costs = gpu_class_default()
+    config = SimConfig(prefill_nodes=4, decode_nodes=4, record_events=False)
+    requests, _ = at_load(to_sim_requests(GENERATORS["tool_agent"](1500, seed=2)), 1.2, config, costs)
+
+    def ends(run):
+        return [(st.outcome, st.prefill_node, st.decode_node, st.first_token_s, st.finish_s) for st in run.states]
+
+    whole = Simulation(requests, config, costs).run()
+    sliced = run_with_progress(Simulation(requests, config, costs), slices=37)
+    assert ends(sliced) == ends(whole)
+    assert len({e[0] for e in ends(whole)}) >= 2  # completions and rejections both happen
+
+
 def test_a_large_clusters_decode_candidates_are_the_lowest_committed_loads_through_health_flips():
     """What keeps a decision on 4,096 nodes cheap must not change it: the LoadIndex's decode
     candidates are exactly the healthy nodes of lowest committed load, also after a node went
