@@ -338,3 +338,29 @@ def test_decode_heartbeats_calibrate_tbt_by_how_much_slower_the_steps_ran_than_m
 def test_decode_time_scale_is_checked():
     with pytest.raises(ValueError, match="decode_time_scale"):
         cfg(decode_time_scale=0.0)
+
+
+def test_events_due_at_one_time_run_in_push_order_also_those_pushed_while_it_runs():
+    """The event queue keeps a heap of times and, per time, its events in push order: ties
+    run as pushed, an event pushed for the time being processed runs after those already due
+    then and before any later time, and arrivals at that time come after the events."""
+    from bench.sim.cluster import _TICK
+
+    ran: list[tuple[float, str]] = []
+
+    class Ticks(Simulation):
+        def _tick(self, payload, t):
+            ran.append((t, payload))
+            if payload == "b":
+                self._push(t, _TICK, "b-again")  # due now: after "c", before 2.0
+                self._push(1.5, _TICK, "late-push")
+
+        def _arrive(self, st, t):
+            ran.append((t, f"arrival {st.req.index}"))
+
+    sim = Ticks([req(0, 1.0, (1,), out=2)], cfg(heartbeat_interval_s=0), COSTS)
+    for t, name in [(2.0, "d"), (1.0, "a"), (1.0, "b"), (0.5, "first"), (1.0, "c")]:
+        sim._push(t, _TICK, name)
+    sim.run_until(math.inf)
+    assert ran == [(0.5, "first"), (1.0, "a"), (1.0, "b"), (1.0, "c"), (1.0, "b-again"), (1.0, "arrival 0"),
+                   (1.5, "late-push"), (2.0, "d")]
