@@ -19,12 +19,12 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from bench.sim import flags
 from bench.sim.cluster import DEFAULT_CACHE_BLOCKS, DEFAULT_DECODE_KV_TOKENS, SimConfig, simulate
 from bench.sim.events import check_event_log
 from bench.sim.metrics import SimSummary, summarize
 from bench.sim.trace import DEFAULT_TRACE, load_sim_requests, repeat_fraction
 from conductor.cost_model import CostModel, gpu_class_default
-from conductor.errors import ConductorError
 from conductor.modes import AdmissionMode, PolicyName, parse_admission, parse_policy
 from conductor.settings import SettingsValues
 
@@ -79,11 +79,7 @@ def run_one(requests, config: SimConfig, costs: CostModel, speedup: float, check
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return _main(args)
-    except (ConductorError, ValueError, OSError) as exc:
-        print(f"halfmoon bench sim: {exc}", file=sys.stderr)
-        return 2
+    return flags.run("halfmoon bench sim", lambda: _main(args))
 
 
 def _main(args: argparse.Namespace) -> int:

@@ -36,6 +36,7 @@ from typing import Sequence
 from bench.sim.cluster import SimConfig, SimRequest, simulate
 from bench.sim.counterfactual import Counterfactual, CounterfactualSimulation, Precision
 from bench.sim.capacity import Capacity, calibrate, offered_fraction, sped_up
+from bench.sim import flags
 from bench.sim.metrics import SimSummary, summarize
 from bench.sim.trace import DEFAULT_TRACE, load_sim_requests, to_sim_requests
 from bench.sim.workloads import GENERATORS, shifting_requests
@@ -335,36 +336,37 @@ def write_admission_plot(cells: Sequence[AdmissionCell], default: str, path: Pat
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.sim.compare", description=__doc__.split("\n\n")[0])
     p.add_argument("what", choices=("policies", "admission"))
-    p.add_argument("--workloads", default=",".join(WORKLOADS))
-    p.add_argument("--loads", help=f"fractions of capacity (default {','.join(map(str, LOADS))}; admission: "
+    p.add_argument("--workloads", type=flags.names(WORKLOADS), default=list(WORKLOADS))
+    p.add_argument("--loads", type=flags.positives, help=f"fractions of capacity (default {','.join(map(str, LOADS))}; admission: "
                                    f"{','.join(map(str, ADMISSION_LOADS))})")
     p.add_argument("--policies", help="comma-separated (default: every policy)")
     p.add_argument("--default", help="the policy (policies) or admission mode (admission) judged")
     p.add_argument("--admissions", help="comma-separated admission modes (default: every mode but per_stage)")
-    p.add_argument("--sample", type=int, default=1, help="admission: judge every n-th rejection (default 1: all)")
+    p.add_argument("--sample", type=flags.count(1), default=1, help="admission: judge every n-th rejection (default 1: all)")
     p.add_argument("--counterfactual", choices=[c.value for c in Counterfactual], default=Counterfactual.REPLAY.value,
                    help="admission: what a judging fork keeps of the real run: replay (every other decision; "
                         "the default) or free (its scheduler goes on deciding); see bench.sim.counterfactual")
     p.add_argument("--reference", default=PolicyName.KV_CENTRIC.value,
                    help="admission: also run `none` under this policy, for reference ('' for none)")
-    p.add_argument("--requests", type=int, help=f"requests per workload (default {REQUESTS:,}; shifting: "
+    p.add_argument("--requests", type=flags.count(2), help=f"requests per workload (default {REQUESTS:,}; shifting: "
                                                  f"{default_requests('shifting'):,}, {SHIFTING_PERIODS} swings of its mix)")
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--prefill", type=int, default=8)
-    p.add_argument("--decode", type=int, default=8)
+    p.add_argument("--seed", type=flags.SEED, default=1)
+    p.add_argument("--prefill", type=flags.count(1), default=8)
+    p.add_argument("--decode", type=flags.count(1), default=8)
     p.add_argument("--admission", default=AdmissionMode.NONE.value, help="policies: the admission mode")
     p.add_argument("--capacity", choices=("calibrated", "offered"),
                    help="what load 1.0 is: the rate the default policy without admission keeps within the SLOs "
                         "for 90%% of requests, measured per workload (calibrated: the admission default), or "
                         "the offered-load estimate of bench.sim.load (offered: the policies default)")
-    p.add_argument("--decode-threshold", type=float, default=SimConfig().decode_reject_threshold,
+    p.add_argument("--decode-threshold", type=flags.positive, default=SimConfig().decode_reject_threshold,
                    help="decode load (predicted TBT / SLO) above which admission rejects (default %(default)s)")
     p.add_argument("--json", type=Path)
     p.add_argument("--plot", type=Path, help="default: next to --json")
     args = p.parse_args(argv)
-    if args.requests is not None and args.requests < 2:
-        print("--requests: at least 2", file=sys.stderr)
-        return 2
+    return flags.run(p.prog, lambda: _main(args))
+
+
+def _main(args: argparse.Namespace) -> int:
     costs = gpu_class_default()
     config = SimConfig(prefill_nodes=args.prefill, decode_nodes=args.decode, admission=parse_admission(args.admission),
                        decode_reject_threshold=args.decode_threshold)
@@ -391,9 +393,9 @@ def _grid(args, default_loads, started: float, config: SimConfig, costs: CostMod
     name; `capacity` is each workload's measured capacity under `config` (its policy, no
     admission) when the load scale is calibrated, else None. `checkpoint(cells)` after
     every cell (a long grid keeps what it has done if it is stopped)."""
-    loads = [float(x) for x in (args.loads.split(",") if args.loads else default_loads)]
+    loads = args.loads or list(default_loads)
     cells = []
-    for workload in args.workloads.split(","):
+    for workload in args.workloads:
         requests = base_requests(workload, default_requests(workload, args.requests), args.seed)
         capacity = None
         if (args.capacity or default_scale) == "calibrated":

@@ -26,6 +26,7 @@ from typing import Sequence
 
 import numpy as np
 
+from bench.sim import flags
 from bench.sim.cluster import _TICK, RequestState, SimConfig, SimRequest, Simulation
 from bench.sim.load import offered_load
 from bench.sim.metrics import SimSummary, summarize
@@ -234,27 +235,32 @@ def compare(requests: list[SimRequest], speedup: float, config: SimConfig, costs
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.sim.elastic", description=__doc__.split("\n\n")[0])
-    p.add_argument("--requests", type=int, default=60_000)
-    p.add_argument("--period", type=float, default=ELASTIC_SHAPE.period_s, help="the mix's period before the speed-up, s")
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--nodes", type=int, default=16)
-    p.add_argument("--load", type=float, default=0.95,
+    p.add_argument("--requests", type=flags.count(2), default=60_000)
+    p.add_argument("--period", type=flags.positive, default=ELASTIC_SHAPE.period_s, help="the mix's period before the speed-up, s")
+    p.add_argument("--seed", type=flags.SEED, default=1)
+    p.add_argument("--nodes", type=flags.count(2), default=16)
+    p.add_argument("--load", type=flags.positive, default=0.95,
                    help="of what the nodes hold in the busiest minute with the split always right")
-    p.add_argument("--sharpness", type=float, default=ELASTIC_SHAPE.sharpness, help="plateaus of the mix (0: a cosine)")
-    p.add_argument("--initial-prefill", type=int, help="the elastic run's first split (default: half)")
-    p.add_argument("--switch-s", type=float, default=20.0, help="a node's time out of service while switching")
-    p.add_argument("--splits", help="fixed prefill counts to compare (default: 2 .. nodes-2)")
+    p.add_argument("--sharpness", type=flags.non_negative, default=ELASTIC_SHAPE.sharpness,
+                   help="plateaus of the mix (0: a cosine)")
+    p.add_argument("--initial-prefill", type=flags.count(1), help="the elastic run's first split (default: half)")
+    p.add_argument("--switch-s", type=flags.non_negative, default=20.0, help="a node's time out of service while switching")
+    p.add_argument("--splits", type=flags.counts(1), help="fixed prefill counts to compare (default: 2 .. nodes-2)")
     p.add_argument("--admission", default=str(SettingsValues().admission), help="admission mode (default: %(default)s)")
     p.add_argument("--json", type=Path)
     p.add_argument("--plot", type=Path, help="default: next to --json")
     args = p.parse_args(argv)
+    return flags.run(p.prog, lambda: _main(args))
+
+
+def _main(args: argparse.Namespace) -> int:
     costs = gpu_class_default()
     config = SimConfig(admission=parse_admission(args.admission))
     elastic = ElasticConfig(nodes=args.nodes, initial_prefill=args.initial_prefill or args.nodes // 2,
                             switch_s=args.switch_s)
     shape = replace(ELASTIC_SHAPE, period_s=args.period, sharpness=args.sharpness)
     requests, speedup = scaled_shifting(args.requests, args.seed, args.nodes, args.load, config, costs, shape)
-    splits = [int(x) for x in args.splits.split(",")] if args.splits else list(range(2, args.nodes - 1))
+    splits = args.splits or list(range(2, args.nodes - 1))
     started = time.perf_counter()
     results, sim = compare(requests, speedup, config, costs, elastic, splits)
     best = max((r for r in results if r.label != "elastic"), key=lambda r: r.summary.goodput_rps)

@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from bench.sim.cluster import SimConfig, SimRun, Simulation
 from bench.sim.compare import at_load
+from bench.sim import flags
 from bench.sim.metrics import summarize
 from bench.sim.trace import to_sim_requests
 from bench.sim.workloads import GENERATORS
@@ -43,19 +44,16 @@ from conductor.settings import SettingsValues
 def main(argv: Sequence[str] | None = None, retain: list | None = None) -> int:
     """The run; with `retain`, what it built is appended there instead of freed on return."""
     p = argparse.ArgumentParser(prog="python -m bench.sim.scale", description=__doc__.split("\n\n")[0])
-    p.add_argument("--requests", type=int, default=1_000_000)
-    p.add_argument("--nodes", type=int, default=4096, help="prefill + decode instances (half each)")
+    p.add_argument("--requests", type=flags.count(2), default=1_000_000)
+    p.add_argument("--nodes", type=flags.count(2), default=4096, help="prefill + decode instances (half each)")
     p.add_argument("--workload", default="uniform", choices=sorted(GENERATORS))
-    p.add_argument("--load", type=float, default=0.8, help="of the cluster's capacity (default 0.8)")
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--cache-blocks", type=int, default=500)
+    p.add_argument("--load", type=flags.positive, default=0.8, help="of the cluster's capacity (default 0.8)")
+    p.add_argument("--seed", type=flags.SEED, default=1)
+    p.add_argument("--cache-blocks", type=flags.count(0), default=500)
     p.add_argument("--policy", default=str(SettingsValues().policy))
     p.add_argument("--admission", default=str(SettingsValues().admission))
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
-    if args.nodes < 2 or args.requests < 2:
-        print("--nodes and --requests: at least 2", file=sys.stderr)
-        return 2
     costs = gpu_class_default()
     load_before = os.getloadavg()
     # Millions of long-lived objects (requests, decisions, cache entries) and no reference
@@ -64,7 +62,7 @@ def main(argv: Sequence[str] | None = None, retain: list | None = None) -> int:
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        return _run(args, costs, load_before, retain)
+        return flags.run(p.prog, lambda: _run(args, costs, load_before, retain))
     finally:
         if gc_was_enabled:
             gc.enable()

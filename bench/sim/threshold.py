@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Sequence
 
 from bench.sim.capacity import calibrate
 from bench.sim.cluster import SimConfig
+from bench.sim import flags
 from bench.sim.compare import (DEFAULT_ADMISSION, DEFAULT_POLICY, PRECISION_TARGET, WORKLOADS, _clean,
                                base_requests, default_requests, run_admission_cell)
 from conductor.cost_model import gpu_class_default
@@ -33,28 +33,21 @@ from conductor.modes import AdmissionMode, parse_admission
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.sim.threshold", description=__doc__.split("\n\n")[0])
-    p.add_argument("--workloads", default="shifting")
-    p.add_argument("--loads", default="1.1,2.0")
-    p.add_argument("--thresholds", default="1.0,1.02,1.04,1.05,1.06,1.08")
+    p.add_argument("--workloads", type=flags.names(WORKLOADS), default=["shifting"])
+    p.add_argument("--loads", type=flags.positives, default=[1.1, 2.0])
+    p.add_argument("--thresholds", type=flags.positives, default=[1.0, 1.02, 1.04, 1.05, 1.06, 1.08])
     p.add_argument("--admission", default=str(DEFAULT_ADMISSION), help="the mode judged (default %(default)s)")
-    p.add_argument("--sample", type=int, default=10, help="judge every n-th rejection (default %(default)s)")
-    p.add_argument("--requests", type=int, help="per workload (default: as bench.sim.compare)")
-    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--sample", type=flags.count(1), default=10, help="judge every n-th rejection (default %(default)s)")
+    p.add_argument("--requests", type=flags.count(2), help="per workload (default: as bench.sim.compare)")
+    p.add_argument("--seed", type=flags.SEED, default=1)
     p.add_argument("--json", type=Path)
     p.add_argument("--plot", type=Path, help="default: next to --json")
     args = p.parse_args(argv)
-    try:
-        thresholds = [float(x) for x in args.thresholds.split(",")]
-        loads = [float(x) for x in args.loads.split(",")]
-    except ValueError as e:
-        print(f"--thresholds / --loads: comma-separated numbers ({e})", file=sys.stderr)
-        return 2
-    workloads = args.workloads.split(",")
-    unknown = [w for w in workloads if w not in WORKLOADS]
-    if unknown or min(thresholds) <= 0 or min(loads) <= 0 or (args.requests is not None and args.requests < 2):
-        print(f"--workloads: from {', '.join(WORKLOADS)}; --thresholds and --loads: positive numbers; "
-              "--requests: at least 2", file=sys.stderr)
-        return 2
+    return flags.run(p.prog, lambda: _main(args))
+
+
+def _main(args: argparse.Namespace) -> int:
+    thresholds, loads, workloads = args.thresholds, args.loads, args.workloads
     mode = parse_admission(args.admission)
     costs = gpu_class_default()
     config = SimConfig(prefill_nodes=8, decode_nodes=8, policy=DEFAULT_POLICY)

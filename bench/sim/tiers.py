@@ -52,6 +52,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
+from bench.sim import flags
 from bench.sim.cluster import SimConfig, SimRequest, Simulation
 from bench.sim.metrics import summarize
 from bench.sim.nodes import SimPrefill
@@ -343,18 +344,23 @@ def write_plot(rows: Sequence[TierRow], path: Path, title: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="halfmoon bench sim.tiers", description=__doc__.split("\n\n")[0])
     p.add_argument("--trace", help="a Mooncake-format trace (default: the conversation trace)")
-    p.add_argument("--limit", type=int, help="first N requests only")
-    p.add_argument("--speedup", type=float, default=1.0, help="replay the trace this many times faster")
-    p.add_argument("--device-blocks", type=int, default=DEVICE_BLOCKS, help="each prefill node's device cache")
+    p.add_argument("--limit", type=flags.count(1), help="first N requests only")
+    p.add_argument("--speedup", type=flags.positive, default=1.0, help="replay the trace this many times faster")
+    p.add_argument("--device-blocks", type=flags.count(0), default=DEVICE_BLOCKS, help="each prefill node's device cache")
     p.add_argument("--json", default=str(RESULTS / "sim_tiers.json"), help="where to write the rows")
     p.add_argument("--plot", default=str(RESULTS / "sim_tiers.png"), help="where to write the PNG ('' for none)")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return flags.run(parser.prog, lambda: _main(args))
+
+
+def _main(args: argparse.Namespace) -> int:
     from bench.sim.trace import DEFAULT_TRACE, load_sim_requests
 
-    args = build_parser().parse_args(argv)
     requests = load_sim_requests(args.trace or DEFAULT_TRACE, speedup=args.speedup, limit=args.limit)
     rows = [run_tiers(requests, name, sizes, device_blocks=args.device_blocks, speedup=args.speedup)[0]
             for name, sizes in TIER_SETS.items()]

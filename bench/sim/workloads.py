@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -30,6 +29,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from bench.replay.trace import TraceRecord
+from bench.sim import flags
 
 BLOCK = 512  # tokens per trace hash id
 
@@ -259,13 +259,14 @@ def write_trace(records: Sequence[TraceRecord], path: str | Path) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.sim.workloads", description=__doc__.split("\n\n")[0])
     p.add_argument("shape", choices=sorted(GENERATORS))
-    p.add_argument("--requests", type=int, default=12_000)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--requests", type=flags.count(1), default=12_000)
+    p.add_argument("--seed", type=flags.SEED, default=0)
     p.add_argument("--out", type=Path, required=True, help="JSONL trace to write")
     args = p.parse_args(argv)
-    if args.requests < 1:
-        print("--requests: must be >= 1", file=sys.stderr)
-        return 2
+    return flags.run(p.prog, lambda: _main(args))
+
+
+def _main(args: argparse.Namespace) -> int:
     records = GENERATORS[args.shape](args.requests, seed=args.seed)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_trace(records, args.out)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from bench.sim.compare import main
 
 
@@ -29,5 +31,7 @@ def test_the_policy_grid_runs_every_cell_and_judges_the_default(tmp_path, capsys
 
 def test_too_few_requests_are_named_not_raised(capsys):
     for what in ("policies", "admission"):
-        assert main([what, "--requests", "0", "--workloads", "uniform"]) == 2
-        assert "--requests" in capsys.readouterr().err
+        with pytest.raises(SystemExit) as exc:
+            main([what, "--requests", "0", "--workloads", "uniform"])
+        assert exc.value.code == 2
+        assert "argument --requests: at least 2" in capsys.readouterr().err

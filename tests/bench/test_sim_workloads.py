@@ -111,8 +111,10 @@ def test_the_cli_writes_a_trace_and_refuses_a_bad_count(tmp_path, capsys):
     out = tmp_path / "agent.jsonl"
     assert main(["tool_agent", "--requests", "300", "--seed", "2", "--out", str(out)]) == 0
     assert len(load_trace(out)) == 300 and "tool_agent: 300 requests" in capsys.readouterr().out
-    assert main(["uniform", "--requests", "0", "--out", str(out)]) == 2
-    assert "--requests: must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["uniform", "--requests", "0", "--out", str(out)])
+    assert exc.value.code == 2
+    assert "argument --requests: at least 1" in capsys.readouterr().err
 
 
 def test_offered_load_of_the_conversation_trace_is_the_designs():

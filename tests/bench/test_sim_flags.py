@@ -1,0 +1,80 @@
+"""The simulator's programs answer bad flags with one line and exit 2: argparse names the
+flag for a number out of range (a load of 0 divided by zero, a NaN period never ended, a
+negative seed reached NumPy), and what a run refuses (a setting the conductor rejects, an
+unknown policy, an unwritable file) is printed without a traceback."""
+from __future__ import annotations
+
+import argparse
+import importlib
+
+import pytest
+
+from bench.sim import flags
+
+# (module, arguments, what the message names); each exits before any long work
+ARGPARSE_ERRORS = [
+    ("bench.sim.scale", ["--load", "0"], "--load"),
+    ("bench.sim.scale", ["--load", "nan"], "--load"),
+    ("bench.sim.scale", ["--load", "-1"], "--load"),
+    ("bench.sim.scale", ["--seed", "-1"], "--seed"),
+    ("bench.sim.scale", ["--cache-blocks", "-5"], "--cache-blocks"),
+    ("bench.sim.scale", ["--nodes", "1"], "--nodes"),
+    ("bench.sim.compare", ["policies", "--loads", "0"], "--loads"),
+    ("bench.sim.compare", ["policies", "--loads", "1,inf"], "--loads"),
+    ("bench.sim.compare", ["policies", "--workloads", "uniform,nope"], "--workloads"),
+    ("bench.sim.compare", ["admission", "--prefill", "0"], "--prefill"),
+    ("bench.sim.compare", ["admission", "--sample", "0"], "--sample"),
+    ("bench.sim.compare", ["policies", "--decode-threshold", "nan"], "--decode-threshold"),
+    ("bench.sim.elastic", ["--period", "nan"], "--period"),
+    ("bench.sim.elastic", ["--period", "0"], "--period"),
+    ("bench.sim.elastic", ["--nodes", "0"], "--nodes"),
+    ("bench.sim.elastic", ["--splits", "x"], "--splits"),
+    ("bench.sim.elastic", ["--load", "0"], "--load"),
+    ("bench.sim.threshold", ["--thresholds", "inf"], "--thresholds"),
+    ("bench.sim.threshold", ["--loads", ","], "--loads"),
+    ("bench.sim.threshold", ["--seed", "-1"], "--seed"),
+    ("bench.sim.tiers", ["--speedup", "0"], "--speedup"),
+    ("bench.sim.tiers", ["--device-blocks", "-1"], "--device-blocks"),
+    ("bench.sim.workloads", ["uniform", "--seed", "-1", "--out", "x.jsonl"], "--seed"),
+]
+
+
+@pytest.mark.parametrize("module, argv, names", ARGPARSE_ERRORS, ids=lambda v: v if isinstance(v, str) else " ".join(v))
+def test_a_flag_out_of_range_is_named_and_exits_2(module, argv, names, capsys):
+    main = importlib.import_module(module).main
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {names}" in err and "Traceback" not in err
+
+
+RUN_ERRORS = [
+    ("bench.sim.scale", ["--requests", "20", "--nodes", "4", "--policy", "nope"], "unknown policy 'nope'"),
+    ("bench.sim.scale", ["--requests", "20", "--nodes", "4", "--json", "/proc/no/such/dir/x.json"], "No such file"),
+    ("bench.sim.compare", ["policies", "--workloads", "uniform", "--requests", "40", "--decode-threshold", "1e12"],
+     "decode_reject_threshold"),
+    ("bench.sim.elastic", ["--requests", "300", "--nodes", "6", "--splits", "6"], "at least one prefill and one decode"),
+    ("bench.sim.elastic", ["--requests", "300", "--nodes", "6", "--initial-prefill", "9"], "initial_prefill"),
+]
+
+
+@pytest.mark.parametrize("module, argv, says", RUN_ERRORS, ids=lambda v: v if isinstance(v, str) else " ".join(v))
+def test_what_a_run_refuses_is_one_line_and_exit_2(module, argv, says, capsys):
+    prog = f"python -m {module}"
+    assert importlib.import_module(module).main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"{prog}: ") and says in err and "Traceback" not in err
+
+
+def test_the_flag_types_accept_what_they_should_and_nothing_else():
+    assert flags.count(2)("2") == 2 and flags.SEED("0") == 0
+    assert flags.positive("0.5") == 0.5 and flags.non_negative("0") == 0.0
+    assert flags.positives("1, 2.5,") == [1.0, 2.5] and flags.counts(1)("2,3") == [2, 3]
+    assert flags.names(("a", "b"))("b,a") == ["b", "a"]
+    for parse, text in [(flags.count(2), "1"), (flags.count(0), "1.5"), (flags.positive, "0"), (flags.positive, "inf"),
+                        (flags.positive, "-nan"), (flags.non_negative, "-0.1"), (flags.positives, ""),
+                        (flags.positives, "1,x"), (flags.counts(1), "0"), (flags.names(("a",)), "a,c"),
+                        (flags.names(("a",)), ",")]:
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse(text)
