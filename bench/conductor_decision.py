@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
+from bench import flags
 from conductor.cluster_state import ClusterState
 from conductor.cost_model import gpu_class_default
 from conductor.decision import DecodeChoice, Decision, LoadBasis, PrefillChoice
@@ -197,19 +198,24 @@ def target_lines(rows: Sequence[DecisionTiming]) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.conductor_decision", description=__doc__.split("\n\n")[0])
-    p.add_argument("--nodes", type=int, nargs="+", default=[64, 1024], help="cluster sizes (default 64 1024)")
-    p.add_argument("--blocks", type=int, nargs="+", default=[100_000, 1_000_000],
+    p.add_argument("--nodes", type=flags.count(2), nargs="+", default=[64, 1024], help="cluster sizes (default 64 1024)")
+    p.add_argument("--blocks", type=flags.count(1), nargs="+", default=[100_000, 1_000_000],
                    help="indexed (node, block) entries, one per --nodes value (default 100000 1000000)")
     p.add_argument("--policies", default="cost_aware,kv_centric,cache_aware_local,least_loaded",
                    help="comma-separated policies (default: cost_aware (the default), kv_centric, "
                         "cache_aware_local, least_loaded)")
     p.add_argument("--admissions", default="early,predictive", help="comma-separated admission modes")
-    p.add_argument("--decisions", type=int, default=2000, help="timed decisions per row (default 2000)")
+    p.add_argument("--decisions", type=flags.count(1), default=2000, help="timed decisions per row (default 2000)")
     p.add_argument("--json", type=Path, help="write the rows here")
     args = p.parse_args(argv)
     if len(args.blocks) != len(args.nodes):
         print("--blocks needs one value per --nodes value", file=sys.stderr)
         return 2
+    for nodes, blocks in zip(args.nodes, args.blocks):
+        if blocks <= nodes // 2:  # each prefill node holds the system prompt's block first
+            print(f"--blocks {blocks} for {nodes} nodes: more than {nodes // 2} (one system-prompt block per "
+                  "prefill node) to index any conversation", file=sys.stderr)
+            return 2
     try:
         policies = [parse_policy(x) for x in args.policies.split(",")]
         admissions = [parse_admission(x) for x in args.admissions.split(",")]

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from bench.sim import flags
+from bench import flags
 from bench.sim.cluster import DEFAULT_CACHE_BLOCKS, DEFAULT_DECODE_KV_TOKENS, SimConfig, simulate
 from bench.sim.events import check_event_log
 from bench.sim.metrics import SimSummary, summarize

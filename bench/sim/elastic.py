@@ -26,7 +26,7 @@ from typing import Sequence
 
 import numpy as np
 
-from bench.sim import flags
+from bench import flags
 from bench.sim.cluster import _TICK, RequestState, SimConfig, SimRequest, Simulation
 from bench.sim.load import offered_load
 from bench.sim.metrics import SimSummary, summarize

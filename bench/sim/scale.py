@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from bench.sim.cluster import SimConfig, SimRun, Simulation
 from bench.sim.compare import at_load
-from bench.sim import flags
+from bench import flags
 from bench.sim.metrics import summarize
 from bench.sim.trace import to_sim_requests
 from bench.sim.workloads import GENERATORS

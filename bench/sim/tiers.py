@@ -52,7 +52,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
-from bench.sim import flags
+from bench import flags
 from bench.sim.cluster import SimConfig, SimRequest, Simulation
 from bench.sim.metrics import summarize
 from bench.sim.nodes import SimPrefill

@@ -29,7 +29,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from bench.replay.trace import TraceRecord
-from bench.sim import flags
+from bench import flags
 
 BLOCK = 512  # tokens per trace hash id
 

@@ -1,4 +1,4 @@
-"""Flag types and the error boundary of the simulator's command-line programs.
+"""Flag types and the error boundary of the benchmark programs (the simulator's and others).
 
 A number a flag takes is checked where argparse reads it (`error: argument --load: ...`,
 exit 2), so a run never starts on a load of 0 (a division by zero), NaN (a run that never

@@ -1,4 +1,4 @@
-"""The simulator's programs answer bad flags with one line and exit 2: argparse names the
+"""The benchmark programs answer bad flags with one line and exit 2: argparse names the
 flag for a number out of range (a load of 0 divided by zero, a NaN period never ended, a
 negative seed reached NumPy), and what a run refuses (a setting the conductor rejects, an
 unknown policy, an unwritable file) is printed without a traceback."""
@@ -9,7 +9,7 @@ import importlib
 
 import pytest
 
-from bench.sim import flags
+from bench import flags
 
 # (module, arguments, what the message names); each exits before any long work
 ARGPARSE_ERRORS = [
@@ -36,6 +36,9 @@ ARGPARSE_ERRORS = [
     ("bench.sim.tiers", ["--speedup", "0"], "--speedup"),
     ("bench.sim.tiers", ["--device-blocks", "-1"], "--device-blocks"),
     ("bench.sim.workloads", ["uniform", "--seed", "-1", "--out", "x.jsonl"], "--seed"),
+    ("bench.conductor_decision", ["--nodes", "0", "--blocks", "10"], "--nodes"),
+    ("bench.conductor_decision", ["--nodes", "4", "--blocks", "-1"], "--blocks"),
+    ("bench.conductor_decision", ["--decisions", "0"], "--decisions"),
 ]
 
 
@@ -65,6 +68,13 @@ def test_what_a_run_refuses_is_one_line_and_exit_2(module, argv, says, capsys):
     assert importlib.import_module(module).main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"{prog}: ") and says in err and "Traceback" not in err
+
+
+def test_a_decision_benchmark_with_no_room_for_a_conversation_says_so(capsys):
+    from bench.conductor_decision import main
+
+    assert main(["--nodes", "4", "--blocks", "2", "--decisions", "3"]) == 2  # was an IndexError
+    assert "--blocks 2 for 4 nodes: more than 2" in capsys.readouterr().err
 
 
 def test_the_flag_types_accept_what_they_should_and_nothing_else():
