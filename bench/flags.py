@@ -58,6 +58,14 @@ def non_negative(text: str) -> float:
     return value
 
 
+def fraction(text: str) -> float:
+    """A share in (0, 1]."""
+    value = _finite(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"a share in (0, 1], got {text}")
+    return value
+
+
 def positives(text: str) -> list[float]:
     """Comma-separated finite numbers > 0, at least one."""
     values = [positive(part.strip()) for part in text.split(",") if part.strip()]

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from bench import flags
 from bench.replay.client import ClientError
 from bench.replay.fake_client import FakeClientConfig
 from bench.replay.plots import draw_plots, series_from_json, series_from_result
@@ -73,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="tokens per hash id in the trace (default 512)",
     )
     scale.add_argument(
-        "--output-scale", type=float, default=1.0, help="multiply output lengths (default 1)"
+        "--output-scale", type=flags.positive, default=1.0, help="multiply output lengths (default 1)"
     )
     scale.add_argument(
         "--max-output-tokens", type=int, default=None, help="cap on scaled output lengths"
@@ -86,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     scale.add_argument(
         "--spread-ms",
-        type=float,
+        type=flags.non_negative,
         default=0.0,
         help="spread requests sharing a trace timestamp evenly over this many trace ms "
         "(the conversation trace rounds timestamps to 3000 ms; default 0: as recorded)",
@@ -98,13 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--token-low", type=int, default=TokenSpace().token_low, help="token ids are >= this"
     )
     scale.add_argument(
-        "--seed", type=int, default=0, help="token mapping seed (run i of a sweep uses seed+i)"
+        "--seed", type=flags.SEED, default=0, help="token mapping seed (run i of a sweep uses seed+i)"
     )
 
     load = parser.add_argument_group("load and window")
     speeds = load.add_mutually_exclusive_group()
     speeds.add_argument(
-        "--speedup", type=float, default=None, help="time speed-up of one run (default 1)"
+        "--speedup", type=flags.positive, default=None, help="time speed-up of one run (default 1)"
     )
     speeds.add_argument(
         "--speedups", type=_floats, default=None, help="sweep: comma-separated speed-ups"
@@ -113,11 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--rates", type=_floats, default=None, help="sweep: comma-separated request rates (req/s)"
     )
     load.add_argument(
-        "--start", type=float, default=0.0, help="skip this many trace seconds (default 0)"
+        "--start", type=flags.non_negative, default=0.0, help="skip this many trace seconds (default 0)"
     )
     load.add_argument(
         "--duration",
-        type=float,
+        type=flags.positive,
         default=None,
         help="trace seconds to replay; wall time ~ duration / speed-up",
     )
@@ -126,22 +127,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     load.add_argument(
         "--request-timeout",
-        type=float,
+        type=flags.positive,
         default=60.0,
         help="seconds before a request counts as failed (default 60)",
     )
     load.add_argument(
-        "--cooldown", type=float, default=1.0, help="seconds between sweep runs (default 1)"
+        "--cooldown", type=flags.non_negative, default=1.0, help="seconds between sweep runs (default 1)"
     )
 
     slo = parser.add_argument_group("SLOs")
-    slo.add_argument("--ttft-slo", type=float, default=2.0, help="TTFT SLO in seconds (default 2)")
+    slo.add_argument("--ttft-slo", type=flags.positive, default=2.0, help="TTFT SLO in seconds (default 2)")
     slo.add_argument(
-        "--tbt-slo", type=float, default=0.2, help="SLO on Mooncake TBT in seconds (default 0.2)"
+        "--tbt-slo", type=flags.positive, default=0.2, help="SLO on Mooncake TBT in seconds (default 0.2)"
     )
     slo.add_argument(
         "--capacity-threshold",
-        type=float,
+        type=flags.fraction,
         default=CAPACITY_THRESHOLD,
         help="share of requests that must meet both SLOs (default 0.9)",
     )
@@ -160,24 +161,24 @@ def build_parser() -> argparse.ArgumentParser:
     fake = parser.add_argument_group("fake target (--target fake)")
     base = FakeClientConfig()
     fake.add_argument(
-        "--fake-ttft-base", type=float, default=base.ttft_base_s, help="seconds per prefill"
+        "--fake-ttft-base", type=flags.non_negative, default=base.ttft_base_s, help="seconds per prefill"
     )
     fake.add_argument(
         "--fake-ttft-per-token",
-        type=float,
+        type=flags.non_negative,
         default=base.ttft_per_token_s,
         help="seconds per uncached prompt token",
     )
-    fake.add_argument("--fake-tbt", type=float, default=base.tbt_s, help="seconds per decode step")
+    fake.add_argument("--fake-tbt", type=flags.non_negative, default=base.tbt_s, help="seconds per decode step")
     fake.add_argument(
         "--fake-tbt-per-running",
-        type=float,
+        type=flags.non_negative,
         default=base.tbt_per_running_s,
         help="extra decode seconds per other running request",
     )
     fake.add_argument(
         "--fake-max-queue",
-        type=float,
+        type=flags.positive,
         default=None,
         help="reject when the predicted prefill wait exceeds this many seconds",
     )

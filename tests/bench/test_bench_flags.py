@@ -39,6 +39,14 @@ ARGPARSE_ERRORS = [
     ("bench.conductor_decision", ["--nodes", "0", "--blocks", "10"], "--nodes"),
     ("bench.conductor_decision", ["--nodes", "4", "--blocks", "-1"], "--blocks"),
     ("bench.conductor_decision", ["--decisions", "0"], "--decisions"),
+    # the trace replay (was: a traceback from inside the sweep, or a replay that never ended)
+    ("bench.replay.cli", ["--trace", "t.jsonl", "--output-scale", "nan"], "--output-scale"),
+    ("bench.replay.cli", ["--trace", "t.jsonl", "--request-timeout", "0"], "--request-timeout"),
+    ("bench.replay.cli", ["--trace", "t.jsonl", "--seed", "-1"], "--seed"),
+    ("bench.replay.cli", ["--trace", "t.jsonl", "--fake-ttft-base", "nan"], "--fake-ttft-base"),
+    ("bench.replay.cli", ["--trace", "t.jsonl", "--fake-tbt", "inf"], "--fake-tbt"),
+    ("bench.replay.cli", ["--trace", "t.jsonl", "--speedup", "0"], "--speedup"),
+    ("bench.replay.cli", ["--trace", "t.jsonl", "--capacity-threshold", "0"], "--capacity-threshold"),
 ]
 
 
@@ -79,11 +87,11 @@ def test_a_decision_benchmark_with_no_room_for_a_conversation_says_so(capsys):
 
 def test_the_flag_types_accept_what_they_should_and_nothing_else():
     assert flags.count(2)("2") == 2 and flags.SEED("0") == 0
-    assert flags.positive("0.5") == 0.5 and flags.non_negative("0") == 0.0
+    assert flags.positive("0.5") == 0.5 and flags.non_negative("0") == 0.0 and flags.fraction("1") == 1.0
     assert flags.positives("1, 2.5,") == [1.0, 2.5] and flags.counts(1)("2,3") == [2, 3]
     assert flags.names(("a", "b"))("b,a") == ["b", "a"]
     for parse, text in [(flags.count(2), "1"), (flags.count(0), "1.5"), (flags.positive, "0"), (flags.positive, "inf"),
-                        (flags.positive, "-nan"), (flags.non_negative, "-0.1"), (flags.positives, ""),
+                        (flags.positive, "-nan"), (flags.non_negative, "-0.1"), (flags.fraction, "1.01"), (flags.fraction, "0"), (flags.positives, ""),
                         (flags.positives, "1,x"), (flags.counts(1), "0"), (flags.names(("a",)), "a,c"),
                         (flags.names(("a",)), ",")]:
         with pytest.raises(argparse.ArgumentTypeError):
