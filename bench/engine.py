@@ -51,6 +51,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from bench import flags
+
 PROMPT_LEN = 512
 STEP_BLOCK = 8  # timed decode steps a system runs back to back before the next system's turn
 
@@ -454,9 +456,9 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", type=Path, help="write the rows here")
     ap.add_argument("--batches", default="1,8,32", help="decode batch sizes")
-    ap.add_argument("--new-tokens", type=int, default=32, help="decode steps timed per batch")
-    ap.add_argument("--prefill-repeats", type=int, default=5, help="prompts prefilled alone (in the batch-1 run)")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--new-tokens", type=flags.count(1), default=32, help="decode steps timed per batch")
+    ap.add_argument("--prefill-repeats", type=flags.count(1), default=5, help="prompts prefilled alone (in the batch-1 run)")
+    ap.add_argument("--threads", type=flags.count(1), default=2)
     ap.add_argument("--systems", default="halfmoon,hf-sdpa,llama.cpp",
                     help="of halfmoon (one worker per --dtypes), hf (eager attention), hf-sdpa, llama.cpp "
                          "(skipped with a note when llama-cpp-python is not installed)")

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench import flags
 from bench.serve import Sample, run, start_cluster
 
 
@@ -56,11 +57,11 @@ def summarize(samples: list[Sample]) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.first_token_hop", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--requests", type=int, default=24, help="per concurrency")
+    ap.add_argument("--requests", type=flags.count(1), default=24, help="per concurrency")
     ap.add_argument("--concurrency", default="1,4", help="comma-separated closed-loop concurrencies")
-    ap.add_argument("--prompt-tokens", type=int, default=256)
-    ap.add_argument("--output-tokens", type=int, default=16)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads per node")
+    ap.add_argument("--prompt-tokens", type=flags.count(1), default=256)
+    ap.add_argument("--output-tokens", type=flags.count(1), default=16)
+    ap.add_argument("--threads", type=flags.count(1), default=1, help="torch threads per node")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
 

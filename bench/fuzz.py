@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from bench import flags
 from bench.chaos.report import Outcome, names_exception_class
 
 HTTP_CATEGORIES = {  # category -> weight
@@ -729,10 +730,10 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--grpc", default="127.0.0.1:50051", help="the conductor's gRPC address")
     ap.add_argument("--http", default="127.0.0.1:8000", help="the conductor's HTTP address")
-    ap.add_argument("--count", type=int, default=5000)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--concurrency", type=int, default=8)
-    ap.add_argument("--timeout", type=float, default=60.0, help="seconds before an input counts as hung")
+    ap.add_argument("--count", type=flags.count(1), default=5000)
+    ap.add_argument("--seed", type=flags.SEED, default=0)
+    ap.add_argument("--concurrency", type=flags.count(1), default=8)
+    ap.add_argument("--timeout", type=flags.positive, default=60.0, help="seconds before an input counts as hung")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     done = [0]

@@ -30,6 +30,8 @@ import statistics
 import time
 from pathlib import Path
 
+from bench import flags
+
 TRACE = Path(__file__).resolve().parents[1].parent / "shared" / "traces" / "conversation_trace.jsonl"
 LAYOUTS = {"1p1d": (1, 1, 0), "2co": (0, 0, 2)}
 
@@ -78,21 +80,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("out/layouts"))
     ap.add_argument("--layouts", default="1p1d,2co")
     ap.add_argument("--speedups", default="0.05,0.1,0.2,0.3")
-    ap.add_argument("--duration", type=float, default=60.0, help="trace seconds per run")
-    ap.add_argument("--block-tokens", type=int, default=16)
-    ap.add_argument("--output-scale", type=float, default=0.1)
-    ap.add_argument("--max-output-tokens", type=int, default=64)
-    ap.add_argument("--max-input-tokens", type=int, default=1024)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads per node")
+    ap.add_argument("--duration", type=flags.positive, default=60.0, help="trace seconds per run")
+    ap.add_argument("--block-tokens", type=flags.count(1), default=16)
+    ap.add_argument("--output-scale", type=flags.positive, default=0.1)
+    ap.add_argument("--max-output-tokens", type=flags.count(1), default=64)
+    ap.add_argument("--max-input-tokens", type=flags.count(1), default=1024)
+    ap.add_argument("--threads", type=flags.count(1), default=1, help="torch threads per node")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "w8a8", "fp8"],
                     help="the nodes' model dtype (engine/quant.py)")
-    ap.add_argument("--spread-ms", type=float, default=3000.0,
+    ap.add_argument("--spread-ms", type=flags.non_negative, default=3000.0,
                     help="spread requests sharing a trace timestamp over this many trace ms (the trace "
                          "rounds timestamps to 3 s; 0 replays each burst as one instant)")
-    ap.add_argument("--ttft-x", type=float, default=5.0)
-    ap.add_argument("--tbt-x", type=float, default=3.0)
-    ap.add_argument("--ttft-slo", type=float, help="seconds (overrides --ttft-x)")
-    ap.add_argument("--tbt-slo", type=float, help="seconds (overrides --tbt-x)")
+    ap.add_argument("--ttft-x", type=flags.positive, default=5.0)
+    ap.add_argument("--tbt-x", type=flags.positive, default=3.0)
+    ap.add_argument("--ttft-slo", type=flags.positive, help="seconds (overrides --ttft-x)")
+    ap.add_argument("--tbt-slo", type=flags.positive, help="seconds (overrides --tbt-x)")
     ap.add_argument("--reanalyze", metavar="TTFT_S,...",
                     help="only re-judge the saved runs in --out under these TTFT SLOs (same TBT SLO)")
     ap.add_argument("--merge", metavar="DIR", nargs="+", type=Path,

@@ -17,6 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench import flags
+
 
 def _prefill_samples(eng, lengths: list[int], reps: int, progress, task) -> list:
     import torch
@@ -220,11 +222,11 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("cost_model.json"), help="where to write the model")
     ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=flags.count(1), default=2)
     ap.add_argument("--quick", action="store_true", help="fewer, shorter samples (a rougher fit)")
-    ap.add_argument("--network-gbps", type=float, default=24.0,
+    ap.add_argument("--network-gbps", type=flags.positive, default=24.0,
                     help="KV transfer bandwidth between nodes in Gbit/s (default: loopback TCP, ~3 GB/s)")
-    ap.add_argument("--tier-blocks", type=int, help="blocks to load from each KV tier (default 64; quick 16; "
+    ap.add_argument("--tier-blocks", type=flags.count(1), help="blocks to load from each KV tier (default 64; quick 16; "
                                                     "0: no tier rates)")
     ap.add_argument("--tier-dir", type=Path, help="where the disk tier is measured (default: the system temp dir; "
                                                   "point it at the disk kv_tiers.disk_dir lives on)")

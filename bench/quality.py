@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from bench import flags
+
 FORTUNES = Path("/usr/share/games/fortunes")
 DTYPES = ("float32", "bfloat16", "w8a8", "fp8")
 CHOICES = "ABCD"
@@ -439,11 +441,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtypes", default=",".join(DTYPES),
                     help="comma-separated; a recipe variant as dtype:field=value, e.g. w8a8:lm_head=int8")
     ap.add_argument("--text", type=Path, help="a text file instead of Debian's fortunes")
-    ap.add_argument("--windows", type=int, default=100)
-    ap.add_argument("--window", type=int, default=512, help="tokens per window")
-    ap.add_argument("--mmlu", type=int, default=500,
+    ap.add_argument("--windows", type=flags.count(1), default=100)
+    ap.add_argument("--window", type=flags.count(2), default=512, help="tokens per window")
+    ap.add_argument("--mmlu", type=flags.count(-1), default=500,
                     help="MMLU questions (an evenly spaced subset; 0: all 14,042; -1: none)")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=flags.count(1), default=2)
     ap.add_argument("--study", choices=["fp8", "gptq"],
                     help="instead: fp8's fake-quantized variants (fp8_study) or its GPTQ settings (gptq_study) "
                          "on the text windows (no MMLU)")

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench import flags
+
 
 @dataclass
 class Sample:
@@ -106,16 +108,16 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="halfmoon bench serve", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--address", default="127.0.0.1:50051")
-    ap.add_argument("--requests", type=int, default=64)
-    ap.add_argument("--concurrency", type=int, default=8)
-    ap.add_argument("--prompt-tokens", type=int, default=256)
-    ap.add_argument("--output-tokens", type=int, default=64)
+    ap.add_argument("--requests", type=flags.count(1), default=64)
+    ap.add_argument("--concurrency", type=flags.count(1), default=8)
+    ap.add_argument("--prompt-tokens", type=flags.count(1), default=256)
+    ap.add_argument("--output-tokens", type=flags.count(1), default=64)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "w8a8", "fp8"],
                     help="start a local cluster with nodes in this model dtype (else use --address)")
-    ap.add_argument("--prefill", type=int, default=1, help="with --dtype: prefill nodes")
-    ap.add_argument("--decode", type=int, default=1, help="with --dtype: decode nodes")
-    ap.add_argument("--threads", type=int, default=1, help="with --dtype: torch threads per node")
+    ap.add_argument("--prefill", type=flags.count(1), default=1, help="with --dtype: prefill nodes")
+    ap.add_argument("--decode", type=flags.count(1), default=1, help="with --dtype: decode nodes")
+    ap.add_argument("--threads", type=flags.count(1), default=1, help="with --dtype: torch threads per node")
     args = ap.parse_args(argv)
     if args.dtype is None:
         return _measure(args, args.address)

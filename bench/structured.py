@@ -32,6 +32,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench import flags
+
 WINDOW_SCHEMA = {
     "type": "object", "additionalProperties": False, "required": ["people"],
     "properties": {"people": {"type": "array", "minItems": 40, "items": {
@@ -175,10 +177,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--batches", default="1,8,32")
-    ap.add_argument("--new-tokens", type=int, default=32, help="decode steps timed per batch size")
-    ap.add_argument("--max-tokens", type=int, default=256, help="per compliance output")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    ap.add_argument("--repeats", type=int, default=3, help="interleaved runs of each decode window (medians)")
+    ap.add_argument("--new-tokens", type=flags.count(1), default=32, help="decode steps timed per batch size")
+    ap.add_argument("--max-tokens", type=flags.count(1), default=256, help="per compliance output")
+    ap.add_argument("--threads", type=flags.count(1), default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--repeats", type=flags.count(1), default=3, help="interleaved runs of each decode window (medians)")
     ap.add_argument("--skip-decode", action="store_true")
     args = ap.parse_args(argv)
 

@@ -57,6 +57,8 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from bench import flags
+
 TRACE = Path(__file__).resolve().parents[1].parent / "shared" / "traces" / "conversation_trace.jsonl"
 TIER_SETS = ("device", "host", "host+disk", "host+disk+store")
 BLOCK = 16
@@ -431,18 +433,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tiers", default=",".join(TIER_SETS))
     ap.add_argument("--workloads", default="chat,trace")
     ap.add_argument("--rates", help="comma-separated request rates (default 0.5,1,2,3 req/s; quick: 0.8,2)")
-    ap.add_argument("--requests", type=int, help="at most this many requests per rate and workload (default 60; "
+    ap.add_argument("--requests", type=flags.count(1), help="at most this many requests per rate and workload (default 60; "
                                                  "quick: 16)")
-    ap.add_argument("--budget-min", type=float, help="the whole run's time budget, minutes (default 20; quick 8)")
-    ap.add_argument("--window", type=float, help="arrival window per rate, seconds (default: from the budget)")
+    ap.add_argument("--budget-min", type=flags.positive, help="the whole run's time budget, minutes (default 20; quick 8)")
+    ap.add_argument("--window", type=flags.positive, help="arrival window per rate, seconds (default: from the budget)")
     ap.add_argument("--trace", type=Path, default=TRACE)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads per node")
-    ap.add_argument("--device-blocks", type=int, help="the prefill node's device tier (default: half the chat's "
+    ap.add_argument("--threads", type=flags.count(1), default=1, help="torch threads per node")
+    ap.add_argument("--device-blocks", type=flags.count(1), help="the prefill node's device tier (default: half the chat's "
                                                         "system prompts, at least 72)")
-    ap.add_argument("--ttft-x", type=float, default=5.0)
-    ap.add_argument("--tbt-x", type=float, default=3.0)
-    ap.add_argument("--ttft-slo", type=float)
-    ap.add_argument("--tbt-slo", type=float)
+    ap.add_argument("--ttft-x", type=flags.positive, default=5.0)
+    ap.add_argument("--tbt-x", type=flags.positive, default=3.0)
+    ap.add_argument("--ttft-slo", type=flags.positive)
+    ap.add_argument("--tbt-slo", type=flags.positive)
     ap.add_argument("--skip-micro", action="store_true")
     ap.add_argument("--plot-dir", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "results")
     args = ap.parse_args(argv)

@@ -40,6 +40,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from bench import flags
 from transfer_engine import EngineConfig, TransferEngine, mooncake_unavailable_reason
 from transfer_engine.testing import KV_BLOCK_BYTES, PeerProcess, PeerSpec
 
@@ -400,15 +401,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smaller sizes and shorter rounds (a smoke run)")
     parser.add_argument("--sizes", type=_sizes, default=None,
                         help="comma-separated contiguous sizes, e.g. 64K,1M,256M (default: the issue's four)")
-    parser.add_argument("--kv-blocks", type=int, default=None, help="KV blocks in the KV-shaped batch (0: none)")
+    parser.add_argument("--kv-blocks", type=flags.count(0), default=None, help="KV blocks in the KV-shaped batch (0: none)")
     parser.add_argument("--transports", default=",".join(TRANSPORTS), help=f"comma-separated subset of {TRANSPORTS}")
     parser.add_argument("--modes", default=",".join(MODES), help="serial, stream or both")
-    parser.add_argument("--depth", type=int, default=4, help="transfers in flight in stream mode")
-    parser.add_argument("--min-time", type=float, default=None, help="seconds per timed round")
-    parser.add_argument("--rounds", type=int, default=5, help="timed rounds per transport and cell (median reported)")
-    parser.add_argument("--streams", type=int, default=EngineConfig.streams,
+    parser.add_argument("--depth", type=flags.count(1), default=4, help="transfers in flight in stream mode")
+    parser.add_argument("--min-time", type=flags.positive, default=None, help="seconds per timed round")
+    parser.add_argument("--rounds", type=flags.count(1), default=5, help="timed rounds per transport and cell (median reported)")
+    parser.add_argument("--streams", type=flags.count(1), default=EngineConfig.streams,
                         help="TCP connections per peer (EngineConfig.streams)")
-    parser.add_argument("--stripe-min-mib", type=int, default=EngineConfig.stripe_min_bytes // MiB,
+    parser.add_argument("--stripe-min-mib", type=flags.count(1), default=EngineConfig.stripe_min_bytes // MiB,
                         help="stripe TCP batches at least this big (EngineConfig.stripe_min_bytes)")
     args = parser.parse_args(argv)
 

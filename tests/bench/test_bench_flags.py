@@ -47,6 +47,19 @@ ARGPARSE_ERRORS = [
     ("bench.replay.cli", ["--trace", "t.jsonl", "--fake-tbt", "inf"], "--fake-tbt"),
     ("bench.replay.cli", ["--trace", "t.jsonl", "--speedup", "0"], "--speedup"),
     ("bench.replay.cli", ["--trace", "t.jsonl", "--capacity-threshold", "0"], "--capacity-threshold"),
+    # the programs on the real model: refused before any model is loaded or node started
+    ("bench.serve", ["--requests", "0"], "--requests"),
+    ("bench.serve", ["--concurrency", "-1"], "--concurrency"),
+    ("bench.layouts", ["--duration", "nan"], "--duration"),
+    ("bench.engine", ["--new-tokens", "0"], "--new-tokens"),
+    ("bench.quality", ["--window", "1"], "--window"),
+    ("bench.quality", ["--mmlu", "-2"], "--mmlu"),
+    ("bench.structured", ["--repeats", "0"], "--repeats"),
+    ("bench.tiers", ["--budget-min", "0"], "--budget-min"),
+    ("bench.transfer", ["--rounds", "0"], "--rounds"),
+    ("bench.profile", ["--network-gbps", "inf"], "--network-gbps"),
+    ("bench.fuzz", ["--timeout", "0"], "--timeout"),
+    ("bench.first_token_hop", ["--requests", "-1"], "--requests"),
 ]
 
 
