@@ -28,7 +28,6 @@ def count(minimum: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"at least {minimum}, got {value}")
         return value
 
-    parse.__name__ = "count"  # what argparse names in its messages
     return parse
 
 
@@ -84,7 +83,6 @@ def counts(minimum: int) -> Callable[[str], list[int]]:
             raise argparse.ArgumentTypeError("at least one integer")
         return values
 
-    parse.__name__ = "counts"
     return parse
 
 
@@ -99,7 +97,6 @@ def names(choices) -> Callable[[str], list[str]]:
             raise argparse.ArgumentTypeError(f"comma-separated names from {', '.join(allowed)}, got {text!r}")
         return values
 
-    parse.__name__ = "names"
     return parse
 
 

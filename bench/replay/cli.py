@@ -34,16 +34,6 @@ from bench.replay.workload import (
 )
 
 
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(part) for part in text.split(",") if part.strip())
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from exc
-    if not values or any(v <= 0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected numbers > 0, got {text!r}")
-    return values
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="halfmoon bench replay",
@@ -108,10 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--speedup", type=flags.positive, default=None, help="time speed-up of one run (default 1)"
     )
     speeds.add_argument(
-        "--speedups", type=_floats, default=None, help="sweep: comma-separated speed-ups"
+        "--speedups", type=flags.positives, default=None, help="sweep: comma-separated speed-ups"
     )
     speeds.add_argument(
-        "--rates", type=_floats, default=None, help="sweep: comma-separated request rates (req/s)"
+        "--rates", type=flags.positives, default=None, help="sweep: comma-separated request rates (req/s)"
     )
     load.add_argument(
         "--start", type=flags.non_negative, default=0.0, help="skip this many trace seconds (default 0)"
@@ -191,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _speedups(args: argparse.Namespace, selection: WindowSelection) -> tuple[float, ...]:
     """The runs' speed-ups; --rates converts through the window's own request rate."""
     if args.rates is None:
-        return args.speedups or (args.speedup or 1.0,)
+        return tuple(args.speedups or (args.speedup or 1.0,))
     base_rate = selection.request_rate(1.0)
     if base_rate is None:
         raise WorkloadError("--rates needs a window with a request rate; add --duration")

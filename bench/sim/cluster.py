@@ -203,7 +203,7 @@ class Simulation:
         self.states = [RequestState(r, RequestInfo(str(r.index), r.input_tokens, r.block_hashes, r.output_tokens))  # type: ignore[arg-type]
                        for r in requests]
         self.events: list[RequestEvent] = []
-        self._record = config.record_events  # (read on every event: the hot paths test it before building a detail)
+        self._record = config.record_events  # (a detail that takes formatting is built only when it is kept)
         self.predictions = PredictionLog(max_records=config.max_prediction_records)
         # The event queue: a heap of the times events are due at, each time once, and the
         # events due then in push order (so ties run in push order, as a heap of (time,
@@ -331,8 +331,7 @@ class Simulation:
 
     # -- arrival and prefill -------------------------------------------------------------------
     def _arrive(self, st: RequestState, t: float) -> None:
-        if self._record:
-            self._log(t, st, EventKind.ARRIVED)
+        self._log(t, st, EventKind.ARRIVED)
         req = st.req
         need = req.input_tokens + req.output_tokens
         if need > self._max_kv:  # as the live intake answers INVALID_ARGUMENT: it can never fit
@@ -463,8 +462,7 @@ class Simulation:
         rid = st.info.request_id
         self.predictions.record(rid, Quantity.QUEUE, choice.queue_s, st.prefill_start_s - st.enqueued_s)
         self.predictions.record(rid, Quantity.PREFILL, job.predicted_service_s, st.service_s)
-        if self._record:
-            self._log(t, st, EventKind.PREFILL_DONE)
+        self._log(t, st, EventKind.PREFILL_DONE)
         dec = st.decode
         assert dec is not None
         again = None
@@ -517,8 +515,7 @@ class Simulation:
         assert dec is not None
         n = st.req.input_tokens
         st.first_token_s = t
-        if self._record:
-            self._log(t, st, EventKind.FIRST_TOKEN)
+        self._log(t, st, EventKind.FIRST_TOKEN)
         if st.decision is not None and st.decision.prefill is not None:
             predicted = st.decision.prefill.ttft_s
             self.predictions.record(st.info.request_id, Quantity.TTFT, predicted, t - st.req.arrival_s)
@@ -551,8 +548,7 @@ class Simulation:
         if out > 1 and st.decision is not None and st.decision.decode is not None:
             mean_gap = (t - st.first_token_s) / (out - 1)
             self.predictions.record(st.info.request_id, Quantity.TBT, st.decision.decode.predicted_tbt_s, mean_gap)
-        if self._record:
-            self._log(t, st, EventKind.COMPLETED)
+        self._log(t, st, EventKind.COMPLETED)
         self.completed(st, t)
         if dec.residents == 0:
             self.decode_idle(dec, t)

@@ -33,10 +33,10 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
+from bench import flags
 from bench.sim.cluster import SimConfig, SimRequest, simulate
 from bench.sim.counterfactual import Counterfactual, CounterfactualSimulation, Precision
 from bench.sim.capacity import Capacity, calibrate, offered_fraction, sped_up
-from bench import flags
 from bench.sim.metrics import SimSummary, summarize
 from bench.sim.trace import DEFAULT_TRACE, load_sim_requests, to_sim_requests
 from bench.sim.workloads import GENERATORS, shifting_requests

@@ -30,9 +30,9 @@ from typing import Sequence
 
 from tqdm import tqdm
 
+from bench import flags
 from bench.sim.cluster import SimConfig, SimRun, Simulation
 from bench.sim.compare import at_load
-from bench import flags
 from bench.sim.metrics import summarize
 from bench.sim.trace import to_sim_requests
 from bench.sim.workloads import GENERATORS

@@ -22,9 +22,9 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Sequence
 
+from bench import flags
 from bench.sim.capacity import calibrate
 from bench.sim.cluster import SimConfig
-from bench import flags
 from bench.sim.compare import (DEFAULT_ADMISSION, DEFAULT_POLICY, PRECISION_TARGET, WORKLOADS, _clean,
                                base_requests, default_requests, run_admission_cell)
 from conductor.cost_model import gpu_class_default

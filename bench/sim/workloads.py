@@ -28,8 +28,8 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from bench.replay.trace import TraceRecord
 from bench import flags
+from bench.replay.trace import TraceRecord
 
 BLOCK = 512  # tokens per trace hash id
 

@@ -47,6 +47,8 @@ ARGPARSE_ERRORS = [
     ("bench.replay.cli", ["--trace", "t.jsonl", "--fake-tbt", "inf"], "--fake-tbt"),
     ("bench.replay.cli", ["--trace", "t.jsonl", "--speedup", "0"], "--speedup"),
     ("bench.replay.cli", ["--trace", "t.jsonl", "--capacity-threshold", "0"], "--capacity-threshold"),
+    ("bench.replay.cli", ["--trace", "t.jsonl", "--speedups", "1,nan"], "--speedups"),  # nan was a run
+    ("bench.replay.cli", ["--trace", "t.jsonl", "--rates", "0.5,inf"], "--rates"),
     # the programs on the real model: refused before any model is loaded or node started
     ("bench.serve", ["--requests", "0"], "--requests"),
     ("bench.serve", ["--concurrency", "-1"], "--concurrency"),
