@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Sequence
 
@@ -56,7 +56,7 @@ class DecodeModel:
     s_b: float
     s_t: float
 
-    def step_seconds(self, batch: int, tokens: int) -> float:
+    def step_seconds(self, batch: float, tokens: float) -> float:
         value = self.s_1 + self.s_b * batch + self.s_t * tokens
         return value if value > 0.0 else 0.0
 
@@ -151,7 +151,8 @@ class CostModel:
     def prefill_s(self, input_tokens: int, cached_tokens: int = 0) -> float:
         return self.prefill.seconds(input_tokens, cached_tokens)
 
-    def decode_step_s(self, batch: int, tokens: int) -> float:
+    def decode_step_s(self, batch: float, tokens: float) -> float:
+        """One decode step of `batch` rows over `tokens` context tokens (means allowed: linear)."""
         return self.decode.step_seconds(batch, tokens)
 
     def decode_tokens_per_s(self, context_tokens: float, tbt_slo_s: float, kv_capacity_tokens: int,
@@ -255,7 +256,7 @@ class CostModel:
 def _floats(raw: object, kind: type) -> dict[str, float]:
     if not isinstance(raw, dict):
         raise TypeError(f"{kind.__name__} must be an object")
-    return {name: float(raw[name]) for name in kind.__dataclass_fields__}
+    return {f.name: float(raw[f.name]) for f in fields(kind)}
 
 
 def _least_squares(columns: np.ndarray, target: np.ndarray, what: str) -> tuple[np.ndarray, FitReport]:

@@ -38,14 +38,14 @@ import heapq
 import math
 import random as _random
 from abc import ABC, abstractmethod
-from typing import Callable, ClassVar
+from typing import Callable, ClassVar, Iterable, cast
 
 from conductor.cost_model import CostModel
 from conductor.decision import DecodeChoice, LoadBasis, PrefillChoice
 from conductor.modes import PolicyName
 from conductor.request import NodeId, RequestInfo
 from conductor.settings import SettingsValues
-from conductor.view import ClusterView, DecodeNodeView, LoadIndex, PrefillNodeView
+from conductor.view import ClusterView, DecodeNodeView, LoadIndex, PrefillNodeView, TieredLookup
 
 # Predictive decode choice projects the load of at most this many nodes (those with the
 # lowest current load): O(nodes) plus O(residents of K nodes) per decision.
@@ -101,8 +101,8 @@ def decode_estimate(
             batch += node.incoming
             tokens += node.incoming_tokens
             reserved += node.incoming * out
-            to_come = (node.expected_output_tokens + node.unsized_residents * settings.typical_output_tokens + out
-                       - (node.tokens_in_flight - node.joined_prompt_tokens))
+            to_come = float(node.expected_output_tokens + node.unsized_residents * settings.typical_output_tokens + out
+                            - (node.tokens_in_flight - node.joined_prompt_tokens))
             if to_come > 0:
                 tokens += int(LIFETIME_GROWTH * to_come)
     else:
@@ -155,7 +155,7 @@ def committed_load_key(settings: SettingsValues, costs: CostModel) -> Callable[[
 
 
 def _loads(
-    nodes, request: RequestInfo, settings: SettingsValues, costs: CostModel, committed: bool
+    nodes: Iterable[tuple[int, DecodeNodeView]], request: RequestInfo, settings: SettingsValues, costs: CostModel, committed: bool
 ) -> list[tuple[float, int, DecodeNodeView]]:
     """(load, position, node) for every healthy decode node of `nodes` ((position, node)
     pairs): `decode_estimate(...).load()` on the CURRENT or COMMITTED basis, inlined because
@@ -294,7 +294,7 @@ class LowerTiers:
     def __init__(self, view: ClusterView, request: RequestInfo, costs: CostModel) -> None:
         index = view.index
         self.on = bool(request.block_hashes) and bool(getattr(index, "tiers", None))
-        self._index = index
+        self._index = cast(TieredLookup, index)  # used only when `on`: it has tiers
         self._hashes = request.block_hashes
         bt = view.block_tokens
         self._block_s = {t: costs.tier_load_s(t, bt) for t in ("host", "disk", "cluster")} if self.on else {}
@@ -325,14 +325,15 @@ def _healthy(view: ClusterView) -> list[PrefillNodeView]:
 class RandomPolicy(Policy):
     name = PolicyName.RANDOM
 
-    def choose_prefill(self, view, request, now_s):
+    def choose_prefill(self, view: ClusterView, request: RequestInfo, now_s: float) -> PrefillChoice | None:
         healthy = _healthy(view)
         if not healthy:
             return None
         node = healthy[self._rng.randrange(len(healthy))]
         return self._estimate(view, request, node, now_s, self._match(view, request).get(node.node_id, 0))
 
-    def choose_decode(self, view, request, at_s, settings, basis=LoadBasis.COMMITTED):
+    def choose_decode(self, view: ClusterView, request: RequestInfo, at_s: float, settings: SettingsValues,
+                      basis: LoadBasis = LoadBasis.COMMITTED) -> DecodeChoice | None:
         healthy = [d for d in view.decode if d.healthy]
         if not healthy:
             return None
@@ -348,7 +349,7 @@ class RoundRobinPolicy(Policy):
         self._next_prefill = 0
         self._next_decode = 0
 
-    def choose_prefill(self, view, request, now_s):
+    def choose_prefill(self, view: ClusterView, request: RequestInfo, now_s: float) -> PrefillChoice | None:
         healthy = _healthy(view)
         if not healthy:
             return None
@@ -356,7 +357,8 @@ class RoundRobinPolicy(Policy):
         self._next_prefill += 1
         return self._estimate(view, request, node, now_s, self._match(view, request).get(node.node_id, 0))
 
-    def choose_decode(self, view, request, at_s, settings, basis=LoadBasis.COMMITTED):
+    def choose_decode(self, view: ClusterView, request: RequestInfo, at_s: float, settings: SettingsValues,
+                      basis: LoadBasis = LoadBasis.COMMITTED) -> DecodeChoice | None:
         healthy = [d for d in view.decode if d.healthy]
         if not healthy:
             return None
@@ -368,7 +370,7 @@ class RoundRobinPolicy(Policy):
 class LeastLoadedPolicy(Policy):
     name = PolicyName.LEAST_LOADED
 
-    def choose_prefill(self, view, request, now_s):
+    def choose_prefill(self, view: ClusterView, request: RequestInfo, now_s: float) -> PrefillChoice | None:
         best: PrefillNodeView | None = None
         loads = _prefill_index(view)
         if loads is not None:
@@ -412,7 +414,7 @@ def _prefill_candidates(view: ClusterView, match: dict, tiers: LowerTiers | None
         return [(i, p) for i, p in enumerate(view.prefill) if p.healthy]
     by_id = loads.prefill_by_id
     out = []
-    ids = match.keys()
+    ids: Iterable[NodeId] = match.keys()
     if tiers is not None and tiers.on:
         ids = set(ids) | tiers.holders()
     for node_id in ids:
@@ -521,7 +523,7 @@ class CacheAwareLocalPolicy(Policy):
 
     name = PolicyName.CACHE_AWARE_LOCAL
 
-    def choose_prefill(self, view, request, now_s):
+    def choose_prefill(self, view: ClusterView, request: RequestInfo, now_s: float) -> PrefillChoice | None:
         groups = _least_busy_by_depth(view, self._match(view, request), LowerTiers(view, request, self.costs))
         if not groups:
             return None
@@ -533,6 +535,7 @@ class CacheAwareLocalPolicy(Policy):
             key = (queue + costs.local_load_s(_reusable(depth, bt, n)) + extra_s + costs.prefill_s(n, p), busy, i)
             if best_key is None or key < best_key:
                 best_key, best_node, best_depth = key, node, depth
+        assert best_node is not None  # (groups is not empty)
         return self._estimate(view, request, best_node, now_s, best_depth)
 
 
@@ -542,7 +545,7 @@ class KvCentricPolicy(Policy):
 
     name = PolicyName.KV_CENTRIC
 
-    def choose_prefill(self, view, request, now_s):
+    def choose_prefill(self, view: ClusterView, request: RequestInfo, now_s: float) -> PrefillChoice | None:
         match = self._match(view, request)
         groups = _least_busy_by_depth(view, match, LowerTiers(view, request, self.costs))
         if not groups:
@@ -561,6 +564,7 @@ class KvCentricPolicy(Policy):
             key = (queue + cost, busy, i)
             if best_key is None or key < best_key:
                 best_key, best_node, best_depth, best_pull = key, node, depth, pull
+        assert best_node is not None  # (groups is not empty)
         if best_pull:
             return self._estimate(view, request, best_node, now_s, best_depth, top_node, top_depth - best_depth)
         return self._estimate(view, request, best_node, now_s, best_depth)
@@ -569,7 +573,7 @@ class KvCentricPolicy(Policy):
 class LongestPrefixPolicy(Policy):
     name = PolicyName.LONGEST_PREFIX
 
-    def choose_prefill(self, view, request, now_s):
+    def choose_prefill(self, view: ClusterView, request: RequestInfo, now_s: float) -> PrefillChoice | None:
         match = self._match(view, request)
         best: PrefillNodeView | None = None
         best_key = (0, 0.0, 0)
@@ -614,7 +618,7 @@ class CostAwarePolicy(Policy):
         super().__init__(costs, seed)
         self._typical_service_s = 0.0
 
-    def choose_prefill(self, view, request, now_s):
+    def choose_prefill(self, view: ClusterView, request: RequestInfo, now_s: float) -> PrefillChoice | None:
         cached = self._match(view, request)
         match = cached
         if view.pending is not None and request.block_hashes:
@@ -667,6 +671,7 @@ class CostAwarePolicy(Policy):
             key = (queue + service + weight * (service - least), busy, i)
             if best_key is None or key < best_key:
                 best_key, best = key, option
+        assert best is not None  # (options is not empty)
         _, _, _, node, depth, pull = best
         if pull:
             return self._estimate(view, request, node, now_s, depth, _first_holder(view, cached, top_depth),

@@ -26,13 +26,19 @@ stale, and the owner should call `resync(node, hashes, next_seq)` with a snapsho
 from __future__ import annotations
 
 from enum import Enum
-from typing import Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from conductor.errors import IndexSyncError
 from conductor.request import BlockHash, NodeId
 from conductor.store_lru import StoreLru
 from engine.block_pool import CLEARED, REMOVED, STORED, KVEvent
 
+
+# A block hash as the index's maps key it. `Any`, not `int`, for the simulator's compiled
+# build (`bench.sim.native`): a compiled loop over ints unboxes each hash and boxes it again
+# (a new int object) for every dict or set it touches; as objects they pass through as they
+# are. Lookups and events still take `BlockHash` / int sequences.
+_Hash = Any
 
 STORE_NODE = NodeId("cluster-store")  # the holder of every block in the cluster tier
 LOWER_TIERS = ("host", "disk", "cluster")
@@ -50,7 +56,8 @@ def _longest_prefix(holders: dict, block_hashes: Sequence[BlockHash]) -> dict[No
     out: dict[NodeId, int] = {}
     if not block_hashes:
         return out
-    first = holders.get(block_hashes[0])
+    hashes: Sequence[_Hash] = block_hashes
+    first = holders.get(hashes[0])
     if first is None:
         return out
     single: NodeId | None = None
@@ -62,7 +69,7 @@ def _longest_prefix(holders: dict, block_hashes: Sequence[BlockHash]) -> dict[No
     else:
         single = first  # type: ignore[assignment]
     depth = 1
-    for h in block_hashes[1:]:
+    for h in hashes[1:]:
         held = holders.get(h)
         if held is None:
             break
@@ -93,7 +100,7 @@ def _longest_prefix(holders: dict, block_hashes: Sequence[BlockHash]) -> dict[No
     return out
 
 
-def _drop_holder(holders: dict, h: BlockHash, node: NodeId) -> None:
+def _drop_holder(holders: dict, h: _Hash, node: NodeId) -> None:
     """`node` no longer holds block `h` in a holder map (one node, or a set of two or more)."""
     held = holders[h]
     if type(held) is set:
@@ -106,8 +113,8 @@ def _drop_holder(holders: dict, h: BlockHash, node: NodeId) -> None:
 
 class GlobalPrefixIndex:
     def __init__(self) -> None:
-        self._holders: dict[int, NodeId | set[NodeId]] = {}
-        self._blocks_of: dict[NodeId, set[int]] = {}
+        self._holders: dict[_Hash, NodeId | set[NodeId]] = {}
+        self._blocks_of: dict[NodeId, set[_Hash]] = {}
         self._next_seq: dict[NodeId, int] = {}
         self._stale: set[NodeId] = set()
         self.gaps_detected = 0
@@ -159,8 +166,9 @@ class GlobalPrefixIndex:
             return out
         sources = [(t, self.tiers[t]._holders, STORE_NODE if t == "cluster" else node)
                    for t in LOWER_TIERS if t in self.tiers]
-        for i in range(start, len(block_hashes)):
-            h = block_hashes[i]
+        hashes: Sequence[_Hash] = block_hashes
+        for i in range(start, len(hashes)):
+            h = hashes[i]
             for name, holders, who in sources:
                 held = holders.get(h)
                 if held is not None and (held == who or (type(held) is set and who in held)):
@@ -253,13 +261,14 @@ class GlobalPrefixIndex:
     def apply_all(self, events: Iterable[KVEvent]) -> list[ApplyStatus]:
         return [self.apply(e) for e in events]
 
-    def store(self, node: NodeId, block_hashes: Iterable[BlockHash]) -> None:
+    def store(self, node: NodeId, block_hashes: Iterable[int]) -> None:
         """Record that `node` caches these blocks (no sequence check; `apply` does that)."""
         holders = self._holders
         mine = self._blocks_of.get(node)
         if mine is None:
             mine = self._blocks_of[node] = set()
-        new = [h for h in block_hashes if h not in mine]
+        hashes: Iterable[_Hash] = block_hashes
+        new = [h for h in hashes if h not in mine]
         if not new:
             return
         mine.update(new)
@@ -273,13 +282,14 @@ class GlobalPrefixIndex:
             elif held != node:  # (a chain naming one block twice lists it twice in `new`)
                 holders[h] = {held, node}  # type: ignore[arg-type]
 
-    def remove(self, node: NodeId, block_hashes: Iterable[BlockHash]) -> None:
+    def remove(self, node: NodeId, block_hashes: Iterable[int]) -> None:
         """Record that `node` evicted these blocks; unknown blocks are ignored."""
         holders = self._holders
         mine = self._blocks_of.get(node)
         if not mine:
             return
-        for h in block_hashes:
+        hashes: Iterable[_Hash] = block_hashes
+        for h in hashes:
             if h not in mine:
                 continue
             mine.discard(h)
@@ -305,7 +315,7 @@ class GlobalPrefixIndex:
             if name != "cluster":
                 idx.remove_node(node)
 
-    def resync(self, node: NodeId, block_hashes: Iterable[BlockHash], next_seq: int) -> None:
+    def resync(self, node: NodeId, block_hashes: Iterable[int], next_seq: int) -> None:
         """Replace what the index holds for `node` with a snapshot taken at `next_seq`."""
         self.clear_node(node)
         self.store(node, block_hashes)
@@ -329,8 +339,8 @@ class PendingPrefixes:
     """
 
     def __init__(self) -> None:
-        self._holders: dict[int, NodeId | set[NodeId]] = {}
-        self._counts: dict[NodeId, dict[int, int]] = {}
+        self._holders: dict[_Hash, NodeId | set[NodeId]] = {}
+        self._counts: dict[NodeId, dict[_Hash, int]] = {}
 
     def add(self, node: NodeId, block_hashes: Sequence[BlockHash]) -> None:
         counts = self._counts.get(node)
@@ -338,7 +348,8 @@ class PendingPrefixes:
             counts = self._counts[node] = {}
         holders = self._holders
         get, held_by = counts.get, holders.get
-        for h in block_hashes:
+        hashes: Sequence[_Hash] = block_hashes
+        for h in hashes:
             c = get(h)
             if c is not None:
                 counts[h] = c + 1
@@ -357,7 +368,8 @@ class PendingPrefixes:
         if not counts:
             return
         get = counts.get
-        for h in block_hashes:
+        hashes: Sequence[_Hash] = block_hashes
+        for h in hashes:
             c = get(h, 0)
             if c > 1:
                 counts[h] = c - 1

@@ -60,7 +60,7 @@ class Scheduler:
         """Decode steps a node ran (a heartbeat's window): their measured mean against the
         cost model's step on the same batch rows and context tokens, into the TBT calibration."""
         n = window.steps  # (the model is linear: its step at the mean batch and context is the mean step)
-        predicted = self._costs.decode_step_s(window.rows / n, window.tokens / n)  # type: ignore[arg-type]
+        predicted = self._costs.decode_step_s(window.rows / n, window.tokens / n)
         self.calibration.observe(Quantity.TBT, predicted, window.seconds / n)
 
     def decide(self, view: ClusterView, request: RequestInfo, now_s: float) -> Decision:
@@ -107,5 +107,5 @@ class Scheduler:
                 return replace(decision, decided_at_s=now_s, rejection=rejection)
         else:
             decode = decode_estimate(node, request, now_s, LoadBasis.CURRENT, s, self._costs)
-        rejection = admission.check_after_prefill(s, decode, tbt_factor=self.calibration.factor(Quantity.TBT))
-        return replace(decision, decided_at_s=now_s, decode=decode, rejection=rejection)
+        late = admission.check_after_prefill(s, decode, tbt_factor=self.calibration.factor(Quantity.TBT))
+        return replace(decision, decided_at_s=now_s, decode=decode, rejection=late)

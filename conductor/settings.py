@@ -19,7 +19,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass, fields, replace
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 from conductor.errors import InvalidSetting
 from conductor.modes import AdmissionMode, PolicyName, parse_admission, parse_policy
@@ -65,7 +65,7 @@ def _positive_int(upper: int) -> Callable[[object], int]:
         if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
             raise ValueError(f"must be a whole number, got {value!r}")
         try:
-            number = int(value)  # type: ignore[arg-type]
+            number = int(value)  # type: ignore[call-overload]
         except (TypeError, ValueError):
             raise ValueError(f"must be a whole number, got {value!r}") from None
         if not 1 <= number <= upper:
@@ -153,7 +153,7 @@ class ConductorSettings:
 
     def update(self, changes: Mapping[str, object], *, actor: str = "admin") -> list[SettingChange]:
         """Change several settings at once: all are validated before any takes effect."""
-        parsed = {name: _check(name, value) for name, value in changes.items()}
+        parsed: dict[str, Any] = {name: _check(name, value) for name, value in changes.items()}
         with self._lock:
             old = self._values
             new = replace(old, **parsed)

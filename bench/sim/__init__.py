@@ -8,7 +8,8 @@ requests) and ``workloads`` (seeded generators of more shapes) -> ``cluster`` (t
 discrete-event loop) over ``nodes`` (a FIFO prefill instance with an LRU prefix cache, a
 continuous-batching decode instance) -> ``events`` (each request's trail and its check)
 -> ``metrics`` (TTFT, TBT, goodput) -> ``report`` (table, JSON, PNG). ``cli`` parses the
-flags; ``compare`` runs the policy and admission evaluations of issue 13.
+flags; ``compare`` runs the policy and admission evaluations of issue 13; ``native``
+compiles the loop and the core under it with mypyc and runs a program on that build.
 """
 
 from __future__ import annotations

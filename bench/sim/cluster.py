@@ -31,6 +31,9 @@ import heapq
 import math
 import random
 from dataclasses import dataclass, replace
+from typing import cast
+
+from mypy_extensions import mypyc_attr
 
 from bench.sim.events import EventKind, Outcome, RequestEvent
 from bench.sim.nodes import PrefillJob, SimDecode, SimPrefill
@@ -38,6 +41,7 @@ from conductor.cluster_state import ClusterState
 from conductor.cost_model import CostModel, DecodeModel
 from conductor.decision import Decision, RejectReason, Rejection, Stage
 from conductor.modes import AdmissionMode, PolicyName
+from conductor.prefix_index import GlobalPrefixIndex
 from conductor.predictions import DecodeSteps, PredictionLog, Quantity
 from conductor.request import NodeId, RequestInfo
 from conductor.scheduler import Scheduler
@@ -109,10 +113,14 @@ class SimConfig:
         )
 
 
+# its attributes, which its deepcopy walks (mypy, so mypyc, does not read `__slots__` through the class)
+_REQUEST_STATE_FIELDS = ("req", "info", "outcome", "decision", "rejection", "rejected_after_prefill", "failure",
+                         "prefill", "decode", "enqueued_s", "prefill_start_s", "prefill_end_s", "service_s",
+                         "hit_blocks", "first_token_s", "finish_s", "join_step", "finish_step")
+
+
 class RequestState:
-    __slots__ = ("req", "info", "outcome", "decision", "rejection", "rejected_after_prefill", "failure", "prefill",
-                 "decode", "enqueued_s", "prefill_start_s", "prefill_end_s", "service_s", "hit_blocks",
-                 "first_token_s", "finish_s", "join_step", "finish_step")
+    __slots__ = _REQUEST_STATE_FIELDS
 
     def __init__(self, req: SimRequest, info: RequestInfo) -> None:
         self.req = req
@@ -136,9 +144,9 @@ class RequestState:
 
     def __deepcopy__(self, memo: dict) -> RequestState:
         """Its request, info and decisions are immutable (shared); its nodes are copied."""
-        new = RequestState.__new__(RequestState)
+        new = RequestState(self.req, self.info)  # (a compiled class's __new__ runs __init__ too)
         memo[id(self)] = new
-        for name in RequestState.__slots__:
+        for name in _REQUEST_STATE_FIELDS:
             setattr(new, name, getattr(self, name))
         if self.prefill is not None:
             new.prefill = copy.deepcopy(self.prefill, memo)
@@ -174,10 +182,13 @@ class SimRun:
     end_s: float  # when the last request finished
 
     @property
-    def index(self):
+    def index(self) -> GlobalPrefixIndex:
         return self.state.index
 
 
+# Subclassed by the tiered, elastic and counterfactual simulations, which stay interpreted
+# when the core is compiled (`bench.sim.native`).
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Simulation:
     def __init__(self, requests: list[SimRequest], config: SimConfig, costs: CostModel) -> None:
         self.config = config
@@ -279,7 +290,7 @@ class Simulation:
                     kind, payload = due.pop(0)
                 self.now = t
                 if kind == _SEGMENT_END:
-                    dec, version = payload  # type: ignore[misc]
+                    dec, version = cast("tuple[SimDecode, int]", payload)
                     if version == dec.end_version:
                         self._segment_end(dec, t)
                 elif kind == _PREFILL_DONE:
@@ -362,6 +373,9 @@ class Simulation:
         """An independent copy of the simulation as it is now, with the arrivals of the next
         `horizon_s` seconds only (from request `from_index` on: the one arriving now, say),
         and no event trail or prediction log: what a counterfactual continues from."""
+        if hasattr(Simulation, "__mypyc_attrs__"):  # compiled: its objects have no __dict__ to copy
+            raise RuntimeError("a fork (counterfactual judging) needs the simulator's source core, "
+                               "not the compiled one: run this program without bench.sim.native")
         first = self._next_arrival if from_index is None else from_index
         cls = type(self)
         new = cls.__new__(cls)
@@ -421,7 +435,9 @@ class Simulation:
         st = job.state
         n = st.req.input_tokens
         node.queued_tokens -= n
-        choice = st.decision.prefill  # type: ignore[union-attr]
+        decision = st.decision
+        assert decision is not None and decision.prefill is not None  # (placed: it was decided)
+        choice = decision.prefill
         hashes = st.req.block_hashes
         local = node.depth(hashes)
         pulled = 0
@@ -458,7 +474,9 @@ class Simulation:
         st.prefill_end_s = t
         self._cache_prompt(node, st.req.block_hashes)
         node.running = None
-        choice = st.decision.prefill  # type: ignore[union-attr]
+        decision = st.decision
+        assert decision is not None and decision.prefill is not None
+        choice = decision.prefill
         rid = st.info.request_id
         self.predictions.record(rid, Quantity.QUEUE, choice.queue_s, st.prefill_start_s - st.enqueued_s)
         self.predictions.record(rid, Quantity.PREFILL, job.predicted_service_s, st.service_s)

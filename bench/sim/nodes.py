@@ -22,10 +22,14 @@ import heapq
 import math
 from array import array
 from collections import OrderedDict, deque
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from conductor.cost_model import DecodeModel
+
+if TYPE_CHECKING:  # (cluster imports this module)
+    from bench.sim.cluster import RequestState
 
 
 # What `SimDecode.segments` holds per finished segment: start time, first step, steps,
@@ -36,7 +40,7 @@ SEGMENT_FIELDS = ("t0", "step0", "k", "a", "T0", "b")
 class PrefillJob:
     __slots__ = ("state", "predicted_service_s")
 
-    def __init__(self, state, predicted_service_s: float) -> None:
+    def __init__(self, state: RequestState, predicted_service_s: float) -> None:
         self.state = state
         self.predicted_service_s = predicted_service_s
 
@@ -46,9 +50,13 @@ class PrefillJob:
         return new
 
 
+# its attributes, which its deepcopy walks (mypy, so mypyc, does not read `__slots__` through the class)
+_SIM_PREFILL_FIELDS = ("node_id", "capacity", "cache", "queue", "running", "run_start_s", "run_end_s",
+                       "run_uncached", "queued_tokens", "seq")
+
+
 class SimPrefill:
-    __slots__ = ("node_id", "capacity", "cache", "queue", "running", "run_start_s", "run_end_s", "run_uncached",
-                 "queued_tokens", "seq")
+    __slots__ = _SIM_PREFILL_FIELDS
 
     def __init__(self, node_id: str, capacity: int) -> None:
         self.node_id = node_id
@@ -63,9 +71,9 @@ class SimPrefill:
         self.seq = 0  # next KV event number
 
     def __deepcopy__(self, memo: dict) -> SimPrefill:
-        new = SimPrefill.__new__(SimPrefill)
+        new = SimPrefill(self.node_id, self.capacity)  # (a compiled class's __new__ runs __init__ too)
         memo[id(self)] = new
-        for name in SimPrefill.__slots__:
+        for name in _SIM_PREFILL_FIELDS:
             value = getattr(self, name)
             if name == "cache":
                 value = OrderedDict(value)  # block hashes: nothing inside to copy
@@ -122,10 +130,14 @@ class SimPrefill:
         return self.running is None and not self.queue
 
 
+# its attributes, which its deepcopy walks (mypy, so mypyc, does not read `__slots__` through the class)
+_SIM_DECODE_FIELDS = ("node_id", "kv_capacity_tokens", "model", "batch", "tokens", "step", "stepping", "seg_t0",
+                      "seg_a", "seg_k", "end_version", "pending", "pending_tokens", "committed", "finishing",
+                      "segments", "residents", "done_s", "done_rows", "done_tokens")
+
+
 class SimDecode:
-    __slots__ = ("node_id", "kv_capacity_tokens", "model", "batch", "tokens", "step", "stepping", "seg_t0", "seg_a",
-                 "seg_k", "end_version", "pending", "pending_tokens", "committed", "finishing", "segments",
-                 "residents", "done_s", "done_rows", "done_tokens")
+    __slots__ = _SIM_DECODE_FIELDS
 
     def __init__(self, node_id: str, kv_capacity_tokens: int, model: DecodeModel) -> None:
         self.node_id = node_id
@@ -152,9 +164,9 @@ class SimDecode:
         self.done_tokens = 0
 
     def __deepcopy__(self, memo: dict) -> SimDecode:
-        new = SimDecode.__new__(SimDecode)
+        new = SimDecode(self.node_id, self.kv_capacity_tokens, self.model)
         memo[id(self)] = new
-        for name in SimDecode.__slots__:
+        for name in _SIM_DECODE_FIELDS:
             value = getattr(self, name)
             if name == "segments":
                 value = array(value.typecode, value)
@@ -289,10 +301,10 @@ class SimDecode:
         if total == 0:
             empty = np.zeros(0)
             return empty, empty, np.zeros(0, dtype=np.int64)
-        t0 = np.repeat(cols["t0"], k)
-        a = np.repeat(cols["a"], k)
-        tok = np.repeat(cols["T0"], k)
-        b = np.repeat(cols["b"], k)
+        t0: np.ndarray = np.repeat(cols["t0"], k)
+        a: np.ndarray = np.repeat(cols["a"], k)
+        tok: np.ndarray = np.repeat(cols["T0"], k)
+        b: np.ndarray = np.repeat(cols["b"], k)
         starts = np.cumsum(k) - k
         i = np.arange(total, dtype=np.float64) - np.repeat(starts, k)
         s_t = self.model.s_t

@@ -1,6 +1,7 @@
 """How fast the simulator replays a very large run through the conductor's own core.
 
     python -m bench.sim.scale --requests 1000000 --nodes 4096 --json out/scale.json
+    python -m bench.sim.native run bench.sim.scale --json out/scale.json   # on the compiled core
 
 Generates the requests (one of `bench.sim.workloads`, default `uniform`), scales them to
 `--load` of the cluster's capacity, and replays them on nodes/2 prefill + nodes/2 decode
@@ -8,7 +9,8 @@ instances with the default policy and admission; every decision goes through `Sc
 and every view change through `ClusterState`, whose `LoadIndex` keeps the per-decision work
 independent of the node count. Prints the wall time of each phase (generate, simulate,
 summarize), decisions per second, and the machine's load average, since the machine may be
-shared: a loaded machine stretches every number.
+shared: a loaded machine stretches every number. Run through `bench.sim.native`, the same
+core runs compiled with mypyc (the row's `core` says which ran).
 
 The cyclic garbage collector is off for the run (the objects live until the end and hold
 no cycles; reference counting frees what goes). Per-instance prefix caches default to 500
@@ -31,6 +33,7 @@ from typing import Sequence
 from tqdm import tqdm
 
 from bench import flags
+from bench.sim import native
 from bench.sim.cluster import SimConfig, SimRun, Simulation
 from bench.sim.compare import at_load
 from bench.sim.metrics import summarize
@@ -95,6 +98,7 @@ def _run(args, costs, load_before, retain: list | None) -> int:
     load_after = os.getloadavg()
     rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     row = {
+        "core": "compiled (mypyc)" if native.compiled() else "source",
         "requests": len(requests), "nodes": args.nodes, "prefill_nodes": prefill, "decode_nodes": args.nodes - prefill,
         "workload": args.workload, "load": args.load, "speedup": speedup, "simulated_s": run.end_s,
         "generate_s": t1 - t0, "simulate_s": t2 - t1, "summarize_s": t3 - t2, "total_s": t3 - t0,
@@ -106,7 +110,7 @@ def _run(args, costs, load_before, retain: list | None) -> int:
         "rejections_by_reason": summary.rejections_by_reason,
     }
     print(f"{len(requests):,} {args.workload} requests on {prefill}P+{args.nodes - prefill}D at load {args.load:g} "
-          f"({run.end_s:,.0f} simulated s): generate {t1 - t0:.1f} s, simulate {t2 - t1:.1f} s "
+          f"({run.end_s:,.0f} simulated s; {row['core']} core): generate {t1 - t0:.1f} s, simulate {t2 - t1:.1f} s "
           f"(CPU {c2 - c1:.1f} s; {row['decisions_per_s']:,.0f} requests/s), summarize {t3 - t2:.1f} s; total {t3 - t0:.1f} s "
           f"(CPU {c3 - c0:.1f} s); max RSS {rss_gb:.1f} GB")
     print(f"load average {load_before[0]:.1f} before, {load_after[0]:.1f} after, on {os.cpu_count()} CPUs; "
