@@ -105,6 +105,13 @@ class DecodeNodeView:
     joined_prompt_tokens: int = 0
 
 
+# LoadIndex's heap entries: (key, view position, version, node view), and the backlog's
+# (busy_until_s, version, node); an entry is current while its version is the node's.
+_PrefillEntry = tuple[float, int, int, PrefillNodeView]
+_DecodeEntry = tuple[float, int, int, DecodeNodeView]
+_BusyEntry = tuple[float, int, NodeId]
+
+
 class LoadIndex:
     """Orderings of the nodes kept as they change, so a decision on a large cluster need not
     visit every node: the least busy healthy prefill node, and decode nodes by a load key.
@@ -123,13 +130,13 @@ class LoadIndex:
                  "_dcur", "_dtop")
 
     def __init__(self) -> None:
-        self._pheap: list[tuple[float, int, int, PrefillNodeView]] = []  # (busy_until_s, position, heap version, view)
+        self._pheap: list[_PrefillEntry] = []  # (busy_until_s, position, heap version, view)
         self._ppos: dict[NodeId, int] = {}  # node -> position
         self._pver: dict[NodeId, int] = {}  # node -> changes seen (the backlog heap's versions)
         self._phver: dict[NodeId, int] = {}  # node -> version of its valid entry in `_pheap`
         self._pcur: dict[NodeId, float] = {}  # node -> busy_until_s of its valid entry in `_pheap`
         self._pdirty: dict[NodeId, PrefillNodeView] = {}  # prefill nodes changed since the last query
-        self._dheap: list[tuple[float, int, int, DecodeNodeView]] = []  # (key, position, version, view)
+        self._dheap: list[_DecodeEntry] = []  # (key, position, version, view)
         self._dpos: dict[NodeId, int] = {}
         self._dver: dict[NodeId, int] = {}
         self._dkey: Callable[[DecodeNodeView], float] | None = None
@@ -139,14 +146,14 @@ class LoadIndex:
         # the backlog: healthy prefill nodes still busy at `_busy_now`, their busy_until_s summed
         self._busy: dict[NodeId, float] = {}
         self._busy_sum = 0.0
-        self._busy_heap: list[tuple[float, int, NodeId]] = []  # (busy_until_s, version, node) of `_busy`, lazily
+        self._busy_heap: list[_BusyEntry] = []  # (busy_until_s, version, node) of `_busy`, lazily
         self._bdirty: dict[NodeId, None] = {}  # nodes of `_busy` with no entry in `_busy_heap` yet
         self._busy_now = -float("inf")
         self._healthy: dict[NodeId, bool] = {}
         self._n_healthy = 0  # healthy prefill nodes (the True values of `_healthy`)
         self._dirty: dict[NodeId, DecodeNodeView] = {}  # decode nodes changed since the last query
         self._dcur: dict[NodeId, float] = {}  # decode node -> the key of its valid entry (`_dheap` or `_dtop`)
-        self._dtop: list[tuple[float, int, int, DecodeNodeView]] = []  # the last query's candidates, in order: entries taken out of `_dheap`
+        self._dtop: list[_DecodeEntry] = []  # the last query's candidates, in order: entries taken out of `_dheap`
 
     def add_prefill(self, view: PrefillNodeView, position: int) -> None:
         self._ppos[view.node_id] = position
@@ -335,7 +342,7 @@ class LoadIndex:
             self._reorder_decode()
         heap, ver, top = self._dheap, self._dver, self._dtop
         pop = heapq.heappop
-        taken: list[tuple[float, int, int, DecodeNodeView]] = []
+        taken: list[_DecodeEntry] = []
         i, n_top = 0, len(top)
         while len(taken) < k:
             if i < n_top and (not heap or top[i] < heap[0]):
