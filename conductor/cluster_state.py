@@ -68,7 +68,7 @@ class LifecycleError(ConductorError):
     """An event that does not fit the request's phase (or names an unknown request or node)."""
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class Tracked:
     """One request placed on nodes, as this object counts it."""
 
@@ -87,6 +87,29 @@ class Tracked:
     reserved_tokens: int = 0  # decode KV reserved before the prefill (not joined yet)
     pending_kv: int = 0  # its share of the decode view's pending_kv_tokens
     held_tokens: int = 0  # decode KV counted in `reserved_tokens` of the view once joined
+
+    # Written out (the fields, in order): a compiled dataclass's generated __init__ runs
+    # interpreted. tests/bench/test_record_inits.py holds it to the fields.
+    def __init__(self, request_id: str, prefill: NodeId | None, decode: NodeId, input_tokens: int,
+                 expected_output_tokens: int | None, service_s: float, uncached_tokens: int, dispatched_at_s: float,
+                 block_hashes: tuple = (), phase: Phase = Phase.PLACED, prefill_pending: bool = False,
+                 in_transfer: bool = False, reserved_tokens: int = 0, pending_kv: int = 0,
+                 held_tokens: int = 0) -> None:
+        self.request_id = request_id
+        self.prefill = prefill
+        self.decode = decode
+        self.input_tokens = input_tokens
+        self.expected_output_tokens = expected_output_tokens
+        self.service_s = service_s
+        self.uncached_tokens = uncached_tokens
+        self.dispatched_at_s = dispatched_at_s
+        self.block_hashes = block_hashes
+        self.phase = phase
+        self.prefill_pending = prefill_pending
+        self.in_transfer = in_transfer
+        self.reserved_tokens = reserved_tokens
+        self.pending_kv = pending_kv
+        self.held_tokens = held_tokens
 
 
 @dataclass(slots=True)

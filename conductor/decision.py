@@ -30,15 +30,23 @@ class Stage(StrEnum):
     AFTER_PREFILL = "after_prefill"  # the prefill ran and its work is lost
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class Rejection:
     reason: RejectReason
     stage: Stage
     detail: str  # a sentence with the numbers behind the verdict
     retry_after_s: float = 1.0
 
+    # Written out (the fields, in order): a compiled dataclass's generated __init__ runs
+    # interpreted. tests/bench/test_record_inits.py holds it to the fields.
+    def __init__(self, reason: RejectReason, stage: Stage, detail: str, retry_after_s: float = 1.0) -> None:
+        object.__setattr__(self, "reason", reason)
+        object.__setattr__(self, "stage", stage)
+        object.__setattr__(self, "detail", detail)
+        object.__setattr__(self, "retry_after_s", retry_after_s)
 
-@dataclass(frozen=True, slots=True)
+
+@dataclass(frozen=True, slots=True, init=False)
 class PrefillChoice:
     """The chosen prefill node and its predicted TTFT, in parts.
 
@@ -58,6 +66,22 @@ class PrefillChoice:
     prefill_s: float
     kv_send_s: float  # sending the prompt's KV to the decode node
 
+    # Written out (the fields, in order): a compiled dataclass's generated __init__ runs
+    # interpreted. tests/bench/test_record_inits.py holds it to the fields.
+    def __init__(self, node: NodeId, cached_blocks: int, pull_from: NodeId | None, pulled_blocks: int,
+                 reused_tokens: int, queue_s: float, load_s: float, pull_s: float, prefill_s: float,
+                 kv_send_s: float) -> None:
+        object.__setattr__(self, "node", node)
+        object.__setattr__(self, "cached_blocks", cached_blocks)
+        object.__setattr__(self, "pull_from", pull_from)
+        object.__setattr__(self, "pulled_blocks", pulled_blocks)
+        object.__setattr__(self, "reused_tokens", reused_tokens)
+        object.__setattr__(self, "queue_s", queue_s)
+        object.__setattr__(self, "load_s", load_s)
+        object.__setattr__(self, "pull_s", pull_s)
+        object.__setattr__(self, "prefill_s", prefill_s)
+        object.__setattr__(self, "kv_send_s", kv_send_s)
+
     @property
     def ttft_s(self) -> float:
         return self.queue_s + self.load_s + self.pull_s + self.prefill_s + self.kv_send_s
@@ -68,7 +92,7 @@ class PrefillChoice:
         return self.load_s + self.pull_s + self.prefill_s
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class DecodeChoice:
     """The chosen decode node and its predicted load once this request joins.
 
@@ -83,6 +107,15 @@ class DecodeChoice:
     at_s: float
     basis: LoadBasis
 
+    # Written out (the fields, in order): a compiled dataclass's generated __init__ runs
+    # interpreted. tests/bench/test_record_inits.py holds it to the fields.
+    def __init__(self, node: NodeId, predicted_tbt_s: float, kv_use: float, at_s: float, basis: LoadBasis) -> None:
+        object.__setattr__(self, "node", node)
+        object.__setattr__(self, "predicted_tbt_s", predicted_tbt_s)
+        object.__setattr__(self, "kv_use", kv_use)
+        object.__setattr__(self, "at_s", at_s)
+        object.__setattr__(self, "basis", basis)
+
     @property
     def projected(self) -> bool:
         return self.basis is LoadBasis.PROJECTED
@@ -92,7 +125,7 @@ class DecodeChoice:
         return tbt_load if tbt_load > self.kv_use else self.kv_use
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class Decision:
     """The scheduler's verdict on one request at one stage.
 
@@ -107,6 +140,19 @@ class Decision:
     prefill: PrefillChoice | None
     decode: DecodeChoice | None
     rejection: Rejection | None = None
+
+    # Written out (the fields, in order): a compiled dataclass's generated __init__ runs
+    # interpreted. tests/bench/test_record_inits.py holds it to the fields.
+    def __init__(self, request_id: str, policy: PolicyName, admission: AdmissionMode, decided_at_s: float,
+                 prefill: PrefillChoice | None, decode: DecodeChoice | None,
+                 rejection: Rejection | None = None) -> None:
+        object.__setattr__(self, "request_id", request_id)
+        object.__setattr__(self, "policy", policy)
+        object.__setattr__(self, "admission", admission)
+        object.__setattr__(self, "decided_at_s", decided_at_s)
+        object.__setattr__(self, "prefill", prefill)
+        object.__setattr__(self, "decode", decode)
+        object.__setattr__(self, "rejection", rejection)
 
     @property
     def admitted(self) -> bool:

@@ -51,7 +51,7 @@ class PrefillNodeView:
         return wait if wait > 0.0 else 0.0
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class DecodeResident:
     """A request assigned to a decode node and not finished: incoming, waiting or running.
 
@@ -64,6 +64,16 @@ class DecodeResident:
     ready_at_s: float
     expected_output_tokens: int | None = None
     running: bool = False
+
+    # Written out (the fields, in order): a compiled dataclass's generated __init__ runs
+    # interpreted. tests/bench/test_record_inits.py holds it to the fields.
+    def __init__(self, request_id: str, prompt_tokens: int, ready_at_s: float,
+                 expected_output_tokens: int | None = None, running: bool = False) -> None:
+        self.request_id = request_id
+        self.prompt_tokens = prompt_tokens
+        self.ready_at_s = ready_at_s
+        self.expected_output_tokens = expected_output_tokens
+        self.running = running
 
 
 @dataclass(slots=True)

@@ -82,7 +82,7 @@ def chain_mismatch(hashes: Sequence[int], token_ids: Sequence[int], block_size: 
 STORED, REMOVED, CLEARED = "stored", "removed", "cleared"  # KVEvent.kind
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class KVEvent:
     """A change to the set of block hashes a node caches: the one record of it, from the
     block pool (and the tiers below it, `engine/tiers`) through the prefill node's event log
@@ -106,6 +106,17 @@ class KVEvent:
     tier: str = "device"  # device | host | disk | cluster
     seq: int = 0
     node: str = ""
+
+    # Written out (the fields, in order): a compiled dataclass's generated __init__ runs
+    # interpreted. tests/bench/test_record_inits.py holds it to the fields.
+    def __init__(self, kind: str, block_hashes: tuple[int, ...] = (), parent_hash: int | None = None,
+                 tier: str = "device", seq: int = 0, node: str = "") -> None:
+        object.__setattr__(self, "kind", kind)
+        object.__setattr__(self, "block_hashes", block_hashes)
+        object.__setattr__(self, "parent_hash", parent_hash)
+        object.__setattr__(self, "tier", tier)
+        object.__setattr__(self, "seq", seq)
+        object.__setattr__(self, "node", node)
 
 
 class BlockPool:
