@@ -215,8 +215,11 @@ class Policy(ABC):
         if not loads:
             return None
         if basis is not LoadBasis.PROJECTED:
-            _, _, node = min(loads, key=lambda entry: entry[:2])
-            return decode_estimate(node, request, at_s, basis, settings, costs)
+            best_entry = loads[0]  # the least (load, position), as min(loads, key=entry[:2]) finds it
+            for entry in loads:
+                if entry[0] < best_entry[0] or (entry[0] == best_entry[0] and entry[1] < best_entry[1]):
+                    best_entry = entry
+            return decode_estimate(best_entry[2], request, at_s, basis, settings, costs)
         candidates = loads
         if len(loads) > PROJECTION_CANDIDATES:
             candidates = heapq.nsmallest(PROJECTION_CANDIDATES, loads, key=lambda entry: entry[:2])

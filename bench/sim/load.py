@@ -20,7 +20,7 @@ measures it instead and scales from there.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 from bench.sim.cluster import SimRequest
 from conductor.cost_model import CostModel
@@ -43,14 +43,16 @@ def offered_load(requests: Sequence[SimRequest], costs: CostModel, *, block_toke
     span = requests[-1].arrival_s - requests[0].arrival_s
     if span <= 0:
         raise ValueError("the requests arrive all at once: no rate")
-    seen: set[int] = set()
+    # Hashes as objects, not ints: compiled (`bench.sim.native`), an int loop would unbox
+    # each hash and box it again for the set.
+    seen: set[Any] = set()
     ideal = none = 0.0
     out_tokens = 0
     weighted_context = 0.0
     for r in requests:
         n = r.input_tokens
         depth = 0
-        hashes = r.block_hashes
+        hashes: Sequence[Any] = r.block_hashes
         while depth < len(hashes) and hashes[depth] in seen:
             depth += 1
         seen.update(hashes)

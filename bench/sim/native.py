@@ -45,7 +45,7 @@ MANIFEST = "manifest.json"
 
 # Everything one simulated request passes through, and nothing that does I/O.
 MODULES = (
-    "bench.sim.cluster", "bench.sim.events", "bench.sim.nodes",
+    "bench.sim.cluster", "bench.sim.events", "bench.sim.load", "bench.sim.nodes",
     "conductor.admission", "conductor.cluster_state", "conductor.cost_model", "conductor.decision",
     "conductor.errors", "conductor.lifecycle", "conductor.modes", "conductor.policies",
     "conductor.predictions", "conductor.prefix_index", "conductor.request", "conductor.scheduler",

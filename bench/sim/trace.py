@@ -22,16 +22,11 @@ def to_sim_requests(records: list[TraceRecord], *, speedup: float = 1.0, limit: 
     if not chosen:
         return []
     start = chosen[0].timestamp_ms
-    return [
-        SimRequest(
-            index=i,
-            arrival_s=(r.timestamp_ms - start) / 1000.0 / speedup,
-            input_tokens=max(1, r.input_length),
-            output_tokens=r.output_length,
-            block_hashes=r.hash_ids,
-        )
-        for i, r in enumerate(chosen)
-    ]
+    # (index, arrival_s, input_tokens, output_tokens, block_hashes), positionally: a million
+    # keyword calls take a second longer
+    return [SimRequest(i, (r.timestamp_ms - start) / 1000.0 / speedup, r.input_length if r.input_length > 1 else 1,
+                       r.output_length, r.hash_ids)
+            for i, r in enumerate(chosen)]
 
 
 def load_sim_requests(path: str | Path, *, speedup: float = 1.0, limit: int | None = None) -> list[SimRequest]:
