@@ -226,11 +226,12 @@ class Simulation:
         self.events: list[RequestEvent] = []
         self._record = config.record_events  # (a detail that takes formatting is built only when it is kept)
         self.predictions = PredictionLog(max_records=config.max_prediction_records)
-        # The event queue: a heap of the times events are due at, each time once, and the
-        # events due then in push order (so ties run in push order, as a heap of (time,
-        # sequence) would run them; a heap of floats is cheaper to keep than one of tuples).
-        self._times: list[float] = []
-        self._due: dict[float, list[tuple[int, object]]] = {}
+        # The event queue: a heap of (time, push number, kind, payload, version) entries, so
+        # ties run in push order; `version` is a segment end's (its node's end_version when
+        # pushed), 0 for the other kinds. (Measured compiled: cheaper than a heap of times
+        # with a dict of the events due at each, which hashes a float four times an event.)
+        self._events: list[tuple[float, int, int, object, int]] = []
+        self._pushed = 0
         self._noise = random.Random(config.seed + 1)
         self._next_arrival = 0
         self._in_flight = 0  # admitted and not ended
@@ -280,27 +281,21 @@ class Simulation:
 
     def run_until(self, stop_s: float, until=None) -> None:
         """Process events up to `stop_s` (or until `until()` holds after an event)."""
-        times, dues = self._times, self._due
+        events = self._events
         states = self.states
         total = len(states)
         pop = heapq.heappop
         i = self._next_arrival  # only this loop moves it
         next_arrival = states[i].req.arrival_s if i < total else math.inf
         while True:
-            if times and times[0] <= next_arrival:
-                t = times[0]
+            if events and events[0][0] <= next_arrival:
+                t = events[0][0]
                 if t > stop_s:
                     return
-                due = dues[t]
-                if len(due) == 1:  # (one pushed at `t` while it runs gets a new entry: it runs next)
-                    kind, payload = due[0]
-                    pop(times)
-                    del dues[t]
-                else:
-                    kind, payload = due.pop(0)
+                _, _, kind, payload, version = pop(events)
                 self.now = t
                 if kind == _SEGMENT_END:
-                    dec, version = cast("tuple[SimDecode, int]", payload)
+                    dec = cast(SimDecode, payload)
                     if version == dec.end_version:
                         self._segment_end(dec, t)
                 elif kind == _PREFILL_DONE:
@@ -324,13 +319,10 @@ class Simulation:
             if until is not None and until():
                 return
 
-    def _push(self, t: float, kind: int, payload: object) -> None:
-        due = self._due.get(t)
-        if due is None:
-            self._due[t] = [(kind, payload)]
-            heapq.heappush(self._times, t)
-        else:
-            due.append((kind, payload))
+    def _push(self, t: float, kind: int, payload: object, version: int = 0) -> None:
+        n = self._pushed
+        self._pushed = n + 1
+        heapq.heappush(self._events, (t, n, kind, payload, version))
 
     def _log(self, t: float, st: RequestState, kind: EventKind, detail: str = "") -> None:
         if self._record:
@@ -556,14 +548,14 @@ class Simulation:
         dec.pending_tokens += n + 1
         end = dec.cut_for_join(t) if dec.stepping else dec.start_segment(t)
         if end is not None:
-            self._push(end, _SEGMENT_END, (dec, dec.end_version))
+            self._push(end, _SEGMENT_END, dec, dec.end_version)
 
     def _segment_end(self, dec: SimDecode, t: float) -> None:
         for st in dec.end_segment():
             self._finish(dec, st, t)
         end = dec.start_segment(t)
         if end is not None:
-            self._push(end, _SEGMENT_END, (dec, dec.end_version))
+            self._push(end, _SEGMENT_END, dec, dec.end_version)
 
     def _finish(self, dec: SimDecode, st: RequestState, t: float) -> None:
         out = st.req.output_tokens

@@ -287,7 +287,7 @@ def test_the_simulator_writes_the_view_only_through_the_cluster_state():
     try:
         sim = Simulation(trace, cfg(prefill_nodes=2, decode_nodes=2, heartbeat_interval_s=0.5), COSTS)
         views = []
-        while sim._times or sim._next_arrival < len(trace):  # one event at a time, then a snapshot
+        while sim._events or sim._next_arrival < len(trace):  # one event at a time, then a snapshot
             sim.run_until(math.inf, until=lambda: True)
             views.append((len(calls), asdict(sim.view.decode[0]), asdict(sim.view.prefill[1])))
     finally:
