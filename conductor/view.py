@@ -128,7 +128,8 @@ class LoadIndex:
 
     `ClusterState` tells it about every change (`changed_prefill` / `changed_decode`); both
     orderings are lazy heaps: an entry is stale when its node changed since (its version),
-    left, or is unhealthy, and stale entries are dropped when they surface. A changed node is
+    left, or is unhealthy, and stale entries are dropped when they surface (or, on top, give
+    their place to the next entry pushed: one sift instead of two). A changed node is
     only noted; the next query pushes each noted node once, and only when its key differs
     from its entry's (a node changes several times between two decisions). The decode key is
     set by whoever knows the costs and SLOs (`set_decode_key`); without one, no decode order
@@ -215,7 +216,12 @@ class LoadIndex:
                 continue
             cur[key] = value
             version = ver[key] = ver.get(key, 0) + 1
-            heapq.heappush(heap, (value, pos[key], version, view))
+            entry = (value, pos[key], version, view)
+            top = heap[0] if heap else None
+            if top is not None and ver.get(top[3].node_id) != top[2]:  # a stale top: take its place
+                heapq.heapreplace(heap, entry)
+            else:
+                heapq.heappush(heap, entry)
         self._pdirty.clear()
         if len(heap) > 4 * len(pos) + 64:
             self._pheap = [e for e in heap if ver.get(e[3].node_id) == e[2]]
@@ -240,7 +246,13 @@ class LoadIndex:
             for node in self._bdirty:
                 b = busy.get(node)
                 if b is not None:
-                    push(heap, (b, ver[node], node))
+                    entry = (b, ver[node], node)
+                    if heap:
+                        top_b, top_version, top_node = heap[0]
+                        if ver.get(top_node) != top_version or busy.get(top_node) != top_b:  # stale: take its place
+                            heapq.heapreplace(heap, entry)
+                            continue
+                    push(heap, entry)
             self._bdirty.clear()
             if len(heap) > 4 * len(self._ppos) + 64:
                 heap = self._busy_heap = [(b, ver[n], n) for n, b in busy.items()]
@@ -285,7 +297,12 @@ class LoadIndex:
                 continue
             cur[key] = value
             version = ver[key] = ver.get(key, 0) + 1
-            heapq.heappush(heap, (value, pos[key], version, view))
+            entry = (value, pos[key], version, view)
+            top = heap[0] if heap else None
+            if top is not None and ver.get(top[3].node_id) != top[2]:  # a stale top: take its place
+                heapq.heapreplace(heap, entry)
+            else:
+                heapq.heappush(heap, entry)
         self._dirty.clear()
         if len(heap) > 4 * len(pos) + 64:
             self._dheap = [e for e in heap if ver.get(e[3].node_id) == e[2]]
