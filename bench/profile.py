@@ -257,7 +257,6 @@ def main(argv: list[str] | None = None) -> int:
         dec = _decode_samples(eng, batches, contexts, steps, prog, t2)
     pm, pfit = fit_prefill(pre)
     dm, dfit = fit_decode(dec)
-    mc = eng.model_config
     model = CostModel(pm, dm, TransferModel(kv_bytes_per_token=eng.kv.block_bytes / eng.config.block_size,
                                             network_bytes_per_s=args.network_gbps * 1e9 / 8,
                                             tier_bytes_per_s=tier_rates(timings)),

@@ -449,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plot-dir", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "results")
     args = ap.parse_args(argv)
 
-    from engine.config import EngineConfig, ModelConfig
+    from engine.config import ModelConfig
     from engine.loader import resolve_model_dir
     from engine.tiers.record import record_bytes
 
@@ -466,7 +466,6 @@ def main(argv: list[str] | None = None) -> int:
     plan = Plan.fit(60.0 * (args.budget_min or (8.0 if args.quick else 20.0)), len(tier_sets), len(workloads),
                     len(rates), micro=not args.skip_micro, max_requests=args.requests or (16 if args.quick else 60),
                     window_s=args.window)
-    requests = max(plan.requests(r) for r in rates)
     # the working set of one tier set's run: the system prompts and every rate's conversations
     ws = wl.working_set_blocks(sum(plan.requests(r) // wl.turns + 1 for r in rates))
     sizes = size_tiers(wl, ws, record, args.device_blocks)

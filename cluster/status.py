@@ -108,7 +108,9 @@ def tables(status: ClusterStatus) -> list:
     (rich renderables)."""
     from rich.table import Table
 
-    t = Table(title=f"halfmoon at {status.conductor} ({status.model})")
+    down = any(n.state != "up" for n in status.nodes)
+    t = Table(title=f"halfmoon at {status.conductor} ({status.model})",
+              caption="(in parentheses: a node's last report before it went down)" if down else None)
     for col in ("node", "role", "address"):  # never cut: on a narrow terminal they fold instead
         t.add_column(col, overflow="fold")
     t.add_column("state")
@@ -122,8 +124,10 @@ def tables(status: ClusterStatus) -> list:
             g = n.gpu
             gpu = (["-", "-"] if g is None else
                    [f"{g.memory_used_bytes / 2**30:.1f}/{g.memory_total_bytes / 2**30:.1f} GiB", f"{g.utilization_pct:.0f}%"])
-        t.add_row(n.id, n.role, n.address, n.state, str(n.running), str(n.waiting),
-                  f"{n.kv_blocks_used}/{n.kv_blocks_total}", hit, f"{n.heartbeat_age_s:.1f}s ago", *gpu)
+        load = [str(n.running), str(n.waiting), f"{n.kv_blocks_used}/{n.kv_blocks_total}", hit]
+        if n.state != "up":  # what it last said, not what it runs now
+            load = [f"({cell})" for cell in load]
+        t.add_row(n.id, n.role, n.address, n.state, *load, f"{n.heartbeat_age_s:.1f}s ago", *gpu)
     out = [t]
     if any(n.tiers for n in status.nodes):
         k = Table(title="KV tiers (use, and the share of looked-up prompt tokens each served)")

@@ -178,7 +178,7 @@ class LoadIndex:
 
     def changed_prefill(self, view: PrefillNodeView) -> None:
         key = view.node_id
-        version = self._pver[key] = self._pver.get(key, 0) + 1
+        self._pver[key] = self._pver.get(key, 0) + 1
         self._pdirty[key] = view
         busy = view.busy_until_s
         healthy = view.healthy

@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 
 from engine.audit import AuditReport, BlockLedger, audit_pool
-from engine.block_pool import BlockPool, KVEvent, block_hashes, chain_mismatch
+from engine.block_pool import BlockPool, block_hashes, chain_mismatch
 from engine.config import EngineConfig, ModelConfig
 from engine.errors import InvalidRequestError, OutOfBlocksError
 from engine.kv_cache import KVCache

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -24,6 +25,9 @@ from engine.errors import InvalidRequestError
 from engine.logprobs import MAX_TOP_LOGPROBS, TokenLogprob, log_softmax, token_logprob
 from engine.penalties import LogitAdjustments
 from engine.structured.constraint import Constraint
+
+if TYPE_CHECKING:  # (for the annotation only)
+    from engine.structured.matcher import GrammarState
 
 
 # Bounds every layer checks (`SamplingParams.validate`), chosen so that every accepted value

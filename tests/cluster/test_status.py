@@ -63,7 +63,11 @@ def test_status_off_a_terminal_prints_names_and_addresses_whole(conductor):
     (decode,) = [ln for ln in lines if LONG_DECODE in ln]
     assert V6 in prefill and " up " in prefill and "12/512" in prefill and "33.3%" in prefill
     assert "0.4s ago" in prefill
-    assert "10.20.30.40:45678" in decode and " down " in decode and "40/2048" in decode and "7.2s ago" in decode
+    assert "10.20.30.40:45678" in decode and " down " in decode and "7.2s ago" in decode
+    # a down node's counters are its last report, marked as such; an up node's are bare
+    assert "(2)" in decode and "(1)" in decode and "(40/2048)" in decode and "(-)" in decode
+    assert "(" not in prefill.replace(V6, "")
+    assert any("last report before it went down" in ln for ln in lines)
     assert lines.index(prefill) < lines.index(decode)  # prefill nodes first
     assert any("ttft_slo_s" in ln and "10" in ln for ln in lines)
 

@@ -1,5 +1,3 @@
-from pathlib import Path
-
 from proto.generate import PROTO_DIR, ROOT, generate
 
 
