@@ -122,6 +122,17 @@ _DecodeEntry = tuple[float, int, int, DecodeNodeView]
 _BusyEntry = tuple[float, int, NodeId]
 
 
+def _push(heap: list, entry: tuple, versions: dict[NodeId, int]) -> None:
+    """Push a (key, position, version, view) entry onto a lazy heap; when the top is stale
+    (its node's version moved on), the entry takes its place: one sift instead of two."""
+    if heap:
+        top = heap[0]
+        if versions.get(top[3].node_id) != top[2]:
+            heapq.heapreplace(heap, entry)
+            return
+    heapq.heappush(heap, entry)
+
+
 class LoadIndex:
     """Orderings of the nodes kept as they change, so a decision on a large cluster need not
     visit every node: the least busy healthy prefill node, and decode nodes by a load key.
@@ -216,12 +227,7 @@ class LoadIndex:
                 continue
             cur[key] = value
             version = ver[key] = ver.get(key, 0) + 1
-            entry = (value, pos[key], version, view)
-            top = heap[0] if heap else None
-            if top is not None and ver.get(top[3].node_id) != top[2]:  # a stale top: take its place
-                heapq.heapreplace(heap, entry)
-            else:
-                heapq.heappush(heap, entry)
+            _push(heap, (value, pos[key], version, view), ver)
         self._pdirty.clear()
         if len(heap) > 4 * len(pos) + 64:
             self._pheap = [e for e in heap if ver.get(e[3].node_id) == e[2]]
@@ -297,12 +303,7 @@ class LoadIndex:
                 continue
             cur[key] = value
             version = ver[key] = ver.get(key, 0) + 1
-            entry = (value, pos[key], version, view)
-            top = heap[0] if heap else None
-            if top is not None and ver.get(top[3].node_id) != top[2]:  # a stale top: take its place
-                heapq.heapreplace(heap, entry)
-            else:
-                heapq.heappush(heap, entry)
+            _push(heap, (value, pos[key], version, view), ver)
         self._dirty.clear()
         if len(heap) > 4 * len(pos) + 64:
             self._dheap = [e for e in heap if ver.get(e[3].node_id) == e[2]]
