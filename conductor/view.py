@@ -253,11 +253,9 @@ class LoadIndex:
                 b = busy.get(node)
                 if b is not None:
                     entry = (b, ver[node], node)
-                    if heap:
-                        top_b, top_version, top_node = heap[0]
-                        if ver.get(top_node) != top_version or busy.get(top_node) != top_b:  # stale: take its place
-                            heapq.heapreplace(heap, entry)
-                            continue
+                    if heap and not self._busy_live(*heap[0]):  # a stale top: take its place
+                        heapq.heapreplace(heap, entry)
+                        continue
                     push(heap, entry)
             self._bdirty.clear()
             if len(heap) > 4 * len(self._ppos) + 64:
@@ -265,7 +263,7 @@ class LoadIndex:
                 heapq.heapify(heap)
         while heap and heap[0][0] <= now_s:
             b, version, node = heapq.heappop(heap)
-            if ver.get(node) == version and busy.get(node) == b:
+            if self._busy_live(b, version, node):
                 del busy[node]
                 self._busy_sum -= b
         self._busy_now = now_s
@@ -274,6 +272,10 @@ class LoadIndex:
             return 0.0
         total = self._busy_sum - len(busy) * now_s
         return total / healthy if total > 0.0 else 0.0
+
+    def _busy_live(self, b: float, version: int, node: NodeId) -> bool:
+        """Whether a backlog heap entry still stands for its node: no change since, busy until `b`."""
+        return self._pver.get(node) == version and self._busy.get(node) == b
 
     def changed_decode(self, view: DecodeNodeView) -> None:
         """Noted now, ordered at the next query (a node changes several times between two)."""
