@@ -76,7 +76,7 @@ async def _serve_role(spec: NodeSpec, stop: asyncio.Event) -> str | None:
     """One life of the node in `spec.role`; the role to restart in, or None when stopped."""
     from prometheus_client import CollectorRegistry
 
-    from cluster.kv_tiers import role_tiers, tier_use
+    from cluster.kv_tiers import role_tiers
     from conductor.metrics import MetricsServer, NodeMetrics
     from decode_node.service import DecodeService
     from engine.audit import audit_periodically
@@ -87,7 +87,7 @@ async def _serve_role(spec: NodeSpec, stop: asyncio.Event) -> str | None:
     from engine.loader import load_model
     from engine.worker import EngineWorker
     from prefill_node.service import PrefillService
-    from proto.halfmoon.v1 import common_pb2, node_pb2, node_pb2_grpc
+    from proto.halfmoon.v1 import node_pb2, node_pb2_grpc
     from transfer_engine import TransferEngine
 
     loop = asyncio.get_running_loop()
@@ -158,6 +158,7 @@ async def _serve_role(spec: NodeSpec, stop: asyncio.Event) -> str | None:
     lost = False  # the last heartbeat got no answer
     switch_to: str | None = None
     try:
+        register.load.CopyFrom(_first_load(engine, service, gpu_index))
         interval = await _register(control, register, spec.control_secret, stop)
         while not stop.is_set():
             st = engine.stats()
@@ -171,21 +172,7 @@ async def _serve_role(spec: NodeSpec, stop: asyncio.Event) -> str | None:
             tier_stats = engine.tiers.stats() if engine.tiers is not None else None
             if tier_stats is not None:
                 metrics.observe_tiers(tier_stats)
-            load = node_pb2.NodeLoad(
-                waiting=st.num_waiting, running=st.num_running,
-                queued_prefill_tokens=getattr(service, "queued_prefill_tokens", 0),
-                free_blocks=st.num_blocks_free,
-                tokens_in_flight=sum(r.num_tokens for r in list(engine.scheduler.running)),
-                prefix_queries_tokens=st.prefix_queries_tokens, prefix_hits_tokens=st.prefix_hits_tokens,
-                kv_event_seq=getattr(getattr(service, "events", None), "seq", 0),
-                tiers=tier_use(engine, tier_stats) if tier_stats is not None else [],
-                decode_steps=st.decode_steps, decode_step_seconds=st.decode_step_s,
-                decode_step_rows=st.decode_step_rows, decode_step_tokens=st.decode_step_tokens)
-            gpu = gpu_stats.read(gpu_index) if gpu_index is not None else None
-            if gpu is not None:
-                load.gpu.CopyFrom(common_pb2.GPUUse(
-                    index=gpu.index, name=gpu.name, memory_used_bytes=gpu.memory_used_bytes,
-                    memory_total_bytes=gpu.memory_total_bytes, utilization_pct=gpu.utilization_pct))
+            load = _load(engine, service, st, tier_stats, gpu_index)
             try:
                 beat = node_pb2.HeartbeatRequest(node_id=spec.node_id, load=load)
                 resp = await control.Heartbeat(beat, timeout=5, metadata=_signed(spec.control_secret, "Heartbeat", beat))
@@ -198,6 +185,7 @@ async def _serve_role(spec: NodeSpec, stop: asyncio.Event) -> str | None:
                         break
                 if not resp.known:  # it restarted, or took this node out and ended its requests
                     _drop_orphans(decode_service)
+                    register.load.CopyFrom(_first_load(engine, service, gpu_index))
                     interval = await _register(control, register, spec.control_secret, stop)
             except grpc.aio.AioRpcError as e:
                 if not lost:  # once per outage; the streams it held broke, which aborted their requests
@@ -218,6 +206,38 @@ async def _serve_role(spec: NodeSpec, stop: asyncio.Event) -> str | None:
         transfer.close()
         metrics_server.close()
     return switch_to
+
+
+def _load(engine, service, st, tier_stats, gpu_index: int | None):
+    """What the node reports of itself (a `NodeLoad`): its queues, KV blocks, prefix hits, KV
+    tiers (their use, from `tier_stats`) and GPU; `st` is the engine's `stats()`."""
+    from cluster.kv_tiers import tier_use
+    from engine import gpu_stats
+    from proto.halfmoon.v1 import common_pb2, node_pb2
+
+    load = node_pb2.NodeLoad(
+        waiting=st.num_waiting, running=st.num_running,
+        queued_prefill_tokens=getattr(service, "queued_prefill_tokens", 0),
+        free_blocks=st.num_blocks_free,
+        tokens_in_flight=sum(r.num_tokens for r in list(engine.scheduler.running)),
+        prefix_queries_tokens=st.prefix_queries_tokens, prefix_hits_tokens=st.prefix_hits_tokens,
+        kv_event_seq=getattr(getattr(service, "events", None), "seq", 0),
+        tiers=tier_use(engine, tier_stats) if tier_stats is not None else [],
+        decode_steps=st.decode_steps, decode_step_seconds=st.decode_step_s,
+        decode_step_rows=st.decode_step_rows, decode_step_tokens=st.decode_step_tokens)
+    gpu = gpu_stats.read(gpu_index) if gpu_index is not None else None
+    if gpu is not None:
+        load.gpu.CopyFrom(common_pb2.GPUUse(
+            index=gpu.index, name=gpu.name, memory_used_bytes=gpu.memory_used_bytes,
+            memory_total_bytes=gpu.memory_total_bytes, utilization_pct=gpu.utilization_pct))
+    return load
+
+
+def _first_load(engine, service, gpu_index: int | None):
+    """The load a registration carries, so that Status shows a node whole (its tiers, its
+    KV) from the moment it is up, not only after its first heartbeat."""
+    return _load(engine, service, engine.stats(), engine.tiers.stats() if engine.tiers is not None else None,
+                 gpu_index)
 
 
 def _drop_orphans(decode_service) -> None:

@@ -131,6 +131,8 @@ class NodeRegistry:
                          node_pb2_grpc.PrefillNodeStub(channel) if does_prefill else None,
                          node_pb2_grpc.DecodeNodeStub(channel) if does_decode else None,
                          descriptor=req.transfer_descriptor)
+        if req.HasField("load"):  # shown by Status until the first heartbeat (which also feeds the views)
+            rec.load = req.load
         self.add(rec)
         log.info("node %s (%s) registered at %s", req.node_id, role, req.address)
         self._on_change(rec, True)

@@ -48,3 +48,26 @@ def test_a_stalled_conductor_does_not_take_heartbeating_nodes_out_but_a_silent_n
     assert live_after_stall, "the conductor's own stall was counted as the node's missed heartbeats"
     assert live_at_end
     assert not silent_at_end, "a node that stopped heartbeating must still go out of rotation"
+
+
+def test_status_shows_the_load_a_node_registered_with_before_its_first_heartbeat():
+    from conductor.grpc_api import AdminService
+    from conductor.settings import ConductorSettings
+    from proto.halfmoon.v1 import admin_pb2, common_pb2
+
+    async def scenario():
+        registry = NodeRegistry(16, heartbeat_interval_s=0.1, heartbeat_timeout_s=5.0)
+        req = _decode_node("decode-0")
+        req.load.CopyFrom(node_pb2.NodeLoad(free_blocks=60, tiers=[common_pb2.KVTierUse(tier="device"),
+                                                                   common_pb2.KVTierUse(tier="host")]))
+        await registry.register(req)
+        await registry.register(_decode_node("decode-1"))  # a node from before the field: an empty load
+        try:
+            return await AdminService(ConductorSettings(), registry, "m").Status(admin_pb2.StatusRequest(), None)
+        finally:
+            await registry.close()
+
+    nodes = {n.node_id: n for n in asyncio.run(scenario()).nodes}
+    assert [t.tier for t in nodes["decode-0"].tiers] == ["device", "host"]
+    assert (nodes["decode-0"].kv_blocks_used, nodes["decode-0"].kv_blocks_total) == (4, 64)
+    assert list(nodes["decode-1"].tiers) == [] and nodes["decode-1"].state == "up"
