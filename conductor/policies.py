@@ -650,23 +650,30 @@ class CostAwarePolicy(Policy):
         typical = self._typical_service_s
         typical = least if typical == 0.0 else typical + self.SERVICE_EWMA * (least - typical)
         self._typical_service_s = typical
-        backlog = _backlog_s(view, now_s)
-        weight = backlog / typical if typical > 0.0 else 0.0
-        if weight > self.MAX_WEIGHT:
-            weight = self.MAX_WEIGHT
+        # The backlog is asked for only where it can change the choice (it costs a heap
+        # walk on a large cluster): to weigh two or more options, or to route a late request.
+        backlog = -1.0  # not asked yet
         slo = self.settings.ttft_slo_s if self.settings is not None else float("inf")
         send = costs.network_s(n)
         fits = [o for o in options if (o[1] - now_s if o[1] > now_s else 0.0) + o[0] + send <= slo]
         if fits:
             if self.PREFER_FITS:
                 options = fits
-        elif self.LATE_ROUTING and (least + send <= slo or backlog > self.LATE_BACKLOG_SLOS * slo):
+        elif self.LATE_ROUTING and (least + send <= slo
+                                    or (backlog := _backlog_s(view, now_s)) > self.LATE_BACKLOG_SLOS * slo):
             # queues make it miss its TTFT SLO wherever it goes (an idle node would not): go
             # where those queued behind it miss theirs anyway
             late = self._late_options(view, match, request, now_s, slo - send, self.LATE_QUEUE_SLOS * slo,
                                       top_depth, top_tokens, top_prefill, tiers)
             if late:
                 options = late
+        weight = 0.0  # one option: nothing to weigh
+        if len(options) > 1:
+            if backlog < 0.0:
+                backlog = _backlog_s(view, now_s)
+            weight = backlog / typical if typical > 0.0 else 0.0
+            if weight > self.MAX_WEIGHT:
+                weight = self.MAX_WEIGHT
         best_key, best = None, None
         for option in options:
             service, busy, i = option[0], option[1], option[2]
