@@ -117,7 +117,6 @@ class DecodeNodeView:
 
 # LoadIndex's heap entries: (key, view position, version, node view), and the backlog's
 # (busy_until_s, version, node); an entry is current while its version is the node's.
-_PrefillEntry = tuple[float, int, int, PrefillNodeView]
 _DecodeEntry = tuple[float, int, int, DecodeNodeView]
 _BusyEntry = tuple[float, int, NodeId]
 
@@ -133,30 +132,85 @@ def _push(heap: list, entry: tuple, versions: dict[NodeId, int]) -> None:
     heapq.heappush(heap, entry)
 
 
+_INF = float("inf")
+
+
+class _MinTree:
+    """The least key over positions 0..n-1 (the lowest position among equal keys), kept as
+    keys change: a tournament tree, one leaf a position, each inner node the winner of its
+    two children. A change replays the matches on its leaf's path to the root."""
+
+    __slots__ = ("cap", "key", "win")
+
+    def __init__(self, keys: Sequence[float] = ()) -> None:
+        cap = 1
+        while cap < len(keys):
+            cap *= 2
+        self.cap = cap
+        self.key: list[float] = [_INF] * (2 * cap)  # empty leaves: inf, won by no position
+        self.win: list[int] = [-1] * (2 * cap)
+        key, win = self.key, self.win
+        for i, value in enumerate(keys):
+            key[cap + i] = value
+            win[cap + i] = i
+        for j in range(cap - 1, 0, -1):
+            self._match(j)
+
+    def _match(self, j: int) -> None:
+        key, win = self.key, self.win
+        left = 2 * j
+        right = left + 1
+        if key[right] < key[left]:  # a tie goes left: the lower positions
+            key[j] = key[right]
+            win[j] = win[right]
+        else:
+            key[j] = key[left]
+            win[j] = win[left]
+
+    def set(self, i: int, value: float) -> None:
+        key, win = self.key, self.win
+        j = self.cap + i
+        key[j] = value
+        win[j] = i
+        j >>= 1
+        while j:
+            was_key, was_win = key[j], win[j]
+            self._match(j)
+            if key[j] == was_key and win[j] == was_win:  # this match's winner stands: so do those above
+                return
+            j >>= 1
+
+    def top(self) -> tuple[float, int]:
+        """(least key, its position); position -1 when no leaf is set or every key is inf."""
+        return self.key[1], self.win[1]
+
+
 class LoadIndex:
     """Orderings of the nodes kept as they change, so a decision on a large cluster need not
     visit every node: the least busy healthy prefill node, and decode nodes by a load key.
 
-    `ClusterState` tells it about every change (`changed_prefill` / `changed_decode`); both
-    orderings are lazy heaps: an entry is stale when its node changed since (its version),
-    left, or is unhealthy, and stale entries are dropped when they surface (or, on top, give
-    their place to the next entry pushed: one sift instead of two). A changed node is
-    only noted; the next query pushes each noted node once, and only when its key differs
-    from its entry's (a node changes several times between two decisions). The decode key is
-    set by whoever knows the costs and SLOs (`set_decode_key`); without one, no decode order
-    is kept. Positions are view order, for ties.
+    `ClusterState` tells it about every change (`changed_prefill` / `changed_decode`). A
+    changed node is only noted; the next query updates each noted node once, and only when
+    its key differs from the one in place (a node changes several times between two
+    decisions). Prefill nodes are a tournament tree over their positions (`_MinTree`: a
+    change replays one path; an unhealthy node's key is inf). Decode nodes (and the backlog)
+    are lazy heaps: an entry is stale when its node changed since (its version), left, or
+    is unhealthy, and stale entries are dropped when they surface (or, on top, give their
+    place to the next entry pushed: one sift instead of two); decode needs the k lowest, not
+    only the least. The decode key is set by whoever knows the costs and SLOs
+    (`set_decode_key`); without one, no decode order is kept. Positions are view order, for
+    ties.
     """
 
-    __slots__ = ("_pheap", "_ppos", "_pver", "_phver", "_pcur", "_pdirty", "_dheap", "_dpos", "_dver", "_dkey", "decode_key_stamp", "prefill_by_id",
+    __slots__ = ("_ptree", "_pat", "_ppos", "_pver", "_pdirty", "_dheap", "_dpos", "_dver", "_dkey", "decode_key_stamp", "prefill_by_id",
                  "decode_by_id", "_busy", "_busy_sum", "_busy_heap", "_busy_now", "_bdirty", "_healthy", "_n_healthy", "_dirty",
                  "_dcur", "_dtop")
 
     def __init__(self) -> None:
-        self._pheap: list[_PrefillEntry] = []  # (busy_until_s, position, heap version, view)
+        self._ptree = _MinTree()  # position -> busy_until_s of each healthy prefill node (inf: unhealthy)
+        self._pat: list[PrefillNodeView | None] = []  # position -> node
         self._ppos: dict[NodeId, int] = {}  # node -> position
         self._pver: dict[NodeId, int] = {}  # node -> changes seen (the backlog heap's versions)
-        self._phver: dict[NodeId, int] = {}  # node -> version of its valid entry in `_pheap`
-        self._pcur: dict[NodeId, float] = {}  # node -> busy_until_s of its valid entry in `_pheap`
         self._pdirty: dict[NodeId, PrefillNodeView] = {}  # prefill nodes changed since the last query
         self._dheap: list[_DecodeEntry] = []  # (key, position, version, view)
         self._dpos: dict[NodeId, int] = {}
@@ -180,6 +234,13 @@ class LoadIndex:
     def add_prefill(self, view: PrefillNodeView, position: int) -> None:
         self._ppos[view.node_id] = position
         self.prefill_by_id[view.node_id] = (position, view)
+        at = self._pat
+        while len(at) <= position:
+            at.append(None)
+        at[position] = view
+        if position >= self._ptree.cap:  # a bigger tree (its new leaves are set by the next query)
+            self._ptree = _MinTree([_INF] * len(at))
+            self._pdirty.update((v.node_id, v) for v in at if v is not None)
         self.changed_prefill(view)
 
     def add_decode(self, view: DecodeNodeView, position: int) -> None:
@@ -206,32 +267,21 @@ class LoadIndex:
             self._bdirty[key] = None  # its heap entry: at the next backlog query
 
     def _reorder_prefill(self) -> None:
-        heap, ver, pos, cur = self._pheap, self._phver, self._ppos, self._pcur
-        if 2 * len(self._pdirty) > len(pos):  # most nodes changed (a heartbeat): one heap of them all
-            heap = self._pheap = []
-            for key, (i, view) in self.prefill_by_id.items():
-                if view.healthy:
-                    value = cur[key] = view.busy_until_s
-                    version = ver[key] = ver.get(key, 0) + 1
-                    heap.append((value, i, version, view))
-                else:  # no entry, as when it surfaces unhealthy
-                    cur.pop(key, None)
-            heapq.heapify(heap)
-            self._pdirty.clear()
+        dirty, pos = self._pdirty, self._ppos
+        if 2 * len(dirty) > len(pos):  # most nodes changed (a heartbeat): one tree of them all
+            self._ptree = _MinTree([_INF if v is None or not v.healthy else v.busy_until_s for v in self._pat])
+            dirty.clear()
             return
-        for key, view in self._pdirty.items():
-            if key not in pos:
+        tree = self._ptree
+        key, cap = tree.key, tree.cap
+        for node, view in dirty.items():
+            i = pos.get(node)
+            if i is None:
                 continue
-            value = view.busy_until_s
-            if cur.get(key) == value:  # its entry is still in place
-                continue
-            cur[key] = value
-            version = ver[key] = ver.get(key, 0) + 1
-            _push(heap, (value, pos[key], version, view), ver)
-        self._pdirty.clear()
-        if len(heap) > 4 * len(pos) + 64:
-            self._pheap = [e for e in heap if ver.get(e[3].node_id) == e[2]]
-            heapq.heapify(self._pheap)
+            value = view.busy_until_s if view.healthy else _INF
+            if key[cap + i] != value or tree.win[cap + i] != i:
+                tree.set(i, value)
+        dirty.clear()
 
     def backlog_s(self, now_s: float) -> float:
         """Mean predicted queue (seconds) over the healthy prefill nodes at `now_s`."""
@@ -320,9 +370,10 @@ class LoadIndex:
         self._busy, self._busy_sum, self._busy_heap, self._healthy, self._n_healthy = {}, 0.0, [], {}, 0
         self._bdirty = {}
         self._pver = {k: self._pver.get(k, 0) for k in self._ppos}
-        self._phver = {k: self._phver.get(k, 0) for k in self._ppos}
         self._dver = {k: self._dver.get(k, 0) for k in self._dpos}
-        self._pheap, self._dheap, self._dirty, self._dcur, self._pdirty, self._pcur = [], [], {}, {}, {}, {}
+        self._pat = list(view.prefill)
+        self._ptree = _MinTree([_INF] * len(self._pat))
+        self._dheap, self._dirty, self._dcur, self._pdirty = [], {}, {}, {}
         self._dtop = []
         for p in view.prefill:
             self.changed_prefill(p)
@@ -330,17 +381,21 @@ class LoadIndex:
             self.changed_decode(d)
 
     def least_busy_prefill(self) -> tuple[int, PrefillNodeView] | None:
-        """(position, node) of the healthy prefill node with the earliest `busy_until_s`."""
+        """(position, node) of the healthy prefill node with the earliest `busy_until_s`
+        (the lowest position among equal ones)."""
         if self._pdirty:
             self._reorder_prefill()
-        heap, ver = self._pheap, self._phver
-        while heap:
-            _, pos, version, view = heap[0]
-            if ver.get(view.node_id) == version:
-                if view.healthy:
-                    return pos, view
-                self._pcur.pop(view.node_id, None)  # its entry is gone: the change that makes it healthy pushes it again
-            heapq.heappop(heap)
+        if not self._n_healthy:
+            return None
+        _, i = self._ptree.top()
+        if i >= 0:
+            view = self._pat[i]
+            if view is not None and view.healthy:
+                return i, view
+        # every key is inf: healthy nodes busy for ever (or not a number), tied; the first
+        for i, view in enumerate(self._pat):
+            if view is not None and view.healthy:
+                return i, view
         return None
 
     @property

@@ -161,3 +161,64 @@ def test_a_large_clusters_least_busy_prefill_node_and_backlog_are_the_brute_forc
             healthy = [p for p in state.view.prefill if p.healthy]
             expected = sum(max(0.0, p.busy_until_s - now) for p in healthy) / len(healthy) if healthy else 0.0
             assert loads.backlog_s(now) == pytest.approx(expected, rel=1e-9, abs=1e-9), k
+
+
+def test_the_least_busy_prefill_node_is_the_brute_force_one_as_nodes_join_and_leave():
+    """The order grows as nodes join (past its tree's capacity, also after queries) and is
+    rebuilt as they leave: the answer stays the healthy node of earliest busy time, first in
+    view order on ties, with busy times tied at inf too."""
+    import random
+
+    from conductor.cluster_state import ClusterState
+    from conductor.request import NodeId
+
+    rng = random.Random(11)
+    state = ClusterState(512)
+    loads = state.loads
+    names = iter(NodeId(f"p{i}") for i in range(10_000))
+    live: list[NodeId] = []
+
+    def brute():
+        ranked = sorted((p.busy_until_s, i, p.node_id) for i, p in enumerate(state.view.prefill) if p.healthy)
+        return ranked[0][2] if ranked else None
+
+    for k in range(3000):
+        step = rng.random()
+        if step < 0.25 or len(live) < 3:  # a node joins
+            node = next(names)
+            state.add_prefill(node)
+            live.append(node)
+        elif step < 0.35:  # one leaves
+            state.remove_node(live.pop(rng.randrange(len(live))))
+        elif step < 0.5:
+            node = rng.choice(live)
+            (state.node_down if rng.random() < 0.5 else state.node_up)(node)
+        else:  # its predicted queue moves (ties, and inf, on purpose)
+            view = state.view.prefill[rng.randrange(len(state.view.prefill))]
+            view.busy_until_s = rng.choice((0.0, 1.0, 2.0, float("inf"), rng.random()))
+            loads.changed_prefill(view)
+        if rng.random() < 0.7:
+            least = loads.least_busy_prefill()
+            assert (least[1].node_id if least is not None else None) == brute(), k
+            if least is not None:
+                assert state.view.prefill[least[0]] is least[1]
+
+
+def test_the_min_tree_is_the_least_key_and_lowest_position():
+    import random
+
+    from conductor.view import _MinTree
+
+    rng = random.Random(3)
+    for n in (1, 2, 3, 7, 64, 100):
+        keys = [rng.choice((0.0, 1.0, float("inf"), rng.random())) for _ in range(n)]
+        tree = _MinTree(keys)
+        for _ in range(400):
+            i = rng.randrange(n)
+            keys[i] = rng.choice((0.0, 1.0, 2.0, float("inf"), rng.random()))
+            tree.set(i, keys[i])
+            least = min(keys)
+            value, position = tree.top()
+            assert value == least
+            if least != float("inf"):  # (every key inf: no winner is promised)
+                assert position == keys.index(least)
