@@ -392,7 +392,7 @@ class LoadIndex:
             view = self._pat[i]
             if view is not None and view.healthy:
                 return i, view
-        # every key is inf: healthy nodes busy for ever (or not a number), tied; the first
+        # every key is inf (the healthy nodes are all busy for ever): tied, so the first healthy one
         for i, view in enumerate(self._pat):
             if view is not None and view.healthy:
                 return i, view
