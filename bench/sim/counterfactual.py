@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import enum
 import math
+import statistics
 from dataclasses import dataclass, replace
 
 from bench.sim.cluster import RequestState, SimConfig, Simulation, SimRequest, SimRun
@@ -44,7 +45,9 @@ from bench.sim.metrics import request_tbt, slo_met
 from conductor.cost_model import CostModel
 from conductor.decision import Decision, RejectReason
 
-JUDGED = (RejectReason.PREFILL_OVERLOADED, RejectReason.DECODE_OVERLOADED, RejectReason.DECODE_OVERLOADED_PROJECTED)
+PREFILL_REASONS = (RejectReason.PREFILL_OVERLOADED,)
+DECODE_REASONS = (RejectReason.DECODE_OVERLOADED, RejectReason.DECODE_OVERLOADED_PROJECTED)
+JUDGED = PREFILL_REASONS + DECODE_REASONS
 
 
 class Counterfactual(str, enum.Enum):
@@ -101,6 +104,9 @@ class Verdict:
     # the real run and not in the fork / the other way round
     harmed: int = 0
     helped: int = 0
+    # what this one request adds to its decode node's step once its context is whole (prompt
+    # and output), by the cost model: the most its admission can change a resident's TBT
+    own_step_s: float = 0.0
 
     @property
     def net_right(self) -> bool:
@@ -140,6 +146,27 @@ class Precision:
         return (centre - spread) / (1 + z * z / n)
 
 
+@dataclass(frozen=True, slots=True)
+class DecodeMargin:
+    """How close to the TBT SLO the decode rejections judged wrong were: the TBT each of those
+    requests would have had, and what one request adds to a decode step, both as shares of
+    the SLO (medians). A rejection on a shared batch's step can be right for the request
+    itself only when the batch runs within one request's step of the SLO, and then every
+    resident is that close to missing it too."""
+
+    wrong: int  # decode rejections judged wrong (the request would have met both SLOs)
+    slack: float  # median of 1 - its TBT / the SLO, over those
+    own_step: float  # median of one request's step (`Verdict.own_step_s`) / the SLO, over those
+
+    @staticmethod
+    def of(verdicts: list[Verdict], tbt_slo_s: float) -> DecodeMargin:
+        wrong = [v for v in verdicts if v.reason in DECODE_REASONS and v.would_meet]
+        if not wrong:
+            return DecodeMargin(0, math.nan, math.nan)
+        return DecodeMargin(len(wrong), statistics.median(1.0 - v.tbt_s / tbt_slo_s for v in wrong),
+                            statistics.median(v.own_step_s / tbt_slo_s for v in wrong))
+
+
 class CounterfactualSimulation(Simulation):
     """Judges admission's rejections as it runs. It needs the real run's decisions first (to
     force them in replay forks, and to count what a fork displaced): `run` records them with a
@@ -152,6 +179,7 @@ class CounterfactualSimulation(Simulation):
         self.mode = Counterfactual(mode)
         self.verdicts: list[Verdict] = []
         self.admission_rejections = 0
+        self.rejections_by_reason: dict[RejectReason, int] = {}
         self.decisions = Decisions({}, {}, set(), set())
 
     def run(self) -> SimRun:
@@ -168,6 +196,7 @@ class CounterfactualSimulation(Simulation):
         if r is None or r.reason not in JUDGED or decision.prefill is None or decision.decode is None:
             return decision
         self.admission_rejections += 1
+        self.rejections_by_reason[r.reason] = self.rejections_by_reason.get(r.reason, 0) + 1
         if (self.admission_rejections - 1) % self.sample == 0:
             self.verdicts.append(self.judge(st, decision, t))
         return decision
@@ -201,8 +230,10 @@ class CounterfactualSimulation(Simulation):
                                   twin.finish_step)
         meets = twin.outcome is Outcome.COMPLETED and ttft <= cfg.ttft_slo_s and tbt <= cfg.tbt_slo_s
         harmed, helped = self._effect_on_others(fork, twin) if meets else (0, 0)  # what it did to the others
+        m = self.costs.decode
+        own_step = m.s_b + m.s_t * (st.req.input_tokens + st.req.output_tokens)
         return Verdict(index, decision.rejection.reason, meets, ttft, tbt,  # type: ignore[union-attr]
-                       self._displaced(fork), harmed, helped)
+                       self._displaced(fork), harmed, helped, own_step)
 
     def _effect_on_others(self, fork: Simulation, twin: RequestState) -> tuple[int, int]:
         """Runs `fork` on until every request that arrived before `twin` finished has ended;
@@ -230,6 +261,14 @@ class CounterfactualSimulation(Simulation):
         refused = self.decisions.refused
         return sum(other.outcome is Outcome.REJECTED and other.req.index not in refused for other in fork.states[1:])
 
-    def precision(self) -> Precision:
-        return Precision(self.admission_rejections, len(self.verdicts), sum(not v.would_meet for v in self.verdicts),
-                         sum(v.displaced for v in self.verdicts), sum(v.net_right for v in self.verdicts))
+    def precision(self, reasons: tuple[RejectReason, ...] = JUDGED) -> Precision:
+        """Over the judged rejections for `reasons` (every judged reason by default);
+        `rejections` then counts admission's rejections for those reasons."""
+        verdicts = [v for v in self.verdicts if v.reason in reasons]
+        rejections = (self.admission_rejections if reasons == JUDGED
+                      else sum(self.rejections_by_reason.get(r, 0) for r in reasons))
+        return Precision(rejections, len(verdicts), sum(not v.would_meet for v in verdicts),
+                         sum(v.displaced for v in verdicts), sum(v.net_right for v in verdicts))
+
+    def decode_margin(self) -> DecodeMargin:
+        return DecodeMargin.of(self.verdicts, self.config.tbt_slo_s)

@@ -35,3 +35,28 @@ def test_too_few_requests_are_named_not_raised(capsys):
             main([what, "--requests", "0", "--workloads", "uniform"])
         assert exc.value.code == 2
         assert "argument --requests: at least 2" in capsys.readouterr().err
+
+
+def test_the_admission_grid_splits_precision_by_stage_and_bounds_the_gain_over_none(tmp_path, capsys):
+    """Cells at 2x: the ceiling is 1 / none's SLO attainment and no mode's goodput passes it;
+    the TTFT and TBT precisions split the judged rejections by reason, and their counts are
+    the run's (a decode-bound run's split: tests/bench/test_sim_counterfactual.py)."""
+    out = tmp_path / "admission.json"
+    assert main(["admission", "--workloads", "uniform,shifting", "--loads", "2", "--requests", "600",
+                 "--sample", "3", "--reference", "", "--json", str(out)]) == 0
+    cells = json.loads(out.read_text())
+    for c in cells:
+        by = {r["admission"]: r for r in c["rows"]}
+        none, early = by["none"], by["early"]
+        assert c["goodput_ceiling_vs_none"] == pytest.approx(1 / none["slo_attainment"])
+        for r in c["rows"]:  # every request within both SLOs is the most any mode can do
+            assert r["goodput_rps"] <= c["goodput_ceiling_vs_none"] * none["goodput_rps"] * (1 + 1e-12)
+        assert c["prefill_judged"] + c["decode_judged"] == c["judged"] == early["judged"]
+        reasons = early["rejections_by_reason"]
+        assert c["prefill_rejections"] == reasons.get("prefill_overloaded", 0)
+        assert c["decode_rejections"] == reasons.get("decode_overloaded", 0)
+        assert c["prefill_rejections"] + c["decode_rejections"] == c["rejections"]
+    assert cells[0]["prefill_judged"] > 0
+    text = capsys.readouterr().out
+    assert "ceiling = the most any admission could gain over none" in text
+    assert f"MISS (5x > ceiling {cells[0]['goodput_ceiling_vs_none']:.2f}x)" in text  # 600 requests: < 5x

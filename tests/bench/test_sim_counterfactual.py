@@ -147,3 +147,45 @@ def test_a_verdict_counts_what_the_admission_would_have_cost_the_other_requests(
     assert checked == own_wrong >= 10 and 0 < net_wrong < own_wrong  # the net view differs, both ways occur
     assert p.precision == pytest.approx(1 - own_wrong / p.judged)
     assert p.net_precision == pytest.approx(1 - net_wrong / p.judged) and p.net_precision > p.precision
+
+
+def test_precision_splits_by_stage_and_the_decode_margin_is_that_of_the_wrong_decode_rejections():
+    """The TBT-bound run above, and a TTFT-bound burst: each stage's precision counts its own
+    verdicts and rejections; the decode margin is the median slack to the TBT SLO of the
+    decode rejections judged wrong and what one such request adds to a step."""
+    import random
+    import statistics
+
+    from bench.sim.counterfactual import DECODE_REASONS, PREFILL_REASONS
+
+    rng = random.Random(0)
+    trace = [req(i, 0.12 * i + rng.random() * 0.05, (1000 + i,), out=rng.randint(5, 120), tokens=rng.randint(300, 1500))
+             for i in range(120)]
+    config = cfg(prefill_nodes=12, admission=AdmissionMode.EARLY, ttft_slo_s=5.0, tbt_slo_s=0.04,
+                 heartbeat_interval_s=0.5)
+    sim = CounterfactualSimulation(trace, config, COSTS)
+    run = sim.run()
+    decode = sim.precision(DECODE_REASONS)
+    prefill = sim.precision(PREFILL_REASONS)
+    assert decode.judged == len(sim.verdicts) and prefill.judged == 0  # every rejection here is on TBT
+    assert decode.rejections == sum(st.rejection is not None and st.rejection.reason in DECODE_REASONS
+                                    for st in run.states) == sim.precision().rejections
+    assert (decode.right, decode.net_right) == (sim.precision().right, sim.precision().net_right)
+    wrong = [v for v in sim.verdicts if v.would_meet]
+    m = COSTS.decode
+    for v in sim.verdicts:
+        r = trace[v.request]
+        assert v.own_step_s == pytest.approx(m.s_b + m.s_t * (r.input_tokens + r.output_tokens))
+    margin = sim.decode_margin()
+    assert margin.wrong == len(wrong) >= 10
+    assert margin.slack == pytest.approx(statistics.median(1 - v.tbt_s / 0.04 for v in wrong))
+    assert margin.own_step == pytest.approx(statistics.median(v.own_step_s / 0.04 for v in wrong))
+    assert 0 < margin.slack < 1
+
+    burst_sim = CounterfactualSimulation(burst(), cfg(admission=AdmissionMode.EARLY, ttft_slo_s=2.0,
+                                                      heartbeat_interval_s=0.0), COSTS)
+    burst_sim.run()
+    p = burst_sim.precision(PREFILL_REASONS)
+    assert (p.rejections, p.judged, p.right) == (2, 2, 2)
+    assert burst_sim.precision(DECODE_REASONS).judged == 0 and math.isnan(burst_sim.precision(DECODE_REASONS).precision)
+    assert burst_sim.decode_margin().wrong == 0 and math.isnan(burst_sim.decode_margin().slack)
