@@ -4,6 +4,7 @@ uncached token, network 0.1 ms per token, decode step ~12 ms (tests/bench/test_s
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 from test_sim import COSTS, cfg, req
@@ -105,22 +106,28 @@ def test_record_decisions_is_the_run_and_replaying_them_is_the_same_run():
     assert key(again) == key(run) and len(decisions.refused) >= 10 and len(decisions.after_prefill) >= 10
 
 
+def tbt_bound():
+    """120 requests on 12 prefill nodes and one decode node, TBT SLO 40 ms: the decode batch
+    binds, so admission rejects on predicted TBT."""
+    rng = random.Random(0)
+    trace = [req(i, 0.12 * i + rng.random() * 0.05, (1000 + i,), out=rng.randint(5, 120), tokens=rng.randint(300, 1500))
+             for i in range(120)]
+    config = cfg(prefill_nodes=12, admission=AdmissionMode.EARLY, ttft_slo_s=5.0, tbt_slo_s=0.04,
+                 heartbeat_interval_s=0.5)
+    return trace, config
+
+
 def test_a_verdict_counts_what_the_admission_would_have_cost_the_other_requests():
     """A TBT-bound run (12 prefill nodes, one decode node, TBT SLO 40 ms, exact costs): some
     rejected requests would have met their SLOs and cost nobody theirs (net: wrong), others
     would have met theirs and pushed residents of the shared batch over the TBT SLO (net:
     right). Each fork's harmed / helped counts equal those of the whole run replayed to its
     end with that one request admitted."""
-    import random
     from dataclasses import replace
 
     from bench.sim.metrics import slo_met
 
-    rng = random.Random(0)
-    trace = [req(i, 0.12 * i + rng.random() * 0.05, (1000 + i,), out=rng.randint(5, 120), tokens=rng.randint(300, 1500))
-             for i in range(120)]
-    config = cfg(prefill_nodes=12, admission=AdmissionMode.EARLY, ttft_slo_s=5.0, tbt_slo_s=0.04,
-                 heartbeat_interval_s=0.5)
+    trace, config = tbt_bound()
     sim = CounterfactualSimulation(trace, config, COSTS)
     sim.run()
     met = sim.decisions.met
@@ -153,16 +160,11 @@ def test_precision_splits_by_stage_and_the_decode_margin_is_that_of_the_wrong_de
     """The TBT-bound run above, and a TTFT-bound burst: each stage's precision counts its own
     verdicts and rejections; the decode margin is the median slack to the TBT SLO of the
     decode rejections judged wrong and what one such request adds to a step."""
-    import random
     import statistics
 
     from bench.sim.counterfactual import DECODE_REASONS, PREFILL_REASONS
 
-    rng = random.Random(0)
-    trace = [req(i, 0.12 * i + rng.random() * 0.05, (1000 + i,), out=rng.randint(5, 120), tokens=rng.randint(300, 1500))
-             for i in range(120)]
-    config = cfg(prefill_nodes=12, admission=AdmissionMode.EARLY, ttft_slo_s=5.0, tbt_slo_s=0.04,
-                 heartbeat_interval_s=0.5)
+    trace, config = tbt_bound()
     sim = CounterfactualSimulation(trace, config, COSTS)
     run = sim.run()
     decode = sim.precision(DECODE_REASONS)
